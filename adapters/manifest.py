@@ -1,0 +1,405 @@
+"""The model manifest (`model.yaml`): the one file a data scientist writes besides the model.
+
+Strict by design: unknown keys, wrong types and inconsistent values are errors that name
+the file, the line, the field path and what was expected, so a pull request fails with a
+message its author can act on.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+MANIFEST_FILE = "model.yaml"
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+CPU_QUANTITY = re.compile(r"^(\d+(\.\d+)?|\d+m)$")
+MEMORY_QUANTITY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_BYTE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+FeatureType = Literal["number", "integer", "string", "boolean"]
+
+
+def parse_duration(text: str) -> float:
+    """`60s`, `30m`, `1.5h`, `250ms` -> seconds."""
+    m = DURATION.match(str(text).strip())
+    if not m:
+        raise ValueError(f"expected a duration such as 250ms, 60s, 30m or 2h; got {text!r}")
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+def parse_bytes(text: str | int) -> int:
+    """`10Mi`, `1G`, `512` -> bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = re.match(r"^(\d+)(Ki|Mi|Gi|Ti|K|M|G|T)?$", str(text).strip())
+    if not m:
+        raise ValueError(f"expected a size such as 512Ki, 10Mi or 1Gi; got {text!r}")
+    return int(m.group(1)) * _BYTE_UNITS[m.group(2) or ""]
+
+
+def semver_key(version: str) -> tuple:
+    """Sort key ordering versions as semver does (a pre-release sorts before its release)."""
+    m = SEMVER.match(version)
+    if not m:
+        return (0, 0, 0, 0, version)
+    major, minor, patch, pre = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
+    if pre is None:
+        return (major, minor, patch, 1, ())
+    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+    return (major, minor, patch, 0, parts)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Feature(_Strict):
+    """One input column."""
+
+    name: str = Field(description="Column name, as it appears in rows and CSV headers.")
+    type: FeatureType = Field(description="number | integer | string | boolean")
+    required: bool = Field(True, description="A missing or null value is an error when true.")
+    allowed: Optional[list[Any]] = Field(None, description="The only values accepted, if set.")
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not FEATURE_NAME.match(v):
+            raise ValueError(
+                f"expected a column name of letters, digits, '_' or '.', not starting with a digit; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _allowed_match_type(self) -> "Feature":
+        if self.allowed is None:
+            return self
+        if not self.allowed:
+            raise ValueError("allowed: expected at least one value (omit 'allowed' to accept any)")
+        for value in self.allowed:
+            if not value_has_type(value, self.type):
+                raise ValueError(f"allowed: value {value!r} is not of type {self.type}")
+        return self
+
+
+def value_has_type(value: Any, type_: str) -> bool:
+    if type_ == "string":
+        return isinstance(value, str)
+    if type_ == "boolean":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if type_ == "integer":
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class Score(_Strict):
+    name: str = Field("score", description="Name of the output column.")
+    type: Literal["number"] = "number"
+    description: str = ""
+
+
+class Scaling(_Strict):
+    min: int = Field(0, ge=0, description="Replicas kept warm; 0 allows scale to zero.")
+    max: int = Field(5, ge=1, description="Most replicas.")
+    target_concurrency: int = Field(8, ge=1, description="In-flight requests per replica before scaling out.")
+    idle_timeout: str = Field("60s", description="Idle time before scaling in (and to zero).")
+
+    @field_validator("idle_timeout")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+    @property
+    def idle_seconds(self) -> float:
+        return parse_duration(self.idle_timeout)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "Scaling":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class Resources(_Strict):
+    cpu: str = Field("1", description="Kubernetes CPU quantity, e.g. 500m or 2.")
+    memory: str = Field("1Gi", description="Kubernetes memory quantity, e.g. 512Mi.")
+
+    @field_validator("cpu", mode="before")
+    @classmethod
+    def _cpu(cls, v: Any) -> str:
+        v = str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        if not isinstance(v, str) or not CPU_QUANTITY.match(v):
+            raise ValueError(f"expected a CPU quantity such as 500m, 1 or 2.5; got {v!r}")
+        return v
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if not MEMORY_QUANTITY.match(v):
+            raise ValueError(f"expected a memory quantity such as 512Mi or 2Gi; got {v!r}")
+        return v
+
+
+class Batch(_Strict):
+    timeout: str = Field("30m", description="Longest a job may run before it is stopped and failed.")
+
+    @field_validator("timeout")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+    @property
+    def timeout_seconds(self) -> float:
+        return parse_duration(self.timeout)
+
+
+class Limits(_Strict):
+    """Per-request limits the adapter enforces for a realtime model."""
+
+    timeout: str = Field("30s", description="Longest the model may take to answer one request.")
+    max_rows: int = Field(10_000, ge=1, description="Most rows in one request.")
+    max_body: str = Field("16Mi", description="Largest request body.")
+
+    @field_validator("timeout")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+    @field_validator("max_body")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_bytes(v)
+        return v
+
+    @property
+    def timeout_seconds(self) -> float:
+        return parse_duration(self.timeout)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return parse_bytes(self.max_body)
+
+
+class Manifest(_Strict):
+    """A model's `model.yaml`."""
+
+    name: str = Field(description="Lowercase DNS label, unique in the plane.")
+    version: str = Field(description="Semantic version; every deploy is a new immutable version.")
+    kind: Literal["realtime", "batch"]
+    language: Literal["r", "python", "other"]
+    command: list[str] = Field(min_length=1, description="How the model starts, run inside its folder.")
+    features: list[Feature] = Field(min_length=1)
+    score: Score = Score()
+    sample: Optional[str] = Field(None, description="A few real rows, relative to the manifest.")
+    description: str = ""
+    scaling: Scaling = Scaling()
+    resources: Resources = Resources()
+    limits: Limits = Limits()
+    batch: Optional[Batch] = None
+
+    _folder: Path = PrivateAttr(default=Path("."))
+    _file: Path = PrivateAttr(default=Path(MANIFEST_FILE))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not DNS_LABEL.match(v):
+            raise ValueError(
+                f"expected a lowercase DNS label (a-z, 0-9, '-', at most 63 characters, "
+                f"starting and ending alphanumeric); got {v!r}")
+        return v
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not SEMVER.match(v):
+            raise ValueError(f"expected a semantic version such as 1.3.0 (quote it in YAML); got {v!r}")
+        return v
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str]) -> list[str]:
+        if any(not part for part in v):
+            raise ValueError("expected non-empty strings, e.g. [Rscript, serve.R]")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"features: duplicate column name(s) {', '.join(dupes)}")
+        if self.kind == "realtime" and self.batch is not None:
+            raise ValueError("batch: only batch models take a 'batch' section (this model is kind: realtime)")
+        if self.kind == "batch" and self.batch is None:
+            object.__setattr__(self, "batch", Batch())
+        return self
+
+    # -- where the model lives -------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        return self._folder
+
+    @property
+    def file(self) -> Path:
+        return self._file
+
+    @property
+    def sample_path(self) -> Optional[Path]:
+        return (self._folder / self.sample) if self.sample else None
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as plain data, defaults included (what the API shows)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class ManifestProblem(BaseModel):
+    field: str
+    line: Optional[int] = None
+    message: str
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; `problems` lists every field that is wrong."""
+
+    def __init__(self, file: Path | str, problems: list[ManifestProblem]):
+        self.file = str(file)
+        self.problems = problems
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        lines = []
+        for p in self.problems:
+            where = f"{self.file}:{p.line}" if p.line else self.file
+            field = f"{p.field}: " if p.field else ""
+            lines.append(f"{where}: {field}{p.message}")
+        return "\n".join(lines)
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> Optional[int]:
+    """Line (1-based) of the YAML node at `loc`, or of its nearest existing parent."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for part in loc:
+        nxt = None
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            for key, value in node.value:
+                if key.value == part:
+                    nxt = value
+                    line = key.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            nxt = node.value[part]
+            line = nxt.start_mark.line + 1
+        if nxt is None:
+            break
+        node = nxt
+    return line
+
+
+def _message(err: dict) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see the manifest reference in the README)"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"expected {expected}; got {err.get('input')!r}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if kind in ("int_type", "int_parsing", "string_type", "bool_type", "bool_parsing", "list_type",
+                "dict_type", "model_type", "float_type", "int_from_float"):
+        return f"{msg[0].lower()}{msg[1:]}; got {err.get('input')!r}"
+    return msg
+
+
+def parse_manifest(text: str, *, file: Path | str = MANIFEST_FILE, folder: Path | None = None,
+                   check_files: bool = True) -> Manifest:
+    """Parse and validate manifest text; raise ManifestError naming file, line and field."""
+    file = Path(file)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise ManifestError(file, [ManifestProblem(field="", line=line, message=f"not valid YAML: {getattr(e, 'problem', e)}")]) from e
+    if not isinstance(data, dict):
+        raise ManifestError(file, [ManifestProblem(field="", line=1, message="expected a mapping of keys such as name, version, kind")])
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            problems.append(ManifestProblem(field=_field_path(loc), line=_line_of(node, loc), message=_message(err)))
+        raise ManifestError(file, problems) from None
+    manifest._folder = (folder if folder is not None else file.parent).resolve()
+    manifest._file = file
+    if check_files and manifest.sample:
+        sample = manifest.sample_path
+        if not sample.is_file():
+            raise ManifestError(file, [ManifestProblem(field="sample", line=_line_of(node, ("sample",)),
+                                                       message=f"file not found: {sample}")])
+    return manifest
+
+
+def load_manifest(path: Path | str, *, check_files: bool = True) -> Manifest:
+    """Load `model.yaml` from a model folder or a manifest path."""
+    path = Path(path)
+    file = path / MANIFEST_FILE if path.is_dir() else path
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(file, [ManifestProblem(field="", message="no model.yaml here: a model folder needs one")]) from None
+    except OSError as e:
+        raise ManifestError(file, [ManifestProblem(field="", message=f"cannot read: {e.strerror}")]) from e
+    return parse_manifest(text, file=file, folder=file.parent, check_files=check_files)

@@ -1,0 +1,212 @@
+"""Checking rows against a manifest's features, and a model's answer against its rows.
+
+The adapter runs every request through `RowValidator` before the model sees it, so a model
+only ever receives rows of the declared columns with values of the declared types.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+from .manifest import Feature, Manifest
+
+MAX_REPORTED_PROBLEMS = 100
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+
+
+class RowProblem(dict):
+    """`{"row": i, "field": name, "error": what}`: one bad value, JSON-ready."""
+
+    def __init__(self, row: Optional[int], field: Optional[str], error: str):
+        super().__init__(row=row, field=field, error=error)
+
+
+class RowsInvalid(ValueError):
+    def __init__(self, problems: list[RowProblem], total: int):
+        self.problems = problems
+        self.total = total
+        super().__init__(f"{total} problem(s) in the rows")
+
+    def to_json(self) -> dict:
+        body: dict[str, Any] = {"error": f"{self.total} invalid value(s) in the request", "problems": self.problems}
+        if self.total > len(self.problems):
+            body["truncated"] = self.total - len(self.problems)
+        return body
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _checker(feature: Feature) -> Callable[[Any], Any]:
+    """A function returning the typed value, or raising ValueError with the reason."""
+    allowed = set(feature.allowed) if feature.allowed is not None else None
+    t = feature.type
+
+    def check_allowed(v: Any) -> Any:
+        if allowed is not None and v not in allowed:
+            shown = ", ".join(map(str, feature.allowed[:10]))
+            raise ValueError(f"{_describe(v)} is not allowed; expected one of: {shown}")
+        return v
+
+    if t == "number":
+        def check(v: Any) -> Any:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"expected a number; got {_describe(v)}")
+            if not math.isfinite(v):
+                raise ValueError(f"expected a finite number; got {v}")
+            return check_allowed(v)
+    elif t == "integer":
+        def check(v: Any) -> Any:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"expected an integer; got {_describe(v)}")
+            if isinstance(v, float):
+                if not math.isfinite(v):
+                    raise ValueError(f"expected a finite integer; got {v}")
+                if not v.is_integer():
+                    raise ValueError(f"expected an integer; got {v}")
+                v = int(v)
+            return check_allowed(v)
+    elif t == "boolean":
+        def check(v: Any) -> Any:
+            if not isinstance(v, bool):
+                raise ValueError(f"expected true or false; got {_describe(v)}")
+            return check_allowed(v)
+    else:
+        def check(v: Any) -> Any:
+            if not isinstance(v, str):
+                raise ValueError(f"expected a string; got {_describe(v)}")
+            return check_allowed(v)
+    return check
+
+
+def _text_parser(feature: Feature) -> Callable[[str], Any]:
+    """Convert a CSV cell to the feature's type (the checker then applies the rules)."""
+    t = feature.type
+    if t == "number":
+        def parse(s: str) -> Any:
+            try:
+                return float(s)
+            except ValueError:
+                return s
+    elif t == "integer":
+        def parse(s: str) -> Any:
+            try:
+                return int(s)
+            except ValueError:
+                try:
+                    return float(s)
+                except ValueError:
+                    return s
+    elif t == "boolean":
+        def parse(s: str) -> Any:
+            low = s.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            return s
+    else:
+        def parse(s: str) -> Any:
+            return s
+    return parse
+
+
+class RowValidator:
+    """Validates rows (dicts) for one manifest; compiled once, used for every request."""
+
+    def __init__(self, manifest: Manifest):
+        self.features = manifest.features
+        self.names = [f.name for f in self.features]
+        self._known = set(self.names)
+        self._checks = [(f.name, f.required, _checker(f)) for f in self.features]
+        self._parsers = {f.name: _text_parser(f) for f in self.features}
+
+    def validate(self, rows: Any) -> list[dict]:
+        """Return clean rows (declared columns only, typed, None for a missing optional value)."""
+        if not isinstance(rows, list):
+            raise RowsInvalid([RowProblem(None, None, 'expected "rows" to be a list of objects')], 1)
+        problems: list[RowProblem] = []
+        total = 0
+        clean: list[dict] = []
+        checks, known = self._checks, self._known
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                total += 1
+                if len(problems) < MAX_REPORTED_PROBLEMS:
+                    problems.append(RowProblem(i, None, f"expected an object of feature values; got {_describe(row)}"))
+                continue
+            out = {}
+            for name, required, check in checks:
+                v = row.get(name)
+                if v is None:
+                    if required:
+                        total += 1
+                        if len(problems) < MAX_REPORTED_PROBLEMS:
+                            problems.append(RowProblem(i, name, "required value is missing"))
+                    out[name] = None
+                    continue
+                try:
+                    out[name] = check(v)
+                except ValueError as e:
+                    total += 1
+                    if len(problems) < MAX_REPORTED_PROBLEMS:
+                        problems.append(RowProblem(i, name, str(e)))
+            if len(row) > len(out) or not known.issuperset(row):
+                for key in row:
+                    if key not in known:
+                        total += 1
+                        if len(problems) < MAX_REPORTED_PROBLEMS:
+                            problems.append(RowProblem(i, key, "unknown column (not a declared feature)"))
+            clean.append(out)
+        if total:
+            raise RowsInvalid(problems, total)
+        return clean
+
+    def rows_from_csv(self, header: list[str], records: Iterable[list[str]]) -> list[dict]:
+        """Typed row dicts from CSV records; empty cells are missing values."""
+        parsers = [self._parsers.get(h) for h in header]
+        rows = []
+        for rec in records:
+            row = {}
+            for h, p, cell in zip(header, parsers, rec):
+                if cell == "":
+                    continue
+                row[h] = p(cell) if p else cell
+            rows.append(row)
+        return rows
+
+    def check_header(self, header: list[str]) -> list[str]:
+        """Problems with a CSV header: required features missing, unknown or repeated columns."""
+        problems = []
+        seen = set()
+        for h in header:
+            if h in seen:
+                problems.append(f"column {h!r} appears more than once")
+            seen.add(h)
+        for f in self.features:
+            if f.required and f.name not in seen:
+                problems.append(f"required feature column {f.name!r} is missing")
+        for h in header:
+            if h not in self._known:
+                problems.append(f"unknown column {h!r} (declared features: {', '.join(self.names)})")
+        return problems
+
+
+def check_scores(model: str, answer: Any, n_rows: int) -> list[float]:
+    """The model's answer must be `{"scores": [one finite number per row]}`; raise ValueError saying what is wrong."""
+    if not isinstance(answer, dict) or "scores" not in answer:
+        raise ValueError(f'model {model} answered without a "scores" list: {_describe(answer)}')
+    scores = answer["scores"]
+    if not isinstance(scores, list):
+        raise ValueError(f'model {model} answered "scores" that is not a list: {_describe(scores)}')
+    if len(scores) != n_rows:
+        raise ValueError(f"model {model} answered {len(scores)} score(s) for {n_rows} row(s)")
+    for i, s in enumerate(scores):
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise ValueError(f"model {model} answered a non-numeric score at row {i}: {_describe(s)}")
+        if not math.isfinite(s):
+            raise ValueError(f"model {model} answered a non-finite score at row {i}: {s}")
+    return scores

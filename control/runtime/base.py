@@ -1,0 +1,166 @@
+"""The `Runtime` contract: everything the control service asks of whatever runs the models.
+
+Two implementations — `local` (processes on this machine) and `knative` (a cluster) — and
+nothing above this module knows which one runs.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional
+
+from adapters.manifest import Manifest
+
+MODEL_STATUSES = ("ready", "idle", "starting", "failed")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    deployed_at: str
+    live: bool = False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ModelInfo:
+    """One row of `GET /api/models`."""
+
+    name: str
+    kind: str
+    language: str
+    version: Optional[str]
+    status: str
+    replicas: int = 0
+    endpoint: Optional[str] = None
+    error: Optional[str] = None
+    description: str = ""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ModelDetail(ModelInfo):
+    """`GET /api/models/{name}`: the summary plus manifest, versions and recent metrics."""
+
+    manifest: dict = field(default_factory=dict)
+    versions: list[VersionInfo] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["versions"] = [v.to_json() for v in self.versions]
+        return out
+
+
+@dataclass
+class Job:
+    """A batch job: one dataset through one model version."""
+
+    id: str
+    model: str
+    version: str
+    status: str
+    dataset: str
+    created_at: str
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    rows: Optional[int] = None
+    results_uri: Optional[str] = None
+    error: Optional[str] = None
+    log_tail: str = ""
+    trigger: str = "api"
+    input: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Job":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class ProxyResponse:
+    status: int
+    headers: dict
+    body: bytes
+
+
+class Runtime(abc.ABC):
+    """What runs models. Methods take keyword-only arguments after the model name."""
+
+    name: ClassVar[str]
+
+    def start(self) -> None:
+        """Begin background work (autoscaler, job workers). Idempotent."""
+
+    def close(self) -> None:
+        """Stop everything this runtime started: replicas, workers, threads."""
+
+    @abc.abstractmethod
+    def deploy(self, manifest: Manifest, *, make_live: bool = True) -> VersionInfo:
+        """Add `manifest.version` of `manifest.name` as an immutable version.
+
+        Deploying a version that exists with the same content changes nothing; the same
+        version with different content is a Conflict.
+        """
+
+    @abc.abstractmethod
+    def remove(self, name: str) -> None:
+        """Delete a model, every version and its replicas."""
+
+    @abc.abstractmethod
+    def rollback(self, name: str, *, version: str) -> VersionInfo:
+        """Make an earlier version live without dropping in-flight requests."""
+
+    @abc.abstractmethod
+    def models(self) -> list[ModelInfo]:
+        """Every model with its live version and status."""
+
+    @abc.abstractmethod
+    def model(self, name: str) -> ModelDetail:
+        """One model in full; NotFound if unknown."""
+
+    @abc.abstractmethod
+    def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
+                body: bytes, query: str = "") -> ProxyResponse:
+        """Send a request to the live version's adapter (`path` as the adapter sees it),
+        holding it while a replica starts."""
+
+    @abc.abstractmethod
+    def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,
+                   trigger: str = "api") -> tuple[Job, bool]:
+        """Queue a batch job on `dataset` (`gs://…` or a path). `event_key` makes it
+        idempotent: a second submission with the same key returns the first job and False."""
+
+    @abc.abstractmethod
+    def jobs(self, *, model: Optional[str] = None, limit: int = 200) -> list[Job]:
+        """Jobs, newest first."""
+
+    @abc.abstractmethod
+    def job(self, job_id: str) -> Job:
+        """One job; NotFound if unknown."""
+
+    def render(self, manifest: Manifest) -> str:
+        """The objects this runtime would create for `manifest`, as YAML (cluster runtime)."""
+        from control.errors import BadRequest
+
+        raise BadRequest(f"the {self.name} runtime has nothing to render")
+
+
+def get_runtime(settings, **kwargs) -> Runtime:
+    """The runtime named by `settings.runtime`."""
+    if settings.runtime == "knative":
+        from control.runtime.knative import KnativeRuntime
+
+        return KnativeRuntime(settings, **kwargs)
+    from control.runtime.local import LocalRuntime
+
+    return LocalRuntime(settings, **kwargs)
