@@ -1,0 +1,84 @@
+"""The embedded GCS: `gcp-storage-emulator` as a child process on loopback, data on disk."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, *, timeout: float, proc: Optional[subprocess.Popen] = None) -> None:
+    """Return once `host:port` accepts connections; raise with the reason otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with status {proc.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+
+
+class Emulator:
+    """gcp-storage-emulator with its data under `data_dir`, so objects survive restarts."""
+
+    def __init__(self, data_dir: Path, *, bucket: str, host: str = "127.0.0.1", port: int = 0):
+        self.data_dir = Path(data_dir).resolve()
+        self.bucket = bucket
+        self.host = host
+        self.port = port or free_port(host)
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "Emulator":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, STORAGE_BASE=str(self.data_dir))
+        self.log_path = self.data_dir / "emulator.log"
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", self.host,
+             "--port", str(self.port), "--default-bucket", self.bucket, "--quiet"],
+            env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        logf.close()
+        try:
+            wait_for_port(self.host, self.port, timeout=timeout, proc=self.proc)
+        except Exception as e:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the GCS emulator did not start: {e}\n{tail}") from e
+        log.info("GCS emulator on %s (bucket %s, data in %s)", self.endpoint, self.bucket, self.data_dir)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> "Emulator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
