@@ -1,0 +1,35 @@
+"""The Streamlit console: `streamlit run console/app.py` (what `modelplane up` / `modelplane console` start).
+
+A thin shell: it names the pages and shows where the control service is; each page in
+`views/` talks to the control API through `console.client` and nothing else.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run console/app.py` puts console/ on sys.path, not the repository root.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import streamlit as st  # noqa: E402
+
+from console import common  # noqa: E402
+
+st.set_page_config(page_title="modelplane", page_icon="🛩️", layout="wide")
+
+pages = [
+    st.Page(common.PAGE_MODELS, title="Models", icon="🗂️", default=True),
+    st.Page(common.PAGE_MODEL, title="Model", icon="🔬"),
+    st.Page(common.PAGE_JOBS, title="Jobs", icon="📦"),
+    st.Page(common.PAGE_ACTIVITY, title="Activity", icon="📈"),
+]
+page = st.navigation(pages)
+
+with st.sidebar:
+    client = common.client()
+    st.caption(f"Control service: `{client.url}`")
+    st.caption("Token: " + ("set (`MODELPLANE_TOKEN`)" if client.token else "not set"))
+
+page.run()

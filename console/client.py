@@ -1,0 +1,174 @@
+"""A small HTTP client of the control API: the only way the console reaches the plane.
+
+It imports nothing from `control` or `adapters` (an import-linter contract enforces it), so
+the console works the same against the embedded plane and a control service on a cluster.
+Failures become a few exception classes the pages turn into plain messages.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+from urllib.parse import quote
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class ControlError(Exception):
+    """The control service answered with an error (`{"error": ...}`) or could not be used."""
+
+    def __init__(self, message: str, *, status: Optional[int] = None, url: str = "",
+                 body: Optional[dict] = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.url = url
+        self.body = body or {}
+
+    @property
+    def problems(self) -> list[dict]:
+        """Per-row, per-field problems of a 422 (`[{"row", "field", "error"}]`), if any."""
+        problems = self.body.get("problems")
+        return problems if isinstance(problems, list) else []
+
+
+class Unreachable(ControlError):
+    """Nothing answered at the control URL (connection refused, DNS, timeout)."""
+
+
+class Unauthorized(ControlError):
+    """401/403: the token is missing or wrong."""
+
+
+class NotFound(ControlError):
+    """404: no such model or job."""
+
+
+class Invalid(ControlError):
+    """422: input that will never work as sent; `problems` says where."""
+
+
+def _error_class(status: int) -> type[ControlError]:
+    if status in (401, 403):
+        return Unauthorized
+    if status == 404:
+        return NotFound
+    if status == 422:
+        return Invalid
+    return ControlError
+
+
+class ControlClient:
+    """The control API, one method per call the console makes.
+
+    `url` and `token` default to `MODELPLANE_URL` and `MODELPLANE_TOKEN`. The token is sent
+    on every call (the service requires it on mutating calls; sending it always means a
+    service that guards reads too works as well).
+    """
+
+    def __init__(self, url: Optional[str] = None, token: Optional[str] = None, *,
+                 timeout: float = 10.0, session: Optional[requests.Session] = None):
+        self.url = (url or DEFAULT_URL).rstrip("/")
+        self.token = token or None
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        # Never pick up proxies from the environment for a loopback control service.
+        self.session.trust_env = False
+
+    @classmethod
+    def from_env(cls, **kwargs: Any) -> "ControlClient":
+        return cls(os.environ.get("MODELPLANE_URL") or DEFAULT_URL,
+                   os.environ.get("MODELPLANE_TOKEN") or None, **kwargs)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, *, timeout: Optional[float] = None,
+                 **kwargs: Any) -> requests.Response:
+        headers = dict(kwargs.pop("headers", None) or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        url = self.url + path
+        try:
+            resp = self.session.request(method, url, headers=headers,
+                                        timeout=timeout or self.timeout, **kwargs)
+        except requests.Timeout as e:
+            raise Unreachable(f"the control service at {self.url} did not answer in time", url=self.url) from e
+        except requests.RequestException as e:
+            raise Unreachable(f"the control service at {self.url} is unreachable ({type(e).__name__})",
+                              url=self.url) from e
+        if resp.status_code >= 400:
+            body: dict = {}
+            try:
+                parsed = resp.json()
+                body = parsed if isinstance(parsed, dict) else {"error": str(parsed)}
+            except ValueError:
+                body = {"error": resp.text.strip()[:500] or resp.reason}
+            message = str(body.get("error") or resp.reason or f"HTTP {resp.status_code}")
+            raise _error_class(resp.status_code)(message, status=resp.status_code, url=self.url, body=body)
+        return resp
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._request(method, path, **kwargs)
+        if not resp.content:
+            return {}
+        try:
+            return resp.json()
+        except ValueError as e:
+            raise ControlError(f"{method} {path} answered something that is not JSON",
+                               status=resp.status_code, url=self.url) from e
+
+    # -- the API --------------------------------------------------------------------------
+
+    def health(self) -> bool:
+        """True when `GET /healthz` answers; raises Unreachable otherwise."""
+        self._request("GET", "/healthz", timeout=3)
+        return True
+
+    def models(self) -> list[dict]:
+        data = self._json("GET", "/api/models")
+        if isinstance(data, dict):
+            data = data.get("models", [])
+        return list(data)
+
+    def model(self, name: str) -> dict:
+        return self._json("GET", f"/api/models/{quote(name)}")
+
+    def rollback(self, name: str, *, version: str) -> dict:
+        return self._json("POST", f"/api/models/{quote(name)}/rollback", json={"version": version})
+
+    def predict(self, name: str, *, rows: Optional[list[dict]] = None,
+                csv: Optional[bytes] = None, timeout: float = 120.0) -> dict:
+        """Score rows (JSON) or a CSV body; held by the control service while a replica starts."""
+        if csv is not None:
+            return self._json("POST", f"/models/{quote(name)}/predict", data=csv,
+                              headers={"Content-Type": "text/csv"}, timeout=timeout)
+        return self._json("POST", f"/models/{quote(name)}/predict", json={"rows": rows or []},
+                          timeout=timeout)
+
+    def submit_job(self, name: str, *, dataset: str) -> dict:
+        return self._json("POST", f"/api/models/{quote(name)}/jobs", json={"dataset": dataset})
+
+    def upload_dataset(self, name: str, *, filename: str, data: bytes) -> dict:
+        """Store a CSV at `incoming/{name}/{filename}` in the bucket; the bucket event runs the job."""
+        return self._json("POST", f"/api/models/{quote(name)}/datasets", params={"filename": filename},
+                          data=data, headers={"Content-Type": "text/csv"}, timeout=120.0)
+
+    def jobs(self, *, model: Optional[str] = None, dataset: Optional[str] = None) -> list[dict]:
+        params = {k: v for k, v in (("model", model), ("dataset", dataset)) if v}
+        data = self._json("GET", "/api/jobs", params=params)
+        if isinstance(data, dict):
+            data = data.get("jobs", [])
+        return list(data)
+
+    def job(self, job_id: str) -> dict:
+        return self._json("GET", f"/api/jobs/{quote(job_id)}")
+
+    def job_results(self, job_id: str) -> bytes:
+        return self._request("GET", f"/api/jobs/{quote(job_id)}/results", timeout=120.0).content
+
+    def events(self) -> list[dict]:
+        data = self._json("GET", "/api/events")
+        if isinstance(data, dict):
+            data = data.get("events", [])
+        return list(data)

@@ -1,0 +1,116 @@
+"""What every console page shares: the client, plain error messages, status badges, formatting."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import streamlit as st
+
+from console.client import ControlClient, ControlError, Unauthorized, Unreachable
+
+# status -> (badge colour, icon, what it means)
+MODEL_STATUS = {
+    "ready": ("green", "🟢", "serving"),
+    "idle": ("gray", "💤", "scaled to zero: the next request starts a replica"),
+    "starting": ("orange", "⏳", "a replica is starting"),
+    "failed": ("red", "🔴", "not serving"),
+}
+JOB_STATUS = {
+    "queued": ("gray", "🕓", "waiting for a worker"),
+    "running": ("blue", "⏳", "running"),
+    "succeeded": ("green", "✅", "scores published"),
+    "failed": ("red", "❌", "failed"),
+}
+# Background colours for status cells in tables (Styler), matching the badges.
+STATUS_CELL = {
+    "ready": "background-color: #d3f9d8; color: #1b5e20",
+    "idle": "background-color: #e9ecef; color: #495057",
+    "starting": "background-color: #ffe8cc; color: #8a4b00",
+    "failed": "background-color: #ffe3e3; color: #a61e1e",
+    "queued": "background-color: #e9ecef; color: #495057",
+    "running": "background-color: #d0ebff; color: #1c4f80",
+    "succeeded": "background-color: #d3f9d8; color: #1b5e20",
+}
+
+PAGE_MODELS = "views/models.py"
+PAGE_MODEL = "views/model.py"
+PAGE_JOBS = "views/jobs.py"
+PAGE_ACTIVITY = "views/activity.py"
+
+
+def client() -> ControlClient:
+    """A client configured from MODELPLANE_URL / MODELPLANE_TOKEN, read on every run."""
+    return ControlClient.from_env()
+
+
+def show_error(err: ControlError) -> None:
+    """One plain message for a failed call: what happened and what to do about it."""
+    if isinstance(err, Unreachable):
+        st.error(
+            f"**Control service unreachable** at `{err.url}`. Start it with `modelplane up` "
+            "(or `modelplane serve`), or set `MODELPLANE_URL` to where it runs.",
+            icon="🔌",
+        )
+    elif isinstance(err, Unauthorized):
+        st.error(
+            f"**Not authorised** by the control service at `{err.url}` (HTTP {err.status}: "
+            f"{err.message}). Check `MODELPLANE_TOKEN`: it must match the service's token.",
+            icon="🔒",
+        )
+    else:
+        status = f"HTTP {err.status}: " if err.status else ""
+        st.error(f"{status}{err.message}", icon="⚠️")
+
+
+def guarded(render: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a page (or fragment) body so API failures become messages, never stack traces."""
+
+    def run() -> None:
+        try:
+            render()
+        except ControlError as err:
+            show_error(err)
+
+    run.__name__ = getattr(render, "__name__", "page")
+    return run
+
+
+def status_badge(status: Optional[str], *, where=st) -> None:
+    colour, icon, meaning = MODEL_STATUS.get(status or "", ("violet", "❔", "unknown"))
+    where.badge(status or "unknown", icon=icon, color=colour, help=meaning)
+
+
+def job_badge(status: Optional[str], *, where=st) -> None:
+    colour, icon, meaning = JOB_STATUS.get(status or "", ("violet", "❔", "unknown"))
+    where.badge(status or "unknown", icon=icon, color=colour, help=meaning)
+
+
+def status_label(status: Optional[str], table: dict = MODEL_STATUS) -> str:
+    """`🟢 ready` — the icon keeps the colour cue where a cell cannot be styled."""
+    icon = table.get(status or "", ("", "❔", ""))[1]
+    return f"{icon} {status or 'unknown'}"
+
+
+def style_status(value: Any) -> str:
+    text = str(value).split(" ")[-1] if value is not None else ""
+    return STATUS_CELL.get(text, "")
+
+
+def fmt_ms(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{float(value):.1f} ms"
+
+
+def fmt_int(value: Any) -> str:
+    return "—" if value is None else f"{int(value):,}"
+
+
+def metrics_of(detail: dict) -> dict:
+    metrics = detail.get("metrics") if isinstance(detail, dict) else None
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def features_of(detail: dict) -> list[dict]:
+    manifest = detail.get("manifest") or {}
+    return list(manifest.get("features") or [])

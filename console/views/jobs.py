@@ -1,0 +1,173 @@
+"""Jobs: run a batch model on a dataset (dropped into the bucket, or a gs:// URI), follow it, get its scores."""
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+from typing import Optional
+
+import pandas as pd
+import streamlit as st
+
+from console import common
+from console.client import ControlError
+
+REFRESH_SECONDS = 2
+PREVIEW_ROWS = 200
+STAGE = {"queued": 0.1, "running": 0.5, "succeeded": 1.0, "failed": 1.0}
+
+
+def _when(text: Optional[str]) -> Optional[datetime]:
+    if not text:
+        return None
+    try:
+        t = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _duration(job: dict) -> Optional[float]:
+    start = _when(job.get("started_at"))
+    if not start:
+        return None
+    end = _when(job.get("finished_at")) or datetime.now(timezone.utc)
+    return max(0.0, (end - start).total_seconds())
+
+
+def _short(ts: Optional[str]) -> str:
+    t = _when(ts)
+    return t.astimezone().strftime("%H:%M:%S") if t else ""
+
+
+def submit_panel(model: str) -> None:
+    drop, uri = st.columns(2)
+    with drop, st.container(border=True):
+        st.markdown("**Drop a dataset**")
+        st.caption(f"Stored at `incoming/{model}/` in the bucket: the bucket event starts the job, "
+                   "exactly as a file dropped there by any other tool would.")
+        upload = st.file_uploader("Dataset (CSV with the feature columns)", type=["csv"],
+                                  key=f"dataset-{model}")
+        if st.button("Upload and run", type="primary", icon="⬆️", disabled=upload is None,
+                     key=f"upload-{model}"):
+            try:
+                with st.spinner(f"Uploading {upload.name}…"):
+                    stored = common.client().upload_dataset(model, filename=upload.name, data=upload.getvalue())
+            except ControlError as err:
+                common.show_error(err)
+            else:
+                st.session_state.setdefault("awaiting", []).append({"model": model, "uri": stored.get("uri")})
+                st.session_state["job-notice"] = f"Uploaded to `{stored.get('uri')}`; the bucket event starts the job."
+    with uri, st.container(border=True):
+        st.markdown("**Run on a `gs://` URI**")
+        st.caption("A CSV already in a bucket the plane can read.")
+        dataset = st.text_input("Dataset URI", placeholder="gs://bucket/path/data.csv", key=f"uri-{model}")
+        if st.button("Run job", type="primary", icon="▶️", disabled=not dataset, key=f"run-{model}"):
+            if not dataset.startswith("gs://"):
+                st.error("Expected a URI such as `gs://bucket/path/data.csv`.", icon="🚫")
+            else:
+                try:
+                    job = common.client().submit_job(model, dataset=dataset.strip())
+                except ControlError as err:
+                    common.show_error(err)
+                else:
+                    st.session_state["job-notice"] = f"Job `{job.get('id')}` is {job.get('status', 'queued')}."
+                    st.session_state[f"job-{model}"] = job.get("id")
+    notice = st.session_state.pop("job-notice", None)
+    if notice:
+        st.success(notice, icon="✅")
+
+
+def results_preview(job: dict) -> None:
+    cache = st.session_state.setdefault("job-results", {})
+    data = cache.get(job["id"])
+    if data is None:
+        data = common.client().job_results(job["id"])
+        cache[job["id"]] = data
+    try:
+        frame = pd.read_csv(io.BytesIO(data))
+    except Exception as e:  # pandas raises several classes for a malformed file
+        st.error(f"The results could not be read as CSV: {e}")
+        return
+    st.markdown(f"**Scores** — {len(frame):,} rows" + (f", first {PREVIEW_ROWS} shown" if len(frame) > PREVIEW_ROWS else ""))
+    st.dataframe(frame.head(PREVIEW_ROWS), hide_index=True)
+    st.download_button("Download scores (CSV)", data, file_name=f"{job['model']}-{job['id']}-scores.csv",
+                       mime="text/csv", icon="⬇️", key=f"dl-{job['id']}")
+
+
+def job_detail(job: dict) -> None:
+    with st.container(border=True):
+        top = st.columns([4, 1], vertical_alignment="center")
+        top[0].markdown(f"**Job `{job['id']}`** · {job.get('model')} v{job.get('version', '?')} · "
+                        f"{job.get('trigger', 'api')}")
+        with top[1]:
+            common.job_badge(job.get("status"))
+        st.caption(f"Dataset `{job.get('dataset')}`")
+        status = job.get("status")
+        took = _duration(job)
+        if status in ("queued", "running"):
+            label = "waiting for a worker" if status == "queued" else f"running for {took or 0:.0f} s"
+            st.progress(STAGE[status], text=label)
+            return
+        cols = st.columns(3)
+        cols[0].metric("Rows", common.fmt_int(job.get("rows")))
+        cols[1].metric("Took", f"{took:.1f} s" if took is not None else "—")
+        cols[2].metric("Finished", _short(job.get("finished_at")) or "—")
+        if status == "succeeded":
+            if job.get("results_uri"):
+                st.caption(f"Results at `{job['results_uri']}`")
+            results_preview(job)
+        elif status == "failed":
+            st.error(f"**The job failed:** {job.get('error') or 'no reason given'}", icon="❌")
+            if job.get("log_tail"):
+                st.markdown("Log tail")
+                st.code(job["log_tail"], language="text")
+
+
+def jobs_view(model: str) -> None:
+    jobs = common.client().jobs(model=model)
+    awaiting = [a for a in st.session_state.get("awaiting", []) if a["model"] == model]
+    datasets = {j.get("dataset") for j in jobs}
+    for a in awaiting:
+        if a["uri"] in datasets:
+            st.session_state["awaiting"].remove(a)
+            match = next(j for j in jobs if j.get("dataset") == a["uri"])
+            st.session_state[f"job-{model}"] = match["id"]
+        else:
+            st.info(f"Waiting for the bucket event for `{a['uri']}`…", icon="⏳")
+    if not jobs:
+        st.caption(f"No jobs for {model} yet.")
+        return
+    table = pd.DataFrame([{
+        "Job": j["id"],
+        "Status": common.status_label(j.get("status"), common.JOB_STATUS),
+        "Dataset": j.get("dataset"),
+        "Trigger": j.get("trigger", ""),
+        "Version": j.get("version"),
+        "Rows": j.get("rows"),
+        "Created": _short(j.get("created_at")),
+        "Took (s)": round(d, 1) if (d := _duration(j)) is not None else None,
+        "Error": j.get("error") or "",
+    } for j in jobs])
+    st.dataframe(table.style.map(common.style_status, subset=["Status"]), hide_index=True)
+    ids = [j["id"] for j in jobs]
+    wanted = st.session_state.get(f"job-{model}")
+    default = ids.index(wanted) if wanted in ids else 0
+    chosen = st.selectbox("Job", ids, index=default, key=f"job-pick-{model}-{wanted}",
+                          format_func=lambda i: f"{i} — {next(j.get('status') for j in jobs if j['id'] == i)}")
+    job_detail(next(j for j in jobs if j["id"] == chosen))
+
+
+def page() -> None:
+    st.title("Jobs")
+    models = common.client().models()
+    batch = [m["name"] for m in models if m.get("kind") == "batch"]
+    if not batch:
+        st.info("No batch models are registered. A batch model's manifest says `kind: batch`.")
+        return
+    model = st.selectbox("Batch model", batch, key="model", bind="query-params")
+    submit_panel(model)
+    st.subheader("Jobs")
+    st.fragment(run_every=REFRESH_SECONDS)(common.guarded(lambda: jobs_view(model)))()
+
+
+common.guarded(page)()

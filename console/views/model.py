@@ -1,0 +1,358 @@
+"""One model: its feature schema, a form generated from the features, CSV scoring, versions and rollback."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from console import common
+from console.client import ControlError, Invalid
+
+DEFAULT_MAX_ROWS = 10_000
+
+
+# -- schema and form ----------------------------------------------------------------------
+
+def schema_table(features: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "Feature": f["name"],
+        "Type": f.get("type", ""),
+        "Required": "required" if f.get("required", True) else "optional",
+        "Allowed values": ", ".join(map(_show, f["allowed"])) if f.get("allowed") else "any",
+        "Description": f.get("description") or "",
+    } for f in features])
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def feature_input(f: dict, key: str) -> Any:
+    """One widget per feature: its type picks the widget; optional ones may stay empty."""
+    name, typ = f["name"], f.get("type", "string")
+    required = f.get("required", True)
+    label = f"{name} \\*" if required else f"{name} (optional)"
+    help_ = " · ".join(x for x in (f.get("description"), f"{typ}, {'required' if required else 'optional: leave empty to omit'}") if x)
+    empty = "not given"
+    if f.get("allowed"):
+        return st.selectbox(label, f["allowed"], index=0 if required else None, key=key,
+                            format_func=_show, placeholder=empty, help=help_)
+    if typ == "boolean":
+        if required:
+            return st.checkbox(label, key=key, help=help_)
+        return st.selectbox(label, [True, False], index=None, key=key, format_func=_show,
+                            placeholder=empty, help=help_)
+    if typ == "integer":
+        return st.number_input(label, value=0 if required else None, step=1, key=key,
+                               placeholder=empty, help=help_)
+    if typ == "number":
+        return st.number_input(label, value=0.0 if required else None, step=0.1, format="%.4f",
+                               key=key, placeholder=empty, help=help_)
+    value = st.text_input(label, key=key, placeholder="" if required else empty, help=help_)
+    return value if (value or required) else None
+
+
+def problems_table(problems: list[dict], rows: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """A 422's problems, one line per bad value, with the value itself when the rows are at hand."""
+    out = []
+    for p in problems:
+        row = p.get("row")
+        entry = {
+            "Row": (int(row) + 1) if isinstance(row, int) else None,
+            "Field": p.get("field") or "",
+            "Error": p.get("error") or "",
+        }
+        if rows is not None:
+            value = ""
+            field = p.get("field")
+            if isinstance(row, int) and 0 <= row < len(rows) and field in rows.columns:
+                value = rows.iloc[row][field]
+            entry["Value"] = "" if value is None else str(value)
+        out.append(entry)
+    return pd.DataFrame(out)
+
+
+def show_problems(err: Invalid, rows: Optional[pd.DataFrame] = None, *, what: str = "the input") -> None:
+    problems = err.problems
+    if not problems:
+        common.show_error(err)
+        return
+    truncated = err.body.get("truncated")
+    more = f" (and {truncated} more)" if truncated else ""
+    st.error(f"**The model rejected {what}:** {err.message}{more}. Fix these values and try again.", icon="🚫")
+    st.dataframe(problems_table(problems, rows), hide_index=True,
+                 column_config={"Row": st.column_config.NumberColumn(help="1 = the first data row")})
+    if rows is not None and len(rows):
+        bad = {(p["row"], p["field"]) for p in problems if isinstance(p.get("row"), int) and p.get("field")}
+        shown = rows.head(500)
+
+        def highlight(frame: pd.DataFrame) -> pd.DataFrame:
+            styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
+            for r, field in bad:
+                if r in styles.index and field in styles.columns:
+                    styles.loc[r, field] = "background-color: #ffc9c9; color: #a61e1e; font-weight: 600"
+            return styles
+
+        st.caption("The rows as uploaded, bad values highlighted (row numbers start at 1):")
+        view = shown.copy()
+        view.index = view.index + 1
+        bad = {(r + 1, f) for r, f in bad}
+        st.dataframe(view.style.apply(highlight, axis=None))
+
+
+def predict_form(name: str, detail: dict) -> None:
+    features = common.features_of(detail)
+    score_name = (detail.get("manifest") or {}).get("score", {}).get("name", "score")
+    st.caption("Fields marked \\* are required; the others may be left empty.")
+    with st.form(f"predict-{name}"):
+        values = {}
+        cols = st.columns(2)
+        for i, f in enumerate(features):
+            with cols[i % 2]:
+                values[f["name"]] = feature_input(f, key=f"in-{name}-{f['name']}")
+        submitted = st.form_submit_button("Score", type="primary", icon="▶️")
+    state_key = f"last-score-{name}"
+    if submitted:
+        row = {k: v for k, v in values.items() if v is not None}
+        try:
+            with st.spinner("Scoring… (a model scaled to zero starts first)"):
+                answer = common.client().predict(name, rows=[row])
+            st.session_state[state_key] = {"answer": answer, "row": row, "error": None}
+        except Invalid as err:
+            st.session_state[state_key] = {"answer": None, "row": row, "error": err}
+        except ControlError as err:
+            st.session_state[state_key] = {"answer": None, "row": row, "error": err}
+    last = st.session_state.get(state_key)
+    if not last:
+        return
+    if last["error"] is not None:
+        err = last["error"]
+        if isinstance(err, Invalid):
+            show_problems(err, what="this row")
+        else:
+            common.show_error(err)
+        return
+    answer = last["answer"]
+    scores = answer.get("scores") or []
+    if scores:
+        cols = st.columns([1, 2])
+        cols[0].metric(score_name, f"{scores[0]:.4f}", border=True)
+        cols[1].caption(f"Scored by **{answer.get('model', name)}** version "
+                        f"**{answer.get('version', '?')}**")
+        cols[1].json(last["row"], expanded=False)
+
+
+# -- CSV scoring --------------------------------------------------------------------------
+
+def _chunks(data: bytes, size: int) -> list[bytes]:
+    """Split a CSV into bodies of at most `size` data rows, each with the header (quotes kept intact)."""
+    text = data.decode("utf-8-sig")
+    records = list(csv.reader(io.StringIO(text)))
+    if len(records) <= size + 1:
+        return [data]
+    header, body = records[0], records[1:]
+    out = []
+    for start in range(0, len(body), size):
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(body[start:start + size])
+        out.append(buf.getvalue().encode())
+    return out
+
+
+def score_csv(name: str, data: bytes, max_rows: int) -> list[float]:
+    scores: list[float] = []
+    for chunk in _chunks(data, max_rows):
+        try:
+            answer = common.client().predict(name, csv=chunk)
+        except Invalid as err:
+            offset = len(scores)
+            if offset:  # renumber rows of a later chunk to the whole file
+                for p in err.problems:
+                    if isinstance(p.get("row"), int):
+                        p["row"] += offset
+            raise
+        scores.extend(answer.get("scores") or [])
+    return scores
+
+
+def histogram(scores: list[float], bins: int = 20) -> pd.DataFrame:
+    values = np.asarray(scores, dtype=float)
+    lo, hi = float(values.min()), float(values.max())
+    if math.isclose(lo, hi):
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    labels = [f"{edges[i]:.3g}–{edges[i + 1]:.3g}" for i in range(len(counts))]
+    return pd.DataFrame({"score range": pd.Categorical(labels, categories=labels, ordered=True),
+                         "rows": counts})
+
+
+def csv_scoring(name: str, detail: dict) -> None:
+    manifest = detail.get("manifest") or {}
+    score_name = (manifest.get("score") or {}).get("name", "score")
+    max_rows = int((manifest.get("limits") or {}).get("max_rows") or DEFAULT_MAX_ROWS)
+    names = [f["name"] for f in common.features_of(detail)]
+    st.caption(f"A CSV with a header row of the feature columns ({', '.join(names)}); "
+               "empty cells are missing values.")
+    upload = st.file_uploader("CSV to score", type=["csv"], key=f"csv-{name}")
+    if upload is None:
+        return
+    data = upload.getvalue()
+    try:
+        rows = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises several classes for a malformed file
+        st.error(f"**{upload.name} is not a readable CSV**: {e}", icon="🚫")
+        return
+    key = f"csv-result-{name}"
+    digest = hashlib.sha256(data).hexdigest()
+    cached = st.session_state.get(key)
+    if not cached or cached["digest"] != digest:
+        try:
+            with st.spinner(f"Scoring {len(rows):,} rows…"):
+                cached = {"digest": digest, "scores": score_csv(name, data, max_rows), "error": None}
+        except ControlError as err:
+            cached = {"digest": digest, "scores": None, "error": err}
+        st.session_state[key] = cached
+    if cached["error"] is not None:
+        err = cached["error"]
+        if isinstance(err, Invalid):
+            show_problems(err, rows, what=upload.name)
+        else:
+            common.show_error(err)
+        return
+
+    scores = cached["scores"]
+    result = rows.copy()
+    result[score_name] = scores
+    st.success(f"Scored {len(scores):,} rows of {upload.name}.", icon="✅")
+    left, right = st.columns([3, 2])
+    with left:
+        st.markdown("**Scores beside the input rows**")
+        st.dataframe(result, hide_index=True,
+                     column_config={score_name: st.column_config.NumberColumn(format="%.4f")})
+        st.download_button("Download scores (CSV)", result.to_csv(index=False).encode(),
+                           file_name=f"{upload.name.rsplit('.', 1)[0]}-scores.csv", mime="text/csv",
+                           icon="⬇️", key=f"dl-{name}")
+    with right:
+        st.markdown(f"**Distribution of {score_name}**")
+        st.bar_chart(histogram(scores), x="score range", y="rows", height=260)
+        s = pd.Series(scores, dtype=float)
+        stats = st.columns(3)
+        stats[0].metric("mean", f"{s.mean():.4f}")
+        stats[1].metric("min", f"{s.min():.4f}")
+        stats[2].metric("max", f"{s.max():.4f}")
+
+
+# -- versions -----------------------------------------------------------------------------
+
+def versions(name: str, detail: dict) -> None:
+    versions = detail.get("versions") or []
+    live = next((v["version"] for v in versions if v.get("live")), detail.get("version"))
+    if versions:
+        st.dataframe(pd.DataFrame([{
+            "Version": v.get("version"),
+            "Deployed": v.get("deployed_at"),
+            "Live": "● live" if v.get("live") else "",
+        } for v in versions]), hide_index=True)
+    others = [v["version"] for v in versions if v.get("version") != live]
+    if not others:
+        st.caption("Only one version is deployed: nothing to roll back to. "
+                   "`modelplane deploy` a new version and it appears here.")
+        return
+    pending_key = f"rollback-pending-{name}"
+    target = st.selectbox("Roll back to", others, key=f"rollback-target-{name}")
+    if st.button(f"Roll back to {target}…", key=f"rollback-{name}", icon="↩️"):
+        st.session_state[pending_key] = target
+    pending = st.session_state.get(pending_key)
+    if pending:
+        with st.container(border=True):
+            st.warning(f"Make **{pending}** live instead of **{live}**? Requests switch to {pending} "
+                       "without dropping any in flight.", icon="⚠️")
+            yes, no = st.columns(2)
+            if yes.button(f"Confirm rollback to {pending}", type="primary", key=f"rollback-yes-{name}"):
+                st.session_state.pop(pending_key, None)
+                try:
+                    common.client().rollback(name, version=pending)
+                except ControlError as err:
+                    common.show_error(err)
+                else:
+                    st.session_state[f"rollback-done-{name}"] = pending
+                    st.rerun()
+            if no.button("Cancel", key=f"rollback-no-{name}"):
+                st.session_state.pop(pending_key, None)
+                st.rerun()
+    done = st.session_state.pop(f"rollback-done-{name}", None)
+    if done:
+        st.success(f"Version {done} is live.", icon="✅")
+
+
+# -- page ---------------------------------------------------------------------------------
+
+def header(detail: dict) -> None:
+    name = detail["name"]
+    top = st.columns([4, 1], vertical_alignment="center")
+    top[0].title(name)
+    with top[1]:
+        common.status_badge(detail.get("status"))
+    st.caption(f"{detail.get('kind', '?')} · {detail.get('language', '?')} · live version "
+               f"**{detail.get('version') or '—'}**"
+               + (f" · endpoint `{detail['endpoint']}`" if detail.get("endpoint") else ""))
+    description = detail.get("description") or (detail.get("manifest") or {}).get("description")
+    if description:
+        st.markdown(description)
+    if detail.get("error"):
+        st.error(f"**{name} is not serving:** {detail['error']}", icon="🔴")
+    m = common.metrics_of(detail)
+    cols = st.columns(5)
+    cols[0].metric("Replicas", detail.get("replicas", m.get("replicas", 0)))
+    cols[1].metric("Requests", common.fmt_int(m.get("requests")))
+    cols[2].metric("p50", common.fmt_ms(m.get("p50_ms")))
+    cols[3].metric("p95", common.fmt_ms(m.get("p95_ms")))
+    cols[4].metric("Cold starts", common.fmt_int(m.get("cold_starts")))
+
+
+def page() -> None:
+    client = common.client()
+    names = [m["name"] for m in client.models()]
+    if not names:
+        st.title("Model")
+        st.info("No models are registered yet.")
+        return
+    name = st.selectbox("Model", names, key="model", bind="query-params")
+    detail = client.model(name)
+    header(detail)
+    features = common.features_of(detail)
+    if detail.get("kind") == "batch":
+        tabs = st.tabs(["Schema", "Versions"])
+        with tabs[0]:
+            st.info("A batch model scores whole datasets: drop a CSV or give a `gs://` URI on the Jobs page.",
+                    icon="📦")
+            st.page_link(common.PAGE_JOBS, label=f"Run {name} on a dataset", icon="📦",
+                         query_params={"model": name})
+            st.dataframe(schema_table(features), hide_index=True)
+        with tabs[1]:
+            versions(name, detail)
+        return
+    tabs = st.tabs(["Score a row", "Score a CSV", "Schema", "Versions"])
+    with tabs[0]:
+        predict_form(name, detail)
+    with tabs[1]:
+        csv_scoring(name, detail)
+    with tabs[2]:
+        st.dataframe(schema_table(features), hide_index=True)
+        score = (detail.get("manifest") or {}).get("score") or {}
+        st.caption(f"Score: **{score.get('name', 'score')}** ({score.get('type', 'number')}), one per row.")
+    with tabs[3]:
+        versions(name, detail)
+
+
+common.guarded(page)()
