@@ -27,9 +27,10 @@ pages = [
 ]
 page = st.navigation(pages)
 
+client = common.client()
 with st.sidebar:
-    client = common.client()
     st.caption(f"Control service: `{client.url}`")
     st.caption("Token: " + ("set (`MODELPLANE_TOKEN`)" if client.token else "not set"))
+common.connection_banner(client)
 
 page.run()

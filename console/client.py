@@ -125,6 +125,23 @@ class ControlClient:
         self._request("GET", "/healthz", timeout=3)
         return True
 
+    def check_token(self) -> bool:
+        """Whether the service accepts this client's token for mutating calls.
+
+        The API has no "who am I" call and reads need no token, so a wrong token would only
+        show when a user first clicks something. Instead: a POST to a path no route has. The
+        service checks the token before routing, so it answers 401 for a rejected (or missing,
+        when it requires one) token, and 404 — nothing done — when the token is accepted.
+        """
+        try:
+            self._request("POST", "/api/_console/token-check", timeout=5)
+        except Unauthorized:
+            return False
+        except ControlError as err:
+            if isinstance(err, Unreachable):
+                raise
+        return True
+
     def models(self) -> list[dict]:
         data = self._json("GET", "/api/models")
         if isinstance(data, dict):

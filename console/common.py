@@ -62,6 +62,30 @@ def show_error(err: ControlError) -> None:
         st.error(f"{status}{err.message}", icon="⚠️")
 
 
+def connection_banner(client: ControlClient) -> None:
+    """Say up front, on every page, when the token will be refused (reads need none, so the
+    pages still render). Unreachable is left to the page, which says so where its content would be."""
+    try:
+        accepted = client.check_token()
+    except Unreachable:
+        return
+    if accepted:
+        return
+    if client.token:
+        st.error(
+            f"**Token rejected** by the control service at `{client.url}` (HTTP 401): check "
+            "`MODELPLANE_TOKEN` — it must match the service's token. You can look around, but "
+            "rollbacks, dataset uploads and jobs will be refused.",
+            icon="🔒",
+        )
+    else:
+        st.warning(
+            f"The control service at `{client.url}` requires a token for changes: set "
+            "`MODELPLANE_TOKEN` to roll back versions or run jobs from the console.",
+            icon="🔒",
+        )
+
+
 def guarded(render: Callable[[], None]) -> Callable[[], None]:
     """Wrap a page (or fragment) body so API failures become messages, never stack traces."""
 
