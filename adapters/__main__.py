@@ -1,0 +1,105 @@
+"""`python -m adapters {serve,batch,fetch,publish}` (also `modelplane-adapter`): the sidecar's command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .manifest import Manifest, ManifestError, load_manifest
+
+
+def manifest_from(model_dir: Optional[str]) -> Manifest:
+    """The manifest in MODEL_DIR, else from env MODELPLANE_MANIFEST (JSON), as in a container."""
+    if model_dir:
+        return load_manifest(model_dir, check_files=False)
+    text = os.environ.get("MODELPLANE_MANIFEST")
+    if not text:
+        raise ManifestError("MODELPLANE_MANIFEST", [])
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"modelplane-adapter: MODELPLANE_MANIFEST is not JSON: {e}") from e
+    from .manifest import parse_manifest
+
+    # JSON is YAML: one parser, the same strict checks and messages
+    return parse_manifest(json.dumps(data), file="MODELPLANE_MANIFEST", folder=Path.cwd(), check_files=False)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelplane-adapter", description="The modelplane adapter sidecar.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="realtime adapter in front of one model")
+    s.add_argument("model_dir", nargs="?", metavar="MODEL_DIR")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    s.add_argument("--model-url", default=os.environ.get("MODEL_URL"),
+                   help="sidecar mode: the model already runs there (default: start it, supervisor mode)")
+
+    for name, help_ in (("batch", "run a batch job end to end"),
+                        ("fetch", "Knative Job step 1: fetch and check the dataset into --work"),
+                        ("publish", "Knative Job step 3: check and publish what the model wrote in --work")):
+        b = sub.add_parser(name, help=help_)
+        b.add_argument("model_dir", nargs="?", metavar="MODEL_DIR")
+        if name in ("batch", "fetch"):
+            b.add_argument("--dataset", help="gs://… or a path (env DATASET_URI, or $K_EVENT_PATH/event)")
+            b.add_argument("--results", help="prefix for scores.csv and result.json (env RESULTS_URI)")
+            b.add_argument("--job", help="job id (env JOB_ID)")
+        if name != "batch":
+            b.add_argument("--work", default="/work", help="work folder shared by the Job's containers")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MODELPLANE_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        manifest = manifest_from(args.model_dir)
+    except ManifestError as e:
+        if not e.problems:
+            print("modelplane-adapter: give MODEL_DIR (a folder with model.yaml) or set MODELPLANE_MANIFEST",
+                  file=sys.stderr)
+        else:
+            print(f"modelplane-adapter: invalid manifest:\n{e}", file=sys.stderr)
+        return 2
+
+    if args.command == "serve":
+        if manifest.kind != "realtime":
+            print(f"modelplane-adapter: {manifest.ref} is a {manifest.kind} model; `serve` is for realtime models",
+                  file=sys.stderr)
+            return 2
+        from .realtime import run
+
+        return run(manifest, host=args.host, port=args.port, model_url=args.model_url)
+
+    from . import batch
+
+    if manifest.kind != "batch":
+        print(f"modelplane-adapter: {manifest.ref} is a {manifest.kind} model; `{args.command}` is for batch models",
+              file=sys.stderr)
+        return 2
+    if args.command == "publish":
+        result, code = batch.publish_step(manifest, Path(args.work))
+    else:
+        try:
+            spec = batch.resolve_job(manifest, dataset=args.dataset, results=args.results, job=args.job)
+        except batch.BatchFailure as e:
+            job = batch.Job(manifest, None)
+            result, code = job.fail(str(e)), 1
+        else:
+            if args.command == "batch":
+                result, code = batch.run_batch(manifest, spec)
+            else:
+                result, code = batch.fetch_step(manifest, spec, Path(args.work))
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""The batch adapter: fetch a dataset, run the model on it (env DATASET/RESULTS), check, publish.
+
+`run_batch` does all of it in one process. In a Knative Job pod, where the model image may
+have no Python, the same steps are split: `fetch` (adapter image) -> the model's command
+wrapped by `score_step` (model image) -> `publish` (adapter image), sharing a work folder.
+
+Memory stays flat whatever the dataset size: files are streamed in 1 MiB chunks, rows are
+counted and scores checked chunk by chunk (a C-speed newline count and `sum(map(float, …))`
+on the common path, the csv module only when the file has quotes or blank lines).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Mapping, Optional
+
+from . import storage
+from .manifest import Manifest
+from .schema import RowValidator
+from .storage import CHUNK, InputInfo, StorageError
+
+log = logging.getLogger(__name__)
+
+FINALIZED = "google.cloud.storage.object.v1.finalized"
+SCORES_FILE = "scores.csv"
+RESULT_FILE = "result.json"
+KILL_GRACE_SECONDS = 5.0
+LOG_TAIL_LINES = 40
+LOG_TAIL_BYTES = 8192
+
+
+class BatchFailure(Exception):
+    """A job that cannot succeed; the message is written for the data scientist who owns the model."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- what to run --------------------------------------------------------------------------
+
+@dataclass
+class JobSpec:
+    dataset_uri: str
+    job: str
+    results_prefix: str
+    generation: Optional[str] = None  # from the triggering event, when there is one
+
+
+def read_event(path: Path) -> tuple[str, Optional[str]]:
+    """(`gs://bucket/object`, generation) from a structured `…object.v1.finalized` CloudEvent file."""
+    try:
+        event = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BatchFailure(f"no event file at {path} (K_EVENT_PATH is set, so a JobSink event was expected)") from None
+    except (OSError, ValueError) as e:
+        raise BatchFailure(f"the event file {path} is not a JSON CloudEvent: {e}") from e
+    if not isinstance(event, dict):
+        raise BatchFailure(f"the event file {path} is not a JSON CloudEvent object")
+    etype = event.get("type")
+    if etype is not None and etype != FINALIZED:
+        raise BatchFailure(f"the event is of type {etype!r}; a batch job starts only on {FINALIZED}")
+    data = event.get("data", event if "name" in event and "bucket" in event else None)
+    if data is None and "data_base64" in event:
+        import base64
+
+        data = base64.b64decode(event["data_base64"])
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except ValueError as e:
+            raise BatchFailure(f"the event's data is not the JSON GCS object resource: {e}") from e
+    if not isinstance(data, dict):
+        raise BatchFailure("the event carries no GCS object resource in its data")
+    bucket = data.get("bucket")
+    if not bucket:
+        source = event.get("source", "")
+        bucket = source.rsplit("/buckets/", 1)[-1] if "/buckets/" in source else None
+    name = data.get("name")
+    if not name:
+        subject = event.get("subject", "")
+        name = subject[len("objects/"):] if subject.startswith("objects/") else None
+    if not bucket or not name:
+        raise BatchFailure("the event names no bucket and object (data.bucket / data.name)")
+    generation = data.get("generation")
+    return f"gs://{bucket}/{name}", (str(generation) if generation not in (None, "") else None)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "job"
+
+
+def new_job_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def resolve_job(manifest: Manifest, *, dataset: Optional[str] = None, results: Optional[str] = None,
+                job: Optional[str] = None, env: Mapping[str, str] = os.environ) -> JobSpec:
+    """Flags, then env (DATASET_URI, RESULTS_URI, JOB_ID), then a JobSink event at $K_EVENT_PATH/event."""
+    dataset = dataset or env.get("DATASET_URI")
+    generation = None
+    if not dataset and env.get("K_EVENT_PATH"):
+        dataset, generation = read_event(Path(env["K_EVENT_PATH"]) / "event")
+    if not dataset:
+        raise BatchFailure("no dataset given: pass --dataset, set DATASET_URI, or run under a JobSink (K_EVENT_PATH)")
+    job = job or env.get("JOB_ID")
+    if not job:
+        job = f"{_slug(Path(dataset).stem)}-{generation}" if generation else new_job_id()
+    results = results or env.get("RESULTS_URI")
+    if not results:
+        if storage.is_gcs(dataset):
+            bucket, _ = storage.split_gcs(dataset)
+            results = f"gs://{bucket}/results/{manifest.name}/{job}/"
+        else:
+            results = str(Path(dataset).resolve().parent / "results" / job)
+    return JobSpec(dataset_uri=dataset, job=job, results_prefix=results, generation=generation)
+
+
+# -- checking files, streamed -------------------------------------------------------------
+
+def check_header(manifest: Manifest, path: Path) -> list[str]:
+    """The dataset's header as a list; BatchFailure naming each missing or unknown column."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+    except UnicodeDecodeError:
+        raise BatchFailure("the dataset is not UTF-8 text (expected a CSV file)") from None
+    if not header:
+        raise BatchFailure("the dataset is empty: expected a CSV file whose first row names the feature columns")
+    header = [h.strip() for h in header]
+    problems = RowValidator(manifest).check_header(header)
+    if problems:
+        raise BatchFailure("the dataset's header does not match the model's features: " + "; ".join(problems))
+    return header
+
+
+def scan_input(path: Path) -> tuple[str, int]:
+    """(md5 hex, data rows) of a CSV in one streamed pass; the csv module only if quotes or blank lines need it."""
+    import hashlib
+
+    h = hashlib.md5()
+    newlines = 0
+    needs_csv = False
+    last = b"\n"
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+            newlines += chunk.count(b"\n")
+            if not needs_csv and (b'"' in chunk or b"\n\n" in last + chunk or b"\n\r\n" in last[-1:] + chunk):
+                needs_csv = True
+            last = chunk[-2:]
+    if size == 0:
+        return h.hexdigest(), 0
+    if needs_csv:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            records = sum(1 for rec in csv.reader(f) if rec and any(rec))
+    else:
+        records = newlines + (0 if last.endswith(b"\n") else 1)
+    return h.hexdigest(), max(records - 1, 0)
+
+
+def _bad_score(raw: bytes, line_no: int) -> Optional[str]:
+    """Why one score line is not a finite number, or None if it is."""
+    text = raw.strip().strip(b'"').decode("utf-8", "replace")
+    try:
+        value = float(text)
+    except ValueError:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        return f"line {line_no} of the results is not a number: {shown!r}"
+    if not math.isfinite(value):
+        return f"line {line_no} of the results is not a finite number: {text}"
+    return None
+
+
+def check_results(path: Path, n_rows: int, manifest: Manifest) -> int:
+    """Rows of scores in the model's results file; BatchFailure unless one finite score per input row."""
+    if not path.is_file():
+        raise BatchFailure("the model exited with status 0 but wrote no results file at $RESULTS")
+    with open(path, "rb") as f:
+        first = f.readline()
+        if not first.strip():
+            raise BatchFailure(f"the model wrote an empty results file (expected a header and {n_rows} score(s))")
+        header = next(csv.reader([first.decode("utf-8-sig", "replace")]))
+        header = [c.strip() for c in header]
+        if len(header) == 1:
+            count = _count_scores_fast(f)
+        elif manifest.score.name in header:
+            count = _count_scores_csv(f, header.index(manifest.score.name))
+        else:
+            raise BatchFailure(
+                f"the results have columns {', '.join(header)}; expected a single score column "
+                f"(or one named {manifest.score.name!r})")
+    if count != n_rows:
+        raise BatchFailure(
+            f"the model wrote {count} score(s) for {n_rows} input row(s); "
+            "the results must hold one score per input row, in the same order")
+    return count
+
+
+def _count_scores_fast(f) -> int:
+    count = 0
+    line_no = 1  # the header
+    blank_at: Optional[int] = None  # a blank line is an error only if a score follows it
+    rest = b""
+    while True:
+        chunk = f.read(CHUNK)
+        if chunk:
+            block = rest + chunk
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                rest = block
+                continue
+            rest = block[cut + 1:]
+            lines = block[:cut].split(b"\n")
+        else:
+            if not rest:
+                break
+            lines, rest = [rest], b""
+        ok = False
+        if blank_at is None:
+            try:
+                ok = math.isfinite(sum(map(float, lines)))  # any nan/inf makes the sum non-finite
+            except ValueError:
+                ok = False
+        if ok:
+            count += len(lines)
+            line_no += len(lines)
+            continue
+        for raw in lines:
+            line_no += 1
+            if not raw.strip():
+                if blank_at is None:
+                    blank_at = line_no
+                continue
+            if blank_at is not None:
+                raise BatchFailure(f"line {blank_at} of the results is empty: expected one score per input row")
+            problem = _bad_score(raw, line_no)
+            if problem:
+                raise BatchFailure(problem)
+            count += 1
+        if not chunk:
+            break
+    return count
+
+
+def _count_scores_csv(f, column: int) -> int:
+    count = 0
+    text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+    for line_no, rec in enumerate(csv.reader(text), start=2):
+        if not rec or not any(rec):
+            continue
+        if column >= len(rec):
+            raise BatchFailure(f"line {line_no} of the results has no score column")
+        problem = _bad_score(rec[column].encode(), line_no)
+        if problem:
+            raise BatchFailure(problem)
+        count += 1
+    return count
+
+
+# -- running the model --------------------------------------------------------------------
+
+class OutputTail:
+    """Passes a child's output through to our stderr and keeps its last lines for the result."""
+
+    def __init__(self, stream, sink=None):
+        self._stream = stream
+        self._sink = sink if sink is not None else sys.stderr.buffer
+        self._lines: deque[bytes] = deque(maxlen=LOG_TAIL_LINES)
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for line in iter(self._stream.readline, b""):
+            self._lines.append(line[-LOG_TAIL_BYTES:])
+            try:
+                self._sink.write(line)
+                self._sink.flush()
+            except (OSError, ValueError):
+                pass
+        self._stream.close()
+
+    def join(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+
+    def text(self) -> str:
+        return tail_text(b"".join(self._lines))
+
+
+def tail_text(data: bytes) -> str:
+    text = data[-LOG_TAIL_BYTES:].decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+
+
+def kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS) -> None:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds; leaves nothing running."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also whatever the model left behind in its group
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+def start_model(manifest: Manifest, dataset: Path, results: Path) -> subprocess.Popen:
+    env = dict(os.environ, DATASET=str(dataset), RESULTS=str(results))
+    try:
+        return subprocess.Popen(manifest.command, cwd=manifest.folder, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    except FileNotFoundError:
+        raise BatchFailure(f"could not start the model: command {manifest.command[0]!r} not found") from None
+    except OSError as e:
+        raise BatchFailure(f"could not start the model ({' '.join(manifest.command)}): {e.strerror}") from e
+
+
+# -- the whole job ------------------------------------------------------------------------
+
+class Job:
+    """One batch job's result document, filled in as the job goes."""
+
+    def __init__(self, manifest: Manifest, spec: Optional[JobSpec]):
+        self.manifest = manifest
+        self.spec = spec
+        self.result: dict = {
+            "model": manifest.name, "version": manifest.version,
+            "job": spec.job if spec else None, "status": "running",
+            "input": {"uri": spec.dataset_uri if spec else None,
+                      "generation": spec.generation if spec else None, "md5": None},
+            "results_uri": None, "rows": None, "started_at": now_iso(), "finished_at": None,
+        }
+
+    def succeed(self, rows: int, results_uri: str) -> dict:
+        self.result.update(status="succeeded", rows=rows, results_uri=results_uri, finished_at=now_iso())
+        return self.result
+
+    def fail(self, error: str, log_tail: str = "") -> dict:
+        self.result.update(status="failed", results_uri=None, finished_at=now_iso(), error=error, log_tail=log_tail)
+        return self.result
+
+    def store_result(self) -> None:
+        """result.json beside scores.csv; a failure to store it is reported, not raised."""
+        if not self.spec:
+            return
+        uri = storage.join(self.spec.results_prefix, RESULT_FILE)
+        try:
+            storage.put_bytes(json.dumps(self.result, indent=2).encode() + b"\n", uri)
+        except StorageError as e:
+            log.error("%s", e)
+            if self.result["status"] == "succeeded":
+                self.fail(f"the scores were published but the result could not be stored: {e}")
+
+
+def run_batch(manifest: Manifest, spec: JobSpec, *, work: Optional[Path] = None) -> tuple[dict, int]:
+    """Run one job end to end; return (result JSON, exit status). Never raises for a job failure."""
+    job = Job(manifest, spec)
+    own_work = work is None
+    work = Path(tempfile.mkdtemp(prefix=f"modelplane-{manifest.name}-")) if own_work else Path(work)
+    tail: Optional[OutputTail] = None
+    try:
+        dataset = _fetch(spec, work, job)
+        check_header(manifest, dataset)
+        results = work / SCORES_FILE
+        if results.exists():
+            results.unlink()
+        proc = start_model(manifest, dataset, results)
+        deadline = time.monotonic() + manifest.batch.timeout_seconds
+        tail = OutputTail(proc.stdout)
+        try:
+            md5, n_rows = scan_input(dataset)  # overlaps with the model's own run
+            job.result["input"]["md5"] = md5
+            job.result["rows"] = n_rows
+            status = proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            tail.join()
+            raise BatchFailure(
+                f"the model ran longer than its batch timeout ({manifest.batch.timeout}, "
+                "manifest batch.timeout) and was stopped") from None
+        except BaseException:
+            kill_group(proc)
+            raise
+        else:
+            kill_group(proc, grace=0)  # reap anything the model left running in its group
+        tail.join()
+        if status != 0:
+            raise BatchFailure(f"the model {describe_exit(status)}")
+        rows = check_results(results, n_rows, manifest)
+        scores_uri = storage.join(spec.results_prefix, SCORES_FILE)
+        storage.put_file(results, scores_uri)
+        job.succeed(rows, scores_uri)
+        job.store_result()
+    except (BatchFailure, StorageError, OSError) as e:
+        job.fail(str(e), tail.text() if tail else "")
+        job.store_result()
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    return job.result, (0 if job.result["status"] == "succeeded" else 1)
+
+
+def _fetch(spec: JobSpec, work: Path, job: Job, *, copy_local: bool = False) -> Path:
+    """The dataset as a local file: downloaded into `work` for gs://, used in place (or copied) otherwise."""
+    if storage.is_gcs(spec.dataset_uri):
+        dest = work / "dataset.csv"
+        info = storage.fetch(spec.dataset_uri, dest)
+        if spec.generation and info.generation and spec.generation != info.generation:
+            log.warning("event generation %s, fetched generation %s", spec.generation, info.generation)
+        job.result["input"]["generation"] = info.generation
+        return dest
+    path = Path(spec.dataset_uri)
+    if not path.is_file():
+        raise BatchFailure(f"the dataset {spec.dataset_uri} does not exist")
+    if copy_local:
+        dest = work / "dataset.csv"
+        shutil.copyfile(path, dest)
+        return dest
+    return path
+
+
+# -- the three steps of a Knative Job -----------------------------------------------------
+
+JOB_STATE = "job.json"
+MODEL_STATUS = "model.status"
+MODEL_LOG = "model.log"
+
+
+def fetch_step(manifest: Manifest, spec: JobSpec, work: Path) -> tuple[dict, int]:
+    """Init container 1: dataset -> work/dataset.csv, header checked, rows counted; state in work/job.json."""
+    job = Job(manifest, spec)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        dataset = _fetch(spec, work, job, copy_local=True)
+        check_header(manifest, dataset)
+        md5, rows = scan_input(dataset)
+        job.result["input"]["md5"] = md5
+        job.result["rows"] = rows
+    except (BatchFailure, StorageError) as e:
+        job.fail(str(e))
+        job.store_result()
+        return job.result, 1
+    state = {"spec": asdict(spec), "result": job.result}
+    (work / JOB_STATE).write_text(json.dumps(state))
+    for stale in (SCORES_FILE, MODEL_STATUS, MODEL_LOG):
+        (work / stale).unlink(missing_ok=True)
+    return job.result, 0
+
+
+def score_step(manifest: Manifest, work: str = "/work") -> dict:
+    """Init container 2 (model image, POSIX sh, no Python): the model's command, its exit status
+    and log recorded in the work folder, timeout enforced; always exits 0 so publish runs.
+
+    Returns `{"command": [...], "env": {...}, "workingDir": folder}` for a container spec.
+    """
+    seconds = int(math.ceil(manifest.batch.timeout_seconds))
+    script = (
+        f'{{ timeout -k {int(KILL_GRACE_SECONDS)} {seconds} "$@" 2>&1; echo $? > {work}/{MODEL_STATUS}; }}'
+        f" | tee {work}/{MODEL_LOG}; exit 0"
+    )
+    return {"command": ["sh", "-c", script, "sh", *manifest.command],
+            "env": {"DATASET": f"{work}/dataset.csv", "RESULTS": f"{work}/{SCORES_FILE}"}}
+
+
+def publish_step(manifest: Manifest, work: Path) -> tuple[dict, int]:
+    """Main container: read what fetch and score left in `work`, check the scores, publish them."""
+    try:
+        state = json.loads((work / JOB_STATE).read_text())
+    except (OSError, ValueError) as e:
+        job = Job(manifest, None)
+        job.fail(f"the fetch step left no job state in {work} ({e}); did it run?")
+        return job.result, 1
+    spec = JobSpec(**state["spec"])
+    job = Job(manifest, spec)
+    job.result.update(state["result"])
+    log_path = work / MODEL_LOG
+    log_tail = tail_text(_read_tail(log_path)) if log_path.exists() else ""
+    try:
+        try:
+            status = int((work / MODEL_STATUS).read_text().strip())
+        except (OSError, ValueError):
+            raise BatchFailure("the score step recorded no exit status: the model container did not finish") from None
+        if status == 124:
+            raise BatchFailure(
+                f"the model ran longer than its batch timeout ({manifest.batch.timeout}, "
+                "manifest batch.timeout) and was stopped")
+        if status != 0:
+            raise BatchFailure(f"the model exited with status {status}")
+        rows = check_results(work / SCORES_FILE, job.result["rows"], manifest)
+        scores_uri = storage.join(spec.results_prefix, SCORES_FILE)
+        storage.put_file(work / SCORES_FILE, scores_uri)
+        job.succeed(rows, scores_uri)
+    except (BatchFailure, StorageError) as e:
+        job.fail(str(e), log_tail)
+    job.store_result()
+    return job.result, (0 if job.result["status"] == "succeeded" else 1)
+
+
+def _read_tail(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(f.tell() - LOG_TAIL_BYTES, 0))
+        return f.read()

@@ -1,0 +1,182 @@
+"""Where batch data lives: `gs://` objects and local paths, streamed down and published atomically.
+
+The google-cloud-storage client honours `STORAGE_EMULATOR_HOST` (then with anonymous
+credentials), so the embedded emulator and real GCS are used through the same code.
+Results appear atomically: scores.csv is complete before anything names it, result.json last.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+CHUNK = 1 << 20  # 1 MiB: reads, hashes and downloads never hold more than this much of a file
+
+
+class StorageError(RuntimeError):
+    """A dataset or result location that cannot be read or written; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What was scored: the URI, its GCS generation (None for a local file) and md5 (hex)."""
+
+    uri: str
+    generation: Optional[str]
+    md5: Optional[str]
+
+    def to_json(self) -> dict:
+        return {"uri": self.uri, "generation": self.generation, "md5": self.md5}
+
+
+def is_gcs(uri: str) -> bool:
+    return str(uri).startswith("gs://")
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    """`gs://bucket/a/b.csv` -> (`bucket`, `a/b.csv`)."""
+    rest = str(uri)[len("gs://"):]
+    bucket, _, name = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"not a gs:// URI with a bucket: {uri!r}")
+    return bucket, name
+
+
+def join(prefix: str, name: str) -> str:
+    """`prefix` (a gs:// URI or a local folder) joined with a file name."""
+    if is_gcs(prefix):
+        return prefix.rstrip("/") + "/" + name
+    return str(Path(prefix) / name)
+
+
+_client = None
+
+
+def client():
+    """One google-cloud-storage client per process; anonymous against an emulator."""
+    global _client
+    if _client is None:
+        from google.cloud import storage
+
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            _client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "modelplane"),
+                                     credentials=AnonymousCredentials())
+        else:
+            _client = storage.Client()
+    return _client
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(uri: str, dest: Path) -> InputInfo:
+    """Stream the gs:// object at `uri` to `dest` (bounded memory); return its generation and md5.
+
+    The download is pinned to the generation read first, so a concurrent overwrite fails
+    the fetch instead of mixing two versions.
+    """
+    from google.api_core import exceptions as gexc
+
+    bucket_name, name = split_gcs(uri)
+    try:
+        blob = client().bucket(bucket_name).get_blob(name)
+        if blob is None:
+            raise StorageError(f"the dataset {uri} does not exist")
+        generation = str(blob.generation) if blob.generation is not None else None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(dest), if_generation_match=blob.generation, checksum=None)
+    except StorageError:
+        raise
+    except gexc.GoogleAPICallError as e:
+        raise StorageError(f"could not download the dataset {uri}: {e.message or e}") from e
+    except OSError as e:
+        raise StorageError(f"could not download the dataset {uri}: {e}") from e
+    return InputInfo(uri=uri, generation=generation, md5=None)
+
+
+def _local_put(src: Path, dest: Path) -> None:
+    """Place `src` at `dest` atomically: a temp file in dest's folder, then os.replace."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _local_write(data: bytes, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def put_file(src: Path, uri: str, *, content_type: str = "text/csv") -> None:
+    """Upload/copy a whole file to `uri`; the object or file appears only once complete."""
+    try:
+        if is_gcs(uri):
+            bucket_name, name = split_gcs(uri)
+            blob = client().bucket(bucket_name).blob(name)
+            blob.upload_from_filename(str(src), content_type=content_type)
+        else:
+            _local_put(Path(src), Path(uri))
+    except OSError as e:
+        raise StorageError(f"could not write {uri}: {e}") from e
+    except Exception as e:  # google.api_core errors and transport errors
+        if is_gcs(uri):
+            raise StorageError(f"could not upload {uri}: {e}") from e
+        raise
+
+
+def put_bytes(data: bytes, uri: str, *, content_type: str = "application/json") -> None:
+    try:
+        if is_gcs(uri):
+            bucket_name, name = split_gcs(uri)
+            client().bucket(bucket_name).blob(name).upload_from_string(data, content_type=content_type)
+        else:
+            _local_write(data, Path(uri))
+    except OSError as e:
+        raise StorageError(f"could not write {uri}: {e}") from e
+    except Exception as e:
+        if is_gcs(uri):
+            raise StorageError(f"could not upload {uri}: {e}") from e
+        raise
+
+
+def exists(uri: str) -> bool:
+    if is_gcs(uri):
+        bucket_name, name = split_gcs(uri)
+        return client().bucket(bucket_name).blob(name).exists()
+    return Path(uri).exists()
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_gcs(uri):
+        bucket_name, name = split_gcs(uri)
+        return client().bucket(bucket_name).blob(name).download_as_bytes()
+    return Path(uri).read_bytes()
