@@ -295,7 +295,8 @@ def _wait_ready(proc: subprocess.Popen, port: int, log_path: Path, report: Repor
         except OSError as e:
             last = f"GET /v2/health/ready: {e.strerror or e}"
         if time.monotonic() >= deadline:
-            report.check(False, f"never became healthy within {timeout:g} s (last: {last})",
+            report.check(False, f"never became healthy within {timeout:g} s: the model's GET /health never "
+                               f"answered 200 (last: {last})",
                          time.monotonic() - t0, f"its output ends with:\n{tail(log_path)}")
             return
         time.sleep(0.05)
