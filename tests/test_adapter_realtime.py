@@ -1,0 +1,364 @@
+"""The realtime adapter as a real process in front of a real fixture model, over real HTTP."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from control.emulator import free_port
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "adapter" / "realtime"
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "fixture-realtime"
+
+
+def child_env(**extra: str) -> dict:
+    """The test's env with this interpreter first on PATH, so the manifest's `python` is ours."""
+    env = dict(os.environ, **extra)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def wait_http(url: str, *, proc: subprocess.Popen, status: int = 200, attempts: int = 400) -> None:
+    for _ in range(attempts):
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if requests.get(url, timeout=1).status_code == status:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} never answered {status}")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class Adapter:
+    def __init__(self, tmp: Path, *args: str, ready: bool = True, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = tmp / f"adapter-{self.port}.stderr"
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "adapters", "serve", str(FIXTURE), "--port", str(self.port), *args],
+                cwd=ROOT, env=child_env(**env), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_http(self.url + ("/v2/health/ready" if ready else "/v2/health/live"), proc=self.proc)
+        except Exception:
+            self.stop()
+            raise RuntimeError(self.stderr())
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        return stop(self.proc)
+
+    def predict(self, rows, **kw) -> requests.Response:
+        return requests.post(self.url + "/predict", json={"rows": rows}, timeout=10, **kw)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    a = Adapter(tmp_path_factory.mktemp("adapter"))
+    yield a
+    a.stop()
+
+
+def row(x=1.0, **kw):
+    return {"x": x, "region": "west", **kw}
+
+
+# -- /predict -----------------------------------------------------------------------------
+
+def test_predict_json_returns_one_score_per_row(adapter):
+    r = adapter.predict([row(1.5, n=2), row(-3, region="east", member=True)])
+    assert r.status_code == 200, r.text
+    assert r.json() == {"model": MODEL, "version": "1.0.0", "scores": [5.0, -6.0]}
+
+
+def test_predict_csv_body_and_csv_answer(adapter):
+    body = "x,region,n\n1,west,\n2.5,east,3\n"
+    r = requests.post(adapter.url + "/predict", data=body, headers={"Content-Type": "text/csv"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["scores"] == [2.0, 8.0]
+    r = requests.post(adapter.url + "/predict", data=body,
+                      headers={"Content-Type": "text/csv", "Accept": "text/csv"}, timeout=10)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/csv")
+    assert r.text.splitlines() == ["score", "2.0", "8.0"]
+
+
+@pytest.mark.parametrize("bad_row, field, fragment", [
+    ({"x": 1.0}, "region", "required value is missing"),
+    ({"x": "ten", "region": "west"}, "x", "expected a number"),
+    ({"x": 1.0, "region": "north"}, "region", "not allowed"),
+    ({"x": 1.0, "region": "west", "colour": "red"}, "colour", "unknown column"),
+    ({"x": 1.0, "region": "west", "n": 2.5}, "n", "expected an integer"),
+    ({"x": 1.0, "region": "west", "member": "yes"}, "member", "expected true or false"),
+], ids=["missing-required", "wrong-type", "not-allowed", "unknown-column", "not-integer", "not-boolean"])
+def test_invalid_rows_are_422_naming_row_and_field(adapter, bad_row, field, fragment):
+    r = adapter.predict([row(), bad_row])
+    assert r.status_code == 422
+    body = r.json()
+    assert "error" in body
+    assert any(p["row"] == 1 and p["field"] == field and fragment in p["error"] for p in body["problems"]), body
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_json_values_are_422(adapter, literal):
+    body = '{"rows": [{"x": %s, "region": "west"}]}' % literal
+    r = requests.post(adapter.url + "/predict", data=body, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 422, r.text
+    assert r.json()["problems"] == [{"row": 0, "field": "x", "error": r.json()["problems"][0]["error"]}]
+    assert "finite" in r.json()["problems"][0]["error"]
+
+
+@pytest.mark.parametrize("cell", ["nan", "inf"])
+def test_non_finite_csv_values_are_422(adapter, cell):
+    r = requests.post(adapter.url + "/predict", data=f"x,region\n{cell},west\n",
+                      headers={"Content-Type": "text/csv"}, timeout=10)
+    assert r.status_code == 422
+    assert r.json()["problems"][0]["field"] == "x"
+
+
+def test_body_not_json_is_400(adapter):
+    r = requests.post(adapter.url + "/predict", data="{rows:", headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json()["error"]
+
+
+def test_body_over_max_body_is_413(adapter):
+    padding = " " * 5000  # the manifest allows 4Ki
+    r = requests.post(adapter.url + "/predict", data='{"rows": []}' + padding,
+                      headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 413
+    assert "limits.max_body" in r.json()["error"]
+
+
+def test_more_rows_than_max_rows_is_413(adapter):
+    r = requests.post(adapter.url + "/predict", data=b'{"rows":[' + b",".join([b"{}"] * 51) + b"]}",
+                      headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 413
+    assert "51 rows" in r.json()["error"] and "limits.max_rows" in r.json()["error"]
+
+
+def test_slow_model_is_504(adapter):
+    r = adapter.predict([row(1006)])
+    assert r.status_code == 504
+    assert MODEL in r.json()["error"] and "limits.timeout" in r.json()["error"]
+    # and the adapter still serves afterwards
+    assert adapter.predict([row(1)]).status_code == 200
+
+
+@pytest.mark.parametrize("x, fragment", [
+    (1001, "answered 2 score(s) for 1 row(s)"),
+    (1002, "non-numeric score"),
+    (1003, "non-finite score"),
+    (1004, "not JSON"),
+    (1005, "HTTP 500: Error in predict(): object 'coef' not found"),
+    (1007, 'without a "scores" list'),
+], ids=["wrong-count", "non-numeric", "non-finite", "not-json", "model-5xx", "no-scores"])
+def test_broken_model_answer_is_502_naming_the_model(adapter, x, fragment):
+    r = adapter.predict([row(x)])
+    assert r.status_code == 502
+    error = r.json()["error"]
+    assert f"model {MODEL}" in error and fragment in error, error
+
+
+# -- Open Inference Protocol v2 -----------------------------------------------------------
+
+def test_v2_health_and_metadata(adapter):
+    assert requests.get(adapter.url + "/v2/health/live", timeout=5).json() == {"live": True}
+    assert requests.get(adapter.url + "/v2/health/ready", timeout=5).status_code == 200
+    assert requests.get(adapter.url + f"/v2/models/{MODEL}/ready", timeout=5).status_code == 200
+    meta = requests.get(adapter.url + f"/v2/models/{MODEL}", timeout=5).json()
+    assert meta["name"] == MODEL and meta["versions"] == ["1.0.0"]
+    assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [
+        ("x", "FP64"), ("n", "INT64"), ("region", "BYTES"), ("member", "BOOL")]
+    assert meta["outputs"] == [{"name": "score", "datatype": "FP64", "shape": [-1]}]
+    assert requests.get(adapter.url + "/v2/models/other", timeout=5).status_code == 404
+
+
+def test_v2_infer_mlserver_pandas_request(adapter):
+    # what mlserver.codecs.PandasCodec.encode_request(df) sends: one [n, 1] input per column
+    request = {
+        "id": "req-42",
+        "parameters": {"content_type": "pd"},
+        "inputs": [
+            {"name": "x", "shape": [3, 1], "datatype": "FP64", "data": [1.0, 2.0, 3.5]},
+            {"name": "n", "shape": [3, 1], "datatype": "INT64", "data": [0, 1, 2]},
+            {"name": "region", "shape": [3, 1], "datatype": "BYTES", "parameters": {"content_type": "str"},
+             "data": ["west", "east", "west"]},
+            {"name": "member", "shape": [3, 1], "datatype": "BOOL", "data": [True, False, True]},
+        ],
+    }
+    r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", json=request, timeout=10)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == MODEL and body["model_version"] == "1.0.0" and body["id"] == "req-42"
+    [out] = body["outputs"]
+    assert out["name"] == "score" and out["datatype"] == "FP64" and out["shape"][0] == 3
+    assert out["data"] == [2.0, 5.0, 9.0]
+
+
+def test_v2_infer_kserve_client_request(adapter):
+    # what kserve's InferRequest(...).to_rest() / tritonclient.http send: flat data, shape [n]
+    request = {
+        "id": "8c1b-kserve",
+        "inputs": [
+            {"name": "x", "shape": [2], "datatype": "FP64", "data": [0.25, 4.0]},
+            {"name": "region", "shape": [2], "datatype": "BYTES", "data": ["east", "east"]},
+        ],
+        "outputs": [{"name": "score", "parameters": {"binary_data": False}}],
+    }
+    r = requests.post(adapter.url + f"/v2/models/{MODEL}/versions/1.0.0/infer", json=request, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == "8c1b-kserve"
+    assert r.json()["outputs"][0]["data"] == [0.5, 8.0]
+
+
+def test_v2_infer_invalid_values_are_422(adapter):
+    request = {"inputs": [
+        {"name": "x", "shape": [2], "datatype": "FP64", "data": [1.0, 2.0]},
+        {"name": "region", "shape": [2], "datatype": "BYTES", "data": ["west", "mars"]},
+        {"name": "colour", "shape": [2], "datatype": "BYTES", "data": ["red", "blue"]},
+    ]}
+    r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", json=request, timeout=10)
+    assert r.status_code == 422
+    fields = {p["field"] for p in r.json()["problems"]}
+    assert "colour" in fields
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)\{(.*)\} (\S+)$", line)
+        if m and m.group(1) == name:
+            got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            if all(got.get(k) == v for k, v in labels.items()):
+                return float(m.group(3))
+    return 0.0
+
+
+def test_metrics_count_requests_by_route_and_status(adapter):
+    before = requests.get(adapter.url + "/metrics", timeout=5).text
+    for _ in range(3):
+        assert adapter.predict([row()]).status_code == 200
+    assert adapter.predict([{"x": "bad"}]).status_code == 422
+    after = requests.get(adapter.url + "/metrics", timeout=5)
+    assert after.headers["Content-Type"].startswith("text/plain")
+    text = after.text
+
+    def delta(name, **labels):
+        return metric(text, name, **labels) - metric(before, name, **labels)
+
+    assert delta("modelplane_adapter_requests_total", route="/predict", status="200") == 3
+    assert delta("modelplane_adapter_requests_total", route="/predict", status="422") == 1
+    assert delta("modelplane_adapter_request_duration_seconds_count", route="/predict") == 4
+    assert delta("modelplane_adapter_request_duration_seconds_bucket", route="/predict", le="+Inf") == 4
+    assert metric(text, "modelplane_adapter_model_up", model=MODEL) == 1
+    assert metric(text, "modelplane_adapter_in_flight_requests", model=MODEL) == 1  # this very /metrics request
+    assert "# TYPE modelplane_adapter_request_duration_seconds histogram" in text
+
+
+# -- readiness, model down, supervisor ----------------------------------------------------
+
+def test_model_not_ready_is_503(tmp_path):
+    a = Adapter(tmp_path, ready=False, FIXTURE_MODE="never-ready")
+    try:
+        assert requests.get(a.url + "/v2/health/live", timeout=5).status_code == 200
+        assert requests.get(a.url + "/v2/health/ready", timeout=5).status_code == 503
+        assert requests.get(a.url + f"/v2/models/{MODEL}/ready", timeout=5).status_code == 503
+        r = a.predict([row()])
+        assert r.status_code == 503 and "not ready" in r.json()["error"]
+        assert metric(requests.get(a.url + "/metrics", timeout=5).text, "modelplane_adapter_model_up") == 0
+    finally:
+        a.stop()
+
+
+def test_sidecar_model_down_is_503(tmp_path):
+    model_port = free_port()
+    with open(tmp_path / "model.stderr", "wb") as err:
+        model = subprocess.Popen([sys.executable, "model.py"], cwd=FIXTURE, env=child_env(PORT=str(model_port)),
+                                 stderr=err)
+    a = None
+    try:
+        wait_http(f"http://127.0.0.1:{model_port}/health", proc=model)
+        a = Adapter(tmp_path, "--model-url", f"http://127.0.0.1:{model_port}")
+        assert a.predict([row(2)]).json()["scores"] == [4.0]
+        model.kill()
+        model.wait()
+        r = a.predict([row(2)])
+        assert r.status_code == 503, r.text
+        assert MODEL in r.json()["error"]
+        wait_http(a.url + "/v2/health/ready", proc=a.proc, status=503)
+    finally:
+        if a:
+            a.stop()
+        stop(model)
+
+
+def _model_pid(adapter: Adapter) -> int:
+    m = re.search(r"fixture model pid=(\d+)", adapter.stderr())
+    assert m, adapter.stderr()
+    return int(m.group(1))
+
+
+def _gone(pid: int) -> bool:
+    for _ in range(200):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_supervisor_passes_model_stderr_through_and_stops_model_on_sigterm(tmp_path):
+    a = Adapter(tmp_path)
+    pid = _model_pid(a)  # the model's own stderr line, passed through the adapter's stderr
+    os.kill(pid, 0)
+    assert a.stop() == 0
+    assert _gone(pid), f"model process {pid} outlived the adapter"
+
+
+def test_supervisor_exits_non_zero_when_model_dies(tmp_path):
+    a = Adapter(tmp_path, FIXTURE_CRASH_AFTER="1.5")
+    try:
+        code = a.proc.wait(timeout=30)
+    finally:
+        a.stop()
+    assert code != 0
+    err = a.stderr()
+    assert "exited with status 3" in err
+    assert "fatal: out of coefficients" in err.split("exited with status 3", 1)[1]  # the tail is printed
+
+
+def test_supervisor_reports_a_model_that_cannot_start(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "model.yaml").write_text((FIXTURE / "model.yaml").read_text().replace(
+        "command: [python, model.py]", "command: [python, -c, 'import sys; sys.exit(\"no coefficients file\")']"))
+    proc = subprocess.run([sys.executable, "-m", "adapters", "serve", str(folder), "--port", str(free_port())],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert "exited with status 1" in proc.stderr and "no coefficients file" in proc.stderr
