@@ -20,6 +20,8 @@ column <- function(rows, name) {
 
 score <- function(rows) {
   if (!is.data.frame(rows) || nrow(rows) == 0) return(numeric(0))
+  absent <- setdiff(c("age", "wealth_rating", "events_attended"), names(rows))
+  if (length(absent)) stop("missing column(s) ", paste(absent, collapse = ", "))
   last_gift <- as.numeric(column(rows, "last_gift_amount"))
   volunteer <- column(rows, "volunteer")
   if (!is.logical(volunteer)) volunteer <- tolower(as.character(volunteer)) %in% truthy
@@ -29,6 +31,7 @@ score <- function(rows) {
     p$events_attended * as.numeric(rows$events_attended) +
     ifelse(is.na(last_gift), p$last_gift_missing, p$log_last_gift * log1p(last_gift)) +
     p$volunteer * (!is.na(volunteer) & volunteer)
+  if (anyNA(eta)) stop("a required value is missing in row ", which(is.na(eta))[1])
   unname(plogis(eta))
 }
 
