@@ -1,0 +1,216 @@
+"""The batch adapter as a real process: local files, the real GCS emulator, JobSink event files."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapters import batch
+from adapters.manifest import load_manifest
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "adapter" / "batch"
+ROOT = Path(__file__).resolve().parent.parent
+DATA = "x,region\n1,west\n2.5,east\n-1,west\n0,east\n10,west\n"
+SCORES = [2.0, 5.0, -2.0, 0.0, 20.0]
+
+
+def child_env(**extra: str) -> dict:
+    env = dict(os.environ, **extra)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    for key in ("DATASET_URI", "RESULTS_URI", "JOB_ID", "K_EVENT_PATH"):
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
+def run_adapter(*args: str, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run([sys.executable, "-m", "adapters", *args], cwd=ROOT, env=child_env(**env),
+                          capture_output=True, text=True, timeout=90)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr
+    return proc, json.loads(lines[-1])
+
+
+def scores_in(text: str) -> list[float]:
+    header, *rows = text.strip().splitlines()
+    assert header == "score"
+    return [float(r) for r in rows]
+
+
+def test_batch_from_local_path(tmp_path):
+    dataset = tmp_path / "donors.csv"
+    dataset.write_text(DATA)
+    proc, result = run_adapter("batch", str(FIXTURE), "--dataset", str(dataset), "--job", "j1")
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "results" / "j1"
+    assert result["status"] == "succeeded"
+    assert result["model"] == "fixture-batch" and result["version"] == "2.0.0" and result["job"] == "j1"
+    assert result["rows"] == 5
+    assert result["input"] == {"uri": str(dataset), "generation": None,
+                               "md5": hashlib.md5(DATA.encode()).hexdigest()}
+    assert result["results_uri"] == str(folder / "scores.csv")
+    assert result["started_at"] <= result["finished_at"]
+    assert scores_in((folder / "scores.csv").read_text()) == SCORES
+    assert json.loads((folder / "result.json").read_text()) == result
+    assert "fixture batch model: mode=good" in proc.stderr  # the model's stderr passes through
+    assert sorted(p.name for p in folder.iterdir()) == ["result.json", "scores.csv"]  # no temp files left
+
+
+def test_batch_from_gcs_with_env_vars(gcs, gcs_client):
+    blob = gcs_client.bucket("test-bucket").blob("incoming/fixture-batch/march.csv")
+    blob.upload_from_string(DATA, content_type="text/csv")
+    blob.reload()
+    proc, result = run_adapter("batch", str(FIXTURE),
+                               DATASET_URI="gs://test-bucket/incoming/fixture-batch/march.csv", JOB_ID="g1")
+    assert proc.returncode == 0, proc.stderr
+    assert result["status"] == "succeeded" and result["rows"] == 5
+    assert result["input"]["generation"] == str(blob.generation)
+    assert result["input"]["md5"] == hashlib.md5(DATA.encode()).hexdigest()
+    assert result["results_uri"] == "gs://test-bucket/results/fixture-batch/g1/scores.csv"
+    bucket = gcs_client.bucket("test-bucket")
+    assert scores_in(bucket.blob("results/fixture-batch/g1/scores.csv").download_as_text()) == SCORES
+    assert json.loads(bucket.blob("results/fixture-batch/g1/result.json").download_as_text()) == result
+
+
+def test_batch_from_jobsink_event_file(gcs, gcs_client, tmp_path):
+    blob = gcs_client.bucket("test-bucket").blob("incoming/fixture-batch/april.csv")
+    blob.upload_from_string(DATA, content_type="text/csv")
+    blob.reload()
+    # Google's event as Knative's JobSink mounts it: structured JSON; size and generation are strings
+    event = {
+        "specversion": "1.0", "id": "evt-1", "type": "google.cloud.storage.object.v1.finalized",
+        "source": "//storage.googleapis.com/projects/_/buckets/test-bucket",
+        "subject": "objects/incoming/fixture-batch/april.csv", "time": "2024-04-01T10:00:00Z",
+        "datacontenttype": "application/json",
+        "data": {"bucket": "test-bucket", "name": "incoming/fixture-batch/april.csv",
+                 "generation": str(blob.generation), "metageneration": "1", "size": str(len(DATA)),
+                 "contentType": "text/csv", "kind": "storage#object"},
+    }
+    events = tmp_path / "event-dir"
+    events.mkdir()
+    (events / "event").write_text(json.dumps(event))
+    proc, result = run_adapter("batch", str(FIXTURE), K_EVENT_PATH=str(events))
+    assert proc.returncode == 0, proc.stderr
+    job = f"april-{blob.generation}"
+    assert result["job"] == job
+    assert result["input"]["uri"] == "gs://test-bucket/incoming/fixture-batch/april.csv"
+    assert result["input"]["generation"] == str(blob.generation)
+    assert result["results_uri"] == f"gs://test-bucket/results/fixture-batch/{job}/scores.csv"
+    assert scores_in(gcs_client.bucket("test-bucket").blob(f"results/fixture-batch/{job}/scores.csv")
+                     .download_as_text()) == SCORES
+
+
+@pytest.mark.parametrize("data, mode, error, log_fragment", [
+    (DATA, "exit3", "the model exited with status 3", "object 'coef' not found"),
+    (DATA, "wrong-count", "wrote 4 score(s) for 5 input row(s)", "mode=wrong-count"),
+    (DATA, "nan", "line 3 of the results is not a finite number", "mode=nan"),
+    (DATA, "slow", "batch timeout (3s", "mode=slow"),
+    ("x\n1\n", "good", "required feature column 'region' is missing", ""),
+    ("x,region,colour\n1,west,red\n", "good", "unknown column 'colour'", ""),
+], ids=["exit-non-zero", "wrong-row-count", "non-finite-score", "timeout", "header-missing-feature",
+        "header-unknown-column"])
+def test_batch_failure_leaves_no_scores(tmp_path, data, mode, error, log_fragment):
+    dataset = tmp_path / "d.csv"
+    dataset.write_text(data)
+    proc, result = run_adapter("batch", str(FIXTURE), "--dataset", str(dataset), "--job", "f1",
+                               FIXTURE_MODE=mode)
+    assert proc.returncode == 1
+    assert result["status"] == "failed"
+    assert error in result["error"], result["error"]
+    assert log_fragment in result["log_tail"]
+    assert result["results_uri"] is None
+    folder = tmp_path / "results" / "f1"
+    assert not (folder / "scores.csv").exists()
+    assert [p.name for p in folder.iterdir()] == ["result.json"]
+    assert json.loads((folder / "result.json").read_text()) == result
+
+
+def test_header_failure_never_starts_the_model(tmp_path):
+    dataset = tmp_path / "d.csv"
+    dataset.write_text("x\n1\n")
+    proc, result = run_adapter("batch", str(FIXTURE), "--dataset", str(dataset), "--job", "h1")
+    assert proc.returncode == 1
+    assert "fixture batch model" not in proc.stderr
+
+
+def test_gcs_failure_leaves_no_scores_object(gcs, gcs_client):
+    bucket = gcs_client.bucket("test-bucket")
+    bucket.blob("incoming/fixture-batch/bad.csv").upload_from_string(DATA)
+    proc, result = run_adapter("batch", str(FIXTURE), "--dataset", "gs://test-bucket/incoming/fixture-batch/bad.csv",
+                               "--job", "gf1", FIXTURE_MODE="wrong-count")
+    assert proc.returncode == 1 and result["status"] == "failed"
+    assert not bucket.blob("results/fixture-batch/gf1/scores.csv").exists()
+    assert json.loads(bucket.blob("results/fixture-batch/gf1/result.json").download_as_text())["status"] == "failed"
+
+
+def test_missing_dataset_is_a_failed_result(tmp_path):
+    proc, result = run_adapter("batch", str(FIXTURE), "--dataset", str(tmp_path / "nope.csv"), "--job", "m1")
+    assert proc.returncode == 1
+    assert "does not exist" in result["error"]
+
+
+# -- the Knative Job layout: fetch (adapter image) -> score (model image, sh only) -> publish --
+
+@pytest.mark.parametrize("mode, ok", [("good", True), ("exit3", False)])
+def test_fetch_score_publish_steps(gcs, gcs_client, tmp_path, mode, ok):
+    bucket = gcs_client.bucket("test-bucket")
+    bucket.blob(f"incoming/fixture-batch/steps-{mode}.csv").upload_from_string(DATA)
+    work = tmp_path / "work"
+    uri = f"gs://test-bucket/incoming/fixture-batch/steps-{mode}.csv"
+    proc, fetched = run_adapter("fetch", str(FIXTURE), "--work", str(work), "--job", f"s-{mode}", DATASET_URI=uri)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "dataset.csv").read_text() == DATA
+
+    step = batch.score_step(load_manifest(FIXTURE), str(work))
+    scored = subprocess.run(step["command"], cwd=FIXTURE, env=child_env(**step["env"], FIXTURE_MODE=mode),
+                            capture_output=True, text=True, timeout=60)
+    assert scored.returncode == 0  # always, so that publish runs and reports
+
+    # publish reads the manifest from env, as in the adapter image where the model folder is absent
+    manifest_json = json.dumps(load_manifest(FIXTURE).to_dict())
+    proc, result = run_adapter("publish", "--work", str(work), MODELPLANE_MANIFEST=manifest_json)
+    blob = bucket.blob(f"results/fixture-batch/s-{mode}/scores.csv")
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+        assert result["status"] == "succeeded" and result["rows"] == 5
+        assert scores_in(blob.download_as_text()) == SCORES
+    else:
+        assert proc.returncode == 1
+        assert "exited with status 3" in result["error"] and "object 'coef' not found" in result["log_tail"]
+        assert not blob.exists()
+
+
+# -- streamed checks (unit level: the functions the runner uses) ---------------------------
+
+def test_row_count_handles_quotes_blank_lines_and_crlf(tmp_path):
+    f = tmp_path / "q.csv"
+    f.write_bytes(b'x,region\r\n1,"west"\r\n\r\n2,"ea\nst"\r\n3,west')
+    assert batch.scan_input(f)[1] == 3
+    f.write_bytes(b"x,region\n1,west\n2,east\n")
+    assert batch.scan_input(f) == (hashlib.md5(f.read_bytes()).hexdigest(), 2)
+
+
+def test_results_check_finds_the_bad_line_across_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "CHUNK", 64)  # many chunks from a small file
+    manifest = load_manifest(FIXTURE)
+    f = tmp_path / "scores.csv"
+    good = ["score"] + [f"{i / 7:.6f}" for i in range(100)]
+    f.write_text("\n".join(good) + "\n\n")  # a trailing blank line is fine
+    assert batch.check_results(f, 100, manifest) == 100
+    bad = list(good)
+    bad[57] = "NA"
+    f.write_text("\n".join(bad) + "\n")
+    with pytest.raises(batch.BatchFailure, match="line 58 of the results is not a number: 'NA'"):
+        batch.check_results(f, 100, manifest)
+    gap = good[:30] + [""] + good[30:]
+    f.write_text("\n".join(gap) + "\n")
+    with pytest.raises(batch.BatchFailure, match="line 31 of the results is empty"):
+        batch.check_results(f, 100, manifest)
+    f.write_text('"score"\n"0.5"\n1e999\n')
+    with pytest.raises(batch.BatchFailure, match="line 3 of the results is not a finite number"):
+        batch.check_results(f, 2, manifest)
