@@ -1,0 +1,574 @@
+"""`modelplane`: the command line. Everything but `up`, `serve`, `watch`, `validate`, `render`
+and `console` is an HTTP client of the control API; errors end in one line and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+from urllib.parse import quote
+
+import requests
+
+log = logging.getLogger("modelplane")
+
+EXCLUDE = {".git", "__pycache__", ".venv", ".Rproj.user", ".ipynb_checkpoints", ".DS_Store", "node_modules"}
+CONSOLE_APP = Path(__file__).resolve().parent.parent / "console" / "app.py"
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line (plus details), exit status 1."""
+
+    def __init__(self, message: str, *, details: Sequence[str] = ()):
+        super().__init__(message)
+        self.message = message
+        self.details = list(details)
+
+
+# -- the HTTP client -------------------------------------------------------------------------
+
+class Client:
+    def __init__(self, url: str, token: Optional[str], *, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.trust_env = False
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def request(self, method: str, path: str, *, timeout: Optional[float] = None, **kwargs) -> requests.Response:
+        try:
+            resp = self.session.request(method, self.url + path, timeout=timeout or self.timeout, **kwargs)
+        except requests.ConnectionError:
+            raise CLIError(f"cannot reach the control service at {self.url} — is `modelplane up` running?") from None
+        except requests.Timeout:
+            raise CLIError(f"the control service at {self.url} did not answer within {timeout or self.timeout:.0f}s") from None
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+            except ValueError:
+                body = {"error": resp.text.strip()[:300] or resp.reason}
+            if not isinstance(body, dict):
+                body = {"error": str(body)}
+            details = []
+            for p in body.get("problems") or []:
+                if "row" in p:
+                    details.append(f"  row {p.get('row')}: {p.get('field')}: {p.get('error') or p.get('message')}")
+                else:
+                    where = f"{p.get('file', '')}:{p['line']}" if p.get("line") else p.get("file", "")
+                    details.append(f"  {where}: {p.get('field') + ': ' if p.get('field') else ''}{p.get('message')}")
+            error = str(body.get("error") or resp.reason or "")
+            problems = body.get("problems") or []
+            if problems and isinstance(problems[0], dict) and "file" in problems[0]:
+                message = "invalid manifest"
+            else:
+                message = error.splitlines()[0] if error else f"HTTP {resp.status_code}"
+            message = f"{message} ({resp.status_code})"
+            raise CLIError(message, details=details)
+        return resp
+
+    def json(self, method: str, path: str, **kwargs) -> Any:
+        resp = self.request(method, path, **kwargs)
+        try:
+            return resp.json()
+        except ValueError:
+            raise CLIError(f"{method} {path} answered something that is not JSON") from None
+
+
+# -- output ------------------------------------------------------------------------------------
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    """Aligned columns; None prints as '-'."""
+    cells = [[("-" if v is None or v == "" else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# -- settings --------------------------------------------------------------------------------
+
+def load_settings(args: argparse.Namespace):
+    from control.settings import Settings
+
+    overrides = {}
+    for flag, field in (("url", "url"), ("token", "token"), ("port", "port"), ("state_dir", "state_dir"),
+                        ("models_dir", "models_dir"), ("host", "host"), ("bucket", "bucket")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[field] = value
+    if getattr(args, "no_console", False):
+        overrides["console"] = False
+    try:
+        return Settings(**overrides)
+    except Exception as e:  # pydantic's ValidationError: say which setting is wrong
+        raise CLIError(f"invalid settings: {' '.join(str(e).split())}") from None
+
+
+def client_for(args: argparse.Namespace) -> Client:
+    settings = load_settings(args)
+    return Client(settings.control_url, settings.token)
+
+
+# -- commands against the API ------------------------------------------------------------------
+
+def cmd_ls(args) -> int:
+    models = client_for(args).json("GET", "/api/models")
+    if not models:
+        out("no models")
+        return 0
+    rows = []
+    for m in models:
+        last = m.get("endpoint")
+        if m.get("status") == "failed" and m.get("error"):
+            last = str(m["error"]).splitlines()[0]
+        rows.append([m["name"], m.get("kind"), m.get("language"), m.get("version"), m.get("status"),
+                     m.get("replicas"), last])
+    out(table(rows, ["NAME", "KIND", "LANGUAGE", "VERSION", "STATUS", "REPLICAS", "ENDPOINT / ERROR"]))
+    return 0
+
+
+def cmd_status(args) -> int:
+    m = client_for(args).json("GET", f"/api/models/{quote(args.name)}")
+    fields = [("name", m.get("name")), ("kind", m.get("kind")), ("language", m.get("language")),
+              ("version", m.get("version")), ("status", m.get("status")), ("replicas", m.get("replicas")),
+              ("endpoint", m.get("endpoint"))]
+    width = max(len(k) for k, _ in fields)
+    for k, v in fields:
+        out(f"{k.ljust(width)}  {'-' if v is None else v}")
+    if m.get("error"):
+        out("error:")
+        for line in str(m["error"]).splitlines():
+            out(f"  {line}")
+    features = (m.get("manifest") or {}).get("features") or []
+    if features:
+        out("\nfeatures")
+        out(table([[f["name"], f["type"], "yes" if f.get("required", True) else "no",
+                    ", ".join(map(str, f["allowed"])) if f.get("allowed") else None] for f in features],
+                  ["NAME", "TYPE", "REQUIRED", "ALLOWED"]))
+    if m.get("versions"):
+        out("\nversions")
+        out(table([[v["version"], v.get("deployed_at"), "live" if v.get("live") else ""] for v in m["versions"]],
+                  ["VERSION", "DEPLOYED", "LIVE"]))
+    metrics = m.get("metrics") or {}
+    shown = [(k, metrics[k]) for k in ("requests", "errors", "p50_ms", "p95_ms", "cold_starts") if k in metrics]
+    if shown:
+        out("\nmetrics")
+        out(table([[k, v] for k, v in shown], ["METRIC", "VALUE"]))
+    return 0
+
+
+def _tar_folder(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if any(part in EXCLUDE for part in rel.parts) or path.suffix == ".pyc":
+                continue
+            if path.is_file() and not path.is_symlink():
+                tar.add(path, arcname=str(rel), recursive=False)
+            elif path.is_symlink() and path.resolve().is_file():
+                tar.add(path.resolve(), arcname=str(rel), recursive=False)
+    return buf.getvalue()
+
+
+def cmd_deploy(args) -> int:
+    folder = Path(args.dir)
+    if not (folder / "model.yaml").is_file():
+        raise CLIError(f"{folder}: no model.yaml here (a model folder needs one)")
+    body = _tar_folder(folder)
+    v = client_for(args).json("POST", "/api/models", data=body, headers={"Content-Type": "application/gzip"},
+                              timeout=300)
+    out(f"deployed {v['name']} {v['version']}" + (" (live)" if v.get("live") else ""))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    v = client_for(args).json("POST", f"/api/models/{quote(args.name)}/rollback", json={"version": args.version})
+    out(f"{v.get('name', args.name)} {v['version']} is live")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    client_for(args).json("DELETE", f"/api/models/{quote(args.name)}")
+    out(f"removed {args.name}")
+    return 0
+
+
+def _read_input(args) -> tuple[bytes, str]:
+    if args.csv:
+        return Path(args.csv).read_bytes(), "text/csv"
+    if args.json:
+        raw = Path(args.json).read_bytes()
+    elif args.stdin == "-":
+        raw = sys.stdin.buffer.read()
+        if not raw.lstrip()[:1] in (b"{", b"["):
+            return raw, "text/csv"
+    else:
+        raise CLIError("give the rows: --csv FILE, --json FILE, or - to read CSV or JSON from stdin")
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise CLIError(f"not JSON: {e}") from None
+    if isinstance(data, dict) and "rows" not in data:
+        data = {"rows": [data]}
+    elif isinstance(data, list):
+        data = {"rows": data}
+    return json.dumps(data).encode(), "application/json"
+
+
+def cmd_predict(args) -> int:
+    try:
+        body, content_type = _read_input(args)
+    except OSError as e:
+        raise CLIError(f"cannot read the input: {e.strerror}: {e.filename}") from None
+    result = client_for(args).json("POST", f"/models/{quote(args.name)}/predict", data=body,
+                                   headers={"Content-Type": content_type, "Accept": "application/json"},
+                                   timeout=args.timeout)
+    if args.raw:
+        out(json.dumps(result, indent=2))
+        return 0
+    for score in result.get("scores", []):
+        out(str(score))
+    return 0
+
+
+def _print_job(job: dict) -> None:
+    fields = ["id", "model", "version", "status", "dataset", "rows", "results_uri", "created_at",
+              "started_at", "finished_at", "trigger", "error"]
+    width = max(map(len, fields))
+    for k in fields:
+        if job.get(k) not in (None, ""):
+            out(f"{k.ljust(width)}  {job[k]}")
+    if job.get("status") == "failed" and job.get("log_tail"):
+        out("log tail:")
+        for line in str(job["log_tail"]).splitlines()[-20:]:
+            out(f"  {line}")
+
+
+def _wait_job(client: Client, job_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.json("GET", f"/api/jobs/{quote(job_id)}")
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        if time.monotonic() > deadline:
+            raise CLIError(f"job {job_id} is still {job['status']} after {timeout:.0f}s")
+        time.sleep(0.3)
+
+
+def cmd_run(args) -> int:
+    client = client_for(args)
+    if args.dataset.startswith("gs://"):
+        job = client.json("POST", f"/api/models/{quote(args.name)}/jobs", json={"dataset": args.dataset})
+    else:
+        path = Path(args.dataset)
+        if not path.is_file():
+            raise CLIError(f"{path}: no such file (give a local CSV or a gs:// URI)")
+        with open(path, "rb") as f:
+            up = client.json("POST", f"/api/models/{quote(args.name)}/datasets",
+                             params={"filename": path.name}, data=f, headers={"Content-Type": "text/csv"},
+                             timeout=600)
+        out(f"uploaded {up['uri']}")
+        # The bucket event starts the job; find it by the event's exactly-once key.
+        deadline = time.monotonic() + args.timeout
+        while True:
+            events = client.json("GET", "/api/events", params={"key": up["key"]})
+            done = [e for e in events if e.get("job")]
+            if done:
+                job = client.json("GET", f"/api/jobs/{quote(done[0]['job'])}")
+                break
+            ignored = [e for e in events if e.get("action") == "ignored"]
+            if ignored:
+                raise CLIError(f"the upload event was ignored: {ignored[0].get('reason')}")
+            if time.monotonic() > deadline:
+                raise CLIError(f"no job started for {up['uri']} within {args.timeout:.0f}s — is the bucket watcher running?")
+            time.sleep(0.2)
+    out(f"job {job['id']} {job['status']}")
+    if not args.wait:
+        return 0
+    job = _wait_job(client, job["id"], args.timeout)
+    _print_job(job)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def cmd_jobs(args) -> int:
+    params = {k: v for k, v in (("model", args.model), ("status", args.status), ("limit", args.limit)) if v}
+    jobs = client_for(args).json("GET", "/api/jobs", params=params)
+    if not jobs:
+        out("no jobs")
+        return 0
+    out(table([[j["id"], j["model"], j.get("version"), j["status"], j.get("rows"), j.get("trigger"),
+                j.get("created_at", "")[:19], j.get("dataset")] for j in jobs],
+              ["ID", "MODEL", "VERSION", "STATUS", "ROWS", "TRIGGER", "CREATED", "DATASET"]))
+    return 0
+
+
+def cmd_job(args) -> int:
+    client = client_for(args)
+    if args.results:
+        resp = client.request("GET", f"/api/jobs/{quote(args.id)}/results", timeout=600)
+        sys.stdout.buffer.write(resp.content)
+        sys.stdout.flush()
+        return 0
+    _print_job(client.json("GET", f"/api/jobs/{quote(args.id)}"))
+    return 0
+
+
+# -- local commands ------------------------------------------------------------------------------
+
+def cmd_validate(args) -> int:
+    from control.validate import run
+
+    return run([Path(d) for d in args.dirs], timeout=args.timeout, stream=sys.stdout)
+
+
+def cmd_render(args) -> int:
+    from adapters.manifest import ManifestError, load_manifest
+    from control.runtime.knative_objects import render_yaml
+
+    settings = load_settings(args)
+    target = Path(args.target)
+    if not (target / "model.yaml").is_file():
+        candidate = Path(settings.models_dir) / args.target
+        if not (candidate / "model.yaml").is_file():
+            raise CLIError(f"{args.target}: neither a model folder nor a model under {settings.models_dir}")
+        target = candidate
+    try:
+        manifest = load_manifest(target)
+    except ManifestError as e:
+        raise CLIError("invalid manifest", details=[f"  {line}" for line in str(e).splitlines()]) from None
+    sys.stdout.write(render_yaml(manifest, settings))
+    sys.stdout.flush()
+    return 0
+
+
+def _console_command(settings, port: int) -> list[str]:
+    return [sys.executable, "-m", "streamlit", "run", str(CONSOLE_APP), "--server.port", str(port),
+            "--server.address", "127.0.0.1" if settings.host in ("127.0.0.1", "localhost") else settings.host,
+            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+
+
+def _console_env(settings) -> dict:
+    env = dict(os.environ, MODELPLANE_URL=settings.control_url)
+    if settings.token:
+        env["MODELPLANE_TOKEN"] = settings.token
+    return env
+
+
+def cmd_console(args) -> int:
+    settings = load_settings(args)
+    if not CONSOLE_APP.is_file():
+        raise CLIError(f"the console is not installed ({CONSOLE_APP} is missing)")
+    return subprocess.call(_console_command(settings, settings.console_port), env=_console_env(settings))
+
+
+def cmd_watch(args) -> int:
+    from control.server import wait_for_signal
+    from control.watcher import from_settings
+
+    settings = load_settings(args)
+    watcher = from_settings(settings, sink=args.sink).start()
+    out(f"watching gs://{settings.bucket_name}/incoming/ -> {args.sink} every {settings.watch_interval:g}s")
+    try:
+        wait_for_signal()
+    finally:
+        watcher.stop()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from control.server import serve
+
+    serve(load_settings(args))
+    return 0
+
+
+def _stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate a child and its process group (it was started in its own session)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait()
+
+
+def cmd_up(args) -> int:
+    from control.emulator import Emulator
+    from control.server import ControlServer
+
+    settings = load_settings(args)
+    state = Path(settings.state_dir).resolve()
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    started: list = []  # (name, stop callable), stopped in reverse order
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):  # also during start-up: finish starting, then stop cleanly
+        stopping.set()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        emulator_note = ""
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from control.gcs import ensure_bucket, storage_client
+
+            ensure_bucket(storage_client(), settings.bucket_name)
+            emulator_note = f" (emulator at {os.environ['STORAGE_EMULATOR_HOST']})"
+        elif not settings.bucket:
+            emu = Emulator(state / "gcs", bucket=settings.bucket_name, port=settings.emulator_port).start()
+            started.append(("GCS emulator", emu.stop))
+            os.environ["STORAGE_EMULATOR_HOST"] = emu.endpoint
+            emulator_note = f" (embedded emulator at {emu.endpoint})"
+
+        server = ControlServer(settings, watch=True).start()
+        started.append(("control service", server.stop))
+        out(f"control  {server.url}")
+        out(f"bucket   gs://{settings.bucket_name}{emulator_note}")
+
+        if settings.console and CONSOLE_APP.is_file():
+            console_settings = settings.model_copy(update={"url": server.url})
+            logf = open(state / "logs" / "console.log", "ab")
+            proc = subprocess.Popen(_console_command(console_settings, settings.console_port),
+                                    env=_console_env(console_settings), stdout=logf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            logf.close()
+            started.append(("console", lambda: _stop_process(proc)))
+            out(f"console  http://127.0.0.1:{settings.console_port}")
+
+        models = server.runtime.models()
+        failed = server.plane.failed
+        out(f"models   {len(models)} registered" + (f": {', '.join(m.name for m in models)}" if models else "")
+            + (f"; {len(failed)} failed: {', '.join(failed)} (see `modelplane ls`)" if failed else ""))
+        out("press Ctrl-C to stop")
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        for name, stop in reversed(started):
+            try:
+                stop()
+            except Exception as e:  # keep stopping the rest
+                print(f"stopping the {name} failed: {e}", file=sys.stderr)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    out("stopped")
+    return 0
+
+
+# -- argument parsing ----------------------------------------------------------------------------
+
+def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    g = parser.add_argument_group("global options")
+    g.add_argument("--url", default=default, help="control service URL (MODELPLANE_URL)")
+    g.add_argument("--token", default=default, help="bearer token (MODELPLANE_TOKEN)")
+    g.add_argument("--port", type=int, default=default, help="control service port (MODELPLANE_PORT)")
+    g.add_argument("--state-dir", default=default, help="state directory (MODELPLANE_STATE_DIR)")
+    g.add_argument("--models-dir", default=default, help="model folders registered at start (MODELPLANE_MODELS_DIR)")
+    g.add_argument("-v", "--verbose", action="store_true", default=default, help="log more")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelplane", description="Serve data-science models in any language.")
+    _global_flags(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _global_flags(p, suppress=True)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("up", cmd_up, "start the embedded plane: GCS emulator, control service, watcher, console")
+    p.add_argument("--no-console", action="store_true", help="do not start the console")
+    command("serve", cmd_serve, "run the control service only (foreground)")
+    p = command("watch", cmd_watch, "watch the bucket's incoming/ and POST events to a sink (the cluster bridge)")
+    p.add_argument("--sink", required=True, help="where to POST the CloudEvents (e.g. the Broker URL)")
+    command("console", cmd_console, "run the Streamlit console against the control service")
+    command("ls", cmd_ls, "list models")
+    p = command("status", cmd_status, "one model in full")
+    p.add_argument("name")
+    p = command("deploy", cmd_deploy, "deploy a model folder as a new version")
+    p.add_argument("dir")
+    p = command("rollback", cmd_rollback, "make an earlier version live")
+    p.add_argument("name")
+    p.add_argument("version")
+    p = command("remove", cmd_remove, "delete a model and all its versions")
+    p.add_argument("name")
+    p = command("predict", cmd_predict, "score rows with a realtime model")
+    p.add_argument("name")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--csv", metavar="FILE", help="rows as CSV (header = feature names)")
+    src.add_argument("--json", metavar="FILE", help='rows as JSON: {"rows": [...]}, a list of rows, or one row')
+    src.add_argument("stdin", nargs="?", choices=["-"], help="read CSV or JSON from stdin")
+    p.add_argument("--raw", action="store_true", help="print the whole JSON answer")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    p = command("run", cmd_run, "run a batch model on a dataset (gs:// URI, or a local CSV uploaded to the bucket)")
+    p.add_argument("name")
+    p.add_argument("dataset", metavar="gs://URI|FILE")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait (default 1800)")
+    p = command("jobs", cmd_jobs, "list batch jobs")
+    p.add_argument("--model")
+    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed"])
+    p.add_argument("--limit", type=int)
+    p = command("job", cmd_job, "one job; --results prints its scores CSV")
+    p.add_argument("id")
+    p.add_argument("--results", action="store_true")
+    p = command("validate", cmd_validate, "check model folders: manifest + a live contract test with sample.csv")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per model (default 60)")
+    p = command("render", cmd_render, "print the Knative YAML a model becomes (offline)")
+    p.add_argument("target", metavar="NAME|DIR")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in ("up", "serve", "watch") and not getattr(args, "verbose", False):
+        logging.getLogger().setLevel(logging.INFO)
+        logging.getLogger("waitress").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        for line in e.details:
+            print(line, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # never a traceback for the user; the log has it at -v
+        log.debug("unexpected failure", exc_info=True)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
