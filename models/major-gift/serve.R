@@ -4,7 +4,7 @@
 # 127.0.0.1:$PORT, GET /health -> 200 once the coefficients are loaded, POST /predict
 # {"rows": [...]} -> {"scores": [...]}, one score per row, in order. httpuv + jsonlite
 # only: plumber works too, but loads more packages; measured process start -> first score,
-# httpuv 0.7-0.8 s vs plumber 0.8-1.1 s, and cold starts count when a model scales from zero.
+# httpuv 0.5-0.8 s vs plumber 0.65-1.1 s, and cold starts count when a model scales from zero.
 suppressPackageStartupMessages({
   library(jsonlite)
   library(httpuv)
