@@ -17,13 +17,13 @@ import streamlit as st  # noqa: E402
 
 from console import common  # noqa: E402
 
-st.set_page_config(page_title="modelplane", page_icon="🛩️", layout="wide")
+st.set_page_config(page_title="modelplane", page_icon=":material/hub:", layout="wide")
 
 pages = [
-    st.Page(common.PAGE_MODELS, title="Models", icon="🗂️", default=True),
-    st.Page(common.PAGE_MODEL, title="Model", icon="🔬"),
-    st.Page(common.PAGE_JOBS, title="Jobs", icon="📦"),
-    st.Page(common.PAGE_ACTIVITY, title="Activity", icon="📈"),
+    st.Page(common.PAGE_MODELS, title="Models", icon=":material/apps:", default=True),
+    st.Page(common.PAGE_MODEL, title="Model", icon=":material/model_training:"),
+    st.Page(common.PAGE_JOBS, title="Jobs", icon=":material/inventory_2:"),
+    st.Page(common.PAGE_ACTIVITY, title="Activity", icon=":material/monitoring:"),
 ]
 page = st.navigation(pages)
 

@@ -8,18 +8,20 @@ import streamlit as st
 
 from console.client import ControlClient, ControlError, Unauthorized, Unreachable
 
-# status -> (badge colour, icon, what it means)
+# status -> (badge colour, Material icon, table symbol, what it means). Material icons ship
+# with Streamlit, so badges look the same in every browser; tables get plain symbols plus a
+# coloured cell, which need no emoji font.
 MODEL_STATUS = {
-    "ready": ("green", "🟢", "serving"),
-    "idle": ("gray", "💤", "scaled to zero: the next request starts a replica"),
-    "starting": ("orange", "⏳", "a replica is starting"),
-    "failed": ("red", "🔴", "not serving"),
+    "ready": ("green", ":material/check_circle:", "●", "serving"),
+    "idle": ("gray", ":material/bedtime:", "○", "scaled to zero: the next request starts a replica"),
+    "starting": ("orange", ":material/hourglass_top:", "◐", "a replica is starting"),
+    "failed": ("red", ":material/error:", "✕", "not serving"),
 }
 JOB_STATUS = {
-    "queued": ("gray", "🕓", "waiting for a worker"),
-    "running": ("blue", "⏳", "running"),
-    "succeeded": ("green", "✅", "scores published"),
-    "failed": ("red", "❌", "failed"),
+    "queued": ("gray", ":material/schedule:", "○", "waiting for a worker"),
+    "running": ("blue", ":material/sync:", "◐", "running"),
+    "succeeded": ("green", ":material/check_circle:", "●", "scores published"),
+    "failed": ("red", ":material/error:", "✕", "failed"),
 }
 # Background colours for status cells in tables (Styler), matching the badges.
 STATUS_CELL = {
@@ -49,17 +51,17 @@ def show_error(err: ControlError) -> None:
         st.error(
             f"**Control service unreachable** at `{err.url}`. Start it with `modelplane up` "
             "(or `modelplane serve`), or set `MODELPLANE_URL` to where it runs.",
-            icon="🔌",
+            icon=":material/power_off:",
         )
     elif isinstance(err, Unauthorized):
         st.error(
             f"**Not authorised** by the control service at `{err.url}` (HTTP {err.status}: "
             f"{err.message}). Check `MODELPLANE_TOKEN`: it must match the service's token.",
-            icon="🔒",
+            icon=":material/lock:",
         )
     else:
         status = f"HTTP {err.status}: " if err.status else ""
-        st.error(f"{status}{err.message}", icon="⚠️")
+        st.error(f"{status}{err.message}", icon=":material/warning:")
 
 
 def connection_banner(client: ControlClient) -> None:
@@ -76,13 +78,13 @@ def connection_banner(client: ControlClient) -> None:
             f"**Token rejected** by the control service at `{client.url}` (HTTP 401): check "
             "`MODELPLANE_TOKEN` — it must match the service's token. You can look around, but "
             "rollbacks, dataset uploads and jobs will be refused.",
-            icon="🔒",
+            icon=":material/lock:",
         )
     else:
         st.warning(
             f"The control service at `{client.url}` requires a token for changes: set "
             "`MODELPLANE_TOKEN` to roll back versions or run jobs from the console.",
-            icon="🔒",
+            icon=":material/lock:",
         )
 
 
@@ -99,20 +101,24 @@ def guarded(render: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+_UNKNOWN = ("violet", ":material/help:", "?", "unknown")
+
+
 def status_badge(status: Optional[str], *, where=st) -> None:
-    colour, icon, meaning = MODEL_STATUS.get(status or "", ("violet", "❔", "unknown"))
-    where.badge(status or "unknown", icon=icon, color=colour, help=meaning)
+    colour, icon, _, meaning = MODEL_STATUS.get(status or "", _UNKNOWN)
+    label = "idle · scaled to zero" if status == "idle" else (status or "unknown")
+    where.badge(label, icon=icon, color=colour, help=meaning)
 
 
 def job_badge(status: Optional[str], *, where=st) -> None:
-    colour, icon, meaning = JOB_STATUS.get(status or "", ("violet", "❔", "unknown"))
+    colour, icon, _, meaning = JOB_STATUS.get(status or "", _UNKNOWN)
     where.badge(status or "unknown", icon=icon, color=colour, help=meaning)
 
 
 def status_label(status: Optional[str], table: dict = MODEL_STATUS) -> str:
-    """`🟢 ready` — the icon keeps the colour cue where a cell cannot be styled."""
-    icon = table.get(status or "", ("", "❔", ""))[1]
-    return f"{icon} {status or 'unknown'}"
+    """`● ready`: the symbol keeps a cue where colour is lost (exports, colour blindness)."""
+    symbol = table.get(status or "", _UNKNOWN)[2]
+    return f"{symbol} {status or 'unknown'}"
 
 
 def style_status(value: Any) -> str:

@@ -73,7 +73,7 @@ def activity(names: list[str]) -> None:
                                     "p95 (ms)": st.column_config.NumberColumn(format="%.1f")})
     if not frames:
         st.info("No activity recorded yet: the charts fill in as models serve requests "
-                "(one point per 10 s, last hour).", icon="📈")
+                "(one point per 10 s, last hour).", icon=":material/monitoring:")
         return
     data = pd.concat(frames, ignore_index=True)
     left, right = st.columns(2)

@@ -47,7 +47,7 @@ def submit_panel(model: str) -> None:
                    "exactly as a file dropped there by any other tool would.")
         upload = st.file_uploader("Dataset (CSV with the feature columns)", type=["csv"],
                                   key=f"dataset-{model}")
-        if st.button("Upload and run", type="primary", icon="⬆️", disabled=upload is None,
+        if st.button("Upload and run", type="primary", icon=":material/upload:", disabled=upload is None,
                      key=f"upload-{model}"):
             try:
                 with st.spinner(f"Uploading {upload.name}…"):
@@ -61,9 +61,9 @@ def submit_panel(model: str) -> None:
         st.markdown("**Run on a `gs://` URI**")
         st.caption("A CSV already in a bucket the plane can read.")
         dataset = st.text_input("Dataset URI", placeholder="gs://bucket/path/data.csv", key=f"uri-{model}")
-        if st.button("Run job", type="primary", icon="▶️", disabled=not dataset, key=f"run-{model}"):
+        if st.button("Run job", type="primary", icon=":material/play_arrow:", disabled=not dataset, key=f"run-{model}"):
             if not dataset.startswith("gs://"):
-                st.error("Expected a URI such as `gs://bucket/path/data.csv`.", icon="🚫")
+                st.error("Expected a URI such as `gs://bucket/path/data.csv`.", icon=":material/block:")
             else:
                 try:
                     job = common.client().submit_job(model, dataset=dataset.strip())
@@ -74,7 +74,7 @@ def submit_panel(model: str) -> None:
                     st.session_state[f"job-{model}"] = job.get("id")
     notice = st.session_state.pop("job-notice", None)
     if notice:
-        st.success(notice, icon="✅")
+        st.success(notice, icon=":material/check_circle:")
 
 
 def results_preview(job: dict) -> None:
@@ -91,7 +91,7 @@ def results_preview(job: dict) -> None:
     st.markdown(f"**Scores** — {len(frame):,} rows" + (f", first {PREVIEW_ROWS} shown" if len(frame) > PREVIEW_ROWS else ""))
     st.dataframe(frame.head(PREVIEW_ROWS), hide_index=True)
     st.download_button("Download scores (CSV)", data, file_name=f"{job['model']}-{job['id']}-scores.csv",
-                       mime="text/csv", icon="⬇️", key=f"dl-{job['id']}")
+                       mime="text/csv", icon=":material/download:", key=f"dl-{job['id']}")
 
 
 def job_detail(job: dict) -> None:
@@ -117,10 +117,12 @@ def job_detail(job: dict) -> None:
                 st.caption(f"Results at `{job['results_uri']}`")
             results_preview(job)
         elif status == "failed":
-            st.error(f"**The job failed:** {job.get('error') or 'no reason given'}", icon="❌")
+            st.error(f"**The job failed:** {job.get('error') or 'no reason given'}", icon=":material/error:")
+            st.markdown("**Log tail**")
             if job.get("log_tail"):
-                st.markdown("Log tail")
                 st.code(job["log_tail"], language="text")
+            else:
+                st.caption("The job wrote no log output before it failed.")
 
 
 def jobs_view(model: str) -> None:
@@ -133,7 +135,7 @@ def jobs_view(model: str) -> None:
             match = next(j for j in jobs if j.get("dataset") == a["uri"])
             st.session_state[f"job-{model}"] = match["id"]
         else:
-            st.info(f"Waiting for the bucket event for `{a['uri']}`…", icon="⏳")
+            st.info(f"Waiting for the bucket event for `{a['uri']}`…", icon=":material/hourglass_top:")
     if not jobs:
         st.caption(f"No jobs for {model} yet.")
         return
@@ -164,7 +166,7 @@ def page() -> None:
     if not batch:
         st.info("No batch models are registered. A batch model's manifest says `kind: batch`.")
         return
-    model = st.selectbox("Batch model", batch, key="model", bind="query-params")
+    model = st.selectbox("Batch model", batch, key="batch", bind="query-params")
     submit_panel(model)
     st.subheader("Jobs")
     st.fragment(run_every=REFRESH_SECONDS)(common.guarded(lambda: jobs_view(model)))()

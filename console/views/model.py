@@ -39,7 +39,7 @@ def feature_input(f: dict, key: str) -> Any:
     """One widget per feature: its type picks the widget; optional ones may stay empty."""
     name, typ = f["name"], f.get("type", "string")
     required = f.get("required", True)
-    label = f"{name} \\*" if required else f"{name} (optional)"
+    label = f"{name} *" if required else f"{name} (optional)"
     help_ = " · ".join(x for x in (f.get("description"), f"{typ}, {'required' if required else 'optional: leave empty to omit'}") if x)
     empty = "not given"
     if f.get("allowed"):
@@ -54,8 +54,8 @@ def feature_input(f: dict, key: str) -> Any:
         return st.number_input(label, value=0 if required else None, step=1, key=key,
                                placeholder=empty, help=help_)
     if typ == "number":
-        return st.number_input(label, value=0.0 if required else None, step=0.1, format="%.4f",
-                               key=key, placeholder=empty, help=help_)
+        return st.number_input(label, value=0.0 if required else None, key=key, placeholder=empty,
+                               help=help_)
     value = st.text_input(label, key=key, placeholder="" if required else empty, help=help_)
     return value if (value or required) else None
 
@@ -87,12 +87,12 @@ def show_problems(err: Invalid, rows: Optional[pd.DataFrame] = None, *, what: st
         return
     truncated = err.body.get("truncated")
     more = f" (and {truncated} more)" if truncated else ""
-    st.error(f"**The model rejected {what}:** {err.message}{more}. Fix these values and try again.", icon="🚫")
+    st.error(f"**The model rejected {what}:** {err.message}{more}. Fix these values and try again.", icon=":material/block:")
     st.dataframe(problems_table(problems, rows), hide_index=True,
                  column_config={"Row": st.column_config.NumberColumn(help="1 = the first data row")})
     if rows is not None and len(rows):
-        bad = {(p["row"], p["field"]) for p in problems if isinstance(p.get("row"), int) and p.get("field")}
-        shown = rows.head(500)
+        # Row numbers as shown: 1 = the first data row (the API counts from 0).
+        bad = {(p["row"] + 1, p["field"]) for p in problems if isinstance(p.get("row"), int) and p.get("field")}
 
         def highlight(frame: pd.DataFrame) -> pd.DataFrame:
             styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
@@ -102,23 +102,22 @@ def show_problems(err: Invalid, rows: Optional[pd.DataFrame] = None, *, what: st
             return styles
 
         st.caption("The rows as uploaded, bad values highlighted (row numbers start at 1):")
-        view = shown.copy()
+        view = rows.head(500).copy()
         view.index = view.index + 1
-        bad = {(r + 1, f) for r, f in bad}
         st.dataframe(view.style.apply(highlight, axis=None))
 
 
 def predict_form(name: str, detail: dict) -> None:
     features = common.features_of(detail)
     score_name = (detail.get("manifest") or {}).get("score", {}).get("name", "score")
-    st.caption("Fields marked \\* are required; the others may be left empty.")
+    st.caption("Fields marked * are required; the others may be left empty.")
     with st.form(f"predict-{name}"):
         values = {}
         cols = st.columns(2)
         for i, f in enumerate(features):
             with cols[i % 2]:
                 values[f["name"]] = feature_input(f, key=f"in-{name}-{f['name']}")
-        submitted = st.form_submit_button("Score", type="primary", icon="▶️")
+        submitted = st.form_submit_button("Score", type="primary", icon=":material/play_arrow:")
     state_key = f"last-score-{name}"
     if submitted:
         row = {k: v for k, v in values.items() if v is not None}
@@ -210,7 +209,7 @@ def csv_scoring(name: str, detail: dict) -> None:
     try:
         rows = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
     except Exception as e:  # pandas raises several classes for a malformed file
-        st.error(f"**{upload.name} is not a readable CSV**: {e}", icon="🚫")
+        st.error(f"**{upload.name} is not a readable CSV**: {e}", icon=":material/block:")
         return
     key = f"csv-result-{name}"
     digest = hashlib.sha256(data).hexdigest()
@@ -233,7 +232,7 @@ def csv_scoring(name: str, detail: dict) -> None:
     scores = cached["scores"]
     result = rows.copy()
     result[score_name] = scores
-    st.success(f"Scored {len(scores):,} rows of {upload.name}.", icon="✅")
+    st.success(f"Scored {len(scores):,} rows of {upload.name}.", icon=":material/check_circle:")
     left, right = st.columns([3, 2])
     with left:
         st.markdown("**Scores beside the input rows**")
@@ -241,7 +240,7 @@ def csv_scoring(name: str, detail: dict) -> None:
                      column_config={score_name: st.column_config.NumberColumn(format="%.4f")})
         st.download_button("Download scores (CSV)", result.to_csv(index=False).encode(),
                            file_name=f"{upload.name.rsplit('.', 1)[0]}-scores.csv", mime="text/csv",
-                           icon="⬇️", key=f"dl-{name}")
+                           icon=":material/download:", key=f"dl-{name}")
     with right:
         st.markdown(f"**Distribution of {score_name}**")
         st.bar_chart(histogram(scores), x="score range", y="rows", height=260)
@@ -270,13 +269,13 @@ def versions(name: str, detail: dict) -> None:
         return
     pending_key = f"rollback-pending-{name}"
     target = st.selectbox("Roll back to", others, key=f"rollback-target-{name}")
-    if st.button(f"Roll back to {target}…", key=f"rollback-{name}", icon="↩️"):
+    if st.button(f"Roll back to {target}…", key=f"rollback-{name}", icon=":material/undo:"):
         st.session_state[pending_key] = target
     pending = st.session_state.get(pending_key)
     if pending:
         with st.container(border=True):
             st.warning(f"Make **{pending}** live instead of **{live}**? Requests switch to {pending} "
-                       "without dropping any in flight.", icon="⚠️")
+                       "without dropping any in flight.", icon=":material/warning:")
             yes, no = st.columns(2)
             if yes.button(f"Confirm rollback to {pending}", type="primary", key=f"rollback-yes-{name}"):
                 st.session_state.pop(pending_key, None)
@@ -292,7 +291,7 @@ def versions(name: str, detail: dict) -> None:
                 st.rerun()
     done = st.session_state.pop(f"rollback-done-{name}", None)
     if done:
-        st.success(f"Version {done} is live.", icon="✅")
+        st.success(f"Version {done} is live.", icon=":material/check_circle:")
 
 
 # -- page ---------------------------------------------------------------------------------
@@ -310,7 +309,7 @@ def header(detail: dict) -> None:
     if description:
         st.markdown(description)
     if detail.get("error"):
-        st.error(f"**{name} is not serving:** {detail['error']}", icon="🔴")
+        st.error(f"**{name} is not serving:** {detail['error']}", icon=":material/error:")
     m = common.metrics_of(detail)
     cols = st.columns(5)
     cols[0].metric("Replicas", detail.get("replicas", m.get("replicas", 0)))
@@ -335,9 +334,9 @@ def page() -> None:
         tabs = st.tabs(["Schema", "Versions"])
         with tabs[0]:
             st.info("A batch model scores whole datasets: drop a CSV or give a `gs://` URI on the Jobs page.",
-                    icon="📦")
-            st.page_link(common.PAGE_JOBS, label=f"Run {name} on a dataset", icon="📦",
-                         query_params={"model": name})
+                    icon=":material/inventory_2:")
+            st.page_link(common.PAGE_JOBS, label=f"Run {name} on a dataset", icon=":material/inventory_2:",
+                         query_params={"batch": name})
             st.dataframe(schema_table(features), hide_index=True)
         with tabs[1]:
             versions(name, detail)

@@ -38,7 +38,7 @@ def _card(m: dict, metrics: dict) -> None:
         cols[2].metric("p50", common.fmt_ms(metrics.get("p50_ms")))
         if m.get("error"):
             st.caption(f":red[{m['error']}]")
-        st.page_link(common.PAGE_MODEL, label=f"Open {m['name']}", icon="🔬",
+        st.page_link(common.PAGE_MODEL, label=f"Open {m['name']}", icon=":material/open_in_new:",
                      query_params={"model": m["name"]})
 
 
@@ -54,10 +54,10 @@ def overview() -> None:
     counts = {s: sum(1 for m in models if m.get("status") == s) for s in common.MODEL_STATUS}
     cols = st.columns(5)
     cols[0].metric("Models", len(models))
-    cols[1].metric("🟢 Ready", counts["ready"])
-    cols[2].metric("💤 Idle (scaled to zero)", counts["idle"])
-    cols[3].metric("⏳ Starting", counts["starting"])
-    cols[4].metric("🔴 Failed", counts["failed"])
+    cols[1].metric("Ready", counts["ready"])
+    cols[2].metric("Idle (scaled to zero)", counts["idle"])
+    cols[3].metric("Starting", counts["starting"])
+    cols[4].metric("Failed", counts["failed"])
 
     rows = []
     for m in models:
@@ -95,6 +95,6 @@ def overview() -> None:
 
 
 st.title("Models")
-st.caption("Every model on the plane. 💤 idle = scaled to zero: the next request starts a replica.")
+st.caption("Every model on the plane. Idle = scaled to zero: the next request starts a replica.")
 auto = st.sidebar.toggle("Auto-refresh", value=True, key="auto_refresh")
 st.fragment(run_every=REFRESH_SECONDS if auto else None)(common.guarded(overview))()

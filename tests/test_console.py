@@ -1,0 +1,332 @@
+"""The console's pages, run with Streamlit's AppTest against a real control service.
+
+The control service is the real one (`control.server.ControlServer`: waitress in a thread,
+the local runtime, the example models under ./models, the GCS emulator, the bucket watcher).
+Only the browser is missing: AppTest runs each page's script and we assert on what it renders.
+"""
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+from control.emulator import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = str(ROOT / "console" / "app.py")
+TOKEN = "console-test-token"
+REALTIME = "donor-propensity"
+BATCH = "churn-risk"
+TIMEOUT = 90
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def plane(gcs, tmp_path_factory):
+    """The control service with the four example models, a token, and the bucket watcher."""
+    from control.server import ControlServer
+    from control.settings import Settings
+
+    state = tmp_path_factory.mktemp("console-state")
+    settings = Settings(host="127.0.0.1", port=0, state_dir=state, models_dir=MODELS, token=TOKEN,
+                        bucket=gcs.bucket, watch_interval=0.5, threads=16)
+    server = ControlServer(settings, watch=True).start()
+    try:
+        requests.get(f"{server.url}/healthz", timeout=10).raise_for_status()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def console(plane, monkeypatch):
+    """A factory of AppTests pointed at the plane (or at `url`, with `token`)."""
+
+    def make(*, url: str | None = None, token: str | None = TOKEN) -> AppTest:
+        monkeypatch.setenv("MODELPLANE_URL", url or plane.url)
+        if token is None:
+            monkeypatch.delenv("MODELPLANE_TOKEN", raising=False)
+        else:
+            monkeypatch.setenv("MODELPLANE_TOKEN", token)
+        return AppTest.from_file(APP, default_timeout=TIMEOUT)
+
+    return make
+
+
+def open_page(at: AppTest, page: str, **query: str) -> AppTest:
+    """Run the app once (so st.navigation registers its pages), then open `page` with `query`."""
+    at.run()
+    if page != "views/models.py":
+        at.switch_page(page)
+    at.query_params.update(query)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    """Everything textual the page shows, for `in` checks."""
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts += [e.value for e in at.error] + [w.value for w in at.warning] + [i.value for i in at.info]
+    parts += [s.value for s in at.success] + [t.value for t in at.title]
+    return "\n".join(str(p) for p in parts)
+
+
+def frames(at: AppTest) -> list[pd.DataFrame]:
+    return [d.value for d in at.dataframe]
+
+
+def frame_with(at: AppTest, column: str) -> pd.DataFrame:
+    for f in frames(at):
+        if column in f.columns:
+            return f
+    raise AssertionError(f"no table with a {column!r} column; tables: {[list(f.columns) for f in frames(at)]}")
+
+
+def metric(at: AppTest, label: str):
+    found = [m for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; metrics: {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def sample(name: str) -> bytes:
+    return (MODELS / name / "sample.csv").read_bytes()
+
+
+# -- Models ----------------------------------------------------------------------------------
+
+def test_models_page_lists_every_model_with_status(console):
+    at = open_page(console(), "views/models.py")
+    table = frame_with(at, "Model")
+    assert set(table["Model"]) >= {"donor-propensity", "major-gift", "churn-risk", "member-retention"}
+    rows = table.set_index("Model")
+    assert rows.loc[REALTIME, "Kind"] == "realtime" and rows.loc[BATCH, "Kind"] == "batch"
+    assert rows.loc["major-gift", "Language"] == "r"
+    # Realtime models with scaling.min 0 start scaled to zero: the console says idle, with its icon.
+    assert rows.loc[REALTIME, "Status"] in ("○ idle", "◐ starting", "● ready")
+    for status in rows["Status"]:
+        assert status.split(" ")[-1] in ("ready", "idle", "starting", "failed")
+    assert any(m.label == "Idle (scaled to zero)" for m in at.metric)
+    # A card per model, with a link to its page.
+    links = [p.proto.label for p in at.get("page_link")]
+    assert f"Open {REALTIME}" in links and f"Open {BATCH}" in links
+    assert not at.error
+
+
+# -- Model page: form, CSV, problems, versions ---------------------------------------------------
+
+def test_model_page_shows_schema_and_a_generated_form(console):
+    at = open_page(console(), "views/model.py", model=REALTIME)
+    assert at.title[0].value == REALTIME
+    schema = frame_with(at, "Feature")
+    assert list(schema["Feature"]) == ["net_worth", "gifts_last_year", "region", "years_since_first_gift",
+                                      "board_member"]
+    assert schema.set_index("Feature").loc["years_since_first_gift", "Required"] == "optional"
+    labels = {w.label for w in [*at.number_input, *at.selectbox, *at.checkbox]}
+    # Required fields are starred; optional ones say so.
+    assert {"net_worth *", "gifts_last_year *", "region *", "years_since_first_gift (optional)",
+            "board_member *"} <= labels
+    region = next(s for s in at.selectbox if s.label == "region *")
+    assert region.options == ["west", "east", "north", "south"]
+    assert next(n for n in at.number_input if n.label.startswith("years_since")).value is None
+
+
+def test_form_submit_shows_a_score(console):
+    at = open_page(console(), "views/model.py", model=REALTIME)
+    next(n for n in at.number_input if n.label == "net_worth *").set_value(250000.0)
+    next(n for n in at.number_input if n.label == "gifts_last_year *").set_value(3)
+    next(s for s in at.selectbox if s.label == "region *").set_value("west")
+    next(c for c in at.checkbox if c.label == "board_member *").check()
+    at.button(key="FormSubmitter:predict-donor-propensity-Score").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    score = float(metric(at, "propensity").value)
+    assert 0.0 <= score <= 1.0
+    assert "Scored by **donor-propensity** version **1.0.0**" in texts(at)
+
+
+def test_csv_upload_scores_rows_with_chart_and_download(console):
+    at = open_page(console(), "views/model.py", model=REALTIME)
+    at.file_uploader(key=f"csv-{REALTIME}").set_value(("donors.csv", sample(REALTIME), "text/csv"))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    scored = frame_with(at, "propensity")
+    inputs = pd.read_csv(io.BytesIO(sample(REALTIME)))
+    assert len(scored) == len(inputs)
+    assert list(scored.columns[:len(inputs.columns)]) == list(inputs.columns)
+    assert scored["propensity"].astype(float).between(0, 1).all()
+    assert at.get("vega_lite_chart"), "no distribution chart"
+    assert [b for b in at.get("download_button") if "Download scores" in b.proto.label]
+    assert f"Scored {len(inputs):,} rows of donors.csv." in texts(at)
+
+
+def test_bad_csv_shows_the_problem_table_not_a_traceback(console):
+    bad = (b"net_worth,gifts_last_year,region,years_since_first_gift,board_member\n"
+           b"1000,2,west,,false\n"
+           b"lots,1,mars,3,maybe\n")
+    at = open_page(console(), "views/model.py", model=REALTIME)
+    at.file_uploader(key=f"csv-{REALTIME}").set_value(("bad.csv", bad, "text/csv"))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("The model rejected bad.csv" in e.value for e in at.error)
+    problems = frame_with(at, "Error")
+    assert {"Row", "Field", "Error", "Value"} <= set(problems.columns)
+    by_field = problems.set_index("Field")
+    # The API counts rows from 0; the console from 1, as a spreadsheet does.
+    assert set(problems["Row"]) == {2}
+    assert {"net_worth", "region", "board_member"} <= set(by_field.index)
+    assert by_field.loc["region", "Value"] == "mars"
+    assert "not allowed" in by_field.loc["region", "Error"]
+
+
+def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
+    # Deploy 1.0.1 of the realtime model through the API, as `modelplane deploy` does.
+    import shutil
+    import tarfile
+
+    folder = tmp_path / REALTIME
+    shutil.copytree(MODELS / REALTIME, folder)
+    manifest = folder / "model.yaml"
+    manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.0.1"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=REALTIME)
+    r = requests.post(f"{plane.url}/api/models", data=buf.getvalue(), timeout=60,
+                      headers={"Content-Type": "application/gzip", "Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 201, r.text
+    try:
+        at = open_page(console(), "views/model.py", model=REALTIME)
+        versions = frame_with(at, "Live").set_index("Version")
+        assert versions.loc["1.0.1", "Live"] == "● live"
+        at.button(key=f"rollback-{REALTIME}").click().run()
+        # Nothing happens until confirmed.
+        assert requests.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.1"
+        assert any("Make **1.0.0** live instead of **1.0.1**?" in w.value for w in at.warning)
+        at.button(key=f"rollback-yes-{REALTIME}").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert any("Version 1.0.0 is live." in s.value for s in at.success)
+        assert requests.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.0"
+        versions = frame_with(at, "Live").set_index("Version")
+        assert versions.loc["1.0.0", "Live"] == "● live"
+    finally:
+        requests.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"}, timeout=30,
+                      headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+# -- Jobs ------------------------------------------------------------------------------------
+
+def _wait_for_job(at: AppTest, dataset: str, *, timeout: float = 120) -> pd.Series:
+    """Rerun the Jobs page until the job on `dataset` has finished; its row in the table."""
+    deadline = time.monotonic() + timeout
+    while True:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        try:
+            jobs = frame_with(at, "Job")
+        except AssertionError:
+            jobs = pd.DataFrame(columns=["Job", "Status"])
+        mine = jobs[jobs["Dataset"].astype(str).str.endswith(dataset)] if len(jobs) else jobs
+        done = mine[mine["Status"].str.endswith(("succeeded", "failed"))]
+        if len(done):
+            return done.iloc[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the job on {dataset} did not finish in {timeout}s: {jobs.to_dict('records')}; "
+                                 f"{texts(at)}")
+        time.sleep(1)
+
+
+def test_dropped_dataset_runs_through_the_bucket_and_offers_results(console, plane):
+    at = open_page(console(), "views/jobs.py", batch=BATCH)
+    assert at.selectbox(key="batch").value == BATCH
+    at.file_uploader(key=f"dataset-{BATCH}").set_value(("console-drop.csv", sample(BATCH), "text/csv"))
+    at.run()
+    at.button(key=f"upload-{BATCH}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any(f"incoming/{BATCH}/console-drop.csv" in s.value for s in at.success)
+    job = _wait_for_job(at, f"incoming/{BATCH}/console-drop.csv")
+    assert job["Status"] == "● succeeded", job.to_dict()
+    assert job["Dataset"].endswith(f"incoming/{BATCH}/console-drop.csv")
+    assert job["Trigger"] != "api"  # it came through the bucket event, not a direct submit
+    at.run()
+    results = frame_with(at, "churn_probability")
+    assert len(results) == len(pd.read_csv(io.BytesIO(sample(BATCH))))
+    assert [b for b in at.get("download_button") if "Download scores" in b.proto.label]
+
+
+def test_gs_uri_job_that_fails_shows_reason_and_log_tail(console, plane, gcs_client, gcs):
+    blob = gcs_client.bucket(gcs.bucket).blob("datasets/console-broken.csv")
+    blob.upload_from_string("not,the,right,columns\n1,2,3,4\n", content_type="text/csv")
+    at = open_page(console(), "views/jobs.py", batch=BATCH)
+    at.text_input(key=f"uri-{BATCH}").input(f"gs://{gcs.bucket}/datasets/console-broken.csv")
+    at.run()
+    at.button(key=f"run-{BATCH}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Job `" in s.value for s in at.success), texts(at)
+    job = _wait_for_job(at, "datasets/console-broken.csv")
+    assert job["Status"] == "✕ failed", job.to_dict()
+    at.run()
+    api = requests.get(f"{plane.url}/api/jobs/{job['Job']}", timeout=10).json()
+    assert api["error"]
+    assert any("The job failed:" in e.value and api["error"] in e.value for e in at.error), texts(at)
+    assert "**Log tail**" in texts(at)
+    if api["log_tail"]:
+        assert at.code[0].value == api["log_tail"]
+    else:
+        assert "The job wrote no log output before it failed." in texts(at)
+
+
+# -- Activity --------------------------------------------------------------------------------
+
+def test_activity_page_charts_history(console, plane):
+    for _ in range(3):
+        r = requests.post(f"{plane.url}/models/{REALTIME}/predict", data=sample(REALTIME),
+                          headers={"Content-Type": "text/csv"}, timeout=60)
+        assert r.status_code == 200, r.text
+    at = open_page(console(), "views/activity.py")
+    assert not at.error, [e.value for e in at.error]
+    totals = frame_with(at, "Cold starts").set_index("Model")
+    assert totals.loc[REALTIME, "Requests"] >= 3
+    assert totals.loc[REALTIME, "Cold starts"] >= 1
+    assert len(at.get("vega_lite_chart")) >= 4
+    assert "Requests per second" in texts(at)
+
+
+# -- Control service down, wrong token --------------------------------------------------------
+
+PAGES = ["views/models.py", "views/model.py", "views/jobs.py", "views/activity.py"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_says_when_the_control_service_is_unreachable(console, page):
+    dead = f"http://127.0.0.1:{free_port()}"
+    at = open_page(console(url=dead), page)
+    errors = [e.value for e in at.error]
+    assert any("Control service unreachable" in e and dead in e for e in errors), errors
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_says_when_the_token_is_wrong(console, page):
+    at = open_page(console(token="not-the-token"), page)
+    errors = [e.value for e in at.error]
+    assert any("Token rejected" in e and "MODELPLANE_TOKEN" in e and "401" in e for e in errors), errors
+
+
+def test_a_refused_action_says_check_the_token(console):
+    at = open_page(console(token="not-the-token"), "views/jobs.py", batch=BATCH)
+    at.text_input(key=f"uri-{BATCH}").input("gs://somewhere/data.csv")
+    at.run()
+    at.button(key=f"run-{BATCH}").click().run()
+    assert not at.exception
+    assert any("Not authorised" in e.value and "MODELPLANE_TOKEN" in e.value for e in at.error)
