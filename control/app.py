@@ -129,12 +129,6 @@ class Plane:
                          status="failed", error=entry["error"]).to_json()
 
 
-def _plane() -> Plane:
-    from flask import current_app
-
-    return current_app.extensions["modelplane"]
-
-
 def _is_loopback(addr: Optional[str]) -> bool:
     try:
         return ipaddress.ip_address((addr or "").split("%")[0]).is_loopback
@@ -286,10 +280,9 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
                 problems = [{"file": e.file, "line": p.line, "field": p.field, "message": p.message}
                             for p in e.problems]
                 raise Invalid(str(e), details={"problems": problems}) from None
-            version = runtime.deploy(manifest, make_live=True)
-        except BaseException:
+            version = runtime.deploy(manifest, make_live=True)  # the runtime keeps its own copy
+        finally:
             shutil.rmtree(dest, ignore_errors=True)
-            raise
         plane.failed.pop(manifest.name, None)
         return jsonify({"name": manifest.name, **version.to_json()}), 201
 

@@ -466,10 +466,12 @@ def cmd_up(args) -> int:
             pass
     finally:
         for name, stop in reversed(started):
+            began = time.monotonic()
             try:
                 stop()
             except Exception as e:  # keep stopping the rest
                 print(f"stopping the {name} failed: {e}", file=sys.stderr)
+            log.info("stopped the %s in %.1fs", name, time.monotonic() - began)
         for s, h in previous.items():
             signal.signal(s, h)
     out("stopped")

@@ -62,6 +62,10 @@ class ControlServer:
                 self.app, host=self.settings.host, port=self.settings.port, threads=self.settings.threads,
                 ident="modelplane", clear_untrusted_proxy_headers=True, channel_timeout=300,
                 connection_limit=max(1000, self.settings.threads * 4))
+        except OSError as e:
+            self.plane.close()
+            raise OSError(e.errno, f"cannot listen on {self.settings.host}:{self.settings.port}: {e.strerror}"
+                                   " (another modelplane? set MODELPLANE_PORT or --port)") from None
         except BaseException:
             self.plane.close()
             raise

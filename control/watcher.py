@@ -88,7 +88,9 @@ class Watcher:
         Raises on a listing failure or a retryable delivery failure (the caller backs off);
         what was not delivered stays unsent and is tried again next round.
         """
-        blobs = list(self.client.list_blobs(self.bucket, prefix=self.prefix))
+        # No client-side retry: a failed listing comes back at once and the loop backs off
+        # (and `stop()` is never held up by a retry deadline).
+        blobs = list(self.client.list_blobs(self.bucket, prefix=self.prefix, timeout=self.timeout, retry=None))
         present = set()
         delivered = 0
         error: Optional[Exception] = None
