@@ -32,6 +32,7 @@ MANAGED_BY = "modelplane"
 ANN_MANIFEST = "modelplane.dev/manifest"
 ANN_VERSIONS = "modelplane.dev/versions"  # realtime: {version: {revision, deployed_at, manifest}}
 ANN_DATASET = "modelplane.dev/dataset"
+ANN_VERSION = "modelplane.dev/version"  # exact version (labels cannot hold `+build`)
 ANN_EVENT_KEY = "modelplane.dev/event-key"
 LABEL_TRIGGER = "modelplane.dev/trigger"
 
@@ -294,7 +295,7 @@ def job_sink(manifest: Manifest, settings) -> dict:
             "job": {
                 "apiVersion": "batch/v1",
                 "kind": "Job",
-                "metadata": {"labels": meta_labels},
+                "metadata": {"labels": meta_labels, "annotations": {ANN_VERSION: manifest.version}},
                 "spec": {
                     "backoffLimit": 0,  # a failed model run is reported, not retried
                     "activeDeadlineSeconds": int(math.ceil(manifest.batch.timeout_seconds)) + 300,

@@ -1,0 +1,648 @@
+"""The cluster runtime: models as Knative Services (realtime) and JobSinks + Triggers (batch).
+
+The only module that imports the `kubernetes` client (lazily: `modelplane render` and the
+local runtime never load it). It keeps no state of its own: versions, the live version and
+status are all read back from the cluster — labels, the `modelplane.dev/*` annotations
+that `knative_objects` writes, and the `status` the Knative controllers report.
+
+Every Kubernetes API error becomes a `control.errors` class in one place (`_raise_api_error`):
+403 names the missing permission, 422 the rejected field, connection problems are
+`Unavailable` (try again later).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
+from urllib.parse import quote
+
+import urllib3
+
+from adapters.manifest import Manifest, semver_key
+from control.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    PlaneError,
+    Unavailable,
+    UpstreamError,
+)
+from control.runtime import knative_objects as ko
+from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, VersionInfo
+
+log = logging.getLogger(__name__)
+
+# resource key -> (API group, version, plural, kind)
+RESOURCES = {
+    "services": ("serving.knative.dev", "v1", "services", "Service"),
+    "jobsinks": ("sinks.knative.dev", "v1alpha1", "jobsinks", "JobSink"),
+    "triggers": ("eventing.knative.dev", "v1", "triggers", "Trigger"),
+    "jobs": ("batch", "v1", "jobs", "Job"),
+    "pods": ("", "v1", "pods", "Pod"),
+    "pods/log": ("", "v1", "pods", "Pod log"),
+    "secrets": ("", "v1", "secrets", "Secret"),
+}
+MANAGED = f"{ko.LABEL_MANAGED}={ko.MANAGED_BY}"
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+              "transfer-encoding", "upgrade", "host", "content-length"}
+ENDPOINT_TTL = 10.0  # seconds a model's URL is cached by `forward`
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _condition(obj: Mapping, kind: str = "Ready") -> Optional[dict]:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind:
+            return c
+    return None
+
+
+def _condition_text(c: Mapping) -> str:
+    return c.get("message") or c.get("reason") or "not ready"
+
+
+def _parse_manifest(text: Optional[str]) -> Optional[Manifest]:
+    if not text:
+        return None
+    try:
+        return Manifest.model_validate(json.loads(text) if isinstance(text, str) else text)
+    except Exception:  # an annotation edited by hand: show the model, without its manifest
+        log.warning("unreadable %s annotation", ko.ANN_MANIFEST)
+        return None
+
+
+def _raise_api_error(status: int, reason: str, body: str, *, verb: str, resource: str,
+                     name: Optional[str], namespace: str) -> None:
+    """The one place Kubernetes API failures become PlaneErrors."""
+    group, _, plural, kind = RESOURCES.get(resource, ("", "", resource, resource))
+    try:
+        payload = json.loads(body) if body else {}
+    except ValueError:
+        payload = {}
+    message = payload.get("message") or reason or f"HTTP {status}"
+    what = f"{kind} {name}" if name else f"{kind} objects"
+    if status == 403:
+        full = f"{resource}.{group}" if group else resource
+        raise Forbidden(
+            f"the cluster refused to {verb} {full} in namespace {namespace}: the control service's "
+            f"service account lacks that permission (verb '{verb}', resource '{resource}', API group "
+            f"'{group or 'core'}', namespace '{namespace}'); grant it in knative/rbac.yaml. "
+            f"API server said: {message}",
+            details={"permission": {"verb": verb, "resource": resource, "apiGroup": group,
+                                    "namespace": namespace}})
+    if status == 404:
+        if verb == "create":
+            raise Unavailable(f"cannot create {what} in namespace {namespace}: {message} (are Knative and "
+                              "the namespace installed?)")
+        if name is None:
+            raise Unavailable(f"the cluster has no {plural}.{group or 'core'} API: is Knative "
+                              f"installed? ({message})")
+        raise NotFound(f"{what} not found in namespace {namespace}")
+    if status == 409:
+        raise Conflict(f"{what}: {message}")
+    if status in (400, 422):
+        causes = (payload.get("details") or {}).get("causes") or []
+        problems = [{"field": c.get("field", ""), "message": c.get("message", c.get("reason", ""))}
+                    for c in causes]
+        fields = "; ".join(f"field {p['field']}: {p['message']}" for p in problems) or message
+        raise Invalid(f"the API server rejected {what}: {fields}", details={"problems": problems})
+    if status == 401:
+        raise UpstreamError(f"the cluster rejected the control service's credentials ({message})")
+    if status == 0 or status == 429 or status >= 500:
+        raise Unavailable(f"the Kubernetes API is unavailable ({message}); try again")
+    raise UpstreamError(f"the Kubernetes API answered {status} to {verb} {what}: {message}")
+
+
+class KnativeRuntime(Runtime):
+    """Models on a Knative cluster, in `settings.namespace`, reached through the Kubernetes API."""
+
+    name = "knative"
+
+    def __init__(self, settings, *, api_client=None, request_timeout: float = 30.0):
+        self.settings = settings
+        self.namespace = settings.namespace
+        self._api = api_client
+        self._timeout = (5.0, request_timeout)
+        self._lock = threading.Lock()
+        self._http = urllib3.PoolManager(num_pools=32, maxsize=64, block=False)
+        self._endpoints: dict[str, tuple[str, float]] = {}
+
+    # -- the Kubernetes API ------------------------------------------------------------------
+    @property
+    def api(self):
+        with self._lock:
+            if self._api is None:
+                self._api = _default_api_client()
+            return self._api
+
+    def close(self) -> None:
+        self._http.clear()
+        if self._api is not None and hasattr(self._api, "close"):
+            try:
+                self._api.close()
+            except Exception:  # closing is best effort
+                pass
+
+    def _path(self, resource: str, name: Optional[str] = None) -> str:
+        group, version, plural, _ = RESOURCES[resource]
+        base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
+        path = f"{base}/namespaces/{quote(self.namespace)}/{plural}"
+        if name:
+            path += f"/{quote(name)}"
+        if resource == "pods/log":
+            path += "/log"
+        return path
+
+    def _request(self, method: str, resource: str, name: Optional[str] = None, *, verb: str,
+                 body: Any = None, query: Optional[dict] = None, content_type: str = "application/json",
+                 raw: bool = False, subject: Optional[str] = None) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        api = self.api
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        try:
+            method, url, headers, body, _ = api.param_serialize(
+                method=method, resource_path=self._path(resource, name),
+                query_params=[(k, v) for k, v in (query or {}).items() if v is not None],
+                header_params=headers, body=body, auth_settings=["BearerToken"])
+            resp = api.call_api(method, url, header_params=headers, body=body, _request_timeout=self._timeout)
+            data = resp.read()
+            status, reason = resp.status, resp.reason
+        except ApiException as e:  # the client raises these itself for TLS and retry failures
+            status, reason, data = e.status or 0, str(e.reason), (e.body or "").encode()
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise Unavailable(f"cannot reach the Kubernetes API: {e}") from e
+        if not 200 <= status < 300:
+            _raise_api_error(status, reason, data.decode("utf-8", "replace") if data else "", verb=verb,
+                             resource=resource, name=name or subject, namespace=self.namespace)
+        if raw:
+            return data.decode("utf-8", "replace")
+        return json.loads(data) if data else {}
+
+    def _get(self, resource: str, name: str) -> dict:
+        return self._request("GET", resource, name, verb="get")
+
+    def _get_or_none(self, resource: str, name: str) -> Optional[dict]:
+        try:
+            return self._get(resource, name)
+        except NotFound:
+            return None
+
+    def _list(self, resource: str, selector: str) -> list[dict]:
+        return self._request("GET", resource, verb="list", query={"labelSelector": selector}).get("items") or []
+
+    def _create(self, resource: str, body: dict) -> dict:
+        return self._request("POST", resource, verb="create", body=body,
+                             subject=(body.get("metadata") or {}).get("name"))
+
+    def _patch(self, resource: str, name: str, patch: dict) -> dict:
+        return self._request("PATCH", resource, name, verb="patch", body=patch,
+                             content_type="application/merge-patch+json")
+
+    def _delete(self, resource: str, name: str) -> bool:
+        try:
+            self._request("DELETE", resource, name, verb="delete",
+                          body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+            return True
+        except NotFound:
+            return False
+
+    # -- deploy --------------------------------------------------------------------------------
+    def render(self, manifest: Manifest) -> str:
+        return ko.render_yaml(manifest, self.settings)
+
+    def deploy(self, manifest: Manifest, *, make_live: bool = True) -> VersionInfo:
+        objects = ko.render_objects(manifest, self.settings)  # Invalid before any request
+        manifest = ko.check_renderable(manifest)
+        if manifest.kind == "realtime":
+            if self._get_or_none("triggers", manifest.name) is not None:
+                raise Conflict(f"{manifest.name} is deployed as a batch model; remove it before "
+                               "deploying it as realtime")
+            return self._deploy_realtime(manifest, objects[0], make_live=make_live)
+        if self._get_or_none("services", manifest.name) is not None:
+            raise Conflict(f"{manifest.name} is deployed as a realtime model; remove it before "
+                           "deploying it as batch")
+        return self._deploy_batch(manifest, objects[0], objects[1], make_live=make_live)
+
+    def _deploy_realtime(self, manifest: Manifest, svc: dict, *, make_live: bool) -> VersionInfo:
+        name, version = manifest.name, manifest.version
+        entry = {"revision": ko.object_name(manifest), "deployed_at": _now(), "manifest": manifest.to_dict()}
+        existing = self._get_or_none("services", name)
+        if existing is None:
+            svc["metadata"]["annotations"][ko.ANN_VERSIONS] = json.dumps({version: entry}, sort_keys=True)
+            self._create("services", svc)
+            log.info("deployed %s %s: new Knative Service", name, version)
+            return VersionInfo(version=version, deployed_at=entry["deployed_at"], live=True)
+        history = _history(existing)
+        if version in history:
+            self._same_or_conflict(manifest, history[version].get("manifest"))
+            live = _live_revision(existing) == history[version].get("revision")
+            return VersionInfo(version=version, deployed_at=history[version].get("deployed_at", ""), live=live)
+        history[version] = entry
+        patch = {
+            "metadata": {
+                "labels": svc["metadata"]["labels"],
+                "annotations": {ko.ANN_MANIFEST: svc["metadata"]["annotations"][ko.ANN_MANIFEST],
+                                ko.ANN_VERSIONS: json.dumps(history, sort_keys=True)},
+            },
+            "spec": {"template": svc["spec"]["template"]},
+        }
+        if make_live:
+            patch["spec"]["traffic"] = svc["spec"]["traffic"]
+        self._patch("services", name, patch)
+        self._endpoints.pop(name, None)
+        log.info("deployed %s %s: new revision %s%s", name, version, entry["revision"],
+                 " (live)" if make_live else "")
+        return VersionInfo(version=version, deployed_at=entry["deployed_at"], live=make_live)
+
+    def _deploy_batch(self, manifest: Manifest, sink: dict, trig: dict, *, make_live: bool) -> VersionInfo:
+        name, version = manifest.name, manifest.version
+        sink_name = sink["metadata"]["name"]
+        existing_trigger = self._get_or_none("triggers", name)
+        existing_sink = self._get_or_none("jobsinks", sink_name)
+        if existing_sink is not None:
+            self._same_or_conflict(manifest, (existing_sink["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
+            created = existing_sink["metadata"].get("creationTimestamp", "")
+        else:
+            created = self._create("jobsinks", sink)["metadata"].get("creationTimestamp", _now())
+            log.info("deployed %s %s: new JobSink %s", name, version, sink_name)
+        if existing_trigger is None:
+            self._create("triggers", trig)
+            return VersionInfo(version=version, deployed_at=created, live=True)
+        live = _trigger_sink(existing_trigger) == sink_name
+        if make_live and not live and existing_sink is None:
+            self._point_trigger(existing_trigger, sink_name, trig)
+            live = True
+        return VersionInfo(version=version, deployed_at=created, live=live)
+
+    @staticmethod
+    def _same_or_conflict(manifest: Manifest, stored: Any) -> None:
+        stored_json = stored if isinstance(stored, str) else json.dumps(stored or {})
+        old = _parse_manifest(stored_json)
+        if old is None or ko.manifest_json(old) != ko.manifest_json(manifest):
+            raise Conflict(f"{manifest.name} {manifest.version} is already deployed with a different "
+                           "manifest; versions are immutable: give this one a new version")
+
+    def _point_trigger(self, existing: dict, sink_name: str, rendered: Optional[dict] = None) -> None:
+        spec = dict((rendered or {}).get("spec") or {})
+        spec["subscriber"] = {"ref": {"apiVersion": ko.JOBSINK_API, "kind": "JobSink", "name": sink_name}}
+        patch: dict[str, Any] = {"spec": spec}
+        if rendered:
+            patch["metadata"] = {"labels": rendered["metadata"]["labels"]}
+        else:
+            sink = self._get("jobsinks", sink_name)
+            patch["metadata"] = {"labels": {ko.LABEL_VERSION: sink["metadata"]["labels"].get(ko.LABEL_VERSION),
+                                            "app.kubernetes.io/version":
+                                                sink["metadata"]["labels"].get("app.kubernetes.io/version")}}
+        self._patch("triggers", existing["metadata"]["name"], patch)
+
+    # -- rollback / remove ------------------------------------------------------------------
+    def rollback(self, name: str, *, version: str) -> VersionInfo:
+        svc = self._get_or_none("services", name)
+        if svc is not None:
+            history = _history(svc)
+            if version not in history:
+                raise NotFound(f"{name} has no version {version}; versions: {', '.join(_sorted(history)) or 'none'}")
+            revision = history[version]["revision"]
+            self._patch("services", name, {"spec": {"traffic": [ko.traffic_target(revision)]}})
+            self._endpoints.pop(name, None)
+            log.info("rolled %s back to %s (revision %s)", name, version, revision)
+            return VersionInfo(version=version, deployed_at=history[version].get("deployed_at", ""), live=True)
+        trig = self._get_or_none("triggers", name)
+        if trig is None:
+            raise NotFound(f"no model named {name}")
+        sinks = {s["metadata"]["name"]: s for s in self._list("jobsinks", f"{ko.LABEL_MODEL}={name}")}
+        target = next((s for s in sinks.values() if _sink_version(s) == version), None)
+        if target is None:
+            known = _sorted({_sink_version(s): s for s in sinks.values()})
+            raise NotFound(f"{name} has no version {version}; versions: {', '.join(known) or 'none'}")
+        self._point_trigger(trig, target["metadata"]["name"])
+        log.info("rolled %s back to %s (JobSink %s)", name, version, target["metadata"]["name"])
+        return VersionInfo(version=version, deployed_at=target["metadata"].get("creationTimestamp", ""), live=True)
+
+    def remove(self, name: str) -> None:
+        removed = self._delete("services", name)
+        removed = self._delete("triggers", name) or removed
+        for sink in self._list("jobsinks", f"{ko.LABEL_MODEL}={name}"):
+            removed = self._delete("jobsinks", sink["metadata"]["name"]) or removed
+        self._endpoints.pop(name, None)
+        if not removed:
+            raise NotFound(f"no model named {name}")
+        log.info("removed %s", name)
+
+    # -- status -----------------------------------------------------------------------------
+    def models(self) -> list[ModelInfo]:
+        services = self._list("services", MANAGED)
+        triggers = self._list("triggers", MANAGED)
+        sinks = self._list("jobsinks", MANAGED) if triggers else []
+        pods = self._list("pods", f"{ko.LABEL_MODEL},serving.knative.dev/revision") if services else []
+        jobs = self._list("jobs", f"{ko.JOBSINK_NAME_LABEL},{ko.LABEL_MODEL}") if triggers else []
+        out = [self._realtime_detail(s, pods, brief=True) for s in services]
+        by_name = {s["metadata"]["name"]: s for s in sinks}
+        out += [self._batch_detail(t, by_name, jobs, brief=True) for t in triggers]
+        return sorted(out, key=lambda m: m.name)
+
+    def model(self, name: str) -> ModelDetail:
+        svc = self._get_or_none("services", name)
+        if svc is not None:
+            pods = self._list("pods", f"{ko.LABEL_MODEL}={name},serving.knative.dev/revision")
+            return self._realtime_detail(svc, pods)
+        trig = self._get_or_none("triggers", name)
+        if trig is None:
+            raise NotFound(f"no model named {name}")
+        sinks = {s["metadata"]["name"]: s for s in self._list("jobsinks", f"{ko.LABEL_MODEL}={name}")}
+        jobs = self._list("jobs", f"{ko.JOBSINK_NAME_LABEL},{ko.LABEL_MODEL}={name}")
+        return self._batch_detail(trig, sinks, jobs)
+
+    def _realtime_detail(self, svc: dict, pods: list[dict], *, brief: bool = False):
+        name = svc["metadata"]["name"]
+        history = _history(svc)
+        revision = _live_revision(svc)
+        live_version = next((v for v, e in history.items() if e.get("revision") == revision), None)
+        entry = history.get(live_version) or {}
+        manifest = _parse_manifest(json.dumps(entry["manifest"])) if entry.get("manifest") else None
+        status_obj = svc.get("status") or {}
+        replicas = sum(1 for p in pods if _pod_ready(p)
+                       and (p["metadata"].get("labels") or {}).get("serving.knative.dev/revision") == revision)
+        ready = _condition(svc)
+        generation = svc["metadata"].get("generation", 0)
+        observed = status_obj.get("observedGeneration", 0)
+        error = None
+        if ready is not None and ready.get("status") == "False":
+            status, error = "failed", _condition_text(ready)
+        elif ready is not None and ready.get("status") == "True" and observed >= generation:
+            status = "ready" if replicas else "idle"
+        else:
+            status = "starting"
+        endpoint = status_obj.get("url")
+        common = dict(name=name, kind="realtime", language=manifest.language if manifest else "other",
+                      version=live_version, status=status, replicas=replicas, endpoint=endpoint, error=error,
+                      description=manifest.description if manifest else "")
+        if brief:
+            return ModelInfo(**common)
+        versions = [VersionInfo(version=v, deployed_at=history[v].get("deployed_at", ""), live=v == live_version)
+                    for v in _sorted(history)]
+        cluster = {k: status_obj.get(k) for k in ("url", "latestReadyRevisionName", "latestCreatedRevisionName",
+                                                   "traffic", "conditions", "observedGeneration")}
+        cluster["address"] = (status_obj.get("address") or {}).get("url")
+        return ModelDetail(**common, manifest=manifest.to_dict() if manifest else {}, versions=versions,
+                           metrics={"replicas": replicas, "cluster": cluster})
+
+    def _batch_detail(self, trig: dict, sinks: Mapping[str, dict], jobs: list[dict], *, brief: bool = False):
+        name = trig["metadata"]["name"]
+        live_sink = sinks.get(_trigger_sink(trig))
+        manifest = _parse_manifest((live_sink["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST)) \
+            if live_sink else None
+        active = sum(1 for j in jobs if (j["metadata"].get("labels") or {}).get(ko.LABEL_MODEL) == name
+                     and (j.get("status") or {}).get("active"))
+        conds = [("Trigger", _condition(trig))] + ([("JobSink", _condition(live_sink))] if live_sink else [])
+        error = None
+        if live_sink is None:
+            status, error = "failed", f"the Trigger points at JobSink {_trigger_sink(trig)!r}, which does not exist"
+        elif any(c is not None and c.get("status") == "False" for _, c in conds):
+            status = "failed"
+            error = "; ".join(f"{k}: {_condition_text(c)}" for k, c in conds if c and c.get("status") == "False")
+        elif all(c is not None and c.get("status") == "True" for _, c in conds):
+            status = "ready" if active else "idle"
+        else:
+            status = "starting"
+        endpoint = ((live_sink or {}).get("status") or {}).get("address", {}).get("url") if live_sink else None
+        common = dict(name=name, kind="batch", language=manifest.language if manifest else "other",
+                      version=manifest.version if manifest else None, status=status, replicas=active,
+                      endpoint=endpoint, error=error, description=manifest.description if manifest else "")
+        if brief:
+            return ModelInfo(**common)
+        by_version = {_sink_version(s): s for s in sinks.values()}
+        versions = [VersionInfo(version=v, deployed_at=by_version[v]["metadata"].get("creationTimestamp", ""),
+                                live=live_sink is not None and by_version[v] is live_sink)
+                    for v in _sorted(by_version)]
+        cluster = {"trigger": (trig.get("status") or {}).get("conditions"),
+                   "jobsink": _trigger_sink(trig),
+                   "jobsink_conditions": ((live_sink or {}).get("status") or {}).get("conditions")}
+        return ModelDetail(**common, manifest=manifest.to_dict() if manifest else {}, versions=versions,
+                           metrics={"replicas": active, "cluster": cluster})
+
+    # -- requests ---------------------------------------------------------------------------
+    def _endpoint(self, name: str) -> str:
+        cached = self._endpoints.get(name)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        svc = self._get_or_none("services", name)
+        if svc is None:
+            if self._get_or_none("triggers", name) is not None:
+                raise BadRequest(f"{name} is a batch model: submit a job (POST /api/models/{name}/jobs)")
+            raise NotFound(f"no model named {name}")
+        status = svc.get("status") or {}
+        # Prefer the cluster-local address: the control service runs in the cluster.
+        url = (status.get("address") or {}).get("url") or status.get("url")
+        if not url:
+            raise Unavailable(f"{name} has no URL yet: Knative has not made it routable")
+        self._endpoints[name] = (url.rstrip("/"), time.monotonic() + ENDPOINT_TTL)
+        return url.rstrip("/")
+
+    def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
+                body: bytes, query: str = "") -> ProxyResponse:
+        """Over pooled connections to the Service's URL; when it is scaled to zero, Knative's
+        activator holds the request until a replica is ready."""
+        url = self._endpoint(name) + "/" + path.lstrip("/") + (f"?{query}" if query else "")
+        out_headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+        try:
+            resp = self._http.request(method, url, body=body or None, headers=out_headers, retries=False,
+                                      timeout=urllib3.Timeout(connect=10.0, read=self._read_timeout(name)),
+                                      preload_content=True, redirect=False)
+        except urllib3.exceptions.HTTPError as e:
+            self._endpoints.pop(name, None)
+            raise Unavailable(f"{name} did not answer at {url}: {e}") from e
+        resp_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+        return ProxyResponse(status=resp.status, headers=resp_headers, body=resp.data)
+
+    def _read_timeout(self, name: str) -> float:
+        return 330.0  # above Knative's default revision timeout (300 s): Knative answers first
+
+    # -- jobs -------------------------------------------------------------------------------
+    def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,
+                   trigger: str = "api") -> tuple[Job, bool]:
+        """Create a Job from the live JobSink's template exactly as Knative's JobSink dispatcher
+        does for a delivered event (same name scheme, labels, owner, event Secret), so jobs from
+        the API and from bucket events look the same and the same event never runs twice."""
+        if not dataset.startswith("gs://") or "/" not in dataset[5:]:
+            raise Invalid(f"the cluster runtime reads datasets from the bucket: expected gs://bucket/object, "
+                          f"got {dataset!r}", details={"problems": [{"field": "dataset", "message": "not a gs:// URI"}]})
+        bucket, obj = dataset[5:].split("/", 1)
+        trig = self._get_or_none("triggers", name)
+        if trig is None:
+            if self._get_or_none("services", name) is not None:
+                raise BadRequest(f"{name} is a realtime model: send rows to /models/{name}/predict")
+            raise NotFound(f"no model named {name}")
+        sink = self._get("jobsinks", _trigger_sink(trig))
+        event_id = event_key or uuid.uuid4().hex
+        source = ko.bucket_source(bucket)
+        job_name = ko.job_name(sink["metadata"]["name"], source, event_id)
+        body = ko.job_for_event(sink, name=job_name, event_id=event_id, source=source, dataset=dataset,
+                                event_key=event_key, trigger_label=trigger)
+        try:
+            created = self._create("jobs", body)
+        except Conflict:
+            return self._to_job(self._get("jobs", job_name)), False
+        event = ko.finalized_event(bucket=bucket, obj=obj, event_id=event_id)
+        secret = {
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque", "immutable": True,
+            "metadata": {
+                "name": job_name,
+                "labels": {ko.JOBSINK_NAME_LABEL: sink["metadata"]["name"], ko.JOBSINK_ID_LABEL: job_name,
+                           ko.LABEL_MODEL: name},
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
+                                     "uid": created["metadata"]["uid"], "controller": True,
+                                     "blockOwnerDeletion": False}],
+            },
+            "data": {"event": base64.b64encode(json.dumps(event).encode()).decode()},
+        }
+        try:
+            self._create("secrets", secret)
+        except Conflict:
+            pass
+        log.info("job %s: %s on %s (%s)", job_name, name, dataset, trigger)
+        return self._to_job(created), True
+
+    def jobs(self, *, model: Optional[str] = None, limit: int = 200) -> list[Job]:
+        selector = ko.JOBSINK_NAME_LABEL + (f",{ko.LABEL_MODEL}={model}" if model else f",{ko.LABEL_MODEL}")
+        items = self._list("jobs", selector)
+        items.sort(key=lambda j: j["metadata"].get("creationTimestamp", ""), reverse=True)
+        return [self._to_job(j) for j in items[:limit]]
+
+    def job(self, job_id: str) -> Job:
+        obj = self._get_or_none("jobs", job_id)
+        if obj is None or ko.JOBSINK_NAME_LABEL not in (obj["metadata"].get("labels") or {}):
+            raise NotFound(f"no job {job_id}")
+        job = self._to_job(obj)
+        self._add_result(job)
+        return job
+
+    def _to_job(self, obj: dict) -> Job:
+        meta, status = obj["metadata"], obj.get("status") or {}
+        labels_, ann = meta.get("labels") or {}, meta.get("annotations") or {}
+        model = labels_.get(ko.LABEL_MODEL, "")
+        complete, failed = _condition(obj, "Complete"), _condition(obj, "Failed")
+        error = None
+        finished = None
+        if complete is not None and complete.get("status") == "True":
+            state = "succeeded"
+            finished = status.get("completionTime") or complete.get("lastTransitionTime")
+        elif failed is not None and failed.get("status") == "True":
+            state = "failed"
+            finished = failed.get("lastTransitionTime")
+            error = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".rstrip(": ")
+        elif status.get("active") or status.get("startTime"):
+            state = "running"
+        else:
+            state = "queued"
+        dataset = ann.get(ko.ANN_DATASET, "")
+        results_uri = None
+        if state == "succeeded":
+            bucket = dataset[5:].split("/", 1)[0] if dataset.startswith("gs://") else self.settings.bucket_name
+            results_uri = f"gs://{bucket}/results/{model}/{meta['name']}/{'scores.csv'}"
+        return Job(id=meta["name"], model=model, version=ann.get(ko.ANN_VERSION, labels_.get(ko.LABEL_VERSION, "")),
+                   status=state, dataset=dataset, created_at=meta.get("creationTimestamp", ""),
+                   started_at=status.get("startTime"), finished_at=finished, results_uri=results_uri,
+                   error=error, trigger=labels_.get(ko.LABEL_TRIGGER, "bucket"),
+                   input={"event_key": ann.get(ko.ANN_EVENT_KEY)} if ann.get(ko.ANN_EVENT_KEY) else {})
+
+    def _add_result(self, job: Job) -> None:
+        """The publish step prints the result JSON as its last line: read it from the pod log."""
+        try:
+            pods = self._list("pods", f"job-name={job.id}")
+            if not pods:
+                return
+            pod = max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
+            text = self._request("GET", "pods/log", pod["metadata"]["name"], verb="get", raw=True,
+                                 query={"container": "publish", "tailLines": "40"})
+        except (NotFound, Invalid):  # the container has not started yet
+            return
+        job.log_tail = text[-4000:]
+        for line in reversed(text.strip().splitlines()):
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(result, dict) and "model" in result:
+                job.rows = result.get("rows", job.rows)
+                job.results_uri = result.get("results_uri", job.results_uri)
+                job.error = result.get("error", job.error)
+                job.input = result.get("input", job.input) or job.input
+                break
+
+
+# -- helpers over cluster objects ---------------------------------------------------------------
+
+def _default_api_client():
+    """The cluster as kubectl finds it: in-cluster service account, else KUBECONFIG."""
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            config.load_kube_config(client_configuration=cfg)
+    except config.ConfigException as e:
+        raise Unavailable(f"no Kubernetes cluster configured (KUBECONFIG or in-cluster service account): {e}") from e
+    return client.ApiClient(cfg)
+
+
+def _history(svc: dict) -> dict[str, dict]:
+    """Versions of a realtime model, from the Service's annotations (or, for a Service applied
+    by hand from `modelplane render`, its one template)."""
+    ann = svc["metadata"].get("annotations") or {}
+    try:
+        history = json.loads(ann.get(ko.ANN_VERSIONS) or "{}")
+    except ValueError:
+        history = {}
+    if not history:
+        template = svc["spec"]["template"]
+        manifest = _parse_manifest((template["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
+        if manifest is not None:
+            history = {manifest.version: {"revision": template["metadata"].get("name"),
+                                          "deployed_at": svc["metadata"].get("creationTimestamp", ""),
+                                          "manifest": manifest.to_dict()}}
+    return history
+
+
+def _live_revision(svc: dict) -> Optional[str]:
+    for target in (svc.get("spec") or {}).get("traffic") or []:
+        if target.get("percent") == 100 and target.get("revisionName"):
+            return target["revisionName"]
+    latest = (svc.get("status") or {}).get("latestReadyRevisionName")
+    return latest or svc["spec"]["template"]["metadata"].get("name")
+
+
+def _trigger_sink(trig: dict) -> str:
+    return ((trig.get("spec") or {}).get("subscriber") or {}).get("ref", {}).get("name", "")
+
+
+def _sink_version(sink: dict) -> str:
+    manifest = _parse_manifest((sink["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
+    return manifest.version if manifest else (sink["metadata"].get("labels") or {}).get(ko.LABEL_VERSION, "")
+
+
+def _pod_ready(pod: dict) -> bool:
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    status = pod.get("status") or {}
+    return status.get("phase") == "Running" and (_condition(pod) or {}).get("status") == "True"
+
+
+def _sorted(versions) -> list[str]:
+    return sorted(versions, key=semver_key)
+
+
+__all__ = ["KnativeRuntime", "PlaneError"]

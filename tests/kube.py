@@ -1,0 +1,300 @@
+"""A real Kubernetes API server for the cluster-runtime tests: etcd + kube-apiserver 1.20 on
+loopback, token auth, RBAC, service-account tokens, the official Knative CRDs.
+
+No kubelet, scheduler or Knative controller runs: tests play the controllers by patching
+`status`. The binary comes from `scripts/kube-apiserver.sh` (its cache), or
+MODELPLANE_KUBE_APISERVER; CRDs from ../shared/knative/crds or MODELPLANE_KNATIVE_CRDS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBE_VERSION = os.environ.get("KUBE_VERSION", "1.20.2")
+ISSUER = "https://kubernetes.default.svc"
+
+
+def apiserver_binary() -> Optional[Path]:
+    explicit = os.environ.get("MODELPLANE_KUBE_APISERVER")
+    if explicit:
+        return Path(explicit)
+    cache = Path(os.environ.get("MODELPLANE_KUBE_CACHE")
+                 or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelplane" / "kube")
+    candidate = cache / KUBE_VERSION / "kube-apiserver"
+    return candidate if candidate.is_file() else None
+
+
+def crds_dir() -> Path:
+    explicit = os.environ.get("MODELPLANE_KNATIVE_CRDS")
+    if explicit:
+        return Path(explicit)
+    return ROOT.parent / "shared" / "knative" / "crds"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fix_crd_for_120(node: Any) -> Any:
+    """API server 1.20 rejects `default: ""` and list-type map pairs in these newer CRDs."""
+    if isinstance(node, dict):
+        out = {}
+        is_map_list = node.get("x-kubernetes-list-type") == "map"
+        for key, value in node.items():
+            if key == "default" and value == "":
+                continue
+            if is_map_list and key in ("x-kubernetes-list-type", "x-kubernetes-list-map-keys"):
+                continue
+            out[key] = fix_crd_for_120(value)
+        return out
+    if isinstance(node, list):
+        return [fix_crd_for_120(v) for v in node]
+    return node
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+class Kube:
+    """A minimal JSON client for the test side (admin or any token), independent of the
+    code under test."""
+
+    def __init__(self, url: str, token: str, ca: Path):
+        self.url = url
+        self.token = token
+        self.ctx = ssl.create_default_context(cafile=str(ca))
+
+    def request(self, method: str, path: str, body: Any = None, *,
+                content_type: str = "application/json", query: str = "") -> Any:
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        req = urllib.request.Request(self.url + path + (f"?{query}" if query else ""), data=data, method=method,
+                                     headers={"Authorization": f"Bearer {self.token}",
+                                              "Content-Type": content_type, "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, context=self.ctx, timeout=30) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raise ApiError(e.code, e.read().decode("utf-8", "replace")) from None
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            return raw.decode("utf-8", "replace")
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def merge_patch(self, path: str, patch: dict) -> Any:
+        return self.request("PATCH", path, patch, content_type="application/merge-patch+json")
+
+    def apply(self, obj: dict, *, dry_run: bool = False) -> Any:
+        """Server-side apply (optionally `dryRun=All`)."""
+        query = "fieldManager=modelplane-test&force=true" + ("&dryRun=All" if dry_run else "")
+        return self.request("PATCH", object_path(obj), obj, content_type="application/apply-patch+yaml",
+                            query=query)
+
+
+# apiVersion/kind -> (plural, namespaced) for what knative/ and the tests write
+KINDS = {
+    ("v1", "Namespace"): ("namespaces", False),
+    ("v1", "ServiceAccount"): ("serviceaccounts", True),
+    ("v1", "Service"): ("services", True),
+    ("v1", "ConfigMap"): ("configmaps", True),
+    ("v1", "Secret"): ("secrets", True),
+    ("v1", "Pod"): ("pods", True),
+    ("apps/v1", "Deployment"): ("deployments", True),
+    ("batch/v1", "Job"): ("jobs", True),
+    ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"): ("clusterroles", False),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): ("clusterrolebindings", False),
+    ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): ("customresourcedefinitions", False),
+    ("serving.knative.dev/v1", "Service"): ("services", True),
+    ("eventing.knative.dev/v1", "Broker"): ("brokers", True),
+    ("eventing.knative.dev/v1", "Trigger"): ("triggers", True),
+    ("sinks.knative.dev/v1alpha1", "JobSink"): ("jobsinks", True),
+}
+
+
+def object_path(obj: dict) -> str:
+    api_version, kind = obj["apiVersion"], obj["kind"]
+    plural, namespaced = KINDS[(api_version, kind)]
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    ns = obj["metadata"].get("namespace")
+    if namespaced:
+        base += f"/namespaces/{ns}"
+    return f"{base}/{plural}/{obj['metadata']['name']}"
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+class Cluster:
+    """etcd + kube-apiserver in a temporary folder; `admin` is a Kube with system:masters."""
+
+    def __init__(self, workdir: Path, binary: Path):
+        self.workdir = workdir
+        self.binary = binary
+        self.procs: list[subprocess.Popen] = []
+        self.url = ""
+        self.admin: Optional[Kube] = None
+
+    def start(self) -> "Cluster":
+        w = self.workdir
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        etcd_log = open(w / "etcd.log", "wb")
+        self.procs.append(subprocess.Popen(
+            [shutil.which("etcd") or "/usr/bin/etcd", "--name", "test", "--data-dir", str(w / "etcd"),
+             "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+             "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+             "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+             "--initial-cluster", f"test=http://127.0.0.1:{peer_port}",
+             "--log-level", "error"],
+            stdout=etcd_log, stderr=subprocess.STDOUT, start_new_session=True))
+        subprocess.run(["openssl", "genrsa", "-out", str(w / "sa.key"), "2048"], check=True,
+                       capture_output=True)
+        subprocess.run(["openssl", "rsa", "-in", str(w / "sa.key"), "-pubout", "-out", str(w / "sa.pub")],
+                       check=True, capture_output=True)
+        admin_token = secrets.token_hex(16)
+        (w / "tokens.csv").write_text(f"{admin_token},admin,admin-uid,system:masters\n")
+        api_log = open(w / "kube-apiserver.log", "wb")
+        self.procs.append(subprocess.Popen(
+            [str(self.binary),
+             "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
+             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+             "--secure-port", str(api_port), "--insecure-port=0",
+             "--cert-dir", str(w / "certs"),
+             "--token-auth-file", str(w / "tokens.csv"),
+             "--authorization-mode", "RBAC",
+             "--service-account-issuer", ISSUER,
+             "--service-account-key-file", str(w / "sa.pub"),
+             "--service-account-signing-key-file", str(w / "sa.key"),
+             "--api-audiences", ISSUER,
+             "--service-cluster-ip-range", "10.96.0.0/24",
+             # No controller-manager creates `default` service accounts: do not require them.
+             "--disable-admission-plugins", "ServiceAccount",
+             "--logtostderr=true", "-v=1"],
+            stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True))
+        self.url = f"https://127.0.0.1:{api_port}"
+        self._wait_ready(admin_token)
+        return self
+
+    def _wait_ready(self, token: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        cert = self.workdir / "certs" / "apiserver.crt"
+        last = ""
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{p.args[0]} exited with {p.returncode}:\n{self.log_tail()}")
+            if cert.is_file():
+                try:
+                    self.admin = Kube(self.url, token, cert)
+                    self.admin.request("GET", "/readyz")
+                    return
+                except (ApiError, OSError, ssl.SSLError) as e:
+                    last = str(e)
+            time.sleep(0.3)
+        raise RuntimeError(f"kube-apiserver not ready after {timeout}s ({last}):\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        out = []
+        for name in ("kube-apiserver.log", "etcd.log"):
+            f = self.workdir / name
+            if f.is_file():
+                out.append(f"--- {name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+    @property
+    def ca(self) -> Path:
+        return self.workdir / "certs" / "apiserver.crt"
+
+    def install_crds(self, folder: Path) -> list[str]:
+        names = []
+        for path in sorted(folder.glob("*.yaml")):
+            for doc in load_docs(path):
+                if doc.get("kind") != "CustomResourceDefinition":
+                    continue
+                crd = fix_crd_for_120(doc)
+                self.admin.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+                names.append(crd["metadata"]["name"])
+        deadline = time.monotonic() + 30
+        for name in names:
+            while True:
+                crd = self.admin.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+                conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
+                if conds.get("Established") == "True":
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"CRD {name} not established: {conds}")
+                time.sleep(0.2)
+        # The API surface appears a moment after Established: wait until each is served.
+        for name in names:
+            plural, group = name.split(".", 1)
+            crd = self.admin.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            version = crd["spec"]["versions"][0]["name"]
+            while True:
+                try:
+                    self.admin.get(f"/apis/{group}/{version}/{plural}")
+                    break
+                except ApiError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        return names
+
+    def service_account_token(self, namespace: str, name: str, *, seconds: int = 3600) -> str:
+        """A bound token from the TokenRequest API: minted and later verified by the API server
+        itself with its signing key, for a ServiceAccount that must exist."""
+        resp = self.admin.request(
+            "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+             "spec": {"audiences": [ISSUER], "expirationSeconds": seconds}})
+        return resp["status"]["token"]
+
+    def api_client(self, token: str):
+        """A `kubernetes` ApiClient for `token` (what KnativeRuntime gets in the tests)."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = self.url
+        cfg.ssl_ca_cert = str(self.ca)
+        cfg.api_key = {"BearerToken": token}
+        cfg.api_key_prefix = {"BearerToken": "Bearer"}
+        return client.ApiClient(cfg)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def iter_knative_docs() -> Iterator[tuple[Path, dict]]:
+    for path in sorted((ROOT / "knative").glob("*.yaml")):
+        for doc in load_docs(path):
+            yield path, doc

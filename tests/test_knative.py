@@ -1,0 +1,590 @@
+"""The cluster runtime against a real kube-apiserver 1.20 with the official Knative CRDs.
+
+The runtime runs as the control service's ServiceAccount (a TokenRequest token, verified
+by the API server) bound to knative/rbac.yaml's Role, so every test here also proves the
+Role is enough; `test_role_is_exactly_what_the_runtime_uses` proves it is no more. No
+Knative controller runs: `reconcile_*` below play it by patching `status`.
+"""
+from __future__ import annotations
+
+import ast
+import http.server
+import json
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapters.manifest import load_manifest
+from control.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound
+from control.settings import Settings
+
+import kube
+
+ROOT = Path(__file__).resolve().parent.parent
+NS = "modelplane"
+SA = "modelplane-control"
+BINARY = kube.apiserver_binary()
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(BINARY is None or not BINARY.is_file(),
+                       reason="no kube-apiserver binary: run scripts/kube-apiserver.sh (builds and caches it) "
+                              "or set MODELPLANE_KUBE_APISERVER"),
+]
+
+USED: set[tuple[str, str]] = set()  # (verb, resource) of every request the runtime made
+
+
+def settings(**overrides) -> Settings:
+    values = dict(runtime="knative", namespace=NS, bucket="test-bucket", registry="registry.test/models",
+                  adapter_image="registry.test/adapter:0.1.0", broker="default")
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = kube.Cluster(tmp_path_factory.mktemp("kube"), BINARY).start()
+    try:
+        c.install_crds(kube.crds_dir())
+        # Stands in for Knative's own install, which owns this namespace.
+        c.admin.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "knative-serving"}})
+        for path, doc in kube.iter_knative_docs():
+            if path.name in ("namespace.yaml", "rbac.yaml"):
+                c.admin.apply(doc)
+        yield c
+    except Exception:
+        print(c.log_tail())
+        raise
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def sa_token(cluster):
+    return cluster.service_account_token(NS, SA)
+
+
+def make_runtime(cluster, token, **overrides):
+    from control.runtime.knative import KnativeRuntime
+
+    rt = KnativeRuntime(settings(**overrides), api_client=cluster.api_client(token))
+    inner = rt._request
+
+    def recording(method, resource, name=None, *, verb, **kw):
+        USED.add((verb, resource))
+        return inner(method, resource, name, verb=verb, **kw)
+
+    rt._request = recording
+    return rt
+
+
+@pytest.fixture(scope="module")
+def runtime(cluster, sa_token):
+    rt = make_runtime(cluster, sa_token)
+    yield rt
+    rt.close()
+
+
+# -- playing the Knative controllers -------------------------------------------------------
+
+def svc_path(name):
+    return f"/apis/serving.knative.dev/v1/namespaces/{NS}/services/{name}"
+
+
+def reconcile_service(admin, name, *, ready=True, message="", address=None):
+    svc = admin.get(svc_path(name))
+    revision = svc["spec"]["template"]["metadata"]["name"]
+    status = "True" if ready else "False"
+    cond = {"type": "Ready", "status": status, "lastTransitionTime": "2024-01-01T00:00:00Z"}
+    if not ready:
+        cond.update(reason="RevisionFailed", message=message)
+    admin.merge_patch(svc_path(name) + "/status", {"status": {
+        "observedGeneration": svc["metadata"]["generation"],
+        "conditions": [cond, dict(cond, type="ConfigurationsReady"), dict(cond, type="RoutesReady")],
+        "url": f"http://{name}.{NS}.example.com",
+        "address": {"url": address or f"http://{name}.{NS}.svc.cluster.local"},
+        "latestCreatedRevisionName": revision,
+        "latestReadyRevisionName": revision if ready else None,
+        "traffic": [{"revisionName": t["revisionName"], "percent": t["percent"], "latestRevision": False}
+                    for t in svc["spec"]["traffic"]],
+    }})
+
+
+def reconcile_ready(admin, plural, group_version, name, extra=None):
+    path = f"/apis/{group_version}/namespaces/{NS}/{plural}/{name}"
+    obj = admin.get(path)
+    admin.merge_patch(path + "/status", {"status": {
+        "observedGeneration": obj["metadata"]["generation"],
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2024-01-01T00:00:00Z"}],
+        **(extra or {})}})
+
+
+def make_pod(admin, name, labels, *, ready=True):
+    pod = admin.request("POST", f"/api/v1/namespaces/{NS}/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "publish", "image": "registry.test/x"}]}})
+    if ready:
+        admin.merge_patch(f"/api/v1/namespaces/{NS}/pods/{name}/status", {"status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2024-01-01T00:00:00Z"}]}})
+    return pod
+
+
+def job_status(admin, name, status):
+    admin.merge_patch(f"/apis/batch/v1/namespaces/{NS}/jobs/{name}/status", {"status": status})
+
+
+def example(name):
+    folder = ROOT / "models" / name
+    if not (folder / "model.yaml").is_file():
+        pytest.skip(f"example model {name} not present")
+    return load_manifest(folder)
+
+
+def bump(manifest, version, **changes):
+    data = manifest.model_dump(mode="python")
+    data.update(version=version, **changes)
+    return type(manifest).model_validate(data)
+
+
+class Echo(http.server.BaseHTTPRequestHandler):
+    """Stands in for a model's adapter behind the Knative URL."""
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        out = json.dumps({"path": self.path, "got": json.loads(body)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+# -- realtime -------------------------------------------------------------------------------
+
+def test_realtime_deploy_status_rollback_remove(cluster, runtime):
+    admin = cluster.admin
+    v1 = example("donor-propensity")
+    name = v1.name
+
+    info = runtime.deploy(v1)
+    assert (info.version, info.live) == ("1.0.0", True)
+    svc = admin.get(svc_path(name))
+    template = svc["spec"]["template"]
+    assert template["metadata"]["name"] == f"{name}-1-0-0"
+    assert svc["spec"]["traffic"] == [{"revisionName": f"{name}-1-0-0", "percent": 100, "latestRevision": False}]
+    adapter, model = template["spec"]["containers"]
+    assert adapter["image"] == "registry.test/adapter:0.1.0" and adapter["args"] == ["serve"]
+    [port] = adapter["ports"]  # the one port Knative routes to (the CRD defaults protocol: TCP)
+    assert (port["name"], port["containerPort"]) == ("http1", 8080)
+    assert adapter["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    env = {e["name"]: e["value"] for e in adapter["env"]}
+    assert env["MODEL_URL"] == "http://127.0.0.1:8081"
+    assert json.loads(env["MODELPLANE_MANIFEST"])["name"] == name
+    assert model["image"] == f"registry.test/models/{name}:1.0.0"
+    assert {"name": "PORT", "value": "8081"} in model["env"]
+    assert model["resources"]["requests"] == {"cpu": "500m", "memory": "128Mi"}
+    ann = template["metadata"]["annotations"]
+    assert ann["autoscaling.knative.dev/min-scale"] == "0" and ann["autoscaling.knative.dev/max-scale"] == "5"
+    assert ann["autoscaling.knative.dev/target"] == "8" and ann["autoscaling.knative.dev/scale-down-delay"] == "60s"
+    assert ann["autoscaling.knative.dev/metric"] == "concurrency"
+    assert svc["metadata"]["labels"]["modelplane.dev/model"] == name
+
+    # No controller has looked at it yet.
+    [row] = [m for m in runtime.models() if m.name == name]
+    assert (row.status, row.kind, row.version, row.language) == ("starting", "realtime", "1.0.0", "python")
+
+    reconcile_service(admin, name)
+    [row] = [m for m in runtime.models() if m.name == name]
+    assert (row.status, row.replicas, row.endpoint) == ("idle", 0, f"http://{name}.{NS}.example.com")
+
+    make_pod(admin, f"{name}-pod-a", {"modelplane.dev/model": name,
+                                      "serving.knative.dev/revision": f"{name}-1-0-0",
+                                      "serving.knative.dev/service": name})
+    detail = runtime.model(name)
+    assert (detail.status, detail.replicas) == ("ready", 1)
+    assert detail.metrics["cluster"]["latestReadyRevisionName"] == f"{name}-1-0-0"
+    assert detail.manifest["name"] == name and [v.version for v in detail.versions] == ["1.0.0"]
+
+    # Deploying the same version again changes nothing at all.
+    before = admin.get(svc_path(name))["metadata"]["resourceVersion"]
+    again = runtime.deploy(load_manifest(ROOT / "models" / name))
+    assert (again.version, again.live) == ("1.0.0", True)
+    assert admin.get(svc_path(name))["metadata"]["resourceVersion"] == before
+
+    # Same version, different content: versions are immutable.
+    with pytest.raises(Conflict, match="immutable"):
+        runtime.deploy(bump(v1, "1.0.0", description="changed"))
+
+    # A new version: a new revision, traffic moves, the old one stays for rollback.
+    v2 = bump(v1, "1.1.0", scaling={"min": 1, "max": 3, "target_concurrency": 4, "idle_timeout": "2m"})
+    assert runtime.deploy(v2).live
+    svc = admin.get(svc_path(name))
+    assert svc["spec"]["template"]["metadata"]["name"] == f"{name}-1-1-0"
+    assert svc["spec"]["traffic"][0]["revisionName"] == f"{name}-1-1-0"
+    assert svc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/scale-down-delay"] == "120s"
+    assert runtime.model(name).status == "starting"  # generation moved past observedGeneration
+    reconcile_service(admin, name)
+    detail = runtime.model(name)
+    assert (detail.version, detail.status, detail.replicas) == ("1.1.0", "idle", 0)  # the pod was 1.0.0's
+    assert [(v.version, v.live) for v in detail.versions] == [("1.0.0", False), ("1.1.0", True)]
+
+    # Rollback is a traffic change only.
+    template_before = admin.get(svc_path(name))["spec"]["template"]
+    back = runtime.rollback(name, version="1.0.0")
+    assert (back.version, back.live) == ("1.0.0", True)
+    svc = admin.get(svc_path(name))
+    assert svc["spec"]["traffic"] == [{"revisionName": f"{name}-1-0-0", "percent": 100, "latestRevision": False}]
+    assert svc["spec"]["template"] == template_before
+    with pytest.raises(NotFound, match="no version 9.9.9"):
+        runtime.rollback(name, version="9.9.9")
+
+    # forward() goes to the Service's address over pooled connections.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reconcile_service(admin, name, address=f"http://127.0.0.1:{server.server_port}")
+        runtime._endpoints.clear()
+        detail = runtime.model(name)
+        assert (detail.version, detail.status, detail.replicas) == ("1.0.0", "ready", 1)
+        resp = runtime.forward(name, method="POST", path="/predict", query="x=1",
+                               headers={"Content-Type": "application/json", "Host": "control"},
+                               body=json.dumps({"rows": [{"a": 1}]}).encode())
+        assert resp.status == 200
+        assert json.loads(resp.body) == {"path": "/predict?x=1", "got": {"rows": [{"a": 1}]}}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    reconcile_service(admin, name, ready=False, message="Container model crashed: exit 1")
+    [row] = [m for m in runtime.models() if m.name == name]
+    assert row.status == "failed" and "exit 1" in row.error
+
+    with pytest.raises(BadRequest):
+        runtime.submit_job(name, dataset="gs://test-bucket/incoming/x.csv")
+
+    runtime.remove(name)
+    with pytest.raises(NotFound):
+        runtime.model(name)
+    with pytest.raises(kube.ApiError) as gone:
+        admin.get(svc_path(name))
+    assert gone.value.status == 404
+    with pytest.raises(NotFound):
+        runtime.remove(name)
+
+
+# -- batch ----------------------------------------------------------------------------------
+
+def jobsink_path(name):
+    return f"/apis/sinks.knative.dev/v1alpha1/namespaces/{NS}/jobsinks/{name}"
+
+
+def trigger_path(name):
+    return f"/apis/eventing.knative.dev/v1/namespaces/{NS}/triggers/{name}"
+
+
+def test_batch_deploy_jobs_rollback_remove(cluster, runtime):
+    admin = cluster.admin
+    v1 = example("churn-risk")
+    name = v1.name
+    sink_name = f"{name}-1-0-0"
+
+    assert runtime.deploy(v1).live
+    sink = admin.get(jobsink_path(sink_name))
+    job = sink["spec"]["job"]["spec"]
+    assert (job["backoffLimit"], job["activeDeadlineSeconds"] >= 1800, job["ttlSecondsAfterFinished"] > 0) == \
+        (0, True, True)
+    pod = job["template"]["spec"]
+    fetch, score = pod["initContainers"]
+    [publish] = pod["containers"]
+    assert (fetch["image"], fetch["args"]) == ("registry.test/adapter:0.1.0", ["fetch", "--work", "/work"])
+    assert {"name": "K_EVENT_PATH", "value": "/etc/jobsink-event"} in fetch["env"]
+    assert score["image"] == f"registry.test/models/{name}:1.0.0" and score["command"][0] == "sh"
+    assert score["command"][-2:] == ["python3", "score.py"]  # the model's own command, no Python needed
+    assert {"name": "DATASET", "value": "/work/dataset.csv"} in score["env"]
+    assert (publish["image"], publish["args"]) == ("registry.test/adapter:0.1.0", ["publish", "--work", "/work"])
+    assert pod["volumes"] == [{"name": "work", "emptyDir": {}}]
+    trig = admin.get(trigger_path(name))
+    assert trig["spec"]["broker"] == "default"
+    assert trig["spec"]["filters"] == [
+        {"exact": {"type": "google.cloud.storage.object.v1.finalized"}},
+        {"exact": {"source": "//storage.googleapis.com/projects/_/buckets/test-bucket"}},
+        {"prefix": {"subject": f"objects/incoming/{name}/"}},
+    ]
+    assert trig["spec"]["subscriber"]["ref"] == {"apiVersion": "sinks.knative.dev/v1alpha1", "kind": "JobSink",
+                                                 "name": sink_name}
+
+    [row] = [m for m in runtime.models() if m.name == name]
+    assert (row.kind, row.status, row.version) == ("batch", "starting", "1.0.0")
+    reconcile_ready(admin, "triggers", "eventing.knative.dev/v1", name)
+    reconcile_ready(admin, "jobsinks", "sinks.knative.dev/v1alpha1", sink_name,
+                    {"address": {"url": f"http://job-sink.knative-eventing.svc.cluster.local/{NS}/{sink_name}"}})
+    [row] = [m for m in runtime.models() if m.name == name]
+    assert (row.status, row.replicas) == ("idle", 0)
+    assert row.endpoint.endswith(f"/{NS}/{sink_name}")
+
+    before = (admin.get(jobsink_path(sink_name))["metadata"]["resourceVersion"],
+              admin.get(trigger_path(name))["metadata"]["resourceVersion"])
+    runtime.deploy(load_manifest(ROOT / "models" / name))
+    assert (admin.get(jobsink_path(sink_name))["metadata"]["resourceVersion"],
+            admin.get(trigger_path(name))["metadata"]["resourceVersion"]) == before
+
+    # A job through the API: a Job from the JobSink's template plus the event Secret.
+    dataset = f"gs://test-bucket/incoming/{name}/march.csv"
+    job, created = runtime.submit_job(name, dataset=dataset, event_key="test-bucket/march.csv#1")
+    assert created and job.status == "queued" and job.model == name and job.version == "1.0.0"
+    kjob = admin.get(f"/apis/batch/v1/namespaces/{NS}/jobs/{job.id}")
+    assert kjob["metadata"]["labels"]["sinks.knative.dev/job-sink-name"] == sink_name
+    assert kjob["metadata"]["ownerReferences"][0]["kind"] == "JobSink"
+    assert kjob["spec"]["backoffLimit"] == 0
+    assert [c["name"] for c in kjob["spec"]["template"]["spec"]["initContainers"]] == ["fetch", "score"]
+    secret = admin.get(f"/api/v1/namespaces/{NS}/secrets/{job.id}")
+    import base64
+    event = json.loads(base64.b64decode(secret["data"]["event"]))
+    assert event["type"] == "google.cloud.storage.object.v1.finalized"
+    assert event["subject"] == f"objects/incoming/{name}/march.csv"
+    assert event["data"] == {"bucket": "test-bucket", "name": f"incoming/{name}/march.csv",
+                             "kind": "storage#object", "contentType": "text/csv"}
+    # The same event again: the same job, not a second one.
+    again, created_again = runtime.submit_job(name, dataset=dataset, event_key="test-bucket/march.csv#1")
+    assert (again.id, created_again) == (job.id, False)
+
+    # A Job as Knative's JobSink dispatcher would create it for a bucket event.
+    bucket_job = json.loads(json.dumps(sink["spec"]["job"]))
+    bucket_job["metadata"]["name"] = f"{sink_name}-from-bucket"
+    bucket_job["metadata"]["labels"]["sinks.knative.dev/job-sink-name"] = sink_name
+    # (knative/eventing cmd/jobsink: the event Secret as volume `jobsink-event`, mounted in containers)
+    bucket_pod = bucket_job["spec"]["template"]["spec"]
+    bucket_pod["volumes"].append({"name": "jobsink-event", "secret": {"secretName": f"{sink_name}-from-bucket"}})
+    for c in bucket_pod["containers"]:
+        c["volumeMounts"].append({"name": "jobsink-event", "mountPath": "/etc/jobsink-event", "readOnly": True})
+        c["env"].append({"name": "K_EVENT_PATH", "value": "/etc/jobsink-event"})
+    admin.request("POST", f"/apis/batch/v1/namespaces/{NS}/jobs", bucket_job)
+
+    jobs = runtime.jobs(model=name)
+    assert {j.id: (j.status, j.trigger) for j in jobs} == {job.id: ("queued", "api"),
+                                                           f"{sink_name}-from-bucket": ("queued", "bucket")}
+    job_status(admin, job.id, {"active": 1, "startTime": "2024-01-01T00:00:00Z"})
+    make_pod(admin, f"{job.id}-pod", {"job-name": job.id}, ready=False)  # no node: no log yet
+    got = runtime.job(job.id)
+    assert (got.status, got.started_at) == ("running", "2024-01-01T00:00:00Z")
+    assert runtime.model(name).replicas == 1
+    assert runtime.model(name).status == "ready"
+    job_status(admin, job.id, {"active": 0, "succeeded": 1, "completionTime": "2024-01-01T00:05:00Z",
+                               "conditions": [{"type": "Complete", "status": "True",
+                                               "lastTransitionTime": "2024-01-01T00:05:00Z"}]})
+    got = runtime.job(job.id)
+    assert (got.status, got.finished_at) == ("succeeded", "2024-01-01T00:05:00Z")
+    assert got.results_uri == f"gs://test-bucket/results/{name}/{job.id}/scores.csv"
+    job_status(admin, f"{sink_name}-from-bucket", {"conditions": [{
+        "type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+        "message": "Job was active longer than specified deadline", "lastTransitionTime": "2024-01-01T01:00:00Z"}]})
+    failed = runtime.job(f"{sink_name}-from-bucket")
+    assert failed.status == "failed" and "DeadlineExceeded" in failed.error
+    with pytest.raises(NotFound):
+        runtime.job("no-such-job")
+    with pytest.raises(Invalid, match="gs://"):
+        runtime.submit_job(name, dataset="/tmp/local.csv")
+
+    # New version: a second JobSink, the Trigger moves; rollback moves it back.
+    assert runtime.deploy(bump(v1, "1.1.0")).live
+    assert admin.get(trigger_path(name))["spec"]["subscriber"]["ref"]["name"] == f"{name}-1-1-0"
+    assert admin.get(jobsink_path(sink_name))  # the earlier version stays
+    detail = runtime.model(name)
+    assert [(v.version, v.live) for v in detail.versions] == [("1.0.0", False), ("1.1.0", True)]
+    runtime.rollback(name, version="1.0.0")
+    assert admin.get(trigger_path(name))["spec"]["subscriber"]["ref"]["name"] == sink_name
+    assert runtime.model(name).version == "1.0.0"
+
+    with pytest.raises(BadRequest):
+        runtime.forward(name, method="POST", path="/predict", headers={}, body=b"{}")
+
+    runtime.remove(name)
+    with pytest.raises(NotFound):
+        runtime.model(name)
+    for path in (trigger_path(name), jobsink_path(sink_name), jobsink_path(f"{name}-1-1-0")):
+        with pytest.raises(kube.ApiError):
+            admin.get(path)
+
+
+# -- what reaches the cluster ---------------------------------------------------------------
+
+def test_crd_schemas_accept_every_rendered_object(cluster):
+    from control.runtime.knative_objects import render_objects
+
+    folders = sorted(p.parent for p in (ROOT / "models").glob("*/model.yaml"))
+    assert folders, "no example models"
+    for folder in folders:
+        for obj in render_objects(load_manifest(folder), settings()):
+            cluster.admin.request("POST", kube.object_path(obj).rsplit("/", 1)[0], obj, query="dryRun=All")
+    # ... and the schema really is enforced: a non-string autoscaling annotation is refused.
+    obj = render_objects(load_manifest(folders[0] if (folders[0] / "model.yaml").read_text().find("realtime") > 0
+                                       else ROOT / "models" / "donor-propensity"), settings())[0]
+    obj["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] = 0
+    with pytest.raises(kube.ApiError) as refused:
+        cluster.admin.request("POST", kube.object_path(obj).rsplit("/", 1)[0], obj, query="dryRun=All")
+    assert refused.value.status == 422
+
+
+def test_bad_manifest_never_reaches_the_cluster(cluster, sa_token):
+    rt = make_runtime(cluster, sa_token)
+    calls = []
+    api = rt.api
+    original = api.call_api
+    api.call_api = lambda *a, **kw: calls.append(a) or original(*a, **kw)
+    v1 = example("donor-propensity")
+    too_long = bump(v1, "1.0.0-" + "a" * 40, name="a-rather-long-model-name-for-a-revision")
+    with pytest.raises(Invalid, match="63"):
+        rt.deploy(too_long)
+    hand_built = v1.model_copy(update={"name": "Not_A_DNS_Label"})  # skips validation
+    with pytest.raises(Invalid, match="name"):
+        rt.deploy(hand_built)
+    assert calls == []
+
+
+def test_api_errors_are_mapped(cluster, sa_token, runtime):
+    # Outside the RoleBinding's namespace: 403, naming verb, resource and namespace.
+    elsewhere = make_runtime(cluster, sa_token, namespace="default")
+    with pytest.raises(Forbidden) as denied:
+        elsewhere.models()
+    message = denied.value.message
+    assert "list" in message and "services.serving.knative.dev" in message and "namespace default" in message
+    assert denied.value.details["permission"] == {"verb": "list", "resource": "services",
+                                                  "apiGroup": "serving.knative.dev", "namespace": "default"}
+    with pytest.raises(NotFound):
+        runtime.model("never-deployed")
+    with pytest.raises(NotFound):
+        runtime.rollback("never-deployed", version="1.0.0")
+
+    # 422 from the API server names the field it rejected.
+    from control.runtime.knative_objects import render_objects
+
+    [svc] = render_objects(example("donor-propensity"), settings())
+    svc["metadata"]["name"] = "bad"
+    svc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] = 5
+    with pytest.raises(Invalid) as rejected:
+        runtime._create("services", svc)
+    assert rejected.value.status == 422
+    assert "Service bad" in rejected.value.message
+    assert "spec.template.metadata.annotations.autoscaling.knative.dev/max-scale" in rejected.value.message
+    assert rejected.value.details["problems"][0]["field"].startswith("spec.template.metadata.annotations")
+
+    # Nothing listening: Unavailable (try again later), not a crash.
+    from control.errors import Unavailable
+    from control.runtime.knative import KnativeRuntime
+    from kubernetes import client
+
+    cfg = client.Configuration()
+    cfg.host = f"https://127.0.0.1:{kube.free_port()}"
+    cfg.ssl_ca_cert = str(cluster.ca)
+    cfg.retries = 0
+    down = KnativeRuntime(settings(), api_client=client.ApiClient(cfg), request_timeout=2)
+    with pytest.raises(Unavailable):
+        down.models()
+
+
+def test_knative_install_passes_server_side_dry_run(cluster):
+    docs = list(kube.iter_knative_docs())
+    kinds = {d["kind"] for _, d in docs}
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service", "Broker",
+            "ConfigMap"} <= kinds
+    for path, doc in docs:
+        try:
+            cluster.admin.apply(doc, dry_run=True)
+        except kube.ApiError as e:
+            pytest.fail(f"{path.name}: {doc['kind']} {doc['metadata']['name']}: {e}")
+    control = next(d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "modelplane-control")
+    container = control["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "MODELPLANE_RUNTIME", "value": "knative"} in container["env"]
+    assert control["spec"]["template"]["spec"]["serviceAccountName"] == SA
+    bridge = next(d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "modelplane-bridge")
+    args = bridge["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["watch", "--sink"] and args[2].endswith(f"/{NS}/default")
+    autoscaler = next(d for _, d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "config-autoscaler")
+    assert autoscaler["metadata"]["namespace"] == "knative-serving"
+    assert autoscaler["data"]["enable-scale-to-zero"] == "true"
+
+
+def test_role_is_exactly_what_the_runtime_uses():
+    """Run last: every (verb, resource) the tests above made the runtime use is granted (they
+    passed as the ServiceAccount), and the Role grants nothing they did not use."""
+    if not USED:
+        pytest.skip("the cluster tests did not run")
+    role = next(d for path, d in kube.iter_knative_docs() if d["kind"] == "Role")
+    granted = {(verb, resource) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == USED
+
+
+# -- offline checks -------------------------------------------------------------------------
+
+def test_render_needs_no_kubernetes_client():
+    code = ("import sys; from control.runtime import knative_objects as k; "
+            "from adapters.manifest import load_manifest; from control.settings import Settings; "
+            "print(k.render_yaml(load_manifest('models/donor-propensity'), Settings())); "
+            "assert 'kubernetes' not in sys.modules, 'kubernetes imported'")
+    if not (ROOT / "models" / "donor-propensity").is_dir():
+        pytest.skip("example model missing")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = list(yaml.safe_load_all(out.stdout))
+    assert docs[0]["kind"] == "Service" and "&id" not in out.stdout
+
+
+def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_container_builds_are_consistent():
+    """No Docker engine here: check statically what a build would trip on."""
+    pyproject = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())
+    scripts = pyproject["project"]["scripts"]
+    contexts = {"adapter": ROOT, "control": ROOT, "python-base": ROOT / "knative/images/python-base",
+                "r-base": ROOT / "knative/images/r-base", "model": ROOT / "models" / "donor-propensity"}
+    for name, context in contexts.items():
+        dockerfile = ROOT / "knative" / "images" / name / "Dockerfile"
+        assert dockerfile.is_file(), dockerfile
+        steps = _dockerfile_instructions(dockerfile)
+        assert steps and steps[0][0] in ("FROM", "ARG")
+        for word, rest in steps:
+            if word == "COPY":
+                parts = [p for p in rest.split() if not p.startswith("--")]
+                for src in parts[:-1]:
+                    assert (context / src).exists(), f"{dockerfile}: COPY source {src} missing in {context}"
+            if word == "ENTRYPOINT":
+                [program] = json.loads(rest)[:1]
+                assert program in scripts, f"{dockerfile}: {program} is not a console script in pyproject"
+                module, func = scripts[program].split(":")
+                source = ROOT / (module.replace(".", "/") + ".py")
+                assert source.is_file(), f"{program} -> {module}: {source} missing"
+                tree = ast.parse(source.read_text())
+                assert any(isinstance(n, ast.FunctionDef) and n.name == func for n in tree.body), \
+                    f"{program} -> {scripts[program]}: no function {func}"
+    r_base = (ROOT / "knative/images/r-base/Dockerfile").read_text()
+    assert all(p in r_base for p in ("r-base-core", "r-cran-plumber", "r-cran-jsonlite"))
+
+
+def test_models_pipeline_validates_prs_and_deploys_main():
+    wf = yaml.safe_load((ROOT / ".github/workflows/models.yml").read_text())
+    triggers = wf.get(True) or wf.get("on")  # YAML 1.1 reads `on` as True
+    assert "pull_request" in triggers and triggers["push"]["branches"] == ["main"]
+    runs = {name: "\n".join(s.get("run", "") for s in job["steps"]) for name, job in wf["jobs"].items()}
+    assert "modelplane validate" in runs["validate"]
+    assert "modelplane deploy" in runs["deploy"]
+    assert wf["jobs"]["deploy"]["if"].startswith("github.event_name == 'push'")
+    assert '$REGISTRY/${{ matrix.model }}:${{ steps.meta.outputs.tag }}' in runs["deploy"]
