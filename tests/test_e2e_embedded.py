@@ -217,10 +217,11 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_prints_urls_serves_a_predict_and_sigterm_leaves_no_orphans(tmp_path):
-    _need(REALTIME)
+    _need(REALTIME, BATCH)
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)
-    shutil.copytree(MODELS / REALTIME, work / "models" / REALTIME)
+    for name in (REALTIME, BATCH):
+        shutil.copytree(MODELS / name, work / "models" / name)
     port, console_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPLANE_") and k != "STORAGE_EMULATOR_HOST"}
     env.update(MODELPLANE_PORT=str(port), MODELPLANE_CONSOLE_PORT=str(console_port), PYTHONUNBUFFERED="1")
@@ -231,21 +232,24 @@ def test_up_prints_urls_serves_a_predict_and_sigterm_leaves_no_orphans(tmp_path)
     lines: list[str] = []
     everything: set[int] = set()
     try:
-        import selectors
+        import queue
+        import threading
 
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
+        # a reader thread: select() on a buffered text pipe misses lines already read ahead
+        pending: "queue.Queue[str]" = queue.Queue()
+        threading.Thread(target=lambda: [pending.put(line) for line in proc.stdout], daemon=True).start()
         while not any(line.startswith("press Ctrl-C") for line in lines):
             remaining = 10 - (time.monotonic() - started)
             assert remaining > 0, "no URLs within 10 s:\n" + "".join(lines)
-            if sel.select(remaining):
-                line = proc.stdout.readline()
-                assert line, "modelplane up exited:\n" + "".join(lines)
-                lines.append(line)
+            try:
+                lines.append(pending.get(timeout=remaining))
+            except queue.Empty:
+                pass
+            assert proc.poll() is None or not pending.empty(), "modelplane up exited:\n" + "".join(lines)
         output = "".join(lines)
         assert f"control  http://127.0.0.1:{port}" in output
         assert "bucket   gs://modelplane (embedded emulator at http://127.0.0.1:" in output
-        assert f"models   1 registered: {REALTIME}" in output
+        assert f"models   2 registered: {BATCH}, {REALTIME}" in output
         if (ROOT / "console" / "app.py").is_file():
             assert f"console  http://127.0.0.1:{console_port}" in output
 
@@ -253,11 +257,25 @@ def test_up_prints_urls_serves_a_predict_and_sigterm_leaves_no_orphans(tmp_path)
         r = requests.post(f"{url}/models/{REALTIME}/predict", json={"rows": sample_rows(REALTIME)[:2]}, timeout=60)
         assert r.status_code == 200, r.text
         assert len(r.json()["scores"]) == 2
+
+        # the CLI against it: a local CSV goes through the bucket, the watcher and /events
+        cli = [sys.executable, "-m", "control.cli"]
+        ran = subprocess.run([*cli, "run", BATCH, str(MODELS / BATCH / "sample.csv"), "--wait", "--timeout", "120"],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=180)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert "uploaded gs://modelplane/incoming/churn-risk/sample.csv" in ran.stdout
+        assert re.search(r"(?m)^status +succeeded$", ran.stdout), ran.stdout
+        listed = subprocess.run([*cli, "ls"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and re.search(rf"(?m)^{REALTIME} +realtime +python +1\.0\.0 +ready", listed.stdout), \
+            listed.stdout + listed.stderr
+
         everything = _descendants(proc.pid)
         assert len(everything) >= 2  # at least the emulator and the model's adapter
 
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        time.sleep(0.2)  # let the reader thread drain the pipe
+        rest = "".join(pending.get() for _ in range(pending.qsize()))
         assert proc.returncode == 0, output + rest
         assert "stopped" in rest
     finally:
@@ -274,3 +292,35 @@ def test_up_prints_urls_serves_a_predict_and_sigterm_leaves_no_orphans(tmp_path)
         except ProcessLookupError:
             pass
     assert orphans == [], f"orphaned processes after SIGTERM: {orphans}"
+
+
+R_REALTIME = "major-gift"
+R_BATCH = "member-retention"
+
+
+@pytest.mark.r
+def test_r_models_score_at_zero_and_on_upload(tmp_path, gcs, gcs_client):
+    from conftest import have_r
+
+    if not have_r():
+        pytest.skip("Rscript not installed")
+    _need(R_REALTIME, R_BATCH)
+    settings = settings_for(tmp_path)
+    for name in (R_REALTIME, R_BATCH):
+        shutil.copytree(MODELS / name, settings.models_dir / name)
+    with running(settings, watch=True) as server:
+        rows = sample_rows(R_REALTIME)
+        r = requests.post(f"{server.url}/models/{R_REALTIME}/predict", json={"rows": rows}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["scores"]) == len(rows)
+
+        name = f"incoming/{R_BATCH}/{uuid.uuid4().hex[:8]}.csv"
+        gcs_client.bucket("test-bucket").blob(name).upload_from_string((MODELS / R_BATCH / "sample.csv").read_bytes())
+
+        def finished():
+            jobs = requests.get(f"{server.url}/api/jobs", params={"dataset": f"gs://test-bucket/{name}"}).json()
+            return jobs if jobs and jobs[0]["status"] in ("succeeded", "failed") else None
+
+        job = wait_until(finished, 120, interval=0.3, what="the R batch job")[0]
+        assert job["status"] == "succeeded", job
+        assert requests.get(f"{server.url}/api/jobs/{job['id']}/results").status_code == 200
