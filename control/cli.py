@@ -442,7 +442,10 @@ def cmd_up(args) -> int:
             os.environ["STORAGE_EMULATOR_HOST"] = emu.endpoint
             emulator_note = f" (embedded emulator at {emu.endpoint})"
 
-        server = ControlServer(settings, watch=True).start()
+        try:
+            server = ControlServer(settings, watch=True).start()
+        except OSError as e:
+            raise CLIError(e.strerror or str(e)) from None
         started.append(("control service", server.stop))
         out(f"control  {server.url}")
         out(f"bucket   gs://{settings.bucket_name}{emulator_note}")

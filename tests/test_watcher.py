@@ -145,3 +145,28 @@ def test_watcher_drives_the_control_service_to_start_a_job(gcs, gcs_client, tmp_
         assert len([j for j in runtime.jobs() if j.dataset == f"gs://test-bucket/{name}"]) == 1
         events = requests.get(f"{server.url}/api/events", params={"action": "started"}).json()
         assert any(e["object"] == name for e in events)
+
+
+def test_modelplane_watch_is_the_standalone_bridge(gcs, gcs_client, tmp_path):
+    """`modelplane watch --sink URL` in its own process: what a cluster runs beside the Broker."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    name = f"incoming/m/{uuid.uuid4().hex[:8]}.csv"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPLANE_")}
+    env.update(MODELPLANE_BUCKET="test-bucket", MODELPLANE_STATE_DIR=str(tmp_path / "state"),
+               MODELPLANE_WATCH_INTERVAL="0.2", STORAGE_EMULATOR_HOST=gcs.endpoint)
+    with Sink() as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "control.cli", "watch", "--sink", sink.url], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            gcs_client.bucket("test-bucket").blob(name).upload_from_string("a\n1\n")
+            wait_until(lambda: f"objects/{name}" in sink.subjects(), 20, what="the bridged event")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    assert "watching gs://test-bucket/incoming/" in out
+    assert (tmp_path / "state" / "watcher.json").is_file()
