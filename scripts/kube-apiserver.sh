@@ -59,16 +59,16 @@ has_deb_src() {
     grep -rqsE '^(Types:.*deb-src|deb-src )' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null
 }
 if ! has_deb_src; then
-    [[ $(id -u) -eq 0 ]] || die "no deb-src entry in /etc/apt and not root: add one for bookworm"
+    SUDO=""
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null || die "no deb-src entry in /etc/apt, not root and no sudo: add one for bookworm"
+        SUDO="sudo"
+    fi
     say "adding /etc/apt/sources.list.d/modelplane-src.sources (deb-src bookworm main)"
-    cat >/etc/apt/sources.list.d/modelplane-src.sources <<'EOF'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-    apt-get update >>"$LOG" 2>&1 || die "apt-get update failed"
+    printf '%s\n' 'Types: deb-src' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm' 'Components: main' \
+        'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+        | $SUDO tee /etc/apt/sources.list.d/modelplane-src.sources >/dev/null
+    $SUDO apt-get update >>"$LOG" 2>&1 || die "apt-get update failed"
 fi
 
 WORK="$DEST_DIR/src"
