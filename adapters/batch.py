@@ -11,6 +11,7 @@ on the common path, the csv module only when the file has quotes or blank lines)
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -44,6 +45,7 @@ RESULT_FILE = "result.json"
 KILL_GRACE_SECONDS = 5.0
 LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 8192
+FOLLOW_INTERVAL = 0.05  # seconds between looks at the results file while the model runs
 
 
 class BatchFailure(Exception):
@@ -153,8 +155,6 @@ def check_header(manifest: Manifest, path: Path) -> list[str]:
 
 def scan_input(path: Path) -> tuple[str, int]:
     """(md5 hex, data rows) of a CSV in one streamed pass; the csv module only if quotes or blank lines need it."""
-    import hashlib
-
     h = hashlib.md5()
     newlines = 0
     needs_csv = False
@@ -191,24 +191,21 @@ def _bad_score(raw: bytes, line_no: int) -> Optional[str]:
     return None
 
 
-def check_results(path: Path, n_rows: int, manifest: Manifest) -> int:
-    """Rows of scores in the model's results file; BatchFailure unless one finite score per input row."""
+def _parse_results_header(first: bytes) -> list[str]:
+    return [c.strip() for c in next(csv.reader([first.decode("utf-8-sig", "replace")]))]
+
+
+def check_results(path: Path, n_rows: int, manifest: Manifest, follower: Optional["ResultsFollower"] = None) -> int:
+    """Rows of scores in the model's results file; BatchFailure unless one finite score per input row.
+
+    With a `follower` that already checked a prefix while the model ran, only the rest is read,
+    once the prefix is proven byte-identical (md5) to what was checked.
+    """
     if not path.is_file():
         raise BatchFailure("the model exited with status 0 but wrote no results file at $RESULTS")
-    with open(path, "rb") as f:
-        first = f.readline()
-        if not first.strip():
-            raise BatchFailure(f"the model wrote an empty results file (expected a header and {n_rows} score(s))")
-        header = next(csv.reader([first.decode("utf-8-sig", "replace")]))
-        header = [c.strip() for c in header]
-        if len(header) == 1:
-            count = _count_scores_fast(f)
-        elif manifest.score.name in header:
-            count = _count_scores_csv(f, header.index(manifest.score.name))
-        else:
-            raise BatchFailure(
-                f"the results have columns {', '.join(header)}; expected a single score column "
-                f"(or one named {manifest.score.name!r})")
+    count = follower.resume(path) if follower is not None else None
+    if count is None:
+        count = _check_results_whole(path, manifest)
     if count != n_rows:
         raise BatchFailure(
             f"the model wrote {count} score(s) for {n_rows} input row(s); "
@@ -216,50 +213,149 @@ def check_results(path: Path, n_rows: int, manifest: Manifest) -> int:
     return count
 
 
-def _count_scores_fast(f) -> int:
-    count = 0
-    line_no = 1  # the header
-    blank_at: Optional[int] = None  # a blank line is an error only if a score follows it
-    rest = b""
-    while True:
-        chunk = f.read(CHUNK)
-        if chunk:
-            block = rest + chunk
-            cut = block.rfind(b"\n")
-            if cut < 0:
-                rest = block
-                continue
-            rest = block[cut + 1:]
-            lines = block[:cut].split(b"\n")
-        else:
-            if not rest:
-                break
-            lines, rest = [rest], b""
-        ok = False
-        if blank_at is None:
+def _check_results_whole(path: Path, manifest: Manifest) -> int:
+    with open(path, "rb") as f:
+        first = f.readline()
+        if not first.strip():
+            raise BatchFailure("the model wrote an empty results file (expected a header and one score per row)")
+        header = _parse_results_header(first)
+        if len(header) == 1:
+            stream = ScoreStream()
+            while chunk := f.read(CHUNK):
+                stream.feed(chunk)
+            return stream.finish()
+        if manifest.score.name in header:
+            return _count_scores_csv(f, header.index(manifest.score.name))
+        raise BatchFailure(
+            f"the results have columns {', '.join(header)}; expected a single score column "
+            f"(or one named {manifest.score.name!r})")
+
+
+class ScoreStream:
+    """Checks single-column score lines fed in arbitrary chunks: complete lines now, the rest kept."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.line_no = 1  # the header
+        self.blank_at: Optional[int] = None  # a blank line is an error only if a score follows it
+        self.rest = b""
+
+    def feed(self, chunk: bytes) -> None:
+        block = self.rest + chunk if self.rest else chunk
+        cut = block.rfind(b"\n")
+        if cut < 0:
+            self.rest = block
+            return
+        self.rest = block[cut + 1:]
+        self._lines(block[:cut].split(b"\n"))
+
+    def finish(self) -> int:
+        if self.rest:
+            self._lines([self.rest])
+            self.rest = b""
+        return self.count
+
+    def _lines(self, lines: list[bytes]) -> None:
+        if self.blank_at is None:
             try:
-                ok = math.isfinite(sum(map(float, lines)))  # any nan/inf makes the sum non-finite
+                if math.isfinite(sum(map(float, lines))):  # any nan/inf makes the sum non-finite
+                    self.count += len(lines)
+                    self.line_no += len(lines)
+                    return
             except ValueError:
-                ok = False
-        if ok:
-            count += len(lines)
-            line_no += len(lines)
-            continue
-        for raw in lines:
-            line_no += 1
+                pass
+        for raw in lines:  # slow path: find and name the bad line
+            self.line_no += 1
             if not raw.strip():
-                if blank_at is None:
-                    blank_at = line_no
+                if self.blank_at is None:
+                    self.blank_at = self.line_no
                 continue
-            if blank_at is not None:
-                raise BatchFailure(f"line {blank_at} of the results is empty: expected one score per input row")
-            problem = _bad_score(raw, line_no)
+            if self.blank_at is not None:
+                raise BatchFailure(f"line {self.blank_at} of the results is empty: expected one score per input row")
+            problem = _bad_score(raw, self.line_no)
             if problem:
                 raise BatchFailure(problem)
-            count += 1
-        if not chunk:
-            break
-    return count
+            self.count += 1
+
+
+class ResultsFollower:
+    """Checks the results file while the model is still writing it, so little is left once it exits.
+
+    Everything read is hashed; `resume` trusts the checked prefix only if the final file starts
+    with exactly those bytes, otherwise the whole file is checked again (a model that rewrites or
+    replaces its results is still checked correctly).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = None
+        self._md5 = hashlib.md5()
+        self.offset = 0
+        self._head = b""
+        self.stream: Optional[ScoreStream] = None
+        self.usable = True
+
+    def poll(self) -> bool:
+        """Read and check what was appended since the last call; True if more is probably waiting."""
+        if not self.usable:
+            return False
+        if self._f is None:
+            try:
+                self._f = open(self.path, "rb")
+            except OSError:
+                return False
+        data = self._f.read(CHUNK)
+        if not data:
+            return False
+        self._md5.update(data)
+        self.offset += len(data)
+        more = len(data) == CHUNK
+        try:
+            if self.stream is not None:
+                self.stream.feed(data)
+                return more
+            self._head += data
+            nl = self._head.find(b"\n")
+            if nl < 0:
+                self.usable = len(self._head) < CHUNK
+                return more
+            first, rest = self._head[:nl + 1], self._head[nl + 1:]
+            self._head = b""
+            if not first.strip() or len(_parse_results_header(first)) != 1:
+                self.usable = False  # the whole-file check reports it
+                return False
+            self.stream = ScoreStream()
+            if rest:
+                self.stream.feed(rest)
+        except BatchFailure:
+            self.usable = False  # maybe the model rewrites it; judged on the final file
+            return False
+        return more
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def resume(self, path: Path) -> Optional[int]:
+        """Finish the check on the final file; None if the checked prefix cannot be trusted."""
+        self.close()
+        if not self.usable or self.stream is None:
+            return None
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            remaining = self.offset
+            while remaining > 0:
+                data = f.read(min(CHUNK, remaining))
+                if not data:
+                    return None
+                h.update(data)
+                remaining -= len(data)
+            if h.digest() != self._md5.digest():
+                return None
+            while chunk := f.read(CHUNK):
+                self.stream.feed(chunk)
+        return self.stream.finish()
 
 
 def _count_scores_csv(f, column: int) -> int:
@@ -400,26 +496,40 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Optional[Path] = None)
         proc = start_model(manifest, dataset, results)
         deadline = time.monotonic() + manifest.batch.timeout_seconds
         tail = OutputTail(proc.stdout)
+        follower = ResultsFollower(results)
         try:
-            md5, n_rows = scan_input(dataset)  # overlaps with the model's own run
+            # both overlap with the model's own run: count the input, check scores as they are written
+            md5, n_rows = scan_input(dataset)
             job.result["input"]["md5"] = md5
             job.result["rows"] = n_rows
-            status = proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise subprocess.TimeoutExpired(manifest.command, manifest.batch.timeout_seconds)
+                progressed = follower.poll()
+                try:
+                    status = proc.wait(timeout=0 if progressed else min(FOLLOW_INTERVAL, remaining))
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         except subprocess.TimeoutExpired:
+            follower.close()
             kill_group(proc)
             tail.join()
             raise BatchFailure(
                 f"the model ran longer than its batch timeout ({manifest.batch.timeout}, "
                 "manifest batch.timeout) and was stopped") from None
         except BaseException:
+            follower.close()
             kill_group(proc)
             raise
         else:
             kill_group(proc, grace=0)  # reap anything the model left running in its group
         tail.join()
         if status != 0:
+            follower.close()
             raise BatchFailure(f"the model {describe_exit(status)}")
-        rows = check_results(results, n_rows, manifest)
+        rows = check_results(results, n_rows, manifest, follower)
         scores_uri = storage.join(spec.results_prefix, SCORES_FILE)
         storage.put_file(results, scores_uri)
         job.succeed(rows, scores_uri)

@@ -214,3 +214,28 @@ def test_results_check_finds_the_bad_line_across_chunks(tmp_path, monkeypatch):
     f.write_text('"score"\n"0.5"\n1e999\n')
     with pytest.raises(batch.BatchFailure, match="line 3 of the results is not a finite number"):
         batch.check_results(f, 2, manifest)
+
+
+def test_results_follower_checks_while_written_and_rechecks_a_rewritten_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "CHUNK", 16)
+    manifest = load_manifest(FIXTURE)
+    f = tmp_path / "scores.csv"
+    follower = batch.ResultsFollower(f)
+    assert follower.poll() is False  # not written yet
+    with open(f, "w") as out:
+        out.write("score\n0.1\n0.")
+        out.flush()
+        while follower.poll():
+            pass
+        out.write("2\n0.3\n")
+    while follower.poll():
+        pass
+    assert follower.offset > 0 and follower.stream is not None
+    assert batch.check_results(f, 3, manifest, follower) == 3
+
+    follower = batch.ResultsFollower(f)
+    while follower.poll():
+        pass
+    f.write_text("score\n0.1\nNA\n0.3\n")  # the model rewrote its results after we had read them
+    with pytest.raises(batch.BatchFailure, match="line 3 of the results is not a number"):
+        batch.check_results(f, 3, manifest, follower)

@@ -362,3 +362,11 @@ def test_supervisor_reports_a_model_that_cannot_start(tmp_path):
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert "exited with status 1" in proc.stderr and "no coefficients file" in proc.stderr
+
+
+def test_supervisor_never_orphans_the_model_even_if_killed(tmp_path):
+    a = Adapter(tmp_path)
+    pid = _model_pid(a)
+    a.proc.kill()  # SIGKILL: no handler runs; the kernel's parent-death signal must take the model down
+    a.proc.wait()
+    assert _gone(pid), f"model process {pid} was orphaned"
