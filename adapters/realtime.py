@@ -168,7 +168,12 @@ class Upstream:
                 async with self.session.get(self.health_url, timeout=self._health_timeout) as resp:
                     await resp.read()
                     self._set_ready(resp.status == 200)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except asyncio.TimeoutError:
+                # a single-threaded model (plumber, httpuv) busy scoring cannot answer /health at once:
+                # busy is not down, so a ready model stays ready until it refuses or answers non-200
+                if not self.ready:
+                    self._set_ready(False)
+            except aiohttp.ClientError:
                 self._set_ready(False)
             self._wake.clear()
             try:
@@ -580,7 +585,11 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: Optional
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port, backlog=1024, shutdown_timeout=5.0)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            print(f"modelplane-adapter: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+            return 1
         log.info("adapter for %s on http://%s:%s, model at %s", manifest.ref, host, port, model_url)
         await stop.wait()
     finally:

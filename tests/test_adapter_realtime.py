@@ -370,3 +370,19 @@ def test_supervisor_never_orphans_the_model_even_if_killed(tmp_path):
     a.proc.kill()  # SIGKILL: no handler runs; the kernel's parent-death signal must take the model down
     a.proc.wait()
     assert _gone(pid), f"model process {pid} was orphaned"
+
+
+def test_taken_port_is_a_one_line_error_and_stops_the_model(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "adapters", "serve", str(FIXTURE), "--port", str(port)],
+                              cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    m = re.search(r"started model \S+ \(pid (\d+)\)", proc.stderr)
+    assert m and _gone(int(m.group(1)))
