@@ -1,0 +1,247 @@
+"""The local runtime: models as processes on this machine, state in a directory that survives restarts.
+
+The pieces live beside this module: `local_store` (immutable versions and the live pointer),
+`local_replicas` (adapter processes, the activator and the autoscaler), `local_jobs` (batch
+job records and workers) and `local_metrics`. This class wires them to the `Runtime` contract.
+
+Everything this runtime starts runs in its own process group and is stopped by `close()`,
+which also runs at normal interpreter exit; adapters are further started under
+`setpriv --pdeathsig KILL` where available, so they die with the control service even when
+it is killed outright.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Mapping, Optional
+
+import adapters
+from adapters.manifest import Manifest
+from control.errors import BadRequest, NotFound
+from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, VersionInfo
+from control.runtime.local_jobs import JobRunner, JobStore, new_job_id
+from control.runtime.local_replicas import ReplicaManager
+from control.runtime.local_store import ModelRecord, VersionStore, utcnow
+
+_PROJECT_ROOT = str(Path(adapters.__file__).resolve().parent.parent)
+# Variables that would change what the adapter does behind our back (sidecar mode, another
+# dataset or port); we pass all of that on the command line instead.
+_STRIP_ENV = ("MODEL_URL", "MODELPLANE_MANIFEST", "DATASET_URI", "RESULTS_URI", "JOB_ID", "K_EVENT_PATH", "PORT")
+
+_open_runtimes: "weakref.WeakSet[LocalRuntime]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for runtime in list(_open_runtimes):
+        runtime.close()
+
+
+class LocalRuntime(Runtime):
+    """Runs realtime models as adapter processes scaled by load, batch models as local jobs."""
+
+    name = "local"
+
+    def __init__(self, settings, *, adapter_command: Optional[list[str]] = None):
+        self.settings = settings
+        self.state_dir = Path(settings.state_dir).resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._adapter = list(adapter_command or [sys.executable, "-m", "adapters"])
+        self._admin = threading.RLock()     # deploy/rollback/remove: the store and the routing change together
+        self._start_lock = threading.Lock()
+        self._started = False
+        self._closed = False
+        self.store = VersionStore(self.state_dir / "models")
+        self.job_store = JobStore(self.state_dir / "jobs")
+        self.replicas = ReplicaManager(
+            logs=self.state_dir / "logs" / "replicas", cwd=self.state_dir,
+            start_timeout=settings.start_timeout, max_restarts=settings.max_restarts,
+            argv=lambda folder, port: [*self._adapter, "serve", str(folder), "--port", str(port)],
+            env=self._env, manifest=self.store.manifest, directory=self.store.version_dir)
+        self.runner = JobRunner(self.job_store, concurrency=settings.job_concurrency,
+                                logs=self.state_dir / "logs" / "jobs", command=self._job_command, env=self._env)
+        self._requeue = self.runner.recover()
+        for name in self.store.names():
+            self._route(self.store.get(name), clear_failure=True)
+        _open_runtimes.add(self)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        with self._start_lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+        self.replicas.start()
+        self.runner.start()
+        for job in self._requeue:
+            self.runner.enqueue(job.id)
+        self._requeue = []
+
+    def close(self) -> None:
+        with self._start_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.replicas.close()
+        self.runner.close()
+        _open_runtimes.discard(self)
+
+    def __enter__(self) -> "LocalRuntime":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- versions -----------------------------------------------------------------------
+    def deploy(self, manifest: Manifest, *, make_live: bool = True) -> VersionInfo:
+        with self._admin:
+            info, _created, made_live = self.store.add(manifest, make_live=make_live)
+            record = self.store.get(manifest.name)
+            if made_live:
+                self._route(record, clear_failure=True)
+        self.start()
+        return VersionInfo(version=info.version, deployed_at=info.deployed_at, live=record.live == info.version)
+
+    def rollback(self, name: str, *, version: str) -> VersionInfo:
+        with self._admin:
+            info = self.store.set_live(name, version)
+            self._route(self.store.get(name), clear_failure=True)
+        self.start()
+        return VersionInfo(version=info.version, deployed_at=info.deployed_at, live=True)
+
+    def remove(self, name: str) -> None:
+        with self._admin:
+            self.store.get(name)
+            self.replicas.forget(name)
+            for job in self.job_store.all():
+                if job.model == name and job.status in ("queued", "running"):
+                    self.runner.cancel(job.id, f"the model {name} was removed")
+            self.store.remove(name)
+
+    def _route(self, record: ModelRecord, *, clear_failure: bool) -> None:
+        live = record.live_record
+        if live is None:
+            return
+        if live.manifest.get("kind") == "realtime":
+            warm = (live.manifest.get("scaling") or {}).get("min", 0) > 0
+            self.replicas.set_live(record.name, live.version, clear_failure=clear_failure, warm=warm)
+        else:
+            self.replicas.forget(record.name)   # a model that turned batch keeps no replicas
+
+    # -- listing ------------------------------------------------------------------------
+    def models(self) -> list[ModelInfo]:
+        out = []
+        for name in self.store.names():
+            record = self.store.find(name)
+            if record is not None and record.live_record is not None:
+                out.append(self._info(record, ModelInfo))
+        return out
+
+    def model(self, name: str) -> ModelDetail:
+        record = self.store.get(name)
+        detail = self._info(record, ModelDetail)
+        live = record.live_record
+        detail.manifest = dict(live.manifest)
+        detail.versions = [VersionInfo(version=v.version, deployed_at=v.deployed_at, live=v.version == record.live)
+                           for v in reversed(record.versions)]
+        if live.manifest.get("kind") == "realtime":
+            detail.metrics = self.replicas.metrics(name)
+        else:
+            counts = {status: 0 for status in ("queued", "running", "succeeded", "failed")}
+            for job in self.job_store.all():
+                if job.model == name:
+                    counts[job.status] = counts.get(job.status, 0) + 1
+            detail.metrics = {"requests": 0, "errors": 0, "p50_ms": None, "p95_ms": None, "cold_starts": 0,
+                              "replicas": counts["running"], "history": [], "jobs": counts}
+        return detail
+
+    def _info(self, record: ModelRecord, cls):
+        live = record.live_record
+        m = live.manifest
+        if m.get("kind") == "realtime":
+            status, replicas, error = self.replicas.status(record.name)
+            endpoint = f"{self.settings.control_url}/models/{record.name}/predict"
+        else:
+            # A batch model is always ready to take a job; its "replicas" are the jobs running now.
+            status, replicas, error = "ready", self.runner.running(record.name), None
+            endpoint = f"gs://{self.settings.bucket_name}/incoming/{record.name}/"
+        return cls(name=record.name, kind=m.get("kind"), language=m.get("language"), version=live.version,
+                   status=status, replicas=replicas, endpoint=endpoint, error=error,
+                   description=m.get("description", ""))
+
+    # -- realtime -----------------------------------------------------------------------
+    def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
+                body: bytes, query: str = "") -> ProxyResponse:
+        record = self.store.get(name)
+        if record.live_record.manifest.get("kind") != "realtime":
+            raise BadRequest(f"{name} is a batch model: it takes datasets, not requests — submit a job "
+                             f"(POST /api/models/{name}/jobs) or upload a CSV to "
+                             f"gs://{self.settings.bucket_name}/incoming/{name}/")
+        self.start()
+        return self.replicas.forward(name, method=method, path=path, headers=headers, body=body, query=query)
+
+    # -- batch --------------------------------------------------------------------------
+    def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,
+                   trigger: str = "api") -> tuple[Job, bool]:
+        record = self.store.get(name)
+        live = record.live_record
+        if live.manifest.get("kind") != "batch":
+            raise BadRequest(f"{name} is a realtime model: send rows to POST /models/{name}/predict; "
+                             f"only batch models take jobs")
+        if not dataset or not str(dataset).strip():
+            raise BadRequest("dataset: expected gs://bucket/path.csv or a local path")
+        dataset = str(dataset).strip()
+        if not dataset.startswith("gs://"):
+            path = Path(dataset.removeprefix("file://")).expanduser().resolve()
+            if not path.is_file():
+                raise BadRequest(f"dataset: no file at {path}")
+            dataset = str(path)
+        with self.job_store.lock:
+            if event_key:
+                existing = self.job_store.by_key(event_key)
+                if existing is not None:
+                    return dataclasses.replace(existing), False
+            job = Job(id=new_job_id(), model=name, version=live.version, status="queued", dataset=dataset,
+                      created_at=utcnow(), trigger=trigger)
+            self.job_store.add(job, event_key)
+            snapshot = dataclasses.replace(job)
+        self.start()
+        self.runner.enqueue(job.id)
+        return snapshot, True
+
+    def jobs(self, *, model: Optional[str] = None, limit: int = 200) -> list[Job]:
+        jobs = [j for j in self.job_store.all() if model is None or j.model == model]
+        jobs.sort(key=lambda j: (j.created_at, j.id), reverse=True)
+        return [dataclasses.replace(j) for j in jobs[:limit]]
+
+    def job(self, job_id: str) -> Job:
+        return dataclasses.replace(self.job_store.get(job_id))
+
+    def results_prefix(self, job: Job) -> str:
+        """Where a job's scores.csv and result.json go (DESIGN.md, "Bucket layout and events")."""
+        if job.dataset.startswith("gs://"):
+            return f"gs://{self.settings.bucket_name}/results/{job.model}/{job.id}/"
+        return str(self.state_dir / "results" / job.model / job.id) + os.sep
+
+    def _job_command(self, job: Job) -> tuple[list[str], float]:
+        try:
+            manifest = self.store.manifest(job.model, job.version)
+        except NotFound as e:
+            raise NotFound(f"{job.model} {job.version} is no longer deployed") from e
+        argv = [*self._adapter, "batch", str(self.store.version_dir(job.model, job.version)),
+                "--dataset", job.dataset, "--results", self.results_prefix(job), "--job", job.id]
+        return argv, manifest.batch.timeout_seconds
+
+    def _env(self) -> dict:
+        """The adapter's environment: ours (so STORAGE_EMULATOR_HOST and credentials reach it),
+        minus what we pass as arguments, plus the path to the `adapters` package."""
+        env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env

@@ -1,0 +1,253 @@
+"""Batch jobs of the local runtime: durable records, a bounded worker pool, `python -m adapters batch`.
+
+Each job is one JSON file `state_dir/jobs/{id}.json`, rewritten atomically on every state
+change; the adapter's stdout and stderr go to `state_dir/logs/jobs/{id}.{out,err}`.
+
+Restart policy (what a new runtime on the same state directory does with old records):
+a job that was `queued` is queued again — nothing of it ran, so running it now is what the
+submitter asked for. A job that was `running` ends `failed` with the error
+"interrupted: the control service stopped while this job ran" instead of being re-run:
+the adapter publishes results atomically, so an interrupted run left nothing half-written,
+but the model may have side effects we cannot see, and a run that killed the service (out of
+memory, say) would kill it again on every restart. The submitter can resubmit; an upload
+event is deduplicated by its key, so a retry must be a new submission.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import subprocess
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from control.errors import NotFound
+from control.runtime.base import Job
+from control.runtime.local_procs import KILL_GRACE, TAIL_CHARS, stop_process, tail, with_pdeathsig
+from control.runtime.local_store import utcnow, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted: the control service stopped while this job ran"
+TIMEOUT_GRACE = 30.0     # seconds beyond manifest.batch.timeout before we kill the adapter ourselves
+
+
+def new_job_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class JobStore:
+    """Job records: in memory for listing, one JSON file each on disk for durability."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self._jobs: dict[str, Job] = {}
+        self._keys: dict[str, str] = {}       # event_key -> job id
+        self._key_of: dict[str, str] = {}     # job id -> event_key
+        for path in self.root.glob("*.json"):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                log.warning("skipping unreadable job record %s: %s", path, e)
+                continue
+            job = Job.from_json(data)
+            self._jobs[job.id] = job
+            if data.get("event_key"):
+                self._keys[data["event_key"]] = job.id
+                self._key_of[job.id] = data["event_key"]
+
+    def save(self, job: Job) -> None:
+        data = job.to_json()
+        key = self._key_of.get(job.id)
+        if key:
+            data["event_key"] = key
+        write_json_atomic(self.root / f"{job.id}.json", data)
+
+    def add(self, job: Job, event_key: Optional[str]) -> None:
+        with self.lock:
+            if event_key:
+                self._keys[event_key] = job.id
+                self._key_of[job.id] = event_key
+            self.save(job)
+            self._jobs[job.id] = job
+
+    def by_key(self, event_key: str) -> Optional[Job]:
+        job_id = self._keys.get(event_key)
+        return self._jobs.get(job_id) if job_id else None
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job
+
+    def all(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def update(self, job: Job, **changes) -> None:
+        with self.lock:
+            for k, v in changes.items():
+                setattr(job, k, v)
+            self.save(job)
+
+
+class JobRunner:
+    """`concurrency` worker threads taking queued jobs in submission order."""
+
+    def __init__(self, store: JobStore, *, concurrency: int, logs: Path,
+                 command: Callable[[Job], tuple[list[str], float]], env: Callable[[], dict]):
+        self.store = store
+        self.concurrency = concurrency
+        self.logs = Path(logs)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._command = command      # job -> (argv, timeout seconds)
+        self._env = env
+        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._cancelled: dict[str, str] = {}
+        self._running: dict[str, int] = {}
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+
+    def recover(self) -> list[Job]:
+        """Apply the restart policy (module docstring) to records left by a previous runtime;
+        returns the jobs to queue again, oldest first."""
+        requeue = []
+        for job in sorted(self.store.all(), key=lambda j: (j.created_at, j.id)):
+            if job.status == "running":
+                self.store.update(job, status="failed", error=INTERRUPTED, finished_at=job.finished_at or utcnow())
+            elif job.status == "queued":
+                requeue.append(job)
+        return requeue
+
+    def start(self) -> None:
+        with self._lock:
+            if self._threads:
+                return
+            for i in range(self.concurrency):
+                t = threading.Thread(target=self._work, name=f"modelplane-job-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def enqueue(self, job_id: str) -> None:
+        self._queue.put(job_id)
+
+    def running(self, model: str) -> int:
+        """Jobs of `model` running now."""
+        return self._running.get(model, 0)
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        """Fail a queued job now, or stop a running one (it is marked failed with `reason`)."""
+        with self._lock:
+            self._cancelled[job_id] = reason
+            proc = self._procs.get(job_id)
+        job = self.store.get(job_id)
+        if job.status == "queued":
+            self.store.update(job, status="failed", error=reason, finished_at=utcnow())
+        if proc is not None:
+            stop_process(proc)
+
+    def close(self) -> None:
+        """Stop the workers; a running job's adapter is stopped and the job marked interrupted."""
+        self._closing.set()
+        with self._lock:
+            procs = list(self._procs.items())
+            for job_id, _ in procs:
+                self._cancelled.setdefault(job_id, INTERRUPTED)
+        for _, proc in procs:
+            stop_process(proc)
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=KILL_GRACE + 5)
+        self._threads = []
+
+    # -- the worker ---------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._closing.is_set():
+            job_id = self._queue.get()
+            if job_id is None or self._closing.is_set():
+                return
+            try:
+                job = self.store.get(job_id)
+            except NotFound:
+                continue
+            if job.status != "queued":
+                continue
+            try:
+                self._run(job)
+            except Exception as e:  # a bug here must not kill the worker or leave the job running
+                log.exception("job %s: runner error", job.id)
+                self.store.update(job, status="failed", error=f"runner error: {e}", finished_at=utcnow())
+
+    def _run(self, job: Job) -> None:
+        argv, timeout = self._command(job)
+        out_path, err_path = self.logs / f"{job.id}.out", self.logs / f"{job.id}.err"
+        with self._lock:
+            if job.id in self._cancelled or self._closing.is_set():
+                return
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                proc = subprocess.Popen(with_pdeathsig(argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                        env=self._env(), start_new_session=True)
+            self._procs[job.id] = proc
+            self._running[job.model] = self._running.get(job.model, 0) + 1
+        self.store.update(job, status="running", started_at=utcnow())
+        log.info("job %s: running %s on %s", job.id, job.model, job.dataset)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout + TIMEOUT_GRACE)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            stop_process(proc)    # also reaps anything the model left behind in the group
+            with self._lock:
+                self._procs.pop(job.id, None)
+                self._running[job.model] -= 1
+                cancelled = self._cancelled.pop(job.id, None)
+        result = _last_json_line(out_path)
+        stderr_tail = tail(err_path)
+        changes: dict = {"finished_at": utcnow()}
+        if result:
+            changes["input"] = result.get("input") or {}
+            if result.get("results_uri") and result.get("status") != "failed":
+                changes["results_uri"] = result["results_uri"]
+            if result.get("rows") is not None:
+                changes["rows"] = result["rows"]
+        if cancelled:
+            changes.update(status="failed", error=cancelled, log_tail=stderr_tail)
+        elif timed_out:
+            changes.update(status="failed", log_tail=stderr_tail,
+                           error=f"timed out: still running {timeout + TIMEOUT_GRACE:.0f}s after it started "
+                                 f"(batch.timeout {timeout:.0f}s); stopped")
+        elif proc.returncode == 0 and result and result.get("status", "succeeded") != "failed":
+            changes.update(status="succeeded", error=None,
+                           log_tail=(result.get("log_tail") or stderr_tail)[-TAIL_CHARS:])
+        else:
+            error = (result or {}).get("error") or (
+                f"the batch adapter exited with status {proc.returncode}"
+                + ("" if result else " without printing a result"))
+            changes.update(status="failed", error=error,
+                           log_tail=((result or {}).get("log_tail") or stderr_tail)[-TAIL_CHARS:])
+        self.store.update(job, **changes)
+        log.info("job %s: %s%s", job.id, changes["status"], f" ({changes.get('error')})" if changes.get("error") else "")
+
+
+def _last_json_line(path: Path) -> Optional[dict]:
+    """The adapter prints its result JSON as the last line of stdout."""
+    text = tail(path, 1 << 16)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+    return None

@@ -1,0 +1,553 @@
+"""Realtime replicas of the local runtime: adapter processes, the activator and the autoscaler.
+
+A replica is one `python -m adapters serve {version dir} --port {port}` process (the adapter
+supervises the model and exits if the model dies), in its own process group, with a monitor
+thread that polls its readiness, notices its exit and stops it when asked.
+
+Routing: each model has one live revision (a deployed version); a request goes to the
+ready replica of that revision with the fewest requests in flight, over a pooled keep-alive
+connection. With no ready replica the request is held (the activator) while one starts.
+
+Scaling, per revision, on every request and every `TICK`:
+
+    desired = ceil(concurrency / target_concurrency), clamped to [scaling.min, scaling.max]
+
+where concurrency is requests in flight plus held, taken as it is now for scaling out and as
+its peak over the last `min(idle_timeout, 30s)` for scaling in, so a replica is not stopped in
+a momentary lull. One replica is kept while the model had a request in the last
+`idle_timeout`; after that, zero. While no replica is ready, only one is started (plus
+`scaling.min`): a cold start gets the machine to itself, and the burst it holds scales the
+model out as soon as there is a replica to measure. Scale-in stops only idle replicas, and a
+revision that is no longer live keeps its replicas only while they have requests in flight
+(rollback drains). A crash is replaced after an exponential backoff; `max_restarts` crashes
+in a row mark the revision failed (with the adapter's output tail) until a deploy or
+rollback; a replica that stays ready `STABLE_AFTER` seconds resets the count.
+"""
+from __future__ import annotations
+
+import http.client
+import itertools
+import logging
+import math
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import urllib3
+from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError,
+                                ReadTimeoutError)
+
+from adapters.manifest import Manifest
+from control.emulator import free_port
+from control.errors import NotFound, Unavailable, UpstreamError
+from control.runtime.base import ProxyResponse
+from control.runtime.local_procs import descendants, kill_pids, killpg, tail, with_pdeathsig
+from control.runtime.local_metrics import ModelMetrics
+
+log = logging.getLogger(__name__)
+
+TICK = 0.1                 # autoscaler period, seconds
+READY_POLL = 0.01          # readiness poll period while a replica starts
+BACKOFF_BASE = 0.25        # first crash: wait this long before the replacement; doubles per crash
+BACKOFF_MAX = 10.0
+STABLE_AFTER = 10.0        # a replica ready this long resets the consecutive-crash count
+STOP_GRACE = 5.0           # SIGTERM, then SIGKILL after this long
+SCALE_IN_WINDOW_MAX = 30.0
+NOTE_SECONDS = 600.0       # how long a replaced crash stays visible as the model's `error`
+LOGS_KEPT = 20             # replica log files kept per model
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+              "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+class _Stale(Exception):
+    """The revision was retired while we looked at it: resolve the live one again."""
+
+
+class Replica:
+    _ids = itertools.count(1)
+
+    def __init__(self, rev: "Revision", port: int, logs: Path):
+        self.id = next(Replica._ids)
+        self.rev = rev
+        self.port = port
+        self.log_path = logs / f"{rev.version}-{self.id}.log"
+        self.state = "starting"          # starting -> ready -> stopping -> exited
+        self.proc: Optional[subprocess.Popen] = None
+        self.inflight = 0
+        self.started = time.monotonic()
+        self.ready_at: Optional[float] = None
+        self.stop_requested = False
+        self.crash_reason: Optional[str] = None   # set when we kill it for misbehaving
+        self.thread: Optional[threading.Thread] = None
+        timeout = urllib3.Timeout(connect=2.0, read=rev.manifest.limits.timeout_seconds + 5.0)
+        self.pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=max(16, 2 * rev.scaling.target_concurrency),
+                                               block=False, retries=False, timeout=timeout)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting", "ready")
+
+    def __repr__(self) -> str:
+        return f"<replica {self.id} of {self.rev.key} on :{self.port} {self.state}>"
+
+
+class Revision:
+    """One deployed version of a realtime model and its replicas."""
+
+    def __init__(self, name: str, version: str, directory: Path, manifest: Manifest, lock: threading.Lock):
+        self.name, self.version, self.directory, self.manifest = name, version, directory, manifest
+        self.scaling = manifest.scaling
+        self.idle = manifest.scaling.idle_seconds
+        self.window = min(self.idle, SCALE_IN_WINDOW_MAX)
+        self.cond = threading.Condition(lock)
+        self.replicas: list[Replica] = []
+        self.pending = 0
+        self.crashes = 0
+        self.next_start = 0.0
+        self.failed: Optional[str] = None
+        self.last_request = -math.inf
+        self.samples: deque[tuple[float, int]] = deque()
+        self.live = False
+        self.retired = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def demand(self) -> int:
+        return self.pending + sum(r.inflight for r in self.replicas)
+
+    def active(self) -> list[Replica]:
+        return [r for r in self.replicas if r.active]
+
+    def ready(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state == "ready"]
+
+    def desired(self, now: float, concurrency: int) -> int:
+        if self.failed:
+            return 0
+        want = math.ceil(concurrency / self.scaling.target_concurrency)
+        if self.live and want == 0 and now - self.last_request < self.idle:
+            want = 1
+        if not self.ready():
+            want = min(want, 1)
+        floor = self.scaling.min if self.live else 0
+        return max(floor, min(want, self.scaling.max))
+
+
+class ReplicaManager:
+    """Replicas of every realtime model: routing, holding, scaling, crash handling, metrics."""
+
+    def __init__(self, *, logs: Path, cwd: Path, start_timeout: float, max_restarts: int,
+                 argv: Callable[[Path, int], list[str]], env: Callable[[], dict],
+                 manifest: Callable[[str, str], Manifest], directory: Callable[[str, str], Path]):
+        self.logs = Path(logs)
+        self.cwd = Path(cwd)
+        self.start_timeout = start_timeout
+        self.max_restarts = max_restarts
+        self._argv = argv
+        self._env = env
+        self._manifest = manifest
+        self._directory = directory
+        self._lock = threading.Lock()
+        self._revisions: dict[tuple[str, str], Revision] = {}
+        self._live: dict[str, str] = {}               # realtime model -> live version
+        self._notes: dict[str, tuple[float, str]] = {}  # model -> (time, last replaced crash)
+        self._metrics: dict[str, ModelMetrics] = {}
+        self._closing = False
+        self._ticker: Optional[threading.Thread] = None
+        self._wake = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._ticker is not None or self._closing:
+                return
+            self._ticker = threading.Thread(target=self._tick_loop, name="modelplane-autoscaler", daemon=True)
+            self._ticker.start()
+
+    def close(self) -> None:
+        """Stop every replica (SIGTERM, SIGKILL after STOP_GRACE) and wait for them to go."""
+        with self._lock:
+            self._closing = True
+            replicas = []
+            for rev in self._revisions.values():
+                rev.retired = True
+                replicas.extend(rev.replicas)
+                rev.cond.notify_all()
+            self._revisions.clear()
+            for r in replicas:
+                self._stop_locked(r)
+        self._wake.set()
+        deadline = time.monotonic() + STOP_GRACE + 5.0
+        for r in replicas:
+            if r.thread is not None:
+                r.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if r.proc is not None and r.proc.poll() is None:   # the monitor is stuck: make sure anyway
+                killpg(r.proc.pid, signal.SIGKILL)
+                r.proc.wait()
+        if self._ticker is not None:
+            self._ticker.join(timeout=2.0)
+
+    # -- what the runtime tells us ------------------------------------------------------
+    def set_live(self, name: str, version: str, *, clear_failure: bool, warm: bool = False) -> None:
+        """Route `name` to `version` from now on; the previous revision drains.
+
+        `warm`: the version keeps replicas at all times (scaling.min > 0), so start them now.
+        """
+        with self._lock:
+            old_version = self._live.get(name)
+            self._live[name] = version
+            self._metrics.setdefault(name, ModelMetrics())
+            old = self._revisions.get((name, old_version)) if old_version else None
+            if old is not None and old_version != version:
+                old.live = False
+                old.cond.notify_all()
+            rev = self._revisions.get((name, version))
+            if rev is not None:
+                rev.live = True
+                if clear_failure:
+                    rev.failed, rev.crashes, rev.next_start = None, 0, 0.0
+            if clear_failure:
+                self._notes.pop(name, None)
+            if rev is None and (warm or (old is not None and old.replicas)):
+                rev = self._revision_locked(name, version)
+            if rev is not None and old is not None and old is not rev:
+                # Carry the load over so the new revision starts as many replicas as the old one
+                # needed: requests switch over without a cold start of their own making.
+                rev.last_request = max(rev.last_request, old.last_request)
+                rev.samples.extend(old.samples)
+        self._wake.set()
+
+    def forget(self, name: str) -> None:
+        """The model is gone: stop its replicas now and fail anything held for it."""
+        with self._lock:
+            self._live.pop(name, None)
+            self._notes.pop(name, None)
+            self._metrics.pop(name, None)
+            for key in [k for k in self._revisions if k[0] == name]:
+                rev = self._revisions.pop(key)
+                rev.retired = True
+                rev.cond.notify_all()
+                for r in rev.replicas:
+                    self._stop_locked(r)
+
+    # -- what the API asks ----------------------------------------------------------------
+    def status(self, name: str) -> tuple[str, int, Optional[str]]:
+        """(status, replicas, error) of a realtime model."""
+        with self._lock:
+            version = self._live.get(name)
+            rev = self._revisions.get((name, version)) if version else None
+            replicas = sum(len(r.ready()) for (n, _), r in self._revisions.items() if n == name)
+            note = self._notes.get(name)
+            error = note[1] if note and time.time() - note[0] < NOTE_SECONDS else None
+            if rev is None:
+                return "idle", replicas, error
+            if rev.failed:
+                return "failed", replicas, rev.failed
+            if rev.ready():
+                return "ready", replicas, error
+            if rev.active() or rev.pending:
+                return "starting", replicas, error
+            return "idle", replicas, error
+
+    def metrics(self, name: str) -> dict:
+        with self._lock:
+            m = self._metrics.setdefault(name, ModelMetrics())
+            replicas = sum(len(r.ready()) for (n, _), r in self._revisions.items() if n == name)
+        return m.snapshot(replicas=replicas)
+
+    # -- the activator ------------------------------------------------------------------
+    def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str], body: bytes,
+                query: str = "") -> ProxyResponse:
+        t0 = time.monotonic()
+        failed = True
+        try:
+            response = self._forward(name, method=method, path=path, headers=headers, body=body, query=query)
+            failed = response.status >= 500
+            return response
+        finally:
+            metrics = self._metrics.get(name)
+            if metrics is not None:
+                metrics.record((time.monotonic() - t0) * 1000.0, error=failed)
+
+    def _forward(self, name, *, method, path, headers, body, query) -> ProxyResponse:
+        url = path if path.startswith("/") else "/" + path
+        if query:
+            url += "?" + query
+        out_headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+        if not body and method.upper() in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            body = None
+        tried: set[int] = set()
+        last_error: Optional[Exception] = None
+        for _ in range(2):   # a request that never reached a replica gets one more try elsewhere
+            replica = self._acquire(name, tried)
+            try:
+                r = replica.pool.urlopen(method.upper(), url, body=body, headers=out_headers, retries=False,
+                                         redirect=False, assert_same_host=False, preload_content=True,
+                                         decode_content=False)
+            except (NewConnectionError, ConnectTimeoutError) as e:
+                tried.add(replica.id)
+                last_error = e
+                log.debug("%s: replica %s unreachable (%s); retrying elsewhere", name, replica.id, e)
+                continue
+            except ReadTimeoutError as e:
+                raise UpstreamError(f"{replica.rev.key} did not answer within "
+                                    f"{replica.rev.manifest.limits.timeout_seconds + 5:.0f}s", status=504) from e
+            except (ProtocolError, HTTPError, OSError) as e:
+                raise UpstreamError(f"{replica.rev.key}: the connection to replica {replica.id} broke "
+                                    f"mid-request ({e}); the model may have crashed") from e
+            finally:
+                self._release(replica)
+            resp_headers = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP}
+            return ProxyResponse(status=r.status, headers=resp_headers, body=r.data)
+        raise UpstreamError(f"{name}: no replica could be reached ({last_error})")
+
+    def _acquire(self, name: str, tried: set[int]) -> Replica:
+        deadline = time.monotonic() + self.start_timeout + 5.0
+        for _ in range(100):
+            with self._lock:
+                if self._closing:
+                    raise Unavailable("the runtime is shutting down")
+                version = self._live.get(name)
+                if version is None:
+                    raise NotFound(f"no realtime model named {name!r}")
+                rev = self._revisions.get((name, version)) or self._revision_locked(name, version)
+                try:
+                    return self._acquire_locked(rev, tried, deadline)
+                except _Stale:
+                    continue
+        raise Unavailable(f"{name}: its live version kept changing; try again")
+
+    def _acquire_locked(self, rev: Revision, tried: set[int], deadline: float) -> Replica:
+        rev.pending += 1
+        rev.last_request = time.monotonic()
+        try:
+            while True:
+                if rev.retired:
+                    raise _Stale()
+                if rev.failed:
+                    raise Unavailable(f"{rev.key} failed: {rev.failed}")
+                best = None
+                for r in rev.replicas:
+                    if r.state == "ready" and r.id not in tried and (best is None or r.inflight < best.inflight):
+                        best = r
+                if best is not None:
+                    best.inflight += 1
+                    self._scale_out_locked(rev)
+                    return best
+                self._scale_out_locked(rev)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Unavailable(f"{rev.key}: no replica became ready within {self.start_timeout:.0f}s")
+                rev.cond.wait(remaining)
+        finally:
+            rev.pending -= 1
+
+    def _release(self, replica: Replica) -> None:
+        with self._lock:
+            replica.inflight -= 1
+            replica.rev.last_request = time.monotonic()
+            if replica.inflight == 0 and (not replica.rev.live or replica.rev.retired):
+                self._wake.set()   # a draining replica may stop now
+
+    # -- scaling ------------------------------------------------------------------------
+    def _revision_locked(self, name: str, version: str) -> Revision:
+        rev = Revision(name, version, self._directory(name, version), self._manifest(name, version), self._lock)
+        rev.live = self._live.get(name) == version
+        self._revisions[(name, version)] = rev
+        return rev
+
+    def _scale_out_locked(self, rev: Revision) -> None:
+        now = time.monotonic()
+        if self._closing or rev.failed or now < rev.next_start:
+            return
+        want = rev.desired(now, rev.demand())
+        active = len(rev.active())
+        for _ in range(want - active):
+            self._start_locked(rev)
+
+    def _tick_loop(self) -> None:
+        while not self._closing:
+            self._wake.wait(TICK)
+            self._wake.clear()
+            if self._closing:
+                return
+            try:
+                self._tick()
+            except Exception:   # the autoscaler must outlive any one bad tick
+                log.exception("autoscaler tick failed")
+
+    def _tick(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            per_model: dict[str, int] = {}
+            for key, rev in list(self._revisions.items()):
+                demand = rev.demand()
+                rev.samples.append((now, demand))
+                while rev.samples and rev.samples[0][0] < now - rev.window:
+                    rev.samples.popleft()
+                if rev.crashes and not rev.failed and any(
+                        r.state == "ready" and now - r.ready_at >= STABLE_AFTER for r in rev.replicas):
+                    rev.crashes = 0
+                peak = max(d for _, d in rev.samples)
+                want = rev.desired(now, peak)
+                active = rev.active()
+                if len(active) > want:
+                    idle = sorted((r for r in active if r.state == "ready" and r.inflight == 0),
+                                  key=lambda r: r.ready_at or 0, reverse=True)
+                    for r in idle[:len(active) - want]:
+                        self._stop_locked(r)
+                elif len(active) < want and not rev.failed and now >= rev.next_start and not self._closing:
+                    for _ in range(want - len(active)):
+                        self._start_locked(rev)
+                per_model[rev.name] = per_model.get(rev.name, 0) + len(rev.ready())
+                if (not rev.replicas and not rev.pending and not rev.failed
+                        and (not rev.live or (rev.scaling.min == 0 and now - rev.last_request >= rev.idle))):
+                    rev.retired = True
+                    del self._revisions[key]
+            for name, n in per_model.items():
+                metrics = self._metrics.get(name)
+                if metrics is not None:
+                    metrics.observe_replicas(n)
+
+    # -- one replica ----------------------------------------------------------------------
+    def _start_locked(self, rev: Revision) -> Replica:
+        if not rev.active() and rev.demand():
+            metrics = self._metrics.get(rev.name)
+            if metrics is not None:
+                metrics.cold_start()
+        folder = self.logs / rev.name
+        folder.mkdir(parents=True, exist_ok=True)
+        replica = Replica(rev, free_port(), folder)
+        rev.replicas.append(replica)
+        replica.thread = threading.Thread(target=self._monitor, args=(replica,),
+                                          name=f"modelplane-replica-{replica.id}", daemon=True)
+        replica.thread.start()
+        log.info("%s: starting replica %s on port %s", rev.key, replica.id, replica.port)
+        return replica
+
+    def _stop_locked(self, replica: Replica) -> None:
+        if replica.state in ("stopping", "exited"):
+            return
+        replica.state = "stopping"
+        replica.stop_requested = True
+        log.info("%s: stopping replica %s", replica.rev.key, replica.id)
+
+    def _monitor(self, replica: Replica) -> None:
+        """The life of one replica: spawn, poll readiness, watch, stop on request, report its exit."""
+        rev = replica.rev
+        argv = with_pdeathsig(self._argv(rev.directory, replica.port))
+        try:
+            with open(replica.log_path, "ab") as logf:
+                replica.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                cwd=self.cwd, env=self._env(), start_new_session=True)
+        except OSError as e:
+            self._exited(replica, None, f"could not be started: {e}")
+            return
+        self._prune_logs(rev.name)
+        proc = replica.proc
+        term_at: Optional[float] = None
+        tree: list[int] = []
+        while True:
+            if replica.stop_requested and term_at is None:
+                tree = descendants(proc.pid)
+                killpg(proc.pid, signal.SIGTERM)
+                term_at = time.monotonic()
+            if term_at is not None and time.monotonic() - term_at > STOP_GRACE:
+                killpg(proc.pid, signal.SIGKILL)
+                kill_pids(tree, signal.SIGKILL)
+            if replica.state == "starting" and term_at is None:
+                if self._ready(replica.port):
+                    with self._lock:
+                        if replica.state == "starting":
+                            replica.state = "ready"
+                            replica.ready_at = time.monotonic()
+                            log.info("%s: replica %s ready after %.0f ms", rev.key, replica.id,
+                                     (replica.ready_at - replica.started) * 1000)
+                        rev.cond.notify_all()
+                    continue
+                if time.monotonic() - replica.started > self.start_timeout:
+                    replica.crash_reason = f"was not ready within {self.start_timeout:.0f}s (start_timeout)"
+                    replica.stop_requested = True
+                    continue
+                wait = READY_POLL
+            else:
+                wait = 0.05
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        # The adapter is gone: anything it left in its group, or that escaped it while we
+        # stopped it, goes too.
+        killpg(proc.pid, signal.SIGKILL)
+        kill_pids(tree, signal.SIGKILL)
+        self._exited(replica, proc.returncode, replica.crash_reason)
+
+    def _ready(self, port: int) -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+        try:
+            conn.request("GET", "/v2/health/ready")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    def _exited(self, replica: Replica, returncode: Optional[int], reason: Optional[str]) -> None:
+        rev = replica.rev
+        replica.pool.close()
+        with self._lock:
+            was = replica.state
+            replica.state = "exited"
+            if replica in rev.replicas:
+                rev.replicas.remove(replica)
+            crashed = reason is not None or not replica.stop_requested
+            if crashed and not rev.retired and not self._closing:
+                self._crashed_locked(rev, replica, was, returncode, reason)
+            rev.cond.notify_all()
+        self._wake.set()
+
+    def _crashed_locked(self, rev: Revision, replica: Replica, was: str, returncode: Optional[int],
+                        reason: Optional[str]) -> None:
+        what = reason or (f"exited with status {returncode}"
+                          + (" before it was ready" if was == "starting" else ""))
+        output = tail(replica.log_path, 2000).strip()
+        rev.crashes += 1
+        metrics = self._metrics.get(rev.name)
+        if metrics is not None:
+            metrics.crash()
+        limit = max(1, self.max_restarts)
+        head = f"{rev.key}: replica {replica.id} {what}"
+        if rev.crashes >= limit:
+            rev.failed = (f"{head}; {rev.crashes} crashes in a row, so it is not restarted again "
+                          f"(deploy a fix or roll back). Adapter output (tail):\n{output}")
+            log.error("%s", rev.failed)
+            for r in rev.replicas:
+                if r.inflight == 0:
+                    self._stop_locked(r)
+        else:
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (rev.crashes - 1))
+            rev.next_start = time.monotonic() + delay
+            note = (f"{head}; replaced after {delay:.2f}s backoff (crash {rev.crashes} in a row; "
+                    f"{limit} mark it failed). Adapter output (tail):\n{output}")
+            self._notes[rev.name] = (time.time(), note)
+            log.warning("%s", note)
+
+    def _prune_logs(self, name: str) -> None:
+        try:
+            files = sorted((self.logs / name).glob("*.log"), key=lambda p: p.stat().st_mtime)
+        except OSError:
+            return
+        for old in files[:-LOGS_KEPT]:
+            try:
+                old.unlink()
+            except OSError:
+                pass
