@@ -79,6 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from . import batch
 
+    batch.stop_on_sigterm()
     if manifest.kind != "batch":
         print(f"modelplane-adapter: {manifest.ref} is a {manifest.kind} model; `{args.command}` is for batch models",
               file=sys.stderr)

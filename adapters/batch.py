@@ -433,11 +433,36 @@ def describe_exit(status: int) -> str:
     return f"exited with status {status}"
 
 
+def die_with_parent() -> None:
+    """In a model's child process: SIGKILL it if the adapter dies, so a model is never orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+PREEXEC = die_with_parent if sys.platform.startswith("linux") else None
+
+
+class JobStopped(BatchFailure):
+    """SIGTERM (a deleted Job, a deadline): the model is stopped and the job fails with a result."""
+
+
+def stop_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise JobStopped("the job was stopped (SIGTERM) before it finished")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def start_model(manifest: Manifest, dataset: Path, results: Path) -> subprocess.Popen:
     env = dict(os.environ, DATASET=str(dataset), RESULTS=str(results))
     try:
         return subprocess.Popen(manifest.command, cwd=manifest.folder, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=PREEXEC)
     except FileNotFoundError:
         raise BatchFailure(f"could not start the model: command {manifest.command[0]!r} not found") from None
     except OSError as e:
@@ -547,9 +572,7 @@ def _fetch(spec: JobSpec, work: Path, job: Job, *, copy_local: bool = False) -> 
     """The dataset as a local file: downloaded into `work` for gs://, used in place (or copied) otherwise."""
     if storage.is_gcs(spec.dataset_uri):
         dest = work / "dataset.csv"
-        info = storage.fetch(spec.dataset_uri, dest)
-        if spec.generation and info.generation and spec.generation != info.generation:
-            log.warning("event generation %s, fetched generation %s", spec.generation, info.generation)
+        info = storage.fetch(spec.dataset_uri, dest, generation=spec.generation)
         job.result["input"]["generation"] = info.generation
         return dest
     path = Path(spec.dataset_uri)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import csv
-import ctypes
 import io
 import json
 import logging
@@ -480,14 +479,6 @@ def _invalid(e: RowsInvalid) -> dict:
 
 # -- supervisor mode: the adapter runs the model ------------------------------------------
 
-def _die_with_parent() -> None:
-    """In the model's child process: SIGKILL it if the adapter dies, so it is never orphaned."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-
-
 class Supervisor:
     """Starts `manifest.command` with PORT/HOST, passes its output through, reports its exit."""
 
@@ -505,7 +496,7 @@ class Supervisor:
 
     def start(self, on_exit: Callable[[int], None]) -> None:
         env = dict(os.environ, PORT=str(self.port), HOST="127.0.0.1")
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        from .batch import PREEXEC as preexec
         self.proc = subprocess.Popen(self.manifest.command, cwd=self.manifest.folder, env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True, preexec_fn=preexec)

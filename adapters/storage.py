@@ -80,20 +80,26 @@ def md5_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(uri: str, dest: Path) -> InputInfo:
-    """Stream the gs:// object at `uri` to `dest` (bounded memory); return its generation and md5.
+def fetch(uri: str, dest: Path, *, generation: Optional[str] = None) -> InputInfo:
+    """Stream the gs:// object at `uri` to `dest` (bounded memory); return its generation.
 
-    The download is pinned to the generation read first, so a concurrent overwrite fails
-    the fetch instead of mixing two versions.
+    With `generation` (from a finalized event) exactly that version is fetched, or the fetch
+    fails: a job scores the upload that triggered it, never a later overwrite. The download is
+    pinned to the generation read first, so a concurrent overwrite fails it instead of mixing two.
     """
     from google.api_core import exceptions as gexc
 
     bucket_name, name = split_gcs(uri)
     try:
-        blob = client().bucket(bucket_name).get_blob(name)
+        blob = client().bucket(bucket_name).get_blob(name, generation=int(generation) if generation else None)
         if blob is None:
-            raise StorageError(f"the dataset {uri} does not exist")
-        generation = str(blob.generation) if blob.generation is not None else None
+            raise StorageError(f"the dataset {uri} does not exist"
+                               + (f" (generation {generation})" if generation else ""))
+        found = str(blob.generation) if blob.generation is not None else None
+        if generation and found != str(generation):
+            raise StorageError(f"the dataset {uri} was replaced after the upload that started this job "
+                               f"(generation {generation}; now {found})")
+        generation = found
         dest.parent.mkdir(parents=True, exist_ok=True)
         blob.download_to_filename(str(dest), if_generation_match=blob.generation, checksum=None)
     except StorageError:

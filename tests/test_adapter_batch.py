@@ -77,11 +77,22 @@ def test_batch_from_gcs_with_env_vars(gcs, gcs_client):
     assert json.loads(bucket.blob("results/fixture-batch/g1/result.json").download_as_text()) == result
 
 
+def finalized_event(blob, generation) -> dict:
+    """Google's event as Knative's JobSink mounts it: structured JSON; size and generation are strings."""
+    return {
+        "specversion": "1.0", "id": "evt-1", "type": "google.cloud.storage.object.v1.finalized",
+        "source": "//storage.googleapis.com/projects/_/buckets/test-bucket",
+        "subject": f"objects/{blob.name}", "time": "2024-04-01T10:00:00Z",
+        "datacontenttype": "application/json",
+        "data": {"bucket": "test-bucket", "name": blob.name, "generation": str(generation),
+                 "metageneration": "1", "size": str(blob.size), "contentType": "text/csv", "kind": "storage#object"},
+    }
+
+
 def test_batch_from_jobsink_event_file(gcs, gcs_client, tmp_path):
     blob = gcs_client.bucket("test-bucket").blob("incoming/fixture-batch/april.csv")
     blob.upload_from_string(DATA, content_type="text/csv")
     blob.reload()
-    # Google's event as Knative's JobSink mounts it: structured JSON; size and generation are strings
     event = {
         "specversion": "1.0", "id": "evt-1", "type": "google.cloud.storage.object.v1.finalized",
         "source": "//storage.googleapis.com/projects/_/buckets/test-bucket",
@@ -128,6 +139,60 @@ def test_batch_failure_leaves_no_scores(tmp_path, data, mode, error, log_fragmen
     assert not (folder / "scores.csv").exists()
     assert [p.name for p in folder.iterdir()] == ["result.json"]
     assert json.loads((folder / "result.json").read_text()) == result
+
+
+def test_event_for_an_overwritten_generation_fails_instead_of_scoring_the_new_upload(gcs, gcs_client, tmp_path):
+    blob = gcs_client.bucket("test-bucket").blob("incoming/fixture-batch/may.csv")
+    blob.upload_from_string(DATA)
+    blob.reload()
+    old_generation = blob.generation
+    blob.upload_from_string(DATA + "3,west\n")
+    blob.reload()
+    assert blob.generation != old_generation
+    (tmp_path / "event").write_text(json.dumps(finalized_event(blob, old_generation)))
+    proc, result = run_adapter("batch", str(FIXTURE), K_EVENT_PATH=str(tmp_path))
+    assert proc.returncode == 1
+    assert str(old_generation) in result["error"]
+    assert not gcs_client.bucket("test-bucket").blob(f"results/fixture-batch/may-{old_generation}/scores.csv").exists()
+
+
+def test_sigterm_stops_the_model_and_fails_the_job(tmp_path):
+    import re
+    import signal
+    import time
+
+    dataset = tmp_path / "d.csv"
+    dataset.write_text(DATA)
+    err_path = tmp_path / "stderr"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "adapters", "batch", str(FIXTURE), "--dataset", str(dataset),
+                                 "--job", "t1"], cwd=ROOT, env=child_env(FIXTURE_MODE="slow"),
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        for _ in range(400):
+            m = re.search(r"mode=slow pid=(\d+)", err_path.read_text())
+            if m:
+                break
+            time.sleep(0.05)
+        assert m, err_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["status"] == "failed" and "SIGTERM" in result["error"]
+    assert not (tmp_path / "results" / "t1" / "scores.csv").exists()
+    pid = int(m.group(1))
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"model {pid} still running after the job was stopped")
 
 
 def test_header_failure_never_starts_the_model(tmp_path):
