@@ -7,12 +7,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 from .manifest import Manifest, ManifestError, load_manifest
 
 
-def manifest_from(model_dir: Optional[str]) -> Manifest:
+def manifest_from(model_dir: str | None) -> Manifest:
     """The manifest in MODEL_DIR, else from env MODELPLANE_MANIFEST (JSON), as in a container."""
     if model_dir:
         return load_manifest(model_dir, check_files=False)
@@ -54,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MODELPLANE_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -27,15 +27,15 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Optional
 
 from . import storage
 from .manifest import Manifest
 from .schema import RowValidator
-from .storage import CHUNK, InputInfo, StorageError
+from .storage import CHUNK, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ class JobSpec:
     dataset_uri: str
     job: str
     results_prefix: str
-    generation: Optional[str] = None  # from the triggering event, when there is one
+    generation: str | None = None  # from the triggering event, when there is one
 
 
-def read_event(path: Path) -> tuple[str, Optional[str]]:
+def read_event(path: Path) -> tuple[str, str | None]:
     """(`gs://bucket/object`, generation) from a structured `…object.v1.finalized` CloudEvent file."""
     try:
         event = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -113,8 +113,8 @@ def new_job_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def resolve_job(manifest: Manifest, *, dataset: Optional[str] = None, results: Optional[str] = None,
-                job: Optional[str] = None, env: Mapping[str, str] = os.environ) -> JobSpec:
+def resolve_job(manifest: Manifest, *, dataset: str | None = None, results: str | None = None,
+                job: str | None = None, env: Mapping[str, str] = os.environ) -> JobSpec:
     """Flags, then env (DATASET_URI, RESULTS_URI, JOB_ID), then a JobSink event at $K_EVENT_PATH/event."""
     dataset = dataset or env.get("DATASET_URI")
     generation = None
@@ -178,7 +178,7 @@ def scan_input(path: Path) -> tuple[str, int]:
     return h.hexdigest(), max(records - 1, 0)
 
 
-def _bad_score(raw: bytes, line_no: int) -> Optional[str]:
+def _bad_score(raw: bytes, line_no: int) -> str | None:
     """Why one score line is not a finite number, or None if it is."""
     text = raw.strip().strip(b'"').decode("utf-8", "replace")
     try:
@@ -195,7 +195,7 @@ def _parse_results_header(first: bytes) -> list[str]:
     return [c.strip() for c in next(csv.reader([first.decode("utf-8-sig", "replace")]))]
 
 
-def check_results(path: Path, n_rows: int, manifest: Manifest, follower: Optional["ResultsFollower"] = None) -> int:
+def check_results(path: Path, n_rows: int, manifest: Manifest, follower: ResultsFollower | None = None) -> int:
     """Rows of scores in the model's results file; BatchFailure unless one finite score per input row.
 
     With a `follower` that already checked a prefix while the model ran, only the rest is read,
@@ -237,7 +237,7 @@ class ScoreStream:
     def __init__(self) -> None:
         self.count = 0
         self.line_no = 1  # the header
-        self.blank_at: Optional[int] = None  # a blank line is an error only if a score follows it
+        self.blank_at: int | None = None  # a blank line is an error only if a score follows it
         self.rest = b""
 
     def feed(self, chunk: bytes) -> None:
@@ -292,7 +292,7 @@ class ResultsFollower:
         self._md5 = hashlib.md5()
         self.offset = 0
         self._head = b""
-        self.stream: Optional[ScoreStream] = None
+        self.stream: ScoreStream | None = None
         self.usable = True
 
     def poll(self) -> bool:
@@ -301,7 +301,7 @@ class ResultsFollower:
             return False
         if self._f is None:
             try:
-                self._f = open(self.path, "rb")
+                self._f = open(self.path, "rb")  # noqa: SIM115 - kept open across polls, closed in close()
             except OSError:
                 return False
         data = self._f.read(CHUNK)
@@ -337,7 +337,7 @@ class ResultsFollower:
             self._f.close()
             self._f = None
 
-    def resume(self, path: Path) -> Optional[int]:
+    def resume(self, path: Path) -> int | None:
         """Finish the check on the final file; None if the checked prefix cannot be trusted."""
         self.close()
         if not self.usable or self.stream is None:
@@ -462,7 +462,7 @@ def start_model(manifest: Manifest, dataset: Path, results: Path) -> subprocess.
     try:
         return subprocess.Popen(manifest.command, cwd=manifest.folder, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=PREEXEC)
+                                preexec_fn=PREEXEC)  # noqa: PLW1509 - only prctl, async-signal-safe
     except FileNotFoundError:
         raise BatchFailure(f"could not start the model: command {manifest.command[0]!r} not found") from None
     except OSError as e:
@@ -474,7 +474,7 @@ def start_model(manifest: Manifest, dataset: Path, results: Path) -> subprocess.
 class Job:
     """One batch job's result document, filled in as the job goes."""
 
-    def __init__(self, manifest: Manifest, spec: Optional[JobSpec]):
+    def __init__(self, manifest: Manifest, spec: JobSpec | None):
         self.manifest = manifest
         self.spec = spec
         self.result: dict = {
@@ -506,12 +506,12 @@ class Job:
                 self.fail(f"the scores were published but the result could not be stored: {e}")
 
 
-def run_batch(manifest: Manifest, spec: JobSpec, *, work: Optional[Path] = None) -> tuple[dict, int]:
+def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) -> tuple[dict, int]:
     """Run one job end to end; return (result JSON, exit status). Never raises for a job failure."""
     job = Job(manifest, spec)
     own_work = work is None
     work = Path(tempfile.mkdtemp(prefix=f"modelplane-{manifest.name}-")) if own_work else Path(work)
-    tail: Optional[OutputTail] = None
+    tail: OutputTail | None = None
     try:
         dataset = _fetch(spec, work, job)
         check_header(manifest, dataset)
@@ -619,7 +619,7 @@ def score_step(manifest: Manifest, work: str = "/work") -> dict:
 
     Returns `{"command": [...], "env": {...}, "workingDir": folder}` for a container spec.
     """
-    seconds = int(math.ceil(manifest.batch.timeout_seconds))
+    seconds = math.ceil(manifest.batch.timeout_seconds)
     script = (
         f'{{ timeout -k {int(KILL_GRACE_SECONDS)} {seconds} "$@" 2>&1; echo $? > {work}/{MODEL_STATUS}; }}'
         f" | tee {work}/{MODEL_LOG}; exit 0"
@@ -650,6 +650,11 @@ def publish_step(manifest: Manifest, work: Path) -> tuple[dict, int]:
             raise BatchFailure(
                 f"the model ran longer than its batch timeout ({manifest.batch.timeout}, "
                 "manifest batch.timeout) and was stopped")
+        if status == 137:
+            raise BatchFailure("the model was killed (SIGKILL): out of memory, or it ignored the stop "
+                               "signal after its batch timeout")
+        if status > 128:
+            raise BatchFailure(f"the model {describe_exit(128 - status)}")
         if status != 0:
             raise BatchFailure(f"the model exited with status {status}")
         rows = check_results(work / SCORES_FILE, job.result["rows"], manifest)

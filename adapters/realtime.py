@@ -20,7 +20,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -142,7 +143,7 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         self._health_timeout = aiohttp.ClientTimeout(total=1.0)
         self.ready = False
-        self.session: Optional[aiohttp.ClientSession] = None
+        self.session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
@@ -239,7 +240,7 @@ def rows_from_v2(body: Any, manifest: Manifest) -> list[dict]:
     known = {f.name: f for f in manifest.features}
     columns: dict[str, list] = {}
     problems = []
-    n_rows: Optional[int] = None
+    n_rows: int | None = None
     for i, inp in enumerate(body["inputs"]):
         if not isinstance(inp, dict) or not isinstance(inp.get("name"), str) or not isinstance(inp.get("data"), list):
             raise AdapterError(400, f"inputs[{i}]: expected an object with name, shape, datatype and data")
@@ -301,6 +302,8 @@ class RealtimeAdapter:
             raise AdapterError(422, **_invalid(e)) from None
         if not self.upstream.ready:
             raise AdapterError(503, f"model {self.name} is not ready (starting, or its /health does not answer 200)")
+        if not clean:
+            return []  # nothing to score: no need to bother the model
         return await self.upstream.predict(clean)
 
     async def _body(self, request: web.Request) -> bytes:
@@ -485,7 +488,7 @@ class Supervisor:
     def __init__(self, manifest: Manifest, port: int):
         self.manifest = manifest
         self.port = port
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.stopping = False
         self.stderr_tail: deque[bytes] = deque(maxlen=STDERR_TAIL_LINES)
         self._pumps: list[threading.Thread] = []
@@ -499,7 +502,7 @@ class Supervisor:
         from .batch import PREEXEC as preexec
         self.proc = subprocess.Popen(self.manifest.command, cwd=self.manifest.folder, env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=True, preexec_fn=preexec)
+                                     start_new_session=True, preexec_fn=preexec)  # noqa: PLW1509 - only prctl
         log.info("started model %s (pid %s): %s", self.manifest.ref, self.proc.pid, " ".join(self.manifest.command))
         for stream, tail in ((self.proc.stdout, None), (self.proc.stderr, self.stderr_tail)):
             t = threading.Thread(target=self._pump, args=(stream, tail), daemon=True)
@@ -516,7 +519,7 @@ class Supervisor:
         threading.Thread(target=watch, daemon=True).start()
 
     @staticmethod
-    def _pump(stream, tail: Optional[deque]) -> None:
+    def _pump(stream, tail: deque | None) -> None:
         sink = sys.stderr.buffer
         for line in iter(stream.readline, b""):
             if tail is not None:
@@ -549,7 +552,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-async def serve(manifest: Manifest, *, host: str, port: int, model_url: Optional[str] = None) -> int:
+async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | None = None) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or, in supervisor mode, until the model exits (exit 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -598,7 +601,7 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: Optional
     return 0
 
 
-def run(manifest: Manifest, *, host: str, port: int, model_url: Optional[str] = None) -> int:
+def run(manifest: Manifest, *, host: str, port: int, model_url: str | None = None) -> int:
     try:
         import uvloop
     except ImportError:

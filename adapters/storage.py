@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 CHUNK = 1 << 20  # 1 MiB: reads, hashes and downloads never hold more than this much of a file
 
@@ -26,8 +25,8 @@ class InputInfo:
     """What was scored: the URI, its GCS generation (None for a local file) and md5 (hex)."""
 
     uri: str
-    generation: Optional[str]
-    md5: Optional[str]
+    generation: str | None
+    md5: str | None
 
     def to_json(self) -> dict:
         return {"uri": self.uri, "generation": self.generation, "md5": self.md5}
@@ -80,7 +79,7 @@ def md5_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(uri: str, dest: Path, *, generation: Optional[str] = None) -> InputInfo:
+def fetch(uri: str, dest: Path, *, generation: str | None = None) -> InputInfo:
     """Stream the gs:// object at `uri` to `dest` (bounded memory); return its generation.
 
     With `generation` (from a finalized event) exactly that version is fetched, or the fetch

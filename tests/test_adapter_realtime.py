@@ -61,9 +61,9 @@ class Adapter:
                 cwd=ROOT, env=child_env(**env), stdout=subprocess.DEVNULL, stderr=err)
         try:
             wait_http(self.url + ("/v2/health/ready" if ready else "/v2/health/live"), proc=self.proc)
-        except Exception:
+        except RuntimeError as e:
             self.stop()
-            raise RuntimeError(self.stderr())
+            raise RuntimeError(f"{e}\n{self.stderr()}") from e
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -124,7 +124,7 @@ def test_invalid_rows_are_422_naming_row_and_field(adapter, bad_row, field, frag
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_json_values_are_422(adapter, literal):
-    body = '{"rows": [{"x": %s, "region": "west"}]}' % literal
+    body = '{"rows": [{"x": ' + literal + ', "region": "west"}]}'
     r = requests.post(adapter.url + "/predict", data=body, headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 422, r.text
     assert r.json()["problems"] == [{"row": 0, "field": "x", "error": r.json()["problems"][0]["error"]}]
@@ -359,7 +359,7 @@ def test_supervisor_reports_a_model_that_cannot_start(tmp_path):
     (folder / "model.yaml").write_text((FIXTURE / "model.yaml").read_text().replace(
         "command: [python, model.py]", "command: [python, -c, 'import sys; sys.exit(\"no coefficients file\")']"))
     proc = subprocess.run([sys.executable, "-m", "adapters", "serve", str(folder), "--port", str(free_port())],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=30)
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode != 0
     assert "exited with status 1" in proc.stderr and "no coefficients file" in proc.stderr
 
@@ -380,7 +380,7 @@ def test_taken_port_is_a_one_line_error_and_stops_the_model(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         proc = subprocess.run([sys.executable, "-m", "adapters", "serve", str(FIXTURE), "--port", str(port)],
-                              cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+                              cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
