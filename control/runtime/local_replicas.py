@@ -59,6 +59,8 @@ STOP_GRACE = 5.0           # SIGTERM, then SIGKILL after this long
 SCALE_IN_WINDOW_MAX = 30.0
 NOTE_SECONDS = 600.0       # how long a replaced crash stays visible as the model's `error`
 LOGS_KEPT = 20             # replica log files kept per model
+# What the adapter's 503 says when it refused a request without calling the model.
+NOT_READY = b"is not ready"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
 
@@ -284,7 +286,8 @@ class ReplicaManager:
             body = None
         tried: set[int] = set()
         last_error: Optional[Exception] = None
-        for _ in range(2):   # a request that never reached a replica gets one more try elsewhere
+        attempts = 2
+        for attempt in range(attempts):   # a request that never reached a model is tried again elsewhere
             replica = self._acquire(name, tried)
             try:
                 r = replica.pool.urlopen(method.upper(), url, body=body, headers=out_headers, retries=False,
@@ -299,11 +302,31 @@ class ReplicaManager:
                 raise UpstreamError(f"{replica.rev.key} did not answer within "
                                     f"{replica.rev.manifest.limits.timeout_seconds + 5:.0f}s", status=504) from e
             except (ProtocolError, HTTPError, OSError) as e:
+                if attempt < attempts - 1 and self._going_away(replica):
+                    # The adapter closed the connection because it is exiting: its model had
+                    # already died (the adapter answers 502/503 for a model that dies under a
+                    # request and only then exits), so the model never took this request.
+                    tried.add(replica.id)
+                    last_error = e
+                    log.debug("%s: replica %s went away under a request (%s); retrying elsewhere", name,
+                              replica.id, e)
+                    continue
                 raise UpstreamError(f"{replica.rev.key}: the connection to replica {replica.id} broke "
                                     f"mid-request ({e}); the model may have crashed") from e
             finally:
                 self._release(replica)
             resp_headers = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP}
+            if r.status == 503 and attempt < attempts - 1 and NOT_READY in r.data:
+                # The adapter refused before calling its model (the model is not ready: it just
+                # died and the adapter is about to exit, say), so the request was never sent:
+                # safe to send elsewhere. Any other 503 ("not reachable" after the model dropped
+                # the connection) may come from a request that crashed the model; retrying it
+                # could crash the next replica too, so it goes back to the caller as is.
+                # This replica returns to readiness polling until it recovers or exits.
+                tried.add(replica.id)
+                self._unready(replica)
+                log.debug("%s: replica %s answered 503 (%s); retrying elsewhere", name, replica.id, r.data[:200])
+                continue
             return ProxyResponse(status=r.status, headers=resp_headers, body=r.data)
         raise UpstreamError(f"{name}: no replica could be reached ({last_error})")
 
@@ -347,6 +370,24 @@ class ReplicaManager:
                 rev.cond.wait(remaining)
         finally:
             rev.pending -= 1
+
+    @staticmethod
+    def _going_away(replica: Replica, wait: float = 0.5) -> bool:
+        """Whether the replica's process exits within `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if replica.state == "exited" or (replica.proc is not None and replica.proc.poll() is not None):
+                return True
+            time.sleep(0.01)
+        return False
+
+    def _unready(self, replica: Replica) -> None:
+        with self._lock:
+            if replica.state == "ready":
+                replica.state = "starting"
+                replica.started = time.monotonic()   # start_timeout counts from the relapse
+                replica.ready_at = None
+                self._wake.set()
 
     def _release(self, replica: Replica) -> None:
         with self._lock:
@@ -394,7 +435,9 @@ class ReplicaManager:
                 if rev.crashes and not rev.failed and any(
                         r.state == "ready" and now - r.ready_at >= STABLE_AFTER for r in rev.replicas):
                     rev.crashes = 0
-                peak = max(d for _, d in rev.samples)
+                # Scale-in looks at the peak of the window; a revision that is no longer
+                # live only drains, so it looks at what is in flight now.
+                peak = max(d for _, d in rev.samples) if rev.live else demand
                 want = rev.desired(now, peak)
                 active = rev.active()
                 if len(active) > want:
