@@ -113,7 +113,7 @@ def test_first_request_at_zero_is_held_and_answered(rt, tmp_path):
 
 
 def test_burst_of_50_at_zero_all_succeed(rt, tmp_path):
-    rt.deploy(load_manifest(make_model(tmp_path, "echo")))
+    rt.deploy(load_manifest(make_model(tmp_path, "echo", params={"factor": 1, "startup_delay": 0.5})))
     barrier = threading.Barrier(50)
 
     def one(i):
@@ -214,6 +214,12 @@ def test_model_that_keeps_crashing_ends_failed_with_its_stderr(rt, tmp_path):
         {"name": "x", "type": "number"}])))
     assert rt.model("broken").status == "idle" and rt.model("broken").error is None
     assert scores(rt, "broken", [{"x": 2}]) == [2]
+    # and so does a rollback, even to the version that failed: it gets another chance (and,
+    # carrying the traffic of 1.0.1, starts at once), then fails again the same way
+    rt.rollback("broken", version="1.0.0")
+    assert rt.model("broken").status != "failed"
+    info = wait_for(lambda: (m := rt.model("broken")).status == "failed" and m, what="failed again")
+    assert "cannot load params.json" in info.error
 
 
 # -- versions --------------------------------------------------------------------------------

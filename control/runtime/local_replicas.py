@@ -449,8 +449,10 @@ class ReplicaManager:
                     for _ in range(want - len(active)):
                         self._start_locked(rev)
                 per_model[rev.name] = per_model.get(rev.name, 0) + len(rev.ready())
-                if (not rev.replicas and not rev.pending and not rev.failed
-                        and (not rev.live or (rev.scaling.min == 0 and now - rev.last_request >= rev.idle))):
+                # Forget a revision with nothing running: one no longer live, or a live one idle
+                # past its timeout (a failed live one stays, so it keeps saying why).
+                if not rev.replicas and not rev.pending and (not rev.live or (
+                        not rev.failed and rev.scaling.min == 0 and now - rev.last_request >= rev.idle)):
                     rev.retired = True
                     del self._revisions[key]
             for name, n in per_model.items():
