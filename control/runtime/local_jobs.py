@@ -235,7 +235,7 @@ class JobRunner:
             changes.update(status="failed", error=error,
                            log_tail=((result or {}).get("log_tail") or stderr_tail)[-TAIL_CHARS:])
         self.store.update(job, **changes)
-        log.info("job %s: %s%s", job.id, changes["status"], f" ({changes.get('error')})" if changes.get("error") else "")
+        log.info("job %s: %s %s", job.id, changes["status"], changes.get("error") or "")
 
 
 def _last_json_line(path: Path) -> Optional[dict]:

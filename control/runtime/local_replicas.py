@@ -7,6 +7,10 @@ thread that polls its readiness, notices its exit and stops it when asked.
 Routing: each model has one live revision (a deployed version); a request goes to the
 ready replica of that revision with the fewest requests in flight, over a pooled keep-alive
 connection. With no ready replica the request is held (the activator) while one starts.
+A request is sent again (once, to another replica) only when no model can have taken it: the
+connection was refused, the adapter answered its "not ready" 503, or the adapter exited under
+a pooled connection. Anything else — notably a request during which the model died — goes back
+to the caller (502), because resending a request that crashes its model would crash the next.
 
 Scaling, per revision, on every request and every `TICK`:
 
@@ -86,8 +90,9 @@ class Replica:
         self.crash_reason: Optional[str] = None   # set when we kill it for misbehaving
         self.thread: Optional[threading.Thread] = None
         timeout = urllib3.Timeout(connect=2.0, read=rev.manifest.limits.timeout_seconds + 5.0)
-        self.pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=max(16, 2 * rev.scaling.target_concurrency),
-                                               block=False, retries=False, timeout=timeout)
+        size = max(64, 4 * rev.scaling.target_concurrency)
+        self.pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=size, block=False, retries=False,
+                                               timeout=timeout)
 
     @property
     def active(self) -> bool:
