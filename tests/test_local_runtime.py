@@ -400,7 +400,7 @@ time.sleep(600)
 def test_jobs_of_a_service_that_died(settings, tmp_path):
     """Killed outright while a job ran: that job ends failed ('interrupted'), the queued one runs."""
     slow, fast = tmp_path / "slow.csv", tmp_path / "fast.csv"
-    slow.write_text("x,sleep\n1,15\n")
+    slow.write_text("x,sleep\n1,5\n")
     fast.write_text("x,sleep\n1,\n")
     model = make_model(tmp_path, "scorer")
     proc = subprocess.Popen([sys.executable, "-c", _CRASHING_SERVICE, str(settings.state_dir), str(model),
