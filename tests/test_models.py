@@ -19,7 +19,7 @@ import pytest
 from adapters.manifest import load_manifest
 from adapters.schema import RowValidator
 from control.emulator import free_port
-from tests.conftest import MODELS, requires_r
+from conftest import MODELS, requires_r
 
 REALTIME = ["donor-propensity", pytest.param("major-gift", marks=requires_r)]
 BATCH = ["churn-risk", pytest.param("member-retention", marks=requires_r)]

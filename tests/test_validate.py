@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from control import validate
-from tests.conftest import FIXTURES, MODELS, ROOT, requires_r
+from conftest import FIXTURES, MODELS, ROOT, requires_r
 
 BROKEN = FIXTURES / "validate"
 
