@@ -546,10 +546,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per model (default 60)")
     p = command("render", cmd_render, "print the Knative YAML a model becomes (offline)")
     p.add_argument("target", metavar="NAME|DIR")
+    p = command("bench", None, "measure the plane against its targets (options: see `modelplane bench --help`)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark, e.g. --quick")
     return parser
 
 
+def cmd_bench(argv: Sequence[str]) -> int:
+    """`modelplane bench …` is `python -m loadtest …`: its options pass through untouched."""
+    from loadtest.__main__ import main as bench_main
+
+    return bench_main(list(argv))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
