@@ -370,9 +370,15 @@ def test_batch(manifest: Manifest, n_rows: int, report: Report, *, timeout: floa
 # -- entry points ---------------------------------------------------------------------------
 
 def model_dirs(dirs: list[str | Path]) -> list[Path]:
-    """Each DIR is a model folder, or a folder of model folders (e.g. `models/`)."""
+    """Each DIR is a model folder, or a folder of model folders (e.g. `models/`).
+
+    Plain files other than a manifest are left out, so `modelplane validate models/*`
+    checks the model folders beside a README or a training script.
+    """
     out = []
     for d in map(Path, dirs):
+        if d.is_file() and d.suffix not in (".yaml", ".yml"):
+            continue
         if d.is_dir() and not (d / MANIFEST_FILE).exists():
             subs = sorted(p for p in d.iterdir() if (p / MANIFEST_FILE).is_file())
             if subs:

@@ -111,3 +111,15 @@ def test_module_entry_point_exit_status():
                           timeout=60)
     assert proc.returncode == 1
     assert "features[0].type" in proc.stdout
+
+
+def test_shell_glob_of_models_checks_only_model_folders(tmp_path):
+    """`modelplane validate models/*` meets README.md and train.py beside the folders."""
+    (tmp_path / "README.md").write_text("# not a model\n")
+    (tmp_path / "train.py").write_text("print('not a model')\n")
+    out = io.StringIO()
+    code = validate.run([tmp_path / "README.md", tmp_path / "train.py", BROKEN / "bad-manifest"], stream=out)
+    text = out.getvalue()
+    assert code == 1
+    assert "README.md" not in text and "train.py" not in text
+    assert "1 of 1 model(s) failed" in text
