@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 CHUNK = 1 << 20  # 1 MiB: reads, hashes and downloads never hold more than this much of a file
 
@@ -110,28 +111,13 @@ def fetch(uri: str, dest: Path, *, generation: str | None = None) -> InputInfo:
     return InputInfo(uri=uri, generation=generation, md5=None)
 
 
-def _local_put(src: Path, dest: Path) -> None:
-    """Place `src` at `dest` atomically: a temp file in dest's folder, then os.replace."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _local_write(data: bytes, dest: Path) -> None:
+def _local_atomic(dest: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `dest` atomically: `write` fills a temp file in dest's folder, then os.replace."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + dest.name + ".", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
         os.replace(tmp, dest)
     except BaseException:
         try:
@@ -139,6 +125,17 @@ def _local_write(data: bytes, dest: Path) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _local_put(src: Path, dest: Path) -> None:
+    def copy(out: BinaryIO) -> None:
+        with open(src, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+    _local_atomic(dest, copy)
+
+
+def _local_write(data: bytes, dest: Path) -> None:
+    _local_atomic(dest, lambda out: out.write(data))
 
 
 def put_file(src: Path, uri: str, *, content_type: str = "text/csv") -> None:

@@ -26,6 +26,7 @@ from typing import Any, Optional, TextIO
 
 import adapters
 from adapters.manifest import MANIFEST_FILE, Manifest, ManifestError, load_manifest
+from control.runtime.local_procs import descendants
 from adapters.schema import RowValidator
 
 DEFAULT_TIMEOUT = 60.0
@@ -128,31 +129,6 @@ def _adapter_env() -> dict[str, str]:
     return env
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc), so a model that left the adapter's group is stopped too."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode("ascii", "replace")
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -169,7 +145,7 @@ def stop(proc: subprocess.Popen) -> list[int]:
     """SIGTERM the process group, SIGKILL whatever is left after a grace period: no orphans.
 
     Returns the pids still alive afterwards (none, unless something is badly wrong)."""
-    below = _descendants(proc.pid)
+    below = descendants(proc.pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
