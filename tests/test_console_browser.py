@@ -1,0 +1,196 @@
+"""End to end in a real browser: control service + `streamlit run console/app.py` as subprocesses,
+headless Chromium driven by Selenium. Screenshots land in artifacts/console/ for people to look at.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from control.emulator import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = ROOT / "artifacts" / "console"
+TOKEN = "browser-test-token"
+MODEL = "donor-propensity"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                       reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)"),
+]
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def _start(cmd: list[str], *, env: dict, log: Path) -> subprocess.Popen:
+    out = open(log, "wb")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def servers(gcs, tmp_path_factory):
+    """The control service (`control.server.serve`) and the console, each a subprocess."""
+    tmp = tmp_path_factory.mktemp("browser")
+    control_port, console_port = free_port(), free_port()
+    env = {**os.environ,
+           "MODELPLANE_HOST": "127.0.0.1", "MODELPLANE_PORT": str(control_port),
+           "MODELPLANE_STATE_DIR": str(tmp / "state"), "MODELPLANE_MODELS_DIR": str(MODELS),
+           "MODELPLANE_BUCKET": gcs.bucket, "MODELPLANE_TOKEN": TOKEN,
+           "MODELPLANE_URL": f"http://127.0.0.1:{control_port}",
+           "STORAGE_EMULATOR_HOST": gcs.endpoint, "PYTHONUNBUFFERED": "1"}
+    control_log, console_log = tmp / "control.log", tmp / "console.log"
+    procs = []
+    try:
+        procs.append(_start([sys.executable, "-c",
+                             "from control.server import serve; serve(watch=True)"],
+                            env=env, log=control_log))
+        _wait_http(f"http://127.0.0.1:{control_port}/healthz", procs[-1], control_log)
+        procs.append(_start([sys.executable, "-m", "streamlit", "run", str(ROOT / "console" / "app.py"),
+                             "--server.headless", "true", "--server.port", str(console_port),
+                             "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+                             "--server.fileWatcherType", "none"], env=env, log=console_log))
+        _wait_http(f"http://127.0.0.1:{console_port}/_stcore/health", procs[-1], console_log)
+        yield {"control": f"http://127.0.0.1:{control_port}", "console": f"http://127.0.0.1:{console_port}",
+               "logs": (control_log, console_log)}
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                "--window-size=1440,1400", "--force-device-scale-factor=1"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _text_appears(driver, text: str, timeout: float = 60) -> None:
+    try:
+        WebDriverWait(driver, timeout).until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), text))
+    except TimeoutException:
+        raise AssertionError(f"{text!r} never appeared; page shows:\n{driver.find_element(By.TAG_NAME, 'body').text[:3000]}") from None
+
+
+def _shot(driver, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    time.sleep(1.0)  # let charts and fonts finish drawing
+    path = ARTIFACTS / name
+    driver.save_screenshot(str(path))
+    return path
+
+
+def _click(driver, xpath: str, timeout: float = 30):
+    el = WebDriverWait(driver, timeout).until(EC.element_to_be_clickable((By.XPATH, xpath)))
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
+    el.click()
+    return el
+
+
+def test_browse_models_open_one_submit_the_form_and_see_a_score(servers, browser):
+    driver = browser
+    driver.get(servers["console"])
+    _text_appears(driver, "Every model on the plane")
+    for name in ("donor-propensity", "major-gift", "churn-risk", "member-retention"):
+        _text_appears(driver, f"Open {name}")
+    _shot(driver, "01-models.png")
+
+    _click(driver, f"//a[.//*[normalize-space()='Open {MODEL}'] or normalize-space()='Open {MODEL}']")
+    _text_appears(driver, "Fields marked * are required")
+    assert f"model={MODEL}" in driver.current_url
+
+    net_worth = WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.XPATH, "//input[starts-with(@aria-label, 'net_worth')]")))
+    net_worth.click()
+    net_worth.send_keys(Keys.CONTROL, "a")
+    net_worth.send_keys("250000", Keys.TAB)
+    gifts = driver.find_element(By.XPATH, "//input[starts-with(@aria-label, 'gifts_last_year')]")
+    gifts.click()
+    gifts.send_keys(Keys.CONTROL, "a")
+    gifts.send_keys("4", Keys.TAB)
+    _shot(driver, "02-model-form.png")
+
+    _click(driver, "//button[.//p[normalize-space()='Score']]")
+    _text_appears(driver, "Scored by donor-propensity version 1.0.0", timeout=90)
+    value = WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stMetricValue']")))
+    score = float(value.text)
+    assert 0.0 <= score <= 1.0
+    _shot(driver, "03-score.png")
+
+    # The CSV tab: upload the sample, see scores beside the rows and their distribution.
+    _click(driver, "//*[@role='tab'][contains(normalize-space(.), 'Score a CSV')]")
+    upload = WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stFileUploaderDropzoneInput']")))
+    upload.send_keys(str(MODELS / MODEL / "sample.csv"))
+    _text_appears(driver, "rows of sample.csv", timeout=90)
+    WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stVegaLiteChart'], .vega-embed")))
+    _shot(driver, "04-csv-scores.png")
+
+    # The other pages render against the live service too.
+    driver.get(servers["console"] + "/activity")
+    _text_appears(driver, "Requests per second")
+    _shot(driver, "05-activity.png")
+    driver.get(servers["console"] + "/jobs")
+    _text_appears(driver, "Drop a dataset")
+    _shot(driver, "06-jobs.png")
+    assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
