@@ -1,0 +1,1 @@
+"""Benchmarks and locust scenarios for modelplane; locust itself only ever runs in a subprocess."""

@@ -68,9 +68,13 @@ class Handler(BaseHTTPRequestHandler):
         pass    # no per-request log lines: this model is also the latency baseline
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128    # the stdlib's 5 resets connections when a burst of clients arrives at once
+
+
 def main():
-    server = ThreadingHTTPServer((os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8000"))), Handler)
-    server.daemon_threads = True
+    server = Server((os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8000"))), Handler)
     print(f"donor-propensity listening on {server.server_address[0]}:{server.server_address[1]}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

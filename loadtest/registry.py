@@ -1,0 +1,72 @@
+"""Registers many models cheaply for the listing benchmark: the local runtime's own `deploy`, on a state dir.
+
+Every model is a minimal but valid manifest (one feature, never started), so what is measured
+afterwards is the control service listing N registered models, not N running ones.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+MANIFEST = """\
+name: {name}
+version: 1.0.0
+kind: realtime
+language: python
+description: listing benchmark filler {i}
+command: [python3, -c, "pass"]
+features:
+  - {{name: x, type: number}}
+scaling: {{min: 0, max: 1, target_concurrency: 8, idle_timeout: 60s}}
+"""
+
+
+def _deploy_range(state_dir: str, start: int, stop: int) -> int:
+    import yaml
+
+    from adapters.manifest import Manifest
+    from control.runtime.local import LocalRuntime
+    from control.settings import Settings
+
+    settings = Settings(state_dir=Path(state_dir), models_dir=Path(state_dir) / "no-models")
+    runtime = LocalRuntime(settings)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mp-filler-") as tmp:
+            folder = Path(tmp) / "model"
+            folder.mkdir()
+            for i in range(start, stop):
+                name = f"filler-{i:05d}"
+                text = MANIFEST.format(name=name, i=i)
+                (folder / "model.yaml").write_text(text, encoding="utf-8")
+                # The store parses the frozen copy's model.yaml itself; validating the dict here
+                # (not parsing the YAML twice) halves the cost of registering 10,000 models.
+                manifest = Manifest.model_validate(yaml.safe_load(text))
+                manifest._folder = folder
+                manifest._file = folder / "model.yaml"
+                runtime.deploy(manifest, make_live=True)
+    finally:
+        runtime.close()
+    return stop - start
+
+
+def populate(state_dir: Path, count: int, *, workers: int | None = None) -> int:
+    """Deploy `count` filler models into `state_dir` (in worker processes: each model is its own
+    folder, so several runtimes on one state dir write nothing in common). Returns `count`."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    step = -(-count // workers)
+    ranges = [(i, min(i + step, count)) for i in range(0, count, step)]
+    if len(ranges) == 1:
+        return _deploy_range(str(state_dir), *ranges[0])
+    with ProcessPoolExecutor(max_workers=len(ranges)) as pool:
+        done = sum(pool.map(_deploy_range, [str(state_dir)] * len(ranges), [a for a, _ in ranges],
+                            [b for _, b in ranges]))
+    return done
+
+
+if __name__ == "__main__":
+    print(populate(Path(sys.argv[1]), int(sys.argv[2])))
