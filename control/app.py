@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
+import orjson
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import wrap_file
@@ -263,7 +264,10 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
                 known[entry["name"]]["error"] = entry["error"]
             else:
                 infos.append(plane.failed_info(entry))
-        return jsonify(sorted(infos, key=lambda m: m["name"]))
+        infos.sort(key=lambda m: m["name"])
+        # orjson: the list is the one large answer (10,000 models), and the stdlib encoder was
+        # a quarter of its time.
+        return Response(orjson.dumps(infos), mimetype="application/json")
 
     @app.post("/api/models")
     def deploy_model():

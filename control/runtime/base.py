@@ -41,7 +41,9 @@ class ModelInfo:
     description: str = ""
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        # Every field is a scalar: a shallow copy is the same as asdict() at a fraction of the
+        # cost, which matters when the API lists thousands of models.
+        return dict(self.__dict__)
 
 
 @dataclass
