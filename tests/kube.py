@@ -231,6 +231,9 @@ class Cluster:
 
     def install_crds(self, folder: Path) -> list[str]:
         names = []
+        if not sorted(folder.glob("*.yaml")):
+            raise RuntimeError(f"no Knative CRDs in {folder}: they come from shared/knative/crds beside the "
+                               f"checkout, or set MODELPLANE_KNATIVE_CRDS to their folder")
         for path in sorted(folder.glob("*.yaml")):
             for doc in load_docs(path):
                 if doc.get("kind") != "CustomResourceDefinition":
