@@ -6,6 +6,7 @@ afterwards is the control service listing N registered models, not N running one
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -53,18 +54,29 @@ def _deploy_range(state_dir: str, start: int, stop: int) -> int:
 
 
 def populate(state_dir: Path, count: int, *, workers: int | None = None) -> int:
-    """Deploy `count` filler models into `state_dir` (in worker processes: each model is its own
-    folder, so several runtimes on one state dir write nothing in common). Returns `count`."""
+    """Deploy `count` filler models into `state_dir`; returns `count`.
+
+    Worker processes each deploy into a state dir of their own, and the finished model
+    folders are then moved into `state_dir/models/`: a runtime starting on a shared state dir
+    clears unfinished deploys it finds there, which would include another worker's deploy in
+    flight. Model folders hold no absolute paths, so they move as they are.
+    """
     state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "models").mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     step = -(-count // workers)
     ranges = [(i, min(i + step, count)) for i in range(0, count, step)]
     if len(ranges) == 1:
         return _deploy_range(str(state_dir), *ranges[0])
+    parts = [state_dir / f".populate-{k}" for k in range(len(ranges))]
     with ProcessPoolExecutor(max_workers=len(ranges)) as pool:
-        done = sum(pool.map(_deploy_range, [str(state_dir)] * len(ranges), [a for a, _ in ranges],
+        done = sum(pool.map(_deploy_range, [str(p) for p in parts], [a for a, _ in ranges],
                             [b for _, b in ranges]))
+    for part in parts:
+        for folder in (part / "models").iterdir():
+            if not folder.name.startswith("."):
+                os.replace(folder, state_dir / "models" / folder.name)
+        shutil.rmtree(part)
     return done
 
 
