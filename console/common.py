@@ -104,9 +104,9 @@ def guarded(render: Callable[[], None]) -> Callable[[], None]:
 _UNKNOWN = ("violet", ":material/help:", "?", "unknown")
 
 
-def status_badge(status: Optional[str], *, where=st) -> None:
+def status_badge(status: Optional[str], *, where=st, long: bool = True) -> None:
     colour, icon, _, meaning = MODEL_STATUS.get(status or "", _UNKNOWN)
-    label = "idle · scaled to zero" if status == "idle" else (status or "unknown")
+    label = "idle · scaled to zero" if status == "idle" and long else (status or "unknown")
     where.badge(label, icon=icon, color=colour, help=meaning)
 
 
@@ -124,6 +124,19 @@ def status_label(status: Optional[str], table: dict = MODEL_STATUS) -> str:
 def style_status(value: Any) -> str:
     text = str(value).split(" ")[-1] if value is not None else ""
     return STATUS_CELL.get(text, "")
+
+
+def styled(frame, status_column: str = "Status"):
+    """A table with coloured status cells and a dash, not `None`, where there is no number yet."""
+    formats = {}
+    for column in frame.columns:
+        values = frame[column].dropna()
+        if frame[column].dtype.kind == "f" and len(values) and (values % 1 == 0).all():
+            formats[column] = "{:,.0f}"  # a count that pandas made float because of a gap
+    style = frame.style.format(formats, na_rep="—", precision=1)
+    if status_column in frame.columns:
+        style = style.map(style_status, subset=[status_column])
+    return style
 
 
 def fmt_ms(value: Any) -> str:

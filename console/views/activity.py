@@ -68,7 +68,7 @@ def activity(names: list[str]) -> None:
         if not frame.empty:
             frames.append(frame)
     if totals:
-        st.dataframe(pd.DataFrame(totals).style.map(common.style_status, subset=["Status"]), hide_index=True,
+        st.dataframe(common.styled(pd.DataFrame(totals)), hide_index=True,
                      column_config={"p50 (ms)": st.column_config.NumberColumn(format="%.1f"),
                                     "p95 (ms)": st.column_config.NumberColumn(format="%.1f")})
     if not frames:

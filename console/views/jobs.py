@@ -150,7 +150,7 @@ def jobs_view(model: str) -> None:
         "Took (s)": round(d, 1) if (d := _duration(j)) is not None else None,
         "Error": j.get("error") or "",
     } for j in jobs])
-    st.dataframe(table.style.map(common.style_status, subset=["Status"]), hide_index=True)
+    st.dataframe(common.styled(table), hide_index=True)
     ids = [j["id"] for j in jobs]
     wanted = st.session_state.get(f"job-{model}")
     default = ids.index(wanted) if wanted in ids else 0

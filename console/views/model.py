@@ -125,10 +125,10 @@ def predict_form(name: str, detail: dict) -> None:
             with st.spinner("Scoring… (a model scaled to zero starts first)"):
                 answer = common.client().predict(name, rows=[row])
             st.session_state[state_key] = {"answer": answer, "row": row, "error": None}
-        except Invalid as err:
-            st.session_state[state_key] = {"answer": None, "row": row, "error": err}
         except ControlError as err:
             st.session_state[state_key] = {"answer": None, "row": row, "error": err}
+        # Once more from the top: the header above (status, replicas, requests) has changed.
+        st.rerun()
     last = st.session_state.get(state_key)
     if not last:
         return
@@ -146,7 +146,7 @@ def predict_form(name: str, detail: dict) -> None:
         cols[0].metric(score_name, f"{scores[0]:.4f}", border=True)
         cols[1].caption(f"Scored by **{answer.get('model', name)}** version "
                         f"**{answer.get('version', '?')}**")
-        cols[1].json(last["row"], expanded=False)
+        cols[1].json(last["row"], expanded=True)
 
 
 # -- CSV scoring --------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from console import common
-from console.client import ControlError, NotFound
+from console.client import NotFound
 
 DETAIL_LIMIT = 50  # beyond this many models, skip the per-model metrics calls
 CARD_LIMIT = 24  # beyond this many, the table alone (cards stop being "at a glance")
@@ -27,10 +27,8 @@ def _details(client, models: list[dict]) -> dict[str, dict]:
 
 def _card(m: dict, metrics: dict) -> None:
     with st.container(border=True):
-        top = st.columns([3, 2], vertical_alignment="center")
-        top[0].markdown(f"**{m['name']}**")
-        with top[1]:
-            common.status_badge(m.get("status"))
+        st.markdown(f"**{m['name']}**")
+        common.status_badge(m.get("status"), long=False)
         st.caption(f"{m.get('kind', '?')} · {m.get('language', '?')} · v{m.get('version') or '—'}")
         cols = st.columns(3)
         cols[0].metric("Replicas", m.get("replicas", metrics.get("replicas", 0)))
@@ -76,7 +74,7 @@ def overview() -> None:
         })
     table = pd.DataFrame(rows)
     st.dataframe(
-        table.style.map(common.style_status, subset=["Status"]),
+        common.styled(table),
         hide_index=True,
         column_config={"p50 (ms)": st.column_config.NumberColumn(format="%.1f"),
                        "Requests": st.column_config.NumberColumn(format="%d")},
