@@ -1,8 +1,8 @@
-"""The benchmark and the locust scenarios, run as subprocesses (locust never imports into pytest).
+"""The benchmark and the locust scenarios, run for real: `python -m loadtest --quick` and each scenario
+briefly, as bounded subprocesses (locust is never imported here), against real planes.
 
-These check that every figure is measured with its baseline and that the scenarios drive real
-traffic without failures; whether a figure meets its target is the benchmark's report, not a
-test assertion (this machine is shared and noisy).
+No wall-clock pass/fail: the benchmark's report must hold every figure with a measured
+baseline; the scenarios must make requests and see none fail.
 """
 from __future__ import annotations
 
@@ -12,72 +12,123 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, requires_r
+
+from conftest import ROOT, have_r
 
 from loadtest.common import bench_copy, examples
 from loadtest.plane import EmbeddedPlane, copy_models
+from loadtest.scenarios import parse_stats, run_scenario
 
 pytestmark = pytest.mark.slow
 
-EXPECTED_FIGURES = {
-    "adapter_overhead_p50_c1", "adapter_overhead_p50_c8", "adapter_overhead_p50_c32",
-    "control_overhead_p50_c1", "control_overhead_p50_c8", "control_overhead_p50_c32",
-}
+# every figure the quick report must hold (R's only when Rscript is installed)
+EXPECTED = ["adapter_overhead_p50_c1", "adapter_overhead_p50_c8", "adapter_overhead_p50_c32",
+            "adapter_overhead_p99_c1", "control_overhead_p50_c1", "control_overhead_p50_c8",
+            "control_overhead_p50_c32", "control_overhead_p99_c32", "cold_start_python", "burst_failures",
+            "batch_e2e_python", "batch_e2e_ratio_python", "batch_adapter_rss_python", "list_models_ms"]
 
 
-@requires_r
-def test_quick_bench_reports_every_figure_with_its_baseline(tmp_path):
-    out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, "-m", "loadtest", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]  # non-zero: a section broke
-    report = json.loads((out / "report.json").read_text())
-    figures = {f["id"]: f for f in report["figures"]}
-    assert not report["meta"].get("errors"), report["meta"]["errors"]
-    assert EXPECTED_FIGURES <= set(figures), sorted(figures)
-    titles = " | ".join(f["title"] for f in figures.values())
-    for words in ("cold start", "python", "major-gift", "burst", "batch", "peak RSS", "GET /api/models"):
-        assert words in titles, f"no figure about {words!r}: {titles}"
-    for f in figures.values():
-        assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]), f
-        assert f["baseline"] is not None and math.isfinite(f["baseline"]), f
-        assert f["samples"] >= 1, f
-    burst = next(f for f in figures.values() if "burst" in f["title"])
-    assert burst["value"] == 0, burst  # requests failed while scaling 0 -> N
-    for chart in ("latency_vs_concurrency.png", "cold_start.png"):
-        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "figure" in proc.stdout and "target" in proc.stdout  # the printed table
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "loadtest", "--quick", "--out", str(out)], cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out, json.loads((out / "report.json").read_text()), proc.stdout
+
+
+def test_quick_bench_reports_every_figure_with_a_measured_baseline(quick_report):
+    out, report, stdout = quick_report
+    figures = {f["id"]: f for f in report["figures"]}
+    expected = EXPECTED + (["cold_start_r"] if have_r() else [])
+    missing = [f for f in expected if f not in figures]
+    assert not missing, f"report lacks {missing}; has {sorted(figures)}"
+    for f in figures.values():
+        assert finite(f["value"]), f
+        assert finite(f["baseline"]), f
+        assert f["baseline_label"] or f["id"].startswith("locust_"), f
+        assert f["samples"] > 0, f
+        if f["target"] is not None:
+            assert f["passed"] in (True, False), f
+    # baselines that are times were really measured (not a zero placeholder)
+    for key in ("adapter_overhead_p50_c1", "cold_start_python", "batch_e2e_python", "list_models_ms"):
+        assert figures[key]["baseline"] > 0, figures[key]
+    assert figures["list_models_ms"]["extra"]["models"] >= 1000
+    assert figures["burst_failures"]["value"] == 0, figures["burst_failures"]   # 0 -> N drops nothing
+    assert report["meta"]["errors"] == {}
+    assert report["meta"]["machine"]["nproc"] >= 1
+    # the printed table names every figure
+    for f in figures.values():
+        assert f["title"] in stdout
+
+
+def test_quick_bench_writes_charts(quick_report):
+    out, report, _ = quick_report
+    for name in ("latency_vs_concurrency.png", "cold_start.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert (out / "table.md").read_text().startswith("| figure")
+
+
+def test_batch_through_the_plane_left_results_in_the_bucket(quick_report):
+    _, report, _ = quick_report
+    runs = report["details"]["batch"]["churn-risk"]["plane"]
+    assert runs and all(r["results_bytes"] > 0 and r["results_uri"].startswith("gs://") for r in runs)
+    assert all(r["rows"] == report["details"]["batch"]["churn-risk"]["rows"] for r in runs)
+
+
+# -- locust scenarios against a real plane -------------------------------------------------
+
+@pytest.fixture(scope="module")
 def plane(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("locust")
     ex = examples()
+    tmp = tmp_path_factory.mktemp("scenarios")
     models = tmp / "models"
     copy_models([ex[("realtime", "python")], ex[("batch", "python")]], models)
-    burst = bench_copy(ex[("realtime", "python")], models, suffix="burst", scaling={"idle_timeout": "1s"})
-    p = EmbeddedPlane(tmp / "plane", models_dir=models, env={"MODELPLANE_WATCH_INTERVAL": "0.2"}).start()
+    idle = bench_copy(ex[("realtime", "python")], models, suffix="idle", scaling={"idle_timeout": "1s"}).name
+    p = EmbeddedPlane(tmp / "plane", models_dir=models, env={"MODELPLANE_WATCH_INTERVAL": "0.2"}).start(
+        expect=[ex[("realtime", "python")].name, ex[("batch", "python")].name, idle])
+    p.idle_model = idle
+    p.realtime = ex[("realtime", "python")].name
+    p.batch = ex[("batch", "python")].name
     try:
-        yield p, burst.name, ex
+        yield p
     finally:
         p.stop()
 
 
-@pytest.mark.parametrize("scenario", ["steady", "burst", "mix"])
-def test_locust_scenario_drives_real_traffic_without_failures(plane, scenario, tmp_path):
-    p, burst_model, ex = plane
-    env = {"LOADTEST_MODELS": burst_model if scenario == "burst" else ex[("realtime", "python")].name,
-           "LOADTEST_BATCH_MODEL": ex[("batch", "python")].name, "LOADTEST_BATCH_ROWS": "500",
-           "LOADTEST_IDLE_WAIT": "30"}
-    code = ("import json, sys; from loadtest.scenarios import run_scenario; "
-            f"r = run_scenario({scenario!r}, host={p.url!r}, out_dir={str(tmp_path)!r}, users=6, spawn_rate=6, "
-            f"duration='6s', env={env!r}); "
-            "print(json.dumps({'requests': r.requests, 'failed': r.failed, 'rows': [x.__dict__ for x in r.rows], "
-            "'failures': r.failures, 'stderr': r.stderr_tail}))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["requests"] > 0, result
-    assert result["failed"] == 0, result["failures"]
+@pytest.mark.parametrize("scenario,upload", [("steady", None), ("burst", None), ("mix", "api"), ("mix", "gcs")])
+def test_locust_scenario_makes_requests_and_none_fail(plane, tmp_path, scenario, upload):
+    env = {"LOADTEST_MODELS": plane.idle_model if scenario == "burst" else plane.realtime,
+           "LOADTEST_BATCH_MODEL": plane.batch, "LOADTEST_BATCH_ROWS": "500", "LOADTEST_JOB_TIMEOUT": "90", "LOADTEST_IDLE_WAIT": "30"}
+    if upload == "gcs":
+        env.update(LOADTEST_UPLOAD="gcs", STORAGE_EMULATOR_HOST=plane.emulator.endpoint, MODELPLANE_BUCKET=plane.bucket)
+    result = run_scenario(scenario, host=plane.url, out_dir=tmp_path, users=8, spawn_rate=8, duration="4s", env=env,
+                          stop_timeout=60, timeout=180)
+    detail = f"{[(r.type, r.name, r.requests, r.failures) for r in result.rows]}\n{result.failures}\n{result.stderr_tail}"
+    assert result.requests > 0, detail
+    assert result.failed == 0, detail
+    predicts = [r for r in result.rows if r.name.endswith("/predict")]
+    assert predicts and sum(r.requests for r in predicts) > 0, detail
     if scenario == "mix":
-        assert any(row["type"] == "JOB" and row["requests"] > 0 for row in result["rows"]), result["rows"]
+        jobs = [r for r in result.rows if r.type == "JOB"]
+        assert jobs and jobs[0].requests >= 1 and jobs[0].failures == 0, detail
+        uploads = [r for r in result.rows if r.type == ("GCS" if upload == "gcs" else "POST") and "predict" not in r.name]
+        assert uploads and uploads[0].requests >= 1, detail
+
+
+def test_parse_stats_reads_locust_csv(tmp_path):
+    path = tmp_path / "x_stats.csv"
+    path.write_text(
+        "Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,"
+        "Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,"
+        "99.99%,100%\n"
+        "POST,/models/a/predict,10,1,5,6.5,2,30,60,9.5,0.9,5,6,7,8,9,12,20,30,30,30,30\n"
+        ",Aggregated,10,1,5,6.5,2,30,60,9.5,0.9,5,6,7,8,9,12,20,30,30,30,30\n")
+    total, rows = parse_stats(path)
+    assert total.requests == 10 and total.failures == 1 and total.p99_ms == 30
+    assert [r.name for r in rows] == ["/models/a/predict"]
