@@ -353,6 +353,7 @@ class ReplicaManager:
 
     def _acquire_locked(self, rev: Revision, tried: set[int], deadline: float) -> Replica:
         rev.pending += 1
+        pending = True
         rev.last_request = time.monotonic()
         try:
             while True:
@@ -365,6 +366,10 @@ class ReplicaManager:
                     if r.state == "ready" and r.id not in tried and (best is None or r.inflight < best.inflight):
                         best = r
                 if best is not None:
+                    # Now in flight on `best`, no longer pending: counting it twice made a load of
+                    # exactly target_concurrency look like one more and start a spurious replica.
+                    rev.pending -= 1
+                    pending = False
                     best.inflight += 1
                     self._scale_out_locked(rev)
                     return best
@@ -374,7 +379,8 @@ class ReplicaManager:
                     raise Unavailable(f"{rev.key}: no replica became ready within {self.start_timeout:.0f}s")
                 rev.cond.wait(remaining)
         finally:
-            rev.pending -= 1
+            if pending:
+                rev.pending -= 1
 
     @staticmethod
     def _going_away(replica: Replica, wait: float = 0.5) -> bool:
