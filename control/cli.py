@@ -398,25 +398,8 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Terminate a child and its process group (it was started in its own session)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            proc.kill()
-        proc.wait()
-
-
 def cmd_up(args) -> int:
+    from control.runtime.local_procs import stop_process
     from control.emulator import Emulator
     from control.server import ControlServer
 
@@ -457,7 +440,7 @@ def cmd_up(args) -> int:
                                     env=_console_env(console_settings), stdout=logf, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
             logf.close()
-            started.append(("console", lambda: _stop_process(proc)))
+            started.append(("console", lambda: stop_process(proc, grace=10.0)))
             out(f"console  http://127.0.0.1:{settings.console_port}")
 
         models = server.runtime.models()
