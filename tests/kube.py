@@ -2,8 +2,8 @@
 loopback, token auth, RBAC, service-account tokens, the official Knative CRDs.
 
 No kubelet, scheduler or Knative controller runs: tests play the controllers by patching
-`status`. The binary comes from `scripts/kube-apiserver.sh` (its cache), or
-MODELPLANE_KUBE_APISERVER; CRDs from ../shared/knative/crds or MODELPLANE_KNATIVE_CRDS.
+`status`. The binary comes from `scripts/kube-build.sh` (its cache), MODELPLANE_KUBE_BIN (the folder)
+or MODELPLANE_KUBE_APISERVER; CRDs from ../shared/knative/crds or MODELPLANE_KNATIVE_CRDS.
 """
 from __future__ import annotations
 
@@ -27,14 +27,20 @@ KUBE_VERSION = os.environ.get("KUBE_VERSION", "1.20.2")
 ISSUER = "https://kubernetes.default.svc"
 
 
+def kube_binary(name: str) -> Optional[Path]:
+    """A Kubernetes binary built by scripts/kube-build.sh (its cache), or from MODELPLANE_KUBE_BIN."""
+    folder = os.environ.get("MODELPLANE_KUBE_BIN")
+    if not folder:
+        cache = Path(os.environ.get("MODELPLANE_KUBE_CACHE")
+                     or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelplane" / "kube")
+        folder = str(cache / KUBE_VERSION)
+    candidate = Path(folder) / name
+    return candidate if candidate.is_file() else None
+
+
 def apiserver_binary() -> Optional[Path]:
     explicit = os.environ.get("MODELPLANE_KUBE_APISERVER")
-    if explicit:
-        return Path(explicit)
-    cache = Path(os.environ.get("MODELPLANE_KUBE_CACHE")
-                 or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelplane" / "kube")
-    candidate = cache / KUBE_VERSION / "kube-apiserver"
-    return candidate if candidate.is_file() else None
+    return Path(explicit) if explicit else kube_binary("kube-apiserver")
 
 
 def crds_dir() -> Path:
@@ -44,9 +50,15 @@ def crds_dir() -> Path:
     return ROOT.parent / "shared" / "knative" / "crds"
 
 
-def free_port() -> int:
+def events_dir() -> Path:
+    """Google's GCS event samples (../shared/knative/events beside the checkout, or MODELPLANE_KNATIVE_EVENTS)."""
+    explicit = os.environ.get("MODELPLANE_KNATIVE_EVENTS")
+    return Path(explicit) if explicit else ROOT.parent / "shared" / "knative" / "events"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -120,6 +132,7 @@ KINDS = {
     ("v1", "ConfigMap"): ("configmaps", True),
     ("v1", "Secret"): ("secrets", True),
     ("v1", "Pod"): ("pods", True),
+    ("v1", "PersistentVolumeClaim"): ("persistentvolumeclaims", True),
     ("apps/v1", "Deployment"): ("deployments", True),
     ("batch/v1", "Job"): ("jobs", True),
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
@@ -149,13 +162,23 @@ def load_docs(path: Path) -> list[dict]:
 
 
 class Cluster:
-    """etcd + kube-apiserver in a temporary folder; `admin` is a Kube with system:masters."""
+    """etcd + kube-apiserver in a temporary folder; `admin` is a Kube with system:masters.
 
-    def __init__(self, workdir: Path, binary: Path):
+    Alone it is an API server without nodes (tests play the controllers). `node.Node` adds
+    the rest of a one-node cluster; it passes `extra_args` (authorization, admission) and a
+    serving certificate of its own (`tls`: cert, key and the CA that signed them).
+    """
+
+    def __init__(self, workdir: Path, binary: Path, *, extra_args: Optional[list[str]] = None,
+                 tls: Optional[tuple[Path, Path, Path]] = None):
         self.workdir = workdir
         self.binary = binary
+        self.extra_args = extra_args
+        self.tls = tls
         self.procs: list[subprocess.Popen] = []
         self.url = ""
+        self.port = 0
+        self.admin_token = ""
         self.admin: Optional[Kube] = None
 
     def start(self) -> "Cluster":
@@ -175,33 +198,41 @@ class Cluster:
                        capture_output=True)
         subprocess.run(["openssl", "rsa", "-in", str(w / "sa.key"), "-pubout", "-out", str(w / "sa.pub")],
                        check=True, capture_output=True)
-        admin_token = secrets.token_hex(16)
+        admin_token = self.admin_token = secrets.token_hex(16)
         (w / "tokens.csv").write_text(f"{admin_token},admin,admin-uid,system:masters\n")
         api_log = open(w / "kube-apiserver.log", "wb")
+        if self.tls:
+            cert, key, _ = self.tls
+            serving = ["--tls-cert-file", str(cert), "--tls-private-key-file", str(key)]
+        else:
+            serving = ["--cert-dir", str(w / "certs")]
+        extra = self.extra_args if self.extra_args is not None else [
+            "--authorization-mode", "RBAC",
+            # No controller-manager creates `default` service accounts: do not require them.
+            "--disable-admission-plugins", "ServiceAccount"]
         self.procs.append(subprocess.Popen(
             [str(self.binary),
              "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
              "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
              "--secure-port", str(api_port), "--insecure-port=0",
-             "--cert-dir", str(w / "certs"),
+             *serving,
              "--token-auth-file", str(w / "tokens.csv"),
-             "--authorization-mode", "RBAC",
              "--service-account-issuer", ISSUER,
              "--service-account-key-file", str(w / "sa.pub"),
              "--service-account-signing-key-file", str(w / "sa.key"),
              "--api-audiences", ISSUER,
              "--service-cluster-ip-range", "10.96.0.0/24",
-             # No controller-manager creates `default` service accounts: do not require them.
-             "--disable-admission-plugins", "ServiceAccount",
+             *extra,
              "--logtostderr=true", "-v=1"],
             stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True))
+        self.port = api_port
         self.url = f"https://127.0.0.1:{api_port}"
         self._wait_ready(admin_token)
         return self
 
     def _wait_ready(self, token: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        cert = self.workdir / "certs" / "apiserver.crt"
+        cert = self.ca
         last = ""
         while time.monotonic() < deadline:
             for p in self.procs:
@@ -227,7 +258,7 @@ class Cluster:
 
     @property
     def ca(self) -> Path:
-        return self.workdir / "certs" / "apiserver.crt"
+        return self.tls[2] if self.tls else self.workdir / "certs" / "apiserver.crt"
 
     def install_crds(self, folder: Path) -> list[str]:
         names = []

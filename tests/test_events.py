@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -13,8 +12,9 @@ from control.events import FINALIZED, finalized_event, parse, to_binary_http
 from control.errors import BadRequest
 from control_fake_runtime import FakeRuntime
 from control_helpers import copy_fixture, running, settings_for
+from kube import events_dir
 
-SAMPLES = Path("/work/shared/knative/events")
+SAMPLES = events_dir()
 SAMPLE = json.loads((SAMPLES / "gcs-finalized-structured.json").read_text()) if SAMPLES.exists() else None
 
 
