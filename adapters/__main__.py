@@ -1,4 +1,4 @@
-"""`python -m adapters {serve,batch,fetch,publish}` (also `modelplane-adapter`): the sidecar's command line."""
+"""`python -m adapters {serve,batch,job}` (also `modelplane-adapter`): the sidecar's command line."""
 from __future__ import annotations
 
 import argparse
@@ -40,16 +40,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="sidecar mode: the model already runs there (default: start it, supervisor mode)")
 
     for name, help_ in (("batch", "run a batch job end to end"),
-                        ("fetch", "Knative Job step 1: fetch and check the dataset into --work"),
-                        ("publish", "Knative Job step 3: check and publish what the model wrote in --work")):
+                        ("job", "the adapter container of a Knative Job: fetch into --work, wait for the model "
+                                "container, publish")):
         b = sub.add_parser(name, help=help_)
         b.add_argument("model_dir", nargs="?", metavar="MODEL_DIR")
-        if name in ("batch", "fetch"):
-            b.add_argument("--dataset", help="gs://… or a path (env DATASET_URI, or $K_EVENT_PATH/event)")
-            b.add_argument("--results", help="prefix for scores.csv and result.json (env RESULTS_URI)")
-            b.add_argument("--job", help="job id (env JOB_ID)")
-        if name != "batch":
-            b.add_argument("--work", default="/work", help="work folder shared by the Job's containers")
+        b.add_argument("--dataset", help="gs://… or a path (env DATASET_URI, or $K_EVENT_PATH/event)")
+        b.add_argument("--results", help="prefix for scores.csv and result.json (env RESULTS_URI)")
+        b.add_argument("--job", help="job id (env JOB_ID)")
+        if name == "job":
+            b.add_argument("--work", default="/work", help="work folder shared with the model container")
     return p
 
 
@@ -57,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MODELPLANE_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "job":
+        return _run(args)
+    from .batch import release_model
+
+    try:
+        return _run(args)
+    finally:  # whatever stopped this container early, the model container must not wait for it
+        release_model(Path(args.work))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         manifest = manifest_from(args.model_dir)
     except ManifestError as e:
@@ -83,19 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelplane-adapter: {manifest.ref} is a {manifest.kind} model; `{args.command}` is for batch models",
               file=sys.stderr)
         return 2
-    if args.command == "publish":
-        result, code = batch.publish_step(manifest, Path(args.work))
+    try:
+        spec, error = batch.resolve_job(manifest, dataset=args.dataset, results=args.results, job=args.job), None
+    except batch.BatchFailure as e:
+        spec, error = None, str(e)
+    if args.command == "job":
+        result, code = batch.job_step(manifest, spec, Path(args.work), error=error)
+    elif error:
+        result, code = batch.Job(manifest, None).fail(error), 1
     else:
-        try:
-            spec = batch.resolve_job(manifest, dataset=args.dataset, results=args.results, job=args.job)
-        except batch.BatchFailure as e:
-            job = batch.Job(manifest, None)
-            result, code = job.fail(str(e)), 1
-        else:
-            if args.command == "batch":
-                result, code = batch.run_batch(manifest, spec)
-            else:
-                result, code = batch.fetch_step(manifest, spec, Path(args.work))
+        result, code = batch.run_batch(manifest, spec)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return code

@@ -1,8 +1,9 @@
 """The batch adapter: fetch a dataset, run the model on it (env DATASET/RESULTS), check, publish.
 
 `run_batch` does all of it in one process. In a Knative Job pod, where the model image may
-have no Python, the same steps are split: `fetch` (adapter image) -> the model's command
-wrapped by `score_step` (model image) -> `publish` (adapter image), sharing a work folder.
+have no Python, the same steps are split between two containers sharing a work folder:
+`job_step` (adapter image: fetch, then publish) and the model's command wrapped by
+`score_step` (model image).
 
 Memory stays flat whatever the dataset size: files are streamed in 1 MiB chunks, rows are
 counted and scores checked chunk by chunk (a C-speed newline count and `sum(map(float, …))`
@@ -585,17 +586,45 @@ def _fetch(spec: JobSpec, work: Path, job: Job, *, copy_local: bool = False) -> 
     return path
 
 
-# -- the three steps of a Knative Job -----------------------------------------------------
+# -- a Knative Job: two main containers sharing a work folder ------------------------------
+#
+# Knative's JobSink dispatcher gives the event file (volume `jobsink-event`, `K_EVENT_PATH`)
+# to the Job's main containers only (knative/eventing cmd/jobsink/main.go), so the step that
+# reads it cannot be an init container. The Job has two main containers instead:
+#   adapter (adapter image)  `job`: fetch + check -> FETCH_DONE -> wait for MODEL_STATUS -> publish
+#   model   (model image)    `score_step`'s POSIX sh: wait for FETCH_DONE -> run the model -> MODEL_STATUS
+# The model image needs no Python; every hand-over is a file renamed into place.
 
 JOB_STATE = "job.json"
+FETCH_DONE = "fetch.done"  # "ok": the dataset is in place; "failed": the model must not run
 MODEL_STATUS = "model.status"
 MODEL_LOG = "model.log"
+FETCH_WAIT_POLL = 0.2  # seconds between the model container's looks for FETCH_DONE
+STATUS_GRACE_SECONDS = 60.0  # beyond the batch timeout (and its kill grace) before the model counts as lost
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def release_model(work: Path) -> None:
+    """Tell a waiting model container not to run, unless it has been told already."""
+    try:
+        if not (work / FETCH_DONE).exists():
+            work.mkdir(parents=True, exist_ok=True)
+            _write_atomic(work / FETCH_DONE, "failed")
+    except OSError as e:
+        log.error("cannot release the model container through %s: %s", work / FETCH_DONE, e)
 
 
 def fetch_step(manifest: Manifest, spec: JobSpec, work: Path) -> tuple[dict, int]:
-    """Init container 1: dataset -> work/dataset.csv, header checked, rows counted; state in work/job.json."""
+    """Dataset -> work/dataset.csv, header checked, rows counted; state in work/job.json."""
     job = Job(manifest, spec)
     work.mkdir(parents=True, exist_ok=True)
+    for stale in (SCORES_FILE, MODEL_STATUS, MODEL_LOG, JOB_STATE):
+        (work / stale).unlink(missing_ok=True)
     try:
         dataset = _fetch(spec, work, job, copy_local=True)
         check_header(manifest, dataset)
@@ -606,30 +635,57 @@ def fetch_step(manifest: Manifest, spec: JobSpec, work: Path) -> tuple[dict, int
         job.fail(str(e))
         job.store_result()
         return job.result, 1
-    state = {"spec": asdict(spec), "result": job.result}
-    (work / JOB_STATE).write_text(json.dumps(state))
-    for stale in (SCORES_FILE, MODEL_STATUS, MODEL_LOG):
-        (work / stale).unlink(missing_ok=True)
+    _write_atomic(work / JOB_STATE, json.dumps({"spec": asdict(spec), "result": job.result}))
     return job.result, 0
 
 
-def score_step(manifest: Manifest, work: str = "/work") -> dict:
-    """Init container 2 (model image, POSIX sh, no Python): the model's command, its exit status
-    and log recorded in the work folder, timeout enforced; always exits 0 so publish runs.
+def job_step(manifest: Manifest, spec: JobSpec | None, work: Path, *, error: str | None = None,
+             poll: float = FOLLOW_INTERVAL) -> tuple[dict, int]:
+    """The adapter container of a Knative Job: fetch, hand over to the model container, wait for
+    its exit status (bounded by the batch timeout), publish. `error` (or no `spec`) fails the job
+    before the model runs; the model container is then told not to start."""
+    work.mkdir(parents=True, exist_ok=True)
+    fetched = False
+    try:
+        if spec is None or error:
+            job = Job(manifest, spec)
+            job.fail(error or "no job to run")
+            job.store_result()
+            return job.result, 1
+        result, code = fetch_step(manifest, spec, work)
+        if code != 0:
+            return result, code
+        fetched = True
+    finally:
+        _write_atomic(work / FETCH_DONE, "ok" if fetched else "failed")
+    deadline = time.monotonic() + manifest.batch.timeout_seconds + KILL_GRACE_SECONDS + STATUS_GRACE_SECONDS
+    while not (work / MODEL_STATUS).exists() and time.monotonic() < deadline:
+        time.sleep(poll)
+    return publish_step(manifest, work)
 
-    Returns `{"command": [...], "env": {...}, "workingDir": folder}` for a container spec.
+
+def score_step(manifest: Manifest, work: str = "/work") -> dict:
+    """The model container of a Knative Job (model image, POSIX sh, no Python): wait for the
+    adapter's FETCH_DONE, run the model's command with its batch timeout, record its exit
+    status (renamed into place once the log is complete) and log; always exits 0, so that the
+    adapter reports the failure.
+
+    Returns `{"command": [...], "env": {...}}` for a container spec.
     """
     seconds = math.ceil(manifest.batch.timeout_seconds)
+    done, status = f"{work}/{FETCH_DONE}", f"{work}/{MODEL_STATUS}"
     script = (
-        f'{{ timeout -k {int(KILL_GRACE_SECONDS)} {seconds} "$@" 2>&1; echo $? > {work}/{MODEL_STATUS}; }}'
-        f" | tee {work}/{MODEL_LOG}; exit 0"
+        f"while [ ! -e {done} ]; do sleep {FETCH_WAIT_POLL}; done; "
+        f'[ "$(cat {done})" = ok ] || exit 0; '
+        f'{{ timeout -k {int(KILL_GRACE_SECONDS)} {seconds} "$@" 2>&1; echo $? > {status}.tmp; }}'
+        f" | tee {work}/{MODEL_LOG}; mv {status}.tmp {status}; exit 0"
     )
     return {"command": ["sh", "-c", script, "sh", *manifest.command],
             "env": {"DATASET": f"{work}/dataset.csv", "RESULTS": f"{work}/{SCORES_FILE}"}}
 
 
 def publish_step(manifest: Manifest, work: Path) -> tuple[dict, int]:
-    """Main container: read what fetch and score left in `work`, check the scores, publish them."""
+    """Read what the fetch and the model left in `work`, check the scores, publish them."""
     try:
         state = json.loads((work / JOB_STATE).read_text())
     except (OSError, ValueError) as e:
@@ -645,7 +701,10 @@ def publish_step(manifest: Manifest, work: Path) -> tuple[dict, int]:
         try:
             status = int((work / MODEL_STATUS).read_text().strip())
         except (OSError, ValueError):
-            raise BatchFailure("the score step recorded no exit status: the model container did not finish") from None
+            raise BatchFailure(
+                "the model container recorded no exit status within its batch timeout "
+                f"({manifest.batch.timeout}) and a grace period: it stopped or was stopped before "
+                "the model finished") from None
         if status == 124:
             raise BatchFailure(
                 f"the model ran longer than its batch timeout ({manifest.batch.timeout}, "

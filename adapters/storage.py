@@ -87,11 +87,10 @@ def fetch(uri: str, dest: Path, *, generation: str | None = None) -> InputInfo:
     fails: a job scores the upload that triggered it, never a later overwrite. The download is
     pinned to the generation read first, so a concurrent overwrite fails it instead of mixing two.
     """
-    from google.api_core import exceptions as gexc
-
     bucket_name, name = split_gcs(uri)
     try:
-        blob = client().bucket(bucket_name).get_blob(name, generation=int(generation) if generation else None)
+        bucket = client().bucket(bucket_name)
+        blob = bucket.get_blob(name, generation=int(generation) if generation else None)
         if blob is None:
             raise StorageError(f"the dataset {uri} does not exist"
                                + (f" (generation {generation})" if generation else ""))
@@ -101,13 +100,17 @@ def fetch(uri: str, dest: Path, *, generation: str | None = None) -> InputInfo:
                                f"(generation {generation}; now {found})")
         generation = found
         dest.parent.mkdir(parents=True, exist_ok=True)
-        blob.download_to_filename(str(dest), if_generation_match=blob.generation, checksum=None)
+        # A fresh handle pinned to that generation: its URL is built from the client's endpoint,
+        # not the `mediaLink` the server returned (an emulator names itself by the address it
+        # listens on, which another host or pod may not reach).
+        pinned = bucket.blob(name, generation=blob.generation)
+        pinned.download_to_filename(str(dest), checksum=None)
     except StorageError:
         raise
-    except gexc.GoogleAPICallError as e:
-        raise StorageError(f"could not download the dataset {uri}: {e.message or e}") from e
     except OSError as e:
         raise StorageError(f"could not download the dataset {uri}: {e}") from e
+    except Exception as e:  # google.api_core errors, retries given up, transport errors
+        raise StorageError(f"could not download the dataset {uri}: {getattr(e, 'message', None) or e}") from e
     return InputInfo(uri=uri, generation=generation, md5=None)
 
 

@@ -219,31 +219,47 @@ def test_missing_dataset_is_a_failed_result(tmp_path):
     assert "does not exist" in result["error"]
 
 
-# -- the Knative Job layout: fetch (adapter image) -> score (model image, sh only) -> publish --
+# -- the Knative Job layout: two main containers, adapter `job` and the model's sh wrapper ---
+
+def start_model_container(work: Path, mode: str) -> subprocess.Popen:
+    """The model container's command as the Job runs it: POSIX sh in the model folder, no Python
+    of its own (the fixture model itself is Python)."""
+    step = batch.score_step(load_manifest(FIXTURE), str(work))
+    return subprocess.Popen(step["command"], cwd=FIXTURE, env=child_env(**step["env"], FIXTURE_MODE=mode),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def write_event(folder: Path, bucket: str, name: str, generation: object = "1") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "event").write_text(json.dumps({
+        "specversion": "1.0", "id": "1", "type": "google.cloud.storage.object.v1.finalized",
+        "source": f"//storage.googleapis.com/projects/_/buckets/{bucket}", "subject": f"objects/{name}",
+        "data": {"bucket": bucket, "name": name, "generation": str(generation)}}))
+
 
 @pytest.mark.parametrize("mode, error", [("good", None), ("exit3", "exited with status 3"),
                                          ("slow", "batch timeout (3s")])
-def test_fetch_score_publish_steps(gcs, gcs_client, tmp_path, mode, error):
+def test_job_containers_hand_over_through_the_work_folder(gcs, gcs_client, tmp_path, mode, error):
     bucket = gcs_client.bucket("test-bucket")
-    bucket.blob(f"incoming/fixture-batch/steps-{mode}.csv").upload_from_string(DATA)
-    work = tmp_path / "work"
-    uri = f"gs://test-bucket/incoming/fixture-batch/steps-{mode}.csv"
-    proc, _ = run_adapter("fetch", str(FIXTURE), "--work", str(work), "--job", f"s-{mode}", DATASET_URI=uri)
-    assert proc.returncode == 0, proc.stderr
-    assert (work / "dataset.csv").read_text() == DATA
-
-    step = batch.score_step(load_manifest(FIXTURE), str(work))
-    scored = subprocess.run(step["command"], cwd=FIXTURE, env=child_env(**step["env"], FIXTURE_MODE=mode),
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert scored.returncode == 0  # always, so that publish runs and reports
-
-    # publish reads the manifest from env, as in the adapter image where the model folder is absent
+    name = f"incoming/fixture-batch/steps-{mode}.csv"
+    blob = bucket.blob(name)
+    blob.upload_from_string(DATA)
+    work, events = tmp_path / "work", tmp_path / "event"
+    write_event(events, "test-bucket", name, blob.generation)
+    # Both containers start together, the model first: it must wait for the dataset.
+    model = start_model_container(work, mode)
+    # The adapter reads the manifest from env and the event from K_EVENT_PATH, as in the Job pod.
     manifest_json = json.dumps(load_manifest(FIXTURE).to_dict())
-    proc, result = run_adapter("publish", "--work", str(work), MODELPLANE_MANIFEST=manifest_json)
+    proc, result = run_adapter("job", "--work", str(work), MODELPLANE_MANIFEST=manifest_json,
+                               K_EVENT_PATH=str(events), JOB_ID=f"s-{mode}",
+                               RESULTS_URI=f"gs://test-bucket/results/fixture-batch/s-{mode}/")
+    assert model.wait(timeout=30) == 0  # always, so that the adapter reports
+    assert (work / "dataset.csv").read_text() == DATA
     blob = bucket.blob(f"results/fixture-batch/s-{mode}/scores.csv")
     if error is None:
         assert proc.returncode == 0, proc.stderr
         assert result["status"] == "succeeded" and result["rows"] == 5
+        assert result["input"]["uri"] == f"gs://test-bucket/{name}" and result["job"] == f"s-{mode}"
         assert scores_in(blob.download_as_text()) == SCORES
     else:
         assert proc.returncode == 1
@@ -251,6 +267,40 @@ def test_fetch_score_publish_steps(gcs, gcs_client, tmp_path, mode, error):
         assert not blob.exists()
         stored = json.loads(bucket.blob(f"results/fixture-batch/s-{mode}/result.json").download_as_text())
         assert stored == result
+
+
+@pytest.mark.parametrize("case", ["no-object", "no-event", "bad-manifest"])
+def test_job_that_fails_before_the_model_never_starts_it(gcs, gcs_client, tmp_path, case):
+    work, events = tmp_path / "work", tmp_path / "event"
+    if case != "no-event":
+        write_event(events, "test-bucket", f"incoming/fixture-batch/{case}.csv")  # never uploaded
+    model = start_model_container(work, "good")
+    manifest = json.dumps(load_manifest(FIXTURE).to_dict()) if case != "bad-manifest" else '{"name": "x"}'
+    proc = subprocess.run([sys.executable, "-m", "adapters", "job", "--work", str(work)], cwd=ROOT,
+                          env=child_env(MODELPLANE_MANIFEST=manifest, K_EVENT_PATH=str(events), JOB_ID=case),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0
+    out, _ = model.communicate(timeout=30)
+    assert model.returncode == 0 and "fixture batch model" not in out  # told not to run
+    assert (work / "fetch.done").read_text() == "failed" and not (work / "model.status").exists()
+    if case == "no-object":
+        assert "incoming/fixture-batch/no-object.csv" in json.loads(proc.stdout.strip().splitlines()[-1])["error"]
+        assert not gcs_client.bucket("test-bucket").blob("results/fixture-batch/no-object/scores.csv").exists()
+
+
+def test_job_gives_up_on_a_model_container_that_never_reports(gcs, gcs_client, tmp_path, monkeypatch):
+    """A model container killed from outside (eviction) writes no status: the adapter fails the job
+    once the batch timeout and its grace have passed, and publishes nothing."""
+    gcs_client.bucket("test-bucket").blob("incoming/fixture-batch/lost.csv").upload_from_string(DATA)
+    monkeypatch.setattr(batch, "STATUS_GRACE_SECONDS", 0.0)
+    monkeypatch.setattr(batch, "KILL_GRACE_SECONDS", 0.0)
+    manifest = load_manifest(FIXTURE)
+    spec = batch.JobSpec(dataset_uri="gs://test-bucket/incoming/fixture-batch/lost.csv", job="lost",
+                         results_prefix="gs://test-bucket/results/fixture-batch/lost/")
+    result, code = batch.job_step(manifest, spec, tmp_path / "work", poll=0.05)
+    assert code == 1 and "recorded no exit status" in result["error"]
+    assert (tmp_path / "work" / "fetch.done").read_text() == "ok"
+    assert not gcs_client.bucket("test-bucket").blob("results/fixture-batch/lost/scores.csv").exists()
 
 
 # -- streamed checks (unit level: the functions the runner uses) ---------------------------
@@ -307,3 +357,28 @@ def test_results_follower_checks_while_written_and_rechecks_a_rewritten_file(tmp
     f.write_text("score\n0.1\nNA\n0.3\n")  # the model rewrote its results after we had read them
     with pytest.raises(batch.BatchFailure, match="line 3 of the results is not a number"):
         batch.check_results(f, 3, manifest, follower)
+
+
+def test_a_bucket_that_cannot_be_reached_fails_the_job_with_a_reason(tmp_path, monkeypatch):
+    """Transport failures (retries given up, connection refused) are a failed result naming the
+    dataset, not a traceback: the adapter container must still report and release the model."""
+    from google.api_core import exceptions as gexc
+
+    from adapters import storage
+
+    class Unreachable:
+        def bucket(self, name):
+            return self
+
+        def get_blob(self, name, generation=None):
+            raise gexc.RetryError("Timeout of 120.0s exceeded, last exception: connection refused", None)
+
+    monkeypatch.setattr(storage, "_client", Unreachable())
+    spec = batch.JobSpec(dataset_uri="gs://test-bucket/incoming/fixture-batch/x.csv", job="u1",
+                         results_prefix=str(tmp_path / "results"))
+    result, code = batch.job_step(load_manifest(FIXTURE), spec, tmp_path / "work")
+    assert code == 1
+    assert "could not download the dataset gs://test-bucket/incoming/fixture-batch/x.csv" in result["error"]
+    assert "connection refused" in result["error"]
+    assert (tmp_path / "work" / "fetch.done").read_text() == "failed"
+    assert json.loads((tmp_path / "results" / "result.json").read_text())["status"] == "failed"
