@@ -223,6 +223,9 @@ class Manifest(_Strict):
     resources: Resources = Resources()
     limits: Limits = Limits()
     batch: Optional[Batch] = None
+    visibility: Literal["cluster", "public"] = Field(
+        "cluster", description="realtime on a cluster: `cluster` (reached through the control service, "
+                               "cluster-local on Knative) or `public` (Knative also gives it an external URL).")
 
     _folder: Path = PrivateAttr(default=Path("."))
     _file: Path = PrivateAttr(default=Path(MANIFEST_FILE))
@@ -256,6 +259,9 @@ class Manifest(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"features: duplicate column name(s) {', '.join(dupes)}")
+        if self.kind == "batch" and self.visibility != "cluster":
+            raise ValueError("visibility: only realtime models have an endpoint to make public (this model is "
+                             "kind: batch)")
         if self.kind == "realtime" and self.batch is not None:
             raise ValueError("batch: only batch models take a 'batch' section (this model is kind: realtime)")
         if self.kind == "batch" and self.batch is None:

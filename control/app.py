@@ -354,8 +354,12 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
             blob.upload_from_file(spool, size=size, content_type="text/csv")
         generation = str(blob.generation) if blob.generation is not None else None
         uri = f"gs://{bucket}/{object_name}"
-        return jsonify({"uri": uri, "bucket": bucket, "object": object_name, "generation": generation,
-                        "size": size, "key": ce.event_key(bucket, object_name, generation or "")}), 201
+        answer = {"uri": uri, "bucket": bucket, "object": object_name, "generation": generation,
+                  "size": size, "key": ce.event_key(bucket, object_name, generation or "")}
+        job = runtime.job_for_upload(name, bucket=bucket, obj=object_name, generation=generation or "")
+        if job:
+            answer["job"] = job  # the job the bucket event will start (it may not exist yet)
+        return jsonify(answer), 201
 
     # -- jobs --------------------------------------------------------------------------------
     @app.get("/api/jobs")

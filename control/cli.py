@@ -29,10 +29,11 @@ CONSOLE_APP = Path(__file__).resolve().parent.parent / "console" / "app.py"
 class CLIError(Exception):
     """A user-facing failure: printed as one line (plus details), exit status 1."""
 
-    def __init__(self, message: str, *, details: Sequence[str] = ()):
+    def __init__(self, message: str, *, details: Sequence[str] = (), status: Optional[int] = None):
         super().__init__(message)
         self.message = message
         self.details = list(details)
+        self.status = status  # the control service's HTTP status, when it answered
 
 
 # -- the HTTP client -------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class Client:
             else:
                 message = error.splitlines()[0] if error else f"HTTP {resp.status_code}"
             message = f"{message} ({resp.status_code})"
-            raise CLIError(message, details=details)
+            raise CLIError(message, details=details, status=resp.status_code)
         return resp
 
     def json(self, method: str, path: str, **kwargs) -> Any:
@@ -284,26 +285,41 @@ def cmd_run(args) -> int:
                              params={"filename": path.name}, data=f, headers={"Content-Type": "text/csv"},
                              timeout=600)
         out(f"uploaded {up['uri']}")
-        # The bucket event starts the job; find it by the event's exactly-once key.
-        deadline = time.monotonic() + args.timeout
-        while True:
-            events = client.json("GET", "/api/events", params={"key": up["key"]})
-            done = [e for e in events if e.get("job")]
-            if done:
-                job = client.json("GET", f"/api/jobs/{quote(done[0]['job'])}")
-                break
-            ignored = [e for e in events if e.get("action") == "ignored"]
-            if ignored:
-                raise CLIError(f"the upload event was ignored: {ignored[0].get('reason')}")
-            if time.monotonic() > deadline:
-                raise CLIError(f"no job started for {up['uri']} within {args.timeout:.0f}s — is the bucket watcher running?")
-            time.sleep(0.2)
+        job = _job_of_upload(client, up, args.timeout)
     out(f"job {job['id']} {job['status']}")
     if not args.wait:
         return 0
     job = _wait_job(client, job["id"], args.timeout)
     _print_job(job)
     return 0 if job["status"] == "succeeded" else 1
+
+
+def _job_of_upload(client, up: dict, timeout: float) -> dict:
+    """The job the upload's bucket event starts: named in the upload's answer where the runtime
+    knows it in advance (the cluster: the event goes to Knative, not to the control service),
+    else found in `/api/events` by the event's exactly-once key."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if up.get("job"):
+            try:
+                return client.json("GET", f"/api/jobs/{quote(up['job'])}")
+            except CLIError as e:
+                if e.status != 404:
+                    raise
+        else:
+            events = client.json("GET", "/api/events", params={"key": up["key"]})
+            done = [e for e in events if e.get("job")]
+            if done:
+                return client.json("GET", f"/api/jobs/{quote(done[0]['job'])}")
+            ignored = [e for e in events if e.get("action") == "ignored"]
+            if ignored:
+                raise CLIError(f"the upload event was ignored: {ignored[0].get('reason')}")
+        if time.monotonic() > deadline:
+            where = (f"job {up['job']} did not appear — is the bridge (modelplane watch) delivering the bucket's "
+                     "events to the Broker? (With Eventarc, events carry Google's ids: find the job with "
+                     "`modelplane jobs`.)" if up.get("job") else "is the bucket watcher running?")
+            raise CLIError(f"no job started for {up['uri']} within {timeout:.0f}s — {where}")
+        time.sleep(0.2 if not up.get("job") else 1.0)
 
 
 def cmd_jobs(args) -> int:

@@ -75,6 +75,11 @@ def _stringify(value: Any) -> Any:
     return None if value is None else str(value)
 
 
+def event_id(name: str, generation: Any) -> str:
+    """The id of the finalized event modelplane's watcher emits for one generation of an object."""
+    return f"{name}#{'' if generation is None else generation}"
+
+
 def finalized_event(obj: Mapping[str, Any], *, bucket: Optional[str] = None) -> CloudEvent:
     """The `google.cloud.storage.object.v1.finalized` event GCS emits for object resource `obj`.
 
@@ -103,7 +108,7 @@ def finalized_event(obj: Mapping[str, Any], *, bucket: Optional[str] = None) -> 
             "type": FINALIZED,
             "source": f"{SOURCE_PREFIX}{bucket}",
             "subject": f"objects/{name}",
-            "id": f"{name}#{data.get('generation', '')}",
+            "id": event_id(name, data.get("generation")),
             "time": when,
             "datacontenttype": "application/json",
         },

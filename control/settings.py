@@ -1,11 +1,20 @@
 """The one settings object: environment variables prefixed `MODELPLANE_`, overridden by CLI flags."""
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def modelplane_version() -> str:
+    """The installed package's version: the tag of the platform images built from it."""
+    try:
+        return metadata.version("modelplane")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0.1.0"
 
 
 class Settings(BaseSettings):
@@ -38,11 +47,24 @@ class Settings(BaseSettings):
     namespace: str = "modelplane"
     """Kubernetes namespace of the cluster runtime."""
     registry: str = "ghcr.io/modelplane"
-    """Image registry; model images are `{registry}/{model}:{version}`."""
-    adapter_image: str = "ghcr.io/modelplane/adapter:0.1.0"
-    """Image of the adapter (cluster runtime)."""
+    """Image registry; model images are `{registry}/{model}:{version}`, the adapter
+    `{registry}/adapter:{modelplane version}` unless `adapter_image` says otherwise."""
+    adapter_image: Optional[str] = None
+    """Image of the adapter (cluster runtime). Unset: `{registry}/adapter:{modelplane version}`."""
     broker: str = "default"
     """Knative Broker the batch Triggers subscribe to (cluster runtime)."""
+    job_service_account: str = "modelplane-job"
+    """Kubernetes ServiceAccount of batch Job pods: the identity (Workload Identity on GKE)
+    that reads datasets and writes results in the bucket (cluster runtime)."""
+    image_pull_secrets: str = ""
+    """Comma-separated Secret names for pulling model and adapter images (cluster runtime)."""
+    storage_emulator_host: Optional[str] = Field(
+        None, validation_alias=AliasChoices("storage_emulator_host", "STORAGE_EMULATOR_HOST"))
+    """A GCS emulator instead of GCS, as the google-cloud-storage client reads it from env
+    STORAGE_EMULATOR_HOST (no prefix). The cluster runtime passes it on to batch Jobs."""
+    max_revision_timeout: int = Field(600, ge=1)
+    """Knative's `max-revision-timeout-seconds` (config-defaults) on the cluster: a realtime
+    model whose request timeout needs more is refused before it is sent (cluster runtime)."""
 
     # Local runtime tuning.
     job_concurrency: int = Field(2, ge=1)
@@ -59,6 +81,19 @@ class Settings(BaseSettings):
     """Whether `modelplane up` starts the console."""
     emulator_port: int = Field(0, ge=0, le=65535)
     """Port of the embedded GCS emulator (0 picks a free one)."""
+
+    @field_validator("adapter_image", mode="after")
+    @classmethod
+    def _empty_is_unset(cls, v: Optional[str]) -> Optional[str]:
+        return v or None
+
+    @property
+    def adapter_image_ref(self) -> str:
+        return self.adapter_image or f"{self.registry.rstrip('/')}/adapter:{modelplane_version()}"
+
+    @property
+    def pull_secrets(self) -> list[str]:
+        return [s.strip() for s in self.image_pull_secrets.split(",") if s.strip()]
 
     @property
     def control_url(self) -> str:

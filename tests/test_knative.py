@@ -8,8 +8,11 @@ Knative controller runs: `reconcile_*` below play it by patching `status`.
 from __future__ import annotations
 
 import ast
+import copy
+import hashlib
 import http.server
 import json
+import secrets
 import re
 import subprocess
 import sys
@@ -182,7 +185,7 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     assert template["metadata"]["name"] == f"{name}-1-0-0"
     assert svc["spec"]["traffic"] == [{"revisionName": f"{name}-1-0-0", "percent": 100, "latestRevision": False}]
     adapter, model = template["spec"]["containers"]
-    assert adapter["image"] == "registry.test/adapter:0.1.0" and adapter["args"] == ["serve"]
+    assert adapter["image"] == "registry.test/adapter:0.1.0" and adapter["args"] == ["serve", "--host", "0.0.0.0"]
     [port] = adapter["ports"]  # the one port Knative routes to (the CRD defaults protocol: TCP)
     assert (port["name"], port["containerPort"]) == ("http1", 8080)
     assert adapter["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -190,13 +193,20 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     assert env["MODEL_URL"] == "http://127.0.0.1:8081"
     assert json.loads(env["MODELPLANE_MANIFEST"])["name"] == name
     assert model["image"] == f"registry.test/models/{name}:1.0.0"
+    # The model images have no CMD: the container runs the manifest's command in the model folder.
+    assert (model["command"], model["workingDir"]) == (v1.command, "/model")
     assert {"name": "PORT", "value": "8081"} in model["env"]
     assert model["resources"]["requests"] == {"cpu": "500m", "memory": "128Mi"}
     ann = template["metadata"]["annotations"]
     assert ann["autoscaling.knative.dev/min-scale"] == "0" and ann["autoscaling.knative.dev/max-scale"] == "5"
-    assert ann["autoscaling.knative.dev/target"] == "8" and ann["autoscaling.knative.dev/scale-down-delay"] == "60s"
+    assert ann["autoscaling.knative.dev/target"] == "8"
+    # idle_timeout: how long the last replica stays; scale-down-delay would slow every scale-down.
+    assert ann["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "60s"
+    assert "autoscaling.knative.dev/scale-down-delay" not in ann
     assert ann["autoscaling.knative.dev/metric"] == "concurrency"
+    assert ann["serving.knative.dev/no-gc"] == "true"  # never garbage-collected: every version can be rolled back to
     assert svc["metadata"]["labels"]["modelplane.dev/model"] == name
+    assert svc["metadata"]["labels"]["networking.knative.dev/visibility"] == "cluster-local"
 
     # No controller has looked at it yet.
     [row] = [m for m in runtime.models() if m.name == name]
@@ -230,7 +240,8 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     svc = admin.get(svc_path(name))
     assert svc["spec"]["template"]["metadata"]["name"] == f"{name}-1-1-0"
     assert svc["spec"]["traffic"][0]["revisionName"] == f"{name}-1-1-0"
-    assert svc["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/scale-down-delay"] == "120s"
+    assert svc["spec"]["template"]["metadata"]["annotations"][
+        "autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "120s"
     assert runtime.model(name).status == "starting"  # generation moved past observedGeneration
     reconcile_service(admin, name)
     detail = runtime.model(name)
@@ -304,15 +315,21 @@ def test_batch_deploy_jobs_rollback_remove(cluster, runtime):
     assert (job["backoffLimit"], job["activeDeadlineSeconds"] >= 1800, job["ttlSecondsAfterFinished"] > 0) == \
         (0, True, True)
     pod = job["template"]["spec"]
-    fetch, score = pod["initContainers"]
-    [publish] = pod["containers"]
-    assert (fetch["image"], fetch["args"]) == ("registry.test/adapter:0.1.0", ["fetch", "--work", "/work"])
-    assert {"name": "K_EVENT_PATH", "value": "/etc/jobsink-event"} in fetch["env"]
-    assert score["image"] == f"registry.test/models/{name}:1.0.0" and score["command"][0] == "sh"
-    assert score["command"][-2:] == ["python3", "score.py"]  # the model's own command, no Python needed
-    assert {"name": "DATASET", "value": "/work/dataset.csv"} in score["env"]
-    assert (publish["image"], publish["args"]) == ("registry.test/adapter:0.1.0", ["publish", "--work", "/work"])
-    assert pod["volumes"] == [{"name": "work", "emptyDir": {}}]
+    # Two main containers: Knative's dispatcher gives the event to main containers only.
+    assert "initContainers" not in pod
+    adapter, model = pod["containers"]
+    assert (adapter["name"], adapter["image"], adapter["args"]) == \
+        ("adapter", "registry.test/adapter:0.1.0", ["job", "--work", "/work"])
+    assert not any(m["name"] == "jobsink-event" for c in pod["containers"] for m in c["volumeMounts"])
+    env = {e["name"]: e.get("value") for e in adapter["env"]}
+    # Results go to the plane's bucket, under the Job's own name.
+    assert env["RESULTS_URI"] == f"gs://test-bucket/results/{name}/$(JOB_ID)/"
+    assert (model["name"], model["image"], model["command"][0]) == ("model", f"registry.test/models/{name}:1.0.0", "sh")
+    assert model["command"][-2:] == ["python3", "score.py"]  # the model's own command, no Python needed
+    assert {"name": "DATASET", "value": "/work/dataset.csv"} in model["env"]
+    # The Job pods' identity (Workload Identity on GKE) reads datasets and writes results.
+    assert pod["serviceAccountName"] == "modelplane-job"
+    assert {v["name"] for v in pod["volumes"]} == {"work", "tmp"}
     trig = admin.get(trigger_path(name))
     assert trig["spec"]["broker"] == "default"
     assert trig["spec"]["filters"] == [
@@ -346,7 +363,13 @@ def test_batch_deploy_jobs_rollback_remove(cluster, runtime):
     assert kjob["metadata"]["labels"]["sinks.knative.dev/job-sink-name"] == sink_name
     assert kjob["metadata"]["ownerReferences"][0]["kind"] == "JobSink"
     assert kjob["spec"]["backoffLimit"] == 0
-    assert [c["name"] for c in kjob["spec"]["template"]["spec"]["initContainers"]] == ["fetch", "score"]
+    kpod = kjob["spec"]["template"]["spec"]
+    assert [c["name"] for c in kpod["containers"]] == ["adapter", "model"]
+    for c in kpod["containers"]:  # as the dispatcher does: event mount, K_EVENT_PATH, K_EXECUTION_MODE
+        assert {"name": "jobsink-event", "mountPath": "/etc/jobsink-event", "readOnly": True} in c["volumeMounts"]
+        assert {"name": "K_EVENT_PATH", "value": "/etc/jobsink-event"} in c["env"]
+        assert {"name": "K_EXECUTION_MODE", "value": "batch"} in c["env"]
+    assert {"name": "jobsink-event", "secret": {"secretName": job.id, "defaultMode": 420}} in kpod["volumes"]
     secret = admin.get(f"/api/v1/namespaces/{NS}/secrets/{job.id}")
     import base64
     event = json.loads(base64.b64decode(secret["data"]["event"]))
@@ -448,7 +471,37 @@ def test_bad_manifest_never_reaches_the_cluster(cluster, sa_token):
     hand_built = v1.model_copy(update={"name": "Not_A_DNS_Label"})  # skips validation
     with pytest.raises(Invalid, match="name"):
         rt.deploy(hand_built)
+    # A DNS label may start with a digit; a Knative Service and its revisions may not (DNS-1035).
+    with pytest.raises(Invalid) as refused:
+        rt.deploy(bump(v1, "1.0.0", name="3d-donors"))
+    assert refused.value.details["problems"][0]["field"] in ("name", "name/version")
+    # Knative caps a revision's timeout (max-revision-timeout-seconds, 600 by default); ours is
+    # limits.timeout + 5 s.
+    with pytest.raises(Invalid) as refused:
+        rt.deploy(bump(v1, "1.0.0", limits={"timeout": "600s"}))
+    assert [p["field"] for p in refused.value.details["problems"]] == ["limits.timeout"]
+    assert "600" in refused.value.message
+    # The retention of the last replica is at most an hour (Knative's WindowMax).
+    with pytest.raises(Invalid) as refused:
+        rt.deploy(bump(v1, "1.0.0", scaling={"idle_timeout": "2h"}))
+    assert [p["field"] for p in refused.value.details["problems"]] == ["scaling.idle_timeout"]
     assert calls == []
+    # What fits is rendered: 595 s, or more where the cluster allows more.
+    from control.runtime.knative_objects import render_objects
+
+    [svc] = render_objects(bump(v1, "1.0.0", limits={"timeout": "595s"}), settings())
+    assert svc["spec"]["template"]["spec"]["timeoutSeconds"] == 600
+    [svc] = render_objects(bump(v1, "1.0.0", limits={"timeout": "600s"}), settings(max_revision_timeout=900))
+    assert svc["spec"]["template"]["spec"]["timeoutSeconds"] == 605
+
+
+def test_visibility_public_leaves_the_route_external():
+    from control.runtime.knative_objects import render_objects
+
+    [svc] = render_objects(bump(example("donor-propensity"), "1.0.0", visibility="public"), settings())
+    assert "networking.knative.dev/visibility" not in svc["metadata"]["labels"]
+    with pytest.raises(Exception, match="visibility"):
+        bump(example("churn-risk"), "1.0.0", visibility="public")
 
 
 def test_api_errors_are_mapped(cluster, sa_token, runtime):
@@ -490,6 +543,57 @@ def test_api_errors_are_mapped(cluster, sa_token, runtime):
     down = KnativeRuntime(settings(), api_client=client.ApiClient(cfg), request_timeout=2)
     with pytest.raises(Unavailable):
         down.models()
+
+
+def test_jobsink_jobs_pass_the_dry_run_knatives_webhook_makes(cluster):
+    """Eventing's JobSink webhook dry-run-creates `spec.job` exactly as written, named like the
+    JobSink plus five random characters (pkg/apis/sinks/v1alpha1/job_sink_validation.go); a JobSink
+    whose Job the API server refuses is refused. Every example batch model's Job passes, and the
+    check is real: a template whose init container mounts the dispatcher's event volume (which only
+    the dispatcher adds, to main containers) is refused."""
+    from control.runtime.knative_objects import render_objects
+
+    def dry_run(job: dict, sink_name: str):
+        job = copy.deepcopy(job)
+        job["metadata"]["name"] = sink_name[:58] + secrets.token_hex(3)[:5]
+        return cluster.admin.request("POST", f"/apis/batch/v1/namespaces/{NS}/jobs", job, query="dryRun=All")
+
+    folders = sorted(p.parent for p in (ROOT / "models").glob("*/model.yaml"))
+    batch = [load_manifest(f) for f in folders if load_manifest(f).kind == "batch"]
+    assert batch, "no example batch models"
+    for manifest in batch:
+        sink, _ = render_objects(manifest, settings())
+        dry_run(sink["spec"]["job"], sink["metadata"]["name"])
+    broken = copy.deepcopy(sink["spec"]["job"])
+    broken["spec"]["template"]["spec"]["initContainers"] = [{
+        "name": "fetch", "image": "registry.test/adapter:0.1.0",
+        "volumeMounts": [{"name": "jobsink-event", "mountPath": "/etc/jobsink-event"}]}]
+    with pytest.raises(kube.ApiError) as refused:
+        dry_run(broken, sink["metadata"]["name"])
+    assert refused.value.status == 422 and "jobsink-event" in refused.value.body
+
+
+def test_concurrent_deploys_lose_no_version(cluster, sa_token):
+    """The control Deployment runs two replicas; the versions of a realtime model live in one
+    annotation. A write computed from a stale read must not drop a version the other wrote."""
+    first, second = make_runtime(cluster, sa_token), make_runtime(cluster, sa_token)
+    v1 = bump(example("donor-propensity"), "1.0.0", name="race-model")
+    first.deploy(v1)
+    inner = second._patch
+    raced = []
+
+    def patch_after_a_rival(resource, name, patch, **kw):
+        if not raced:  # `second` has read the Service; `first` writes before it does
+            raced.append(first.deploy(bump(v1, "1.1.0")))
+        return inner(resource, name, patch, **kw)
+
+    second._patch = patch_after_a_rival
+    assert second.deploy(bump(v1, "1.2.0")).live
+    assert raced and raced[0].version == "1.1.0"
+    history = json.loads(cluster.admin.get(svc_path("race-model"))["metadata"]["annotations"]["modelplane.dev/versions"])
+    assert sorted(history) == ["1.0.0", "1.1.0", "1.2.0"]
+    assert cluster.admin.get(svc_path("race-model"))["spec"]["traffic"][0]["revisionName"] == "race-model-1-2-0"
+    first.remove("race-model")
 
 
 def test_knative_install_passes_server_side_dry_run(cluster):
@@ -547,10 +651,28 @@ def test_names_labels_and_tags_from_any_version():
     assert sink["metadata"]["name"] == "churn-risk-2-0-0-rc-1-build-7"
     assert sink["metadata"]["labels"]["modelplane.dev/version"] == "2.0.0-rc.1_build.7"  # labels forbid '+'
     assert sink["spec"]["job"]["metadata"]["annotations"]["modelplane.dev/version"] == "2.0.0-rc.1+build.7"
-    score = sink["spec"]["job"]["spec"]["template"]["spec"]["initContainers"][1]
-    assert score["image"] == "registry.test/models/churn-risk:2.0.0-rc.1_build.7"
+    model = sink["spec"]["job"]["spec"]["template"]["spec"]["containers"][1]
+    assert model["image"] == "registry.test/models/churn-risk:2.0.0-rc.1_build.7"
     assert trig["spec"]["subscriber"]["ref"]["name"] == sink["metadata"]["name"]
-    assert len(ko.job_name("x" * 60, "//storage.googleapis.com/projects/_/buckets/b", "1")) <= 63
+
+
+def test_job_names_are_the_ones_knatives_dispatcher_gives():
+    """kmeta.ChildName(sink + "-", md5hex(source + id)) (knative/eventing cmd/jobsink/main.go, Eventing
+    >= 1.17): the concatenation while it fits 63 characters, else the parent's first 31 characters and
+    the md5 of the whole. A repeated event must find the Job the dispatcher made."""
+    from control.runtime import knative_objects as ko
+
+    source = "//storage.googleapis.com/projects/_/buckets/b"
+    digest = hashlib.md5((source + "1").encode()).hexdigest()
+    assert ko.job_name("churn-risk-1-0-0", source, "1") == f"churn-risk-1-0-0-{digest}"
+    assert ko.job_name("x" * 30, source, "1") == "x" * 30 + "-" + digest  # 63: still fits
+    long = "churn-risk-2-0-0-rc-1-build-7"  # 29 + "-" + 32 = 62
+    assert ko.job_name(long, source, "1") == f"{long}-{digest}"
+    longer = "member-retention-10-20-30-rc-1"  # 30 characters: 31 with the dash, 63 in all
+    assert ko.job_name(longer, source, "1") == f"{longer}-{digest}"
+    longest = "member-retention-10-20-30-rc-12"  # 31: over 63, so hashed
+    expected = f"{longest}-"[:31] + hashlib.md5(f"{longest}-{digest}".encode()).hexdigest()
+    assert ko.job_name(longest, source, "1") == expected and len(expected) == 63
 
 
 def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:

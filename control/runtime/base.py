@@ -150,6 +150,11 @@ class Runtime(abc.ABC):
     def job(self, job_id: str) -> Job:
         """One job; NotFound if unknown."""
 
+    def job_for_upload(self, name: str, *, bucket: str, obj: str, generation: str) -> Optional[str]:
+        """The id of the job the bucket event of this upload will start, where the runtime can
+        tell it before the event arrives (None: look the event up in `/api/events`)."""
+        return None
+
     def render(self, manifest: Manifest) -> str:
         """The objects this runtime would create for `manifest`, as YAML (cluster runtime)."""
         from control.errors import BadRequest

@@ -35,6 +35,7 @@ from control.errors import (
     Unavailable,
     UpstreamError,
 )
+from control.events import event_id as ce_event_id
 from control.runtime import knative_objects as ko
 from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, VersionInfo
 
@@ -54,6 +55,12 @@ MANAGED = f"{ko.LABEL_MANAGED}={ko.MANAGED_BY}"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 ENDPOINT_TTL = 10.0  # seconds a model's URL is cached by `forward`
+WRITE_ATTEMPTS = 5  # read-modify-write rounds before a concurrently changed object is given up on
+
+
+class _Stale(Exception):
+    """A write's resourceVersion precondition failed: another writer (a second control replica)
+    changed the object since it was read. Read it again and redo the change."""
 
 
 def _now() -> str:
@@ -205,9 +212,29 @@ class KnativeRuntime(Runtime):
         return self._request("POST", resource, verb="create", body=body,
                              subject=(body.get("metadata") or {}).get("name"))
 
-    def _patch(self, resource: str, name: str, patch: dict) -> dict:
-        return self._request("PATCH", resource, name, verb="patch", body=patch,
-                             content_type="application/merge-patch+json")
+    def _patch(self, resource: str, name: str, patch: dict, *, resource_version: Optional[str] = None) -> dict:
+        """A merge patch; with `resource_version`, only if the object is still that version
+        (the API server answers 409 otherwise, raised here as `_Stale`)."""
+        if resource_version is not None:
+            patch = {**patch, "metadata": {**patch.get("metadata", {}), "resourceVersion": resource_version}}
+        try:
+            return self._request("PATCH", resource, name, verb="patch", body=patch,
+                                 content_type="application/merge-patch+json")
+        except Conflict:
+            if resource_version is None:
+                raise
+            raise _Stale(f"{resource}/{name}") from None
+
+    def _read_modify_write(self, what: str, change):
+        """`change()` reads, decides and writes with a resourceVersion precondition; run it again
+        while another writer got in between, a bounded number of times."""
+        for _ in range(WRITE_ATTEMPTS):
+            try:
+                return change()
+            except _Stale:
+                continue
+        raise Conflict(f"{what} kept changing while this request tried to update it "
+                       f"({WRITE_ATTEMPTS} attempts): try again")
 
     def _delete(self, resource: str, name: str) -> bool:
         try:
@@ -223,7 +250,7 @@ class KnativeRuntime(Runtime):
 
     def deploy(self, manifest: Manifest, *, make_live: bool = True) -> VersionInfo:
         objects = ko.render_objects(manifest, self.settings)  # Invalid before any request
-        manifest = ko.check_renderable(manifest)
+        manifest = ko.revalidate(manifest)
         if manifest.kind == "realtime":
             if self._get_or_none("triggers", manifest.name) is not None:
                 raise Conflict(f"{manifest.name} is deployed as a batch model; remove it before "
@@ -235,54 +262,79 @@ class KnativeRuntime(Runtime):
         return self._deploy_batch(manifest, objects[0], objects[1], make_live=make_live)
 
     def _deploy_realtime(self, manifest: Manifest, svc: dict, *, make_live: bool) -> VersionInfo:
+        """The versions live in the Service's annotations, written by every control replica: each
+        write is conditional on the resourceVersion it was computed from, so none is lost."""
         name, version = manifest.name, manifest.version
         entry = {"revision": ko.object_name(manifest), "deployed_at": _now(), "manifest": manifest.to_dict()}
-        existing = self._get_or_none("services", name)
-        if existing is None:
-            svc["metadata"]["annotations"][ko.ANN_VERSIONS] = json.dumps({version: entry}, sort_keys=True)
-            self._create("services", svc)
-            log.info("deployed %s %s: new Knative Service", name, version)
-            return VersionInfo(version=version, deployed_at=entry["deployed_at"], live=True)
-        history = _history(existing)
-        if version in history:
-            self._same_or_conflict(manifest, history[version].get("manifest"))
-            live = _live_revision(existing) == history[version].get("revision")
-            return VersionInfo(version=version, deployed_at=history[version].get("deployed_at", ""), live=live)
-        history[version] = entry
-        patch = {
-            "metadata": {
-                "labels": svc["metadata"]["labels"],
-                "annotations": {ko.ANN_MANIFEST: svc["metadata"]["annotations"][ko.ANN_MANIFEST],
-                                ko.ANN_VERSIONS: json.dumps(history, sort_keys=True)},
-            },
-            "spec": {"template": svc["spec"]["template"]},
-        }
-        if make_live:
-            patch["spec"]["traffic"] = svc["spec"]["traffic"]
-        self._patch("services", name, patch)
+
+        def change() -> VersionInfo:
+            existing = self._get_or_none("services", name)
+            if existing is None:
+                body = json.loads(json.dumps(svc))
+                body["metadata"]["annotations"][ko.ANN_VERSIONS] = json.dumps({version: entry}, sort_keys=True)
+                try:
+                    self._create("services", body)
+                except Conflict:  # another replica created it a moment ago: add to theirs
+                    raise _Stale(name) from None
+                log.info("deployed %s %s: new Knative Service", name, version)
+                return VersionInfo(version=version, deployed_at=entry["deployed_at"], live=True)
+            history = _history(existing)
+            if version in history:
+                self._same_or_conflict(manifest, history[version].get("manifest"))
+                live = _live_revision(existing) == history[version].get("revision")
+                return VersionInfo(version=version, deployed_at=history[version].get("deployed_at", ""), live=live)
+            history[version] = entry
+            patch = {
+                "metadata": {
+                    "labels": svc["metadata"]["labels"],
+                    "annotations": {ko.ANN_MANIFEST: svc["metadata"]["annotations"][ko.ANN_MANIFEST],
+                                    ko.ANN_VERSIONS: json.dumps(history, sort_keys=True)},
+                },
+                "spec": {"template": svc["spec"]["template"]},
+            }
+            if make_live:
+                patch["spec"]["traffic"] = svc["spec"]["traffic"]
+            self._patch("services", name, patch, resource_version=existing["metadata"]["resourceVersion"])
+            log.info("deployed %s %s: new revision %s%s", name, version, entry["revision"],
+                     " (live)" if make_live else "")
+            return VersionInfo(version=version, deployed_at=entry["deployed_at"], live=make_live)
+
+        info = self._read_modify_write(f"Service {name}", change)
         self._endpoints.pop(name, None)
-        log.info("deployed %s %s: new revision %s%s", name, version, entry["revision"],
-                 " (live)" if make_live else "")
-        return VersionInfo(version=version, deployed_at=entry["deployed_at"], live=make_live)
+        return info
 
     def _deploy_batch(self, manifest: Manifest, sink: dict, trig: dict, *, make_live: bool) -> VersionInfo:
         name, version = manifest.name, manifest.version
         sink_name = sink["metadata"]["name"]
-        existing_trigger = self._get_or_none("triggers", name)
         existing_sink = self._get_or_none("jobsinks", sink_name)
+        new_sink = False
+        if existing_sink is None:
+            try:
+                created = self._create("jobsinks", sink)["metadata"].get("creationTimestamp", _now())
+                new_sink = True
+                log.info("deployed %s %s: new JobSink %s", name, version, sink_name)
+            except Conflict:  # another control replica created it a moment ago
+                existing_sink = self._get("jobsinks", sink_name)
         if existing_sink is not None:
             self._same_or_conflict(manifest, (existing_sink["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
             created = existing_sink["metadata"].get("creationTimestamp", "")
-        else:
-            created = self._create("jobsinks", sink)["metadata"].get("creationTimestamp", _now())
-            log.info("deployed %s %s: new JobSink %s", name, version, sink_name)
-        if existing_trigger is None:
-            self._create("triggers", trig)
-            return VersionInfo(version=version, deployed_at=created, live=True)
-        live = _trigger_sink(existing_trigger) == sink_name
-        if make_live and not live and existing_sink is None:
-            self._point_trigger(existing_trigger, sink_name, trig)
-            live = True
+
+        def change() -> bool:
+            existing_trigger = self._get_or_none("triggers", name)
+            if existing_trigger is None:
+                try:
+                    self._create("triggers", trig)
+                except Conflict:
+                    raise _Stale(name) from None
+                return True
+            if _trigger_sink(existing_trigger) == sink_name:
+                return True
+            if make_live and new_sink:
+                self._point_trigger(existing_trigger, sink_name, trig)
+                return True
+            return False
+
+        live = self._read_modify_write(f"Trigger {name}", change)
         return VersionInfo(version=version, deployed_at=created, live=live)
 
     @staticmethod
@@ -304,7 +356,8 @@ class KnativeRuntime(Runtime):
             patch["metadata"] = {"labels": {ko.LABEL_VERSION: sink["metadata"]["labels"].get(ko.LABEL_VERSION),
                                             "app.kubernetes.io/version":
                                                 sink["metadata"]["labels"].get("app.kubernetes.io/version")}}
-        self._patch("triggers", existing["metadata"]["name"], patch)
+        self._patch("triggers", existing["metadata"]["name"], patch,
+                    resource_version=existing["metadata"]["resourceVersion"])
 
     # -- rollback / remove ------------------------------------------------------------------
     def rollback(self, name: str, *, version: str) -> VersionInfo:
@@ -318,15 +371,21 @@ class KnativeRuntime(Runtime):
             self._endpoints.pop(name, None)
             log.info("rolled %s back to %s (revision %s)", name, version, revision)
             return VersionInfo(version=version, deployed_at=history[version].get("deployed_at", ""), live=True)
-        trig = self._get_or_none("triggers", name)
-        if trig is None:
+        if self._get_or_none("triggers", name) is None:
             raise NotFound(f"no model named {name}")
         sinks = {s["metadata"]["name"]: s for s in self._list("jobsinks", f"{ko.LABEL_MODEL}={name}")}
         target = next((s for s in sinks.values() if _sink_version(s) == version), None)
         if target is None:
             known = _sorted({_sink_version(s): s for s in sinks.values()})
             raise NotFound(f"{name} has no version {version}; versions: {', '.join(known) or 'none'}")
-        self._point_trigger(trig, target["metadata"]["name"])
+
+        def change() -> None:
+            trig = self._get_or_none("triggers", name)
+            if trig is None:
+                raise NotFound(f"no model named {name}")
+            self._point_trigger(trig, target["metadata"]["name"])
+
+        self._read_modify_write(f"Trigger {name}", change)
         log.info("rolled %s back to %s (JobSink %s)", name, version, target["metadata"]["name"])
         return VersionInfo(version=version, deployed_at=target["metadata"].get("creationTimestamp", ""), live=True)
 
@@ -514,6 +573,16 @@ class KnativeRuntime(Runtime):
         log.info("job %s: %s on %s (%s)", job_name, name, dataset, trigger)
         return self._to_job(created), True
 
+    def job_for_upload(self, name: str, *, bucket: str, obj: str, generation: str) -> Optional[str]:
+        """The bucket event reaches the JobSink dispatcher, not this service: the Job it will
+        create is named from the live JobSink and the event's source and id — the id the bridge
+        (`modelplane watch`) gives, `{object}#{generation}` (control/events.py). Eventarc gives
+        ids of its own: then the job is found with `modelplane jobs`."""
+        trig = self._get_or_none("triggers", name)
+        if trig is None:
+            return None
+        return ko.job_name(_trigger_sink(trig), ko.bucket_source(bucket), ce_event_id(obj, generation))
+
     def jobs(self, *, model: Optional[str] = None, limit: int = 200) -> list[Job]:
         selector = ko.JOBSINK_NAME_LABEL + (f",{ko.LABEL_MODEL}={model}" if model else f",{ko.LABEL_MODEL}")
         items = self._list("jobs", selector)
@@ -548,9 +617,8 @@ class KnativeRuntime(Runtime):
             state = "queued"
         dataset = ann.get(ko.ANN_DATASET, "")
         results_uri = None
-        if state == "succeeded":
-            bucket = dataset[5:].split("/", 1)[0] if dataset.startswith("gs://") else self.settings.bucket_name
-            results_uri = f"gs://{bucket}/results/{model}/{meta['name']}/{'scores.csv'}"
+        if state == "succeeded":  # where the Job's RESULTS_URI points (knative_objects.job_sink)
+            results_uri = f"gs://{self.settings.bucket_name}/results/{model}/{meta['name']}/scores.csv"
         return Job(id=meta["name"], model=model, version=ann.get(ko.ANN_VERSION, labels_.get(ko.LABEL_VERSION, "")),
                    status=state, dataset=dataset, created_at=meta.get("creationTimestamp", ""),
                    started_at=status.get("startTime"), finished_at=finished, results_uri=results_uri,
@@ -558,14 +626,14 @@ class KnativeRuntime(Runtime):
                    input={"event_key": ann.get(ko.ANN_EVENT_KEY)} if ann.get(ko.ANN_EVENT_KEY) else {})
 
     def _add_result(self, job: Job) -> None:
-        """The publish step prints the result JSON as its last line: read it from the pod log."""
+        """The Job's adapter container prints the result JSON as its last line: read it from its log."""
         try:
             pods = self._list("pods", f"job-name={job.id}")
             if not pods:
                 return
             pod = max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
             text = self._request("GET", "pods/log", pod["metadata"]["name"], verb="get", raw=True,
-                                 query={"container": "publish", "tailLines": "40"})
+                                 query={"container": "adapter", "tailLines": "40"})
         except (NotFound, Invalid):  # the container has not started yet
             return
         job.log_tail = text[-4000:]

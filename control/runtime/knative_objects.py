@@ -3,7 +3,9 @@
 Pure functions of (manifest, settings) so that `modelplane render` works offline and the
 cluster runtime writes exactly what the CLI shows. A realtime version is one Knative
 `Service` revision (adapter + model containers); a batch version is a `JobSink` whose Job
-runs fetch -> score -> publish, plus the model's `Trigger` on the Broker.
+has two main containers (the adapter fetches and publishes, the model scores between), plus
+the model's `Trigger` on the Broker. `render_objects` refuses, before anything is sent,
+what Knative's admission webhooks would refuse (`knative_rules`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import yaml
 from adapters.batch import FINALIZED, score_step
 from adapters.manifest import Manifest
 from control.errors import Invalid
+from control.runtime import knative_rules as rules
 
 SERVING_API = "serving.knative.dev/v1"
 JOBSINK_API = "sinks.knative.dev/v1alpha1"
@@ -39,20 +42,42 @@ LABEL_TRIGGER = "modelplane.dev/trigger"
 # Knative Eventing's own JobSink names (knative/eventing pkg/apis/sinks/constants.go).
 JOBSINK_NAME_LABEL = "sinks.knative.dev/job-sink-name"
 JOBSINK_ID_LABEL = "sinks.knative.dev/job-sink-id"
-# The JobSink dispatcher adds a Secret volume of this name holding the event to the Job's
-# *containers* only; the fetch init container mounts it by name to read the event too.
+# What the JobSink dispatcher adds to every Job it creates (knative/eventing cmd/jobsink/main.go):
+# a Secret volume holding the event, mounted in the *main* containers only, with K_EVENT_PATH;
+# and, from the JobSink's defaults (pkg/apis/sinks/v1alpha1/job_sink_defaults.go),
+# K_EXECUTION_MODE=batch in every container.
 EVENT_VOLUME = "jobsink-event"
 EVENT_PATH = "/etc/jobsink-event"
+EXECUTION_MODE_ENV = ("K_EXECUTION_MODE", "batch")
+# A revision annotated so is never garbage-collected (knative/serving pkg/apis/serving/register.go
+# RevisionPreservedAnnotationKey, read by pkg/reconciler/gc/gc.go): every version stays for rollback.
+ANN_NO_GC = "serving.knative.dev/no-gc"
+# The Service label that keeps a route off the external ingress (knative.dev/networking
+# VisibilityLabelKey; knative/serving pkg/reconciler/route/config/domain.go).
+LABEL_VISIBILITY = "networking.knative.dev/visibility"
 
 ADAPTER_PORT = 8080  # the one port Knative routes to (the adapter)
 MODEL_PORT = 8081  # the model's loopback port inside the pod; not one Knative reserves
 MODEL_DIR = "/model"  # where knative/images/*-base put the model folder
 WORK_DIR = "/work"
 WORK_VOLUME = "work"
+TMP_VOLUME = "tmp"  # a writable /tmp: root filesystems are read-only (R needs a temp dir to start)
 JOB_TTL_SECONDS = 7 * 24 * 3600  # finished Jobs (and their status) stay a week
 ADAPTER_RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+NON_ROOT_UID = 65532  # the user of every image in knative/images
+# Every container: no privilege, nothing written outside its volumes. Only fields Knative's
+# field mask allows on a Service's containers (knative/serving pkg/apis/serving/fieldmask.go
+# SecurityContextMask); the pod-level part is for Jobs only (a Service's pod securityContext is
+# behind a Knative feature flag).
+CONTAINER_SECURITY = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": NON_ROOT_UID, "runAsGroup": NON_ROOT_UID,
+                "fsGroup": NON_ROOT_UID, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def version_slug(version: str) -> str:
@@ -103,35 +128,68 @@ def labels(manifest: Manifest) -> dict[str, str]:
     }
 
 
-def check_renderable(manifest: Manifest) -> Manifest:
-    """Re-validate the manifest and check what the cluster would refuse, before any request.
-
-    Raises Invalid naming the field; returns a freshly validated manifest.
-    """
+def revalidate(manifest: Manifest) -> Manifest:
+    """The manifest validated again (a hand-built or edited one may bypass validation)."""
     try:
-        checked = Manifest.model_validate(manifest.model_dump(mode="python"))
+        return Manifest.model_validate(manifest.model_dump(mode="python"))
     except Exception as e:  # pydantic.ValidationError, or anything a hand-built manifest trips
         raise Invalid(f"the manifest of {getattr(manifest, 'name', '?')} is not valid: {e}") from None
-    name = object_name(checked)
-    if len(name) > 63 or not _DNS_LABEL.match(name):
-        raise Invalid(
-            f"name/version: '{name}' (the {'revision' if checked.kind == 'realtime' else 'JobSink'} name, "
-            f"{{name}}-{{version}}) must be a DNS label of at most 63 characters; it has {len(name)}: "
-            "shorten the model name or the version",
-            details={"problems": [{"field": "name", "message": "name and version together are too long"}]})
-    return checked
 
 
 def render_objects(manifest: Manifest, settings) -> list[dict]:
-    """The Kubernetes objects of one model version, in the order they should be applied."""
-    manifest = check_renderable(manifest)
+    """The Kubernetes objects of one model version, in the order they should be applied.
+
+    Raises Invalid, naming the manifest field, for anything Knative's admission webhooks would
+    refuse (`knative_rules`, each rule citing the Knative source it mirrors): nothing is sent
+    that the cluster would reject.
+    """
+    manifest = revalidate(manifest)
     if manifest.kind == "realtime":
         objects = [realtime_service(manifest, settings)]
     else:
         sink = job_sink(manifest, settings)
         objects = [sink, trigger(manifest, settings, job_sink_name=sink["metadata"]["name"])]
+    config = rules.ClusterConfig(max_revision_timeout_seconds=settings.max_revision_timeout)
+    problems = [(obj, p) for obj in objects for p in rules.problems(obj, config)]
+    if problems:
+        raise _refused(manifest, problems, settings)
     # Fresh copies: no dict shared between objects (labels appear in several places).
     return json.loads(json.dumps(objects))
+
+
+# Where a refused object field comes from in the manifest (first match wins).
+_MANIFEST_FIELDS = [
+    (re.compile(r"^metadata\.name$"), "name"),
+    (re.compile(r"^spec\.template\.metadata\.name$"), "name/version"),
+    (re.compile(r"timeoutSeconds$"), "limits.timeout"),
+    (re.compile(r"autoscaling\.knative\.dev/target\b"), "scaling.target_concurrency"),
+    (re.compile(r"autoscaling\.knative\.dev/min-scale\b"), "scaling.min"),
+    (re.compile(r"autoscaling\.knative\.dev/max-scale\b"), "scaling.max"),
+    (re.compile(r"autoscaling\.knative\.dev/scale-to-zero-pod-retention-period\b"), "scaling.idle_timeout"),
+    (re.compile(r"\.resources\b"), "resources"),
+    (re.compile(r"\.command\b"), "command"),
+]
+
+
+def _manifest_field(path: str) -> Optional[str]:
+    return next((field for pattern, field in _MANIFEST_FIELDS if pattern.search(path)), None)
+
+
+def _refused(manifest: Manifest, problems: list, settings) -> Invalid:
+    details, lines = [], []
+    for obj, p in problems:
+        what = f"{obj['kind']} {obj['metadata'].get('name', '')}".strip()
+        field = "name/version" if (obj["kind"], p.field) == ("JobSink", "metadata.name") else _manifest_field(p.field)
+        hint = ""
+        if field == "limits.timeout":
+            hint = (f" (the revision timeout is limits.timeout + 5 s; this cluster allows "
+                    f"{settings.max_revision_timeout} s: Knative's max-revision-timeout-seconds in config-defaults, "
+                    "mirrored by MODELPLANE_MAX_REVISION_TIMEOUT)")
+        lines.append(f"{field or p.field}: {p.message}{hint} [{what}, field {p.field}; Knative: {p.source}]")
+        details.append({"field": field or p.field, "message": p.message + hint, "object": what, "path": p.field,
+                        "source": p.source})
+    return Invalid(f"{manifest.ref} would be refused by Knative:\n  " + "\n  ".join(lines),
+                   details={"problems": details})
 
 
 def render_yaml(manifest: Manifest, settings) -> str:
@@ -150,7 +208,12 @@ class _PlainDumper(yaml.SafeDumper):
 # -- realtime -----------------------------------------------------------------------------
 
 def autoscaling_annotations(manifest: Manifest) -> dict[str, str]:
-    """Knative Pod Autoscaler settings from `scaling` (values must be strings: the CRD says so)."""
+    """Knative Pod Autoscaler settings from `scaling` (values must be strings: the CRD says so).
+
+    `idle_timeout` is how long the last replica stays after traffic stops:
+    `scale-to-zero-pod-retention-period`. (`scale-down-delay` would hold back *every* scale-down,
+    also from 5 replicas to 4; knative/serving pkg/apis/autoscaling/register.go.)
+    """
     s = manifest.scaling
     return {
         "autoscaling.knative.dev/class": "kpa.autoscaling.knative.dev",
@@ -158,20 +221,33 @@ def autoscaling_annotations(manifest: Manifest) -> dict[str, str]:
         "autoscaling.knative.dev/target": str(s.target_concurrency),
         "autoscaling.knative.dev/min-scale": str(s.min),
         "autoscaling.knative.dev/max-scale": str(s.max),
-        # Knative caps scale-down-delay at 1h; idle_timeout is how long a replica stays idle.
-        "autoscaling.knative.dev/scale-down-delay": f"{min(int(math.ceil(s.idle_seconds)), 3600)}s",
+        "autoscaling.knative.dev/scale-to-zero-pod-retention-period": f"{int(math.ceil(s.idle_seconds))}s",
     }
+
+
+def _pull_secrets(settings) -> dict:
+    return {"imagePullSecrets": [{"name": n} for n in settings.pull_secrets]} if settings.pull_secrets else {}
+
+
+def _model_resources(manifest: Manifest) -> dict:
+    return {"requests": {"cpu": manifest.resources.cpu, "memory": manifest.resources.memory},
+            "limits": {"memory": manifest.resources.memory}}
 
 
 def realtime_service(manifest: Manifest, settings) -> dict:
     revision = object_name(manifest)
     mjson = manifest_json(manifest)
     meta_labels = labels(manifest)
+    service_labels = dict(meta_labels)
+    if manifest.visibility == "cluster":  # the adapter has no auth: reached through the control service
+        service_labels[LABEL_VISIBILITY] = "cluster-local"
     timeout = max(int(math.ceil(manifest.limits.timeout_seconds)) + 5, 10)
+    tmp_mount = {"name": TMP_VOLUME, "mountPath": "/tmp"}
     adapter = {
         "name": "adapter",
-        "image": settings.adapter_image,
-        "args": ["serve"],
+        "image": settings.adapter_image_ref,
+        # All interfaces of the pod: Knative's queue-proxy reaches it on 127.0.0.1, kubelet on the pod IP.
+        "args": ["serve", "--host", "0.0.0.0"],
         "ports": [{"name": "http1", "containerPort": ADAPTER_PORT}],
         "env": [
             {"name": "MODEL_URL", "value": f"http://127.0.0.1:{MODEL_PORT}"},
@@ -183,19 +259,21 @@ def realtime_service(manifest: Manifest, settings) -> dict:
             "failureThreshold": 3,
         },
         "resources": ADAPTER_RESOURCES,
+        "securityContext": CONTAINER_SECURITY,
     }
     model = {
         "name": "model",
         "image": model_image(manifest, settings),
+        # The manifest's command, run in the model folder: the model images have no CMD of their own.
+        "command": list(manifest.command),
         "workingDir": MODEL_DIR,
         "env": [
             {"name": "PORT", "value": str(MODEL_PORT)},
             {"name": "HOST", "value": "127.0.0.1"},
         ],
-        "resources": {
-            "requests": {"cpu": manifest.resources.cpu, "memory": manifest.resources.memory},
-            "limits": {"memory": manifest.resources.memory},
-        },
+        "resources": _model_resources(manifest),
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [tmp_mount],
     }
     return {
         "apiVersion": SERVING_API,
@@ -203,7 +281,7 @@ def realtime_service(manifest: Manifest, settings) -> dict:
         "metadata": {
             "name": manifest.name,
             "namespace": settings.namespace,
-            "labels": meta_labels,
+            "labels": service_labels,
             "annotations": {ANN_MANIFEST: mjson},
         },
         "spec": {
@@ -211,12 +289,14 @@ def realtime_service(manifest: Manifest, settings) -> dict:
                 "metadata": {
                     "name": revision,
                     "labels": meta_labels,
-                    "annotations": {**autoscaling_annotations(manifest), ANN_MANIFEST: mjson},
+                    "annotations": {**autoscaling_annotations(manifest), ANN_MANIFEST: mjson, ANN_NO_GC: "true"},
                 },
                 "spec": {
                     "containerConcurrency": 0,
                     "timeoutSeconds": timeout,
                     "containers": [adapter, model],
+                    "volumes": [{"name": TMP_VOLUME, "emptyDir": {}}],
+                    **_pull_secrets(settings),
                 },
             },
             # Pinned, not "latest": a new revision gets traffic only when the runtime says so,
@@ -233,6 +313,9 @@ def traffic_target(revision: str) -> dict:
 # -- batch --------------------------------------------------------------------------------
 
 def job_sink(manifest: Manifest, settings) -> dict:
+    """One version's JobSink. Its Job runs two main containers over a shared emptyDir (the
+    hand-over is in adapters/batch.py): Knative's dispatcher gives the event file to main
+    containers only, and the model image needs no Python."""
     name = object_name(manifest)
     mjson = manifest_json(manifest)
     meta_labels = labels(manifest)
@@ -241,46 +324,40 @@ def job_sink(manifest: Manifest, settings) -> dict:
         {"name": "MODELPLANE_BUCKET", "value": settings.bucket_name},
         # The Job controller labels each pod with its Job's name: that is the job id.
         {"name": "JOB_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}}},
+        # Results go to the plane's bucket, whichever bucket the dataset came from.
+        {"name": "RESULTS_URI", "value": f"gs://{settings.bucket_name}/results/{manifest.name}/$(JOB_ID)/"},
     ]
-    work_mount = {"name": WORK_VOLUME, "mountPath": WORK_DIR}
+    if settings.storage_emulator_host:  # a GCS emulator instead of GCS (tests, kind clusters)
+        adapter_env.append({"name": "STORAGE_EMULATOR_HOST", "value": settings.storage_emulator_host})
+    mounts = [{"name": WORK_VOLUME, "mountPath": WORK_DIR}, {"name": TMP_VOLUME, "mountPath": "/tmp"}]
     score = score_step(manifest, WORK_DIR)
-    model_resources = {
-        "requests": {"cpu": manifest.resources.cpu, "memory": manifest.resources.memory},
-        "limits": {"memory": manifest.resources.memory},
-    }
     pod_spec = {
         "restartPolicy": "Never",
-        "initContainers": [
+        "serviceAccountName": settings.job_service_account,
+        "securityContext": POD_SECURITY,
+        "containers": [
             {
-                "name": "fetch",
-                "image": settings.adapter_image,
-                "args": ["fetch", "--work", WORK_DIR],
-                "env": adapter_env + [{"name": "K_EVENT_PATH", "value": EVENT_PATH}],
-                "volumeMounts": [work_mount,
-                                 {"name": EVENT_VOLUME, "mountPath": EVENT_PATH, "readOnly": True}],
+                "name": "adapter",
+                "image": settings.adapter_image_ref,
+                "args": ["job", "--work", WORK_DIR],
+                "env": adapter_env,
+                "volumeMounts": mounts,
                 "resources": ADAPTER_RESOURCES,
+                "securityContext": CONTAINER_SECURITY,
             },
             {
-                "name": "score",
+                "name": "model",
                 "image": model_image(manifest, settings),
                 "workingDir": MODEL_DIR,
                 "command": score["command"],
                 "env": [{"name": k, "value": v} for k, v in score["env"].items()],
-                "volumeMounts": [work_mount],
-                "resources": model_resources,
+                "volumeMounts": mounts,
+                "resources": _model_resources(manifest),
+                "securityContext": CONTAINER_SECURITY,
             },
         ],
-        "containers": [
-            {
-                "name": "publish",
-                "image": settings.adapter_image,
-                "args": ["publish", "--work", WORK_DIR],
-                "env": adapter_env,
-                "volumeMounts": [work_mount],
-                "resources": ADAPTER_RESOURCES,
-            },
-        ],
-        "volumes": [{"name": WORK_VOLUME, "emptyDir": {}}],
+        "volumes": [{"name": WORK_VOLUME, "emptyDir": {}}, {"name": TMP_VOLUME, "emptyDir": {}}],
+        **_pull_secrets(settings),
     }
     return {
         "apiVersion": JOBSINK_API,
@@ -298,6 +375,7 @@ def job_sink(manifest: Manifest, settings) -> dict:
                 "metadata": {"labels": meta_labels, "annotations": {ANN_VERSION: manifest.version}},
                 "spec": {
                     "backoffLimit": 0,  # a failed model run is reported, not retried
+                    # the model enforces batch.timeout itself; this bounds the fetch and the publish too
                     "activeDeadlineSeconds": int(math.ceil(manifest.batch.timeout_seconds)) + 300,
                     "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
                     "template": {"metadata": {"labels": meta_labels}, "spec": pod_spec},
@@ -332,27 +410,35 @@ def trigger(manifest: Manifest, settings, *, job_sink_name: str) -> dict:
 
 
 def job_name(job_sink_name: str, source: str, event_id: str) -> str:
-    """Knative's JobSink naming (`kmeta.ChildName(sink + "-", md5(source + id))`): the same event
-    gives the same Job whichever way it arrives, so a second delivery finds the first."""
+    """The name Knative's JobSink dispatcher gives the Job of an event (knative/eventing
+    cmd/jobsink/main.go `toJobName`, Eventing >= 1.17):
+    `kmeta.ChildName(sink + "-", md5hex(source + id))`. The same event gives the same Job
+    whichever way it arrives, so a second delivery finds the first."""
     digest = hashlib.md5((source + event_id).encode()).hexdigest()  # noqa: S324 - a name, not security
-    prefix = f"{job_sink_name}-"
-    if len(prefix) + len(digest) <= 63:
-        return prefix + digest
-    return f"{job_sink_name[:63 - len(digest) - 1].rstrip('-')}-{digest}"
+    return rules.child_name(job_sink_name + "-", rules.to_dns1123_subdomain(digest))
 
 
 def job_for_event(sink: dict, *, name: str, event_id: str, source: str,
                   dataset: str, event_key: Optional[str], trigger_label: str) -> dict:
-    """A Job from a JobSink's template, as Knative's JobSink dispatcher builds one: its labels,
-    an owner reference to the JobSink, the event Secret (named like the Job) mounted at
-    /etc/jobsink-event in the containers with K_EVENT_PATH."""
+    """A Job from a JobSink's template exactly as Knative's JobSink dispatcher builds one for a
+    delivered event (knative/eventing cmd/jobsink/main.go `ServeHTTP`): the JobSink's defaults
+    applied first (K_EXECUTION_MODE, pkg/apis/sinks/v1alpha1/job_sink_defaults.go), its labels,
+    an owner reference to the JobSink, and the event Secret (named like the Job) as volume
+    `jobsink-event`, mounted with K_EVENT_PATH in the *main* containers only. Plus our own
+    annotations (dataset, event), which the dispatcher does not write."""
     template = json.loads(json.dumps(sink["spec"]["job"]))
+    pod = template["spec"]["template"]["spec"]
+    env_name, env_value = EXECUTION_MODE_ENV
+    for container in pod.get("containers", []) + pod.get("initContainers", []):
+        env = container.setdefault("env", [])
+        if not any(e.get("name") == env_name for e in env):
+            env.append({"name": env_name, "value": env_value})
     meta = template.setdefault("metadata", {})
     meta["name"] = name
     meta["namespace"] = sink["metadata"]["namespace"]
     meta.setdefault("labels", {}).update({
-        JOBSINK_NAME_LABEL: sink["metadata"]["name"],
         JOBSINK_ID_LABEL: name,
+        JOBSINK_NAME_LABEL: sink["metadata"]["name"],
         LABEL_TRIGGER: label_value(trigger_label),
     })
     meta["annotations"] = {**meta.get("annotations", {}), ANN_DATASET: dataset, "modelplane.dev/event-id": event_id,
@@ -361,16 +447,20 @@ def job_for_event(sink: dict, *, name: str, event_id: str, source: str,
         meta["annotations"][ANN_EVENT_KEY] = event_key
     uid = sink["metadata"].get("uid")
     if uid:
-        meta["ownerReferences"] = [{
+        meta.setdefault("ownerReferences", []).append({
             "apiVersion": JOBSINK_API, "kind": "JobSink", "name": sink["metadata"]["name"],
             "uid": uid, "controller": True, "blockOwnerDeletion": False,
-        }]
-    pod = template["spec"]["template"]["spec"]
+        })
+    mount_path = EVENT_PATH
     for container in pod.get("containers", []):
         mounts = container.setdefault("volumeMounts", [])
-        if not any(m["name"] == EVENT_VOLUME for m in mounts):
-            mounts.append({"name": EVENT_VOLUME, "mountPath": EVENT_PATH, "readOnly": True})
-        container.setdefault("env", []).append({"name": "K_EVENT_PATH", "value": EVENT_PATH})
+        existing = next((m for m in mounts if m["name"] == EVENT_VOLUME), None)
+        if existing is not None:
+            mount_path = existing["mountPath"]
+        else:
+            mounts.append({"name": EVENT_VOLUME, "readOnly": True, "mountPath": EVENT_PATH})
+            mount_path = EVENT_PATH
+        container.setdefault("env", []).append({"name": "K_EVENT_PATH", "value": mount_path})
     volumes = pod.setdefault("volumes", [])
     if not any(v["name"] == EVENT_VOLUME for v in volumes):
         volumes.append({"name": EVENT_VOLUME, "secret": {"secretName": name}})
