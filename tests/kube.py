@@ -318,14 +318,19 @@ class Cluster:
         return client.ApiClient(cfg)
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        stop_processes(reversed(self.procs), grace=10)
+
+
+def stop_processes(procs, *, grace: float) -> None:
+    """SIGTERM each running process in turn, SIGKILL what has not exited after `grace` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def iter_knative_docs() -> Iterator[tuple[Path, dict]]:

@@ -229,14 +229,7 @@ class Node:
                 self._delete_workloads()
             except Exception as e:  # best effort: the host cleanup below must still run
                 print(f"node: deleting workloads failed: {e}")
-        for name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        kube.stop_processes([proc for _, proc in reversed(self.procs)], grace=15)
         self.procs.clear()
         self._kill_leftover_shims()
         for f in self.forwarders:

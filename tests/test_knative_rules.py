@@ -163,16 +163,6 @@ JOBSINK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path, value, field, message, source", JOBSINK_CASES, ids=[c[2] for c in JOBSINK_CASES])
-def test_a_jobsink_rule_refuses_what_it_is_about(sink_and_trigger, path, value, field, message, source):
-    sink, _ = sink_and_trigger
-    _apply(sink, path, value)
-    found = rules.problems(sink)
-    matching = [p for p in found if field in p.field and message in p.message]
-    assert matching, [(p.field, p.message) for p in found]
-    assert source in matching[0].source
-
-
 TRIGGER_CASES = [
     ("spec/broker", "", "spec.broker", "missing field", "trigger_validation.go"),
     ("spec/brokerRef", {"name": "x"}, "spec.broker", "exactly one of broker, brokerRef", "trigger_validation.go"),
@@ -186,11 +176,15 @@ TRIGGER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path, value, field, message, source", TRIGGER_CASES, ids=[c[2] for c in TRIGGER_CASES])
-def test_a_trigger_rule_refuses_what_it_is_about(sink_and_trigger, path, value, field, message, source):
-    _, trig = sink_and_trigger
-    _apply(trig, path, value)
-    found = rules.problems(trig)
+EVENTING_CASES = [(0, *c) for c in JOBSINK_CASES] + [(1, *c) for c in TRIGGER_CASES]
+
+
+@pytest.mark.parametrize("which, path, value, field, message, source", EVENTING_CASES,
+                         ids=[("jobsink:" if c[0] == 0 else "trigger:") + c[3] for c in EVENTING_CASES])
+def test_an_eventing_rule_refuses_what_it_is_about(sink_and_trigger, which, path, value, field, message, source):
+    obj = sink_and_trigger[which]  # the JobSink or the Trigger
+    _apply(obj, path, value)
+    found = rules.problems(obj)
     matching = [p for p in found if field in p.field and message in p.message]
     assert matching, [(p.field, p.message) for p in found]
     assert source in matching[0].source
