@@ -7,7 +7,7 @@
 # Debian's Go, after swapping the vendored modern-go/reflect2 1.0.1 (crashes under
 # Go >= 1.18 with "fatal error: fault" in aeshashbody) for Debian's 1.0.2. All four
 # commands are built by one `make` so code generation and the Go build cache are shared
-# (about 20-25 minutes on 2 cores the first time). The binaries are cached under
+# (about 8 minutes on 2 cores the first time, measured on a fresh cache). The binaries are cached under
 # ~/.cache/modelplane/kube/<version>/ and reused; the only thing printed on stdout is that
 # folder, so `KUBE_BIN=$(scripts/kube-build.sh)`.
 #
@@ -58,7 +58,7 @@ if built_already; then
 fi
 
 : >"$LOG"
-say "building ${COMMANDS[*]} $KUBE_VERSION (20-25 minutes on 2 cores); log: $LOG"
+say "building ${COMMANDS[*]} $KUBE_VERSION (about 8 minutes on 2 cores); log: $LOG"
 
 for tool in go make dpkg-source apt-get rsync gcc; do
     command -v "$tool" >/dev/null || die "'$tool' not found: apt-get install -y golang-go make dpkg-dev rsync gcc"
