@@ -617,8 +617,8 @@ class KnativeRuntime(Runtime):
             state = "queued"
         dataset = ann.get(ko.ANN_DATASET, "")
         results_uri = None
-        if state == "succeeded":  # where the Job's RESULTS_URI points (knative_objects.job_sink)
-            results_uri = f"gs://{self.settings.bucket_name}/results/{model}/{meta['name']}/scores.csv"
+        if state == "succeeded":
+            results_uri = ko.results_prefix(self.settings, model, meta["name"]) + "scores.csv"
         return Job(id=meta["name"], model=model, version=ann.get(ko.ANN_VERSION, labels_.get(ko.LABEL_VERSION, "")),
                    status=state, dataset=dataset, created_at=meta.get("creationTimestamp", ""),
                    started_at=status.get("startTime"), finished_at=finished, results_uri=results_uri,

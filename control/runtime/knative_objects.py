@@ -312,6 +312,11 @@ def traffic_target(revision: str) -> dict:
 
 # -- batch --------------------------------------------------------------------------------
 
+def results_prefix(settings, model: str, job: str) -> str:
+    """Where a batch Job publishes `scores.csv` and `result.json` (its RESULTS_URI)."""
+    return f"gs://{settings.bucket_name}/results/{model}/{job}/"
+
+
 def job_sink(manifest: Manifest, settings) -> dict:
     """One version's JobSink. Its Job runs two main containers over a shared emptyDir (the
     hand-over is in adapters/batch.py): Knative's dispatcher gives the event file to main
@@ -325,7 +330,7 @@ def job_sink(manifest: Manifest, settings) -> dict:
         # The Job controller labels each pod with its Job's name: that is the job id.
         {"name": "JOB_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}}},
         # Results go to the plane's bucket, whichever bucket the dataset came from.
-        {"name": "RESULTS_URI", "value": f"gs://{settings.bucket_name}/results/{manifest.name}/$(JOB_ID)/"},
+        {"name": "RESULTS_URI", "value": results_prefix(settings, manifest.name, "$(JOB_ID)")},
     ]
     if settings.storage_emulator_host:  # a GCS emulator instead of GCS (tests, kind clusters)
         adapter_env.append({"name": "STORAGE_EMULATOR_HOST", "value": settings.storage_emulator_host})
