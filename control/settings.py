@@ -41,7 +41,27 @@ class Settings(BaseSettings):
     bucket: Optional[str] = None
     """GCS bucket for datasets and results. Unset: `modelplane` on the embedded emulator."""
     token: Optional[str] = None
-    """When set, mutating API calls need `Authorization: Bearer <token>`."""
+    """The bearer token every `/api` call (and predict, unless opened) needs. Unset (or empty):
+    the `token` file in `state_dir`, created on first start (loopback only; see control/auth.py)."""
+    open_predict: bool = False
+    """Let anyone who reaches the service call predict and the v2 routes without the token
+    (a model opens its own with `visibility: public` in its manifest)."""
+    allowed_hosts: str = ""
+    """Comma-separated extra names the `Host` header may carry (beyond localhost, loopback
+    addresses and the bind address): the service's DNS name behind a proxy. `*` allows any."""
+    allowed_origins: str = ""
+    """Comma-separated extra origins (`https://console.example.com`) whose pages may make
+    mutating calls; the service's own origin and the local console's are always allowed."""
+    dataset_buckets: str = ""
+    """Comma-separated buckets, besides the plane's own, that jobs may read datasets from."""
+    max_model_upload: int = Field(64 * 2**20, ge=1024)
+    """Largest model archive `POST /api/models` accepts, compressed, in bytes."""
+    max_model_size: int = Field(256 * 2**20, ge=1024)
+    """Largest total size of the files in a model archive, extracted, in bytes."""
+    max_model_files: int = Field(10_000, ge=1)
+    """Most members a model archive may hold."""
+    max_dataset_upload: int = Field(10 * 2**30, ge=1024)
+    """Largest dataset `POST /api/models/{name}/datasets` accepts, in bytes."""
     url: Optional[str] = None
     """Where the CLI and console find the control service (default http://{host}:{port})."""
     namespace: str = "modelplane"
@@ -81,6 +101,11 @@ class Settings(BaseSettings):
     """Whether `modelplane up` starts the console."""
     emulator_port: int = Field(0, ge=0, le=65535)
     """Port of the embedded GCS emulator (0 picks a free one)."""
+
+    @field_validator("token", mode="after")
+    @classmethod
+    def _blank_token_is_unset(cls, v: Optional[str]) -> Optional[str]:
+        return (v or "").strip() or None
 
     @field_validator("adapter_image", mode="after")
     @classmethod
