@@ -1,23 +1,21 @@
 """The control service: a Flask app whose routes parse, delegate to the Runtime and serialize.
 
-Errors are `PlaneError`s mapped to `{"error": ...}` and a status in one handler. Mutating
-calls (POST/PUT/PATCH/DELETE under `/api/`) need `Authorization: Bearer $MODELPLANE_TOKEN`
-when a token is set. `POST /events` is open on loopback (where the embedded bucket watcher
-posts from) and needs the token from anywhere else; behind a reverse proxy on the same
-host every caller looks local, so put the token check in the proxy too.
+Every route is declared with its request and answer models (control/api_schema.py): the
+declarations validate requests and are served as `GET /openapi.json`. Before a route runs,
+control/guard.py checks the Host, cross-site calls, the token and the body's type and size.
+Errors are `PlaneError`s mapped to `{"error": ...}` and a status in one handler; anything
+else is a 500 that names a request id and keeps the details in the log.
 """
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import logging
+import re
 import shutil
-import tarfile
 import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Optional
 
 import orjson
@@ -25,21 +23,34 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import wrap_file
 
-from adapters.manifest import MANIFEST_FILE, ManifestError, load_manifest, parse_manifest
+from adapters.manifest import MANIFEST_FILE, ManifestError, load_manifest, parse_bytes, parse_manifest
+from control import api_schema as s
 from control import events as ce
-from control.errors import BadRequest, Conflict, Invalid, NotFound, PlaneError, Unauthorized
+from control.auth import service_token
+from control.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, PlaneError
+from control.guard import Guard, TTLCache
 from control.runtime.base import JOB_STATUSES, ModelInfo, Runtime, get_runtime
-from control.settings import Settings
+from control.settings import Settings, modelplane_version
 
 log = logging.getLogger(__name__)
 
-MAX_UPLOAD = 512 * 2**20
 #: Request headers passed on to a model's adapter; everything else stays here.
-FORWARD_HEADERS = ("content-type", "accept", "x-request-id")
+FORWARD_HEADERS = ("content-type", "accept", "x-request-id", "inference-header-content-length")
 #: Response headers never copied back from an adapter (hop-by-hop, or recomputed by the server).
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server",
               "proxy-authenticate", "trailer", "upgrade", "content-encoding"}
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+#: Caps of the small bodies: a JSON call and a CloudEvent.
+MAX_JSON = 64 * 2**10
+MAX_EVENT = 1 * 2**20
+#: A predict body's cap when the model's manifest cannot be read (its own `limits.max_body` wins).
+DEFAULT_PREDICT_LIMIT = 10 * 2**20
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MODEL_ARCHIVE_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar", "application/octet-stream")
+DATASET_TYPES = ("text/csv", "application/octet-stream")
+EVENT_TYPES = ("application/cloudevents+json", "application/json")
+PREDICT_TYPES = ("application/json", "text/csv")
+INFER_TYPES = ("application/json", "application/octet-stream")
 
 
 class Metrics:
@@ -78,6 +89,10 @@ class Plane:
         self.failed: dict[str, dict] = {}  # folder name -> {"name", "error", "path"}
         self._storage = None
         self._storage_lock = threading.Lock()
+        self.token = ""
+        self.token_created = False
+        self.openapi: Optional[dict] = None
+        self.routes: list = []
 
     @property
     def storage(self):
@@ -130,36 +145,13 @@ class Plane:
                          status="failed", error=entry["error"]).to_json()
 
 
-def _is_loopback(addr: Optional[str]) -> bool:
-    try:
-        return ipaddress.ip_address((addr or "").split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_token(token: str) -> None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        raise Unauthorized(f"{request.method} {request.path} needs 'Authorization: Bearer <token>' "
-                           "(the control service's MODELPLANE_TOKEN)")
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise Unauthorized("the bearer token does not match the control service's MODELPLANE_TOKEN")
-
-
-def _json_body() -> dict:
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise BadRequest("expected a JSON object body (Content-Type: application/json)")
-    return data
-
-
-def _extract_model(body: bytes, dest: Path) -> Path:
+def _extract_model(fileobj, dest: Path) -> Path:
     """Unpack a (gzip) tar of one model folder into `dest`; the folder holding model.yaml."""
-    import io
+    import tarfile
+    from pathlib import PurePosixPath
 
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(body), mode="r:*")
+        tar = tarfile.open(fileobj=fileobj, mode="r:*")
     except tarfile.TarError as e:
         raise BadRequest(f"expected a gzip tar of a model folder (what `modelplane deploy DIR` sends): {e}") from None
     with tar:
@@ -190,72 +182,161 @@ def _results_location(uri: str) -> str:
     return uri if uri.lower().endswith(".csv") else uri.rstrip("/") + "/scores.csv"
 
 
+def _policy(runtime: Runtime, name: str) -> tuple[bool, int]:
+    """(open to anyone, predict body cap) of a model's live version, from its manifest."""
+    try:
+        manifest = runtime.model(name).manifest or {}
+    except PlaneError:
+        return False, DEFAULT_PREDICT_LIMIT
+    try:
+        limit = parse_bytes((manifest.get("limits") or {}).get("max_body") or DEFAULT_PREDICT_LIMIT)
+    except (TypeError, ValueError):
+        limit = DEFAULT_PREDICT_LIMIT
+    return manifest.get("visibility") == "public", limit
+
+
+def _raw_path() -> str:
+    """The path as the client sent it (still percent-encoded), never decoded and re-targeted."""
+    raw = request.environ.get("REQUEST_URI") or request.environ.get("RAW_URI")
+    if not raw:
+        return request.full_path.split("?", 1)[0]
+    if "://" in raw.split("?", 1)[0]:  # absolute-form request target
+        raw = "/" + raw.split("://", 1)[1].split("/", 1)[-1]
+    return raw.split("?", 1)[0]
+
+
 def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime] = None,
                register: bool = True) -> Flask:
     """The control service. Without `runtime`, the one `settings.runtime` names is built and
     started (and closed by `app.extensions["modelplane"].close()`); `register` deploys every
-    model folder under `settings.models_dir`."""
+    model folder under `settings.models_dir`. Raises `control.auth.TokenError` when the
+    service may not start without a token (bound beyond loopback with none set)."""
     settings = settings or Settings()
+    token, created = service_token(settings)
     owns = runtime is None
     if runtime is None:
         runtime = get_runtime(settings)
         runtime.start()
     plane = Plane(settings, runtime, owns_runtime=owns)
+    plane.token, plane.token_created = token, created
+    policies = TTLCache(ttl=2.0)
 
+    def policy(name: str) -> tuple[bool, int]:
+        return policies.get(name, lambda: _policy(runtime, name))  # type: ignore[return-value]
+
+    guard = Guard(settings, token, is_public=lambda name: policy(name)[0])
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD
     app.json.sort_keys = False
+    app.url_map.strict_slashes = False
     app.extensions["modelplane"] = plane
     if register:
         plane.register_models()
+
+    specs: dict[tuple[str, str], s.RouteSpec] = {}
+    routes: list[s.RouteSpec] = []
+
+    def route(spec: s.RouteSpec):
+        def decorate(view):
+            app.add_url_rule(spec.rule, endpoint=f"{spec.method} {spec.rule}", view_func=view,
+                             methods=[spec.method])
+            specs[(spec.rule, spec.method)] = spec
+            routes.append(spec)
+            return view
+        return decorate
+
+    def body_json(spec: s.RouteSpec):
+        raw = guard.read_body(spec.body_limit or MAX_JSON)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(f"the body is not JSON: {str(e)[:200]}") from None
+        return s.validate(spec.body, data, where="body")
+
+    def query(spec: s.RouteSpec):
+        return s.validate(spec.query, request.args.to_dict(), where="query")
+
+    def current_spec() -> Optional[s.RouteSpec]:
+        rule = request.url_rule
+        if rule is None:
+            return None
+        method = "GET" if request.method == "HEAD" else request.method
+        return specs.get((rule.rule, method))
 
     # -- cross-cutting ---------------------------------------------------------------------
     @app.before_request
     def _before():
         g.started = time.perf_counter()
-        token = settings.token
-        if not token or request.method not in MUTATING:
-            return None
-        if request.path.startswith("/api/"):
-            _check_token(token)
-        elif request.path == "/events" and not _is_loopback(request.remote_addr):
-            _check_token(token)
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        guard.check_host()
+        spec = current_spec()
+        if spec is None:
+            return None  # an unknown route or method: Flask answers 404/405
+        if spec.auth == "token":
+            guard.require_token()
+        elif spec.auth == "predict":
+            guard.require_predict(request.view_args.get("name", ""))
+        if request.method in MUTATING:
+            guard.check_origin()
+            if spec.body is not None:
+                guard.check_content_type(("application/json",))
+            elif spec.body_types:
+                guard.check_content_type(spec.body_types)
+            if spec.body_limit is not None:
+                guard.check_length(spec.body_limit)
         return None
 
     @app.after_request
     def _after(response: Response):
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        route_name = request.url_rule.rule if request.url_rule is not None else "unmatched"
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
-        plane.metrics.observe_api(route, request.method, response.status_code, seconds)
+        plane.metrics.observe_api(route_name, request.method, response.status_code, seconds)
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Cache-Control", "no-store")
         log.debug("%s %s -> %s in %.1f ms", request.method, request.path, response.status_code, seconds * 1000)
         return response
 
     @app.errorhandler(PlaneError)
     def _plane_error(e: PlaneError):
         if e.status >= 500:
-            log.warning("%s %s: %s", request.method, request.path, e.message)
+            log.warning("%s %s [%s]: %s", request.method, request.path, g.get("request_id"), e.message)
         return jsonify(e.to_json()), e.status
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        return jsonify({"error": f"{e.name}: {e.description}"}), e.code
+        response = jsonify({"error": f"{e.name}: {e.description}"})
+        response.status_code = e.code or 500
+        for key, value in e.get_headers():
+            if key.lower() != "content-type":
+                response.headers[key] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
-        log.exception("%s %s failed", request.method, request.path)
-        return jsonify({"error": f"internal error ({type(e).__name__}: {e}); see the control service log"}), 500
+        rid = g.get("request_id") or uuid.uuid4().hex[:16]
+        log.error("%s %s failed [request id %s]", request.method, request.path, rid, exc_info=e)
+        return jsonify({"error": f"internal error: the control service's log has the details under request id {rid}",
+                        "request_id": rid}), 500
 
-    # -- health and metrics ----------------------------------------------------------------
-    @app.get("/healthz")
+    # -- health, metrics, the API's own description --------------------------------------------
+    @route(s.RouteSpec("GET", "/healthz", "Is the service up", [s.Answer(200, s.Health)], auth="none", tag="service"))
     def healthz():
-        return {"status": "ok", "runtime": runtime.name}
+        problems = list(getattr(runtime, "problems", lambda: [])())
+        return {"status": "degraded" if problems else "ok", "runtime": runtime.name, "problems": problems}
 
-    @app.get("/metrics")
+    @route(s.RouteSpec("GET", "/metrics", "Prometheus metrics",
+                       [s.Answer(200, None, "text/plain", "the Prometheus text format")], tag="service"))
     def metrics():
         return Response(_render_metrics(plane), mimetype="text/plain; version=0.0.4")
 
+    @route(s.RouteSpec("GET", "/openapi.json", "This API's OpenAPI document",
+                       [s.Answer(200, None, "application/json", "OpenAPI 3.1")], auth="none", tag="service"))
+    def openapi():
+        return jsonify(openapi_doc())
+
     # -- models ------------------------------------------------------------------------------
-    @app.get("/api/models")
+    @route(s.RouteSpec("GET", "/api/models", "List the models", [s.Answer(200, list[s.ModelSummary])], tag="models"))
     def list_models():
         infos = [m.to_json() for m in runtime.models()]
         known = {m["name"]: m for m in infos}
@@ -269,28 +350,41 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
         # a quarter of its time.
         return Response(orjson.dumps(infos), mimetype="application/json")
 
-    @app.post("/api/models")
+    @route(s.RouteSpec("POST", "/api/models", "Deploy a model folder (a gzip tar)",
+                       [s.Answer(201, s.Deployed)], body_types=MODEL_ARCHIVE_TYPES,
+                       body_limit=settings.max_model_upload, errors=(409, 422, 503), tag="models"))
     def deploy_model():
         uploads = Path(settings.state_dir) / "uploads"
         uploads.mkdir(parents=True, exist_ok=True)
         dest = Path(tempfile.mkdtemp(prefix="model-", dir=uploads))
         try:
-            folder = _extract_model(request.get_data(), dest)
+            with tempfile.TemporaryFile(dir=uploads) as spool:
+                if guard.spool_body(settings.max_model_upload, spool) == 0:
+                    raise BadRequest("the body is empty: send a gzip tar of the model folder")
+                spool.seek(0)
+                folder = _extract_model(spool, dest)
             rel = folder.relative_to(dest) / MANIFEST_FILE
             try:
-                manifest = parse_manifest((folder / MANIFEST_FILE).read_text(encoding="utf-8"),
-                                          file=rel, folder=folder)
+                try:
+                    text = (folder / MANIFEST_FILE).read_text(encoding="utf-8")
+                except UnicodeDecodeError as e:
+                    raise Invalid(f"{rel}: not UTF-8 text (byte {e.start})",
+                                  details={"problems": [{"file": str(rel), "line": None, "field": "",
+                                                         "message": f"not UTF-8 text (byte {e.start})"}]}) from None
+                manifest = parse_manifest(text, file=rel, folder=folder)
             except ManifestError as e:
-                problems = [{"file": e.file, "line": p.line, "field": p.field, "message": p.message}
+                problems = [{"file": str(e.file), "line": p.line, "field": p.field, "message": p.message}
                             for p in e.problems]
                 raise Invalid(str(e), details={"problems": problems}) from None
             version = runtime.deploy(manifest, make_live=True)  # the runtime keeps its own copy
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         plane.failed.pop(manifest.name, None)
+        policies.clear()
         return jsonify({"name": manifest.name, **version.to_json()}), 201
 
-    @app.get("/api/models/<name>")
+    @route(s.RouteSpec("GET", "/api/models/<name>", "One model: manifest, versions, metrics",
+                       [s.Answer(200, s.ModelDetail)], errors=(404,), tag="models"))
     def get_model(name: str):
         try:
             return jsonify(runtime.model(name).to_json())
@@ -298,9 +392,11 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
             entry = plane.failed.get(name)
             if entry is None:
                 raise
-            return jsonify(plane.failed_info(entry))
+            detail = plane.failed_info(entry)
+            return jsonify({**detail, "manifest": {}, "versions": [], "metrics": {}})
 
-    @app.delete("/api/models/<name>")
+    @route(s.RouteSpec("DELETE", "/api/models/<name>", "Remove a model and all its versions",
+                       [s.Answer(200, s.Removed)], errors=(404, 409), tag="models"))
     def remove_model(name: str):
         if name in plane.failed:
             plane.failed.pop(name)
@@ -310,43 +406,50 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
                 pass
         else:
             runtime.remove(name)
+        policies.clear()
         return {"name": name, "removed": True}
 
-    @app.post("/api/models/<name>/rollback")
-    def rollback(name: str):
-        version = _json_body().get("version")
-        if not isinstance(version, str) or not version:
-            raise BadRequest('expected {"version": "1.2.0"}')
-        return {"name": name, **runtime.rollback(name, version=version).to_json()}
+    rollback_spec = s.RouteSpec("POST", "/api/models/<name>/rollback", "Make an earlier version live",
+                                [s.Answer(200, s.Deployed)], body=s.RollbackRequest, errors=(404, 409, 422, 503),
+                                tag="models")
 
-    @app.post("/api/models/<name>/jobs")
+    @route(rollback_spec)
+    def rollback(name: str):
+        version = body_json(rollback_spec).version
+        answer = {"name": name, **runtime.rollback(name, version=version).to_json()}
+        policies.clear()
+        return answer
+
+    job_spec = s.RouteSpec("POST", "/api/models/<name>/jobs", "Run a batch model on a dataset in a bucket",
+                           [s.Answer(202, s.JobAnswer)], body=s.JobRequest, errors=(404, 409, 422, 503),
+                           tag="jobs")
+    allowed_buckets = {settings.bucket_name} | {b.strip() for b in settings.dataset_buckets.split(",") if b.strip()}
+
+    @route(job_spec)
     def submit_job(name: str):
-        dataset = _json_body().get("dataset")
-        if not isinstance(dataset, str) or not dataset:
-            raise BadRequest('expected {"dataset": "gs://bucket/path.csv"}')
+        dataset = body_json(job_spec).dataset
+        bucket = dataset[len("gs://"):].split("/", 1)[0]
+        if bucket not in allowed_buckets:
+            raise Forbidden(f"dataset bucket {bucket!r} is not one jobs may read from "
+                            f"({', '.join(sorted(allowed_buckets))}; MODELPLANE_DATASET_BUCKETS adds more)")
         job, _ = runtime.submit_job(name, dataset=dataset, trigger="api")
         return jsonify(job.to_json()), 202
 
-    @app.post("/api/models/<name>/datasets")
+    dataset_spec = s.RouteSpec("POST", "/api/models/<name>/datasets",
+                               "Upload a CSV to incoming/{name}/ (its bucket event starts a job)",
+                               [s.Answer(201, s.DatasetUploaded)], query=s.DatasetQuery, body_types=DATASET_TYPES,
+                               body_limit=settings.max_dataset_upload, errors=(404, 409, 503), tag="jobs")
+
+    @route(dataset_spec)
     def upload_dataset(name: str):
-        filename = request.args.get("filename", "")
-        if not filename or "/" in filename or "\\" in filename or filename.startswith("."):
-            raise BadRequest("expected ?filename=NAME.csv (a plain file name, no folders)")
-        if not filename.lower().endswith(".csv"):
-            raise BadRequest(f"{filename!r}: datasets are CSV files (.csv)")
+        filename = query(dataset_spec).filename
         detail = runtime.model(name)
         if detail.kind != "batch":
             raise Conflict(f"{name!r} is a {detail.kind} model; only batch models take datasets")
         object_name = f"incoming/{name}/{filename}"
         bucket = settings.bucket_name
         with tempfile.TemporaryFile() as spool:
-            size = 0
-            while True:
-                chunk = request.stream.read(1 << 20)
-                if not chunk:
-                    break
-                spool.write(chunk)
-                size += len(chunk)
+            size = guard.spool_body(settings.max_dataset_upload, spool)
             if size == 0:
                 raise BadRequest("the dataset is empty: send the CSV as the request body")
             spool.seek(0)
@@ -362,60 +465,59 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
         return jsonify(answer), 201
 
     # -- jobs --------------------------------------------------------------------------------
-    @app.get("/api/jobs")
-    def list_jobs():
-        model = request.args.get("model") or None
-        dataset = request.args.get("dataset") or None
-        status = request.args.get("status") or None
-        if status and status not in JOB_STATUSES:
-            raise BadRequest(f"status: expected one of {', '.join(JOB_STATUSES)}")
-        try:
-            limit = int(request.args.get("limit", 200))
-        except ValueError:
-            raise BadRequest("limit: expected a number") from None
-        jobs = runtime.jobs(model=model, limit=limit if not (dataset or status) else max(limit, 10_000))
-        out = [j for j in jobs if (not dataset or j.dataset == dataset) and (not status or j.status == status)]
-        return jsonify([j.to_json() for j in out[:limit]])
+    jobs_spec = s.RouteSpec("GET", "/api/jobs", "List jobs, newest first", [s.Answer(200, list[s.JobAnswer])],
+                            query=s.JobsQuery, tag="jobs")
 
-    @app.get("/api/jobs/<job_id>")
+    @route(jobs_spec)
+    def list_jobs():
+        q = query(jobs_spec)
+        jobs = runtime.jobs(model=q.model, limit=q.limit if not (q.dataset or q.status) else max(q.limit, 10_000))
+        out = [j for j in jobs if (not q.dataset or j.dataset == q.dataset) and (not q.status or j.status == q.status)]
+        return jsonify([j.to_json() for j in out[:q.limit]])
+
+    job_path = {"job_id": s.JOB_ID_PATTERN}
+
+    @route(s.RouteSpec("GET", "/api/jobs/<job_id>", "One job", [s.Answer(200, s.JobAnswer)], errors=(404,),
+                       path_patterns=job_path, tag="jobs"))
     def get_job(job_id: str):
         return jsonify(runtime.job(job_id).to_json())
 
-    @app.get("/api/jobs/<job_id>/results")
+    @route(s.RouteSpec("GET", "/api/jobs/<job_id>/results", "A succeeded job's scores (CSV)",
+                       [s.Answer(200, None, "text/csv", "the scores, one row per input row")], errors=(404, 409),
+                       path_patterns=job_path, tag="jobs"))
     def job_results(job_id: str):
         job = runtime.job(job_id)
         if job.status != "succeeded" or not job.results_uri:
             raise Conflict(f"job {job_id} is {job.status}; results exist once it has succeeded")
         location = _results_location(job.results_uri)
         headers = {"Content-Disposition": f'attachment; filename="{job.model}-{job_id}.csv"'}
-        if location.startswith("gs://"):
-            from google.api_core import exceptions as gexc
+        if not location.startswith("gs://"):
+            raise NotFound(f"the results of job {job_id} are not in a bucket; the API serves results from buckets only")
+        from google.api_core import exceptions as gexc
 
-            from control.gcs import split_gs_uri
+        from control.gcs import split_gs_uri
 
-            bucket, name = split_gs_uri(location)
-            spool = tempfile.TemporaryFile()
-            try:
-                plane.storage.bucket(bucket).blob(name).download_to_file(spool)
-            except gexc.NotFound:
-                spool.close()
-                raise NotFound(f"the results of job {job_id} are gone from {location}") from None
-            except BaseException:
-                spool.close()
-                raise
-            spool.seek(0)
-            return Response(wrap_file(request.environ, spool), mimetype="text/csv", headers=headers,
-                            direct_passthrough=True)
-        path = Path(location.removeprefix("file://"))
-        if not path.is_file():
-            raise NotFound(f"the results of job {job_id} are gone from {location}")
-        return Response(wrap_file(request.environ, open(path, "rb")), mimetype="text/csv", headers=headers,
+        bucket, name = split_gs_uri(location)
+        spool = tempfile.TemporaryFile()
+        try:
+            plane.storage.bucket(bucket).blob(name).download_to_file(spool)
+        except gexc.NotFound:
+            spool.close()
+            raise NotFound(f"the results of job {job_id} are gone from {location}") from None
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return Response(wrap_file(request.environ, spool), mimetype="text/csv", headers=headers,
                         direct_passthrough=True)
 
     # -- events ------------------------------------------------------------------------------
-    @app.post("/events")
+    @route(s.RouteSpec("POST", "/events", "A CloudEvent (GCS object finalized) from the bucket watcher or a broker",
+                       [s.Answer(200, s.EventEntry, description="ignored, or a duplicate of one already run"),
+                        s.Answer(202, s.EventEntry, description="a job was started")],
+                       body_types=EVENT_TYPES, body_limit=MAX_EVENT, errors=(404, 409, 503), tag="events"))
     def receive_event():
-        body = request.get_data()
+        body = guard.read_body(MAX_EVENT)
         try:
             event = ce.parse(request.headers, body)
         except BadRequest as e:
@@ -424,22 +526,27 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
         status, result = plane.sink.handle(event)
         return jsonify(result), status
 
-    @app.get("/api/events")
+    events_spec = s.RouteSpec("GET", "/api/events", "What recent events did, newest first",
+                              [s.Answer(200, list[s.EventEntry])], query=s.EventsQuery, tag="events")
+
+    @route(events_spec)
     def list_events():
-        try:
-            limit = int(request.args.get("limit", 200))
-        except ValueError:
-            raise BadRequest("limit: expected a number") from None
-        return jsonify(plane.events.entries(limit=limit, action=request.args.get("action") or None,
-                                            key=request.args.get("key") or None,
-                                            model=request.args.get("model") or None))
+        q = query(events_spec)
+        return jsonify(plane.events.entries(limit=q.limit, action=q.action, key=q.key, model=q.model))
 
     # -- the models' own endpoints, routed ------------------------------------------------------
-    def _forward(name: str, path: str):
+    def forward(name: str):
+        _, limit = policy(name)
+        raw = _raw_path()
+        prefix = f"/models/{name}/"
+        if not raw.startswith(prefix):  # the name was percent-encoded: route only what was sent
+            raise NotFound(f"no route for {raw[:200]!r}")
+        path = raw[len(prefix) - 1:]
+        body = guard.read_body(limit) if request.method in MUTATING else b""
         headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
         try:
-            result = runtime.forward(name, method=request.method, path=path, headers=headers,
-                                     body=request.get_data(), query=request.query_string.decode("latin-1"))
+            result = runtime.forward(name, method=request.method, path=path, headers=headers, body=body,
+                                     query=request.query_string.decode("latin-1"))
         except PlaneError as e:
             plane.metrics.observe_model(name, e.status)
             raise
@@ -447,14 +554,35 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
         out = {k: v for k, v in (result.headers or {}).items() if k.lower() not in HOP_BY_HOP}
         return Response(result.body, status=result.status, headers=out)
 
-    @app.post("/models/<name>/predict")
-    def predict(name: str):
-        return _forward(name, "/predict")
+    model_errors = (404, 409, 413, 422, 502, 503, 504)
+    versioned = {"model": s.NAME_PATTERN, "version": s.SEMVER_PATTERN}
+    forwarded = [
+        ("POST", "/models/<name>/predict", "Score rows (JSON {rows: [...]} or CSV)", PREDICT_TYPES),
+        ("GET", "/models/<name>/v2", "Open Inference Protocol: server metadata", ()),
+        ("GET", "/models/<name>/v2/health/live", "Open Inference Protocol: live", ()),
+        ("GET", "/models/<name>/v2/health/ready", "Open Inference Protocol: ready", ()),
+        ("GET", "/models/<name>/v2/models/<model>", "Open Inference Protocol: model metadata", ()),
+        ("GET", "/models/<name>/v2/models/<model>/ready", "Open Inference Protocol: model ready", ()),
+        ("POST", "/models/<name>/v2/models/<model>/infer", "Open Inference Protocol: inference", INFER_TYPES),
+        ("GET", "/models/<name>/v2/models/<model>/versions/<version>", "Open Inference Protocol: version metadata", ()),
+        ("GET", "/models/<name>/v2/models/<model>/versions/<version>/ready", "Open Inference Protocol: version ready", ()),
+        ("POST", "/models/<name>/v2/models/<model>/versions/<version>/infer", "Open Inference Protocol: inference", INFER_TYPES),
+    ]
+    for method, rule, summary, types in forwarded:
+        spec = s.RouteSpec(method, rule, summary, [s.Answer(200, s.ModelAnswer)], auth="predict",
+                           body_types=types, body_limit=None, errors=model_errors, path_patterns=versioned,
+                           tag="serving")
+        route(spec)(lambda name, **_: forward(name))
 
-    @app.route("/models/<name>/v2/<path:rest>", methods=["GET", "POST"])
-    def open_inference(name: str, rest: str):
-        return _forward(name, f"/v2/{rest}")
+    def openapi_doc() -> dict:
+        if plane.openapi is None:
+            plane.openapi = s.openapi_document(
+                routes, version=modelplane_version(),
+                security_note="Every route but /healthz and /openapi.json needs `Authorization: Bearer <token>`; "
+                              "the models' routes too unless predict is opened.")
+        return plane.openapi
 
+    plane.routes = routes
     return app
 
 
@@ -487,7 +615,7 @@ def _render_metrics(plane: Plane) -> str:
     except Exception:  # metrics must render even when the runtime is unwell
         log.exception("metrics: listing jobs failed")
         jobs = []
-    by_status = {s: 0 for s in JOB_STATUSES}
+    by_status = {status: 0 for status in JOB_STATUSES}
     for job in jobs:
         by_status[job.status] = by_status.get(job.status, 0) + 1
     lines += ["# HELP modelplane_jobs Batch jobs by status.", "# TYPE modelplane_jobs gauge"]

@@ -121,8 +121,17 @@ def load_settings(args: argparse.Namespace):
 
 
 def client_for(args: argparse.Namespace) -> Client:
+    """A client of the control API with the token: `MODELPLANE_TOKEN` / `--token`, else (for a
+    service on this machine only) the one `modelplane up` stored in the state dir."""
+    from control.auth import client_token, is_loopback_host
+    from urllib.parse import urlsplit
+
     settings = load_settings(args)
-    return Client(settings.control_url, settings.token)
+    url = settings.control_url
+    token = settings.token
+    if not token and is_loopback_host(urlsplit(url).hostname or ""):
+        token = client_token(settings)
+    return Client(url, token)
 
 
 # -- commands against the API ------------------------------------------------------------------

@@ -54,3 +54,15 @@ class UpstreamError(PlaneError):
     """A model or the cluster answered something unusable."""
 
     status = 502
+
+
+class TooLarge(PlaneError):
+    """A body, archive or file over its limit."""
+
+    status = 413
+
+
+class UnsupportedType(PlaneError):
+    """A body whose Content-Type the route does not take."""
+
+    status = 415

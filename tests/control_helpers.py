@@ -13,6 +13,20 @@ from control.server import ControlServer
 from control.settings import Settings
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "control"
+#: The token the test services are given; `api` sends it.
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.headers.update(AUTH)
+    return session
+
+
+#: A requests session carrying the test token: what a client holding the token sends.
+api = _session()
 
 
 def settings_for(tmp_path: Path, **overrides) -> Settings:
@@ -20,7 +34,7 @@ def settings_for(tmp_path: Path, **overrides) -> Settings:
     models = tmp_path / "models"
     models.mkdir(exist_ok=True)
     base = dict(host="127.0.0.1", port=0, state_dir=tmp_path / "state", models_dir=models,
-                bucket="test-bucket", threads=16, console=False, watch_interval=0.2, token=None)
+                bucket="test-bucket", threads=16, console=False, watch_interval=0.2, token=TOKEN)
     base.update(overrides)
     return Settings(**base)
 

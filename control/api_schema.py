@@ -1,0 +1,270 @@
+"""The control API's request and response models, and the OpenAPI document built from them.
+
+Routes declare themselves with `Api.route(...)`: the method, the rule, the pydantic models of
+the JSON body, the query and each answer, and who may call it. The same declarations
+validate requests (a bad field is a 400 naming it) and produce `GET /openapi.json`; there is
+no hand-written spec to drift from the code.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from adapters.manifest import DNS_LABEL, SEMVER
+from control.errors import BadRequest
+
+JOB_STATUS = Literal["queued", "running", "succeeded", "failed"]
+EVENT_ACTION = Literal["started", "duplicate", "ignored", "rejected"]
+#: A model name: what `Manifest.name` accepts (a lowercase DNS label).
+NAME_PATTERN = DNS_LABEL.pattern
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+SEMVER_PATTERN = SEMVER.pattern
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+class RollbackRequest(_Closed):
+    version: str = Field(pattern=SEMVER.pattern, max_length=128, description="A version the model has.")
+
+
+class JobRequest(_Closed):
+    dataset: str = Field(pattern=r"^gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]/[^\r\n]{1,1024}$",
+                         max_length=1300,
+                         description="A CSV object in the plane's bucket (or one the operator allows).")
+
+
+class JobsQuery(_Closed):
+    model: Optional[str] = Field(None, pattern=NAME_PATTERN, max_length=63)
+    dataset: Optional[str] = Field(None, max_length=1300)
+    status: Optional[JOB_STATUS] = None
+    limit: int = Field(200, ge=1, le=10_000)
+
+
+class EventsQuery(_Closed):
+    limit: int = Field(200, ge=1, le=10_000)
+    action: Optional[EVENT_ACTION] = None
+    key: Optional[str] = Field(None, max_length=2048)
+    model: Optional[str] = Field(None, pattern=NAME_PATTERN, max_length=63)
+
+
+class DatasetQuery(_Closed):
+    filename: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._ -]{0,190}\.[cC][sS][vV]$",
+                          description="A plain CSV file name, no folders.")
+
+
+# -- answers ----------------------------------------------------------------------------------
+
+class ErrorAnswer(_Open):
+    error: str
+    request_id: Optional[str] = None
+
+
+class Health(_Closed):
+    status: Literal["ok", "degraded"]
+    runtime: str
+    problems: list[str] = []
+
+
+class Version(_Closed):
+    version: str
+    deployed_at: str
+    live: bool
+
+
+class ModelSummary(_Closed):
+    name: str
+    kind: str
+    language: str
+    version: Optional[str]
+    status: str
+    replicas: int
+    endpoint: Optional[str]
+    error: Optional[str]
+    description: str
+
+
+class ModelDetail(ModelSummary):
+    manifest: dict[str, Any]
+    versions: list[Version]
+    metrics: dict[str, Any]
+
+
+class Deployed(Version):
+    name: str
+
+
+class Removed(_Closed):
+    name: str
+    removed: bool
+
+
+class JobAnswer(_Closed):
+    id: str
+    model: str
+    version: str
+    status: JOB_STATUS
+    dataset: str
+    created_at: str
+    started_at: Optional[str]
+    finished_at: Optional[str]
+    rows: Optional[int]
+    results_uri: Optional[str]
+    error: Optional[str]
+    log_tail: str
+    trigger: str
+    input: dict[str, Any]
+
+
+class DatasetUploaded(_Closed):
+    uri: str
+    bucket: str
+    object: str
+    generation: Optional[str]
+    size: int
+    key: str
+    job: Optional[str] = None
+
+
+class ModelAnswer(_Open):
+    """What a model's adapter answers: `{"scores": [...]}` for predict, the protocol's documents for v2."""
+
+
+class EventEntry(_Open):
+    at: str
+    action: EVENT_ACTION
+    reason: str
+
+
+# -- routes -----------------------------------------------------------------------------------
+
+@dataclass
+class Answer:
+    status: int
+    model: Any = None  # a pydantic model, `list[Model]`, or None for a non-JSON body
+    mimetype: str = "application/json"
+    description: str = ""
+
+
+@dataclass
+class RouteSpec:
+    method: str
+    rule: str  # Flask's, e.g. /api/models/<name>
+    summary: str
+    answers: list[Answer]
+    auth: Literal["token", "predict", "none"] = "token"
+    body: Any = None  # pydantic model of a JSON body
+    body_types: tuple[str, ...] = ()  # accepted Content-Types of a non-JSON body
+    body_limit: Optional[int] = None
+    query: Any = None
+    path_patterns: dict[str, str] = field(default_factory=dict)
+    errors: tuple[int, ...] = ()
+    tag: str = ""
+
+    @property
+    def openapi_path(self) -> str:
+        return re.sub(r"<(?:[a-z]+:)?([A-Za-z_]+)>", r"{\1}", self.rule)
+
+
+def validate(model: type[BaseModel], data: Any, *, where: str) -> BaseModel:
+    """`data` as `model`, or a BadRequest naming each field at fault."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors(include_url=False, include_input=False):
+            loc = ".".join(str(p) for p in err["loc"]) or "(body)"
+            problems.append(f"{loc}: {err['msg']}")
+        raise BadRequest(f"invalid {where}: " + "; ".join(problems[:10])) from None
+
+
+def _schema_of(model: Any, refs: dict[type, str]) -> dict:
+    origin = getattr(model, "__origin__", None)
+    if origin is list:
+        return {"type": "array", "items": _schema_of(model.__args__[0], refs)}
+    return {"$ref": refs[model]}
+
+
+def openapi_document(routes: list[RouteSpec], *, version: str, security_note: str) -> dict:
+    models: set[type] = {ErrorAnswer}
+    for r in routes:
+        for m in (r.body, r.query):
+            if m is not None:
+                models.add(m)
+        for a in r.answers:
+            if a.model is not None:
+                models.add(a.model.__args__[0] if getattr(a.model, "__origin__", None) is list else a.model)
+    ordered = sorted(models, key=lambda m: m.__name__)
+    keys, defs = models_json_schema([(m, "serialization") for m in ordered],
+                                    ref_template="#/components/schemas/{model}")
+    refs = {m: keys[(m, "serialization")]["$ref"] for m in ordered}
+    components = dict(defs.get("$defs", {}))
+    paths: dict[str, dict] = {}
+    for r in routes:
+        op: dict[str, Any] = {"summary": r.summary, "operationId": f"{r.method.lower()}_{r.rule}",
+                              "responses": {}}
+        if r.tag:
+            op["tags"] = [r.tag]
+        params = []
+        for name in re.findall(r"<(?:[a-z]+:)?([A-Za-z_]+)>", r.rule):
+            params.append({"name": name, "in": "path", "required": True,
+                           "schema": {"type": "string", "pattern": r.path_patterns.get(name, NAME_PATTERN)}})
+        if r.query is not None:
+            schema = r.query.model_json_schema()
+            for qname, qschema in schema.get("properties", {}).items():
+                params.append({"name": qname, "in": "query", "required": qname in schema.get("required", []),
+                               "schema": qschema})
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": {"$ref": refs[r.body]}}}}
+        elif r.body_types:
+            op["requestBody"] = {"required": True, "content": {
+                t: {"schema": {"type": "string", "format": "binary"}} for t in r.body_types}}
+        for a in r.answers:
+            content = ({a.mimetype: {"schema": _schema_of(a.model, refs)}} if a.model is not None
+                       else {a.mimetype: {"schema": {"type": "string"}}})
+            op["responses"][str(a.status)] = {"description": a.description or "OK", "content": content}
+        error_codes = set(r.errors) | {400, 500}
+        if r.auth != "none":
+            error_codes |= {401, 403}
+        if r.body is not None or r.body_types:
+            error_codes |= {413, 415}
+        for code in sorted(error_codes):
+            op["responses"].setdefault(str(code), {
+                "description": _ERROR_TEXT.get(code, "error"),
+                "content": {"application/json": {"schema": {"$ref": refs[ErrorAnswer]}}}})
+        if r.auth == "token":
+            op["security"] = [{"bearer": []}]
+        elif r.auth == "predict":
+            op["security"] = [{"bearer": []}, {}]
+        paths.setdefault(r.openapi_path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "modelplane control API", "version": version, "description": security_note},
+        "paths": paths,
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+_ERROR_TEXT = {400: "the request is malformed (the message names the field)",
+               401: "no token, or the wrong one", 403: "refused: cross-site or unknown Host",
+               404: "no such model or job", 405: "method not allowed", 409: "not in a state that allows it",
+               413: "the body is over this route's limit", 415: "the body's Content-Type is not accepted",
+               422: "the input will never work as sent (the message names file, field or row)",
+               500: "a bug: the answer names a request id to find in the log",
+               502: "the model answered something unusable", 503: "try again: starting or unreachable",
+               504: "the model did not answer in time"}

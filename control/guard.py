@@ -1,0 +1,190 @@
+"""What every request to the control service passes before a route sees it.
+
+- **Host:** the `Host` header must name this service (an IP literal, `localhost`, the bind
+  address, or a name in `MODELPLANE_ALLOWED_HOSTS`): a DNS-rebinding page reaches the
+  service under its own name, and is refused.
+- **Cross-site calls:** a mutating call that a browser marks as coming from another site
+  (`Origin`, `Sec-Fetch-Site`) is refused unless the origin is allowed; and each mutating
+  route accepts only its real Content-Types, so a `text/plain` form post never parses.
+- **Token:** every `/api` route, `/events` and `/metrics` need `Authorization: Bearer`; the
+  models' routes too unless predict is opened (setting, or the model's `visibility: public`).
+- **Bodies:** each route has a cap, checked against Content-Length before anything is read
+  and enforced while streaming a body without one.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import threading
+import time
+from typing import Callable, Optional
+from urllib.parse import urlsplit
+
+from flask import request
+
+from control.errors import BadRequest, Forbidden, TooLarge, Unauthorized, UnsupportedType
+
+CHUNK = 1 << 20
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%")[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _split_host(value: str) -> str:
+    """The host part of a Host header (`name:port`, `[::1]:8080`), lowercased."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class Guard:
+    def __init__(self, settings, token: str, *, is_public: Callable[[str], bool]):
+        self.token = token
+        self.open_predict = settings.open_predict
+        self._is_public = is_public
+        hosts = {h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip()}
+        self.any_host = "*" in hosts
+        bind = (settings.host or "").strip().lower()
+        if bind and bind not in ("0.0.0.0", "::"):
+            hosts.add(bind)
+        hosts.add("localhost")
+        self.hosts = {h for h in hosts if not h.startswith(".")}
+        self.host_suffixes = tuple(h for h in hosts if h.startswith("."))
+        origins = {o.strip().rstrip("/").lower() for o in settings.allowed_origins.split(",") if o.strip()}
+        for name in ("127.0.0.1", "localhost"):
+            origins.add(f"http://{name}:{settings.console_port}")
+        self.origins = origins
+
+    # -- Host ---------------------------------------------------------------------------------
+    def check_host(self) -> None:
+        raw = request.headers.get("Host", "")
+        host = _split_host(raw)
+        if not host:
+            raise BadRequest("the request has no Host header")
+        if self.any_host or _is_ip(host) or host in self.hosts or host.endswith(self.host_suffixes):
+            return
+        raise Forbidden(f"Host {raw[:100]!r} does not name this service; if it is how clients reach it, "
+                        "add it to MODELPLANE_ALLOWED_HOSTS")
+
+    # -- cross-site ---------------------------------------------------------------------------
+    def check_origin(self) -> None:
+        origin = request.headers.get("Origin")
+        site = (request.headers.get("Sec-Fetch-Site") or "").lower()
+        if origin is None and site in ("", "same-origin", "none"):
+            return
+        if origin is not None:
+            normalized = origin.strip().rstrip("/").lower()
+            if normalized in self.origins:
+                return
+            parts = urlsplit(normalized)
+            if parts.scheme in ("http", "https") and parts.netloc == (request.headers.get("Host") or "").lower():
+                return  # same origin (a page this service's own host serves, behind a proxy)
+            raise Forbidden(f"cross-site request from {origin[:100]!r} refused; allow the origin with "
+                            "MODELPLANE_ALLOWED_ORIGINS if it is yours")
+        if site in ("cross-site", "same-site"):
+            raise Forbidden("cross-site request refused (Sec-Fetch-Site: " + site + ")")
+
+    @staticmethod
+    def check_content_type(accepted: tuple[str, ...]) -> None:
+        given = (request.mimetype or "").lower()
+        if given not in accepted:
+            shown = given or "none"
+            raise UnsupportedType(f"Content-Type {shown} is not accepted here; send {' or '.join(accepted)}")
+
+    # -- token --------------------------------------------------------------------------------
+    def token_ok(self) -> Optional[str]:
+        """None when the request carries this service's token, else why not."""
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        given = given.strip()
+        if scheme.lower() != "bearer" or not given:
+            return "no_token"
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode()):
+            return "wrong_token"
+        return None
+
+    def require_token(self) -> None:
+        why = self.token_ok()
+        if why == "no_token":
+            raise Unauthorized(f"{request.method} {request.path[:200]} needs 'Authorization: Bearer <token>': "
+                               "the service's MODELPLANE_TOKEN, or the token file in its state dir")
+        if why == "wrong_token":
+            raise Unauthorized("the bearer token does not match the control service's token")
+
+    def require_predict(self, name: str) -> None:
+        if self.open_predict or self.token_ok() is None:
+            return
+        if self._is_public(name):
+            return
+        self.require_token()
+
+    # -- bodies -------------------------------------------------------------------------------
+    @staticmethod
+    def check_length(limit: int) -> None:
+        length = request.content_length
+        if length is not None and length > limit:
+            raise TooLarge(f"the body is {length} bytes; this route takes at most {limit}")
+
+    @staticmethod
+    def read_body(limit: int) -> bytes:
+        """The whole body, refused (413) past `limit` before it is all read."""
+        Guard.check_length(limit)
+        parts, size = [], 0
+        stream = request.stream
+        while True:
+            chunk = stream.read(min(CHUNK, limit + 1 - size))
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"the body is over this route's limit of {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    @staticmethod
+    def spool_body(limit: int, spool) -> int:
+        """Copy the body into the file `spool`, refused (413) past `limit`; the size copied."""
+        Guard.check_length(limit)
+        size = 0
+        stream = request.stream
+        while True:
+            chunk = stream.read(CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"the body is over this route's limit of {limit} bytes")
+            spool.write(chunk)
+        return size
+
+
+class TTLCache:
+    """name -> value for `ttl` seconds (a model's visibility and body limit, read per request)."""
+
+    def __init__(self, ttl: float = 2.0, size: int = 10_000):
+        self.ttl, self.size = ttl, size
+        self._data: dict[str, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, compute: Callable[[], object]) -> object:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._data.get(key)
+            if hit and hit[0] > now:
+                return hit[1]
+        value = compute()
+        with self._lock:
+            if len(self._data) >= self.size:
+                self._data.clear()
+            self._data[key] = (now + self.ttl, value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
