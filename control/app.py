@@ -48,7 +48,8 @@ DEFAULT_PREDICT_LIMIT = 10 * 2**20
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MODEL_ARCHIVE_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar", "application/octet-stream")
 DATASET_TYPES = ("text/csv", "application/octet-stream")
-EVENT_TYPES = ("application/cloudevents+json", "application/json")
+#: A structured CloudEvent's types; binary mode (`ce-specversion` header) may carry any data type.
+EVENT_TYPES = ("application/cloudevents+json", "application/cloudevents-batch+json", "application/json")
 PREDICT_TYPES = ("application/json", "text/csv")
 INFER_TYPES = ("application/json", "application/octet-stream")
 
@@ -280,7 +281,7 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
             guard.check_origin()
             if spec.body is not None:
                 guard.check_content_type(("application/json",))
-            elif spec.body_types:
+            elif spec.body_types and not (spec.rule == "/events" and "ce-specversion" in request.headers):
                 guard.check_content_type(spec.body_types)
             if spec.body_limit is not None:
                 guard.check_length(spec.body_limit)

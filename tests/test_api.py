@@ -9,10 +9,10 @@ import pytest
 import requests
 
 from control_fake_runtime import FakeRuntime
-from control_helpers import FIXTURES, copy_fixture, running, settings_for
+from control_helpers import AUTH, TOKEN, api, FIXTURES, copy_fixture, running, settings_for
 
-TOKEN = "s3cret-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 
 
 @pytest.fixture
@@ -37,38 +37,38 @@ def tar_of(folder: Path, *, prefix: str = "") -> bytes:
 
 def test_health_and_unknown_route_are_json(plane):
     server, _ = plane
-    assert requests.get(f"{server.url}/healthz").json()["status"] == "ok"
-    r = requests.get(f"{server.url}/no/such/route")
+    assert api.get(f"{server.url}/healthz").json()["status"] == "ok"
+    r = api.get(f"{server.url}/no/such/route")
     assert r.status_code == 404
     assert "error" in r.json()
-    r = requests.get(f"{server.url}/models/echo-rt/predict")
+    r = api.get(f"{server.url}/models/echo-rt/predict")
     assert r.status_code == 405 and "error" in r.json()
 
 
 def test_models_registered_at_start_and_a_broken_one_reported_failed(plane):
     server, _ = plane
-    models = {m["name"]: m for m in requests.get(f"{server.url}/api/models").json()}
+    models = {m["name"]: m for m in api.get(f"{server.url}/api/models").json()}
     assert set(models) == {"broken", "echo-rt", "sum-batch"}
     assert models["echo-rt"]["status"] == "idle" and models["echo-rt"]["version"] == "1.0.0"
     assert models["sum-batch"]["kind"] == "batch"
     broken = models["broken"]
     assert broken["status"] == "failed"
     assert "model.yaml:6: featurez: unknown key" in broken["error"]
-    detail = requests.get(f"{server.url}/api/models/broken").json()
+    detail = api.get(f"{server.url}/api/models/broken").json()
     assert detail["status"] == "failed"
 
 
 def test_model_detail_and_404(plane):
     server, _ = plane
-    detail = requests.get(f"{server.url}/api/models/echo-rt").json()
+    detail = api.get(f"{server.url}/api/models/echo-rt").json()
     assert detail["manifest"]["features"][0]["name"] == "x"
     assert [v["version"] for v in detail["versions"]] == ["1.0.0"]
-    r = requests.get(f"{server.url}/api/models/nope")
+    r = api.get(f"{server.url}/api/models/nope")
     assert r.status_code == 404
     assert r.json() == {"error": "no model named 'nope'"}
 
 
-def test_mutating_calls_need_the_token(plane):
+def test_every_api_route_needs_the_token_reads_included(plane):
     server, runtime = plane
     r = requests.post(f"{server.url}/api/models/echo-rt/rollback", json={"version": "1.0.0"})
     assert r.status_code == 401
@@ -80,9 +80,14 @@ def test_mutating_calls_need_the_token(plane):
     r = requests.delete(f"{server.url}/api/models/echo-rt")
     assert r.status_code == 401
     assert "echo-rt" in runtime.manifests
-    # reads stay open
-    assert requests.get(f"{server.url}/api/models").status_code == 200
-    assert requests.get(f"{server.url}/api/jobs").status_code == 200
+    for path in ("/api/models", "/api/models/echo-rt", "/api/jobs", "/api/events", "/metrics"):
+        assert requests.get(f"{server.url}{path}").status_code == 401, path
+        assert api.get(f"{server.url}{path}").status_code == 200, path
+    # predict too (it also starts replicas); the health check and the API's description stay open
+    r = requests.post(f"{server.url}/models/echo-rt/predict", json={"rows": [{"x": 1}]})
+    assert r.status_code == 401 and runtime.forwarded == []
+    assert requests.get(f"{server.url}/healthz").status_code == 200
+    assert requests.get(f"{server.url}/openapi.json").status_code == 200
 
 
 def test_deploy_tarball_then_rollback_then_delete(plane, tmp_path):
@@ -93,29 +98,29 @@ def test_deploy_tarball_then_rollback_then_delete(plane, tmp_path):
     shutil.copytree(FIXTURES / "echo-rt", folder)
     manifest = folder / "model.yaml"
     manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.1.0"))
-    r = requests.post(f"{server.url}/api/models", data=tar_of(folder, prefix="echo-rt/"),
+    r = api.post(f"{server.url}/api/models", data=tar_of(folder, prefix="echo-rt/"),
                       headers={**AUTH, "Content-Type": "application/gzip"})
     assert r.status_code == 201, r.text
     assert r.json()["version"] == "1.1.0" and r.json()["live"] is True
-    assert requests.get(f"{server.url}/api/models/echo-rt").json()["version"] == "1.1.0"
+    assert api.get(f"{server.url}/api/models/echo-rt").json()["version"] == "1.1.0"
 
-    r = requests.post(f"{server.url}/api/models/echo-rt/rollback", json={"version": "1.0.0"}, headers=AUTH)
+    r = api.post(f"{server.url}/api/models/echo-rt/rollback", json={"version": "1.0.0"}, headers=AUTH)
     assert r.status_code == 200 and r.json()["live"] is True
     assert runtime.live["echo-rt"] == "1.0.0"
-    r = requests.post(f"{server.url}/api/models/echo-rt/rollback", json={"version": "9.9.9"}, headers=AUTH)
+    r = api.post(f"{server.url}/api/models/echo-rt/rollback", json={"version": "9.9.9"}, headers=AUTH)
     assert r.status_code == 404
-    r = requests.post(f"{server.url}/api/models/echo-rt/rollback", json={}, headers=AUTH)
+    r = api.post(f"{server.url}/api/models/echo-rt/rollback", json={}, headers=AUTH)
     assert r.status_code == 400 and "version" in r.json()["error"]
 
-    r = requests.delete(f"{server.url}/api/models/echo-rt", headers=AUTH)
+    r = api.delete(f"{server.url}/api/models/echo-rt", headers=AUTH)
     assert r.status_code == 200
-    assert "echo-rt" not in {m["name"] for m in requests.get(f"{server.url}/api/models").json()}
-    assert requests.delete(f"{server.url}/api/models/echo-rt", headers=AUTH).status_code == 404
+    assert "echo-rt" not in {m["name"] for m in api.get(f"{server.url}/api/models").json()}
+    assert api.delete(f"{server.url}/api/models/echo-rt", headers=AUTH).status_code == 404
 
 
 def test_deploy_bad_manifest_is_422_with_file_line_field(plane):
     server, runtime = plane
-    r = requests.post(f"{server.url}/api/models", data=tar_of(FIXTURES / "broken"),
+    r = api.post(f"{server.url}/api/models", data=tar_of(FIXTURES / "broken"),
                       headers={**AUTH, "Content-Type": "application/gzip"})
     assert r.status_code == 422
     body = r.json()
@@ -129,16 +134,17 @@ def test_deploy_bad_manifest_is_422_with_file_line_field(plane):
 
 def test_deploy_rejects_what_is_not_a_model_archive(plane):
     server, _ = plane
-    r = requests.post(f"{server.url}/api/models", data=b"hello", headers=AUTH)
+    gz = {"Content-Type": "application/gzip"}
+    r = api.post(f"{server.url}/api/models", data=b"hello", headers=gz)
     assert r.status_code == 400 and "gzip tar" in r.json()["error"]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         info = tarfile.TarInfo("../evil.txt")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
-    r = requests.post(f"{server.url}/api/models", data=buf.getvalue(), headers=AUTH)
+    r = api.post(f"{server.url}/api/models", data=buf.getvalue(), headers=gz)
     assert r.status_code == 400 and "inside the folder" in r.json()["error"]
-    r = requests.post(f"{server.url}/api/models", data=tar_of(FIXTURES / "echo-rt", prefix="a/b/"), headers=AUTH)
+    r = api.post(f"{server.url}/api/models", data=tar_of(FIXTURES / "echo-rt", prefix="a/b/"), headers=gz)
     assert r.status_code == 422 and "no model.yaml" in r.json()["error"]
 
 
@@ -148,13 +154,13 @@ def test_deploy_same_version_different_content_conflicts(plane, tmp_path):
 
     folder = Path(shutil.copytree(FIXTURES / "echo-rt", tmp_path / "echo"))
     (folder / "model.yaml").write_text((folder / "model.yaml").read_text().replace("max: 3", "max: 4"))
-    r = requests.post(f"{server.url}/api/models", data=tar_of(folder), headers=AUTH)
+    r = api.post(f"{server.url}/api/models", data=tar_of(folder), headers={"Content-Type": "application/gzip"})
     assert r.status_code == 409 and "different content" in r.json()["error"]
 
 
 def test_predict_and_v2_are_forwarded_unchanged(plane):
     server, runtime = plane
-    r = requests.post(f"{server.url}/models/echo-rt/predict?trace=1", data=b"x\n1\n",
+    r = api.post(f"{server.url}/models/echo-rt/predict?trace=1", data=b"x\n1\n",
                       headers={"Content-Type": "text/csv", "Accept": "application/json"})
     assert r.status_code == 200
     assert r.headers["X-Adapter"] == "fake"
@@ -162,45 +168,47 @@ def test_predict_and_v2_are_forwarded_unchanged(plane):
     assert sent["path"] == "/predict" and sent["body"] == b"x\n1\n" and sent["query"] == "trace=1"
     assert sent["headers"]["content-type"] == "text/csv" and sent["headers"]["accept"] == "application/json"
 
-    r = requests.post(f"{server.url}/models/echo-rt/predict", json={"rows": [{"x": "bad"}]})
+    r = api.post(f"{server.url}/models/echo-rt/predict", json={"rows": [{"x": "bad"}]})
     assert r.status_code == 422
     assert r.json()["problems"] == [{"row": 0, "field": "x", "error": "bad"}]
 
-    r = requests.get(f"{server.url}/models/echo-rt/v2/models/echo-rt")
+    r = api.get(f"{server.url}/models/echo-rt/v2/models/echo-rt")
     assert r.status_code == 200 and r.json()["path"] == "/v2/models/echo-rt" and r.json()["method"] == "GET"
-    r = requests.post(f"{server.url}/models/echo-rt/v2/models/echo-rt/infer", json={"inputs": []})
+    r = api.post(f"{server.url}/models/echo-rt/v2/models/echo-rt/infer", json={"inputs": []})
     assert r.json()["path"] == "/v2/models/echo-rt/infer"
 
-    assert requests.post(f"{server.url}/models/nope/predict", json={"rows": []}).status_code == 404
+    assert api.post(f"{server.url}/models/nope/predict", json={"rows": []}).status_code == 404
     runtime.unavailable = True
-    r = requests.post(f"{server.url}/models/echo-rt/predict", json={"rows": []})
+    r = api.post(f"{server.url}/models/echo-rt/predict", json={"rows": []})
     assert r.status_code == 503 and "starting" in r.json()["error"]
 
 
 def test_jobs_submit_filter_and_get(plane):
     server, _ = plane
-    r = requests.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": "gs://test-bucket/a.csv"}, headers=AUTH)
+    r = api.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": "gs://test-bucket/a.csv"}, headers=AUTH)
     assert r.status_code == 202
     first = r.json()
     assert first["status"] == "queued" and first["trigger"] == "api"
-    requests.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": "gs://test-bucket/b.csv"}, headers=AUTH)
-    r = requests.post(f"{server.url}/api/models/sum-batch/jobs", json={}, headers=AUTH)
+    api.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": "gs://test-bucket/b.csv"}, headers=AUTH)
+    r = api.post(f"{server.url}/api/models/sum-batch/jobs", json={}, headers=AUTH)
     assert r.status_code == 400 and "dataset" in r.json()["error"]
-    r = requests.post(f"{server.url}/api/models/sum-batch/jobs", data="nope", headers=AUTH)
-    assert r.status_code == 400
+    r = api.post(f"{server.url}/api/models/sum-batch/jobs", data="nope", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    r = api.post(f"{server.url}/api/models/sum-batch/jobs", data="nope", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
 
-    assert len(requests.get(f"{server.url}/api/jobs").json()) == 2
-    only_a = requests.get(f"{server.url}/api/jobs", params={"dataset": "gs://test-bucket/a.csv"}).json()
+    assert len(api.get(f"{server.url}/api/jobs").json()) == 2
+    only_a = api.get(f"{server.url}/api/jobs", params={"dataset": "gs://test-bucket/a.csv"}).json()
     assert [j["id"] for j in only_a] == [first["id"]]
-    assert requests.get(f"{server.url}/api/jobs", params={"model": "echo-rt"}).json() == []
-    assert requests.get(f"{server.url}/api/jobs", params={"status": "bogus"}).status_code == 400
-    assert requests.get(f"{server.url}/api/jobs/{first['id']}").json()["dataset"] == "gs://test-bucket/a.csv"
-    assert requests.get(f"{server.url}/api/jobs/job-9999").status_code == 404
+    assert api.get(f"{server.url}/api/jobs", params={"model": "echo-rt"}).json() == []
+    assert api.get(f"{server.url}/api/jobs", params={"status": "bogus"}).status_code == 400
+    assert api.get(f"{server.url}/api/jobs/{first['id']}").json()["dataset"] == "gs://test-bucket/a.csv"
+    assert api.get(f"{server.url}/api/jobs/job-9999").status_code == 404
 
 
 def test_dataset_upload_lands_in_incoming(plane, gcs, gcs_client):
     server, _ = plane
-    r = requests.post(f"{server.url}/api/models/sum-batch/datasets", params={"filename": "d1.csv"},
+    r = api.post(f"{server.url}/api/models/sum-batch/datasets", params={"filename": "d1.csv"},
                       data=b"a,b\n1,2\n", headers={**AUTH, "Content-Type": "text/csv"})
     assert r.status_code == 201, r.text
     body = r.json()
@@ -211,24 +219,27 @@ def test_dataset_upload_lands_in_incoming(plane, gcs, gcs_client):
 
     bad = [({"filename": "../x.csv"}, 400), ({"filename": "x.txt"}, 400), ({}, 400)]
     for params, status in bad:
-        r = requests.post(f"{server.url}/api/models/sum-batch/datasets", params=params, data=b"a,b\n", headers=AUTH)
+        r = api.post(f"{server.url}/api/models/sum-batch/datasets", params=params, data=b"a,b\n",
+                     headers={"Content-Type": "text/csv"})
         assert r.status_code == status, (params, r.text)
-    r = requests.post(f"{server.url}/api/models/echo-rt/datasets", params={"filename": "x.csv"}, data=b"x\n1\n", headers=AUTH)
+    r = api.post(f"{server.url}/api/models/echo-rt/datasets", params={"filename": "x.csv"}, data=b"x\n1\n",
+                 headers={"Content-Type": "text/csv"})
     assert r.status_code == 409 and "realtime" in r.json()["error"]
-    r = requests.post(f"{server.url}/api/models/sum-batch/datasets", params={"filename": "x.csv"}, data=b"a,b\n1,2\n")
+    r = requests.post(f"{server.url}/api/models/sum-batch/datasets", params={"filename": "x.csv"}, data=b"a,b\n1,2\n",
+                      headers={"Content-Type": "text/csv"})
     assert r.status_code == 401
 
 
 def test_job_results_download(plane, gcs, gcs_client):
     server, runtime = plane
-    job = requests.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": "gs://test-bucket/x.csv"},
+    job = api.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": "gs://test-bucket/x.csv"},
                         headers=AUTH).json()
-    r = requests.get(f"{server.url}/api/jobs/{job['id']}/results")
+    r = api.get(f"{server.url}/api/jobs/{job['id']}/results")
     assert r.status_code == 409 and "queued" in r.json()["error"]
     prefix = f"results/sum-batch/{job['id']}"
     gcs_client.bucket("test-bucket").blob(f"{prefix}/scores.csv").upload_from_string("total\n3.0\n")
     runtime.finish(job["id"], results_uri=f"gs://test-bucket/{prefix}/", rows=1)
-    r = requests.get(f"{server.url}/api/jobs/{job['id']}/results")
+    r = api.get(f"{server.url}/api/jobs/{job['id']}/results")
     assert r.status_code == 200
     assert r.text == "total\n3.0\n"
     assert r.headers["Content-Type"].startswith("text/csv")
@@ -242,18 +253,22 @@ def test_unexpected_exception_is_500_json(plane, monkeypatch, caplog):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(runtime, "jobs", boom)
-    r = requests.get(f"{server.url}/api/jobs")
+    r = api.get(f"{server.url}/api/jobs")
     assert r.status_code == 500
-    assert "ZeroDivisionError" in r.json()["error"]
-    assert any("GET /api/jobs failed" in rec.getMessage() for rec in caplog.records)
+    body = r.json()
+    # the answer names a request id, never the exception or a server path; the log has both
+    assert "ZeroDivisionError" not in body["error"] and "division" not in body["error"]
+    assert body["request_id"] == r.headers["X-Request-Id"] and body["request_id"] in body["error"]
+    failed = [rec for rec in caplog.records if "GET /api/jobs failed" in rec.getMessage()]
+    assert failed and body["request_id"] in failed[0].getMessage() and failed[0].exc_info[0] is ZeroDivisionError
 
 
 def test_metrics_count_requests_jobs_events_models(plane):
     server, _ = plane
-    requests.post(f"{server.url}/models/echo-rt/predict", json={"rows": [{"x": 1}]})
-    requests.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": "gs://test-bucket/a.csv"}, headers=AUTH)
-    requests.post(f"{server.url}/events", data=b"nope", headers={"Content-Type": "text/plain"})
-    text = requests.get(f"{server.url}/metrics").text
+    api.post(f"{server.url}/models/echo-rt/predict", json={"rows": [{"x": 1}]})
+    api.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": "gs://test-bucket/a.csv"}, headers=AUTH)
+    api.post(f"{server.url}/events", data=b"nope", headers={"Content-Type": "application/cloudevents+json"})
+    text = api.get(f"{server.url}/metrics").text
     assert 'modelplane_api_requests_total{route="/models/<name>/predict",method="POST",status="200"} 1' in text
     assert 'modelplane_jobs{status="queued"} 1' in text
     assert 'modelplane_events_total{action="rejected"} 1' in text
@@ -262,16 +277,15 @@ def test_metrics_count_requests_jobs_events_models(plane):
     assert "modelplane_models_failed 1" in text
 
 
-def test_events_need_the_token_unless_from_loopback(tmp_path):
-    """Loopback callers (the embedded watcher) may post events without the token."""
+def test_events_need_the_token_even_from_loopback(tmp_path):
+    """Any local user (or a page in a local browser) could post events: the watcher sends the token."""
     settings = settings_for(tmp_path, token=TOKEN)
     with running(settings, runtime=FakeRuntime()) as server:
-        r = requests.post(f"{server.url}/events", data=b"{}", headers={"Content-Type": "application/cloudevents+json"})
-        assert r.status_code == 400  # judged as an event, not refused for the token
-    from control.app import _is_loopback
-
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1")
-    assert not _is_loopback("10.1.2.3") and not _is_loopback(None)
+        headers = {"Content-Type": "application/cloudevents+json"}
+        r = requests.post(f"{server.url}/events", data=b"{}", headers=headers)
+        assert r.status_code == 401
+        r = api.post(f"{server.url}/events", data=b"{}", headers=headers)
+        assert r.status_code == 400  # judged as an event once the token is there
 
 
 def test_server_stops_and_releases_its_port(tmp_path):
@@ -280,5 +294,5 @@ def test_server_stops_and_releases_its_port(tmp_path):
     with running(settings, runtime=runtime) as server:
         url = server.url
     with pytest.raises(requests.ConnectionError):
-        requests.get(f"{url}/healthz", timeout=2)
+        api.get(f"{url}/healthz", timeout=2)
     assert runtime.closed is False  # a runtime passed in belongs to the caller

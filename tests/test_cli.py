@@ -58,7 +58,7 @@ def test_ls_shows_every_model_and_the_failed_one(plane, capsys):
 
 def test_global_flags_work_before_and_after_the_command(plane, capsys):
     server, _ = plane
-    assert main(["--url", server.url, "ls"]) == 0
+    assert main(["--url", server.url, "--token", TOKEN, "ls"]) == 0
     assert "echo-rt" in capsys.readouterr().out
 
 
@@ -98,11 +98,34 @@ def test_deploy_invalid_manifest_lists_problems(plane, capsys):
     assert "Traceback" not in err
 
 
-def test_mutating_without_token_fails_in_one_line(plane, capsys):
+def test_without_token_fails_in_one_line(plane, capsys):
     server, _ = plane
-    assert cli(server, "rollback", "echo-rt", "1.0.0", token=None) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "(401)" in err
+    for args in (("rollback", "echo-rt", "1.0.0"), ("ls",)):
+        assert cli(server, *args, token=None) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "(401)" in err
+
+
+def test_the_cli_reads_the_token_a_local_service_stored(tmp_path, monkeypatch, capsys):
+    """No MODELPLANE_TOKEN anywhere: the service makes one in its state dir (0600), the CLI on
+    the same machine reads it from there, and never sends it to a service elsewhere."""
+    from control.auth import token_path
+    from control.cli import client_for, build_parser
+
+    for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN", "MODELPLANE_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    settings = settings_for(tmp_path, token=None)
+    copy_fixture("echo-rt", settings.models_dir)
+    with running(settings, runtime=FakeRuntime()) as server:
+        path = token_path(settings.state_dir)
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert main(["ls", "--url", server.url, "--state-dir", str(settings.state_dir)]) == 0
+        assert "echo-rt" in capsys.readouterr().out
+        assert main(["ls", "--url", server.url, "--state-dir", str(tmp_path / "elsewhere")]) == 1
+        assert "(401)" in capsys.readouterr().err
+    args = build_parser().parse_args(["ls", "--url", "http://models.example.com:8080",
+                                      "--state-dir", str(settings.state_dir)])
+    assert "Authorization" not in client_for(args).session.headers
 
 
 def test_predict_csv_json_and_stdin(plane, capsys, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ import requests
 
 from control.emulator import free_port
 from control.events import finalized_event, to_binary_http
-from control_helpers import running, settings_for, wait_until
+from control_helpers import api, running, settings_for, wait_until
 
 pytest.importorskip("control.runtime.local")
 
@@ -76,21 +76,21 @@ def plane_settings(tmp_path, gcs):
 def test_first_request_at_zero_then_a_burst_of_50_all_succeed(plane_settings):
     rows = sample_rows(REALTIME)
     with running(plane_settings) as server:
-        model = requests.get(f"{server.url}/api/models/{REALTIME}").json()
+        model = api.get(f"{server.url}/api/models/{REALTIME}").json()
         assert model["status"] == "idle" and model["replicas"] == 0
 
-        r = requests.post(f"{server.url}/models/{REALTIME}/predict", json={"rows": rows[:3]}, timeout=60)
+        r = api.post(f"{server.url}/models/{REALTIME}/predict", json={"rows": rows[:3]}, timeout=60)
         assert r.status_code == 200, r.text
         scores = r.json()["scores"]
         assert len(scores) == 3 and all(0.0 <= s <= 1.0 for s in scores)
         assert r.json()["model"] == REALTIME
 
         # back to zero before the burst: held requests must all be answered
-        wait_until(lambda: requests.get(f"{server.url}/api/models/{REALTIME}").json()["replicas"] == 0, 30,
+        wait_until(lambda: api.get(f"{server.url}/api/models/{REALTIME}").json()["replicas"] == 0, 30,
                    what="the model back at zero replicas")
 
         def one(i: int):
-            return requests.post(f"{server.url}/models/{REALTIME}/predict", json={"rows": [rows[i % len(rows)]]},
+            return api.post(f"{server.url}/models/{REALTIME}/predict", json={"rows": [rows[i % len(rows)]]},
                                  timeout=120)
 
         with ThreadPoolExecutor(50) as pool:
@@ -99,7 +99,7 @@ def test_first_request_at_zero_then_a_burst_of_50_all_succeed(plane_settings):
         assert all(len(a.json()["scores"]) == 1 for a in answers)
 
         # the open inference protocol is routed too
-        v2 = requests.get(f"{server.url}/models/{REALTIME}/v2/models/{REALTIME}", timeout=30)
+        v2 = api.get(f"{server.url}/models/{REALTIME}/v2/models/{REALTIME}", timeout=30)
         assert v2.status_code == 200 and v2.json()["name"] == REALTIME
 
 
@@ -118,7 +118,7 @@ def test_upload_runs_a_job_with_results_in_the_bucket_and_a_resent_event_is_one_
         dataset = f"gs://test-bucket/{name}"
 
         def finished():
-            jobs = requests.get(f"{server.url}/api/jobs", params={"dataset": dataset}).json()
+            jobs = api.get(f"{server.url}/api/jobs", params={"dataset": dataset}).json()
             return jobs if jobs and jobs[0]["status"] in ("succeeded", "failed") else None
 
         jobs = wait_until(finished, 120, interval=0.2, what="the job the upload started")
@@ -134,21 +134,21 @@ def test_upload_runs_a_job_with_results_in_the_bucket_and_a_resent_event_is_one_
         result = json.loads(gcs_client.bucket("test-bucket").blob(prefix + "result.json").download_as_bytes())
         assert result["rows"] == expected_rows and result["input"]["uri"] == dataset
 
-        downloaded = requests.get(f"{server.url}/api/jobs/{job['id']}/results")
+        downloaded = api.get(f"{server.url}/api/jobs/{job['id']}/results")
         assert downloaded.status_code == 200 and downloaded.text == scores
 
         # the same event, delivered twice more (binary and structured): still one job
         resource = next(b for b in gcs_client.list_blobs("test-bucket", prefix=name))._properties
         assert str(resource["generation"]) == str(generation)
         headers, body = to_binary_http(finalized_event(resource))
-        again = requests.post(f"{server.url}/events", data=body, headers=headers)
+        again = api.post(f"{server.url}/events", data=body, headers=headers)
         assert again.status_code == 200 and again.json()["action"] == "duplicate"
         event = finalized_event(resource)
         structured = {**{k: v for k, v in event.get_attributes().items() if k != "time"}, "data": event.get_data()}
-        again = requests.post(f"{server.url}/events", data=json.dumps(structured),
+        again = api.post(f"{server.url}/events", data=json.dumps(structured),
                               headers={"Content-Type": "application/cloudevents+json"})
         assert again.json()["action"] == "duplicate" and again.json()["job"] == job["id"]
-        assert len(requests.get(f"{server.url}/api/jobs", params={"dataset": dataset}).json()) == 1
+        assert len(api.get(f"{server.url}/api/jobs", params={"dataset": dataset}).json()) == 1
 
 
 def test_restart_keeps_versions_and_job_history(plane_settings, gcs_client, tmp_path):
@@ -161,24 +161,24 @@ def test_restart_keeps_versions_and_job_history(plane_settings, gcs_client, tmp_
     from control.cli import _tar_folder
 
     with running(plane_settings) as server:
-        r = requests.post(f"{server.url}/api/models", data=_tar_folder(v2), headers={"Content-Type": "application/gzip"})
+        r = api.post(f"{server.url}/api/models", data=_tar_folder(v2), headers={"Content-Type": "application/gzip"})
         assert r.status_code == 201, r.text
-        r = requests.post(f"{server.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"})
+        r = api.post(f"{server.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"})
         assert r.status_code == 200
-        job = requests.post(f"{server.url}/api/models/{BATCH}/jobs", json={"dataset": dataset}).json()
-        wait_until(lambda: requests.get(f"{server.url}/api/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"),
+        job = api.post(f"{server.url}/api/models/{BATCH}/jobs", json={"dataset": dataset}).json()
+        wait_until(lambda: api.get(f"{server.url}/api/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"),
                    120, interval=0.2, what="the job to finish")
-        before = requests.get(f"{server.url}/api/jobs/{job['id']}").json()
+        before = api.get(f"{server.url}/api/jobs/{job['id']}").json()
     assert before["status"] == "succeeded", before
 
     with running(plane_settings) as server:
-        model = requests.get(f"{server.url}/api/models/{REALTIME}").json()
+        model = api.get(f"{server.url}/api/models/{REALTIME}").json()
         versions = {v["version"]: v["live"] for v in model["versions"]}
         assert versions == {"1.0.0": True, "9.0.0": False}  # the rollback survived the restart
-        after = requests.get(f"{server.url}/api/jobs/{job['id']}").json()
+        after = api.get(f"{server.url}/api/jobs/{job['id']}").json()
         assert after["status"] == "succeeded" and after["rows"] == before["rows"]
         assert after["results_uri"] == before["results_uri"]
-        assert job["id"] in [j["id"] for j in requests.get(f"{server.url}/api/jobs").json()]
+        assert job["id"] in [j["id"] for j in api.get(f"{server.url}/api/jobs").json()]
 
 
 # -- `modelplane up` as a subprocess ------------------------------------------------------------------
@@ -254,7 +254,7 @@ def test_up_prints_urls_serves_a_predict_and_sigterm_leaves_no_orphans(tmp_path)
             assert f"console  http://127.0.0.1:{console_port}" in output
 
         url = f"http://127.0.0.1:{port}"
-        r = requests.post(f"{url}/models/{REALTIME}/predict", json={"rows": sample_rows(REALTIME)[:2]}, timeout=60)
+        r = api.post(f"{url}/models/{REALTIME}/predict", json={"rows": sample_rows(REALTIME)[:2]}, timeout=60)
         assert r.status_code == 200, r.text
         assert len(r.json()["scores"]) == 2
 
@@ -310,7 +310,7 @@ def test_r_models_score_at_zero_and_on_upload(tmp_path, gcs, gcs_client):
         shutil.copytree(MODELS / name, settings.models_dir / name)
     with running(settings, watch=True) as server:
         rows = sample_rows(R_REALTIME)
-        r = requests.post(f"{server.url}/models/{R_REALTIME}/predict", json={"rows": rows}, timeout=120)
+        r = api.post(f"{server.url}/models/{R_REALTIME}/predict", json={"rows": rows}, timeout=120)
         assert r.status_code == 200, r.text
         assert len(r.json()["scores"]) == len(rows)
 
@@ -318,9 +318,9 @@ def test_r_models_score_at_zero_and_on_upload(tmp_path, gcs, gcs_client):
         gcs_client.bucket("test-bucket").blob(name).upload_from_string((MODELS / R_BATCH / "sample.csv").read_bytes())
 
         def finished():
-            jobs = requests.get(f"{server.url}/api/jobs", params={"dataset": f"gs://test-bucket/{name}"}).json()
+            jobs = api.get(f"{server.url}/api/jobs", params={"dataset": f"gs://test-bucket/{name}"}).json()
             return jobs if jobs and jobs[0]["status"] in ("succeeded", "failed") else None
 
         job = wait_until(finished, 120, interval=0.3, what="the R batch job")[0]
         assert job["status"] == "succeeded", job
-        assert requests.get(f"{server.url}/api/jobs/{job['id']}/results").status_code == 200
+        assert api.get(f"{server.url}/api/jobs/{job['id']}/results").status_code == 200

@@ -11,7 +11,7 @@ import requests
 from control.events import FINALIZED, finalized_event, parse, to_binary_http
 from control.errors import BadRequest
 from control_fake_runtime import FakeRuntime
-from control_helpers import copy_fixture, running, settings_for
+from control_helpers import api, copy_fixture, running, settings_for
 from kube import events_dir
 
 SAMPLES = events_dir()
@@ -38,7 +38,7 @@ def plane(tmp_path):
 
 def post_binary(url: str, resource: dict) -> requests.Response:
     headers, body = to_binary_http(finalized_event(resource))
-    return requests.post(f"{url}/events", data=body, headers=headers)
+    return api.post(f"{url}/events", data=body, headers=headers)
 
 
 def test_builder_matches_googles_event():
@@ -92,12 +92,12 @@ def test_structured_event_from_googles_sample(plane):
     event["source"] = "//storage.googleapis.com/projects/_/buckets/test-bucket"
     event["subject"] = "objects/incoming/sum-batch/MyFile.csv"
     event["data"].update(bucket="test-bucket", name="incoming/sum-batch/MyFile.csv")  # generation stays an int
-    r = requests.post(f"{server.url}/events", data=json.dumps(event),
+    r = api.post(f"{server.url}/events", data=json.dumps(event),
                       headers={"Content-Type": "application/cloudevents+json"})
     assert r.status_code == 202, r.text
     assert r.json()["key"] == "test-bucket/incoming/sum-batch/MyFile.csv#96883251"
     assert len(runtime.jobs()) == 1
-    r = requests.post(f"{server.url}/events", data=json.dumps(event),
+    r = api.post(f"{server.url}/events", data=json.dumps(event),
                       headers={"Content-Type": "application/cloudevents+json; charset=utf-8"})
     assert r.json()["action"] == "duplicate"
 
@@ -113,11 +113,11 @@ def test_structured_event_from_googles_sample(plane):
 ])
 def test_what_is_not_a_cloudevent_is_400_saying_what_is_missing(plane, headers, body, needle):
     server, runtime = plane
-    r = requests.post(f"{server.url}/events", data=body, headers=headers)
+    r = api.post(f"{server.url}/events", data=body, headers=headers)
     assert r.status_code == 400
     assert needle in r.json()["error"]
     assert runtime.jobs() == []
-    rejected = requests.get(f"{server.url}/api/events", params={"action": "rejected"}).json()
+    rejected = api.get(f"{server.url}/api/events", params={"action": "rejected"}).json()
     assert needle in rejected[0]["reason"]
 
 
@@ -146,14 +146,14 @@ def test_ignored_events_answer_200_with_the_reason(plane, resource, event_type, 
     event = finalized_event(resource)
     event.get_attributes()["type"] = event_type
     headers, body = to_binary_http(event)
-    r = requests.post(f"{server.url}/events", data=body, headers=headers)
+    r = api.post(f"{server.url}/events", data=body, headers=headers)
     assert r.status_code == 200
     assert r.json()["action"] == "ignored" and reason in r.json()["reason"]
     assert runtime.jobs() == []
-    logged = requests.get(f"{server.url}/api/events").json()
+    logged = api.get(f"{server.url}/api/events").json()
     assert logged[0]["action"] == "ignored" and reason in logged[0]["reason"]
     assert logged[0]["id"] == event.get_id()
-    assert 'modelplane_events_total{action="ignored"} 1' in requests.get(f"{server.url}/metrics").text
+    assert 'modelplane_events_total{action="ignored"} 1' in api.get(f"{server.url}/metrics").text
 
 
 def test_event_log_is_newest_first_and_filterable(plane):
@@ -161,9 +161,9 @@ def test_event_log_is_newest_first_and_filterable(plane):
     post_binary(server.url, obj("incoming/sum-batch/one.csv"))
     post_binary(server.url, obj("incoming/nosuch/two.csv"))
     post_binary(server.url, obj("incoming/sum-batch/one.csv"))
-    logged = requests.get(f"{server.url}/api/events").json()
+    logged = api.get(f"{server.url}/api/events").json()
     assert [e["action"] for e in logged] == ["duplicate", "ignored", "started"]
     key = "test-bucket/incoming/sum-batch/one.csv#1700000000000001"
-    assert [e["action"] for e in requests.get(f"{server.url}/api/events", params={"key": key}).json()] == \
+    assert [e["action"] for e in api.get(f"{server.url}/api/events", params={"key": key}).json()] == \
         ["duplicate", "started"]
-    assert len(requests.get(f"{server.url}/api/events", params={"limit": 1}).json()) == 1
+    assert len(api.get(f"{server.url}/api/events", params={"limit": 1}).json()) == 1
