@@ -1,0 +1,242 @@
+"""The control service attacked as a caller would: no token, a rebinding page, a cross-site
+form, a path to the server's own files, oversized bodies, paths that try to re-target."""
+from __future__ import annotations
+
+import http.client
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import requests
+
+from control.auth import TokenError
+from control.server import ControlServer
+from control_fake_runtime import FakeRuntime
+from control_helpers import AUTH, FIXTURES, TOKEN, api, copy_fixture, running, settings_for
+
+
+@pytest.fixture
+def plane(tmp_path):
+    settings = settings_for(tmp_path, max_model_upload=64 * 1024)
+    copy_fixture("echo-rt", settings.models_dir)
+    copy_fixture("sum-batch", settings.models_dir)
+    runtime = FakeRuntime()
+    with running(settings, runtime=runtime) as server:
+        yield server, runtime
+
+
+def tar_gz(folder: Path, prefix: str = "") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(path, arcname=prefix + str(path.relative_to(folder)), recursive=False)
+    return buf.getvalue()
+
+
+# -- who may start a service, with which token ------------------------------------------------------
+
+def test_a_service_beyond_loopback_will_not_start_without_a_token(tmp_path):
+    settings = settings_for(tmp_path, host="0.0.0.0", token=None)
+    with pytest.raises(TokenError, match="refusing to listen on 0.0.0.0 without a token"):
+        ControlServer(settings, runtime=FakeRuntime()).start()
+    # an empty token is no token: it never turns authentication off
+    settings = settings_for(tmp_path, host="0.0.0.0", token="   ")
+    with pytest.raises(TokenError):
+        ControlServer(settings, runtime=FakeRuntime()).start()
+
+
+def test_on_loopback_a_token_is_made_and_enforced(tmp_path):
+    settings = settings_for(tmp_path, token="")
+    with running(settings, runtime=FakeRuntime()) as server:
+        made = (Path(settings.state_dir) / "token")
+        assert made.stat().st_mode & 0o777 == 0o600
+        token = made.read_text().strip()
+        assert len(token) >= 32
+        assert requests.get(f"{server.url}/api/models").status_code == 401
+        r = requests.get(f"{server.url}/api/models", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200
+        assert server.plane.token_created is True
+    with running(settings, runtime=FakeRuntime()) as server:  # a restart keeps the token
+        assert server.plane.token == token and server.plane.token_created is False
+
+
+# -- browser attacks ------------------------------------------------------------------------------
+
+def test_dns_rebinding_is_refused_by_the_host_check(plane):
+    server, runtime = plane
+    port = server.port
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.io"):
+        r = api.get(f"{server.url}/api/models", headers={"Host": host})
+        assert r.status_code == 403 and "Host" in r.json()["error"], host
+        r = api.post(f"{server.url}/models/echo-rt/predict", json={"rows": [{"x": 1}]}, headers={"Host": host})
+        assert r.status_code == 403, host
+    assert runtime.forwarded == []
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"10.1.2.3:{port}"):
+        assert api.get(f"{server.url}/api/models", headers={"Host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_names_the_service_behind_a_proxy(tmp_path):
+    settings = settings_for(tmp_path, allowed_hosts="models.example.com,.svc.cluster.local")
+    with running(settings, runtime=FakeRuntime()) as server:
+        ok = ("models.example.com", "modelplane-control.modelplane.svc.cluster.local:8080")
+        for host in ok:
+            assert api.get(f"{server.url}/api/models", headers={"Host": host}).status_code == 200, host
+        assert api.get(f"{server.url}/api/models", headers={"Host": "evil.example.com"}).status_code == 403
+
+
+def test_a_cross_site_form_post_deploys_nothing(plane):
+    """What a page on another site can send: a simple form post (text/plain, no token), or the
+    same with a stolen-looking token and its Origin. None of it deploys."""
+    server, runtime = plane
+    archive = tar_gz(FIXTURES / "echo-rt")
+    form = {"Content-Type": "text/plain", "Origin": "http://attacker.example"}
+    r = requests.post(f"{server.url}/api/models", data=archive, headers=form)
+    assert r.status_code == 401
+    r = requests.post(f"{server.url}/api/models", data=archive, headers={**form, **AUTH})
+    assert r.status_code == 403 and "cross-site" in r.json()["error"]
+    r = requests.post(f"{server.url}/api/models", data=archive, headers={**AUTH, "Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/gzip" in r.json()["error"]
+    r = requests.post(f"{server.url}/api/models", data=archive,
+                      headers={**AUTH, "Content-Type": "application/gzip", "Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 403
+    r = requests.post(f"{server.url}/api/models/echo-rt/rollback", data='{"version": "1.0.0"}',
+                      headers={**AUTH, "Content-Type": "text/plain"})
+    assert r.status_code == 415
+    assert list(runtime.manifests["echo-rt"]) == ["1.0.0"]
+    # the console's own origin, and a call with no Origin (the CLI), are fine
+    r = requests.post(f"{server.url}/api/models/echo-rt/rollback", json={"version": "1.0.0"},
+                      headers={**AUTH, "Origin": "http://127.0.0.1:8501"})
+    assert r.status_code == 200
+
+
+# -- the server's own files ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dataset", ["/etc/passwd", "~/.bashrc", "file:///etc/passwd", "../../etc/passwd",
+                                     "gs://test-bucket", "http://169.254.169.254/latest/meta-data"])
+def test_a_dataset_is_never_a_path_on_the_server(plane, dataset):
+    server, runtime = plane
+    r = api.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": dataset})
+    assert r.status_code == 400 and "dataset" in r.json()["error"]
+    assert "root:" not in r.text
+    assert runtime.jobs() == []
+
+
+def test_a_dataset_in_another_bucket_needs_the_operator(plane, tmp_path):
+    server, runtime = plane
+    r = api.post(f"{server.url}/api/models/sum-batch/jobs", json={"dataset": "gs://someone-else/x.csv"})
+    assert r.status_code == 403 and "MODELPLANE_DATASET_BUCKETS" in r.json()["error"]
+    (tmp_path / "b").mkdir()
+    settings = settings_for(tmp_path / "b", dataset_buckets="shared-data")
+    copy_fixture("sum-batch", settings.models_dir)
+    with running(settings, runtime=FakeRuntime()) as other:
+        r = api.post(f"{other.url}/api/models/sum-batch/jobs", json={"dataset": "gs://shared-data/x.csv"})
+        assert r.status_code == 202
+
+
+# -- sizes ---------------------------------------------------------------------------------------
+
+def test_bodies_over_their_cap_are_refused_before_they_are_read(plane):
+    server, runtime = plane
+    gz = {"Content-Type": "application/gzip"}
+    r = api.post(f"{server.url}/api/models", data=b"\0" * (64 * 1024 + 1), headers=gz)
+    assert r.status_code == 413 and "65536" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the cap holds while streaming
+        for _ in range(100):
+            yield b"\0" * 4096
+
+    r = api.post(f"{server.url}/api/models", data=chunks(), headers=gz)
+    assert r.status_code == 413
+    r = api.post(f"{server.url}/events", data=b"{" + b" " * (2 * 2**20) + b"}",
+                 headers={"Content-Type": "application/cloudevents+json"})
+    assert r.status_code == 413
+    r = api.post(f"{server.url}/api/models/sum-batch/jobs", data=b'{"dataset": "' + b"a" * 100_000 + b'"}',
+                 headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_a_predict_body_over_the_models_limit_never_reaches_it(tmp_path):
+    settings = settings_for(tmp_path)
+    folder = copy_fixture("echo-rt", settings.models_dir)
+    (folder / "model.yaml").write_text((folder / "model.yaml").read_text() + "limits: {max_body: 1Ki}\n")
+    runtime = FakeRuntime()
+    with running(settings, runtime=runtime) as server:
+        r = api.post(f"{server.url}/models/echo-rt/predict", data=b"x\n" + b"1\n" * 1000,
+                     headers={"Content-Type": "text/csv"})
+        assert r.status_code == 413
+        assert runtime.forwarded == []
+        r = api.post(f"{server.url}/models/echo-rt/predict", data=b"x\n1\n", headers={"Content-Type": "text/csv"})
+        assert r.status_code == 200
+
+
+# -- predict: token unless opened ------------------------------------------------------------------
+
+def test_predict_needs_the_token_unless_opened(tmp_path):
+    settings = settings_for(tmp_path)
+    copy_fixture("echo-rt", settings.models_dir)
+    public = Path(shutil.copytree(FIXTURES / "echo-rt", settings.models_dir / "open-rt"))
+    (public / "model.yaml").write_text((public / "model.yaml").read_text().replace("name: echo-rt", "name: open-rt")
+                                       + "visibility: public\n")
+    runtime = FakeRuntime()
+    rows = {"rows": [{"x": 1}]}
+    with running(settings, runtime=runtime) as server:
+        assert requests.post(f"{server.url}/models/echo-rt/predict", json=rows).status_code == 401
+        assert requests.get(f"{server.url}/models/echo-rt/v2/models/echo-rt").status_code == 401
+        assert requests.post(f"{server.url}/models/open-rt/predict", json=rows).status_code == 200
+        assert requests.post(f"{server.url}/models/nope/predict", json=rows).status_code == 401  # no probing
+        assert requests.get(f"{server.url}/api/models/open-rt").status_code == 401  # the API stays closed
+    with running(settings.model_copy(update={"open_predict": True}), runtime=FakeRuntime()) as server:
+        assert requests.post(f"{server.url}/models/echo-rt/predict", json=rows).status_code == 200
+        assert requests.get(f"{server.url}/api/models").status_code == 401
+
+
+# -- routing --------------------------------------------------------------------------------------
+
+def test_paths_are_forwarded_as_sent_never_decoded_and_retargeted(plane):
+    server, runtime = plane
+    r = api.get(f"{server.url}/models/echo-rt/v2/models/echo-rt%3Fx/versions/1.0.0/ready")
+    assert r.status_code == 200
+    assert runtime.forwarded[-1]["path"] == "/v2/models/echo-rt%3Fx/versions/1.0.0/ready"
+    assert runtime.forwarded[-1]["query"] == ""
+    # sent as is (requests would normalize the escape away)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("POST", "/models/echo%2Drt/predict", body=b'{"rows": [{"x": 1}]}',
+                 headers={**AUTH, "Content-Type": "application/json"})
+    assert conn.getresponse().status == 404
+    conn.close()
+    r = api.get(f"{server.url}/models/echo-rt/v2")
+    assert r.status_code == 200 and runtime.forwarded[-1]["path"] == "/v2"
+    r = api.delete(f"{server.url}/models/echo-rt/predict")
+    assert r.status_code == 405 and r.json()["error"].startswith("Method Not Allowed")
+    assert "POST" in r.headers["Allow"]
+
+
+def test_every_answer_names_its_request_id(plane):
+    server, _ = plane
+    r = api.get(f"{server.url}/api/models/nope")
+    assert r.status_code == 404 and len(r.headers["X-Request-Id"]) >= 8
+    r = api.get(f"{server.url}/api/models", headers={"X-Request-Id": "trace-42"})
+    assert r.headers["X-Request-Id"] == "trace-42"
+    r = api.get(f"{server.url}/api/models", headers={"X-Request-Id": "bad id\u00e9"})
+    assert r.headers["X-Request-Id"] != "bad id\u00e9"
+
+
+def test_the_openapi_document_describes_every_route(plane):
+    server, _ = plane
+    doc = requests.get(f"{server.url}/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
+    import re
+
+    served = set()
+    for rule in server.app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:[a-z]+:)?([A-Za-z_]+)>", r"{\1}", rule.rule)
+        served |= {(path, m) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    assert served == documented
+    job = doc["paths"]["/api/models/{name}/jobs"]["post"]
+    assert job["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/JobRequest"
+    assert doc["components"]["schemas"]["JobRequest"]["properties"]["dataset"]["pattern"].startswith("^gs://")
