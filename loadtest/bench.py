@@ -199,14 +199,16 @@ class Bench:
                 urls = {"model alone": f"{model.url}/predict",
                         "adapter": f"http://127.0.0.1:{adapter_port}/predict",
                         "control route + adapter": f"{self.plane.url}/models/{m.name}/predict"}
-                status, answer = measure.post_json(urls["control route + adapter"], {"rows": [row]})
+                status, answer = measure.post_json(urls["control route + adapter"], {"rows": [row]},
+                                                   headers=self.plane.auth)
                 if status != 200:
                     raise RuntimeError(f"control route answered {status}: {answer}")
                 for _ in range(self.cfg.latency_rounds):
                     for c in CONCURRENCY:
                         # interleaved per round so machine noise lands on every path alike
                         for label, url in urls.items():
-                            lat = measure.closed_loop(url, body, concurrency=c,
+                            # every path gets the token header: the same bytes on each, the control route checks it
+                            lat = measure.closed_loop(url, body, concurrency=c, headers=self.plane.auth,
                                                       requests=self.cfg.latency_requests[c] // self.cfg.latency_rounds)
                             prev = by_path[label].get(c)
                             if prev is None:
@@ -265,7 +267,8 @@ class Bench:
             for _ in range(self.cfg.cold_samples):
                 idle_waits.append(self.plane.wait_status(name, "idle", timeout=90))
                 t0 = time.perf_counter()
-                status, answer = measure.post_json(f"{self.plane.url}/models/{name}/predict", {"rows": [row]})
+                status, answer = measure.post_json(f"{self.plane.url}/models/{name}/predict", {"rows": [row]},
+                                                   headers=self.plane.auth)
                 dt = time.perf_counter() - t0
                 statuses.append(status)
                 if status != 200 or len(answer.get("scores") or []) != 1:
@@ -300,7 +303,7 @@ class Bench:
             barrier.wait()
             t0 = time.perf_counter()
             try:
-                status, answer = measure.post_json(url, {"rows": [row]}, timeout=120)
+                status, answer = measure.post_json(url, {"rows": [row]}, timeout=120, headers=self.plane.auth)
                 ok = status == 200 and len(answer.get("scores") or []) == 1
             except OSError as e:
                 status, ok = repr(e), False
@@ -458,6 +461,7 @@ class Bench:
 
         times = []
         with requests.Session() as s:
+            s.headers.update(plane.auth)
             s.get(f"{plane.url}/api/models", timeout=120).raise_for_status()  # warm caches and the connection
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -479,12 +483,14 @@ class Bench:
         runs = {}
         out = Path(self.cfg.out) / "locust"
         runs["steady"] = run_scenario("steady", host=self.plane.url, out_dir=out, users=16, spawn_rate=16,
-                                      duration="20s", env={"LOADTEST_MODELS": realtime})
+                                      duration="20s", env={"LOADTEST_MODELS": realtime, "MODELPLANE_TOKEN": self.plane.token})
         runs["mix"] = run_scenario("mix", host=self.plane.url, out_dir=out, users=9, spawn_rate=9, duration="30s",
                                    env={"LOADTEST_MODELS": realtime, "LOADTEST_BATCH_MODEL": batch.name,
-                                        "LOADTEST_BATCH_ROWS": "20000"} if batch else {"LOADTEST_MODELS": realtime})
+                                        "LOADTEST_BATCH_ROWS": "20000", "MODELPLANE_TOKEN": self.plane.token}
+                                   if batch else {"LOADTEST_MODELS": realtime, "MODELPLANE_TOKEN": self.plane.token})
         runs["burst"] = run_scenario("burst", host=self.plane.url, out_dir=out, users=48, spawn_rate=48,
-                                     duration="10s", env={"LOADTEST_MODELS": self.cold_names["python"]})
+                                     duration="10s", env={"LOADTEST_MODELS": self.cold_names["python"],
+                                                          "MODELPLANE_TOKEN": self.plane.token})
         self.details["locust"] = {k: v.to_json() for k, v in runs.items()}
         steady = runs["steady"]
         for key, res in runs.items():

@@ -16,7 +16,7 @@ the CSV.) Configured by environment variables:
   or credentials, and `MODELPLANE_BUCKET`).
 - `LOADTEST_IDLE_WAIT` (90 s): how long BurstUser waits for its models to reach zero first.
 - `LOADTEST_WAIT` (0.05 s): pause between one user's requests.
-- `MODELPLANE_TOKEN`: sent as a bearer token on uploads.
+- `MODELPLANE_TOKEN`: sent as a bearer token on every call (the control service needs it).
 
 Every response is checked (200, one finite score per row; job `succeeded`): anything else
 counts as a failure in locust's stats. A batch job shows as request type `JOB`.
@@ -86,6 +86,7 @@ def make_csv(features: list[dict], rows: int, rng: random.Random) -> bytes:
 def _discover(host: str) -> None:
     """Fill REALTIME/BATCH from the control API (features from each model's manifest)."""
     s = requests.Session()
+    s.headers.update(_auth())
     listed = _items(s.get(f"{host}/api/models", timeout=30).json(), "models")
     wanted = set(_env_list("LOADTEST_MODELS"))
     batch_wanted = os.environ.get("LOADTEST_BATCH_MODEL")
@@ -110,7 +111,7 @@ def _wait_idle(host: str, names: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     status = {}
     while time.monotonic() < deadline:
-        listed = _items(requests.get(f"{host}/api/models", timeout=30).json(), "models")
+        listed = _items(requests.get(f"{host}/api/models", headers=_auth(), timeout=30).json(), "models")
         status = {m["name"]: m.get("status") for m in listed if m["name"] in names}
         if status and all(s == "idle" for s in status.values()):
             log.warning("burst: %s at zero, starting", ", ".join(sorted(status)))
@@ -137,6 +138,7 @@ class SteadyUser(HttpUser):
     wait_time = constant(float(os.environ.get("LOADTEST_WAIT", "0.05")))
 
     def on_start(self):
+        self.client.headers.update(_auth())
         self.rng = random.Random()
         if not REALTIME:
             raise RuntimeError("no realtime models to call")
@@ -176,6 +178,7 @@ class BatchUploader(HttpUser):
     wait_time = constant(0.5)
 
     def on_start(self):
+        self.client.headers.update(_auth())
         self.rng = random.Random()
         if not BATCH:
             raise RuntimeError("no batch model to upload to")

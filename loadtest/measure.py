@@ -51,7 +51,8 @@ class Latency:
 
 
 def closed_loop(url: str, body: bytes, *, concurrency: int, requests: int, warmup: int = 20,
-                content_type: str = "application/json", timeout: float = 60.0) -> Latency:
+                content_type: str = "application/json", timeout: float = 60.0,
+                headers: Optional[dict] = None) -> Latency:
     """POST `body` to `url` from `concurrency` threads on keep-alive connections, `requests` in all.
 
     The client is deliberately plain (http.client, one connection per thread) so the same cost
@@ -59,7 +60,7 @@ def closed_loop(url: str, body: bytes, *, concurrency: int, requests: int, warmu
     """
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    headers = {"Content-Type": content_type, "Connection": "keep-alive"}
+    headers = {"Content-Type": content_type, "Connection": "keep-alive", **(headers or {})}
     result = Latency(concurrency=concurrency)
     lock = threading.Lock()
     per_thread = max(1, requests // concurrency)
@@ -112,12 +113,13 @@ def closed_loop(url: str, body: bytes, *, concurrency: int, requests: int, warmu
     return result
 
 
-def post_json(url: str, payload: dict, *, timeout: float = 120.0) -> tuple[int, dict]:
+def post_json(url: str, payload: dict, *, timeout: float = 120.0, headers: Optional[dict] = None) -> tuple[int, dict]:
     """One POST on a fresh connection (what a client arriving at a cold model does)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        conn.request("POST", parts.path, body=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+        conn.request("POST", parts.path, body=json.dumps(payload).encode(),
+                     headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         data = resp.read()
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,9 @@ class EmbeddedPlane:
     def __init__(self, workdir: Path, *, models_dir: Optional[Path] = None, state_dir: Optional[Path] = None,
                  bucket: str = "modelplane-bench", env: Optional[dict] = None, emulator: bool = True):
         self.workdir = Path(workdir)
+        # Authentication stays on, as users run it: the plane gets a token, every call sends it.
+        self.token = secrets.token_urlsafe(24)
+        self.auth = {"Authorization": f"Bearer {self.token}"}
         self.models_dir = Path(models_dir) if models_dir else self.workdir / "models"
         self.state_dir = Path(state_dir) if state_dir else self.workdir / "state"
         self.bucket = bucket
@@ -54,6 +58,7 @@ class EmbeddedPlane:
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
         self.session = requests.Session()
+        self.session.headers.update(self.auth)
 
     @property
     def url(self) -> str:
@@ -74,7 +79,7 @@ class EmbeddedPlane:
             "MODELPLANE_STATE_DIR": str(self.state_dir), "MODELPLANE_MODELS_DIR": str(self.models_dir),
             "MODELPLANE_BUCKET": self.bucket, "MODELPLANE_RUNTIME": "local", "PYTHONUNBUFFERED": "1",
         })
-        env.pop("MODELPLANE_TOKEN", None)
+        env["MODELPLANE_TOKEN"] = self.token
         env.pop("MODELPLANE_URL", None)
         if self.emulator is not None:
             env["STORAGE_EMULATOR_HOST"] = self.emulator.endpoint

@@ -104,7 +104,8 @@ def plane(tmp_path_factory):
 @pytest.mark.parametrize("scenario,upload", [("steady", None), ("burst", None), ("mix", "api"), ("mix", "gcs")])
 def test_locust_scenario_makes_requests_and_none_fail(plane, tmp_path, scenario, upload):
     env = {"LOADTEST_MODELS": plane.idle_model if scenario == "burst" else plane.realtime,
-           "LOADTEST_BATCH_MODEL": plane.batch, "LOADTEST_BATCH_ROWS": "500", "LOADTEST_JOB_TIMEOUT": "90", "LOADTEST_IDLE_WAIT": "30"}
+           "LOADTEST_BATCH_MODEL": plane.batch, "LOADTEST_BATCH_ROWS": "500", "LOADTEST_JOB_TIMEOUT": "90", "LOADTEST_IDLE_WAIT": "30",
+           "MODELPLANE_TOKEN": plane.token}
     if upload == "gcs":
         env.update(LOADTEST_UPLOAD="gcs", STORAGE_EMULATOR_HOST=plane.emulator.endpoint, MODELPLANE_BUCKET=plane.bucket)
     result = run_scenario(scenario, host=plane.url, out_dir=tmp_path, users=8, spawn_rate=8, duration="4s", env=env,
