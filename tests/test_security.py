@@ -240,3 +240,19 @@ def test_the_openapi_document_describes_every_route(plane):
     job = doc["paths"]["/api/models/{name}/jobs"]["post"]
     assert job["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/JobRequest"
     assert doc["components"]["schemas"]["JobRequest"]["properties"]["dataset"]["pattern"].startswith("^gs://")
+
+
+# -- what the fuzzer found --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", [
+    b'{"version": ' + b"[" * 100_00 + b"]" * 100_00 + b"}",   # nesting past any recursion limit
+    b'{"version": "\\ud800"}',                                  # a lone surrogate
+    b"\xff\xfe{}",                                              # not UTF-8
+    b"[]", b"null", b'"1.0.0"',
+])
+def test_hostile_json_bodies_are_400s(plane, body):
+    server, _ = plane
+    for path in ("/api/models/echo-rt/rollback", "/api/models/sum-batch/jobs"):
+        r = api.post(f"{server.url}{path}", data=body, headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:300])
+        assert isinstance(r.json()["error"], str) and "Traceback" not in r.text
