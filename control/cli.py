@@ -417,13 +417,18 @@ def cmd_watch(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from control.auth import TokenError
     from control.server import serve
 
-    serve(load_settings(args))
+    try:
+        serve(load_settings(args))
+    except TokenError as e:
+        raise CLIError(str(e)) from None
     return 0
 
 
 def cmd_up(args) -> int:
+    from control.auth import TokenError, token_path
     from control.runtime.local_procs import stop_process
     from control.emulator import Emulator
     from control.server import ControlServer
@@ -454,12 +459,19 @@ def cmd_up(args) -> int:
             server = ControlServer(settings, watch=True).start()
         except OSError as e:
             raise CLIError(e.strerror or str(e)) from None
+        except TokenError as e:
+            raise CLIError(str(e)) from None
         started.append(("control service", server.stop))
         out(f"control  {server.url}")
         out(f"bucket   gs://{settings.bucket_name}{emulator_note}")
+        if server.plane.token_created:  # printed once: from now on it is read from the file
+            out(f"token    {server.plane.token}")
+            out(f"         (new; stored in {token_path(settings.state_dir)}, which the CLI and console here read)")
+        elif not settings.token:
+            out(f"token    in {token_path(settings.state_dir)}")
 
         if settings.console and CONSOLE_APP.is_file():
-            console_settings = settings.model_copy(update={"url": server.url})
+            console_settings = settings.model_copy(update={"url": server.url, "token": server.plane.token})
             logf = open(state / "logs" / "console.log", "ab")
             proc = subprocess.Popen(_console_command(console_settings, settings.console_port),
                                     env=_console_env(console_settings), stdout=logf, stderr=subprocess.STDOUT,

@@ -61,6 +61,9 @@ class ControlServer:
             self._server = create_server(
                 self.app, host=self.settings.host, port=self.settings.port, threads=self.settings.threads,
                 ident="modelplane", clear_untrusted_proxy_headers=True, channel_timeout=300,
+                # waitress spools a body to disk before the app sees it: nothing past the
+                # largest route cap is accepted at all (each route checks its own first)
+                max_request_body_size=max(self.settings.max_model_upload, self.settings.max_dataset_upload),
                 connection_limit=max(1000, self.settings.threads * 4))
         except OSError as e:
             self.plane.close()
@@ -75,7 +78,9 @@ class ControlServer:
         if self._watch:
             from control.watcher import from_settings
 
-            self.watcher = from_settings(self.settings, sink=f"{self.url}/events").start()
+            # the token the service enforces (the state dir's when none was given)
+            settings = self.settings.model_copy(update={"token": self.plane.token})
+            self.watcher = from_settings(settings, sink=f"{self.url}/events").start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -137,6 +142,10 @@ def serve(settings: Optional[Settings] = None, *, watch: bool = False) -> None:
     """Run the control service in the foreground until SIGINT/SIGTERM."""
     server = ControlServer(settings, watch=watch).start()
     print(f"control service on {server.url}", flush=True)
+    if server.plane.token_created:
+        from control.auth import token_path
+
+        print(f"token {server.plane.token} (new; stored in {token_path(server.settings.state_dir)})", flush=True)
     try:
         wait_for_signal()
     finally:

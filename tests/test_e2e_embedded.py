@@ -252,9 +252,16 @@ def test_up_prints_urls_serves_a_predict_and_sigterm_leaves_no_orphans(tmp_path)
         assert f"models   2 registered: {BATCH}, {REALTIME}" in output
         if (ROOT / "console" / "app.py").is_file():
             assert f"console  http://127.0.0.1:{console_port}" in output
+        # authentication is on: a token was made, printed once and stored for the CLI (0600)
+        token = re.search(r"(?m)^token    (\S+)$", output).group(1)
+        stored = work / ".modelplane" / "token"
+        assert stored.read_text().strip() == token and stored.stat().st_mode & 0o777 == 0o600
 
         url = f"http://127.0.0.1:{port}"
-        r = api.post(f"{url}/models/{REALTIME}/predict", json={"rows": sample_rows(REALTIME)[:2]}, timeout=60)
+        assert requests.post(f"{url}/models/{REALTIME}/predict", json={"rows": sample_rows(REALTIME)[:2]},
+                             timeout=60).status_code == 401
+        r = requests.post(f"{url}/models/{REALTIME}/predict", json={"rows": sample_rows(REALTIME)[:2]}, timeout=60,
+                          headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200, r.text
         assert len(r.json()["scores"]) == 2
 

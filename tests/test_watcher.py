@@ -12,7 +12,7 @@ import requests
 from control.events import FINALIZED, parse
 from control.watcher import Watcher
 from control_fake_runtime import FakeRuntime
-from control_helpers import copy_fixture, running, settings_for, wait_until
+from control_helpers import api, copy_fixture, running, settings_for, wait_until
 
 
 class Sink:
@@ -131,7 +131,7 @@ def test_an_unreachable_sink_loses_nothing(gcs, gcs_client, tmp_path, prefix):
 
 def test_watcher_drives_the_control_service_to_start_a_job(gcs, gcs_client, tmp_path):
     """The embedded path: upload -> watcher -> POST /events -> runtime.submit_job, once."""
-    settings = settings_for(tmp_path, token="t0ken")  # the watcher sends the token too
+    settings = settings_for(tmp_path)  # the watcher sends the token too
     copy_fixture("sum-batch", settings.models_dir)
     runtime = FakeRuntime()
     name = f"incoming/sum-batch/{uuid.uuid4().hex[:8]}.csv"
@@ -143,7 +143,7 @@ def test_watcher_drives_the_control_service_to_start_a_job(gcs, gcs_client, tmp_
         # later rounds do not start it again
         time.sleep(3 * settings.watch_interval)
         assert len([j for j in runtime.jobs() if j.dataset == f"gs://test-bucket/{name}"]) == 1
-        events = requests.get(f"{server.url}/api/events", params={"action": "started"}).json()
+        events = api.get(f"{server.url}/api/events", params={"action": "started"}).json()
         assert any(e["object"] == name for e in events)
 
 
