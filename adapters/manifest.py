@@ -89,7 +89,7 @@ class Feature(_Strict):
     def _name(cls, v: str) -> str:
         if not FEATURE_NAME.match(v):
             raise ValueError(
-                f"expected a column name of letters, digits, '_' or '.', not starting with a digit; got {v!r}")
+                f"expected a column name of letters, digits, '_' or '.', not starting with a digit; got {_short(v)}")
         return v
 
     @model_validator(mode="after")
@@ -154,14 +154,14 @@ class Resources(_Strict):
     def _cpu(cls, v: Any) -> str:
         v = str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
         if not isinstance(v, str) or not CPU_QUANTITY.match(v):
-            raise ValueError(f"expected a CPU quantity such as 500m, 1 or 2.5; got {v!r}")
+            raise ValueError(f"expected a CPU quantity such as 500m, 1 or 2.5; got {_short(v)}")
         return v
 
     @field_validator("memory")
     @classmethod
     def _memory(cls, v: str) -> str:
         if not MEMORY_QUANTITY.match(v):
-            raise ValueError(f"expected a memory quantity such as 512Mi or 2Gi; got {v!r}")
+            raise ValueError(f"expected a memory quantity such as 512Mi or 2Gi; got {_short(v)}")
         return v
 
 
@@ -236,14 +236,26 @@ class Manifest(_Strict):
         if not DNS_LABEL.match(v):
             raise ValueError(
                 f"expected a lowercase DNS label (a-z, 0-9, '-', at most 63 characters, "
-                f"starting and ending alphanumeric); got {v!r}")
+                f"starting and ending alphanumeric); got {_short(v)}")
+        return v
+
+    @field_validator("sample")
+    @classmethod
+    def _sample(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        if not v.strip() or "\0" in v:
+            raise ValueError("expected a file name in the model folder, such as sample.csv")
+        path = Path(v)
+        if path.is_absolute() or v.startswith("~") or ".." in path.parts:
+            raise ValueError(f"expected a file inside the model folder (a relative path without '..'); got {_short(v)}")
         return v
 
     @field_validator("version", mode="before")
     @classmethod
     def _version(cls, v: Any) -> Any:
         if not isinstance(v, str) or not SEMVER.match(v):
-            raise ValueError(f"expected a semantic version such as 1.3.0 (quote it in YAML); got {v!r}")
+            raise ValueError(f"expected a semantic version such as 1.3.0 (quote it in YAML); got {_short(v)}")
         return v
 
     @field_validator("command")
@@ -357,27 +369,124 @@ def _message(err: dict) -> str:
         return "required field is missing"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return f"expected {expected}; got {err.get('input')!r}"
+        return f"expected {expected}; got {_short(err.get('input'))}"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if kind in ("int_type", "int_parsing", "string_type", "bool_type", "bool_parsing", "list_type",
                 "dict_type", "model_type", "float_type", "int_from_float"):
-        return f"{msg[0].lower()}{msg[1:]}; got {err.get('input')!r}"
+        return f"{msg[0].lower()}{msg[1:]}; got {_short(err.get('input'))}"
     return msg
+
+
+#: A manifest is a few dozen lines; these bound what a hostile one can cost.
+MAX_MANIFEST_BYTES = 256 * 2**10
+#: Nodes a manifest may expand to through YAML aliases (a 446-byte "billion laughs" of nested
+#: aliases would otherwise expand ninefold per level).
+MAX_YAML_NODES = 10_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (YAML says they are an error; PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = key_node.value
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {_short(key)} (first on line {seen[key]})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many nodes `node` stands for once every alias is expanded (stops counting past `limit`)."""
+    memo: dict[int, int] = {}
+
+    def size(n: yaml.Node, depth: int) -> int:
+        if id(n) in memo:
+            return memo[id(n)]
+        if depth > 200:
+            return limit + 1
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            for child in n.value:
+                total += size(child, depth + 1)
+                if total > limit:
+                    break
+        elif isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                total += size(k, depth + 1) + size(v, depth + 1)
+                if total > limit:
+                    break
+        memo[id(n)] = total
+        return total
+
+    return size(node, 0)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
+def _load_yaml(text: str) -> tuple[Optional[yaml.Node], Any]:
+    loader = _ManifestLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        expanded = _expanded_size(node, MAX_YAML_NODES)
+        if expanded > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"the YAML expands to more than {MAX_YAML_NODES:,} nodes through aliases "
+                                 "(a manifest needs a few dozen)")
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_manifest_text(path: Path | str) -> str:
+    """A manifest file's text: at most MAX_MANIFEST_BYTES of UTF-8, else a ManifestError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise ManifestError(path, [ManifestProblem(field="", message="no model.yaml here: a model folder needs one")]) from None
+    except IsADirectoryError:
+        raise ManifestError(path, [ManifestProblem(field="", message="is a folder, not a file")]) from None
+    except OSError as e:
+        raise ManifestError(path, [ManifestProblem(field="", message=f"cannot read: {e.strerror}")]) from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(path, [ManifestProblem(
+            field="", message=f"larger than {MAX_MANIFEST_BYTES // 1024} KiB: a manifest is a few dozen lines")])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(path, [ManifestProblem(
+            field="", line=line, message=f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it as UTF-8")]) from None
 
 
 def parse_manifest(text: str, *, file: Path | str = MANIFEST_FILE, folder: Path | None = None,
                    check_files: bool = True) -> Manifest:
     """Parse and validate manifest text; raise ManifestError naming file, line and field."""
     file = Path(file)
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(file, [ManifestProblem(
+            field="", message=f"larger than {MAX_MANIFEST_BYTES // 1024} KiB: a manifest is a few dozen lines")])
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        node, data = _load_yaml(text)
+    except (yaml.YAMLError, RecursionError) as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise ManifestError(file, [ManifestProblem(field="", line=line, message=f"not valid YAML: {getattr(e, 'problem', e)}")]) from e
+        problem = getattr(e, "problem", None) or (str(e) if isinstance(e, yaml.YAMLError) else "nested too deeply")
+        raise ManifestError(file, [ManifestProblem(field="", line=line, message=f"not valid YAML: {problem}")]) from None
     if not isinstance(data, dict):
         raise ManifestError(file, [ManifestProblem(field="", line=1, message="expected a mapping of keys such as name, version, kind")])
     try:
@@ -392,9 +501,15 @@ def parse_manifest(text: str, *, file: Path | str = MANIFEST_FILE, folder: Path 
     manifest._file = file
     if check_files and manifest.sample:
         sample = manifest.sample_path
+        where = dict(field="sample", line=_line_of(node, ("sample",)))
+        try:
+            inside = sample.resolve().is_relative_to(manifest._folder)
+        except (OSError, RuntimeError):  # a symlink loop
+            inside = False
+        if not inside:
+            raise ManifestError(file, [ManifestProblem(**where, message=f"{manifest.sample!r} leads outside the model folder")])
         if not sample.is_file():
-            raise ManifestError(file, [ManifestProblem(field="sample", line=_line_of(node, ("sample",)),
-                                                       message=f"file not found: {sample}")])
+            raise ManifestError(file, [ManifestProblem(**where, message=f"file not found: {manifest.sample}")])
     return manifest
 
 
@@ -402,10 +517,5 @@ def load_manifest(path: Path | str, *, check_files: bool = True) -> Manifest:
     """Load `model.yaml` from a model folder or a manifest path."""
     path = Path(path)
     file = path / MANIFEST_FILE if path.is_dir() else path
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(file, [ManifestProblem(field="", message="no model.yaml here: a model folder needs one")]) from None
-    except OSError as e:
-        raise ManifestError(file, [ManifestProblem(field="", message=f"cannot read: {e.strerror}")]) from e
+    text = read_manifest_text(file)
     return parse_manifest(text, file=file, folder=file.parent, check_files=check_files)

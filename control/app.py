@@ -23,12 +23,14 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import wrap_file
 
-from adapters.manifest import MANIFEST_FILE, ManifestError, load_manifest, parse_bytes, parse_manifest
+from adapters.manifest import (MANIFEST_FILE, ManifestError, load_manifest, parse_bytes, parse_manifest,
+                               read_manifest_text)
 from control import api_schema as s
 from control import events as ce
 from control.auth import service_token
 from control.errors import BadRequest, Conflict, Forbidden, Invalid, NotFound, PlaneError
 from control.guard import Guard, TTLCache
+from control.uploads import extract_model
 from control.runtime.base import JOB_STATUSES, ModelInfo, Runtime, get_runtime
 from control.settings import Settings, modelplane_version
 
@@ -144,39 +146,6 @@ class Plane:
     def failed_info(self, entry: dict) -> dict:
         return ModelInfo(name=entry["name"], kind="unknown", language="unknown", version=None,
                          status="failed", error=entry["error"]).to_json()
-
-
-def _extract_model(fileobj, dest: Path) -> Path:
-    """Unpack a (gzip) tar of one model folder into `dest`; the folder holding model.yaml."""
-    import tarfile
-    from pathlib import PurePosixPath
-
-    try:
-        tar = tarfile.open(fileobj=fileobj, mode="r:*")
-    except tarfile.TarError as e:
-        raise BadRequest(f"expected a gzip tar of a model folder (what `modelplane deploy DIR` sends): {e}") from None
-    with tar:
-        for member in tar.getmembers():
-            path = PurePosixPath(member.name)
-            if path.is_absolute() or ".." in path.parts:
-                raise BadRequest(f"refusing archive member {member.name!r}: paths must stay inside the folder")
-            if member.isdir():
-                (dest / path).mkdir(parents=True, exist_ok=True)
-            elif member.isfile():
-                target = dest / path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
-                target.chmod(0o755 if member.mode & 0o111 else 0o644)
-            # links, devices and fifos are skipped: a model folder needs none
-    if (dest / MANIFEST_FILE).is_file():
-        return dest
-    found = sorted(p.parent for p in dest.glob(f"*/{MANIFEST_FILE}"))
-    if len(found) == 1:
-        return found[0]
-    raise Invalid(f"the archive has no {MANIFEST_FILE} at its top (or in one top-level folder)",
-                  details={"problems": [{"file": MANIFEST_FILE, "line": None, "field": "",
-                                         "message": "no model.yaml in the archive"}]})
 
 
 def _results_location(uri: str) -> str:
@@ -363,20 +332,18 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
                 if guard.spool_body(settings.max_model_upload, spool) == 0:
                     raise BadRequest("the body is empty: send a gzip tar of the model folder")
                 spool.seek(0)
-                folder = _extract_model(spool, dest)
+                folder = extract_model(spool, dest, max_size=settings.max_model_size,
+                                       max_files=settings.max_model_files)
             rel = folder.relative_to(dest) / MANIFEST_FILE
             try:
-                try:
-                    text = (folder / MANIFEST_FILE).read_text(encoding="utf-8")
-                except UnicodeDecodeError as e:
-                    raise Invalid(f"{rel}: not UTF-8 text (byte {e.start})",
-                                  details={"problems": [{"file": str(rel), "line": None, "field": "",
-                                                         "message": f"not UTF-8 text (byte {e.start})"}]}) from None
+                text = read_manifest_text(folder / MANIFEST_FILE)
                 manifest = parse_manifest(text, file=rel, folder=folder)
             except ManifestError as e:
-                problems = [{"file": str(e.file), "line": p.line, "field": p.field, "message": p.message}
+                problems = [{"file": str(rel), "line": p.line, "field": p.field, "message": p.message}
                             for p in e.problems]
-                raise Invalid(str(e), details={"problems": problems}) from None
+                message = "\n".join(f"{rel}:{p.line}: {p.field + ': ' if p.field else ''}{p.message}" if p.line
+                                    else f"{rel}: {p.field + ': ' if p.field else ''}{p.message}" for p in e.problems)
+                raise Invalid(message, details={"problems": problems}) from None
             version = runtime.deploy(manifest, make_live=True)  # the runtime keeps its own copy
         finally:
             shutil.rmtree(dest, ignore_errors=True)

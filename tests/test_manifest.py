@@ -226,3 +226,65 @@ def test_units():
 def test_semver_ordering():
     versions = ["1.10.0", "1.2.0", "1.2.0-rc.1", "0.9.9", "1.2.0-alpha"]
     assert sorted(versions, key=semver_key) == ["0.9.9", "1.2.0-alpha", "1.2.0-rc.1", "1.2.0", "1.10.0"]
+
+
+# -- hostile manifests ------------------------------------------------------------------------
+
+def test_alias_amplification_is_refused_small_and_fast():
+    """Nine aliases per level, nine levels: 9**9 nodes if expanded. Refused by counting, not expanding."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 10):
+        levels.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    text = GOOD + "\n".join(levels) + "\n"
+    assert len(text.encode()) < 1200
+    found = problems(text)
+    assert len(found) == 1 and "expands to more than 10,000 nodes" in found[0][2]
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(text, check_files=False)
+    assert len(str(info.value)) < 500
+
+
+def test_a_modest_alias_is_still_fine():
+    text = GOOD.replace("resources: {cpu: \"1\", memory: 1Gi}", "resources: &r {cpu: \"1\", memory: 1Gi}")
+    assert parse_manifest(text, check_files=False).resources.cpu == "1"
+
+
+def test_duplicate_keys_are_refused_naming_the_key_and_line():
+    text = GOOD + "version: 9.9.9\n"
+    ((field, line, message),) = problems(text)
+    assert "duplicate key 'version' (first on line 2)" in message and line == 13
+
+
+def test_echoed_values_are_bounded():
+    text = GOOD.replace("language: r", "language: " + "x" * 100_000)
+    ((field, _, message),) = problems(text)
+    assert field == "language" and len(message) < 400 and "100002 characters" in message
+
+
+@pytest.mark.parametrize("sample", ["/etc/passwd", "../../etc/passwd", "~/.ssh/id_rsa", "data/../../x.csv"])
+def test_sample_stays_inside_the_model_folder(tmp_path, sample):
+    (tmp_path / "model.yaml").write_text(GOOD + f"sample: {sample}\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path)
+    (p,) = info.value.problems
+    assert p.field == "sample" and "inside the model folder" in p.message
+
+
+def test_a_sample_symlink_leading_outside_is_refused(tmp_path):
+    (tmp_path / "model.yaml").write_text(GOOD + "sample: sample.csv\n")
+    (tmp_path / "sample.csv").symlink_to("/etc/hostname")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path)
+    assert "leads outside the model folder" in info.value.problems[0].message
+    assert "/etc/hostname" not in str(info.value)
+
+
+def test_a_manifest_that_is_not_utf8_or_too_big_names_the_file(tmp_path):
+    (tmp_path / "model.yaml").write_bytes(GOOD.encode() + b"description: caf\xe9\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path)
+    (p,) = info.value.problems
+    assert info.value.file.endswith("model.yaml") and "not UTF-8" in p.message and p.line == 13
+    (tmp_path / "model.yaml").write_text(GOOD + "#" * (300 * 1024) + "\n")
+    with pytest.raises(ManifestError, match="larger than 256 KiB"):
+        load_manifest(tmp_path)

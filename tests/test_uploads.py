@@ -1,0 +1,163 @@
+"""Model archives as an attacker would send them, unpacked by control/uploads.py and through
+`POST /api/models`: each is a 4xx naming the member, and nothing lands outside the folder."""
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from control.errors import BadRequest, Invalid, TooLarge
+from control.uploads import extract_model
+from control_fake_runtime import FakeRuntime
+from control_helpers import FIXTURES, api, running, settings_for
+
+GZ = {"Content-Type": "application/gzip"}
+
+
+def archive(*members: tuple[str, bytes | None], fmt=tarfile.PAX_FORMAT) -> bytes:
+    """A gzip tar of (name, content) members; content None makes a folder."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=fmt) as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if content is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+MANIFEST = (FIXTURES / "echo-rt" / "model.yaml").read_bytes()
+MODEL_PY = (FIXTURES / "echo-rt" / "model.py").read_bytes()
+SAMPLE = (FIXTURES / "echo-rt" / "sample.csv").read_bytes()
+
+
+def gzip_bomb(size: int) -> bytes:
+    """A model folder with one file of `size` zero bytes: compresses about 1000:1."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, content in (("model.yaml", MANIFEST), ("model.py", MODEL_PY), ("sample.csv", SAMPLE)):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        info = tarfile.TarInfo("weights.bin")
+        info.size = size
+
+        class Zeros(io.RawIOBase):
+            left = size
+
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                n = min(len(b), self.left)
+                b[:n] = bytes(n)
+                self.left -= n
+                return n
+
+        tar.addfile(info, io.BufferedReader(Zeros()))
+    return buf.getvalue()
+
+
+def extract(body: bytes, dest: Path, **caps) -> Path:
+    return extract_model(io.BytesIO(body), dest, **{"max_size": 1 << 20, "max_files": 50, **caps})
+
+
+def test_a_good_archive_unpacks(tmp_path):
+    folder = extract(archive(("m/model.yaml", MANIFEST), ("m/model.py", MODEL_PY)), tmp_path)
+    assert folder == tmp_path / "m" and (folder / "model.py").read_bytes() == MODEL_PY
+
+
+def test_the_unpacked_size_is_counted_not_trusted(tmp_path):
+    bomb = gzip_bomb(64 * 2**20)
+    assert len(bomb) < 100 * 1024  # tiny on the wire
+    with pytest.raises(TooLarge, match="weights.bin"):
+        extract(bomb, tmp_path, max_size=8 * 2**20)
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) <= 8 * 2**20 + (1 << 20)
+
+
+def test_the_member_count_is_capped(tmp_path):
+    members = [("model.yaml", MANIFEST)] + [(f"f{i}.txt", b"x") for i in range(100)]
+    with pytest.raises(TooLarge, match="more than 50 members"):
+        extract(archive(*members), tmp_path)
+
+
+@pytest.mark.parametrize("members,needle", [
+    ([("a", b"x"), ("a/model.yaml", MANIFEST)], "is a file in this archive"),
+    ([("a/model.yaml", MANIFEST), ("a", b"x")], "both a file and a folder"),
+    ([("x" * 300 + "/model.yaml", MANIFEST)], "too long"),
+    ([("../model.yaml", MANIFEST)], "inside the folder"),
+    ([("/etc/model.yaml", MANIFEST)], "inside the folder"),
+])
+def test_hostile_member_names_are_refused_by_name(tmp_path, members, needle):
+    with pytest.raises(BadRequest, match=needle):
+        extract(archive(*members), tmp_path / "dest")
+    assert not (tmp_path / "model.yaml").exists() and not (tmp_path.parent / "model.yaml").exists()
+
+
+def test_links_are_skipped_and_what_is_not_a_tar_is_400(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("model.yaml")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(Invalid):
+        extract(buf.getvalue(), tmp_path / "d")
+    assert not (tmp_path / "d" / "model.yaml").exists()
+    with pytest.raises(BadRequest, match="gzip tar"):
+        extract(b"hello", tmp_path / "e")
+    with pytest.raises(BadRequest):
+        extract(gzip.compress(b"not a tar at all" * 100), tmp_path / "f")
+
+
+# -- through the API ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def plane(tmp_path):
+    settings = settings_for(tmp_path, max_model_size=4 * 2**20, max_model_files=100)
+    runtime = FakeRuntime()
+    with running(settings, runtime=runtime) as server:
+        yield server, runtime
+
+
+def test_the_api_refuses_hostile_archives_with_4xx(plane):
+    server, runtime = plane
+    cases = [
+        (gzip_bomb(64 * 2**20), 413, "MODELPLANE_MAX_MODEL_SIZE"),
+        (archive(*[("model.yaml", MANIFEST)] + [(f"f{i}", b"") for i in range(200)]), 413, "members"),
+        (archive(("a", b"x"), ("a/model.yaml", MANIFEST)), 400, "is a file"),
+        (archive(("n" * 300 + "/model.yaml", MANIFEST)), 400, "too long"),
+        (archive(("model.yaml", MANIFEST.replace(b"description: A tiny", b"description: caf\xe9 tiny"))), 422,
+         "not UTF-8"),
+    ]
+    for body, status, needle in cases:
+        r = api.post(f"{server.url}/api/models", data=body, headers=GZ)
+        assert r.status_code == status and needle in r.json()["error"], (status, r.text[:300])
+        assert "/tmp" not in r.text and "Traceback" not in r.text
+    assert runtime.manifests == {}
+    assert list((Path(server.settings.state_dir) / "uploads").iterdir()) == []  # nothing kept
+
+
+def test_the_api_answers_a_yaml_bomb_small_and_fast(plane):
+    server, runtime = plane
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    bomb = MANIFEST + ("\n".join(levels) + "\n").encode()
+    started = time.monotonic()
+    r = api.post(f"{server.url}/api/models", data=archive(("model.yaml", bomb), ("model.py", MODEL_PY)), headers=GZ)
+    took = time.monotonic() - started
+    assert r.status_code == 422 and "10,000 nodes" in r.json()["error"]
+    assert len(r.content) < 2000, len(r.content)
+    print(f"YAML bomb refused in {took * 1000:.0f} ms")  # a figure, not an assertion
+    dup = MANIFEST + b"version: 2.0.0\n"
+    r = api.post(f"{server.url}/api/models", data=archive(("model.yaml", dup), ("model.py", MODEL_PY),
+                                                          ("sample.csv", SAMPLE)), headers=GZ)
+    assert r.status_code == 422 and "duplicate key 'version'" in r.json()["error"]
+    assert r.json()["problems"][0]["file"] == "model.yaml"
