@@ -491,7 +491,11 @@ def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime
         except BadRequest as e:
             plane.sink.reject(e.message, request.headers)
             raise
-        status, result = plane.sink.handle(event)
+        try:
+            status, result = plane.sink.handle(event)
+        except BadRequest as e:
+            plane.sink.reject(e.message, request.headers)
+            raise
         return jsonify(result), status
 
     events_spec = s.RouteSpec("GET", "/api/events", "What recent events did, newest first",

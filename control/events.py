@@ -13,12 +13,12 @@ and a second event with the same key returns the first job (action `duplicate`).
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
 
+import orjson
 from cloudevents.core.bindings.http import HTTPMessage, from_http, to_binary
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
@@ -51,9 +51,10 @@ def parse(headers: Mapping[str, str], body: bytes) -> CloudEvent:
         raise BadRequest("batched CloudEvents are not accepted: send one event per request")
     elif content_type in STRUCTURED_TYPES or content_type == "application/json":
         try:
-            doc = json.loads(body.decode("utf-8")) if body else None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"not a CloudEvent: the structured-mode body is not JSON ({e})") from None
+            # orjson: bounded nesting and no lone surrogates, where json.loads recurses and accepts them
+            doc = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(f"not a CloudEvent: the structured-mode body is not JSON ({str(e)[:200]})") from None
         if not isinstance(doc, dict):
             raise BadRequest("not a CloudEvent: the structured-mode body must be a JSON object")
         missing = [a for a in REQUIRED if not doc.get(a)]
@@ -65,8 +66,8 @@ def parse(headers: Mapping[str, str], body: bytes) -> CloudEvent:
             "or structured mode (Content-Type: application/cloudevents+json)")
     try:
         return from_http(HTTPMessage(headers=headers, body=body), JSONFormat())
-    except (BaseCloudEventException, ValueError, TypeError) as e:
-        raise BadRequest(f"not a valid CloudEvent: {e}") from None
+    except (BaseCloudEventException, ValueError, TypeError, RecursionError) as e:
+        raise BadRequest(f"not a valid CloudEvent: {str(e)[:300]}") from None
 
 
 # -- writing (the watcher) ----------------------------------------------------------------
@@ -200,16 +201,21 @@ class EventSink:
         data = event.get_data()
         if isinstance(data, (bytes, str)):
             try:
-                data = json.loads(data)
-            except ValueError:
+                data = orjson.loads(data)
+            except orjson.JSONDecodeError:
                 data = None
         if not isinstance(data, dict):
             return ignore("the event data is not a GCS object resource (JSON object)")
-        source = attrs.get("source") or ""
-        bucket = data.get("bucket") or (source[len(SOURCE_PREFIX):] if source.startswith(SOURCE_PREFIX) else None)
-        subject = attrs.get("subject") or ""
-        name = data.get("name") or (subject[len("objects/"):] if subject.startswith("objects/") else None)
+        for field in ("bucket", "name"):
+            if data.get(field) is not None and not isinstance(data.get(field), str):
+                raise BadRequest(f"data.{field}: expected a string, got {type(data[field]).__name__}")
         generation = data.get("generation")
+        if generation is not None and (isinstance(generation, bool) or not isinstance(generation, (str, int))):
+            raise BadRequest(f"data.generation: expected a string or an integer, got {type(generation).__name__}")
+        source = str(attrs.get("source") or "")
+        bucket = data.get("bucket") or (source[len(SOURCE_PREFIX):] if source.startswith(SOURCE_PREFIX) else None)
+        subject = str(attrs.get("subject") or "")
+        name = data.get("name") or (subject[len("objects/"):] if subject.startswith("objects/") else None)
         info.update(bucket=bucket, object=name, generation=None if generation is None else str(generation))
         if not bucket or not name:
             return ignore("the event names no bucket and object (data.bucket, data.name)")

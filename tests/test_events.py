@@ -167,3 +167,32 @@ def test_event_log_is_newest_first_and_filterable(plane):
     assert [e["action"] for e in api.get(f"{server.url}/api/events", params={"key": key}).json()] == \
         ["duplicate", "started"]
     assert len(api.get(f"{server.url}/api/events", params={"limit": 1}).json()) == 1
+
+
+# -- hostile events ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,needle", [
+    (b'{"specversion": "1.0", "id": "1", "source": "/s", "type": "t", "data": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     "not JSON"),
+    (b'{"specversion": "1.0", "id": "\\ud800", "source": "/s", "type": "t"}', "not JSON"),
+])
+def test_hostile_structured_events_are_400s(plane, body, needle):
+    server, runtime = plane
+    r = api.post(f"{server.url}/events", data=body, headers={"Content-Type": "application/cloudevents+json"})
+    assert r.status_code == 400 and needle in r.json()["error"], r.text[:300]
+    assert runtime.jobs() == []
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"bucket": "test-bucket", "name": ["incoming/sum-batch/a.csv"], "generation": "1"}, "data.name"),
+    ({"bucket": 7, "name": "incoming/sum-batch/a.csv", "generation": "1"}, "data.bucket"),
+    ({"bucket": "test-bucket", "name": "incoming/sum-batch/a.csv", "generation": {"x": 1}}, "data.generation"),
+])
+def test_an_event_whose_fields_are_not_strings_is_400(plane, data, needle):
+    server, runtime = plane
+    headers = {"Content-Type": "application/json", "ce-specversion": "1.0", "ce-id": "9", "ce-source": "/s",
+               "ce-type": "google.cloud.storage.object.v1.finalized"}
+    r = api.post(f"{server.url}/events", data=json.dumps(data), headers=headers)
+    assert r.status_code == 400 and needle in r.json()["error"], r.text[:300]
+    assert runtime.jobs() == []
+    assert api.get(f"{server.url}/api/events", params={"action": "rejected"}).json()[0]["reason"].startswith(needle)

@@ -14,7 +14,7 @@ import requests
 from control.auth import TokenError
 from control.server import ControlServer
 from control_fake_runtime import FakeRuntime
-from control_helpers import AUTH, FIXTURES, TOKEN, api, copy_fixture, running, settings_for
+from control_helpers import AUTH, FIXTURES, api, copy_fixture, running, settings_for
 
 
 @pytest.fixture
