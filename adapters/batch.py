@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import storage
 from .manifest import Manifest
-from .schema import RowValidator
+from .schema import RowValidator, TextRowChecker
 from .storage import CHUNK, StorageError
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,24 @@ FOLLOW_INTERVAL = 0.05  # seconds between looks at the results file while the mo
 
 class BatchFailure(Exception):
     """A job that cannot succeed; the message is written for the data scientist who owns the model."""
+
+
+class RowsFailure(BatchFailure):
+    """Rows of the dataset that do not match the features: the first problems and their count."""
+
+    def __init__(self, checker: TextRowChecker):
+        super().__init__(checker.summary())
+        self.problems = list(checker.problems)
+        self.total = checker.total
+
+
+def check_rows(manifest: Manifest, header: list[str], dataset: Path) -> tuple[str, int]:
+    """(md5, rows) of the dataset with every row checked; RowsFailure naming the bad ones."""
+    checker = TextRowChecker(manifest, header)
+    md5, rows = scan_input(dataset, checker)
+    if checker.total:
+        raise RowsFailure(checker)
+    return md5, rows
 
 
 def now_iso() -> str:
@@ -154,29 +172,90 @@ def check_header(manifest: Manifest, path: Path) -> list[str]:
     return header
 
 
-def scan_input(path: Path) -> tuple[str, int]:
-    """(md5 hex, data rows) of a CSV in one streamed pass; the csv module only if quotes or blank lines need it."""
+def scan_input(path: Path, checker: TextRowChecker | None = None) -> tuple[str, int]:
+    """(md5 hex, data rows) of a CSV in one streamed pass, every row checked by `checker`
+    (problems collect in it). Plain files are split by lines and commas; the csv module reads
+    the file (a second pass) only when quotes, blank lines or a bare carriage return need it."""
     h = hashlib.md5()
     newlines = 0
     needs_csv = False
-    last = b"\n"
     size = 0
+    carry = b""
+    row = 0  # data rows checked so far
+    header_seen = False
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
             size += len(chunk)
             newlines += chunk.count(b"\n")
-            if not needs_csv and (b'"' in chunk or b"\n\n" in last + chunk or b"\n\r\n" in last[-1:] + chunk):
+            if needs_csv:
+                continue
+            block = carry + chunk
+            cut = block.rfind(b"\n") + 1
+            block, carry = block[:cut], block[cut:]
+            if not block:
+                continue
+            if b'"' in block or b"\n\n" in block or b"\n\r\n" in block or block.count(b"\r") != block.count(b"\r\n"):
                 needs_csv = True
-            last = chunk[-2:]
+                continue
+            if checker is not None:
+                row, header_seen = _check_block(block, checker, row, header_seen)
     if size == 0:
         return h.hexdigest(), 0
+    if not needs_csv and carry:
+        if b'"' in carry or b"\r" in carry.rstrip(b"\r"):
+            needs_csv = True
+        elif checker is not None:
+            row, header_seen = _check_block(carry + b"\n", checker, row, header_seen)
     if needs_csv:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            records = sum(1 for rec in csv.reader(f) if rec and any(rec))
-    else:
-        records = newlines + (0 if last.endswith(b"\n") else 1)
+        if checker is not None:  # the fast pass's findings are discarded: this pass sees every row
+            checker.problems.clear()
+            checker.total = 0
+        return h.hexdigest(), _scan_csv(path, checker)
+    records = newlines + (0 if not carry else 1)
     return h.hexdigest(), max(records - 1, 0)
+
+
+def _check_block(block: bytes, checker: TextRowChecker, row: int, header_seen: bool) -> tuple[int, bool]:
+    try:
+        text = block.decode("utf-8-sig" if not header_seen else "utf-8")
+    except UnicodeDecodeError as e:
+        line = block[:e.start].count(b"\n") + row + (1 if header_seen else 0) + 1
+        raise BatchFailure(f"the dataset is not UTF-8 text (line {line}); save it as UTF-8 CSV") from None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")  # a bare CR sent the file to the csv module already
+    if not header_seen:
+        text = text[text.index("\n") + 1:]
+        header_seen = True
+    return row + checker.check_text(text, row + 1), header_seen
+
+
+def _scan_csv(path: Path, checker: TextRowChecker | None) -> int:
+    """Data rows of a CSV that needs the csv module, checked; blank lines are not rows."""
+    rows = 0
+    batch: list[list[str]] = []
+    first = 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            for rec in reader:
+                if not rec or not any(rec):
+                    continue
+                rows += 1
+                if checker is not None:
+                    batch.append(rec)
+                    if len(batch) >= 10_000:
+                        checker.check(batch, first)
+                        first += len(batch)
+                        batch = []
+    except UnicodeDecodeError:
+        raise BatchFailure("the dataset is not UTF-8 text; save it as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise BatchFailure(f"the dataset is not valid CSV at line {reader.line_num}: {e}") from None
+    if checker is not None and batch:
+        checker.check(batch, first)
+    return rows if header is not None else 0
 
 
 def _bad_score(raw: bytes, line_no: int) -> str | None:
@@ -490,8 +569,10 @@ class Job:
         self.result.update(status="succeeded", rows=rows, results_uri=results_uri, finished_at=now_iso())
         return self.result
 
-    def fail(self, error: str, log_tail: str = "") -> dict:
+    def fail(self, error: str, log_tail: str = "", *, cause: BaseException | None = None) -> dict:
         self.result.update(status="failed", results_uri=None, finished_at=now_iso(), error=error, log_tail=log_tail)
+        if isinstance(cause, RowsFailure):
+            self.result.update(problems=cause.problems, invalid_values=cause.total)
         return self.result
 
     def store_result(self) -> None:
@@ -515,7 +596,7 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
     tail: OutputTail | None = None
     try:
         dataset = _fetch(spec, work, job)
-        check_header(manifest, dataset)
+        header = check_header(manifest, dataset)
         results = work / SCORES_FILE
         if results.exists():
             results.unlink()
@@ -524,8 +605,9 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
         tail = OutputTail(proc.stdout)
         follower = ResultsFollower(results)
         try:
-            # both overlap with the model's own run: count the input, check scores as they are written
-            md5, n_rows = scan_input(dataset)
+            # both overlap with the model's own run: count and check the input rows (a bad one
+            # stops the model), check scores as they are written
+            md5, n_rows = check_rows(manifest, header, dataset)
             job.result["input"]["md5"] = md5
             job.result["rows"] = n_rows
             while True:
@@ -561,7 +643,7 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
         job.succeed(rows, scores_uri)
         job.store_result()
     except (BatchFailure, StorageError, OSError) as e:
-        job.fail(str(e), tail.text() if tail else "")
+        job.fail(str(e), tail.text() if tail else "", cause=e)
         job.store_result()
     finally:
         if own_work:
@@ -627,12 +709,12 @@ def fetch_step(manifest: Manifest, spec: JobSpec, work: Path) -> tuple[dict, int
         (work / stale).unlink(missing_ok=True)
     try:
         dataset = _fetch(spec, work, job, copy_local=True)
-        check_header(manifest, dataset)
-        md5, rows = scan_input(dataset)
+        header = check_header(manifest, dataset)
+        md5, rows = check_rows(manifest, header, dataset)  # before the model container may start
         job.result["input"]["md5"] = md5
         job.result["rows"] = rows
     except (BatchFailure, StorageError) as e:
-        job.fail(str(e))
+        job.fail(str(e), cause=e)
         job.store_result()
         return job.result, 1
     _write_atomic(work / JOB_STATE, json.dumps({"spec": asdict(spec), "result": job.result}))

@@ -210,3 +210,110 @@ def check_scores(model: str, answer: Any, n_rows: int) -> list[float]:
         if not math.isfinite(s):
             raise ValueError(f"model {model} answered a non-finite score at row {i}: {s}")
     return scores
+
+
+class TextRowChecker:
+    """Checks CSV data rows (lists of text cells, in `header` order) against the features.
+
+    Made for whole datasets: a block of rows is checked column by column with one C-level
+    conversion per column (`map(float, column)`); only a column that fails is gone through
+    cell by cell to name the rows. Problems are `{"row", "field", "error"}` with `row` the
+    1-based data row (the header is not a row); the first MAX_REPORTED_PROBLEMS are kept and
+    `total` counts them all.
+    """
+
+    def __init__(self, manifest: Manifest, header: list[str]):
+        self.width = len(header)
+        by_name = {f.name: f for f in manifest.features}
+        self.columns = [(i, by_name[h]) for i, h in enumerate(header) if h in by_name]
+        self._parse = {f.name: _text_parser(f) for f in manifest.features}
+        self._check = {f.name: _checker(f) for f in manifest.features}
+        self._allowed = {f.name: ({str(a) for a in f.allowed} if f.allowed is not None else None)
+                         for f in manifest.features}
+        missing = [f for f in manifest.features if f.required and f.name not in by_name]
+        self.missing_required = [f.name for f in missing]
+        self.problems: list[RowProblem] = []
+        self.total = 0
+
+    def _add(self, row: int, field: Optional[str], error: str) -> None:
+        self.total += 1
+        if len(self.problems) < MAX_REPORTED_PROBLEMS:
+            self.problems.append(RowProblem(row, field, error))
+
+    def check(self, records: list[list[str]], first_row: int) -> None:
+        """Check `records`, the data rows numbered `first_row`, `first_row + 1`, …"""
+        if not records:
+            return
+        width = self.width
+        if any(len(r) != width for r in records):
+            self._check_slow(records, first_row, [i for i, _ in self.columns])
+            return
+        columns = list(zip(*records))
+        slow = [i for i, feature in self.columns if not self._column_ok(columns[i], feature)]
+        if slow:
+            self._check_slow(records, first_row, slow)
+
+    def check_text(self, text: str, first_row: int) -> int:
+        """Check the rows in `text` (lines ending in "\\n", cells split by commas, no quotes);
+        returns how many rows it held. The fast path splits the whole block at once."""
+        n = text.count("\n")
+        if not n:
+            return 0
+        width = self.width
+        flat = text[:-1].replace("\n", ",").split(",")
+        if len(flat) != n * width:
+            self.check([line.split(",") for line in text[:-1].split("\n")], first_row)
+            return n
+        slow = [i for i, feature in self.columns if not self._column_ok(flat[i::width], feature)]
+        if slow:
+            self._check_slow([flat[k * width:(k + 1) * width] for k in range(n)], first_row, slow)
+        return n
+
+    def _column_ok(self, column, feature: Feature) -> bool:
+        t = feature.type
+        allowed = self._allowed[feature.name]
+        if "" in column:
+            if feature.required:
+                return False
+            column = [c for c in column if c]
+        try:
+            if t == "number":
+                if allowed is None:  # no list: the sum is finite only if every value is
+                    return math.isfinite(math.fsum(map(float, column)))
+                values = list(map(float, column))
+                return math.isfinite(math.fsum(values)) and {float(a) for a in feature.allowed}.issuperset(values)
+            if t == "integer":
+                if allowed is None:
+                    return all(True for _ in map(int, column))
+                return {int(a) for a in feature.allowed}.issuperset(map(int, column))
+            if t == "boolean":
+                seen = {c.strip().lower() for c in set(column)}
+                return seen <= (_TRUE | _FALSE) and allowed is None
+            return allowed is None or allowed.issuperset(column)
+        except (ValueError, OverflowError, TypeError):
+            return False
+
+    def _check_slow(self, records: list, first_row: int, column_indexes: list[int]) -> None:
+        features = dict(self.columns)
+        width = self.width
+        for n, rec in enumerate(records):
+            if len(rec) != width:
+                self._add(first_row + n, None, f"has {len(rec)} cell(s); the header has {width}")
+                continue
+            for i in column_indexes:
+                feature = features[i]
+                cell = rec[i]
+                if cell == "":
+                    if feature.required:
+                        self._add(first_row + n, feature.name, "required value is missing")
+                    continue
+                try:
+                    self._check[feature.name](self._parse[feature.name](cell))
+                except ValueError as e:
+                    self._add(first_row + n, feature.name, str(e))
+
+    def summary(self) -> str:
+        first = self.problems[0] if self.problems else None
+        where = (f" (first: row {first['row']}" + (f", {first['field']}" if first["field"] else "")
+                 + f": {first['error']})") if first else ""
+        return f"{self.total} value(s) in the dataset do not match the model's features{where}"

@@ -382,3 +382,74 @@ def test_a_bucket_that_cannot_be_reached_fails_the_job_with_a_reason(tmp_path, m
     assert "connection refused" in result["error"]
     assert (tmp_path / "work" / "fetch.done").read_text() == "failed"
     assert json.loads((tmp_path / "results" / "result.json").read_text())["status"] == "failed"
+
+
+# -- every row checked against the features ----------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["churn-risk", pytest.param("member-retention", marks=pytest.mark.skipif(
+    not __import__("shutil").which("Rscript"), reason="Rscript not installed"))])
+def test_bad_rows_fail_the_job_naming_row_and_field_before_the_model_scores_them(tmp_path, model):
+    """The README promises every row is checked: a bad cell in row 7 of 2,000 fails the job
+    with the row and the field in result.json, not with "the model exited with status 1"."""
+    folder = ROOT / "models" / model
+    sample = (folder / "sample.csv").read_text().splitlines()
+    header, rows = sample[0], sample[1:]
+    body = [rows[i % len(rows)] for i in range(2000)]
+    names = header.split(",")
+    bad = body[6].split(",")
+    bad[1] = "lots"  # a number/integer column
+    body[6] = ",".join(bad)
+    wrong_width = body[1500] + ",extra"
+    body[1500] = wrong_width
+    dataset = tmp_path / "bad.csv"
+    dataset.write_text(header + "\n" + "\n".join(body) + "\n")
+    proc, result = run_adapter("batch", str(folder), "--dataset", str(dataset), "--job", "bad")
+    assert proc.returncode == 1
+    assert result["status"] == "failed"
+    assert result["invalid_values"] == 2
+    assert {"row": 7, "field": names[1], "error": result["problems"][0]["error"]} == result["problems"][0]
+    assert "lots" in result["problems"][0]["error"]
+    assert result["problems"][1]["row"] == 1501 and "the header has 5" in result["problems"][1]["error"]
+    assert result["error"].startswith("2 value(s) in the dataset do not match the model's features (first: row 7")
+    assert not (tmp_path / "results" / "bad" / "scores.csv").exists()
+    stored = json.loads((tmp_path / "results" / "bad" / "result.json").read_text())
+    assert stored["problems"] == result["problems"]
+
+
+def test_only_the_first_hundred_problems_are_listed_but_all_are_counted(tmp_path):
+    dataset = tmp_path / "many.csv"
+    dataset.write_text("x,region\n" + "".join(f"{'abc' if i % 2 else i},west\n" for i in range(1000)))
+    proc, result = run_adapter("batch", str(FIXTURE), "--dataset", str(dataset), "--job", "m")
+    assert proc.returncode == 1
+    assert result["invalid_values"] == 500 and len(result["problems"]) == 100
+    assert [p["row"] for p in result["problems"][:3]] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("x,region\n1,west\n" + '"' + "9" * 140_000 + '",east\n', "line 3"),      # a cell past the csv module's limit
+    ("x,region\n1,west\n2\r5,east\n3,west\n", "row"),                      # a bare CR inside a cell
+    ('x,region\n1,west\n"2",ea"st\n', "row"),                               # a stray quote
+])
+def test_malformed_csv_fails_the_job_naming_where(tmp_path, text, needle):
+    dataset = tmp_path / "odd.csv"
+    dataset.write_bytes(text.encode())
+    proc, result = run_adapter("batch", str(FIXTURE), "--dataset", str(dataset), "--job", "o")
+    assert proc.returncode == 1 and result["status"] == "failed", result
+    assert needle in result["error"], result["error"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_row_check_follows_the_feature_rules_cell_by_cell(tmp_path):
+    from adapters.manifest import parse_manifest
+    from adapters.schema import TextRowChecker
+
+    manifest = parse_manifest(
+        "name: m\nversion: 1.0.0\nkind: batch\nlanguage: python\ncommand: [x]\nfeatures:\n"
+        "  - {name: n, type: number}\n  - {name: i, type: integer, required: false}\n"
+        "  - {name: b, type: boolean}\n  - {name: s, type: string, allowed: [a, b]}\n", check_files=False)
+    checker = TextRowChecker(manifest, ["n", "i", "b", "s"])
+    checker.check([["1.5", "2", "yes", "a"], ["1e3", "", "FALSE", "b"], ["3", "4.0", "0", "a"]], 1)
+    assert checker.total == 0
+    checker.check([["inf", "2", "true", "a"], ["", "2.5", "maybe", "c"], ["nan", "x", "1", ""]], 4)
+    found = {(p["row"], p["field"]) for p in checker.problems}
+    assert found == {(4, "n"), (5, "n"), (5, "i"), (5, "b"), (5, "s"), (6, "n"), (6, "i"), (6, "s")}
