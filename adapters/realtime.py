@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from . import v2binary
 from .manifest import Manifest
 from .schema import RowProblem, RowsInvalid, RowValidator, check_scores
 
@@ -38,7 +39,16 @@ try:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
-            return json.loads(data)  # NaN / Infinity literals: reported as values, not as bad JSON
+            # NaN / Infinity literals: reported as values, not as bad JSON. json.loads also takes
+            # what orjson refuses for good reason: lone surrogates (refused here) and nesting
+            # past its recursion limit (RecursionError, which callers turn into a 400).
+            doc = json.loads(data)
+            try:
+                orjson.dumps(doc)
+            except TypeError:
+                raise ValueError("the JSON holds a lone UTF-16 surrogate escape (such as \\ud800), "
+                                 "which is not text") from None
+            return doc
 except ImportError:  # pragma: no cover - orjson is a dependency; stay correct without it
     def _dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
@@ -213,7 +223,7 @@ class Upstream:
             raise self._fail("http_error", 502, f"model {self.name} {kind} the request with HTTP {status}: {text}")
         try:
             answer = _loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             shown = raw[:100].decode("utf-8", "replace")
             raise self._fail("not_json", 502, f"model {self.name} answered with something that is not JSON: {shown!r}") from None
         try:
@@ -320,20 +330,25 @@ class RealtimeAdapter:
     def _json(self, body: bytes) -> Any:
         try:
             return _loads(body)
-        except ValueError as e:
-            raise AdapterError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise AdapterError(400, "request body nests JSON too deeply") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise AdapterError(400, f"request body is not valid JSON: {str(e)[:200]}") from None
 
     def _csv_rows(self, body: bytes) -> list[dict]:
         try:
             text = body.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise AdapterError(400, "CSV body is not UTF-8 text") from None
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader, None)
-        if not header:
-            raise AdapterError(400, "CSV body is empty: expected a header row naming the feature columns")
-        header = [h.strip() for h in header]
-        return self.validator.rows_from_csv(header, (rec for rec in reader if rec))
+        except UnicodeDecodeError as e:
+            raise AdapterError(400, f"CSV body is not UTF-8 text (byte {e.start})") from None
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            header = next(reader, None)
+            if not header:
+                raise AdapterError(400, "CSV body is empty: expected a header row naming the feature columns")
+            header = [h.strip() for h in header]
+            return self.validator.rows_from_csv(header, (rec for rec in reader if rec))
+        except csv.Error as e:
+            raise AdapterError(400, f"CSV body is not valid CSV at line {reader.line_num}: {e}") from None
 
     # routes
     async def predict(self, request: web.Request) -> web.Response:
@@ -392,22 +407,61 @@ class RealtimeAdapter:
                             content_type=JSON)
 
     async def v2_infer(self, request: web.Request) -> web.Response:
+        """Open Inference Protocol inference. A request the server rejects is 400 with
+        `{"error": ...}` naming the input at fault (KServe's v2 REST spec, "Inference Response
+        JSON Object" / error object); the binary tensor data extension is spoken both ways."""
         self._check_name(request)
-        doc = self._json(await self._body(request))
+        body = await self._body(request)
+        binary_header = request.headers.get(v2binary.HEADER)
         try:
-            rows = rows_from_v2(doc, self.manifest)
-        except RowsInvalid as e:
-            raise AdapterError(422, **_invalid(e)) from None
-        scores = await self.score(rows)
-        answer = {
-            "model_name": self.name,
-            "model_version": self.version,
-            "id": doc.get("id") or str(uuid.uuid4()),
-            "parameters": {},
-            "outputs": [{"name": self.score_name, "shape": [len(scores), 1], "datatype": "FP64",
-                         "data": [float(s) for s in scores]}],
-        }
-        return web.Response(body=_dumps(answer), content_type=JSON)
+            if binary_header is not None:
+                head, binary = v2binary.split(body, binary_header)
+                doc = self._json(head)
+                if isinstance(doc, dict):
+                    v2binary.decode_inputs(doc, binary)
+            else:
+                doc = self._json(body)
+            if not isinstance(doc, dict):
+                raise AdapterError(400, "expected a v2 inference request object")
+            request_id = doc.get("id")
+            if request_id is not None and not isinstance(request_id, str):
+                raise AdapterError(400, f"id: expected a string; got {type(request_id).__name__}")
+            outputs = doc.get("outputs")
+            if outputs is not None:
+                names = [o.get("name") if isinstance(o, dict) else None for o in outputs] \
+                    if isinstance(outputs, list) else [None]
+                unknown = [n for n in names if n != self.score_name]
+                if unknown:
+                    raise AdapterError(400, f"outputs: unknown output {str(unknown[0])[:100]!r}; "
+                                            f"this model has one, {self.score_name!r}")
+            try:
+                rows = rows_from_v2(doc, self.manifest)
+            except RowsInvalid as e:
+                raise AdapterError(400, _v2_message(e)) from None
+            try:
+                scores = await self.score(rows)
+            except AdapterError as e:
+                if e.status == 422:  # a row check: in v2 terms, an input holds a bad value
+                    raise AdapterError(400, _v2_message(e.body)) from None
+                raise
+        except v2binary.BinaryError as e:
+            raise AdapterError(400, str(e)) from None
+        except AdapterError as e:
+            if e.status in (400, 422):
+                e.status, e.body = 400, {"error": e.body["error"]}
+            raise
+        values = [float(s) for s in scores]
+        output: dict[str, Any] = {"name": self.score_name, "shape": [len(values), 1], "datatype": "FP64"}
+        answer: dict[str, Any] = {"model_name": self.name, "model_version": self.version,
+                                  "id": request_id or str(uuid.uuid4()), "parameters": {}, "outputs": [output]}
+        if not v2binary.wants_binary(doc, self.score_name):
+            output["data"] = values
+            return web.Response(body=_dumps(answer), content_type=JSON)
+        raw = v2binary.encode_fp64(values)
+        output["parameters"] = {"binary_data_size": len(raw)}
+        head = _dumps(answer)
+        return web.Response(body=head + raw, content_type="application/octet-stream",
+                            headers={v2binary.HEADER: str(len(head))})
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
@@ -438,7 +492,7 @@ class RealtimeAdapter:
         return wrapped
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body)
+        app = web.Application(client_max_size=self.max_body, middlewares=[json_errors])
         routes = [
             ("POST", "/predict", self.predict),
             ("GET", "/v2/health/live", self.live),
@@ -459,8 +513,8 @@ class RealtimeAdapter:
         return app
 
     async def v2_server_metadata(self, request: web.Request) -> web.Response:
-        return web.Response(body=_dumps({"name": "modelplane-adapter", "version": "2", "extensions": []}),
-                            content_type=JSON)
+        return web.Response(body=_dumps({"name": "modelplane-adapter", "version": "2",
+                                         "extensions": [v2binary.EXTENSION]}), content_type=JSON)
 
     async def _on_startup(self, app: web.Application) -> None:
         await self.upstream.start()
@@ -478,6 +532,37 @@ class RealtimeAdapter:
 def _invalid(e: RowsInvalid) -> dict:
     body = e.to_json()
     return {"message": body.pop("error"), **body}
+
+
+def _v2_message(invalid: RowsInvalid | dict) -> str:
+    """A v2 error message naming the inputs (features) at fault and the first rows."""
+    body = invalid.to_json() if isinstance(invalid, RowsInvalid) else invalid
+    problems = body.get("problems") or []
+    parts = []
+    for p in problems[:5]:
+        where = f"input {p.get('field')!r}" if p.get("field") else "request"
+        row = f" row {p['row']}" if p.get("row") is not None else ""
+        parts.append(f"{where}{row}: {p.get('error')}")
+    more = len(problems) + int(body.get("truncated") or 0) - len(parts)
+    return f"{body.get('error')}: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer is JSON, the router's own 404 and 405 included (with Allow), and no
+    exception text or path ever reaches a client."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        reason = {404: f"no route for {request.method} {request.path[:200]}",
+                  405: f"{request.method} is not allowed on {request.path[:200]}"}.get(e.status, e.reason)
+        return web.Response(status=e.status, body=_dumps({"error": reason}), content_type=JSON, headers=headers)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.Response(status=500, body=b'{"error":"adapter error; see the adapter\'s log"}', content_type=JSON)
 
 
 # -- supervisor mode: the adapter runs the model ------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 from .manifest import Feature, Manifest
 
 MAX_REPORTED_PROBLEMS = 100
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
@@ -56,8 +57,10 @@ def _checker(feature: Feature) -> Callable[[Any], Any]:
         def check(v: Any) -> Any:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"expected a number; got {_describe(v)}")
+            if isinstance(v, int) and not _INT64_MIN <= v <= _INT64_MAX:
+                v = float(v)  # past 64 bits: what any model's JSON reader would make of it
             if not math.isfinite(v):
-                raise ValueError(f"expected a finite number; got {v}")
+                raise ValueError(f"expected a finite number; got {_describe(v)}")
             return check_allowed(v)
     elif t == "integer":
         def check(v: Any) -> Any:
@@ -69,6 +72,8 @@ def _checker(feature: Feature) -> Callable[[Any], Any]:
                 if not v.is_integer():
                     raise ValueError(f"expected an integer; got {v}")
                 v = int(v)
+            if not _INT64_MIN <= v <= _INT64_MAX:
+                raise ValueError(f"expected an integer in the 64-bit range; got {_describe(v)}")
             return check_allowed(v)
     elif t == "boolean":
         def check(v: Any) -> Any:

@@ -235,16 +235,20 @@ def test_v2_infer_kserve_client_request(adapter):
     assert r.json()["outputs"][0]["data"] == [0.5, 8.0]
 
 
-def test_v2_infer_invalid_values_are_422(adapter):
+def test_v2_infer_invalid_values_are_the_protocols_400_naming_the_input(adapter):
+    """KServe's v2 REST spec: a rejected inference request is 400 with {"error": "..."}."""
     request = {"inputs": [
         {"name": "x", "shape": [2], "datatype": "FP64", "data": [1.0, 2.0]},
         {"name": "region", "shape": [2], "datatype": "BYTES", "data": ["west", "mars"]},
         {"name": "colour", "shape": [2], "datatype": "BYTES", "data": ["red", "blue"]},
     ]}
     r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", json=request, timeout=10)
-    assert r.status_code == 422
-    fields = {p["field"] for p in r.json()["problems"]}
-    assert "colour" in fields
+    assert r.status_code == 400
+    assert list(r.json()) == ["error"]
+    assert "input 'colour'" in r.json()["error"]
+    request["inputs"] = request["inputs"][:2]
+    r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", json=request, timeout=10)
+    assert r.status_code == 400 and "input 'region' row 1" in r.json()["error"] and "mars" in r.json()["error"]
 
 
 # -- metrics ------------------------------------------------------------------------------
