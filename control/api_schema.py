@@ -125,6 +125,8 @@ class JobAnswer(_Closed):
     log_tail: str
     trigger: str
     input: dict[str, Any]
+    problems: list[dict[str, Any]] = []
+    invalid_values: Optional[int] = None
 
 
 class DatasetUploaded(_Closed):

@@ -264,7 +264,14 @@ def _print_job(job: dict) -> None:
     for k in fields:
         if job.get(k) not in (None, ""):
             out(f"{k.ljust(width)}  {job[k]}")
-    if job.get("status") == "failed" and job.get("log_tail"):
+    if job.get("problems"):
+        total = job.get("invalid_values") or len(job["problems"])
+        out(f"rows that do not match the features ({total} value(s) in all):")
+        for p in job["problems"][:20]:
+            out(f"  row {p.get('row')}: {p.get('field') or '-'}: {p.get('error')}")
+        if total > 20:
+            out(f"  … and {total - 20} more (GET /api/jobs/{job.get('id')} lists the first 100)")
+    elif job.get("status") == "failed" and job.get("log_tail"):
         out("log tail:")
         for line in str(job["log_tail"]).splitlines()[-20:]:
             out(f"  {line}")

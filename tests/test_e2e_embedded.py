@@ -151,6 +151,28 @@ def test_upload_runs_a_job_with_results_in_the_bucket_and_a_resent_event_is_one_
         assert len(api.get(f"{server.url}/api/jobs", params={"dataset": dataset}).json()) == 1
 
 
+def test_a_dataset_with_bad_rows_fails_its_job_naming_them_through_the_api(plane_settings, gcs_client):
+    lines = _batch_csv().decode().strip().splitlines()
+    lines[3] = lines[3].replace(lines[3].split(",")[1], "lots", 1)
+    with running(plane_settings) as server:
+        r = api.post(f"{server.url}/api/models/{BATCH}/datasets", params={"filename": "bad.csv"},
+                     data=("\n".join(lines) + "\n").encode(), headers={"Content-Type": "text/csv"})
+        assert r.status_code == 201, r.text
+        job = api.post(f"{server.url}/api/models/{BATCH}/jobs", json={"dataset": r.json()["uri"]}).json()
+
+        def finished():
+            j = api.get(f"{server.url}/api/jobs/{job['id']}").json()
+            return j if j["status"] in ("succeeded", "failed") else None
+
+        job = wait_until(finished, 120, interval=0.2, what="the job")
+        assert job["status"] == "failed"
+        assert job["invalid_values"] == 1
+        assert job["problems"] == [{"row": 3, "field": "monthly_spend", "error": "expected a number; got 'lots'"}]
+        assert "row 3, monthly_spend" in job["error"]
+        prefix = f"results/{BATCH}/{job['id']}/"
+        assert {b.name for b in gcs_client.list_blobs("test-bucket", prefix=prefix)} == {prefix + "result.json"}
+
+
 def test_restart_keeps_versions_and_job_history(plane_settings, gcs_client, tmp_path):
     name = f"incoming/{BATCH}/{uuid.uuid4().hex[:8]}.csv"
     gcs_client.bucket("test-bucket").blob(name).upload_from_string(_batch_csv())

@@ -78,6 +78,9 @@ class Job:
     log_tail: str = ""
     trigger: str = "api"
     input: dict = field(default_factory=dict)
+    #: rows that do not match the features: the first 100 `{"row", "field", "error"}`, and how many in all
+    problems: list = field(default_factory=list)
+    invalid_values: Optional[int] = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

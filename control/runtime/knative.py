@@ -647,6 +647,8 @@ class KnativeRuntime(Runtime):
                 job.results_uri = result.get("results_uri", job.results_uri)
                 job.error = result.get("error", job.error)
                 job.input = result.get("input", job.input) or job.input
+                job.problems = (result.get("problems") or [])[:100]
+                job.invalid_values = result.get("invalid_values")
                 break
 
 

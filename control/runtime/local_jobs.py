@@ -219,6 +219,9 @@ class JobRunner:
                 changes["results_uri"] = result["results_uri"]
             if result.get("rows") is not None:
                 changes["rows"] = result["rows"]
+            if result.get("problems"):
+                changes["problems"] = result["problems"][:100]
+                changes["invalid_values"] = result.get("invalid_values")
         if cancelled:
             changes.update(status="failed", error=cancelled, log_tail=stderr_tail)
         elif timed_out:
