@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
         b.add_argument("--job", help="job id (env JOB_ID)")
         if name == "job":
             b.add_argument("--work", default="/work", help="work folder shared with the model container")
+        else:
+            b.add_argument("--work", default=None,
+                           help="work folder for the dataset copy and the scores (default: a temporary one, "
+                                "removed at the end; a given one is left for its owner to remove)")
     return p
 
 
@@ -102,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     elif error:
         result, code = batch.Job(manifest, None).fail(error), 1
     else:
-        result, code = batch.run_batch(manifest, spec)
+        result, code = batch.run_batch(manifest, spec, work=Path(args.work) if args.work else None)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return code

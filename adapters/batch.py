@@ -593,6 +593,7 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
     job = Job(manifest, spec)
     own_work = work is None
     work = Path(tempfile.mkdtemp(prefix=f"modelplane-{manifest.name}-")) if own_work else Path(work)
+    work.mkdir(parents=True, exist_ok=True)
     tail: OutputTail | None = None
     try:
         dataset = _fetch(spec, work, job)

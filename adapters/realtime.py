@@ -596,10 +596,10 @@ class Supervisor:
 
         def watch() -> None:
             status = self.proc.wait()
+            if not self.stopping:
+                on_exit(status)  # at once: the pumps' last lines are joined before the tail is printed
             for t in self._pumps:
                 t.join(2.0)
-            if not self.stopping:
-                on_exit(status)
 
         threading.Thread(target=watch, daemon=True).start()
 
@@ -645,12 +645,20 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     supervisor = None
+    adapter: RealtimeAdapter | None = None
+
+    def model_died() -> None:
+        # Not ready from this instant (a balancer sends nothing more here), then stop.
+        if adapter is not None:
+            adapter.upstream._set_ready(False)
+        stop.set()
+
     if model_url is None:
         supervisor = Supervisor(manifest, free_port())
 
         def on_exit(status: int) -> None:
             model_exit.append(status)
-            loop.call_soon_threadsafe(stop.set)
+            loop.call_soon_threadsafe(model_died)
 
         try:
             supervisor.start(on_exit)
@@ -660,10 +668,10 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | No
             return 1
         model_url = supervisor.url
     adapter = RealtimeAdapter(manifest, model_url)
-    runner = web.AppRunner(adapter.app(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(adapter.app(), access_log=None, handle_signals=False, shutdown_timeout=5.0)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=1024, shutdown_timeout=5.0)
+        site = web.TCPSite(runner, host, port, backlog=1024)
         try:
             await site.start()
         except OSError as e:
@@ -671,6 +679,10 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | No
             return 1
         log.info("adapter for %s on http://%s:%s, model at %s", manifest.ref, host, port, model_url)
         await stop.wait()
+        if model_exit:
+            # Nothing in flight can succeed without the model: no graceful wait for clients on
+            # keep-alive connections to finish (they would keep sending to a dead model).
+            runner._shutdown_timeout = 0.1
     finally:
         await runner.cleanup()
         if supervisor:

@@ -426,25 +426,88 @@ def cmd_watch(args) -> int:
 def cmd_serve(args) -> int:
     from control.auth import TokenError
     from control.server import serve
+    from control.statelock import StateLocked
 
     try:
         serve(load_settings(args))
-    except TokenError as e:
+    except (TokenError, StateLocked) as e:
         raise CLIError(str(e)) from None
     return 0
 
 
+PARTS_FILE = "processes.json"
+CONSOLE_START_TIMEOUT = 60.0
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _start_console(settings, state: Path, url: str, token: str):
+    """The console process once it answers its health check, or (None, why it did not start)."""
+    from control.runtime.local_procs import stop_process, with_pdeathsig
+
+    port = settings.console_port
+    if not _port_free(port):
+        return None, f"port {port} is taken by another process (set MODELPLANE_CONSOLE_PORT)"
+    console_settings = settings.model_copy(update={"url": url, "token": token})
+    log_path = state / "logs" / "console.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(with_pdeathsig(_console_command(console_settings, port)),
+                                env=_console_env(console_settings), stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    session = requests.Session()
+    session.trust_env = False
+    deadline = time.monotonic() + CONSOLE_START_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return None, f"it exited with status {proc.returncode} (see {log_path})"
+            try:
+                if session.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).status_code == 200:
+                    if proc.poll() is None:  # ours answered, not something else on the port
+                        return proc, ""
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+    finally:
+        session.close()
+    stop_process(proc, grace=5.0)
+    return None, f"it did not answer within {CONSOLE_START_TIMEOUT:.0f}s (see {log_path})"
+
+
 def cmd_up(args) -> int:
+    from control import statelock
     from control.auth import TokenError, token_path
-    from control.runtime.local_procs import stop_process
     from control.emulator import Emulator
+    from control.runtime.local_procs import reap_recorded, record_parts, start_time, stop_process
     from control.server import ControlServer
 
     settings = load_settings(args)
     state = Path(settings.state_dir).resolve()
+    try:  # before anything in the state dir is read or started
+        statelock.acquire(state)
+    except statelock.StateLocked as e:
+        raise CLIError(str(e)) from None
     (state / "logs").mkdir(parents=True, exist_ok=True)
+    parts_file = state / PARTS_FILE
+    for what in reap_recorded(parts_file):
+        out(f"stopped  {what}, left running by a plane that did not stop cleanly")
     started: list = []  # (name, stop callable), stopped in reverse order
+    recorded: list[dict] = []
     stopping = threading.Event()
+
+    def record(name: str, pid: int) -> None:
+        recorded.append({"name": name, "pid": pid, "start": start_time(pid)})
+        record_parts(parts_file, recorded)
 
     def on_signal(signum, frame):  # also during start-up: finish starting, then stop cleanly
         stopping.set()
@@ -457,8 +520,13 @@ def cmd_up(args) -> int:
             ensure_bucket(storage_client(), settings.bucket_name)
             emulator_note = f" (emulator at {os.environ['STORAGE_EMULATOR_HOST']})"
         elif not settings.bucket:
-            emu = Emulator(state / "gcs", bucket=settings.bucket_name, port=settings.emulator_port).start()
+            emu = Emulator(state / "gcs", bucket=settings.bucket_name, port=settings.emulator_port)
+            try:
+                emu.start()
+            except RuntimeError as e:
+                raise CLIError(str(e).splitlines()[0]) from None
             started.append(("GCS emulator", emu.stop))
+            record("GCS emulator", emu.proc.pid)
             os.environ["STORAGE_EMULATOR_HOST"] = emu.endpoint
             emulator_note = f" (embedded emulator at {emu.endpoint})"
 
@@ -466,7 +534,7 @@ def cmd_up(args) -> int:
             server = ControlServer(settings, watch=True).start()
         except OSError as e:
             raise CLIError(e.strerror or str(e)) from None
-        except TokenError as e:
+        except (TokenError, statelock.StateLocked) as e:
             raise CLIError(str(e)) from None
         started.append(("control service", server.stop))
         out(f"control  {server.url}")
@@ -478,14 +546,13 @@ def cmd_up(args) -> int:
             out(f"token    in {token_path(settings.state_dir)}")
 
         if settings.console and CONSOLE_APP.is_file():
-            console_settings = settings.model_copy(update={"url": server.url, "token": server.plane.token})
-            logf = open(state / "logs" / "console.log", "ab")
-            proc = subprocess.Popen(_console_command(console_settings, settings.console_port),
-                                    env=_console_env(console_settings), stdout=logf, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-            logf.close()
-            started.append(("console", lambda: stop_process(proc, grace=10.0)))
-            out(f"console  http://127.0.0.1:{settings.console_port}")
+            proc, why = _start_console(settings, state, server.url, server.plane.token)
+            if proc is None:  # never a URL for a part that is not running
+                print(f"console  not started: {why}", file=sys.stderr, flush=True)
+            else:
+                started.append(("console", lambda: stop_process(proc, grace=10.0)))
+                record("console", proc.pid)
+                out(f"console  http://127.0.0.1:{settings.console_port}")
 
         models = server.runtime.models()
         failed = server.plane.failed
@@ -502,6 +569,11 @@ def cmd_up(args) -> int:
             except Exception as e:  # keep stopping the rest
                 print(f"stopping the {name} failed: {e}", file=sys.stderr)
             log.info("stopped the %s in %.1fs", name, time.monotonic() - began)
+        try:
+            parts_file.unlink()
+        except FileNotFoundError:
+            pass
+        statelock.release(state)
         for s, h in previous.items():
             signal.signal(s, h)
     out("stopped")

@@ -52,10 +52,14 @@ class Emulator:
         env = dict(os.environ, STORAGE_BASE=str(self.data_dir))
         self.log_path = self.data_dir / "emulator.log"
         logf = open(self.log_path, "ab")
+        from control.runtime.local_procs import with_pdeathsig
+
+        # dies with whoever started it, even if that is SIGKILLed; its own session, so that
+        # a terminal's Ctrl-C reaches it only through us
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", self.host,
-             "--port", str(self.port), "--default-bucket", self.bucket, "--quiet"],
-            env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            with_pdeathsig([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", self.host,
+                            "--port", str(self.port), "--default-bucket", self.bucket, "--quiet"]),
+            env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
         logf.close()
         try:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Callable, Optional
 
 import requests
 
+from control.durable import move_aside, write_json_atomic
 from control.events import INCOMING, finalized_event, to_binary_http
 
 log = logging.getLogger(__name__)
@@ -59,16 +59,16 @@ class Watcher:
             if data.get("bucket") == self.bucket:
                 return set(data.get("sent", []))
         except (OSError, ValueError, AttributeError) as e:
-            log.warning("watcher state %s unreadable (%s); starting afresh", self.state_path, e)
+            # resending is harmless (the sink dedupes by object generation); losing the file is not
+            aside = move_aside(self.state_path) if self.state_path.exists() else None
+            log.error("watcher state %s unreadable (%s); moved aside to %s, every object will be offered again "
+                      "(duplicates are recognised by the sink)", self.state_path, e, aside)
         return set()
 
     def _save(self) -> None:
         if not self.state_path:
             return
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"bucket": self.bucket, "sent": sorted(self._sent)}))
-        os.replace(tmp, self.state_path)
+        write_json_atomic(self.state_path, {"bucket": self.bucket, "sent": sorted(self._sent)})
 
     # -- one round -------------------------------------------------------------------------
     @property

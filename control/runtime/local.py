@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import shutil
 import sys
 import threading
 import weakref
@@ -23,6 +24,7 @@ from typing import Mapping, Optional
 import adapters
 from adapters.manifest import Manifest
 from control.errors import BadRequest, NotFound
+from control import statelock
 from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, VersionInfo
 from control.runtime.local_jobs import JobRunner, JobStore, new_job_id
 from control.runtime.local_replicas import ReplicaManager
@@ -51,6 +53,16 @@ class LocalRuntime(Runtime):
         self.settings = settings
         self.state_dir = Path(settings.state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        statelock.acquire(self.state_dir)  # before any record is read (StateLocked names the holder)
+        try:
+            self._init_state(adapter_command)
+        except BaseException:
+            statelock.release(self.state_dir)
+            raise
+        _open_runtimes.add(self)
+
+    def _init_state(self, adapter_command: Optional[list[str]]) -> None:
+        settings = self.settings
         self._adapter = list(adapter_command or [sys.executable, "-m", "adapters"])
         self._admin = threading.RLock()     # deploy/rollback/remove: the store and the routing change together
         self._start_lock = threading.Lock()
@@ -63,12 +75,15 @@ class LocalRuntime(Runtime):
             start_timeout=settings.start_timeout, max_restarts=settings.max_restarts,
             argv=lambda folder, port: [*self._adapter, "serve", str(folder), "--port", str(port)],
             env=self._env, manifest=self.store.manifest, directory=self.store.version_dir)
+        self.work_root = self.state_dir / "work"
         self.runner = JobRunner(self.job_store, concurrency=settings.job_concurrency,
-                                logs=self.state_dir / "logs" / "jobs", command=self._job_command, env=self._env)
+                                logs=self.state_dir / "logs" / "jobs", command=self._job_command, env=self._env,
+                                work=lambda job: self.work_root / job.id)
         self._requeue = self.runner.recover()
+        # nothing runs yet: whatever a previous runtime left in its jobs' work folders is stale
+        shutil.rmtree(self.work_root, ignore_errors=True)
         for name in self.store.names():
             self._route(self.store.get(name), clear_failure=True)
-        _open_runtimes.add(self)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -87,9 +102,16 @@ class LocalRuntime(Runtime):
             if self._closed:
                 return
             self._closed = True
-        self.replicas.close()
-        self.runner.close()
-        _open_runtimes.discard(self)
+        try:
+            self.replicas.close()
+            self.runner.close()
+        finally:
+            _open_runtimes.discard(self)
+            statelock.release(self.state_dir)
+
+    def problems(self) -> list[str]:
+        """Records found unreadable at start (moved aside; see the log), for `/healthz`."""
+        return [*self.store.problems, *self.job_store.problems]
 
     def __enter__(self) -> "LocalRuntime":
         self.start()
@@ -235,7 +257,8 @@ class LocalRuntime(Runtime):
         except NotFound as e:
             raise NotFound(f"{job.model} {job.version} is no longer deployed") from e
         argv = [*self._adapter, "batch", str(self.store.version_dir(job.model, job.version)),
-                "--dataset", job.dataset, "--results", self.results_prefix(job), "--job", job.id]
+                "--dataset", job.dataset, "--results", self.results_prefix(job), "--job", job.id,
+                "--work", str(self.work_root / job.id)]
         return argv, manifest.batch.timeout_seconds
 
     def _env(self) -> dict:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import secrets
+import shutil
 import subprocess
 import threading
 from datetime import datetime, timezone
@@ -27,7 +29,8 @@ from typing import Callable, Optional
 from control.errors import NotFound
 from control.runtime.base import Job
 from control.runtime.local_procs import KILL_GRACE, TAIL_CHARS, stop_process, tail, with_pdeathsig
-from control.runtime.local_store import utcnow, write_json_atomic
+from control.durable import fsync_dir, move_aside, write_json_atomic
+from control.runtime.local_store import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,17 @@ def new_job_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
+KEYS_FILE = "event-keys.log"
+
+
 class JobStore:
-    """Job records: in memory for listing, one JSON file each on disk for durability."""
+    """Job records: in memory for listing, one JSON file each on disk for durability.
+
+    The event keys (exactly once per object generation) are also appended, fsynced, to
+    `event-keys.log` before a job is recorded, so a record that is later found unreadable
+    loses neither its key (a redelivered event is still a duplicate) nor its place in the
+    list: it is moved aside and stands as a failed job saying so.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -49,17 +61,65 @@ class JobStore:
         self._jobs: dict[str, Job] = {}
         self._keys: dict[str, str] = {}       # event_key -> job id
         self._key_of: dict[str, str] = {}     # job id -> event_key
-        for path in self.root.glob("*.json"):
+        self.problems: list[str] = []
+        index = self._read_keys()
+        for path in sorted(self.root.glob("*.json")):
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                log.warning("skipping unreadable job record %s: %s", path, e)
-                continue
-            job = Job.from_json(data)
+                job = Job.from_json(data)
+                if job.id != path.stem:
+                    raise ValueError(f"it names job {job.id!r}")
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                job = self._unreadable(path, e, index.get(path.stem))
+                data = {}
             self._jobs[job.id] = job
-            if data.get("event_key"):
-                self._keys[data["event_key"]] = job.id
-                self._key_of[job.id] = data["event_key"]
+            key = data.get("event_key") or (index.get(job.id) or {}).get("key")
+            if key:
+                self._keys[key] = job.id
+                self._key_of[job.id] = key
+        # A key whose record never reached the disk: the submission was never answered, so the
+        # sender redelivers, and that delivery must run: such keys are left out.
+
+    def _read_keys(self) -> dict[str, dict]:
+        index: dict[str, dict] = {}
+        path = self.root / KEYS_FILE
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return index
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                index[entry["job"]] = entry
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line: its job record (written after it) has the key too
+        return index
+
+    def _append_key(self, job: Job, key: str) -> None:
+        line = json.dumps({"key": key, "job": job.id, "model": job.model, "dataset": job.dataset,
+                           "at": job.created_at}) + "\n"
+        path = self.root / KEYS_FILE
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            fsync_dir(self.root)
+
+    def _unreadable(self, path: Path, error: Exception, entry: Optional[dict]) -> Job:
+        aside = move_aside(path)
+        message = (f"job {path.stem}: its record was unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                   f"moved aside to {aside.name}")
+        self.problems.append(message)
+        log.error("%s", message)
+        entry = entry or {}
+        job = Job(id=path.stem, model=entry.get("model", "?"), version="?", status="failed",
+                  dataset=entry.get("dataset", ""), created_at=entry.get("at", utcnow()),
+                  error=f"this job's record was unreadable and was moved aside to {aside.name}; "
+                        "its outcome is unknown", trigger="event" if entry else "api")
+        write_json_atomic(path, {**job.to_json(), **({"event_key": entry["key"]} if entry.get("key") else {})})
+        return job
 
     def save(self, job: Job) -> None:
         data = job.to_json()
@@ -71,6 +131,7 @@ class JobStore:
     def add(self, job: Job, event_key: Optional[str]) -> None:
         with self.lock:
             if event_key:
+                self._append_key(job, event_key)
                 self._keys[event_key] = job.id
                 self._key_of[job.id] = event_key
             self.save(job)
@@ -100,8 +161,10 @@ class JobRunner:
     """`concurrency` worker threads taking queued jobs in submission order."""
 
     def __init__(self, store: JobStore, *, concurrency: int, logs: Path,
-                 command: Callable[[Job], tuple[list[str], float]], env: Callable[[], dict]):
+                 command: Callable[[Job], tuple[list[str], float]], env: Callable[[], dict],
+                 work: Optional[Callable[[Job], Path]] = None):
         self.store = store
+        self._work_of = work  # job -> its work folder, removed when the job ends however it ends
         self.concurrency = concurrency
         self.logs = Path(logs)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -206,6 +269,8 @@ class JobRunner:
             timed_out = True
         finally:
             stop_process(proc)    # also reaps anything the model left behind in the group
+            if self._work_of is not None:  # the dataset copy and any partial scores
+                shutil.rmtree(self._work_of(job), ignore_errors=True)
             with self._lock:
                 self._procs.pop(job.id, None)
                 self._running[job.model] -= 1

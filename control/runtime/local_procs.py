@@ -11,7 +11,9 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
+from typing import Optional
 
 KILL_GRACE = 5.0     # seconds between SIGTERM and SIGKILL
 TAIL_CHARS = 4000
@@ -88,3 +90,63 @@ def stop_process(proc: subprocess.Popen, *, grace: float = KILL_GRACE) -> None:
     killpg(proc.pid, signal.SIGKILL)    # what is left of the group, even after its leader exited
     kill_pids(tree, signal.SIGKILL)
     proc.wait()
+
+
+# -- the parts `modelplane up` started, recorded for whoever starts next ----------------------------
+
+def start_time(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the
+    pid, it names one process, never a later one that reused the pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def record_parts(path: Path, parts: list[dict]) -> None:
+    """Write `[{"name", "pid", "start"}]` for the parts started so far (atomically)."""
+    from control.durable import write_json_atomic
+
+    write_json_atomic(path, {"parts": parts})
+
+
+def reap_recorded(path: Path, *, grace: float = 5.0) -> list[str]:
+    """Stop the parts a previous `up` recorded and left running (it was SIGKILLed); returns what
+    was stopped. A part counts only if its pid still has the recorded start time."""
+    import json
+
+    try:
+        parts = json.loads(path.read_text(encoding="utf-8")).get("parts") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    stopped = []
+    for part in parts:
+        try:
+            pid, start = int(part["pid"]), part.get("start")
+        except (KeyError, TypeError, ValueError):
+            continue
+        if start is None or start_time(pid) != start:
+            continue
+        killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and start_time(pid) == start and not _zombie(pid):
+            time.sleep(0.05)
+        if start_time(pid) == start and not _zombie(pid):
+            killpg(pid, signal.SIGKILL)
+        stopped.append(f"{part.get('name', 'process')} (pid {pid})")
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    return stopped
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:].split()[0] == b"Z"
+    except (OSError, ValueError, IndexError):
+        return True

@@ -14,18 +14,21 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from adapters.manifest import Manifest, load_manifest
+from adapters.manifest import Manifest, load_manifest, semver_key
+from control.durable import fsync_dir, fsync_tree, move_aside, write_json_atomic  # noqa: F401 (re-exported)
 from control.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
 
 # Files that appear in a model folder without being part of the model (bytecode, editor and
 # VCS droppings). They are neither copied nor part of the content digest, so running a model
@@ -36,24 +39,6 @@ STATE_FILE = "model.json"
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace `path` with `data` as JSON: readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _ignored(name: str) -> bool:
@@ -126,6 +111,7 @@ class VersionStore:
         self._lock = threading.RLock()
         self._models: dict[str, ModelRecord] = {}
         self._manifests: dict[tuple[str, str], Manifest] = {}
+        self.problems: list[str] = []  # records found unreadable, and what was done about them
         self._load()
 
     def _load(self) -> None:
@@ -139,8 +125,42 @@ class VersionStore:
                 shutil.rmtree(stale, ignore_errors=True)
             state = entry / STATE_FILE
             if state.is_file():
-                record = ModelRecord.from_json(json.loads(state.read_text(encoding="utf-8")))
+                try:
+                    record = ModelRecord.from_json(json.loads(state.read_text(encoding="utf-8")))
+                    if record.name != entry.name:
+                        raise ValueError(f"it names model {record.name!r}")
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    record = self._recover(entry, state, e)
+                    if record is None:
+                        continue
                 self._models[record.name] = record
+
+    def _recover(self, entry: Path, state: Path, error: Exception) -> Optional[ModelRecord]:
+        """A model record that cannot be read: moved aside, and the model rebuilt from the
+        versions frozen beside it (the newest is made live), so the model is not lost."""
+        aside = move_aside(state)
+        versions = []
+        for folder in sorted(p for p in entry.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            try:
+                manifest = load_manifest(folder, check_files=False)
+            except Exception:  # a folder that is not a version: leave it alone
+                continue
+            stamp = datetime.fromtimestamp(folder.stat().st_mtime, timezone.utc)
+            versions.append(VersionRecord(version=manifest.version, digest=folder_digest(folder),
+                                          deployed_at=stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                                          manifest=manifest.to_dict()))
+        versions.sort(key=lambda v: semver_key(v.version))
+        message = (f"model {entry.name}: its record was unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                   f"moved aside to {aside.name}")
+        if not versions:
+            self.problems.append(message + "; no version could be rebuilt")
+            log.error("%s", self.problems[-1])
+            return None
+        record = ModelRecord(name=entry.name, live=versions[-1].version, versions=versions)
+        write_json_atomic(state, record.to_json())
+        self.problems.append(message + f"; rebuilt from {len(versions)} stored version(s), {record.live} live")
+        log.error("%s", self.problems[-1])
+        return record
 
     # -- reading ------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -197,7 +217,9 @@ class VersionStore:
                                 symlinks=False)
                 digest = folder_digest(tmp)
                 frozen = load_manifest(tmp, check_files=False)
+                fsync_tree(tmp)
                 os.rename(tmp, model_dir / version)
+                fsync_dir(model_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -232,6 +254,7 @@ class VersionStore:
             trash = self.root / f".trash-{name}-{uuid.uuid4().hex}"
             # The rename is the commit point: after it the model is gone even if rmtree is cut short.
             os.rename(model_dir, trash)
+            fsync_dir(self.root)
             del self._models[name]
             for key in [k for k in self._manifests if k[0] == name]:
                 del self._manifests[key]
