@@ -28,9 +28,14 @@ pages = [
 page = st.navigation(pages)
 
 client = common.client()
+if not common.sign_in(client):  # beyond loopback, nothing shows until this browser gives the token
+    st.stop()
 with st.sidebar:
     st.caption(f"Control service: `{client.url}`")
-    st.caption("Token: " + ("set (`MODELPLANE_TOKEN`)" if client.token else "not set"))
+    st.caption("Token: " + ("given in this browser" if common.exposed() else "set") if client.token else "Token: not set")
+    if common.exposed() and st.button("Sign out", key="sign-out"):
+        st.session_state.pop(common.SESSION_TOKEN, None)
+        st.rerun()
 common.connection_banner(client)
 
 page.run()

@@ -6,9 +6,11 @@ Failures become a few exception classes the pages turn into plain messages.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -59,12 +61,34 @@ def _error_class(status: int) -> type[ControlError]:
     return ControlError
 
 
+def is_loopback_host(host: str) -> bool:
+    host = (host or "").strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_url(url: str) -> bool:
+    return is_loopback_host(urlsplit(url).hostname or "")
+
+
+def read_local_token() -> Optional[str]:
+    """The token file of the state dir on this machine, or None."""
+    path = Path(os.environ.get("MODELPLANE_STATE_DIR") or ".modelplane") / "token"
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 class ControlClient:
     """The control API, one method per call the console makes.
 
-    `url` and `token` default to `MODELPLANE_URL` and `MODELPLANE_TOKEN`. The token is sent
-    on every call (the service requires it on mutating calls; sending it always means a
-    service that guards reads too works as well).
+    `url` and `token` default to `MODELPLANE_URL` and `MODELPLANE_TOKEN` (see `from_env`).
+    The token is sent on every call: the service requires it on every API call.
     """
 
     def __init__(self, url: Optional[str] = None, token: Optional[str] = None, *,
@@ -78,8 +102,14 @@ class ControlClient:
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> "ControlClient":
-        return cls(os.environ.get("MODELPLANE_URL") or DEFAULT_URL,
-                   os.environ.get("MODELPLANE_TOKEN") or None, **kwargs)
+        """`MODELPLANE_URL`, and the token the CLI would use: `MODELPLANE_TOKEN`, else, for a
+        control service on this machine only, the `token` file `modelplane up` keeps in the
+        state dir (`MODELPLANE_STATE_DIR`, default `.modelplane`)."""
+        url = os.environ.get("MODELPLANE_URL") or DEFAULT_URL
+        token = (os.environ.get("MODELPLANE_TOKEN") or "").strip() or None
+        if token is None and is_loopback_url(url):
+            token = read_local_token()
+        return cls(url, token, **kwargs)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -126,15 +156,10 @@ class ControlClient:
         return True
 
     def check_token(self) -> bool:
-        """Whether the service accepts this client's token for mutating calls.
-
-        The API has no "who am I" call and reads need no token, so a wrong token would only
-        show when a user first clicks something. Instead: a POST to a path no route has. The
-        service checks the token before routing, so it answers 401 for a rejected (or missing,
-        when it requires one) token, and 404 — nothing done — when the token is accepted.
-        """
+        """Whether the service accepts this client's token (every API call needs it): the
+        cheapest authenticated read, `GET /api/events?limit=1`; 401/403 mean no."""
         try:
-            self._request("POST", "/api/_console/token-check", timeout=5)
+            self._request("GET", "/api/events", params={"limit": 1}, timeout=5)
         except Unauthorized:
             return False
         except ControlError as err:

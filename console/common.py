@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Optional
 
 import streamlit as st
 
-from console.client import ControlClient, ControlError, Unauthorized, Unreachable
+from console.client import DEFAULT_URL, ControlClient, ControlError, Unauthorized, Unreachable, is_loopback_host
 
 # status -> (badge colour, Material icon, table symbol, what it means). Material icons ship
 # with Streamlit, so badges look the same in every browser; tables get plain symbols plus a
@@ -40,9 +41,52 @@ PAGE_JOBS = "views/jobs.py"
 PAGE_ACTIVITY = "views/activity.py"
 
 
+SESSION_TOKEN = "modelplane_token"
+
+
+def exposed() -> bool:
+    """Whether this console is reachable beyond loopback (Streamlit's `server.address`; unset
+    means every interface). Then it must not act with the machine's token for whoever opens
+    it: each browser session signs in with the token itself."""
+    address = st.get_option("server.address") or ""
+    return not is_loopback_host(address)
+
+
 def client() -> ControlClient:
-    """A client configured from MODELPLANE_URL / MODELPLANE_TOKEN, read on every run."""
+    """The client for this run: on loopback, MODELPLANE_URL with the machine's token
+    (MODELPLANE_TOKEN or the state dir's file); beyond loopback, the token this browser
+    session signed in with, and no other."""
+    if exposed():
+        return ControlClient(os.environ.get("MODELPLANE_URL") or DEFAULT_URL,
+                             st.session_state.get(SESSION_TOKEN))
     return ControlClient.from_env()
+
+
+def sign_in(client: ControlClient) -> bool:
+    """Beyond loopback: ask for the token until the service accepts one. False: stop the page."""
+    if not exposed():
+        return True
+    if client.token:
+        return True
+    st.title("Sign in to modelplane")
+    st.write("This console is reachable from other machines, so it acts only with a token you give it. "
+             "The token is `MODELPLANE_TOKEN` of the control service, or the `token` file in its state "
+             "directory (printed once by `modelplane up`).")
+    with st.form("sign-in"):
+        given = st.text_input("Token", type="password", key="sign-in-token")
+        submitted = st.form_submit_button("Sign in")
+    if submitted and given.strip():
+        trial = ControlClient(client.url, given.strip())
+        try:
+            accepted = trial.check_token()
+        except Unreachable as err:
+            show_error(err)
+            return False
+        if accepted:
+            st.session_state[SESSION_TOKEN] = given.strip()
+            st.rerun()
+        st.error("**Token rejected** by the control service: check it and try again.", icon=":material/lock:")
+    return False
 
 
 def show_error(err: ControlError) -> None:
@@ -65,8 +109,8 @@ def show_error(err: ControlError) -> None:
 
 
 def connection_banner(client: ControlClient) -> None:
-    """Say up front, on every page, when the token will be refused (reads need none, so the
-    pages still render). Unreachable is left to the page, which says so where its content would be."""
+    """Say up front, on every page, when the token is refused (every API call needs it).
+    Unreachable is left to the page, which says so where its content would be."""
     try:
         accepted = client.check_token()
     except Unreachable:
@@ -76,14 +120,15 @@ def connection_banner(client: ControlClient) -> None:
     if client.token:
         st.error(
             f"**Token rejected** by the control service at `{client.url}` (HTTP 401): check "
-            "`MODELPLANE_TOKEN` — it must match the service's token. You can look around, but "
-            "rollbacks, dataset uploads and jobs will be refused.",
+            "`MODELPLANE_TOKEN` — it must match the service's token (or the `token` file in its "
+            "state directory, printed once by `modelplane up`).",
             icon=":material/lock:",
         )
     else:
-        st.warning(
-            f"The control service at `{client.url}` requires a token for changes: set "
-            "`MODELPLANE_TOKEN` to roll back versions or run jobs from the console.",
+        st.error(
+            f"**No token.** The control service at `{client.url}` needs one for every call: set "
+            "`MODELPLANE_TOKEN`, or run the console where `modelplane up` keeps its state directory "
+            "(`.modelplane/token`).",
             icon=":material/lock:",
         )
 

@@ -42,25 +42,36 @@ def plane(gcs, tmp_path_factory):
                         bucket=gcs.bucket, watch_interval=0.5, threads=16)
     server = ControlServer(settings, watch=True).start()
     try:
-        requests.get(f"{server.url}/healthz", timeout=10).raise_for_status()
+        API.get(f"{server.url}/healthz", timeout=10).raise_for_status()
         yield server
     finally:
         server.stop()
 
 
-@pytest.fixture
-def console(plane, monkeypatch):
-    """A factory of AppTests pointed at the plane (or at `url`, with `token`)."""
+#: What a client holding the token sends (every API call needs it).
+API = requests.Session()
+API.headers["Authorization"] = f"Bearer {TOKEN}"
 
-    def make(*, url: str | None = None, token: str | None = TOKEN) -> AppTest:
+
+@pytest.fixture
+def console(plane, monkeypatch, tmp_path):
+    """A factory of AppTests pointed at the plane (or at `url`, with `token`), served on
+    loopback unless `address` says otherwise; no state-dir token unless `state_dir` is given."""
+    from streamlit import config
+
+    def make(*, url: str | None = None, token: str | None = TOKEN, address: str = "127.0.0.1",
+             state_dir: Path | None = None) -> AppTest:
         monkeypatch.setenv("MODELPLANE_URL", url or plane.url)
+        monkeypatch.setenv("MODELPLANE_STATE_DIR", str(state_dir or tmp_path / "no-state"))
         if token is None:
             monkeypatch.delenv("MODELPLANE_TOKEN", raising=False)
         else:
             monkeypatch.setenv("MODELPLANE_TOKEN", token)
+        config.set_option("server.address", address)
         return AppTest.from_file(APP, default_timeout=TIMEOUT)
 
-    return make
+    yield make
+    config.set_option("server.address", "127.0.0.1")
 
 
 def open_page(at: AppTest, page: str, **query: str) -> AppTest:
@@ -202,7 +213,7 @@ def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.add(folder, arcname=REALTIME)
-    r = requests.post(f"{plane.url}/api/models", data=buf.getvalue(), timeout=60,
+    r = API.post(f"{plane.url}/api/models", data=buf.getvalue(), timeout=60,
                       headers={"Content-Type": "application/gzip", "Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 201, r.text
     try:
@@ -211,16 +222,16 @@ def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
         assert versions.loc["1.0.1", "Live"] == "● live"
         at.button(key=f"rollback-{REALTIME}").click().run()
         # Nothing happens until confirmed.
-        assert requests.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.1"
+        assert API.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.1"
         assert any("Make **1.0.0** live instead of **1.0.1**?" in w.value for w in at.warning)
         at.button(key=f"rollback-yes-{REALTIME}").click().run()
         assert not at.exception, [e.value for e in at.exception]
         assert any("Version 1.0.0 is live." in s.value for s in at.success)
-        assert requests.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.0"
+        assert API.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.0"
         versions = frame_with(at, "Live").set_index("Version")
         assert versions.loc["1.0.0", "Live"] == "● live"
     finally:
-        requests.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"}, timeout=30,
+        API.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"}, timeout=30,
                       headers={"Authorization": f"Bearer {TOKEN}"})
 
 
@@ -277,7 +288,7 @@ def test_gs_uri_job_that_fails_shows_reason_and_log_tail(console, plane, gcs_cli
     job = _wait_for_job(at, "datasets/console-broken.csv")
     assert job["Status"] == "✕ failed", job.to_dict()
     at.run()
-    api = requests.get(f"{plane.url}/api/jobs/{job['Job']}", timeout=10).json()
+    api = API.get(f"{plane.url}/api/jobs/{job['Job']}", timeout=10).json()
     assert api["error"]
     assert any("The job failed:" in e.value and api["error"] in e.value for e in at.error), texts(at)
     assert "**Log tail**" in texts(at)
@@ -291,7 +302,7 @@ def test_gs_uri_job_that_fails_shows_reason_and_log_tail(console, plane, gcs_cli
 
 def test_activity_page_charts_history(console, plane):
     for _ in range(3):
-        r = requests.post(f"{plane.url}/models/{REALTIME}/predict", data=sample(REALTIME),
+        r = API.post(f"{plane.url}/models/{REALTIME}/predict", data=sample(REALTIME),
                           headers={"Content-Type": "text/csv"}, timeout=60)
         assert r.status_code == 200, r.text
     at = open_page(console(), "views/activity.py")
@@ -323,10 +334,49 @@ def test_every_page_says_when_the_token_is_wrong(console, page):
     assert any("Token rejected" in e and "MODELPLANE_TOKEN" in e and "401" in e for e in errors), errors
 
 
-def test_a_refused_action_says_check_the_token(console):
-    at = open_page(console(token="not-the-token"), "views/jobs.py", batch=BATCH)
-    at.text_input(key=f"uri-{BATCH}").input("gs://somewhere/data.csv")
+def test_with_a_wrong_token_no_page_shows_data(console):
+    at = open_page(console(token="not-the-token"), "views/models.py")
+    assert not at.dataframe and REALTIME not in texts(at)
+
+
+def test_with_no_token_the_banner_says_where_to_find_one(console):
+    at = open_page(console(token=None), "views/models.py")
+    assert any("No token" in e.value and ".modelplane/token" in e.value for e in at.error)
+    assert not at.dataframe
+
+
+def test_on_loopback_the_console_reads_the_state_dir_token(console, tmp_path):
+    """What `modelplane up` leaves: no MODELPLANE_TOKEN, a 0600 token file in the state dir."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "token").write_text(TOKEN + "\n")
+    at = open_page(console(token=None, state_dir=state), "views/models.py")
+    assert not at.error, [e.value for e in at.error]
+    assert REALTIME in frame_with(at, "Model")["Model"].tolist()
+
+
+def _sign_in(at: AppTest, token: str) -> AppTest:
+    at.text_input(key="sign-in-token").input(token)
+    next(b for b in at.button if b.label == "Sign in").click().run()
+    return at
+
+
+def test_beyond_loopback_the_console_asks_each_browser_for_the_token(console):
+    """Reachable from other machines, the console never acts with the server's token (here in
+    its environment) for whoever opens it: nothing shows until the right token is given."""
+    at = console(address="0.0.0.0", token=TOKEN)
     at.run()
-    at.button(key=f"run-{BATCH}").click().run()
     assert not at.exception
-    assert any("Not authorised" in e.value and "MODELPLANE_TOKEN" in e.value for e in at.error)
+    assert [t.value for t in at.title] == ["Sign in to modelplane"]
+    assert not at.dataframe and REALTIME not in texts(at)
+    _sign_in(at, "not-the-token")
+    assert any("Token rejected" in e.value for e in at.error)
+    assert not at.dataframe
+    _sign_in(at, TOKEN)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert REALTIME in frame_with(at, "Model")["Model"].tolist()
+    # another browser session starts signed out
+    other = console(address="0.0.0.0", token=TOKEN)
+    other.run()
+    assert [t.value for t in other.title] == ["Sign in to modelplane"]
