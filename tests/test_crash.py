@@ -117,7 +117,7 @@ def _model_alone(tmp_path: Path, data: bytes) -> bytes:
 
 # -- the control service SIGKILLed while jobs run -----------------------------------------------------
 
-def test_sigkill_mid_job_loses_nothing_and_leaves_no_partial_results(work, tmp_path):
+def test_sigkill_mid_job_loses_nothing_and_leaves_no_partial_results(work, tmp_path, monkeypatch):
     data = _dataset(300_000)  # about a second of the model's time: the kill lands mid-run
     expected = _model_alone(tmp_path, data)
     first = Up(work).wait_started()
@@ -168,12 +168,9 @@ def test_sigkill_mid_job_loses_nothing_and_leaves_no_partial_results(work, tmp_p
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
-        os.environ["STORAGE_EMULATOR_HOST"] = second.emulator()
-        try:
-            client = storage.Client(project="test", credentials=AnonymousCredentials())
-            names = [b.name for b in client.list_blobs("modelplane", prefix="results/")]
-        finally:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", second.emulator())  # restored after the test
+        client = storage.Client(project="test", credentials=AnonymousCredentials())
+        names = [b.name for b in client.list_blobs("modelplane", prefix="results/")]
         scored = {n.split("/")[2] for n in names if n.endswith("/scores.csv")}
         assert scored == {j["id"] for j in jobs if j["status"] == "succeeded"}, names
         assert not list((work / ".modelplane" / "work").glob("*")), "a job's work folder was left behind"
