@@ -60,8 +60,8 @@ class EventsQuery(_Closed):
 
 
 class DatasetQuery(_Closed):
-    filename: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._ -]{0,190}\.[cC][sS][vV]$",
-                          description="A plain CSV file name, no folders.")
+    filename: str = Field(pattern=r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]{0,190}\.[cC][sS][vV]$",
+                          description="A plain CSV file name (no folders, not hidden), ending .csv.")
 
 
 # -- answers ----------------------------------------------------------------------------------
