@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hmac
+import io
 import ipaddress
 import threading
 import time
@@ -134,18 +135,9 @@ class Guard:
     @staticmethod
     def read_body(limit: int) -> bytes:
         """The whole body, refused (413) past `limit` before it is all read."""
-        Guard.check_length(limit)
-        parts, size = [], 0
-        stream = request.stream
-        while True:
-            chunk = stream.read(min(CHUNK, limit + 1 - size))
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise TooLarge(f"the body is over this route's limit of {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+        buffer = io.BytesIO()
+        Guard.spool_body(limit, buffer)
+        return buffer.getvalue()
 
     @staticmethod
     def spool_body(limit: int, spool) -> int:

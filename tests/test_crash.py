@@ -23,6 +23,7 @@ import requests
 from control.emulator import free_port
 from control.runtime.local_procs import start_time
 from control_helpers import AUTH, api, copy_fixture, running, settings_for, wait_until
+from test_e2e_embedded import _alive
 
 pytestmark = pytest.mark.slow
 
@@ -83,14 +84,6 @@ class Up:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._reader.join(5)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
 
 
 @pytest.fixture
