@@ -336,7 +336,8 @@ def test_batch_job_from_a_bucket_event_scores_and_publishes(cluster, built, gcs_
     seen = rt.job(job_name)
     assert (seen.status, seen.rows, seen.results_uri) == ("succeeded", len(scores), result["results_uri"])
 
-    # A dataset the model fails on: a failed Job, a failed result.json, nothing at scores.csv.
+    # A dataset with a value the features refuse: the adapter's fetch step names row and field,
+    # the model container is told not to run; a failed Job, a failed result.json, no scores.csv.
     rows = list(csv.reader(io.StringIO(sample.decode())))
     column = {"churn-risk": "plan", "member-retention": "tier"}[model]
     rows[3][rows[0].index(column)] = "gold"
@@ -351,9 +352,11 @@ def test_batch_job_from_a_bucket_event_scores_and_publishes(cluster, built, gcs_
     prefix = f"results/{model}/{bad_name}"
     assert not bucket.blob(f"{prefix}/scores.csv").exists()
     result = json.loads(bucket.blob(f"{prefix}/result.json").download_as_text())
-    assert result["status"] == "failed" and "exited with status" in result["error"] and "gold" in result["log_tail"]
+    assert result["status"] == "failed" and result["invalid_values"] == 1
+    assert result["problems"] == [{"row": 3, "field": column, "error": result["problems"][0]["error"]}]
+    assert "'gold' is not allowed" in result["problems"][0]["error"] and f"row 3, {column}" in result["error"]
     seen = rt.job(bad_name)
-    assert seen.status == "failed" and "exited with status" in seen.error
+    assert seen.status == "failed" and seen.problems == result["problems"] and seen.invalid_values == 1
     rt.remove(model)
     rt.close()
 
