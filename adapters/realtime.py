@@ -482,8 +482,7 @@ class RealtimeAdapter:
                 metrics.observe(route, e.status, perf() - t0)
                 raise
             except Exception:
-                log.exception("%s %s failed", request.method, request.path)
-                resp = AdapterError(500, f"adapter error for model {self.name}; see the adapter's log").response()
+                resp = _internal_error(request)
             finally:
                 metrics.in_flight -= 1
             metrics.observe(route, resp.status, perf() - t0)
@@ -561,8 +560,17 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
                   405: f"{request.method} is not allowed on {request.path[:200]}"}.get(e.status, e.reason)
         return web.Response(status=e.status, body=_dumps({"error": reason}), content_type=JSON, headers=headers)
     except Exception:
-        log.exception("%s %s failed", request.method, request.path)
-        return web.Response(status=500, body=b'{"error":"adapter error; see the adapter\'s log"}', content_type=JSON)
+        return _internal_error(request)
+
+
+def _internal_error(request: web.Request) -> web.Response:
+    """A bug: the client learns a request id, the log has the traceback under it."""
+    given = request.headers.get("X-Request-Id", "")
+    rid = given if given.isascii() and given.replace("-", "").replace("_", "").replace(".", "").isalnum() \
+        and len(given) <= 64 else uuid.uuid4().hex[:16]
+    log.exception("%s %s failed [request id %s]", request.method, request.path[:200], rid)
+    body = {"error": f"adapter error: its log has the details under request id {rid}", "request_id": rid}
+    return web.Response(status=500, body=_dumps(body), content_type=JSON, headers={"X-Request-Id": rid})
 
 
 # -- supervisor mode: the adapter runs the model ------------------------------------------

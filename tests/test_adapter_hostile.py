@@ -225,3 +225,29 @@ def test_a_killed_model_takes_the_adapter_down_at_once_saying_why(tmp_path):
         print(f"adapter exited {took * 1000:.0f} ms after its model was killed")  # a figure, not an assertion
     finally:
         stop(a.proc)
+
+
+def test_a_bug_answers_a_request_id_and_logs_the_traceback_under_it(caplog):
+    """The middleware every adapter route runs in, served for real on loopback with a route that fails."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from adapters.realtime import json_errors
+
+    async def broken(request):
+        raise ZeroDivisionError("secret detail /srv/model/weights.bin")
+
+    async def run():
+        app = web.Application(middlewares=[json_errors])
+        app.router.add_get("/boom", broken)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            resp = await client.get("/boom", headers={"X-Request-Id": "trace-7"})
+            return resp.status, await resp.json(), resp.headers.get("X-Request-Id")
+
+    status, body, header = asyncio.run(run())
+    assert status == 500 and body["request_id"] == "trace-7" == header
+    assert "secret" not in body["error"] and "/srv" not in body["error"] and "trace-7" in body["error"]
+    logged = [r for r in caplog.records if "trace-7" in r.getMessage()]
+    assert logged and logged[0].exc_info[0] is ZeroDivisionError
