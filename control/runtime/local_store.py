@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from adapters.manifest import Manifest, load_manifest, semver_key
-from control.durable import fsync_dir, fsync_tree, move_aside, write_json_atomic  # noqa: F401 (re-exported)
+from control.durable import fsync_dir, fsync_tree, move_aside, write_json_atomic
 from control.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
