@@ -52,6 +52,12 @@ class JobsQuery(_Closed):
     limit: int = Field(200, ge=1, le=10_000)
 
 
+class ModelsQuery(_Closed):
+    limit: Optional[int] = Field(None, ge=1, le=10_000, description="at most this many (all by default)")
+    after: Optional[str] = Field(None, max_length=63, description="the page after this model name "
+                                 "(the previous page's last, or its Link rel=next)")
+
+
 class EventsQuery(_Closed):
     limit: int = Field(200, ge=1, le=10_000)
     action: Optional[EVENT_ACTION] = None

@@ -45,10 +45,9 @@ def _split_host(value: str) -> str:
 
 
 class Guard:
-    def __init__(self, settings, token: str, *, is_public: Callable[[str], bool]):
+    def __init__(self, settings, token: str):
         self.token = token
         self.open_predict = settings.open_predict
-        self._is_public = is_public
         hosts = {h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip()}
         self.any_host = "*" in hosts
         bind = (settings.host or "").strip().lower()
@@ -63,8 +62,8 @@ class Guard:
         self.origins = origins
 
     # -- Host ---------------------------------------------------------------------------------
-    def check_host(self) -> None:
-        raw = request.headers.get("Host", "")
+    def check_host(self, headers) -> None:
+        raw = headers.get("Host", "")
         host = _split_host(raw)
         if not host:
             raise BadRequest("the request has no Host header")
@@ -74,9 +73,9 @@ class Guard:
                         "add it to MODELPLANE_ALLOWED_HOSTS")
 
     # -- cross-site ---------------------------------------------------------------------------
-    def check_origin(self) -> None:
-        origin = request.headers.get("Origin")
-        site = (request.headers.get("Sec-Fetch-Site") or "").lower()
+    def check_origin(self, headers) -> None:
+        origin = headers.get("Origin")
+        site = (headers.get("Sec-Fetch-Site") or "").lower()
         if origin is None and site in ("", "same-origin", "none"):
             return
         if origin is not None:
@@ -84,7 +83,7 @@ class Guard:
             if normalized in self.origins:
                 return
             parts = urlsplit(normalized)
-            if parts.scheme in ("http", "https") and parts.netloc == (request.headers.get("Host") or "").lower():
+            if parts.scheme in ("http", "https") and parts.netloc == (headers.get("Host") or "").lower():
                 return  # same origin (a page this service's own host serves, behind a proxy)
             raise Forbidden(f"cross-site request from {origin[:100]!r} refused; allow the origin with "
                             "MODELPLANE_ALLOWED_ORIGINS if it is yours")
@@ -92,16 +91,17 @@ class Guard:
             raise Forbidden("cross-site request refused (Sec-Fetch-Site: " + site + ")")
 
     @staticmethod
-    def check_content_type(accepted: tuple[str, ...]) -> None:
-        given = (request.mimetype or "").lower()
+    def check_content_type(accepted: tuple[str, ...], given: Optional[str] = None) -> None:
+        """`given`: the request's media type (Content-Type without parameters); Flask's by default."""
+        given = (request.mimetype if given is None else given or "").lower()
         if given not in accepted:
             shown = given or "none"
             raise UnsupportedType(f"Content-Type {shown} is not accepted here; send {' or '.join(accepted)}")
 
     # -- token --------------------------------------------------------------------------------
-    def token_ok(self) -> Optional[str]:
+    def token_ok(self, headers) -> Optional[str]:
         """None when the request carries this service's token, else why not."""
-        header = request.headers.get("Authorization", "")
+        header = headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
@@ -110,20 +110,19 @@ class Guard:
             return "wrong_token"
         return None
 
-    def require_token(self) -> None:
-        why = self.token_ok()
+    def require_token(self, headers, method: str, path: str) -> None:
+        why = self.token_ok(headers)
         if why == "no_token":
-            raise Unauthorized(f"{request.method} {request.path[:200]} needs 'Authorization: Bearer <token>': "
+            raise Unauthorized(f"{method} {path[:200]} needs 'Authorization: Bearer <token>': "
                                "the service's MODELPLANE_TOKEN, or the token file in its state dir")
         if why == "wrong_token":
             raise Unauthorized("the bearer token does not match the control service's token")
 
-    def require_predict(self, name: str) -> None:
-        if self.open_predict or self.token_ok() is None:
+    def require_predict(self, headers, method: str, path: str, *, public: bool) -> None:
+        """Predict needs the token unless it is opened for all or the model is public."""
+        if self.open_predict or public or self.token_ok(headers) is None:
             return
-        if self._is_public(name):
-            return
-        self.require_token()
+        self.require_token(headers, method, path)
 
     # -- bodies -------------------------------------------------------------------------------
     @staticmethod
@@ -176,6 +175,12 @@ class TTLCache:
                 self._data.clear()
             self._data[key] = (now + self.ttl, value)
         return value
+
+    def peek(self, key: str) -> Optional[object]:
+        """The cached value, or None when absent or expired."""
+        with self._lock:
+            hit = self._data.get(key)
+        return hit[1] if hit and hit[0] > time.monotonic() else None
 
     def clear(self) -> None:
         with self._lock:

@@ -1,20 +1,53 @@
-"""Serving the control service with waitress (never Flask's dev server): in a thread for `up`
-and the tests (start -> bound port -> stop), or in the foreground for `modelplane serve`.
+"""Serving the control service: the asyncio front door (control/frontdoor.py) in front of the
+Flask API, on one address. In a thread for `up` and the tests (start -> bound port -> stop),
+or in the foreground for `modelplane serve`.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import socket
 import threading
 from typing import Optional
 
-from waitress.server import create_server
+from aiohttp import web
 
 from control.app import create_app
+from control.frontdoor import FrontDoor
 from control.runtime.base import Runtime
 from control.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one); OSError names the address."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or "127.0.0.1", port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(1024)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}"
+                               " (another modelplane? set MODELPLANE_PORT or --port)") from None
+    sock.setblocking(False)
+    return sock
 
 
 class ControlServer:
@@ -32,18 +65,23 @@ class ControlServer:
         self._register = register
         self.app = None
         self.watcher = None
-        self._server = None
+        self._port = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._runner: Optional[web.AppRunner] = None
+        self._door: Optional[FrontDoor] = None
         self._thread: Optional[threading.Thread] = None
 
     @property
     def port(self) -> int:
-        return self._server.effective_port
+        return self._port
 
     @property
     def url(self) -> str:
         host = self.settings.host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
     @property
@@ -57,22 +95,23 @@ class ControlServer:
     def start(self) -> "ControlServer":
         """Build the app (registering ./models), bind, serve in a thread; returns once bound."""
         self.app = create_app(self.settings, runtime=self._runtime, register=self._register)
+        loop = None
         try:
-            self._server = create_server(
-                self.app, host=self.settings.host, port=self.settings.port, threads=self.settings.threads,
-                ident="modelplane", clear_untrusted_proxy_headers=True, channel_timeout=300,
-                # waitress spools a body to disk before the app sees it: nothing past the
-                # largest route cap is accepted at all (each route checks its own first)
-                max_request_body_size=max(self.settings.max_model_upload, self.settings.max_dataset_upload),
-                connection_limit=max(1000, self.settings.threads * 4))
-        except OSError as e:
-            self.plane.close()
-            raise OSError(e.errno, f"cannot listen on {self.settings.host}:{self.settings.port}: {e.strerror}"
-                                   " (another modelplane? set MODELPLANE_PORT or --port)") from None
+            sock = _listen(self.settings.host, self.settings.port)
+            self._port = sock.getsockname()[1]
+            self._door = FrontDoor(self.app, self.plane, threads=self.settings.threads)
+            loop = _new_loop()
+            self._runner = web.AppRunner(self._door.web_app(), handle_signals=False, access_log=None,
+                                         shutdown_timeout=5.0)
+            loop.run_until_complete(self._runner.setup())
+            loop.run_until_complete(web.SockSite(self._runner, sock).start())
         except BaseException:
+            if loop is not None:
+                loop.close()
             self.plane.close()
             raise
-        self._thread = threading.Thread(target=self._server.run, name="modelplane-control", daemon=True)
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="modelplane-control", daemon=True)
         self._thread.start()
         log.info("control service on %s", self.url)
         if self._watch:
@@ -87,28 +126,19 @@ class ControlServer:
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None
-        server, self._server = self._server, None
-        if server is not None:
-            # Close every channel and the listener from inside the loop's own thread, so the
-            # loop sees an empty map and returns; then let the worker threads finish.
-            def close_all():
-                for channel in list(server._map.values()):
-                    try:
-                        channel.close()
-                    except OSError:
-                        pass
-
+        loop, self._loop = self._loop, None
+        if loop is not None:
             try:
-                server.trigger.pull_trigger(close_all)
-            except OSError:
-                close_all()
+                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout)
+            except Exception:  # noqa: BLE001 — stopping goes on whatever a handler did
+                log.exception("stopping the control service's server")
+            loop.call_soon_threadsafe(loop.stop)
             if self._thread is not None:
                 self._thread.join(timeout)
-                if self._thread.is_alive():  # the trigger did not run: close from here
-                    close_all()
-                    self._thread.join(timeout)
-            server.task_dispatcher.shutdown(timeout=timeout)
-            self._thread = None
+                self._thread = None
+            if not loop.is_running():
+                loop.close()
+            self._door.pool.shutdown(wait=False, cancel_futures=True)
         if self.app is not None:
             self.plane.close()
 

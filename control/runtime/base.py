@@ -8,7 +8,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Hashable, Any, ClassVar, Mapping, Optional
 
 from adapters.manifest import Manifest
 
@@ -129,6 +129,11 @@ class Runtime(abc.ABC):
     def models(self) -> list[ModelInfo]:
         """Every model with its live version and status."""
 
+    def models_generation(self) -> Optional[Hashable]:
+        """A value that changes whenever `models()` would answer differently, so the API can keep
+        its encoded list until then; None (the default): it cannot tell, build it every time."""
+        return None
+
     @abc.abstractmethod
     def model(self, name: str) -> ModelDetail:
         """One model in full; NotFound if unknown."""
@@ -138,6 +143,18 @@ class Runtime(abc.ABC):
                 body: bytes, query: str = "") -> ProxyResponse:
         """Send a request to the live version's adapter (`path` as the adapter sees it),
         holding it while a replica starts."""
+
+    async def aforward(self, session, name: str, *, method: str, path: str, headers: Mapping[str, str],
+                       body: bytes, query: str = "") -> ProxyResponse:
+        """`forward` for the control service's asyncio front door; `session` is its aiohttp
+        ClientSession. By default `forward` in the event loop's executor; a runtime that can
+        hold and send requests without a thread each overrides it."""
+        import asyncio
+        import functools
+
+        call = functools.partial(self.forward, name, method=method, path=path, headers=headers, body=body,
+                                 query=query)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
 
     @abc.abstractmethod
     def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,
@@ -164,13 +181,3 @@ class Runtime(abc.ABC):
 
         raise BadRequest(f"the {self.name} runtime has nothing to render")
 
-
-def get_runtime(settings, **kwargs) -> Runtime:
-    """The runtime named by `settings.runtime`."""
-    if settings.runtime == "knative":
-        from control.runtime.knative import KnativeRuntime
-
-        return KnativeRuntime(settings, **kwargs)
-    from control.runtime.local import LocalRuntime
-
-    return LocalRuntime(settings, **kwargs)

@@ -165,6 +165,9 @@ class LocalRuntime(Runtime):
                 out.append(self._info(record, ModelInfo))
         return out
 
+    def models_generation(self):
+        return self.store.generation, self.replicas.generation
+
     def model(self, name: str) -> ModelDetail:
         record = self.store.get(name)
         detail = self._info(record, ModelDetail)
@@ -200,13 +203,22 @@ class LocalRuntime(Runtime):
     # -- realtime -----------------------------------------------------------------------
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
                 body: bytes, query: str = "") -> ProxyResponse:
+        self._realtime(name)
+        return self.replicas.forward(name, method=method, path=path, headers=headers, body=body, query=query)
+
+    async def aforward(self, session, name: str, *, method: str, path: str, headers: Mapping[str, str],
+                       body: bytes, query: str = "") -> ProxyResponse:
+        self._realtime(name)
+        return await self.replicas.aforward(session, name, method=method, path=path, headers=headers, body=body,
+                                            query=query)
+
+    def _realtime(self, name: str) -> None:
         record = self.store.get(name)
         if record.live_record.manifest.get("kind") != "realtime":
             raise BadRequest(f"{name} is a batch model: it takes datasets, not requests — submit a job "
                              f"(POST /api/models/{name}/jobs) or upload a CSV to "
                              f"gs://{self.settings.bucket_name}/incoming/{name}/")
         self.start()
-        return self.replicas.forward(name, method=method, path=path, headers=headers, body=body, query=query)
 
     # -- batch --------------------------------------------------------------------------
     def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,

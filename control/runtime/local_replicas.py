@@ -29,6 +29,7 @@ rollback; a replica that stays ready `STABLE_AFTER` seconds resets the count.
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import itertools
 import logging
@@ -41,6 +42,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+import aiohttp
 import urllib3
 from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError,
                                 ReadTimeoutError)
@@ -67,6 +69,43 @@ LOGS_KEPT = 20             # replica log files kept per model
 NOT_READY = b"is not ready"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+ATTEMPTS = 2               # a request that never reached a model is sent once more, elsewhere
+
+
+def _outgoing(method: str, path: str, query: str, headers: Mapping[str, str], body: bytes):
+    """(url, headers, body) of a forwarded request."""
+    url = path if path.startswith("/") else "/" + path
+    if query:
+        url += "?" + query
+    out_headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    if not body and method.upper() in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        body = None
+    return url, out_headers, body
+
+
+def _answer_headers(items) -> dict:
+    return {k: v for k, v in items if k.lower() not in HOP_BY_HOP}
+
+
+def _timed_out(replica: "Replica") -> UpstreamError:
+    return UpstreamError(f"{replica.rev.key} did not answer within "
+                         f"{replica.rev.manifest.limits.timeout_seconds + 5:.0f}s", status=504)
+
+
+def _broke(replica: "Replica", e: Exception) -> UpstreamError:
+    """The connection broke after the request was sent: never resent (it may be what crashed the
+    model, and would crash the next replica too)."""
+    return UpstreamError(f"{replica.rev.key}: the connection to replica {replica.id} broke "
+                         f"mid-request ({e}); the model may have crashed")
+
+
+def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
+
+
+def _wake(fut: "asyncio.Future") -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class _Stale(Exception):
@@ -93,6 +132,7 @@ class Replica:
         size = max(64, 4 * rev.scaling.target_concurrency)
         self.pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=size, block=False, retries=False,
                                                timeout=timeout)
+        self.atimeout = _client_timeout(2.0, rev.manifest.limits.timeout_seconds + 5.0)
 
     @property
     def active(self) -> bool:
@@ -111,6 +151,7 @@ class Revision:
         self.idle = manifest.scaling.idle_seconds
         self.window = min(self.idle, SCALE_IN_WINDOW_MAX)
         self.cond = threading.Condition(lock)
+        self.waiters: list[asyncio.Future] = []   # the front door's requests held for a replica
         self.replicas: list[Replica] = []
         self.pending = 0
         self.crashes = 0
@@ -124,6 +165,13 @@ class Revision:
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def notify(self) -> None:
+        """Wake every request held for this revision, threads and the front door's tasks (lock held)."""
+        self.cond.notify_all()
+        waiters, self.waiters = self.waiters, []
+        for fut in waiters:
+            fut.get_loop().call_soon_threadsafe(_wake, fut)
 
     def demand(self) -> int:
         return self.pending + sum(r.inflight for r in self.replicas)
@@ -146,6 +194,21 @@ class Revision:
         return max(floor, min(want, self.scaling.max))
 
 
+def _scale_in_victims(active: list[Replica], excess: int, demand: int) -> list[Replica]:
+    """Which `excess` replicas to stop: ones still starting first (they serve nobody yet, newest
+    first), then idle ready ones (the most recently ready first, so the warm ones stay); never
+    one with requests in flight, and never the last ready one while requests are in flight or
+    held, so scaling in cannot leave those waiting for a cold start."""
+    starting = sorted((r for r in active if r.state == "starting"), key=lambda r: r.started, reverse=True)
+    idle = sorted((r for r in active if r.state == "ready" and r.inflight == 0),
+                  key=lambda r: r.ready_at or 0, reverse=True)
+    victims = (starting + idle)[:excess]
+    ready = sum(1 for r in active if r.state == "ready")
+    while demand > 0 and victims and ready - sum(1 for r in victims if r.state == "ready") < 1:
+        victims.pop()
+    return victims
+
+
 class ReplicaManager:
     """Replicas of every realtime model: routing, holding, scaling, crash handling, metrics."""
 
@@ -166,6 +229,7 @@ class ReplicaManager:
         self._notes: dict[str, tuple[float, str]] = {}  # model -> (time, last replaced crash)
         self._metrics: dict[str, ModelMetrics] = {}
         self._closing = False
+        self.generation = 0    # bumped whenever what `status` answers may change (the API's model list)
         self._ticker: Optional[threading.Thread] = None
         self._wake = threading.Event()
 
@@ -185,7 +249,7 @@ class ReplicaManager:
             for rev in self._revisions.values():
                 rev.retired = True
                 replicas.extend(rev.replicas)
-                rev.cond.notify_all()
+                rev.notify()
             self._revisions.clear()
             for r in replicas:
                 self._stop_locked(r)
@@ -209,11 +273,12 @@ class ReplicaManager:
         with self._lock:
             old_version = self._live.get(name)
             self._live[name] = version
+            self.generation += 1
             self._metrics.setdefault(name, ModelMetrics())
             old = self._revisions.get((name, old_version)) if old_version else None
             if old is not None and old_version != version:
                 old.live = False
-                old.cond.notify_all()
+                old.notify()
             rev = self._revisions.get((name, version))
             if rev is not None:
                 rev.live = True
@@ -235,11 +300,12 @@ class ReplicaManager:
         with self._lock:
             self._live.pop(name, None)
             self._notes.pop(name, None)
+            self.generation += 1
             self._metrics.pop(name, None)
             for key in [k for k in self._revisions if k[0] == name]:
                 rev = self._revisions.pop(key)
                 rev.retired = True
-                rev.cond.notify_all()
+                rev.notify()
                 for r in rev.replicas:
                     self._stop_locked(r)
 
@@ -269,6 +335,11 @@ class ReplicaManager:
         return m.snapshot(replicas=replicas)
 
     # -- the activator ------------------------------------------------------------------
+    # Two ways in, one set of decisions: `forward` (a thread, urllib3; the runtime's contract)
+    # and `aforward` (the control service's asyncio front door, aiohttp). Both take a replica
+    # with `_take_locked`, hold with the revision's condition or its waiters, and decide what
+    # may be sent again with `_retry_after_error` / `_retry_after_answer`.
+
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str], body: bytes,
                 query: str = "") -> ProxyResponse:
         t0 = time.monotonic()
@@ -278,21 +349,59 @@ class ReplicaManager:
             failed = response.status >= 500
             return response
         finally:
-            metrics = self._metrics.get(name)
-            if metrics is not None:
-                metrics.record((time.monotonic() - t0) * 1000.0, error=failed)
+            self._record(name, t0, failed)
 
-    def _forward(self, name, *, method, path, headers, body, query) -> ProxyResponse:
-        url = path if path.startswith("/") else "/" + path
-        if query:
-            url += "?" + query
-        out_headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
-        if not body and method.upper() in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            body = None
+    async def aforward(self, session, name: str, *, method: str, path: str, headers: Mapping[str, str],
+                       body: bytes, query: str = "") -> ProxyResponse:
+        """`forward` for an asyncio caller, over `session` (an aiohttp ClientSession it owns)."""
+        t0 = time.monotonic()
+        failed = True
+        url, out_headers, body = _outgoing(method, path, query, headers, body)
         tried: set[int] = set()
         last_error: Optional[Exception] = None
-        attempts = 2
-        for attempt in range(attempts):   # a request that never reached a model is tried again elsewhere
+        try:
+            for attempt in range(ATTEMPTS):
+                replica = await self._aacquire(name, tried)
+                try:
+                    async with session.request(method.upper(), f"http://127.0.0.1:{replica.port}{url}",
+                                               data=body, headers=out_headers, allow_redirects=False,
+                                               auto_decompress=False, timeout=replica.atimeout) as r:
+                        data = await r.read()
+                        status, resp_headers = r.status, r.headers
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                    error: Exception = e
+                    unsent = True
+                except (aiohttp.SocketTimeoutError, asyncio.TimeoutError) as e:
+                    raise _timed_out(replica) from e
+                except (aiohttp.ClientError, OSError) as e:
+                    error, unsent = e, False
+                else:
+                    if self._retry_after_answer(replica, status, data, attempt, tried):
+                        continue
+                    failed = status >= 500
+                    return ProxyResponse(status=status, headers=_answer_headers(resp_headers.items()), body=data)
+                finally:
+                    self._release(replica)
+                if unsent or (attempt < ATTEMPTS - 1 and await self._agoing_away(replica)):
+                    tried.add(replica.id)
+                    last_error = error
+                    log.debug("%s: replica %s unreachable or went away (%s); retrying elsewhere", name, replica.id, error)
+                    continue
+                raise _broke(replica, error) from error
+            raise UpstreamError(f"{name}: no replica could be reached ({last_error})")
+        finally:
+            self._record(name, t0, failed)
+
+    def _record(self, name: str, t0: float, failed: bool) -> None:
+        metrics = self._metrics.get(name)
+        if metrics is not None:
+            metrics.record((time.monotonic() - t0) * 1000.0, error=failed)
+
+    def _forward(self, name, *, method, path, headers, body, query) -> ProxyResponse:
+        url, out_headers, body = _outgoing(method, path, query, headers, body)
+        tried: set[int] = set()
+        last_error: Optional[Exception] = None
+        for attempt in range(ATTEMPTS):   # a request that never reached a model is tried again elsewhere
             replica = self._acquire(name, tried)
             try:
                 r = replica.pool.urlopen(method.upper(), url, body=body, headers=out_headers, retries=False,
@@ -304,83 +413,129 @@ class ReplicaManager:
                 log.debug("%s: replica %s unreachable (%s); retrying elsewhere", name, replica.id, e)
                 continue
             except ReadTimeoutError as e:
-                raise UpstreamError(f"{replica.rev.key} did not answer within "
-                                    f"{replica.rev.manifest.limits.timeout_seconds + 5:.0f}s", status=504) from e
+                raise _timed_out(replica) from e
             except (ProtocolError, HTTPError, OSError) as e:
-                if attempt < attempts - 1 and self._going_away(replica):
-                    # The adapter closed the connection because it is exiting: its model had
-                    # already died (the adapter answers 502/503 for a model that dies under a
-                    # request and only then exits), so the model never took this request.
+                if attempt < ATTEMPTS - 1 and self._going_away(replica):
                     tried.add(replica.id)
                     last_error = e
                     log.debug("%s: replica %s went away under a request (%s); retrying elsewhere", name,
                               replica.id, e)
                     continue
-                raise UpstreamError(f"{replica.rev.key}: the connection to replica {replica.id} broke "
-                                    f"mid-request ({e}); the model may have crashed") from e
+                raise _broke(replica, e) from e
             finally:
                 self._release(replica)
-            resp_headers = {k: v for k, v in r.headers.items() if k.lower() not in HOP_BY_HOP}
-            if r.status == 503 and attempt < attempts - 1 and NOT_READY in r.data:
-                # The adapter refused before calling its model (the model is not ready: it just
-                # died and the adapter is about to exit, say), so the request was never sent:
-                # safe to send elsewhere. Any other 503 ("not reachable" after the model dropped
-                # the connection) may come from a request that crashed the model; retrying it
-                # could crash the next replica too, so it goes back to the caller as is.
-                # This replica returns to readiness polling until it recovers or exits.
-                tried.add(replica.id)
-                self._unready(replica)
-                log.debug("%s: replica %s answered 503 (%s); retrying elsewhere", name, replica.id, r.data[:200])
+            if self._retry_after_answer(replica, r.status, r.data, attempt, tried):
                 continue
-            return ProxyResponse(status=r.status, headers=resp_headers, body=r.data)
+            return ProxyResponse(status=r.status, headers=_answer_headers(r.headers.items()), body=r.data)
         raise UpstreamError(f"{name}: no replica could be reached ({last_error})")
+
+    def _retry_after_answer(self, replica: Replica, status: int, data: bytes, attempt: int, tried: set[int]) -> bool:
+        """Whether an answer says the request never reached a model, so it may go elsewhere.
+
+        The adapter's "not ready" 503 is sent before it calls its model (the model just died and
+        the adapter is about to exit, say): safe to send elsewhere, and the replica goes back to
+        readiness polling until it recovers or exits. Any other 503 ("not reachable" after the
+        model dropped the connection) may come from a request that crashed the model; retrying it
+        could crash the next replica too, so it goes back to the caller as is."""
+        if status == 503 and attempt < ATTEMPTS - 1 and NOT_READY in data:
+            tried.add(replica.id)
+            self._unready(replica)
+            log.debug("%s: replica %s answered 503 (%s); retrying elsewhere", replica.rev.name, replica.id, data[:200])
+            return True
+        return False
 
     def _acquire(self, name: str, tried: set[int]) -> Replica:
         deadline = time.monotonic() + self.start_timeout + 5.0
         for _ in range(100):
             with self._lock:
-                if self._closing:
-                    raise Unavailable("the runtime is shutting down")
-                version = self._live.get(name)
-                if version is None:
-                    raise NotFound(f"no realtime model named {name!r}")
-                rev = self._revisions.get((name, version)) or self._revision_locked(name, version)
+                rev = self._live_revision_locked(name)
                 try:
                     return self._acquire_locked(rev, tried, deadline)
                 except _Stale:
                     continue
         raise Unavailable(f"{name}: its live version kept changing; try again")
 
+    def _live_revision_locked(self, name: str) -> Revision:
+        if self._closing:
+            raise Unavailable("the runtime is shutting down")
+        version = self._live.get(name)
+        if version is None:
+            raise NotFound(f"no realtime model named {name!r}")
+        return self._revisions.get((name, version)) or self._revision_locked(name, version)
+
     def _acquire_locked(self, rev: Revision, tried: set[int], deadline: float) -> Replica:
         rev.pending += 1
-        pending = True
         rev.last_request = time.monotonic()
+        taken = None
         try:
             while True:
-                if rev.retired:
-                    raise _Stale()
-                if rev.failed:
-                    raise Unavailable(f"{rev.key} failed: {rev.failed}")
-                best = None
-                for r in rev.replicas:
-                    if r.state == "ready" and r.id not in tried and (best is None or r.inflight < best.inflight):
-                        best = r
-                if best is not None:
-                    # Now in flight on `best`, no longer pending: counting it twice made a load of
-                    # exactly target_concurrency look like one more and start a spurious replica.
-                    rev.pending -= 1
-                    pending = False
-                    best.inflight += 1
-                    self._scale_out_locked(rev)
-                    return best
-                self._scale_out_locked(rev)
+                taken = self._take_locked(rev, tried)
+                if taken is not None:
+                    return taken
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise Unavailable(f"{rev.key}: no replica became ready within {self.start_timeout:.0f}s")
+                    raise self._not_started(rev)
                 rev.cond.wait(remaining)
         finally:
-            if pending:
+            if taken is None:
                 rev.pending -= 1
+
+    async def _aacquire(self, name: str, tried: set[int]) -> Replica:
+        """`_acquire` without blocking the event loop: a held request waits on a future that the
+        revision's `notify` completes, so thousands can wait at zero without a thread each."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.start_timeout + 5.0
+        for _ in range(100):
+            with self._lock:
+                rev = self._live_revision_locked(name)
+                rev.pending += 1
+                rev.last_request = time.monotonic()
+            taken = None
+            try:
+                while True:
+                    with self._lock:
+                        taken = self._take_locked(rev, tried)
+                        if taken is not None:
+                            return taken
+                        fut = loop.create_future()
+                        rev.waiters.append(fut)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise self._not_started(rev)
+                    try:
+                        await asyncio.wait_for(fut, remaining)
+                    except asyncio.TimeoutError:
+                        pass
+            except _Stale:
+                continue
+            finally:
+                if taken is None:
+                    with self._lock:
+                        rev.pending -= 1
+        raise Unavailable(f"{name}: its live version kept changing; try again")
+
+    def _take_locked(self, rev: Revision, tried: set[int]) -> Optional[Replica]:
+        """The ready replica with the fewest requests in flight, the caller's request (counted in
+        `rev.pending`) moved onto it; None when none is ready (the autoscaler has been asked for
+        one). Raises `_Stale` for a retired revision."""
+        if rev.retired:
+            raise _Stale()
+        if rev.failed:
+            raise Unavailable(f"{rev.key} failed: {rev.failed}")
+        best = None
+        for r in rev.replicas:
+            if r.state == "ready" and r.id not in tried and (best is None or r.inflight < best.inflight):
+                best = r
+        if best is not None:
+            # Now in flight on `best`, no longer pending: counting it twice made a load of
+            # exactly target_concurrency look like one more and start a spurious replica.
+            rev.pending -= 1
+            best.inflight += 1
+        self._scale_out_locked(rev)
+        return best
+
+    def _not_started(self, rev: Revision) -> Unavailable:
+        return Unavailable(f"{rev.key}: no replica became ready within {self.start_timeout:.0f}s")
 
     @staticmethod
     def _going_away(replica: Replica, wait: float = 0.5) -> bool:
@@ -392,10 +547,20 @@ class ReplicaManager:
             time.sleep(0.01)
         return False
 
+    @staticmethod
+    async def _agoing_away(replica: Replica, wait: float = 0.5) -> bool:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if replica.state == "exited" or (replica.proc is not None and replica.proc.poll() is not None):
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
     def _unready(self, replica: Replica) -> None:
         with self._lock:
             if replica.state == "ready":
                 replica.state = "starting"
+                self.generation += 1
                 replica.started = time.monotonic()   # start_timeout counts from the relapse
                 replica.ready_at = None
                 self._wake.set()
@@ -452,9 +617,7 @@ class ReplicaManager:
                 want = rev.desired(now, peak)
                 active = rev.active()
                 if len(active) > want:
-                    idle = sorted((r for r in active if r.state == "ready" and r.inflight == 0),
-                                  key=lambda r: r.ready_at or 0, reverse=True)
-                    for r in idle[:len(active) - want]:
+                    for r in _scale_in_victims(active, len(active) - want, demand):
                         self._stop_locked(r)
                 elif len(active) < want and not rev.failed and now >= rev.next_start and not self._closing:
                     for _ in range(want - len(active)):
@@ -466,6 +629,10 @@ class ReplicaManager:
                         not rev.failed and rev.scaling.min == 0 and now - rev.last_request >= rev.idle)):
                     rev.retired = True
                     del self._revisions[key]
+                    self.generation += 1
+            for name in [n for n, (at, _) in self._notes.items() if time.time() - at >= NOTE_SECONDS]:
+                del self._notes[name]   # the crash note stops showing as the model's error
+                self.generation += 1
             for name, n in per_model.items():
                 metrics = self._metrics.get(name)
                 if metrics is not None:
@@ -481,6 +648,7 @@ class ReplicaManager:
         folder.mkdir(parents=True, exist_ok=True)
         replica = Replica(rev, free_port(), folder)
         rev.replicas.append(replica)
+        self.generation += 1
         replica.thread = threading.Thread(target=self._monitor, args=(replica,),
                                           name=f"modelplane-replica-{replica.id}", daemon=True)
         replica.thread.start()
@@ -492,6 +660,7 @@ class ReplicaManager:
             return
         replica.state = "stopping"
         replica.stop_requested = True
+        self.generation += 1
         log.info("%s: stopping replica %s", replica.rev.key, replica.id)
 
     def _monitor(self, replica: Replica) -> None:
@@ -522,10 +691,11 @@ class ReplicaManager:
                     with self._lock:
                         if replica.state == "starting":
                             replica.state = "ready"
+                            self.generation += 1
                             replica.ready_at = time.monotonic()
                             log.info("%s: replica %s ready after %.0f ms", rev.key, replica.id,
                                      (replica.ready_at - replica.started) * 1000)
-                        rev.cond.notify_all()
+                        rev.notify()
                     continue
                 if time.monotonic() - replica.started > self.start_timeout:
                     replica.crash_reason = f"was not ready within {self.start_timeout:.0f}s (start_timeout)"
@@ -563,12 +733,13 @@ class ReplicaManager:
         with self._lock:
             was = replica.state
             replica.state = "exited"
+            self.generation += 1
             if replica in rev.replicas:
                 rev.replicas.remove(replica)
             crashed = reason is not None or not replica.stop_requested
             if crashed and not rev.retired and not self._closing:
                 self._crashed_locked(rev, replica, was, returncode, reason)
-            rev.cond.notify_all()
+            rev.notify()
         self._wake.set()
 
     def _crashed_locked(self, rev: Revision, replica: Replica, was: str, returncode: Optional[int],

@@ -112,6 +112,7 @@ class VersionStore:
         self._models: dict[str, ModelRecord] = {}
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self.problems: list[str] = []  # records found unreadable, and what was done about them
+        self.generation = 0            # bumped on every change: a model, a version, the live pointer
         self._load()
 
     def _load(self) -> None:
@@ -232,6 +233,7 @@ class VersionStore:
                 new.live = version
             write_json_atomic(model_dir / STATE_FILE, new.to_json())
             self._models[name] = new
+            self.generation += 1
             return info, True, made_live
 
     def set_live(self, name: str, version: str) -> VersionRecord:
@@ -245,6 +247,7 @@ class VersionStore:
                 new = ModelRecord(name=name, live=version, versions=list(record.versions))
                 write_json_atomic(self.root / name / STATE_FILE, new.to_json())
                 self._models[name] = new
+            self.generation += 1
             return info
 
     def remove(self, name: str) -> None:
@@ -256,6 +259,7 @@ class VersionStore:
             os.rename(model_dir, trash)
             fsync_dir(self.root)
             del self._models[name]
+            self.generation += 1
             for key in [k for k in self._manifests if k[0] == name]:
                 del self._manifests[key]
         shutil.rmtree(trash, ignore_errors=True)

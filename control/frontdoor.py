@@ -1,0 +1,262 @@
+"""The control service's front door: one asyncio (aiohttp) server on the service's address.
+
+- **The models' traffic** (`/models/{name}/…`: predict and the Open Inference Protocol) is
+  served here, in the event loop: the same checks as the API (Host, the token unless the model
+  is public or predict is opened, cross-site calls, the body's type), the body read from the
+  socket within the model's `limits.max_body`, then the runtime's `aforward`. For the local
+  runtime that is the replica manager itself: it holds a request while a replica starts
+  (a future, not a thread), balances over ready replicas and forwards on pooled connections.
+  Each request is forwarded once, from here; Flask never sees it.
+- **Everything else** is the Flask control API (control/app.py), run on a thread pool through
+  a small WSGI bridge that streams the request body from the socket only as the route reads
+  it (so each route's own cap applies before anything is spooled) and streams the answer back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+from urllib.parse import unquote_to_bytes
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from control.api import serving
+from control.app import MUTATING, request_id
+from control.errors import NotFound, PlaneError, TooLarge
+
+log = logging.getLogger(__name__)
+
+#: Request headers passed on to a model's adapter; everything else stays here.
+FORWARD_HEADERS = ("content-type", "accept", "x-request-id", "inference-header-content-length")
+#: Response headers never copied back from an adapter (hop-by-hop, or set by this server).
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server",
+              "proxy-authenticate", "trailer", "upgrade", "content-encoding"}
+CHUNK = 1 << 20
+
+
+class MethodNotAllowed(PlaneError):
+    status = 405
+
+
+def _json(data, status: int, headers: Optional[dict] = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it passes `limit`: never more is held."""
+    parts, size = [], 0
+    while True:
+        chunk = await content.read(CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the body is over this model's limit of {limit} bytes (its limits.max_body)")
+        parts.append(chunk)
+
+
+class FrontDoor:
+    """The aiohttp application: the models' routes here, the rest to the Flask `app`."""
+
+    def __init__(self, app, plane, *, threads: int):
+        self.app = app
+        self.plane = plane
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelplane-api")
+        self.session: Optional[aiohttp.ClientSession] = None
+
+    def web_app(self) -> web.Application:
+        application = web.Application(client_max_size=1 << 20)
+        application.router.add_route("*", "/{tail:.*}", self.dispatch)
+        application.on_startup.append(self._startup)
+        application.on_cleanup.append(self._cleanup)
+        return application
+
+    async def _startup(self, _app) -> None:
+        asyncio.get_running_loop().set_default_executor(self.pool)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"))
+
+    async def _cleanup(self, _app) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        raw = request.raw_path
+        if "://" in raw.split("?", 1)[0]:  # absolute-form request target
+            raw = "/" + raw.split("://", 1)[1].split("/", 1)[-1]
+        path, _, query = raw.partition("?")
+        if path.startswith("/models/"):
+            return await self.model_route(request, path, query)
+        return await self.wsgi(request, path, query)
+
+    # -- the models' routes ------------------------------------------------------------------
+    async def model_route(self, request: web.Request, path: str, query: str) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        plane, guard = self.plane, self.plane.guard
+        rid = request_id(request.headers.get("X-Request-Id", ""))
+        rule, name = "unmatched", None
+        try:
+            guard.check_host(request.headers)
+            segments = path[len("/models/"):].split("/")
+            name = segments[0]
+            # a percent-encoded name is never decoded and re-targeted: route only what was sent
+            routes = serving.match(segments[1:]) if name and "%" not in name else None
+            if routes is None:
+                raise NotFound(f"Not Found: no route for {path[:200]!r}")
+            method = "GET" if request.method == "HEAD" else request.method
+            if method not in routes:
+                raise MethodNotAllowed(f"Method Not Allowed: {request.method} is not allowed here "
+                                       f"({', '.join(sorted(routes))})")
+            rule, types = routes[method]
+            policy = plane.cached_policy(name)
+            if policy is None:
+                policy = await asyncio.get_running_loop().run_in_executor(self.pool, plane.policy, name)
+            public, limit = policy
+            guard.require_predict(request.headers, request.method, path, public=public)
+            body = b""
+            if method in MUTATING:
+                guard.check_origin(request.headers)
+                guard.check_content_type(types, given=request.headers.get("Content-Type", "").split(";")[0].strip())
+                if request.content_length is not None and request.content_length > limit:
+                    raise TooLarge(f"the body is {request.content_length} bytes; {name} takes at most {limit} "
+                                   "(its limits.max_body)")
+                body = await _read_capped(request.content, limit)
+            headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
+            try:
+                result = await plane.runtime.aforward(self.session, name, method=request.method,
+                                                      path=path[len("/models/") + len(name):], headers=headers,
+                                                      body=body, query=query)
+            except PlaneError as e:
+                plane.metrics.observe_model(name, e.status)
+                raise
+            plane.metrics.observe_model(name, result.status)
+            out = {k: v for k, v in (result.headers or {}).items() if k.lower() not in HOP_BY_HOP}
+            response = web.Response(body=result.body, status=result.status, headers=out)
+        except PlaneError as e:
+            if e.status >= 500:
+                log.warning("%s %s [%s]: %s", request.method, path[:200], rid, e.message)
+            response = _json(e.to_json(), e.status)
+            if isinstance(e, MethodNotAllowed):
+                response.headers["Allow"] = ", ".join(sorted(serving.match(path.split("/")[3:]) or ()))
+        except Exception as e:  # noqa: BLE001 — a bug answers a request id, never a traceback
+            log.error("%s %s failed [request id %s]", request.method, path[:200], rid, exc_info=e)
+            response = _json({"error": f"internal error: the control service's log has the details under "
+                                       f"request id {rid}", "request_id": rid}, 500)
+        response.headers["X-Request-Id"] = rid
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Cache-Control", "no-store")
+        plane.metrics.observe_api(rule, request.method, response.status, time.perf_counter() - t0)
+        return response
+
+    # -- the control API, through WSGI ---------------------------------------------------------
+    async def wsgi(self, request: web.Request, path: str, query: str) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        response = web.StreamResponse()
+        await loop.run_in_executor(self.pool, self._run_wsgi, request, response, path, query, loop)
+        await response.write_eof()
+        return response
+
+    def _run_wsgi(self, request: web.Request, response: web.StreamResponse, path: str, query: str,
+                  loop: asyncio.AbstractEventLoop) -> None:
+        """In a worker thread: run the Flask app, writing its answer through the event loop."""
+        def call(coro):
+            return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+        started: list = []
+
+        def start_response(status: str, headers, exc_info=None):
+            if exc_info and response.prepared:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [status, headers]
+            return lambda data: send(data)
+
+        def begin() -> None:
+            status, headers = started
+            code, _, reason = status.partition(" ")
+            response.set_status(int(code), reason or None)
+            for key, value in headers:
+                response.headers.add(key, value)
+            call(response.prepare(request))
+
+        def send(data: bytes) -> None:
+            if not response.prepared:
+                begin()
+            if data and request.method != "HEAD":
+                call(response.write(data))
+
+        result = self.app(_environ(request, path, query, _Body(request.content, call)), start_response)
+        try:
+            for chunk in result:
+                send(chunk)
+            if not response.prepared:
+                begin()
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+
+
+class _Body:
+    """`wsgi.input`: reads the request body from the socket as the app asks for it."""
+
+    def __init__(self, content: aiohttp.StreamReader, call):
+        self._content, self._call = content, call
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while chunk := self._call(self._content.read(CHUNK)):
+                parts.append(chunk)
+            return b"".join(parts)
+        return self._call(self._content.read(size)) if size else b""
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._call(self._content.readline())
+
+    def __iter__(self):
+        while line := self.readline():
+            yield line
+
+
+def _environ(request: web.Request, path: str, query: str, body: _Body) -> dict:
+    host, port = (request.transport.get_extra_info("sockname") or ("127.0.0.1", 0))[:2] \
+        if request.transport is not None else ("127.0.0.1", 0)
+    environ = {
+        "REQUEST_METHOD": request.method,
+        "SCRIPT_NAME": "",
+        # PEP 3333: the path percent-decoded, its bytes as latin-1
+        "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
+        "QUERY_STRING": query,
+        "RAW_URI": request.raw_path,
+        "REQUEST_URI": request.raw_path,
+        "SERVER_NAME": str(host),
+        "SERVER_PORT": str(port),
+        "SERVER_PROTOCOL": f"HTTP/{request.version.major}.{request.version.minor}",
+        "REMOTE_ADDR": request.remote or "",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": body,
+        "wsgi.input_terminated": True,
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    for key, value in request.headers.items():
+        upper = key.upper()
+        if "_" in key:   # X_Token would become HTTP_X_TOKEN, the same as X-Token: dropped
+            continue
+        if upper == "CONTENT-TYPE":
+            environ["CONTENT_TYPE"] = value
+        elif upper == "CONTENT-LENGTH":
+            environ["CONTENT_LENGTH"] = value
+        else:
+            wsgi_key = "HTTP_" + upper.replace("-", "_")
+            environ[wsgi_key] = f"{environ[wsgi_key]},{value}" if wsgi_key in environ else value
+    return environ

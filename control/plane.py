@@ -1,0 +1,140 @@
+"""What the control service's parts share: settings, the runtime, the guard, the event sink,
+metrics, registration failures, and each model's serving policy (who may call it, how large
+a body it takes). The Flask app (control API) and the asyncio front door (the models'
+traffic) both hold the one `Plane`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Optional
+
+from adapters.manifest import MANIFEST_FILE, ManifestError, load_manifest, parse_bytes
+from control import events as ce
+from control.errors import NotFound, PlaneError
+from control.guard import Guard, TTLCache
+from control.runtime.base import ModelInfo, Runtime
+from control.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: A predict body's cap when the model's manifest cannot be read (its own `limits.max_body` wins).
+DEFAULT_PREDICT_LIMIT = 10 * 2**20
+
+
+class Metrics:
+    """Counters the `/metrics` endpoint renders (thread-safe, in memory)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.api: dict[tuple[str, str, int], list[float]] = {}
+        self.model_requests: dict[tuple[str, int], int] = {}
+
+    def observe_api(self, route: str, method: str, status: int, seconds: float) -> None:
+        with self._lock:
+            entry = self.api.setdefault((route, method, status), [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+
+    def observe_model(self, name: str, status: int) -> None:
+        with self._lock:
+            self.model_requests[(name, status)] = self.model_requests.get((name, status), 0) + 1
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self.api), dict(self.model_requests)
+
+
+class Plane:
+    """What the routes share: settings, the runtime, the event sink, metrics, registration failures."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, *, owns_runtime: bool, token: str = "",
+                 token_created: bool = False):
+        self.settings = settings
+        self.runtime = runtime
+        self.owns_runtime = owns_runtime
+        self.events = ce.EventLog()
+        self.sink = ce.EventSink(runtime, bucket=settings.bucket_name, log_=self.events)
+        self.metrics = Metrics()
+        self.failed: dict[str, dict] = {}  # folder name -> {"name", "error", "path"}
+        self._storage = None
+        self._storage_lock = threading.Lock()
+        self.token = token
+        self.token_created = token_created
+        self.guard = Guard(settings, token)
+        self.policies = TTLCache(ttl=2.0)
+        self.openapi: Optional[dict] = None
+        self.routes: list = []
+
+    def policy(self, name: str) -> tuple[bool, int]:
+        """(open to anyone, predict body cap) of a model's live version, cached for 2 s."""
+        return self.policies.get(name, lambda: _policy(self.runtime, name))  # type: ignore[return-value]
+
+    def cached_policy(self, name: str) -> Optional[tuple[bool, int]]:
+        """`policy` if it is cached (the front door computes a miss off its event loop)."""
+        return self.policies.peek(name)  # type: ignore[return-value]
+
+    @property
+    def storage(self):
+        with self._storage_lock:
+            if self._storage is None:
+                from control.gcs import storage_client
+
+                self._storage = storage_client()
+            return self._storage
+
+    def close(self) -> None:
+        if self.owns_runtime:
+            self.runtime.close()
+
+    # -- registration of ./models ------------------------------------------------------
+    def register_models(self) -> None:
+        """Deploy every model folder under `models_dir`; a bad one is recorded, never fatal."""
+        root = Path(self.settings.models_dir)
+        if not root.is_dir():
+            log.info("no models folder at %s; nothing to register", root)
+            return
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+            if not (folder / MANIFEST_FILE).is_file():
+                continue
+            self.register(folder)
+
+    def register(self, folder: Path) -> None:
+        try:
+            manifest = load_manifest(folder)
+            try:
+                known = {v.version for v in self.runtime.model(manifest.name).versions}
+            except NotFound:
+                known = set()
+            # A version already known keeps whatever is live (a rollback survives a restart).
+            self.runtime.deploy(manifest, make_live=manifest.version not in known)
+            self.failed.pop(folder.name, None)
+            log.info("registered %s from %s", manifest.ref, folder)
+        except ManifestError as e:
+            self.failed[folder.name] = {"name": folder.name, "error": str(e), "path": str(folder)}
+            log.error("model folder %s has an invalid manifest:\n%s", folder, e)
+        except PlaneError as e:
+            self.failed[folder.name] = {"name": folder.name, "error": e.message, "path": str(folder)}
+            log.error("model folder %s could not be registered: %s", folder, e.message)
+        except Exception as e:  # a runtime bug must not stop the other models
+            self.failed[folder.name] = {"name": folder.name, "error": f"{type(e).__name__}: {e}", "path": str(folder)}
+            log.exception("model folder %s could not be registered", folder)
+
+    def failed_info(self, entry: dict) -> dict:
+        return ModelInfo(name=entry["name"], kind="unknown", language="unknown", version=None,
+                         status="failed", error=entry["error"]).to_json()
+
+
+
+
+def _policy(runtime: Runtime, name: str) -> tuple[bool, int]:
+    try:
+        manifest = runtime.model(name).manifest or {}
+    except PlaneError:
+        return False, DEFAULT_PREDICT_LIMIT
+    try:
+        limit = parse_bytes((manifest.get("limits") or {}).get("max_body") or DEFAULT_PREDICT_LIMIT)
+    except (TypeError, ValueError):
+        limit = DEFAULT_PREDICT_LIMIT
+    return manifest.get("visibility") == "public", limit
