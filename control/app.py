@@ -11,6 +11,7 @@ the asyncio front door (control/frontdoor.py) serves it and hands everything els
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -37,7 +38,7 @@ RESOURCES = (service, models, jobs, events, serving)
 
 def request_id(given: str) -> str:
     """The caller's X-Request-Id when it is a sane one, else a new id."""
-    return given if REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    return given if given and REQUEST_ID.match(given) else os.urandom(8).hex()
 
 
 def create_app(settings: Optional[Settings] = None, *, runtime: Optional[Runtime] = None,

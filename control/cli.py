@@ -650,10 +650,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_bench(argv: Sequence[str]) -> int:
-    """`modelplane bench …` is `python -m loadtest …`: its options pass through untouched."""
-    from loadtest.__main__ import main as bench_main
+BENCH_MISSING = "error: `modelplane bench` needs the [bench] extra: pip install 'modelplane[bench]'"
 
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    """`modelplane bench …` is `python -m loadtest …`, its options passed through untouched. The
+    benchmark is a command the package registers (entry point group `modelplane.commands`), so
+    the control service never imports it."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="modelplane.commands", name="bench")
+    try:
+        bench_main = next(iter(found)).load() if found else None
+    except ImportError as e:
+        print(f"{BENCH_MISSING} ({e.name or e} is missing)", file=sys.stderr)
+        return 2
+    if bench_main is None:
+        print(BENCH_MISSING, file=sys.stderr)
+        return 2
     return bench_main(list(argv))
 
 
@@ -667,7 +681,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in ("up", "serve", "watch") and not getattr(args, "verbose", False):
         logging.getLogger().setLevel(logging.INFO)
-        logging.getLogger("waitress").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except CLIError as e:

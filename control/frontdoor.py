@@ -67,26 +67,12 @@ class FrontDoor:
         self.app = app
         self.plane = plane
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelplane-api")
-        self.session: Optional[aiohttp.ClientSession] = None
 
-    def web_app(self) -> web.Application:
-        application = web.Application(client_max_size=1 << 20)
-        application.router.add_route("*", "/{tail:.*}", self.dispatch)
-        application.on_startup.append(self._startup)
-        application.on_cleanup.append(self._cleanup)
-        return application
+    def server(self) -> web.Server:
+        """The low-level aiohttp server: every request to `dispatch`, no router or middleware."""
+        return web.Server(self.dispatch, access_log=None)
 
-    async def _startup(self, _app) -> None:
-        asyncio.get_running_loop().set_default_executor(self.pool)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"))
-
-    async def _cleanup(self, _app) -> None:
-        if self.session is not None:
-            await self.session.close()
-
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
         if "://" in raw.split("?", 1)[0]:  # absolute-form request target
             raw = "/" + raw.split("://", 1)[1].split("/", 1)[-1]
@@ -96,7 +82,7 @@ class FrontDoor:
         return await self.wsgi(request, path, query)
 
     # -- the models' routes ------------------------------------------------------------------
-    async def model_route(self, request: web.Request, path: str, query: str) -> web.StreamResponse:
+    async def model_route(self, request: web.BaseRequest, path: str, query: str) -> web.StreamResponse:
         t0 = time.perf_counter()
         plane, guard = self.plane, self.plane.guard
         rid = request_id(request.headers.get("X-Request-Id", ""))
@@ -129,7 +115,7 @@ class FrontDoor:
                 body = await _read_capped(request.content, limit)
             headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
             try:
-                result = await plane.runtime.aforward(self.session, name, method=request.method,
+                result = await plane.runtime.aforward(name, method=request.method,
                                                       path=path[len("/models/") + len(name):], headers=headers,
                                                       body=body, query=query)
             except PlaneError as e:
@@ -155,14 +141,14 @@ class FrontDoor:
         return response
 
     # -- the control API, through WSGI ---------------------------------------------------------
-    async def wsgi(self, request: web.Request, path: str, query: str) -> web.StreamResponse:
+    async def wsgi(self, request: web.BaseRequest, path: str, query: str) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         response = web.StreamResponse()
         await loop.run_in_executor(self.pool, self._run_wsgi, request, response, path, query, loop)
         await response.write_eof()
         return response
 
-    def _run_wsgi(self, request: web.Request, response: web.StreamResponse, path: str, query: str,
+    def _run_wsgi(self, request: web.BaseRequest, response: web.StreamResponse, path: str, query: str,
                   loop: asyncio.AbstractEventLoop) -> None:
         """In a worker thread: run the Flask app, writing its answer through the event loop."""
         def call(coro):
@@ -224,7 +210,7 @@ class _Body:
             yield line
 
 
-def _environ(request: web.Request, path: str, query: str, body: _Body) -> dict:
+def _environ(request: web.BaseRequest, path: str, query: str, body: _Body) -> dict:
     host, port = (request.transport.get_extra_info("sockname") or ("127.0.0.1", 0))[:2] \
         if request.transport is not None else ("127.0.0.1", 0)
     environ = {

@@ -60,14 +60,19 @@ class Guard:
         for name in ("127.0.0.1", "localhost"):
             origins.add(f"http://{name}:{settings.console_port}")
         self.origins = origins
+        self._hosts_seen: set[str] = set()
 
     # -- Host ---------------------------------------------------------------------------------
     def check_host(self, headers) -> None:
         raw = headers.get("Host", "")
+        if raw in self._hosts_seen:
+            return
         host = _split_host(raw)
         if not host:
             raise BadRequest("the request has no Host header")
         if self.any_host or _is_ip(host) or host in self.hosts or host.endswith(self.host_suffixes):
+            if len(self._hosts_seen) < 1000:   # the answer for a Host never changes: parsed once
+                self._hosts_seen.add(raw)
             return
         raise Forbidden(f"Host {raw[:100]!r} does not name this service; if it is how clients reach it, "
                         "add it to MODELPLANE_ALLOWED_HOSTS")

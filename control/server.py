@@ -67,7 +67,7 @@ class ControlServer:
         self.watcher = None
         self._port = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._runner: Optional[web.AppRunner] = None
+        self._runner: Optional[web.ServerRunner] = None
         self._door: Optional[FrontDoor] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -101,10 +101,15 @@ class ControlServer:
             self._port = sock.getsockname()[1]
             self._door = FrontDoor(self.app, self.plane, threads=self.settings.threads)
             loop = _new_loop()
-            self._runner = web.AppRunner(self._door.web_app(), handle_signals=False, access_log=None,
-                                         shutdown_timeout=5.0)
-            loop.run_until_complete(self._runner.setup())
-            loop.run_until_complete(web.SockSite(self._runner, sock).start())
+            loop.set_default_executor(self._door.pool)
+
+            async def serve() -> web.ServerRunner:
+                runner = web.ServerRunner(self._door.server(), handle_signals=False, shutdown_timeout=5.0)
+                await runner.setup()
+                await web.SockSite(runner, sock).start()
+                return runner
+
+            self._runner = loop.run_until_complete(serve())
         except BaseException:
             if loop is not None:
                 loop.close()

@@ -7,10 +7,24 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .bench import SECTIONS, Config, run
+#: What the benchmark needs beyond the plane itself: the `[bench]` extra.
+EXTRA = ("locust", "matplotlib")
+
+
+def missing_extra() -> list[str]:
+    import importlib.util
+
+    return [name for name in EXTRA if importlib.util.find_spec(name) is None]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    missing = missing_extra()
+    if missing:
+        print(f"error: the benchmark needs the [bench] extra ({', '.join(missing)} not installed): "
+              "pip install 'modelplane[bench]'", file=sys.stderr)
+        return 2
+    from .bench import SECTIONS, Config, run
+
     ap = argparse.ArgumentParser(
         prog="python -m loadtest",
         description="Benchmark an embedded plane this command starts itself (temporary state dir, GCS emulator, "

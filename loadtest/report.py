@@ -12,7 +12,7 @@ from typing import Any, Optional
 class Figure:
     """One measured number held against a DESIGN.md target and a baseline measured in the same run.
 
-    `target` is compared with `op` (`<=` or `==`); `ratio` is value / baseline unless the figure
+    `target` is compared with `op` (`<=`, `>=` or `==`); `ratio` is value / baseline unless the figure
     says otherwise (`ratio_of`), and `passed` is None for figures without a target.
     """
 
@@ -35,7 +35,8 @@ class Figure:
         if self.ratio is None and _finite(self.value) and _finite(self.baseline) and self.baseline:
             self.ratio = self.value / self.baseline
         if not self.target_label and self.target is not None:
-            self.target_label = f"{'≤' if self.op == '<=' else self.op} {_fmt(self.target)} {self.unit}".strip()
+            sign = {"<=": "≤", ">=": "≥"}.get(self.op, self.op)
+            self.target_label = f"{sign} {_fmt(self.target)} {self.unit}".strip()
 
     @property
     def passed(self) -> Optional[bool]:
@@ -45,6 +46,8 @@ class Figure:
             return False
         if self.op == "==":
             return self.value == self.target
+        if self.op == ">=":
+            return self.value >= self.target
         return self.value <= self.target
 
     def to_json(self) -> dict:

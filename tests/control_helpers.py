@@ -1,4 +1,4 @@
-"""Helpers for the control-service tests: a real waitress server in a thread, polled until healthy."""
+"""Helpers for the control-service tests: the real server (aiohttp front door + Flask API) in a thread, polled until healthy."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,4 @@
-"""The control API over real HTTP: a waitress server in a thread in front of an in-memory runtime."""
+"""The control API over real HTTP: the real server (aiohttp front door + Flask API) in a thread in front of an in-memory runtime."""
 from __future__ import annotations
 
 import io
@@ -214,8 +214,23 @@ def test_dataset_upload_lands_in_incoming(plane, gcs, gcs_client):
     body = r.json()
     assert body["uri"] == "gs://test-bucket/incoming/sum-batch/d1.csv"
     blob = gcs_client.bucket("test-bucket").get_blob("incoming/sum-batch/d1.csv")
-    assert body["key"] == f"test-bucket/incoming/sum-batch/d1.csv#{blob.generation}"
+    generation = str(blob.generation)
+    assert body["key"] == f"test-bucket/incoming/sum-batch/d1.csv#{generation}"
     assert blob.download_as_bytes() == b"a,b\n1,2\n"
+    # no watcher runs here: the upload handled its own bucket event, so the job exists already
+    job = api.get(f"{server.url}/api/jobs/{body['job']}").json()
+    assert job["dataset"] == body["uri"] and job["trigger"] == "event"
+    started = api.get(f"{server.url}/api/events", params={"key": body["key"]}).json()
+    assert [e["action"] for e in started] == ["started"]
+    # the same event from the watcher (or the bucket's notification) later is a duplicate, not a second job
+    from control.events import finalized_event, to_binary_http
+
+    headers, data = to_binary_http(finalized_event({"bucket": "test-bucket", "name": "incoming/sum-batch/d1.csv",
+                                                    "generation": generation}))
+    again = api.post(f"{server.url}/events", data=data, headers=headers)
+    assert again.status_code == 200 and again.json()["action"] == "duplicate", again.text
+    assert again.json()["job"] == body["job"]
+    assert len([j for j in api.get(f"{server.url}/api/jobs").json() if j["dataset"] == body["uri"]]) == 1
 
     bad = [({"filename": "../x.csv"}, 400), ({"filename": "x.txt"}, 400), ({}, 400)]
     for params, status in bad:
@@ -296,3 +311,32 @@ def test_server_stops_and_releases_its_port(tmp_path):
     with pytest.raises(requests.ConnectionError):
         api.get(f"{url}/healthz", timeout=2)
     assert runtime.closed is False  # a runtime passed in belongs to the caller
+
+
+def test_model_list_pages_and_answers_not_modified(plane, tmp_path):
+    server, _ = plane
+    whole = api.get(f"{server.url}/api/models")
+    names = [m["name"] for m in whole.json()]
+    assert names == ["broken", "echo-rt", "sum-batch"]
+    assert whole.headers["X-Total-Count"] == "3" and "Link" not in whole.headers
+    etag = whole.headers["ETag"]
+    # unchanged: 304 with no body, for a tag among several too
+    r = api.get(f"{server.url}/api/models", headers={"If-None-Match": f'"other", {etag}'})
+    assert r.status_code == 304 and r.content == b""
+    # pages: limit + after, the next page linked
+    first = api.get(f"{server.url}/api/models", params={"limit": 2})
+    assert [m["name"] for m in first.json()] == ["broken", "echo-rt"]
+    assert first.headers["Link"] == '</api/models?limit=2&after=echo-rt>; rel="next"'
+    second = api.get(f"{server.url}{first.headers['Link'][1:].split('>')[0]}")
+    assert [m["name"] for m in second.json()] == ["sum-batch"] and "Link" not in second.headers
+    assert second.json()[0] == whole.json()[2]   # a page is the same bytes as in the whole list
+    assert api.get(f"{server.url}/api/models", params={"after": "zzz"}).json() == []
+    assert api.get(f"{server.url}/api/models", params={"limit": 0}).status_code == 400
+    # a change makes a new list and a new tag
+    folder = copy_fixture("echo-rt", tmp_path / "src")
+    (folder / "model.yaml").write_text((folder / "model.yaml").read_text().replace("name: echo-rt", "name: echo-two"))
+    r = api.post(f"{server.url}/api/models", data=tar_of(folder), headers={"Content-Type": "application/gzip"})
+    assert r.status_code == 201, r.text
+    changed = api.get(f"{server.url}/api/models", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["ETag"] != etag
+    assert "echo-two" in [m["name"] for m in changed.json()]

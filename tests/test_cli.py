@@ -1,4 +1,4 @@
-"""`modelplane` subcommands against a real control service (waitress in a thread, in-memory runtime)."""
+"""`modelplane` subcommands against a real control service (the real server in a thread, in-memory runtime)."""
 from __future__ import annotations
 
 import json
@@ -246,3 +246,17 @@ def test_validate_delegates_to_control_validate(capsys):
     code = main(["validate", str(FIXTURES / "broken")])
     assert code != 0
     assert "featurez" in capsys.readouterr().out
+
+
+def test_bench_without_the_bench_extra_says_what_to_install(tmp_path):
+    """`modelplane bench` with locust missing: one line naming the extra, no traceback, exit 2."""
+    code = ("import sys; sys.modules['locust'] = None\n"
+            "from control.cli import main\n"
+            "sys.exit(main(['bench', '--quick', '--out', sys.argv[1]]))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["error: the benchmark needs the [bench] extra (locust not installed): "
+                     "pip install 'modelplane[bench]'"], done.stderr
+    assert not (tmp_path / "out").exists()  # stopped before any work

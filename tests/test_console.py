@@ -1,6 +1,6 @@
 """The console's pages, run with Streamlit's AppTest against a real control service.
 
-The control service is the real one (`control.server.ControlServer`: waitress in a thread,
+The control service is the real one (`control.server.ControlServer` in a thread,
 the local runtime, the example models under ./models, the GCS emulator, the bucket watcher).
 Only the browser is missing: AppTest runs each page's script and we assert on what it renders.
 """

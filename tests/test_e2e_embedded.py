@@ -1,5 +1,5 @@
 """Issue 3's "done when", end to end on the embedded plane: the real LocalRuntime, the real
-adapter and example models, the real GCS emulator, real events, a real waitress server.
+adapter and example models, the real GCS emulator, real events, the real server (aiohttp front door + Flask API).
 
 The Python example models are used (R ones are covered by their own marked tests elsewhere).
 """

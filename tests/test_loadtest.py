@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -90,9 +91,12 @@ def plane(tmp_path_factory):
     models = tmp / "models"
     copy_models([ex[("realtime", "python")], ex[("batch", "python")]], models)
     idle = bench_copy(ex[("realtime", "python")], models, suffix="idle", scaling={"idle_timeout": "1s"}).name
+    at_target = bench_copy(ex[("realtime", "python")], models, suffix="at-target",
+                           scaling={"min": 0, "max": 4, "target_concurrency": 4, "idle_timeout": "60s"}).name
     p = EmbeddedPlane(tmp / "plane", models_dir=models, env={"MODELPLANE_WATCH_INTERVAL": "0.2"}).start(
-        expect=[ex[("realtime", "python")].name, ex[("batch", "python")].name, idle])
+        expect=[ex[("realtime", "python")].name, ex[("batch", "python")].name, idle, at_target])
     p.idle_model = idle
+    p.at_target = at_target
     p.realtime = ex[("realtime", "python")].name
     p.batch = ex[("batch", "python")].name
     try:
@@ -120,6 +124,35 @@ def test_locust_scenario_makes_requests_and_none_fail(plane, tmp_path, scenario,
         assert jobs and jobs[0].requests >= 1 and jobs[0].failures == 0, detail
         uploads = [r for r in result.rows if r.type == ("GCS" if upload == "gcs" else "POST") and "predict" not in r.name]
         assert uploads and uploads[0].requests >= 1, detail
+
+
+def test_load_at_exactly_target_concurrency_keeps_one_replica_and_one_cold_start(plane, tmp_path):
+    """Locust users with no pause, as many as the model's target_concurrency (4): the first
+    request starts one replica, and the load never asks for a second or loses the first."""
+    name = plane.at_target
+    samples, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            samples.append(plane.model(name)["replicas"])
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = run_scenario("steady", host=plane.url, out_dir=tmp_path, users=4, spawn_rate=4, duration="8s",
+                              env={"LOADTEST_MODELS": name, "LOADTEST_WAIT": "0", "MODELPLANE_TOKEN": plane.token},
+                              stop_timeout=30, timeout=120)
+    finally:
+        stop.set()
+        watcher.join()
+    detail = f"{[(r.name, r.requests, r.failures) for r in result.rows]}\n{result.stderr_tail}"
+    assert result.requests > 200 and result.failed == 0, detail
+    metrics = plane.model(name)["metrics"]
+    assert metrics["cold_starts"] == 1, metrics
+    assert max(samples) == 1, samples                    # never a second replica
+    first_ready = samples.index(1)
+    assert min(samples[first_ready:]) == 1, samples      # never back to zero under load
 
 
 def test_parse_stats_reads_locust_csv(tmp_path):

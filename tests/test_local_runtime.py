@@ -444,3 +444,27 @@ def test_close_leaves_no_processes(settings, tmp_path):
     assert len(pids) == 4    # two adapters, two models
     rt.close()
     assert not [pid for pid in pids if alive(pid)]
+
+
+def test_scale_in_stops_starting_replicas_first_and_never_the_last_ready_one_under_load():
+    from types import SimpleNamespace
+
+    from control.runtime.local_replicas import _scale_in_victims
+
+    def replica(id_, state, inflight=0, started=0.0, ready_at=None):
+        return SimpleNamespace(id=id_, state=state, inflight=inflight, started=started, ready_at=ready_at)
+
+    ready_old = replica(1, "ready", ready_at=1.0)
+    ready_new = replica(2, "ready", ready_at=5.0)
+    busy = replica(3, "ready", inflight=2, ready_at=2.0)
+    starting = replica(4, "starting", started=6.0)
+    starting_newer = replica(5, "starting", started=7.0)
+    # one too many: the one still starting goes, not a warm one
+    assert _scale_in_victims([ready_old, starting], 1, demand=1) == [starting]
+    # starting ones newest first, then the most recently ready idle one; never one in flight
+    assert _scale_in_victims([ready_old, ready_new, busy, starting, starting_newer], 4, demand=2) == \
+        [starting_newer, starting, ready_new, ready_old]
+    # with requests in flight or held, the last ready replica stays even when zero are wanted
+    assert _scale_in_victims([ready_old, starting], 2, demand=1) == [starting]
+    # and with none, everything idle may go
+    assert _scale_in_victims([ready_old, starting], 2, demand=0) == [starting, ready_old]

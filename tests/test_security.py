@@ -167,6 +167,15 @@ def test_a_predict_body_over_the_models_limit_never_reaches_it(tmp_path):
                      headers={"Content-Type": "text/csv"})
         assert r.status_code == 413
         assert runtime.forwarded == []
+
+        def chunks():  # no Content-Length: the front door stops reading past the cap
+            yield b"x\n"
+            for _ in range(1000):
+                yield b"1\n"
+
+        r = api.post(f"{server.url}/models/echo-rt/predict", data=chunks(), headers={"Content-Type": "text/csv"})
+        assert r.status_code == 413 and "1024" in r.json()["error"]
+        assert runtime.forwarded == []
         r = api.post(f"{server.url}/models/echo-rt/predict", data=b"x\n1\n", headers={"Content-Type": "text/csv"})
         assert r.status_code == 200
 

@@ -144,11 +144,11 @@ class Runtime(abc.ABC):
         """Send a request to the live version's adapter (`path` as the adapter sees it),
         holding it while a replica starts."""
 
-    async def aforward(self, session, name: str, *, method: str, path: str, headers: Mapping[str, str],
+    async def aforward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
                        body: bytes, query: str = "") -> ProxyResponse:
-        """`forward` for the control service's asyncio front door; `session` is its aiohttp
-        ClientSession. By default `forward` in the event loop's executor; a runtime that can
-        hold and send requests without a thread each overrides it."""
+        """`forward` for the control service's asyncio front door. By default `forward` in the
+        event loop's executor; a runtime that can hold and send requests without a thread each
+        overrides it."""
         import asyncio
         import functools
 

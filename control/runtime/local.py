@@ -206,10 +206,10 @@ class LocalRuntime(Runtime):
         self._realtime(name)
         return self.replicas.forward(name, method=method, path=path, headers=headers, body=body, query=query)
 
-    async def aforward(self, session, name: str, *, method: str, path: str, headers: Mapping[str, str],
+    async def aforward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
                        body: bytes, query: str = "") -> ProxyResponse:
         self._realtime(name)
-        return await self.replicas.aforward(session, name, method=method, path=path, headers=headers, body=body,
+        return await self.replicas.aforward(name, method=method, path=path, headers=headers, body=body,
                                             query=query)
 
     def _realtime(self, name: str) -> None:

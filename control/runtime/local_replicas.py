@@ -42,7 +42,6 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-import aiohttp
 import urllib3
 from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError,
                                 ReadTimeoutError)
@@ -53,6 +52,7 @@ from control.errors import NotFound, Unavailable, UpstreamError
 from control.runtime.base import ProxyResponse
 from control.runtime.local_procs import descendants, kill_pids, killpg, tail, with_pdeathsig
 from control.runtime.local_metrics import ModelMetrics
+from control.upstream import Broken, Unsent, Upstream, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,6 @@ def _broke(replica: "Replica", e: Exception) -> UpstreamError:
                          f"mid-request ({e}); the model may have crashed")
 
 
-def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
-
-
 def _wake(fut: "asyncio.Future") -> None:
     if not fut.done():
         fut.set_result(None)
@@ -132,7 +128,8 @@ class Replica:
         size = max(64, 4 * rev.scaling.target_concurrency)
         self.pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=size, block=False, retries=False,
                                                timeout=timeout)
-        self.atimeout = _client_timeout(2.0, rev.manifest.limits.timeout_seconds + 5.0)
+        self.upstream = Upstream(port, connect_timeout=2.0, read_timeout=rev.manifest.limits.timeout_seconds + 5.0,
+                                 keep=size)
 
     @property
     def active(self) -> bool:
@@ -351,9 +348,10 @@ class ReplicaManager:
         finally:
             self._record(name, t0, failed)
 
-    async def aforward(self, session, name: str, *, method: str, path: str, headers: Mapping[str, str],
+    async def aforward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
                        body: bytes, query: str = "") -> ProxyResponse:
-        """`forward` for an asyncio caller, over `session` (an aiohttp ClientSession it owns)."""
+        """`forward` for an asyncio caller (the front door), on the replicas' kept-alive
+        connections (control/upstream.py)."""
         t0 = time.monotonic()
         failed = True
         url, out_headers, body = _outgoing(method, path, query, headers, body)
@@ -363,23 +361,19 @@ class ReplicaManager:
             for attempt in range(ATTEMPTS):
                 replica = await self._aacquire(name, tried)
                 try:
-                    async with session.request(method.upper(), f"http://127.0.0.1:{replica.port}{url}",
-                                               data=body, headers=out_headers, allow_redirects=False,
-                                               auto_decompress=False, timeout=replica.atimeout) as r:
-                        data = await r.read()
-                        status, resp_headers = r.status, r.headers
-                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                    status, resp_headers, data = await replica.upstream.request(method.upper(), url, out_headers, body)
+                except Unsent as e:
                     error: Exception = e
                     unsent = True
-                except (aiohttp.SocketTimeoutError, asyncio.TimeoutError) as e:
+                except UpstreamTimeout as e:
                     raise _timed_out(replica) from e
-                except (aiohttp.ClientError, OSError) as e:
+                except (Broken, OSError) as e:
                     error, unsent = e, False
                 else:
                     if self._retry_after_answer(replica, status, data, attempt, tried):
                         continue
                     failed = status >= 500
-                    return ProxyResponse(status=status, headers=_answer_headers(resp_headers.items()), body=data)
+                    return ProxyResponse(status=status, headers=_answer_headers(resp_headers), body=data)
                 finally:
                     self._release(replica)
                 if unsent or (attempt < ATTEMPTS - 1 and await self._agoing_away(replica)):
@@ -531,6 +525,8 @@ class ReplicaManager:
             # exactly target_concurrency look like one more and start a spurious replica.
             rev.pending -= 1
             best.inflight += 1
+            if rev.demand() <= rev.scaling.target_concurrency * len(rev.replicas):
+                return best   # the replicas there are can take it: nothing to scale (the tick does the rest)
         self._scale_out_locked(rev)
         return best
 
