@@ -47,6 +47,15 @@ def _json(data, status: int, headers: Optional[dict] = None) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
+async def _continue(request: web.BaseRequest) -> None:
+    """`Expect: 100-continue` (curl sends it for bodies over 1 KiB): the client may send the
+    body now, once the checks passed; a refused request never had it sent."""
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue" \
+            and not getattr(request, "_modelplane_continued", False):
+        request._modelplane_continued = True  # type: ignore[attr-defined]
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
 async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
     """The whole body, refused (413) as soon as it passes `limit`: never more is held."""
     parts, size = [], 0
@@ -112,6 +121,7 @@ class FrontDoor:
                 if request.content_length is not None and request.content_length > limit:
                     raise TooLarge(f"the body is {request.content_length} bytes; {name} takes at most {limit} "
                                    "(its limits.max_body)")
+                await _continue(request)
                 body = await _read_capped(request.content, limit)
             headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
             try:
@@ -176,7 +186,8 @@ class FrontDoor:
             if data and request.method != "HEAD":
                 call(response.write(data))
 
-        result = self.app(_environ(request, path, query, _Body(request.content, call)), start_response)
+        body = _Body(request.content, call, lambda: _continue(request))
+        result = self.app(_environ(request, path, query, body), start_response)
         try:
             for chunk in result:
                 send(chunk)
@@ -191,10 +202,16 @@ class FrontDoor:
 class _Body:
     """`wsgi.input`: reads the request body from the socket as the app asks for it."""
 
-    def __init__(self, content: aiohttp.StreamReader, call):
-        self._content, self._call = content, call
+    def __init__(self, content: aiohttp.StreamReader, call, first_read):
+        self._content, self._call, self._first_read = content, call, first_read
+
+    def _begin(self) -> None:
+        if self._first_read is not None:   # the route reads the body: its checks passed
+            self._call(self._first_read())
+            self._first_read = None
 
     def read(self, size: int = -1) -> bytes:
+        self._begin()
         if size is None or size < 0:
             parts = []
             while chunk := self._call(self._content.read(CHUNK)):
@@ -203,6 +220,7 @@ class _Body:
         return self._call(self._content.read(size)) if size else b""
 
     def readline(self, size: int = -1) -> bytes:
+        self._begin()
         return self._call(self._content.readline())
 
     def __iter__(self):

@@ -248,15 +248,22 @@ def dispatch(cluster, sink_name: str, event: dict) -> str:
     """What Knative Eventing's JobSink dispatcher does with a delivered event (cmd/jobsink/main.go
     `ServeHTTP`): the JobSink's defaults, then a Job from its template named
     `kmeta.ChildName(sink + "-", md5hex(source + id))`, labelled and owned, with the event Secret
-    mounted in the main containers; then that Secret. Returns the Job's name."""
+    mounted in the main containers; then that Secret. When a Job with that name's label exists
+    already, nothing (ServeHTTP lists by `jobLabelSelector` first). Returns the Job's name."""
     js = cluster.admin.get(f"/apis/sinks.knative.dev/v1alpha1/namespaces/{NS}/jobsinks/{sink_name}")
+    digest = hashlib.md5((event["source"] + event["id"]).encode()).hexdigest()
+    name = f"{sink_name}-{digest}"  # kmeta.ChildName is this concatenation while it fits 63 characters
+    # A Job for this event already (the control service made it when the dataset was uploaded):
+    # the dispatcher answers 202 and creates nothing.
+    existing = cluster.admin.get(f"/apis/batch/v1/namespaces/{NS}/jobs?labelSelector="
+                                 f"sinks.knative.dev/job-sink-id%3D{name},sinks.knative.dev/job-sink-name%3D{sink_name}")
+    if existing["items"]:
+        return existing["items"][0]["metadata"]["name"]
     job = copy.deepcopy(js["spec"]["job"])
     pod = job["spec"]["template"]["spec"]
     for c in pod.get("containers", []) + pod.get("initContainers", []):  # job_sink_defaults.go SetDefaults
         if not any(e["name"] == "K_EXECUTION_MODE" for e in c.get("env", [])):
             c.setdefault("env", []).append({"name": "K_EXECUTION_MODE", "value": "batch"})
-    digest = hashlib.md5((event["source"] + event["id"]).encode()).hexdigest()
-    name = f"{sink_name}-{digest}"  # kmeta.ChildName is this concatenation while it fits 63 characters
     assert len(name) <= 63
     job["metadata"]["name"] = name
     job["metadata"].setdefault("labels", {}).update({"sinks.knative.dev/job-sink-id": name,
@@ -430,19 +437,23 @@ def test_control_service_runs_from_knative_yaml_and_deploys_through_its_api(clus
     status, body = http("GET", f"{base}/api/models", headers=auth)
     assert status == 200 and {m["name"] for m in json.loads(body)} >= {"donor-propensity", "churn-risk"}
 
-    # `modelplane run` on a cluster: the upload's answer names the Job the bucket event will make
-    # (the bridge's event id, `{object}#{generation}`), and the job is then followed through the API.
+    # `modelplane run` on a cluster: the upload handles its own bucket event, so the Job exists as
+    # soon as the upload is answered, named as the JobSink names it for the bridge's event
+    # (`{object}#{generation}`); when that event arrives, the JobSink finds the Job and makes none.
     sample = (MODELS / "churn-risk" / "sample.csv").read_bytes()
     status, body = http("POST", f"{base}/api/models/churn-risk/datasets?filename=april.csv", sample,
                         {**auth, "Content-Type": "text/csv"})
     assert status == 201, body
     up = json.loads(body)
     status, _ = http("GET", f"{base}/api/jobs/{up['job']}", headers=auth)
-    assert status == 404  # no event has arrived yet
+    assert status == 200  # before any event arrived
     from control.events import event_id
 
     event = finalized_event(up["bucket"], up["object"], up["generation"], event_id(up["object"], up["generation"]))
+    uid = cluster.admin.get(f"/apis/batch/v1/namespaces/{NS}/jobs/{up['job']}")["metadata"]["uid"]
     assert dispatch(cluster, ko.object_name(load_manifest(MODELS / "churn-risk")), event) == up["job"]
+    # the same Job, not one made again
+    assert cluster.admin.get(f"/apis/batch/v1/namespaces/{NS}/jobs/{up['job']}")["metadata"]["uid"] == uid
     wait_job(cluster, up["job"])
     status, body = http("GET", f"{base}/api/jobs/{up['job']}", headers=auth)
     job = json.loads(body)

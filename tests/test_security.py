@@ -14,7 +14,7 @@ import requests
 from control.auth import TokenError
 from control.server import ControlServer
 from control_fake_runtime import FakeRuntime
-from control_helpers import AUTH, FIXTURES, api, copy_fixture, running, settings_for
+from control_helpers import AUTH, FIXTURES, TOKEN, api, copy_fixture, running, settings_for
 
 
 @pytest.fixture
@@ -271,3 +271,33 @@ def test_hostile_json_bodies_are_400s(plane, body):
         r = api.post(f"{server.url}{path}", data=body, headers={"Content-Type": "application/json"})
         assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:300])
         assert isinstance(r.json()["error"], str) and "Traceback" not in r.text
+
+
+@pytest.mark.parametrize("path,content_type", [("/models/echo-rt/predict", "text/csv"),
+                                               ("/api/models/sum-batch/jobs", "application/json")])
+def test_expect_100_continue_only_once_the_checks_pass(plane, path, content_type):
+    """curl sends `Expect: 100-continue` for bodies over 1 KiB: the body is asked for only when
+    the request may go on; a refused one is answered at once, its body never sent."""
+    import socket
+
+    server, _ = plane
+    body = b"x\n1\n" if content_type == "text/csv" else b'{"dataset": "gs://test-bucket/incoming/sum-batch/a.csv"}'
+
+    def head(token: bool) -> bytes:
+        lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{server.port}", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(body)}", "Expect: 100-continue"]
+        if token:
+            lines.append(f"Authorization: Bearer {TOKEN}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head(token=False))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head(token=True))
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.split(b" ", 2)[1] in (b"200", b"202"), answer
