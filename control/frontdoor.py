@@ -124,6 +124,7 @@ class FrontDoor:
                 await _continue(request)
                 body = await _read_capped(request.content, limit)
             headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
+            headers["x-request-id"] = rid   # one id in the caller's answer, this log and the adapter's
             try:
                 result = await plane.runtime.aforward(name, method=request.method,
                                                       path=path[len("/models/") + len(name):], headers=headers,

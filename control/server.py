@@ -50,6 +50,16 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def _shut(runner: web.ServerRunner) -> None:
+    """Stop listening, let requests in flight finish (up to the runner's shutdown timeout),
+    then cancel whatever is left: a connection a client kept open mid-request included."""
+    await runner.cleanup()
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class ControlServer:
     """The control service on `settings.host:settings.port` (port 0 binds a free one).
 
@@ -134,7 +144,7 @@ class ControlServer:
         loop, self._loop = self._loop, None
         if loop is not None:
             try:
-                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout)
+                asyncio.run_coroutine_threadsafe(_shut(self._runner), loop).result(timeout + 5.0)
             except Exception:  # noqa: BLE001 — stopping goes on whatever a handler did
                 log.exception("stopping the control service's server")
             loop.call_soon_threadsafe(loop.stop)

@@ -26,7 +26,11 @@ pytestmark = pytest.mark.slow
 EXPECTED = ["adapter_overhead_p50_c1", "adapter_overhead_p50_c8", "adapter_overhead_p50_c32",
             "adapter_overhead_p99_c1", "control_overhead_p50_c1", "control_overhead_p50_c8",
             "control_overhead_p50_c32", "control_overhead_p99_c32", "cold_start_python", "burst_failures",
-            "batch_e2e_python", "batch_e2e_ratio_python", "batch_adapter_rss_python", "list_models_ms"]
+            "batch_e2e_python", "batch_e2e_ratio_python", "batch_adapter_rss_python", "list_models_ms",
+            # issue 11's targets, each against its same-run baseline
+            "adapter_rps_ratio_c8", "adapter_overhead_p50_100rows", "adapter_idle_rss", "control_vs_adapter_p50_c1",
+            "control_vs_adapter_p50_c8", "control_vs_adapter_p50_c32", "control_vs_adapter_rps_c8",
+            "read_growth_page_of_100", "read_growth_one_model", "read_growth_jobs", "read_growth_list_etag"]
 
 
 def finite(x) -> bool:

@@ -223,13 +223,19 @@ def test_paths_are_forwarded_as_sent_never_decoded_and_retargeted(plane):
 
 
 def test_every_answer_names_its_request_id(plane):
-    server, _ = plane
+    server, runtime = plane
     r = api.get(f"{server.url}/api/models/nope")
     assert r.status_code == 404 and len(r.headers["X-Request-Id"]) >= 8
     r = api.get(f"{server.url}/api/models", headers={"X-Request-Id": "trace-42"})
     assert r.headers["X-Request-Id"] == "trace-42"
     r = api.get(f"{server.url}/api/models", headers={"X-Request-Id": "bad id\u00e9"})
     assert r.headers["X-Request-Id"] != "bad id\u00e9"
+    # a model's request: the adapter is given the same id the caller is answered with
+    runtime.forwarded.clear()
+    r = api.post(f"{server.url}/models/echo-rt/predict", json={"rows": [{"x": 1}]})
+    assert r.status_code == 200 and runtime.forwarded[0]["headers"]["x-request-id"] == r.headers["X-Request-Id"]
+    r = api.post(f"{server.url}/models/echo-rt/predict", json={"rows": [{"x": 1}]}, headers={"X-Request-Id": "trace-43"})
+    assert r.headers["X-Request-Id"] == "trace-43" and runtime.forwarded[1]["headers"]["x-request-id"] == "trace-43"
 
 
 def test_the_openapi_document_describes_every_route(plane):
