@@ -7,10 +7,13 @@ session of its own is not in the adapter's group).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -150,3 +153,117 @@ def _zombie(pid: int) -> bool:
         return stat[stat.rindex(b")") + 2:].split()[0] == b"Z"
     except (OSError, ValueError, IndexError):
         return True
+
+
+# -- a warm spare adapter ---------------------------------------------------------------------------
+
+# The spare: imports what the adapter's command will need (argv[1], a comma-separated list of
+# modules), then waits for one line on stdin, {"argv": [...], "out": path, "err": path}; points
+# stdout and stderr at those files and runs `python -m adapters` with that argv. EOF instead (the
+# runtime closing, or dropping a spare it can no longer use) exits quietly.
+SPARE_CODE = """\
+import json, os, sys, importlib
+try:
+    for name in sys.argv[1].split(","):
+        importlib.import_module(name)
+    import adapters.__main__ as entry
+except Exception:
+    entry = None
+line = sys.stdin.readline()
+if not line.strip():
+    sys.exit(0)
+run = json.loads(line)
+null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(null, 0)
+for fd, path in ((1, run["out"]), (2, run["err"])):
+    f = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(f, fd)
+    os.close(f)
+if entry is None:
+    import adapters.__main__ as entry  # the import error, into the run's log
+sys.argv = ["adapters", *run["argv"]]
+sys.exit(entry.main(run["argv"]))
+"""
+
+
+class Spare:
+    """One `python -m adapters` process started ahead of need, its interpreter up and its imports
+    done, blocked on stdin until it is given the arguments of the one run it will do: a cold
+    start then skips the interpreter's start and the adapter's imports. Each spare serves one
+    run and exits with it, so models stay in processes of their own.
+
+    `ensure` starts one when there is none, from a thread that lives as long as the runtime
+    (the spare runs under `setpriv --pdeathsig`, which follows the thread that started it).
+    `take` hands the spare a run, if it is alive and was started with the environment the run
+    would get now; None: start the run cold.
+    """
+
+    def __init__(self, sample_argv: list[str], *, imports: str, env, cwd: Optional[Path] = None):
+        self.sample_argv = list(sample_argv)
+        self.cwd = cwd
+        self.imports = imports
+        self._env = env
+        self._lock = threading.Lock()
+        self._proc: Optional[tuple[subprocess.Popen, dict]] = None
+        self._closed = False
+        self.started = 0
+        self.used = 0
+
+    def applies(self, argv: list[str]) -> Optional[list[str]]:
+        """The adapter's arguments if `argv` runs this interpreter's `-m adapters`, else None."""
+        if len(argv) > 3 and argv[0] == sys.executable and argv[1:3] == ["-m", "adapters"]:
+            return argv[3:]
+        return None
+
+    def ensure(self) -> None:
+        with self._lock:
+            if self._proc is not None or self._closed or self.applies(self.sample_argv) is None:
+                return
+            env = self._env()
+            try:
+                proc = subprocess.Popen(
+                    with_pdeathsig([sys.executable, "-c", SPARE_CODE, self.imports]),
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                    cwd=self.cwd, start_new_session=True)
+            except OSError:
+                return
+            self._proc = (proc, env)
+            self.started += 1
+
+    def take(self, argv: list[str], out: Path, err: Path) -> Optional[subprocess.Popen]:
+        args = self.applies(argv)
+        if args is None:
+            return None
+        with self._lock:
+            spare, self._proc = self._proc, None
+        if spare is None:
+            return None
+        proc, env = spare
+        if proc.poll() is not None or env != self._env():
+            _release(proc)
+            return None
+        try:
+            proc.stdin.write((json.dumps({"argv": args, "out": str(out), "err": str(err)}) + "\n").encode())
+            proc.stdin.close()
+        except OSError:   # it died meanwhile
+            _release(proc)
+            return None
+        self.used += 1
+        return proc
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            spare, self._proc = self._proc, None
+        if spare is not None:
+            _release(spare[0])
+
+
+def _release(proc: subprocess.Popen) -> None:
+    """Stop an unused spare (idle, it exits at EOF or dies of SIGTERM at once) and reap it."""
+    try:
+        if proc.stdin and not proc.stdin.closed:
+            proc.stdin.close()
+    except OSError:
+        pass
+    stop_process(proc, grace=1.0)

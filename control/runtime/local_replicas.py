@@ -50,7 +50,7 @@ from adapters.manifest import Manifest
 from control.emulator import free_port
 from control.errors import NotFound, Unavailable, UpstreamError
 from control.runtime.base import ProxyResponse
-from control.runtime.local_procs import descendants, kill_pids, killpg, tail, with_pdeathsig
+from control.runtime.local_procs import Spare, descendants, kill_pids, killpg, tail, with_pdeathsig
 from control.runtime.local_metrics import ModelMetrics
 from control.upstream import Broken, Unsent, Upstream, UpstreamTimeout
 
@@ -229,6 +229,8 @@ class ReplicaManager:
         self.generation = 0    # bumped whenever what `status` answers may change (the API's model list)
         self._ticker: Optional[threading.Thread] = None
         self._wake = threading.Event()
+        # a cold start takes a spare adapter, its interpreter up and imports done (local_procs.Spare)
+        self._spare = Spare(argv(Path("."), 0), imports="adapters.realtime", env=env, cwd=self.cwd)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -260,6 +262,7 @@ class ReplicaManager:
                 r.proc.wait()
         if self._ticker is not None:
             self._ticker.join(timeout=2.0)
+        self._spare.close()
 
     # -- what the runtime tells us ------------------------------------------------------
     def set_live(self, name: str, version: str, *, clear_failure: bool, warm: bool = False) -> None:
@@ -585,15 +588,19 @@ class ReplicaManager:
             self._start_locked(rev)
 
     def _tick_loop(self) -> None:
-        while not self._closing:
-            self._wake.wait(TICK)
-            self._wake.clear()
-            if self._closing:
-                return
-            try:
-                self._tick()
-            except Exception:   # the autoscaler must outlive any one bad tick
-                log.exception("autoscaler tick failed")
+        try:
+            while not self._closing:
+                self._wake.wait(TICK)
+                self._wake.clear()
+                if self._closing:
+                    return
+                try:
+                    self._tick()
+                    self._spare.ensure()   # from this thread: the spare lives as long as it does
+                except Exception:   # the autoscaler must outlive any one bad tick
+                    log.exception("autoscaler tick failed")
+        finally:
+            self._spare.close()
 
     def _tick(self) -> None:
         with self._lock:
@@ -662,11 +669,14 @@ class ReplicaManager:
     def _monitor(self, replica: Replica) -> None:
         """The life of one replica: spawn, poll readiness, watch, stop on request, report its exit."""
         rev = replica.rev
-        argv = with_pdeathsig(self._argv(rev.directory, replica.port))
+        argv = self._argv(rev.directory, replica.port)
         try:
-            with open(replica.log_path, "ab") as logf:
-                replica.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                cwd=self.cwd, env=self._env(), start_new_session=True)
+            replica.proc = self._spare.take(argv, replica.log_path, replica.log_path)
+            if replica.proc is None:
+                with open(replica.log_path, "ab") as logf:
+                    replica.proc = subprocess.Popen(with_pdeathsig(argv), stdout=logf, stderr=subprocess.STDOUT,
+                                                    stdin=subprocess.DEVNULL, cwd=self.cwd, env=self._env(),
+                                                    start_new_session=True)
         except OSError as e:
             self._exited(replica, None, f"could not be started: {e}")
             return
