@@ -608,7 +608,7 @@ class Supervisor:
 
     def start(self, on_exit: Callable[[int], None]) -> None:
         env = dict(os.environ, PORT=str(self.port), HOST="127.0.0.1")
-        from .batch import PREEXEC as preexec
+        from .procs import PREEXEC as preexec
         self.proc = subprocess.Popen(self.manifest.command, cwd=self.manifest.folder, env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True, preexec_fn=preexec)  # noqa: PLW1509 - only prctl
@@ -648,7 +648,7 @@ class Supervisor:
         self.stopping = True
         if self.proc is None:
             return
-        from .batch import kill_group
+        from .procs import kill_group
 
         kill_group(self.proc, grace)
 
@@ -713,7 +713,7 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | No
         if supervisor:
             await loop.run_in_executor(None, supervisor.stop)
     if model_exit:
-        from .batch import describe_exit
+        from .procs import describe_exit
 
         tail = supervisor.tail_text()
         print(f"modelplane-adapter: model {manifest.ref} {describe_exit(model_exit[0])}"

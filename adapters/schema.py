@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
-from .manifest import Feature, Manifest
+if TYPE_CHECKING:  # the realtime adapter serves without importing pydantic (see adapters/served.py)
+    from .manifest import Feature, Manifest
 
 MAX_REPORTED_PROBLEMS = 100
 _INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1

@@ -390,3 +390,61 @@ def test_taken_port_is_a_one_line_error_and_stops_the_model(tmp_path):
     assert "Traceback" not in proc.stderr
     m = re.search(r"started model \S+ \(pid (\d+)\)", proc.stderr)
     assert m and _gone(int(m.group(1)))
+
+
+# -- the manifest, checked in a forked child: the same strict messages, none of its imports ---------
+
+def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adapters", "serve", *args, "--port", str(free_port())],
+                          cwd=ROOT, env=child_env(**env), capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_serve_refuses_an_invalid_manifest_naming_file_line_and_field(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "model.yaml").write_text((FIXTURE / "model.yaml").read_text().replace("type: integer", "type: int"))
+    proc = _serve(str(folder))
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid manifest" in proc.stderr and "model.yaml:8" in proc.stderr and "features[1].type" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_without_a_manifest_and_with_a_batch_one(tmp_path):
+    proc = _serve()
+    assert proc.returncode == 2 and "give MODEL_DIR" in proc.stderr
+    proc = _serve(MODELPLANE_MANIFEST="{not json")
+    assert proc.returncode != 0 and "MODELPLANE_MANIFEST is not JSON" in proc.stderr
+    proc = _serve(str(FIXTURE.parent / "batch"))
+    assert proc.returncode == 2 and "`serve` is for realtime models" in proc.stderr
+    proc = _serve(str(tmp_path))
+    assert proc.returncode == 2 and "no model.yaml here" in proc.stderr
+
+
+def test_serve_from_the_env_manifest_as_in_a_container(tmp_path):
+    import json
+
+    from adapters.manifest import load_manifest
+
+    manifest = json.dumps(load_manifest(FIXTURE).to_dict())
+    model_port = free_port()
+    model = subprocess.Popen([sys.executable, "model.py"], cwd=FIXTURE, env=child_env(PORT=str(model_port)),
+                             stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "adapters", "serve", "--port", str(port), "--model-url",
+                             f"http://127.0.0.1:{model_port}"], cwd=tmp_path, env=child_env(MODELPLANE_MANIFEST=manifest),
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/health/ready", proc=proc)
+        r = requests.post(f"http://127.0.0.1:{port}/predict", json={"rows": [row(2, n=1), {"x": 1}]}, timeout=10)
+        assert r.status_code == 422 and r.json()["problems"][0]["field"] == "region"
+        r = requests.post(f"http://127.0.0.1:{port}/predict", json={"rows": [row(2, n=1)] * 51}, timeout=10)
+        assert r.status_code == 413 and "limits.max_rows" in r.json()["error"]
+    finally:
+        stop(proc)
+        stop(model)
+
+
+def test_the_serving_process_maps_neither_pydantic_nor_yaml(adapter):
+    """Resident memory of every replica: the manifest's parser runs in a child that is gone."""
+    maps = Path(f"/proc/{adapter.proc.pid}/maps").read_text()
+    assert "pydantic_core" not in maps and "_yaml" not in maps and "aiohttp" not in maps
