@@ -44,9 +44,9 @@ try:
             # what orjson refuses for good reason: lone surrogates (refused here) and nesting
             # past its recursion limit (RecursionError, which callers turn into a 400).
             doc = json.loads(data)
-            try:
-                orjson.dumps(doc)
-            except TypeError:
+            try:  # UTF-8 has no encoding for a lone surrogate (orjson also refuses integers past 64 bits)
+                json.dumps(doc, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
                 raise ValueError("the JSON holds a lone UTF-16 surrogate escape (such as \\ud800), "
                                  "which is not text") from None
             return doc
@@ -60,8 +60,9 @@ log = logging.getLogger(__name__)
 
 V2_BINARY_HEADER = v2binary.HEADER.lower()
 V2_DATATYPES = {"number": "FP64", "integer": "INT64", "string": "BYTES", "boolean": "BOOL"}
-HEALTH_POLL_FIRST = 0.005  # seconds before the second /health poll of a starting model (doubling ...)
-HEALTH_POLL_STARTING = 0.05  # ... up to this, until the model is ready
+HEALTH_POLL_FIRST = 0.01  # seconds between /health polls of a starting model for its first ...
+HEALTH_POLL_FIRST_FOR = 5.0  # ... seconds (a refused connection costs microseconds), then ...
+HEALTH_POLL_STARTING = 0.05  # ... this, until the model is ready
 HEALTH_POLL_READY = 1.0
 STOP_GRACE_SECONDS = 10.0
 STDERR_TAIL_LINES = 40
@@ -159,6 +160,7 @@ class Upstream:
         self.timeout_s = manifest.limits.timeout_seconds
         self.timeout_text = manifest.limits.timeout
         self.ready = False
+        self.closed = False
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
@@ -175,8 +177,9 @@ class Upstream:
 
     async def watch_health(self) -> None:
         """Poll the model's GET /health: fast until ready, then once a second (or when a call failed)."""
-        poll = HEALTH_POLL_FIRST
-        while True:
+        loop = asyncio.get_running_loop()
+        fast_until = loop.time() + HEALTH_POLL_FIRST_FOR
+        while not self.closed:
             try:
                 status, _ = await self.client.request("GET", self.health_path, None, 1.0)
                 self._set_ready(status == 200)
@@ -190,8 +193,8 @@ class Upstream:
             self._wake.clear()
             if self.ready:
                 wait = HEALTH_POLL_READY
-            else:  # starting: poll often at first, backing off to HEALTH_POLL_STARTING
-                wait, poll = poll, min(poll * 2, HEALTH_POLL_STARTING)
+            else:  # starting (or down): every 10 ms at first, so ready is known when the model is
+                wait = HEALTH_POLL_FIRST if loop.time() < fast_until else HEALTH_POLL_STARTING
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except asyncio.TimeoutError:
@@ -553,11 +556,12 @@ class RealtimeAdapter:
         self._health_task = asyncio.get_running_loop().create_task(self.upstream.watch_health())
 
     async def stop(self) -> None:
+        # Python 3.11's wait_for can swallow a cancel that lands as its inner call completes (the
+        # health loop polls every 10 ms while the model is down): the loop also stops on a flag,
+        # and stopping waits a bounded time.
+        self.upstream.closed = True
         self._health_task.cancel()
-        try:
-            await self._health_task
-        except asyncio.CancelledError:
-            pass
+        await asyncio.wait([self._health_task], timeout=2.0)
         await self.upstream.close()
 
 

@@ -70,6 +70,20 @@ def test_deep_nesting_is_a_400_not_a_recursion_error(adapter):
     assert "nests" in json_error(post(adapter, INFER, '{"inputs": ' + deep + "}"), 400)
 
 
+def test_an_integer_past_floats_range_is_a_422_not_a_500(adapter):
+    huge = "9" * 400
+    r = post(adapter, "/predict", '{"rows": [{"x": ' + huge + ', "region": "west"}]}')
+    assert "finite" in json_error(r, 422) or "finite" in r.json()["problems"][0]["error"]
+    assert r.json()["problems"][0]["field"] == "x"
+    rows = ", ".join(['{"x": 1, "region": "west"}'] * 20 + ['{"x": ' + huge + ', "region": "east"}'])
+    r = post(adapter, "/predict", '{"rows": [' + rows + ']}')  # many rows: the column-at-a-time path first
+    json_error(r, 422)
+    assert r.json()["problems"] == [{"row": 20, "field": "x", "error": r.json()["problems"][0]["error"]}]
+    r = post(adapter, INFER, '{"inputs": [{"name": "x", "shape": [1], "datatype": "FP64", "data": [' + huge + ']},'
+                             ' {"name": "region", "shape": [1], "datatype": "BYTES", "data": ["west"]}]}')
+    assert "'x'" in json_error(r, 400)
+
+
 def test_a_lone_surrogate_is_a_400_not_a_500(adapter):
     r = post(adapter, "/predict", '{"rows": [{"x": 1, "region": "west", "\\ud800": 1}]}')
     assert "surrogate" in json_error(r, 400)
@@ -225,6 +239,38 @@ def test_a_killed_model_takes_the_adapter_down_at_once_saying_why(tmp_path):
         print(f"adapter exited {took * 1000:.0f} ms after its model was killed")  # a figure, not an assertion
     finally:
         stop(a.proc)
+
+
+def test_a_model_killed_under_load_takes_the_adapter_down_every_time(tmp_path):
+    """Five times over: clients keep sending while the model is killed; the adapter exits within
+    seconds, whatever its health poll and its requests were doing at that instant."""
+    import threading
+
+    for trial in range(5):
+        a = Adapter(tmp_path)
+        stop_clients = threading.Event()
+
+        def client():
+            session = requests.Session()
+            while not stop_clients.is_set():
+                try:
+                    session.post(a.url + "/predict", json={"rows": [{"x": 1, "region": "west"}]}, timeout=5)
+                except requests.RequestException:
+                    time.sleep(0.002)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.3)
+            os.kill(_model_pid(a.proc.pid), signal.SIGKILL)
+            code = a.proc.wait(timeout=10)
+            assert code == 1 and "SIGKILL" in a.stderr(), a.stderr()[-2000:]
+        finally:
+            stop_clients.set()
+            for t in threads:
+                t.join()
+            stop(a.proc)
 
 
 def test_a_bug_answers_a_request_id_and_logs_the_traceback_under_it(caplog):
