@@ -19,6 +19,8 @@ alike. It reports, against the targets of DESIGN.md / issue 11:
      interleaved runs.
 
     python -m loadtest.adapter_bench [--requests 2000] [--concurrency 1 8] [--json out.json]
+    python -m loadtest.adapter_bench --model-dir models/donor-propensity   # a real model: its
+        manifest's command, rows from its sample.csv (1 row, and 100 rows cycled from it)
 
 `--batch-rows N` also times a batch job of N rows end to end (`python -m adapters batch`) against
 the fixture batch model alone on the same local file (target: <= 1.3x), alternating runs and
@@ -224,6 +226,34 @@ def _stop(proc: subprocess.Popen | None) -> None:
             proc.wait()
 
 
+def model_command(model_dir: Path) -> list[str]:
+    """The model's own command (the manifest's), with `python`/`python3` as this interpreter."""
+    from adapters.manifest import load_manifest
+
+    command = list(load_manifest(model_dir, check_files=False).command)
+    if command[0] in ("python", "python3"):
+        command[0] = sys.executable
+    return command
+
+
+def sample_bodies(model_dir: Path) -> tuple[bytes, bytes]:
+    """A 1-row and a 100-row /predict body from the model's sample.csv, as the adapter reads CSV."""
+    import csv
+
+    from adapters.manifest import load_manifest
+    from adapters.schema import RowValidator
+
+    manifest = load_manifest(model_dir)
+    with open(manifest.sample_path, newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader)]
+        validator = RowValidator(manifest)
+        rows = validator.validate(validator.rows_from_csv(header, (r for r in reader if r)))
+    rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
+    hundred = [rows[i % len(rows)] for i in range(100)]
+    return json.dumps({"rows": rows[:1]}).encode(), json.dumps({"rows": hundred}).encode()
+
+
 def start_bench(model_dir: Path, runs: int, env: dict) -> dict:
     """Medians of interleaved runs: the adapter in supervisor mode until /v2/health/ready, the model
     alone until /health, a bare interpreter's `python -c pass`."""
@@ -235,7 +265,7 @@ def start_bench(model_dir: Path, runs: int, env: dict) -> dict:
         bare_s.append(time.perf_counter() - t0)
         port = free_port()
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "model.py"], cwd=model_dir, env=dict(env, PORT=str(port)),
+        proc = subprocess.Popen(model_command(model_dir), cwd=model_dir, env=dict(env, PORT=str(port)),
                                 stderr=subprocess.DEVNULL)
         try:
             model_s.append(poll_ready(port, "/health", proc, t0))
@@ -262,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests-100", type=int, default=1000, help="measured 100-row requests per path")
     p.add_argument("--start-runs", type=int, default=7, help="start-to-ready runs (0: skip)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
+    p.add_argument("--model-dir", type=Path, default=MODEL_DIR,
+                   help="a realtime model folder (default: the adapter tests' fixture model)")
     p.add_argument("--batch-rows", type=int, default=0, help="also time a batch job of this many rows")
     p.add_argument("--batch-runs", type=int, default=5)
     args = p.parse_args(argv)
@@ -272,12 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     tmp = Path(tempfile.mkdtemp(prefix="adapter-bench-"))
-    model_dir = Path(shutil.copytree(MODEL_DIR, tmp / "model"))
+    model_dir = Path(shutil.copytree(args.model_dir, tmp / "model"))
     manifest = model_dir / "model.yaml"
     manifest.write_text("\n".join(x for x in manifest.read_text().splitlines() if not x.startswith("limits:"))
                         + "\n" + LIMITS + "\n")
     model_port, adapter_port = free_port(), free_port()
-    model = subprocess.Popen([sys.executable, "model.py"], cwd=model_dir, env=dict(env, PORT=str(model_port)),
+    body_1, body_100 = (BODY, BODY_100) if args.model_dir == MODEL_DIR else sample_bodies(model_dir)
+    model = subprocess.Popen(model_command(model_dir), cwd=model_dir, env=dict(env, PORT=str(model_port)),
                              stderr=subprocess.DEVNULL)
     adapter = None
     try:
@@ -289,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(adapter_port, "/v2/health/ready", adapter)
         time.sleep(1.0)  # idle: let start-up settle
         rss = {"adapter_idle_rss_mib": round(rss_mib(adapter.pid), 1), "model_idle_rss_mib": round(rss_mib(model.pid), 1)}
-        rows = [measure(model_port, adapter_port, args.requests, c) for c in args.concurrency]
-        row100 = measure(model_port, adapter_port, args.requests_100, 1, body=BODY_100)
+        rows = [measure(model_port, adapter_port, args.requests, c, body=body_1) for c in args.concurrency]
+        row100 = measure(model_port, adapter_port, args.requests_100, 1, body=body_100)
         rss["adapter_rss_after_load_mib"] = round(rss_mib(adapter.pid), 1)
     finally:
         _stop(adapter)
@@ -301,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     def verdict(ok: bool) -> str:
         return "meets" if ok else "MISSES"
 
-    print(f"POST /predict, {args.requests} requests per path and setting (1 row), cpus={os.cpu_count()}")
+    print(f"{args.model_dir.name}: POST /predict, {args.requests} requests per path and setting (1 row), "
+          f"cpus={os.cpu_count()}")
     print(f"{'clients':>7} {'rows':>4} {'direct p50':>11} {'direct p99':>11} {'adapter p50':>12} {'adapter p99':>12} "
           f"{'added p50':>10} {'added p99':>10} {'direct/s':>9} {'adapter/s':>9} {'ratio':>6}")
     for r in rows + [row100]:
