@@ -62,15 +62,16 @@ class Response:
 class HttpError(Exception):
     """A request the server itself refuses (malformed, too large): answered, then the connection closes."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, request: Optional[Request] = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.request = request  # when the head was read (a body too large): whose request it was
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-# (status, message) -> Response: how the application words the server's own refusals
-ErrorBody = Callable[[int, str], Response]
+# (status, message, request or None) -> Response: how the application words the server's own refusals
+ErrorBody = Callable[[int, str, Optional[Request]], Response]
 
 
 def _head(status: int, content_type: str, length: int, headers: Optional[dict], keep: bool) -> bytes:
@@ -97,6 +98,7 @@ class ServerProtocol(asyncio.Protocol):
         self.draining = False      # a refused body: bytes are dropped until DRAIN_S passes
         self.idle_timer: Optional[asyncio.TimerHandle] = None
         self.paused = False
+        self.eof = False           # the client has half-closed: answer what it sent, then close
         # a chunked body being read: [request, keep, body so far]; None otherwise
         self.pending: Optional[list] = None
 
@@ -123,6 +125,7 @@ class ServerProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self):
+        self.eof = True
         if not self.busy:
             self._close()
         return True  # keep the transport open to write an answer being prepared
@@ -133,7 +136,7 @@ class ServerProtocol(asyncio.Protocol):
         try:
             parsed = self._parse()
         except HttpError as e:
-            self._refuse(e.status, e.message)
+            self._refuse(e.status, e.message, e.request)
             return
         if parsed is None:
             if self.paused:
@@ -175,6 +178,8 @@ class ServerProtocol(asyncio.Protocol):
                 raise HttpError(505, f"HTTP version {parts[2][:20]!r} is not supported; use HTTP/1.1")
             raise HttpError(400, "malformed request line")
         method, target, version = parts
+        if target[0] != "/" and target.startswith(("http://", "https://")):  # absolute-form (RFC 9112 3.2.2)
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         if len(lines) > MAX_HEADERS + 1:
             raise HttpError(431, f"more than {MAX_HEADERS} request headers")
         headers: dict[str, str] = {}
@@ -210,7 +215,7 @@ class ServerProtocol(asyncio.Protocol):
             raise HttpError(400, f"Content-Length {cl[:20]!r} is not a byte count")
         length = int(cl)
         if length > self.server.max_body:
-            raise HttpError(413, f"request body of {length} bytes")
+            raise HttpError(413, f"request body of {length} bytes", request)
         if len(buf) < length:
             self._continue(headers)
             self.pending = [request, keep, length]
@@ -247,7 +252,7 @@ class ServerProtocol(asyncio.Protocol):
             except ValueError:
                 raise HttpError(400, "malformed chunk size line") from None
             if size < 0 or len(body) + size > max_body:
-                raise HttpError(413, f"request body larger than {max_body} bytes")
+                raise HttpError(413, f"request body larger than {max_body} bytes", request)
             if size == 0:
                 # the last chunk, then optional trailer lines, then an empty line
                 term = buf.find(b"\r\n\r\n", end)
@@ -271,7 +276,7 @@ class ServerProtocol(asyncio.Protocol):
         try:
             response = await self.server.handler(request)
         except Exception:  # the application's own bug handler failed: still answer
-            response = self.server.error_body(500, "internal error")
+            response = self.server.error_body(500, "internal error", request)
         self._write(response, keep)
 
     def _write(self, r: Response, keep: bool) -> None:
@@ -285,17 +290,21 @@ class ServerProtocol(asyncio.Protocol):
             return
         if self.buf:
             self._next()
+            if not self.busy and self.eof:  # nothing complete left, and nothing more will come
+                self._close()
+        elif self.eof:
+            self._close()
         else:
             if self.paused:
                 self.paused = False
                 self.transport.resume_reading()
             self._arm_idle()
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, request: Optional[Request] = None) -> None:
         """Answer a request the server cannot take, then drop what else the client sends and close."""
         self.pending = None
         self.buf.clear()
-        r = self.server.error_body(status, message)
+        r = self.server.error_body(status, message, request)
         self.transport.write(_head(r.status, r.content_type, len(r.body), r.headers, False) + r.body)
         # Closing at once with the client's body unread would reset the connection and the client
         # could lose the answer: half-close, read and drop for a little while, then close.

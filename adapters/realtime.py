@@ -542,10 +542,16 @@ class RealtimeAdapter:
         metrics.observe(route, resp.status, time.perf_counter() - t0)
         return resp
 
-    def error_body(self, status: int, message: str) -> Response:
-        """The server's own refusals (an oversized or malformed request), worded like the adapter's."""
+    def error_body(self, status: int, message: str, request: Request | None) -> Response:
+        """The server's own refusals (an oversized or malformed request), worded like the adapter's
+        and counted under their route when they have one."""
         if status == 413:
             message = f"{message}; model {self.name} takes at most {self.max_body} (manifest limits.max_body)"
+        if request is not None:
+            methods, _ = self._find(request.path)
+            found = methods.get(request.method) if methods else None
+            if found is not None:
+                self.metrics.observe(found[0], status, 0.0)
         return Response(status, _dumps({"error": message}))
 
     def server(self) -> Server:

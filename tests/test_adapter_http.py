@@ -16,7 +16,7 @@ async def _echo(request: Request) -> Response:
                                      "body": request.body.decode("latin-1")}).encode())
 
 
-def _error_body(status: int, message: str) -> Response:
+def _error_body(status: int, message: str, request) -> Response:
     return Response(status, json.dumps({"error": message}).encode())
 
 
@@ -117,6 +117,30 @@ def test_requests_the_server_refuses_get_a_json_answer_and_a_close(raw, status):
     assert len(answers) == 1, answers
     got, headers, body = answers[0]
     assert got == status and headers["connection"] == "close" and json.loads(body)["error"]
+
+
+def test_absolute_form_targets_and_a_half_closed_client():
+    raw = b"GET http://127.0.0.1:8080/v2/health/ready?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+    [(status, _, body)] = _answers(_serve(raw))
+    assert json.loads(body)["path"] == "/v2/health/ready" and json.loads(body)["query"] == "x=1"
+
+    async def run() -> tuple[bytes, float]:  # the client sends, half-closes, and still gets its answer
+        server = Server(_echo, max_body=1000, error_body=_error_body)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        await server.start("127.0.0.1", port)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok")
+            writer.write_eof()
+            t0 = asyncio.get_running_loop().time()
+            answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: the server closes after answering
+            return answer, asyncio.get_running_loop().time() - t0
+        finally:
+            await server.stop(1.0)
+    answer, took = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b'"body": "ok"}') and took < 2
 
 
 def test_http_1_0_closes_unless_asked_to_keep_alive():

@@ -153,6 +153,17 @@ def test_body_over_max_body_is_413(adapter):
     assert "limits.max_body" in r.json()["error"]
 
 
+def test_a_body_refused_while_it_arrives_is_counted_under_its_route(adapter):
+    def count() -> float:
+        return metric(requests.get(adapter.url + "/metrics", timeout=5).text, "modelplane_adapter_requests_total",
+                      route="/predict", status="413")
+
+    before = count()
+    r = requests.post(adapter.url + "/predict", data=b" " * 5000, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 413
+    assert count() == before + 1
+
+
 def test_more_rows_than_max_rows_is_413(adapter):
     r = requests.post(adapter.url + "/predict", data=b'{"rows":[' + b",".join([b"{}"] * 51) + b"]}",
                       headers={"Content-Type": "application/json"}, timeout=10)
