@@ -28,7 +28,7 @@ from . import v2binary
 from .http11 import Client, Disconnected, Request, Response, Server, Unreachable
 from .schema import RowProblem, RowsInvalid, RowValidator, check_scores
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # served: an adapters.served.ServedManifest, the same attributes without pydantic
     from .manifest import Manifest
 
 try:

@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 class Feature:
@@ -76,7 +76,7 @@ def _checked(model_dir: Optional[str]) -> dict:
             "timeout_seconds": m.limits.timeout_seconds, "max_body_bytes": m.limits.max_body_bytes}
 
 
-def load(model_dir: Optional[str], then: Optional[callable] = None) -> dict:
+def load(model_dir: Optional[str], then: Optional[Callable[[], None]] = None) -> dict:
     """The checked manifest document: checked in a forked child where the OS can fork, `then()`
     running in the parent meanwhile (imports the server needs)."""
     if not hasattr(os, "fork"):
@@ -113,7 +113,8 @@ def load(model_dir: Optional[str], then: Optional[callable] = None) -> dict:
     return json.loads(data)
 
 
-def serve_manifest(model_dir: Optional[str], then=None) -> tuple[Optional[ServedManifest], int]:
+def serve_manifest(model_dir: Optional[str], then: Optional[Callable[[], None]] = None) \
+        -> tuple[Optional[ServedManifest], int]:
     """(manifest, 0), or (None, exit status) after saying on stderr what is wrong."""
     doc = load(model_dir, then)
     if "manifest" in doc:
