@@ -4,6 +4,9 @@
 messages — but in a forked child: pydantic and PyYAML cost the serving process ~13 MiB and ~0.1 s
 of imports that it never needs again, and the parent imports the server meanwhile. The child
 sends back the checked manifest (`Manifest.to_dict()` plus what its properties compute) as JSON.
+A process that has imported `adapters.manifest` already checks in-process: the fork would save
+nothing (so a warm spare chooses: import the parser ahead for the fastest start, or not for the
+leanest replica).
 """
 from __future__ import annotations
 
@@ -79,7 +82,9 @@ def _checked(model_dir: Optional[str]) -> dict:
 def load(model_dir: Optional[str], then: Optional[Callable[[], None]] = None) -> dict:
     """The checked manifest document: checked in a forked child where the OS can fork, `then()`
     running in the parent meanwhile (imports the server needs)."""
-    if not hasattr(os, "fork"):
+    if not hasattr(os, "fork") or "adapters.manifest" in sys.modules:
+        # no fork, or the parser is loaded already (a process started ahead of need that imported
+        # it): nothing to save by checking elsewhere
         if then:
             then()
         return _checked(model_dir)

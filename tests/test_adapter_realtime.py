@@ -459,3 +459,19 @@ def test_the_serving_process_maps_neither_pydantic_nor_yaml(adapter):
     """Resident memory of every replica: the manifest's parser runs in a child that is gone."""
     maps = Path(f"/proc/{adapter.proc.pid}/maps").read_text()
     assert "pydantic_core" not in maps and "_yaml" not in maps and "aiohttp" not in maps
+
+
+def test_the_manifest_is_checked_in_process_once_the_parser_is_loaded(monkeypatch):
+    """A process that imported adapters.manifest already (a warm spare can) does not fork for it;
+    the answer is the same as the forked check's (see the serve tests above)."""
+    import adapters.manifest  # noqa: F401
+    from adapters import served
+
+    def no_fork():
+        raise AssertionError("forked although the parser was loaded")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    manifest, code = served.serve_manifest(str(FIXTURE))
+    assert code == 0 and manifest.ref == "fixture-realtime@1.0.0" and manifest.limits.max_rows == 50
+    assert [f.name for f in manifest.features] == ["x", "n", "region", "member"]
+    assert manifest.limits.max_body_bytes == 4096 and manifest.limits.timeout_seconds == 1.0
