@@ -7,12 +7,19 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .manifest import Manifest, ManifestError, load_manifest
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+# Imports are deferred to the command that needs them: `serve` never imports pydantic, PyYAML or
+# the batch adapter's storage clients (start-up time and resident memory of every replica).
 
 
 def manifest_from(model_dir: str | None) -> Manifest:
     """The manifest in MODEL_DIR, else from env MODELPLANE_MANIFEST (JSON), as in a container."""
+    from .manifest import ManifestError, load_manifest
+
     if model_dir:
         return load_manifest(model_dir, check_files=False)
     text = os.environ.get("MODELPLANE_MANIFEST")
@@ -70,7 +77,33 @@ def main(argv: list[str] | None = None) -> int:
         release_model(Path(args.work))
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from . import served
+
+    def imports() -> None:  # while the manifest is checked in a forked child
+        from . import realtime  # noqa: F401
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            pass
+
+    manifest, code = served.serve_manifest(args.model_dir, then=imports)
+    if manifest is None:
+        return code
+    if manifest.kind != "realtime":
+        print(f"modelplane-adapter: {manifest.ref} is a {manifest.kind} model; `serve` is for realtime models",
+              file=sys.stderr)
+        return 2
+    from .realtime import run
+
+    return run(manifest, host=args.host, port=args.port, model_url=args.model_url)
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _serve(args)
+    from .manifest import ManifestError
+
     try:
         manifest = manifest_from(args.model_dir)
     except ManifestError as e:
@@ -80,15 +113,6 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(f"modelplane-adapter: invalid manifest:\n{e}", file=sys.stderr)
         return 2
-
-    if args.command == "serve":
-        if manifest.kind != "realtime":
-            print(f"modelplane-adapter: {manifest.ref} is a {manifest.kind} model; `serve` is for realtime models",
-                  file=sys.stderr)
-            return 2
-        from .realtime import run
-
-        return run(manifest, host=args.host, port=args.port, model_url=args.model_url)
 
     from . import batch
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from . import storage
 from .manifest import Manifest
+from .procs import PREEXEC, describe_exit, die_with_parent, kill_group  # noqa: F401 - re-exported (tests, control)
 from .schema import RowValidator, TextRowChecker
 from .storage import CHUNK, StorageError
 
@@ -485,45 +486,6 @@ class OutputTail:
 def tail_text(data: bytes) -> str:
     text = data[-LOG_TAIL_BYTES:].decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
-
-
-def kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS) -> None:
-    """SIGTERM the process group, SIGKILL it after `grace` seconds; leaves nothing running."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also whatever the model left behind in its group
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def describe_exit(status: int) -> str:
-    if status < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-status).name}"
-        except ValueError:
-            return f"was killed by signal {-status}"
-    return f"exited with status {status}"
-
-
-def die_with_parent() -> None:
-    """In a model's child process: SIGKILL it if the adapter dies, so a model is never orphaned."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-
-
-PREEXEC = die_with_parent if sys.platform.startswith("linux") else None
 
 
 class JobStopped(BatchFailure):

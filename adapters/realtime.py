@@ -1,4 +1,4 @@
-"""The realtime adapter: the public face of one model (aiohttp server + pooled keep-alive client).
+"""The realtime adapter: the public face of one model (a lean HTTP/1.1 server + pooled keep-alive client).
 
 It validates every request against the manifest before the model sees it, checks the model's
 answer, enforces the manifest's limits, speaks `/predict` and the Open Inference Protocol v2,
@@ -21,14 +21,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
-
-import aiohttp
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 from . import v2binary
-from .manifest import Manifest
+from .http11 import Client, Disconnected, Request, Response, Server, Unreachable
 from .schema import RowProblem, RowsInvalid, RowValidator, check_scores
+
+if TYPE_CHECKING:  # served: an adapters.served.ServedManifest, the same attributes without pydantic
+    from .manifest import Manifest
 
 try:
     import orjson
@@ -43,9 +44,9 @@ try:
             # what orjson refuses for good reason: lone surrogates (refused here) and nesting
             # past its recursion limit (RecursionError, which callers turn into a 400).
             doc = json.loads(data)
-            try:
-                orjson.dumps(doc)
-            except TypeError:
+            try:  # UTF-8 has no encoding for a lone surrogate (orjson also refuses integers past 64 bits)
+                json.dumps(doc, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
                 raise ValueError("the JSON holds a lone UTF-16 surrogate escape (such as \\ud800), "
                                  "which is not text") from None
             return doc
@@ -57,8 +58,11 @@ except ImportError:  # pragma: no cover - orjson is a dependency; stay correct w
 
 log = logging.getLogger(__name__)
 
+V2_BINARY_HEADER = v2binary.HEADER.lower()
 V2_DATATYPES = {"number": "FP64", "integer": "INT64", "string": "BYTES", "boolean": "BOOL"}
-HEALTH_POLL_STARTING = 0.05  # seconds between /health polls until the model is ready
+HEALTH_POLL_FIRST = 0.01  # seconds between /health polls of a starting model for its first ...
+HEALTH_POLL_FIRST_FOR = 5.0  # ... seconds (a refused connection costs microseconds), then ...
+HEALTH_POLL_STARTING = 0.05  # ... this, until the model is ready
 HEALTH_POLL_READY = 1.0
 STOP_GRACE_SECONDS = 10.0
 STDERR_TAIL_LINES = 40
@@ -73,9 +77,9 @@ class AdapterError(Exception):
         self.status = status
         self.body = {"error": message, **extra}
 
-    def response(self) -> web.Response:
+    def response(self) -> Response:
         headers = {"Retry-After": "1"} if self.status == 503 else None
-        return web.Response(status=self.status, body=_dumps(self.body), content_type=JSON, headers=headers)
+        return Response(self.status, _dumps(self.body), JSON, headers)
 
 
 # -- metrics ------------------------------------------------------------------------------
@@ -145,25 +149,25 @@ class Upstream:
     def __init__(self, manifest: Manifest, url: str, metrics: Metrics):
         self.name = manifest.name
         self.url = url.rstrip("/")
-        self.predict_url = self.url + "/predict"
-        self.health_url = self.url + "/health"
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"model URL {url!r}: expected http://host:port")
+        self.client = Client(parts.hostname, parts.port or 80)
+        self.base_path = parts.path
+        self.predict_path = self.base_path + "/predict"
+        self.health_path = self.base_path + "/health"
         self.metrics = metrics
         self.timeout_s = manifest.limits.timeout_seconds
         self.timeout_text = manifest.limits.timeout
-        self._timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        self._health_timeout = aiohttp.ClientTimeout(total=1.0)
         self.ready = False
-        self.session: aiohttp.ClientSession | None = None
+        self.closed = False
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30, ttl_dns_cache=None)
-        self.session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent", "Accept-Encoding"),
-                                             auto_decompress=False)
+        pass
 
     async def close(self) -> None:
-        if self.session:
-            await self.session.close()
+        self.client.close()
 
     def _set_ready(self, ready: bool) -> None:
         if ready != self.ready:
@@ -173,21 +177,26 @@ class Upstream:
 
     async def watch_health(self) -> None:
         """Poll the model's GET /health: fast until ready, then once a second (or when a call failed)."""
-        while True:
+        loop = asyncio.get_running_loop()
+        fast_until = loop.time() + HEALTH_POLL_FIRST_FOR
+        while not self.closed:
             try:
-                async with self.session.get(self.health_url, timeout=self._health_timeout) as resp:
-                    await resp.read()
-                    self._set_ready(resp.status == 200)
+                status, _ = await self.client.request("GET", self.health_path, None, 1.0)
+                self._set_ready(status == 200)
             except asyncio.TimeoutError:
                 # a single-threaded model (plumber, httpuv) busy scoring cannot answer /health at once:
                 # busy is not down, so a ready model stays ready until it refuses or answers non-200
                 if not self.ready:
                     self._set_ready(False)
-            except aiohttp.ClientError:
+            except (Unreachable, Disconnected):
                 self._set_ready(False)
             self._wake.clear()
+            if self.ready:
+                wait = HEALTH_POLL_READY
+            else:  # starting (or down): every 10 ms at first, so ready is known when the model is
+                wait = HEALTH_POLL_FIRST if loop.time() < fast_until else HEALTH_POLL_STARTING
             try:
-                await asyncio.wait_for(self._wake.wait(), HEALTH_POLL_READY if self.ready else HEALTH_POLL_STARTING)
+                await asyncio.wait_for(self._wake.wait(), wait)
             except asyncio.TimeoutError:
                 pass
 
@@ -200,19 +209,16 @@ class Upstream:
         body = _dumps({"rows": rows})
         for attempt in (0, 1):
             try:
-                async with self.session.post(self.predict_url, data=body, headers={"Content-Type": JSON},
-                                             timeout=self._timeout) as resp:
-                    raw = await resp.read()
-                    status = resp.status
+                status, raw = await self.client.request("POST", self.predict_path, body, self.timeout_s)
                 break
             except asyncio.TimeoutError:
                 raise self._fail("timeout", 504, f"model {self.name} did not answer within {self.timeout_text} "
                                                  "(manifest limits.timeout)") from None
-            except aiohttp.ClientConnectorError:
+            except Unreachable:
                 self._set_ready(False)
                 self._wake.set()
                 raise self._fail("unreachable", 503, f"model {self.name} is not reachable (it is down or restarting)") from None
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            except Disconnected:
                 if attempt == 0:
                     continue  # a pooled connection the model had closed: retry once on a fresh one
                 self._wake.set()
@@ -284,7 +290,7 @@ def rows_from_v2(body: Any, manifest: Manifest) -> list[dict]:
 
 # -- the application ----------------------------------------------------------------------
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 class RealtimeAdapter:
@@ -300,6 +306,7 @@ class RealtimeAdapter:
         self.metrics = Metrics(manifest.name)
         self.upstream = Upstream(manifest, model_url, self.metrics)
         self.score_name = manifest.score.name
+        self._static, self._model_routes = self._routes()
 
     # the one place the rules are applied, whatever the protocol
     async def score(self, rows: Any) -> list:
@@ -316,16 +323,9 @@ class RealtimeAdapter:
             return []  # nothing to score: no need to bother the model
         return await self.upstream.predict(clean)
 
-    async def _body(self, request: web.Request) -> bytes:
-        length = request.content_length
-        if length is not None and length > self.max_body:
-            raise AdapterError(413, f"request body of {length} bytes; model {self.name} takes at most "
-                                    f"{self.max_body} (manifest limits.max_body)")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise AdapterError(413, f"request body larger than {self.max_body} bytes "
-                                    "(manifest limits.max_body)") from None
+    def _body(self, request: Request) -> bytes:
+        # the server refused a body over max_body while it arrived (see error_body): this is the rest
+        return request.body
 
     def _json(self, body: bytes) -> Any:
         try:
@@ -351,8 +351,8 @@ class RealtimeAdapter:
             raise AdapterError(400, f"CSV body is not valid CSV at line {reader.line_num}: {e}") from None
 
     # routes
-    async def predict(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
+    async def predict(self, request: Request) -> Response:
+        body = self._body(request)
         if request.content_type == "text/csv":
             rows = self._csv_rows(body)
         else:
@@ -362,31 +362,30 @@ class RealtimeAdapter:
                                    problems=[RowProblem(None, None, 'the body has no "rows" list')])
             rows = doc["rows"]
         scores = await self.score(rows)
-        if "text/csv" in request.headers.get("Accept", ""):
+        if "text/csv" in request.headers.get("accept", ""):
             text = self.score_name + "\n" + "".join(f"{s!r}\n" for s in scores)
-            return web.Response(text=text, content_type="text/csv",
-                                headers={"X-Model": self.name, "X-Model-Version": self.version})
-        return web.Response(body=_dumps({"model": self.name, "version": self.version, "scores": scores}),
-                            content_type=JSON)
+            return Response(200, text.encode(), "text/csv; charset=utf-8",
+                            {"X-Model": self.name, "X-Model-Version": self.version})
+        return Response(200, _dumps({"model": self.name, "version": self.version, "scores": scores}))
 
-    async def live(self, request: web.Request) -> web.Response:
-        return web.Response(body=b'{"live":true}', content_type=JSON)
+    async def live(self, request: Request) -> Response:
+        return Response(200, b'{"live":true}')
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request) -> Response:
         ok = self.upstream.ready
-        return web.Response(status=200 if ok else 503, body=_dumps({"ready": ok}), content_type=JSON)
+        return Response(200 if ok else 503, _dumps({"ready": ok}))
 
-    def _check_name(self, request: web.Request) -> None:
-        name = request.match_info["name"]
+    def _check_name(self, request: Request) -> None:
+        name = request.match["name"]
         if name != self.name:
             raise AdapterError(404, f"unknown model {name!r}; this adapter serves {self.name!r}")
-        version = request.match_info.get("version")
+        version = request.match.get("version")
         if version is not None and version != self.version:
             raise AdapterError(404, f"model {self.name} has no version {version!r} here; it serves {self.version}")
 
-    async def v2_metadata(self, request: web.Request) -> web.Response:
+    async def v2_metadata(self, request: Request) -> Response:
         self._check_name(request)
-        return web.Response(body=_dumps(self.v2_metadata_doc()), content_type=JSON)
+        return Response(200, _dumps(self.v2_metadata_doc()))
 
     def v2_metadata_doc(self) -> dict:
         return {
@@ -400,19 +399,18 @@ class RealtimeAdapter:
             "outputs": [{"name": self.score_name, "datatype": "FP64", "shape": [-1]}],
         }
 
-    async def v2_model_ready(self, request: web.Request) -> web.Response:
+    async def v2_model_ready(self, request: Request) -> Response:
         self._check_name(request)
         ok = self.upstream.ready
-        return web.Response(status=200 if ok else 503, body=_dumps({"name": self.name, "ready": ok}),
-                            content_type=JSON)
+        return Response(200 if ok else 503, _dumps({"name": self.name, "ready": ok}))
 
-    async def v2_infer(self, request: web.Request) -> web.Response:
+    async def v2_infer(self, request: Request) -> Response:
         """Open Inference Protocol inference. A request the server rejects is 400 with
         `{"error": ...}` naming the input at fault (KServe's v2 REST spec, "Inference Response
         JSON Object" / error object); the binary tensor data extension is spoken both ways."""
         self._check_name(request)
-        body = await self._body(request)
-        binary_header = request.headers.get(v2binary.HEADER)
+        body = self._body(request)
+        binary_header = request.headers.get(V2_BINARY_HEADER)
         try:
             if binary_header is not None:
                 head, binary = v2binary.split(body, binary_header)
@@ -456,75 +454,120 @@ class RealtimeAdapter:
                                   "id": request_id or str(uuid.uuid4()), "parameters": {}, "outputs": [output]}
         if not v2binary.wants_binary(doc, self.score_name):
             output["data"] = values
-            return web.Response(body=_dumps(answer), content_type=JSON)
+            return Response(200, _dumps(answer))
         raw = v2binary.encode_fp64(values)
         output["parameters"] = {"binary_data_size": len(raw)}
         head = _dumps(answer)
-        return web.Response(body=head + raw, content_type="application/octet-stream",
-                            headers={v2binary.HEADER: str(len(head))})
+        return Response(200, head + raw, "application/octet-stream", {v2binary.HEADER: str(len(head))})
 
-    async def metrics_route(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Prometheus-Format": "0.0.4"})
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(200, self.metrics.render().encode(), "text/plain; charset=utf-8",
+                        {"X-Prometheus-Format": "0.0.4"})
 
-    def _instrument(self, route: str, handler: Handler) -> Handler:
-        metrics = self.metrics
-        perf = time.perf_counter
+    async def v2_server_metadata(self, request: Request) -> Response:
+        return Response(200, _dumps({"name": "modelplane-adapter", "version": "2",
+                                     "extensions": [v2binary.EXTENSION]}))
 
-        async def wrapped(request: web.Request) -> web.StreamResponse:
-            t0 = perf()
-            metrics.in_flight += 1
-            try:
-                resp = await handler(request)
-            except AdapterError as e:
-                resp = e.response()
-            except web.HTTPException as e:
-                metrics.observe(route, e.status, perf() - t0)
-                raise
-            except Exception:
-                resp = _internal_error(request)
-            finally:
-                metrics.in_flight -= 1
-            metrics.observe(route, resp.status, perf() - t0)
-            return resp
-
-        return wrapped
-
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body, middlewares=[json_errors])
-        routes = [
-            ("POST", "/predict", self.predict),
-            ("GET", "/v2/health/live", self.live),
-            ("GET", "/v2/health/ready", self.ready),
-            ("GET", "/v2/models/{name}", self.v2_metadata),
-            ("GET", "/v2/models/{name}/ready", self.v2_model_ready),
-            ("POST", "/v2/models/{name}/infer", self.v2_infer),
-            ("GET", "/v2/models/{name}/versions/{version}", self.v2_metadata),
-            ("GET", "/v2/models/{name}/versions/{version}/ready", self.v2_model_ready),
-            ("POST", "/v2/models/{name}/versions/{version}/infer", self.v2_infer),
-            ("GET", "/v2", self.v2_server_metadata),
-            ("GET", "/metrics", self.metrics_route),
+    def _routes(self) -> tuple[dict, list]:
+        """Static paths {path: {method: (route, handler)}} and the v2 model paths as
+        (segments after /v2/models/, {method: (route, handler)})."""
+        static = {
+            "/predict": {"POST": self.predict},
+            "/v2/health/live": {"GET": self.live},
+            "/v2/health/ready": {"GET": self.ready},
+            "/v2": {"GET": self.v2_server_metadata},
+            "/metrics": {"GET": self.metrics_route},
+        }
+        model = [
+            ("/v2/models/{name}", {"GET": self.v2_metadata}),
+            ("/v2/models/{name}/ready", {"GET": self.v2_model_ready}),
+            ("/v2/models/{name}/infer", {"POST": self.v2_infer}),
+            ("/v2/models/{name}/versions/{version}", {"GET": self.v2_metadata}),
+            ("/v2/models/{name}/versions/{version}/ready", {"GET": self.v2_model_ready}),
+            ("/v2/models/{name}/versions/{version}/infer", {"POST": self.v2_infer}),
         ]
-        for method, path, handler in routes:
-            app.router.add_route(method, path, self._instrument(path, handler))
-        app.on_startup.append(self._on_startup)
-        app.on_cleanup.append(self._on_cleanup)
-        return app
+        return ({path: {m: (path, h) for m, h in methods.items()} for path, methods in static.items()},
+                [(route.split("/")[3:], {m: (route, h) for m, h in methods.items()}) for route, methods in model])
 
-    async def v2_server_metadata(self, request: web.Request) -> web.Response:
-        return web.Response(body=_dumps({"name": "modelplane-adapter", "version": "2",
-                                         "extensions": [v2binary.EXTENSION]}), content_type=JSON)
+    def _find(self, path: str) -> tuple[dict | None, dict]:
+        """The methods served on `path` and its path parameters."""
+        methods = self._static.get(path)
+        if methods is not None:
+            return methods, {}
+        if not path.startswith("/v2/models/"):
+            return None, {}
+        if "%" in path:
+            segments = [unquote(p) for p in path.split("/")[3:]]
+        else:
+            segments = path.split("/")[3:]
+        for pattern, methods in self._model_routes:
+            if len(pattern) != len(segments):
+                continue
+            match = {}
+            for want, got in zip(pattern, segments):
+                if want[0] == "{":
+                    if not got:
+                        break
+                    match[want[1:-1]] = got
+                elif want != got:
+                    break
+            else:
+                return methods, match
+        return None, {}
 
-    async def _on_startup(self, app: web.Application) -> None:
+    async def handle(self, request: Request) -> Response:
+        """Every request: route it, run its handler, count it; every answer is JSON, the 404s and
+        405s (with Allow) included, and no exception text or path ever reaches a client."""
+        path = request.path
+        methods, match = self._find(path)
+        if methods is None:
+            return Response(404, _dumps({"error": f"no route for {request.method[:20]} {path[:200]}"}))
+        found = methods.get(request.method)
+        if found is None:
+            return Response(405, _dumps({"error": f"{request.method[:20]} is not allowed on {path[:200]}"}),
+                            JSON, {"Allow": ",".join(sorted(methods))})
+        route, handler = found
+        request.match = match
+        metrics = self.metrics
+        t0 = time.perf_counter()
+        metrics.in_flight += 1
+        try:
+            resp = await handler(request)
+        except AdapterError as e:
+            resp = e.response()
+        except Exception:
+            resp = _internal_error(request)
+        finally:
+            metrics.in_flight -= 1
+        metrics.observe(route, resp.status, time.perf_counter() - t0)
+        return resp
+
+    def error_body(self, status: int, message: str, request: Request | None) -> Response:
+        """The server's own refusals (an oversized or malformed request), worded like the adapter's
+        and counted under their route when they have one."""
+        if status == 413:
+            message = f"{message}; model {self.name} takes at most {self.max_body} (manifest limits.max_body)"
+        if request is not None:
+            methods, _ = self._find(request.path)
+            found = methods.get(request.method) if methods else None
+            if found is not None:
+                self.metrics.observe(found[0], status, 0.0)
+        return Response(status, _dumps({"error": message}))
+
+    def server(self) -> Server:
+        return Server(self.handle, max_body=self.max_body, error_body=self.error_body)
+
+    async def start(self) -> None:
         await self.upstream.start()
         self._health_task = asyncio.get_running_loop().create_task(self.upstream.watch_health())
 
-    async def _on_cleanup(self, app: web.Application) -> None:
+    async def stop(self) -> None:
+        # Python 3.11's wait_for can swallow a cancel that lands as its inner call completes (the
+        # health loop polls every 10 ms while the model is down): the loop also stops on a flag,
+        # and stopping waits a bounded time.
+        self.upstream.closed = True
         self._health_task.cancel()
-        try:
-            await self._health_task
-        except asyncio.CancelledError:
-            pass
+        await asyncio.wait([self._health_task], timeout=2.0)
         await self.upstream.close()
 
 
@@ -546,31 +589,14 @@ def _v2_message(invalid: RowsInvalid | dict) -> str:
     return f"{body.get('error')}: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every answer is JSON, the router's own 404 and 405 included (with Allow), and no
-    exception text or path ever reaches a client."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-        reason = {404: f"no route for {request.method} {request.path[:200]}",
-                  405: f"{request.method} is not allowed on {request.path[:200]}"}.get(e.status, e.reason)
-        return web.Response(status=e.status, body=_dumps({"error": reason}), content_type=JSON, headers=headers)
-    except Exception:
-        return _internal_error(request)
-
-
-def _internal_error(request: web.Request) -> web.Response:
+def _internal_error(request: Request) -> Response:
     """A bug: the client learns a request id, the log has the traceback under it."""
-    given = request.headers.get("X-Request-Id", "")
+    given = request.headers.get("x-request-id", "")
     rid = given if given.isascii() and given.replace("-", "").replace("_", "").replace(".", "").isalnum() \
         and len(given) <= 64 else uuid.uuid4().hex[:16]
     log.exception("%s %s failed [request id %s]", request.method, request.path[:200], rid)
     body = {"error": f"adapter error: its log has the details under request id {rid}", "request_id": rid}
-    return web.Response(status=500, body=_dumps(body), content_type=JSON, headers={"X-Request-Id": rid})
+    return Response(500, _dumps(body), JSON, {"X-Request-Id": rid})
 
 
 # -- supervisor mode: the adapter runs the model ------------------------------------------
@@ -592,7 +618,7 @@ class Supervisor:
 
     def start(self, on_exit: Callable[[int], None]) -> None:
         env = dict(os.environ, PORT=str(self.port), HOST="127.0.0.1")
-        from .batch import PREEXEC as preexec
+        from .procs import PREEXEC as preexec
         self.proc = subprocess.Popen(self.manifest.command, cwd=self.manifest.folder, env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True, preexec_fn=preexec)  # noqa: PLW1509 - only prctl
@@ -632,7 +658,7 @@ class Supervisor:
         self.stopping = True
         if self.proc is None:
             return
-        from .batch import kill_group
+        from .procs import kill_group
 
         kill_group(self.proc, grace)
 
@@ -676,12 +702,12 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | No
             return 1
         model_url = supervisor.url
     adapter = RealtimeAdapter(manifest, model_url)
-    runner = web.AppRunner(adapter.app(), access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    server = adapter.server()
+    shutdown_timeout = 5.0
+    await adapter.start()
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=1024)
         try:
-            await site.start()
+            await server.start(host, port, backlog=1024)
         except OSError as e:
             print(f"modelplane-adapter: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
             return 1
@@ -690,13 +716,14 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | No
         if model_exit:
             # Nothing in flight can succeed without the model: no graceful wait for clients on
             # keep-alive connections to finish (they would keep sending to a dead model).
-            runner._shutdown_timeout = 0.1
+            shutdown_timeout = 0.1
     finally:
-        await runner.cleanup()
+        await server.stop(shutdown_timeout)
+        await adapter.stop()
         if supervisor:
             await loop.run_in_executor(None, supervisor.stop)
     if model_exit:
-        from .batch import describe_exit
+        from .procs import describe_exit
 
         tail = supervisor.tail_text()
         print(f"modelplane-adapter: model {manifest.ref} {describe_exit(model_exit[0])}"

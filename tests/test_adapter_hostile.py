@@ -70,6 +70,20 @@ def test_deep_nesting_is_a_400_not_a_recursion_error(adapter):
     assert "nests" in json_error(post(adapter, INFER, '{"inputs": ' + deep + "}"), 400)
 
 
+def test_an_integer_past_floats_range_is_a_422_not_a_500(adapter):
+    huge = "9" * 400
+    r = post(adapter, "/predict", '{"rows": [{"x": ' + huge + ', "region": "west"}]}')
+    assert "finite" in json_error(r, 422) or "finite" in r.json()["problems"][0]["error"]
+    assert r.json()["problems"][0]["field"] == "x"
+    rows = ", ".join(['{"x": 1, "region": "west"}'] * 20 + ['{"x": ' + huge + ', "region": "east"}'])
+    r = post(adapter, "/predict", '{"rows": [' + rows + ']}')  # many rows: the column-at-a-time path first
+    json_error(r, 422)
+    assert r.json()["problems"] == [{"row": 20, "field": "x", "error": r.json()["problems"][0]["error"]}]
+    r = post(adapter, INFER, '{"inputs": [{"name": "x", "shape": [1], "datatype": "FP64", "data": [' + huge + ']},'
+                             ' {"name": "region", "shape": [1], "datatype": "BYTES", "data": ["west"]}]}')
+    assert "'x'" in json_error(r, 400)
+
+
 def test_a_lone_surrogate_is_a_400_not_a_500(adapter):
     r = post(adapter, "/predict", '{"rows": [{"x": 1, "region": "west", "\\ud800": 1}]}')
     assert "surrogate" in json_error(r, 400)
@@ -227,24 +241,69 @@ def test_a_killed_model_takes_the_adapter_down_at_once_saying_why(tmp_path):
         stop(a.proc)
 
 
+def test_a_model_killed_under_load_takes_the_adapter_down_every_time(tmp_path):
+    """Five times over: clients keep sending while the model is killed; the adapter exits within
+    seconds, whatever its health poll and its requests were doing at that instant."""
+    import threading
+
+    for trial in range(5):
+        a = Adapter(tmp_path)
+        stop_clients = threading.Event()
+
+        def client():
+            session = requests.Session()
+            while not stop_clients.is_set():
+                try:
+                    session.post(a.url + "/predict", json={"rows": [{"x": 1, "region": "west"}]}, timeout=5)
+                except requests.RequestException:
+                    time.sleep(0.002)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.3)
+            os.kill(_model_pid(a.proc.pid), signal.SIGKILL)
+            code = a.proc.wait(timeout=10)
+            assert code == 1 and "SIGKILL" in a.stderr(), a.stderr()[-2000:]
+        finally:
+            stop_clients.set()
+            for t in threads:
+                t.join()
+            stop(a.proc)
+
+
 def test_a_bug_answers_a_request_id_and_logs_the_traceback_under_it(caplog):
-    """The middleware every adapter route runs in, served for real on loopback with a route that fails."""
+    """A bug inside a route, served for real on loopback: the client gets a request id and no detail,
+    the log gets the traceback under that id."""
     import asyncio
 
-    from aiohttp import web
-    from aiohttp.test_utils import TestClient, TestServer
+    from adapters.manifest import load_manifest
+    from adapters.realtime import RealtimeAdapter
 
-    from adapters.realtime import json_errors
-
-    async def broken(request):
-        raise ZeroDivisionError("secret detail /srv/model/weights.bin")
+    class Broken:
+        def validate(self, rows):
+            raise ZeroDivisionError("secret detail /srv/model/weights.bin")
 
     async def run():
-        app = web.Application(middlewares=[json_errors])
-        app.router.add_get("/boom", broken)
-        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-            resp = await client.get("/boom", headers={"X-Request-Id": "trace-7"})
-            return resp.status, await resp.json(), resp.headers.get("X-Request-Id")
+        adapter = RealtimeAdapter(load_manifest(FIXTURE, check_files=False), "http://127.0.0.1:9")
+        adapter.validator = Broken()
+        server = adapter.server()
+        port = free_port()
+        await server.start("127.0.0.1", port)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = b'{"rows": [{"x": 1, "region": "west"}]}'
+            writer.write(b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-7\r\nConnection: close\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+        finally:
+            await server.stop(1.0)
+        head, _, text = answer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), json.loads(text), headers.get("x-request-id")
 
     status, body, header = asyncio.run(run())
     assert status == 500 and body["request_id"] == "trace-7" == header

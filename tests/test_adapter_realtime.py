@@ -153,6 +153,17 @@ def test_body_over_max_body_is_413(adapter):
     assert "limits.max_body" in r.json()["error"]
 
 
+def test_a_body_refused_while_it_arrives_is_counted_under_its_route(adapter):
+    def count() -> float:
+        return metric(requests.get(adapter.url + "/metrics", timeout=5).text, "modelplane_adapter_requests_total",
+                      route="/predict", status="413")
+
+    before = count()
+    r = requests.post(adapter.url + "/predict", data=b" " * 5000, headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 413
+    assert count() == before + 1
+
+
 def test_more_rows_than_max_rows_is_413(adapter):
     r = requests.post(adapter.url + "/predict", data=b'{"rows":[' + b",".join([b"{}"] * 51) + b"]}",
                       headers={"Content-Type": "application/json"}, timeout=10)
@@ -390,3 +401,77 @@ def test_taken_port_is_a_one_line_error_and_stops_the_model(tmp_path):
     assert "Traceback" not in proc.stderr
     m = re.search(r"started model \S+ \(pid (\d+)\)", proc.stderr)
     assert m and _gone(int(m.group(1)))
+
+
+# -- the manifest, checked in a forked child: the same strict messages, none of its imports ---------
+
+def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adapters", "serve", *args, "--port", str(free_port())],
+                          cwd=ROOT, env=child_env(**env), capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_serve_refuses_an_invalid_manifest_naming_file_line_and_field(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "model.yaml").write_text((FIXTURE / "model.yaml").read_text().replace("type: integer", "type: int"))
+    proc = _serve(str(folder))
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid manifest" in proc.stderr and "model.yaml:8" in proc.stderr and "features[1].type" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_serve_without_a_manifest_and_with_a_batch_one(tmp_path):
+    proc = _serve()
+    assert proc.returncode == 2 and "give MODEL_DIR" in proc.stderr
+    proc = _serve(MODELPLANE_MANIFEST="{not json")
+    assert proc.returncode != 0 and "MODELPLANE_MANIFEST is not JSON" in proc.stderr
+    proc = _serve(str(FIXTURE.parent / "batch"))
+    assert proc.returncode == 2 and "`serve` is for realtime models" in proc.stderr
+    proc = _serve(str(tmp_path))
+    assert proc.returncode == 2 and "no model.yaml here" in proc.stderr
+
+
+def test_serve_from_the_env_manifest_as_in_a_container(tmp_path):
+    import json
+
+    from adapters.manifest import load_manifest
+
+    manifest = json.dumps(load_manifest(FIXTURE).to_dict())
+    model_port = free_port()
+    model = subprocess.Popen([sys.executable, "model.py"], cwd=FIXTURE, env=child_env(PORT=str(model_port)),
+                             stderr=subprocess.DEVNULL)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "adapters", "serve", "--port", str(port), "--model-url",
+                             f"http://127.0.0.1:{model_port}"], cwd=tmp_path, env=child_env(MODELPLANE_MANIFEST=manifest),
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/health/ready", proc=proc)
+        r = requests.post(f"http://127.0.0.1:{port}/predict", json={"rows": [row(2, n=1), {"x": 1}]}, timeout=10)
+        assert r.status_code == 422 and r.json()["problems"][0]["field"] == "region"
+        r = requests.post(f"http://127.0.0.1:{port}/predict", json={"rows": [row(2, n=1)] * 51}, timeout=10)
+        assert r.status_code == 413 and "limits.max_rows" in r.json()["error"]
+    finally:
+        stop(proc)
+        stop(model)
+
+
+def test_the_serving_process_maps_neither_pydantic_nor_yaml(adapter):
+    """Resident memory of every replica: the manifest's parser runs in a child that is gone."""
+    maps = Path(f"/proc/{adapter.proc.pid}/maps").read_text()
+    assert "pydantic_core" not in maps and "_yaml" not in maps and "aiohttp" not in maps
+
+
+def test_the_manifest_is_checked_in_process_once_the_parser_is_loaded(monkeypatch):
+    """A process that imported adapters.manifest already (a warm spare can) does not fork for it;
+    the answer is the same as the forked check's (see the serve tests above)."""
+    import adapters.manifest  # noqa: F401
+    from adapters import served
+
+    def no_fork():
+        raise AssertionError("forked although the parser was loaded")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    manifest, code = served.serve_manifest(str(FIXTURE))
+    assert code == 0 and manifest.ref == "fixture-realtime@1.0.0" and manifest.limits.max_rows == 50
+    assert [f.name for f in manifest.features] == ["x", "n", "region", "member"]
+    assert manifest.limits.max_body_bytes == 4096 and manifest.limits.timeout_seconds == 1.0

@@ -1,0 +1,51 @@
+"""Running a model's process: stop its whole group, word its exit, never orphan it.
+
+Shared by the batch and realtime adapters; kept apart so the realtime adapter imports only this.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+KILL_GRACE_SECONDS = 5.0
+
+
+def kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS) -> None:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds; leaves nothing running."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also whatever the model left behind in its group
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+def die_with_parent() -> None:
+    """In a model's child process: SIGKILL it if the adapter dies, so a model is never orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+PREEXEC = die_with_parent if sys.platform.startswith("linux") else None
