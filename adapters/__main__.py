@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     s.add_argument("--model-url", default=os.environ.get("MODEL_URL"),
                    help="sidecar mode: the model already runs there (default: start it, supervisor mode)")
+    s.add_argument("--checked-manifest", metavar="FILE",
+                   help="the manifest as a caller that already checked it wrote it (JSON; the local runtime "
+                        "passes it so a cold start does not check model.yaml again)")
 
     for name, help_ in (("batch", "run a batch job end to end"),
                         ("job", "the adapter container of a Knative Job: fetch into --work, wait for the model "
@@ -87,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         except ImportError:
             pass
 
-    manifest, code = served.serve_manifest(args.model_dir, then=imports)
+    manifest, code = served.serve_manifest(args.model_dir, then=imports, checked=args.checked_manifest)
     if manifest is None:
         return code
     if manifest.kind != "realtime":

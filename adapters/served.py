@@ -75,13 +75,30 @@ def _checked(model_dir: Optional[str]) -> dict:
         return {"manifest_error": str(e) if e.problems else ""}
     except SystemExit as e:
         return {"exit": str(e.code)}
+    return document(m)
+
+
+def document(m) -> dict:
+    """What serving needs of a checked `adapters.manifest.Manifest`, as JSON: what the check
+    in a child sends back, and what a caller that checked the manifest already (the local
+    runtime, at deploy) hands `serve --checked-manifest`."""
     return {"manifest": m.to_dict(), "folder": str(m.folder), "file": str(m.file),
             "timeout_seconds": m.limits.timeout_seconds, "max_body_bytes": m.limits.max_body_bytes}
 
 
-def load(model_dir: Optional[str], then: Optional[Callable[[], None]] = None) -> dict:
+def load(model_dir: Optional[str], then: Optional[Callable[[], None]] = None, *,
+         checked: Optional[str] = None) -> dict:
     """The checked manifest document: checked in a forked child where the OS can fork, `then()`
-    running in the parent meanwhile (imports the server needs)."""
+    running in the parent meanwhile (imports the server needs). `checked`: the path of the
+    document (`document()`) a caller that checked this very manifest wrote; read, not re-checked."""
+    if checked:
+        try:
+            doc = json.loads(Path(checked).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            return {"crash": f"--checked-manifest {checked}: {e}"}
+        if then:
+            then()
+        return doc
     if not hasattr(os, "fork") or "adapters.manifest" in sys.modules:
         # no fork, or the parser is loaded already (a process started ahead of need that imported
         # it): nothing to save by checking elsewhere
@@ -118,10 +135,10 @@ def load(model_dir: Optional[str], then: Optional[Callable[[], None]] = None) ->
     return json.loads(data)
 
 
-def serve_manifest(model_dir: Optional[str], then: Optional[Callable[[], None]] = None) \
-        -> tuple[Optional[ServedManifest], int]:
+def serve_manifest(model_dir: Optional[str], then: Optional[Callable[[], None]] = None, *,
+                   checked: Optional[str] = None) -> tuple[Optional[ServedManifest], int]:
     """(manifest, 0), or (None, exit status) after saying on stderr what is wrong."""
-    doc = load(model_dir, then)
+    doc = load(model_dir, then, checked=checked)
     if "manifest" in doc:
         return ServedManifest(doc), 0
     if "exit" in doc:
