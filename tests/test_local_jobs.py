@@ -80,3 +80,21 @@ def test_close_stops_the_spare(tmp_path):
     rt.close()
     assert not alive(pid) and not [p for p in tree if alive(p)]
     assert rt.runner._spare is None
+
+
+def test_a_spare_reports_the_adapters_exit_status_and_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELPLANE_LOG_LEVEL", "NOPE")  # the adapter's logging set-up raises: no result printed
+    rt = LocalRuntime(Settings(state_dir=tmp_path / "state", job_concurrency=1, bucket="test-bucket"))
+    rt.start()
+    try:
+        rt.deploy(load_manifest(make_model(tmp_path, "scorer")))
+        dataset = tmp_path / "in.csv"
+        dataset.write_text("x,sleep\n1,\n")
+        spare_pid(rt)
+        done = run_job(rt, dataset)
+        assert rt.runner.spares_used == 1
+        assert done.status == "failed", done
+        assert done.error == "the batch adapter exited with status 1 without printing a result", done.error
+        assert "Traceback" in done.log_tail and "NOPE" in done.log_tail
+    finally:
+        rt.close()

@@ -79,7 +79,21 @@ for fd, path in ((1, job["out"]), (2, job["err"])):
 if entry is None:
     import adapters.__main__ as entry  # the import error, into the job's log
 sys.argv = ["adapters", *job["argv"]]
-sys.exit(entry.main(job["argv"]))
+try:
+    code = entry.main(job["argv"])
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if not isinstance(e.code, (int, type(None))):
+        print(e.code, file=sys.stderr)
+except BaseException:
+    import traceback
+    traceback.print_exc()
+    code = 1
+import logging
+logging.shutdown()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)  # the result is printed and published: skip ~0.1 s of interpreter teardown
 """
 
 
