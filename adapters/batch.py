@@ -48,6 +48,8 @@ KILL_GRACE_SECONDS = 5.0
 LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 8192
 FOLLOW_INTERVAL = 0.05  # seconds between looks at the results file while the model runs (not after it exits)
+FOLLOW_READ = 256 << 10  # the follower reads (and checks) this much at a time: it runs beside the row
+                         # check, so its lists of lines stay small and the adapter's memory flat
 
 
 class BatchFailure(Exception):
@@ -387,14 +389,14 @@ class ResultsFollower:
                 self._f = open(self.path, "rb")  # noqa: SIM115 - kept open across polls, closed in close()
             except OSError:
                 return False
-        data = self._f.read(CHUNK)
+        data = self._f.read(FOLLOW_READ)
         if not data:
             return False
         self._md5.update(data)
         self.offset += len(data)
         if self.sink is not None:
             self.sink(data)
-        more = len(data) == CHUNK
+        more = len(data) == FOLLOW_READ
         try:
             if self.stream is not None:
                 self.stream.feed(data)

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 CHUNK = 1 << 20  # 1 MiB: reads, hashes and downloads never hold more than this much of a file
-UPLOAD_CHUNK = 8 << 20  # a streamed upload's chunks: GCS wants multiples of 256 KiB (all but the last)
+# A streamed upload's chunks: GCS wants multiples of 256 KiB (all but the last). Small, so the
+# adapter's memory stays flat (a chunk is buffered and copied once); big enough for few requests.
+UPLOAD_CHUNK = 2 << 20
 UPLOAD_TIMEOUT = 120.0  # seconds for one chunk of a streamed upload
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,8 @@ class ScoresUpload:
     marks it `broken`, and the caller publishes the whole file the ordinary way instead.
     """
 
-    def __init__(self, uri: str, *, content_type: str = "text/csv", chunk: int = UPLOAD_CHUNK):
+    def __init__(self, uri: str, *, content_type: str = "text/csv", chunk: int | None = None):
+        chunk = chunk or UPLOAD_CHUNK
         if chunk % (256 << 10):
             raise ValueError("a resumable upload's chunks are multiples of 256 KiB")
         self.uri = uri
@@ -194,8 +197,10 @@ class ScoresUpload:
         whole = len(self._pending) // self.chunk * self.chunk
         if not whole:
             return
+        with memoryview(self._pending) as view:
+            body = bytes(view[:whole])  # one copy; requests wants bytes
         try:
-            self._put(bytes(self._pending[:whole]), final=False)
+            self._put(body, final=False)
         except Exception as e:  # noqa: BLE001 - any failure: fall back to a whole-file upload
             self.broken = str(e) or type(e).__name__
             log.warning("streamed upload of %s stopped (%s); it will be uploaded whole", self.uri, self.broken)

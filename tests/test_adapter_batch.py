@@ -337,6 +337,7 @@ def test_results_check_finds_the_bad_line_across_chunks(tmp_path, monkeypatch):
 
 def test_results_follower_checks_while_written_and_rechecks_a_rewritten_file(tmp_path, monkeypatch):
     monkeypatch.setattr(batch, "CHUNK", 16)
+    monkeypatch.setattr(batch, "FOLLOW_READ", 16)
     manifest = load_manifest(FIXTURE)
     f = tmp_path / "scores.csv"
     follower = batch.ResultsFollower(f)
