@@ -458,6 +458,7 @@ class FollowThread:
     def __init__(self, follower: ResultsFollower):
         self.follower = follower
         self._stop = threading.Event()
+        self._drain = True
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="results-follower", daemon=True)
         self._thread.start()
@@ -469,13 +470,15 @@ class FollowThread:
                     pass
                 if self._stop.wait(FOLLOW_INTERVAL):
                     break
-            while self.follower.poll():  # the rest, written before the model exited
+            while self._drain and self.follower.poll():  # the rest, written before the model exited
                 pass
         except BaseException as e:  # noqa: BLE001 - reported by `stop`
             self.error = e
 
-    def stop(self) -> None:
-        """Read to the end of what is there now, then stop; re-raises what the thread hit."""
+    def stop(self, *, drain: bool = True) -> None:
+        """Read to the end of what is there now (unless not `drain`: the job failed, and a model
+        still running may write on), then stop; re-raises what the thread hit."""
+        self._drain = drain
         self._stop.set()
         self._thread.join()
         if self.error is not None:
@@ -745,7 +748,7 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
 
 def _stop_following(following: FollowThread) -> None:
     try:
-        following.stop()
+        following.stop(drain=False)
     except Exception as e:  # noqa: BLE001 - the job fails for another reason already
         log.debug("results follower: %s", e)
 

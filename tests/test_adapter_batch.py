@@ -464,6 +464,11 @@ import os, sys, time
 rows = sum(1 for _ in open(os.environ["DATASET"])) - 1
 mode = os.environ["STREAM_MODE"]
 go = os.environ["STREAM_GO"]
+if mode == "forever":  # a runaway model: never stops writing
+    with open(os.environ["RESULTS"], "w") as out:
+        out.write("score\\n")
+        while True:
+            out.write("1.5\\n" * 10000)
 with open(os.environ["RESULTS"], "w") as out:
     out.write("score\\n")
     first = "7.0" if mode == "rewrite" else "1.5"
@@ -603,3 +608,27 @@ def test_wait_exit_returns_the_status_or_none_after_the_timeout():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_failed_job_stops_following_a_model_that_writes_without_end(gcs, gcs_client, tmp_path, monkeypatch):
+    """A bad input row fails the job while the model still writes: the follower must not chase it."""
+    import threading
+
+    bucket = gcs_client.bucket("test-bucket")
+    bucket.blob("incoming/stream-model/runaway.csv").upload_from_string("x\n" + "1\n" * 50_000 + "oops\n")
+    monkeypatch.setenv("STREAM_MODE", "forever")
+    monkeypatch.setenv("STREAM_GO", str(tmp_path / "go"))
+    manifest = load_manifest(stream_model(tmp_path))
+    spec = batch.JobSpec(dataset_uri="gs://test-bucket/incoming/stream-model/runaway.csv", job="runaway",
+                         results_prefix="gs://test-bucket/results/stream-model/runaway/")
+    out: dict = {}
+    work = tmp_path / "work"
+    runner = threading.Thread(target=lambda: out.update(zip(("result", "code"),
+                                                            batch.run_batch(manifest, spec, work=work))), daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "the job did not end: still following a model that never stops"
+    assert out["code"] == 1 and out["result"]["invalid_values"] == 1
+    assert "Error" not in out["result"]["log_tail"], out["result"]["log_tail"]
+    assert (work / "scores.csv").stat().st_size > 1 << 20  # it was writing, and fast, when the job failed
+    assert not bucket.blob("results/stream-model/runaway/scores.csv").exists()
