@@ -17,11 +17,20 @@ from test_local_runtime import alive, make_model, wait_for
 
 @pytest.fixture
 def rt(tmp_path, monkeypatch):
+    """Made in the test's body, not at set-up: a spare is used only with the environment it was
+    started with, and pytest's own PYTEST_CURRENT_TEST differs between set-up and the test."""
     monkeypatch.setenv("MODELPLANE_LOG_LEVEL", "DEBUG")  # the adapter logs its timings: proof its stderr is the job's
-    runtime = LocalRuntime(Settings(state_dir=tmp_path / "state", job_concurrency=1, bucket="test-bucket"))
-    runtime.start()
-    yield runtime
-    runtime.close()
+    made = []
+
+    def make() -> LocalRuntime:
+        runtime = LocalRuntime(Settings(state_dir=tmp_path / "state", job_concurrency=1, bucket="test-bucket"))
+        runtime.start()
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        runtime.close()
 
 
 def spare_pid(rt: LocalRuntime) -> int:
@@ -35,6 +44,7 @@ def run_job(rt: LocalRuntime, dataset: Path):
 
 
 def test_jobs_run_in_the_warm_spare_which_is_replaced_after_each(rt, tmp_path):
+    rt = rt()
     rt.deploy(load_manifest(make_model(tmp_path, "scorer")))
     dataset = tmp_path / "in.csv"
     dataset.write_text("x,sleep\n1,\n2,\n")
@@ -52,6 +62,7 @@ def test_jobs_run_in_the_warm_spare_which_is_replaced_after_each(rt, tmp_path):
 
 
 def test_a_dead_spare_means_a_cold_start_not_a_failed_job(rt, tmp_path):
+    rt = rt()
     rt.deploy(load_manifest(make_model(tmp_path, "scorer")))
     dataset = tmp_path / "in.csv"
     dataset.write_text("x,sleep\n3,\n")
@@ -62,6 +73,7 @@ def test_a_dead_spare_means_a_cold_start_not_a_failed_job(rt, tmp_path):
 
 
 def test_a_spare_started_with_another_environment_is_not_used(rt, tmp_path, monkeypatch):
+    rt = rt()
     rt.deploy(load_manifest(make_model(tmp_path, "scorer")))
     dataset = tmp_path / "in.csv"
     dataset.write_text("x,sleep\n3,\n")
