@@ -20,6 +20,7 @@ import math
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -47,7 +48,9 @@ RESULT_FILE = "result.json"
 KILL_GRACE_SECONDS = 5.0
 LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 8192
-FOLLOW_INTERVAL = 0.05  # seconds between looks at the results file while the model runs
+FOLLOW_INTERVAL = 0.05  # seconds between looks at the results file while the model runs (not after it exits)
+FOLLOW_READ = 256 << 10  # the follower reads (and checks) this much at a time: it runs beside the row
+                         # check, so its lists of lines stay small and the adapter's memory flat
 
 
 class BatchFailure(Exception):
@@ -367,8 +370,10 @@ class ResultsFollower:
     replaces its results is still checked correctly).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, sink=None):
         self.path = path
+        self.sink = sink  # called with every byte read, in order (a ScoresUpload's write)
+        self.trusted = False  # set by `resume`: the sink was given exactly the final file
         self._f = None
         self._md5 = hashlib.md5()
         self.offset = 0
@@ -385,12 +390,14 @@ class ResultsFollower:
                 self._f = open(self.path, "rb")  # noqa: SIM115 - kept open across polls, closed in close()
             except OSError:
                 return False
-        data = self._f.read(CHUNK)
+        data = self._f.read(FOLLOW_READ)
         if not data:
             return False
         self._md5.update(data)
         self.offset += len(data)
-        more = len(data) == CHUNK
+        if self.sink is not None:
+            self.sink(data)
+        more = len(data) == FOLLOW_READ
         try:
             if self.stream is not None:
                 self.stream.feed(data)
@@ -419,7 +426,9 @@ class ResultsFollower:
             self._f = None
 
     def resume(self, path: Path) -> int | None:
-        """Finish the check on the final file; None if the checked prefix cannot be trusted."""
+        """Finish the check on the final file; None if the checked prefix cannot be trusted.
+
+        Trusted, the rest of the file also goes to the sink, which has then seen the final file."""
         self.close()
         if not self.usable or self.stream is None:
             return None
@@ -436,7 +445,45 @@ class ResultsFollower:
                 return None
             while chunk := f.read(CHUNK):
                 self.stream.feed(chunk)
-        return self.stream.finish()
+                if self.sink is not None:
+                    self.sink(chunk)
+        count = self.stream.finish()
+        self.trusted = True
+        return count
+
+
+class FollowThread:
+    """Runs a ResultsFollower beside the model: reads what is appended every FOLLOW_INTERVAL while
+    the model runs, and everything left the moment `stop` is called (the model has exited)."""
+
+    def __init__(self, follower: ResultsFollower):
+        self.follower = follower
+        self._stop = threading.Event()
+        self._drain = True
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="results-follower", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                while self.follower.poll() and not self._stop.is_set():
+                    pass
+                if self._stop.wait(FOLLOW_INTERVAL):
+                    break
+            while self._drain and self.follower.poll():  # the rest, written before the model exited
+                pass
+        except BaseException as e:  # noqa: BLE001 - reported by `stop`
+            self.error = e
+
+    def stop(self, *, drain: bool = True) -> None:
+        """Read to the end of what is there now (unless not `drain`: the job failed, and a model
+        still running may write on), then stop; re-raises what the thread hit."""
+        self._drain = drain
+        self._stop.set()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _count_scores_csv(f, column: int) -> int:
@@ -499,6 +546,28 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The exit status of `proc`, or None once `timeout` seconds have passed.
+
+    Wakes the moment the process exits (a pidfd, Linux 5.3+), where `Popen.wait(timeout)` would
+    sleep in steps of up to 50 ms; falls back to that elsewhere."""
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd here, or the process is already reaped
+        try:
+            return proc.wait(timeout=max(timeout, 0))
+        except subprocess.TimeoutExpired:
+            return None
+    try:
+        if not select.select([fd], [], [], max(timeout, 0))[0]:
+            return None
+    finally:
+        os.close(fd)
+    return proc.wait()
+
+
 def start_model(manifest: Manifest, dataset: Path, results: Path) -> subprocess.Popen:
     env = dict(os.environ, DATASET=str(dataset), RESULTS=str(results))
     try:
@@ -526,6 +595,16 @@ class Job:
                       "generation": spec.generation if spec else None, "md5": None},
             "results_uri": None, "rows": None, "started_at": now_iso(), "finished_at": None,
         }
+        self._t0 = time.monotonic()
+        self.timings: dict[str, float] = {}  # phase -> seconds since the job started, logged at the end
+
+    def mark(self, phase: str) -> None:
+        self.timings[phase] = round(time.monotonic() - self._t0, 3)
+
+    def log_timings(self) -> None:
+        """At DEBUG (MODELPLANE_LOG_LEVEL=debug): a job's log tail is the model's, for its owner."""
+        log.debug("job %s %s, seconds since start: %s", self.result["job"], self.result["status"],
+                 " ".join(f"{k}={v:.3f}" for k, v in self.timings.items()))
 
     def succeed(self, rows: int, results_uri: str) -> dict:
         self.result.update(status="succeeded", rows=rows, results_uri=results_uri, finished_at=now_iso())
@@ -551,67 +630,104 @@ class Job:
 
 
 def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) -> tuple[dict, int]:
-    """Run one job end to end; return (result JSON, exit status). Never raises for a job failure."""
+    """Run one job end to end; return (result JSON, exit status). Never raises for a job failure.
+
+    While the model runs, the input rows are checked (this thread) and its scores are followed,
+    checked and, for a gs:// destination, streamed to a resumable upload (another thread). The
+    upload is committed only once the model exited 0 and every check passed, so a failed job
+    publishes no scores; a job killed outright leaves only an unfinished session, never an object.
+    """
     job = Job(manifest, spec)
     own_work = work is None
     work = Path(tempfile.mkdtemp(prefix=f"modelplane-{manifest.name}-")) if own_work else Path(work)
     work.mkdir(parents=True, exist_ok=True)
     tail: OutputTail | None = None
+    upload: storage.ScoresUpload | None = None
     try:
         dataset = _fetch(spec, work, job)
+        job.mark("fetched")
         header = check_header(manifest, dataset)
         results = work / SCORES_FILE
         if results.exists():
             results.unlink()
+        scores_uri = storage.join(spec.results_prefix, SCORES_FILE)
+        if storage.is_gcs(scores_uri):
+            upload = storage.ScoresUpload(scores_uri)
         proc = start_model(manifest, dataset, results)
+        job.mark("model_started")
         deadline = time.monotonic() + manifest.batch.timeout_seconds
         tail = OutputTail(proc.stdout)
-        follower = ResultsFollower(results)
+        follower = ResultsFollower(results, sink=upload.write if upload else None)
+        following = FollowThread(follower)
         try:
-            # both overlap with the model's own run: count and check the input rows (a bad one
-            # stops the model), check scores as they are written
+            # both overlap with the model's own run: count and check the input rows here (a bad
+            # one stops the model), check (and upload) scores as they are written in `following`
             md5, n_rows = check_rows(manifest, header, dataset)
+            job.mark("rows_checked")
             job.result["input"]["md5"] = md5
             job.result["rows"] = n_rows
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise subprocess.TimeoutExpired(manifest.command, manifest.batch.timeout_seconds)
-                progressed = follower.poll()
-                try:
-                    status = proc.wait(timeout=0 if progressed else min(FOLLOW_INTERVAL, remaining))
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            status = wait_exit(proc, deadline - time.monotonic())
+            if status is None:
+                raise subprocess.TimeoutExpired(manifest.command, manifest.batch.timeout_seconds)
+            job.mark("model_exited")
         except subprocess.TimeoutExpired:
-            follower.close()
+            _stop_following(following)
             kill_group(proc)
             tail.join()
             raise BatchFailure(
                 f"the model ran longer than its batch timeout ({manifest.batch.timeout}, "
                 "manifest batch.timeout) and was stopped") from None
         except BaseException:
-            follower.close()
+            _stop_following(following)
             kill_group(proc)
             raise
         else:
             kill_group(proc, grace=0)  # reap anything the model left running in its group
+        following.stop()
         tail.join()
         if status != 0:
             follower.close()
             raise BatchFailure(f"the model {describe_exit(status)}")
         rows = check_results(results, n_rows, manifest, follower)
-        scores_uri = storage.join(spec.results_prefix, SCORES_FILE)
-        storage.put_file(results, scores_uri)
+        job.mark("results_checked")
+        _publish_scores(results, scores_uri, upload, streamed=follower.trusted)
+        upload = None
+        job.mark("scores_published")
         job.succeed(rows, scores_uri)
         job.store_result()
     except (BatchFailure, StorageError, OSError) as e:
         job.fail(str(e), tail.text() if tail else "", cause=e)
         job.store_result()
     finally:
+        if upload is not None:  # not committed: the job failed, nothing may appear
+            upload.abort()
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
+    job.mark("done")
+    job.log_timings()
     return job.result, (0 if job.result["status"] == "succeeded" else 1)
+
+
+def _stop_following(following: FollowThread) -> None:
+    try:
+        following.stop(drain=False)
+    except Exception as e:  # noqa: BLE001 - the job fails for another reason already
+        log.debug("results follower: %s", e)
+
+
+def _publish_scores(results: Path, uri: str, upload: storage.ScoresUpload | None, *, streamed: bool) -> None:
+    """Commit the streamed upload if it was given exactly the final file (`streamed`: the follower
+    proved it) and did not break; otherwise drop it and upload the whole file. Either way the object
+    appears only complete."""
+    if upload is not None and streamed and not upload.broken:
+        try:
+            upload.commit()
+            return
+        except StorageError as e:
+            log.warning("%s; uploading the whole file instead", e)
+    if upload is not None:
+        upload.abort()
+    storage.put_file(results, uri)
 
 
 def _fetch(spec: JobSpec, work: Path, job: Job, *, copy_local: bool = False) -> Path:

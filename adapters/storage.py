@@ -3,10 +3,13 @@
 The google-cloud-storage client honours `STORAGE_EMULATOR_HOST` (then with anonymous
 credentials), so the embedded emulator and real GCS are used through the same code.
 Results appear atomically: scores.csv is complete before anything names it, result.json last.
+`ScoresUpload` sends scores to GCS while the model still writes them (a resumable upload that
+becomes an object only when it is committed), so publishing after the model exits is one last chunk.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +18,12 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 CHUNK = 1 << 20  # 1 MiB: reads, hashes and downloads never hold more than this much of a file
+# A streamed upload's chunks: GCS wants multiples of 256 KiB (all but the last). Small, so the
+# adapter's memory stays flat (a chunk is buffered and copied once); big enough for few requests.
+UPLOAD_CHUNK = 2 << 20
+UPLOAD_TIMEOUT = 120.0  # seconds for one chunk of a streamed upload
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -156,6 +165,96 @@ def put_file(src: Path, uri: str, *, content_type: str = "text/csv") -> None:
         if is_gcs(uri):
             raise StorageError(f"could not upload {uri}: {e}") from e
         raise
+
+
+class ScoresUpload:
+    """A gs:// object uploaded while its bytes are still being produced, visible only once committed.
+
+    `write` buffers and sends whole UPLOAD_CHUNKs to a resumable upload session; `commit(rest)`
+    sends what is left as the final chunk, and only then does the object exist. `abort` drops the
+    session: nothing ever appears at `uri` (an unfinished session is never an object; one left
+    behind by a killed process expires on its own). It never raises from `write`: a failure
+    marks it `broken`, and the caller publishes the whole file the ordinary way instead.
+    """
+
+    def __init__(self, uri: str, *, content_type: str = "text/csv", chunk: int | None = None):
+        chunk = chunk or UPLOAD_CHUNK
+        if chunk % (256 << 10):
+            raise ValueError("a resumable upload's chunks are multiples of 256 KiB")
+        self.uri = uri
+        self.content_type = content_type
+        self.chunk = chunk
+        self.sent = 0  # bytes the server has acknowledged
+        self.broken: str | None = None
+        self.done = False
+        self._pending = bytearray()
+        self._url: str | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.broken or self.done or not data:
+            return
+        self._pending += data
+        whole = len(self._pending) // self.chunk * self.chunk
+        if not whole:
+            return
+        with memoryview(self._pending) as view:
+            body = bytes(view[:whole])  # one copy; requests wants bytes
+        try:
+            self._put(body, final=False)
+        except Exception as e:  # noqa: BLE001 - any failure: fall back to a whole-file upload
+            self.broken = str(e) or type(e).__name__
+            log.warning("streamed upload of %s stopped (%s); it will be uploaded whole", self.uri, self.broken)
+            self._pending.clear()
+            return
+        del self._pending[:whole]
+
+    def commit(self, rest: bytes = b"") -> None:
+        """Send the last bytes and make the object appear; StorageError if that fails."""
+        if self.broken:
+            raise StorageError(f"could not upload {self.uri}: {self.broken}")
+        try:
+            self._put(bytes(self._pending) + rest, final=True)
+        except StorageError:
+            raise
+        except Exception as e:  # google.auth / requests transport errors
+            raise StorageError(f"could not upload {self.uri}: {e}") from e
+        self._pending.clear()
+        self.done = True
+
+    def abort(self) -> None:
+        """Drop the session (best effort): nothing appears at `uri`."""
+        self._pending.clear()
+        if self.done or self._url is None:
+            self.done = True
+            return
+        self.done = True
+        try:
+            client()._http.delete(self._url, timeout=10)  # GCS answers 499; an emulator may not know it
+        except Exception as e:  # noqa: BLE001 - the session expires anyway
+            log.debug("could not cancel the upload session for %s: %s", self.uri, e)
+
+    def _session(self) -> str:
+        if self._url is None:
+            bucket_name, name = split_gcs(self.uri)
+            blob = client().bucket(bucket_name).blob(name)
+            self._url = blob.create_resumable_upload_session(content_type=self.content_type, checksum=None,
+                                                             timeout=UPLOAD_TIMEOUT)
+        return self._url
+
+    def _put(self, body: bytes, *, final: bool) -> None:
+        url = self._session()
+        start, end = self.sent, self.sent + len(body) - 1
+        total = str(self.sent + len(body)) if final else "*"
+        span = f"bytes {start}-{end}/{total}" if body else f"bytes */{total}"
+        resp = client()._http.put(url, data=body, headers={"Content-Range": span}, timeout=UPLOAD_TIMEOUT)
+        if final:
+            if resp.status_code not in (200, 201):
+                raise StorageError(f"could not upload {self.uri}: the last chunk got {resp.status_code} "
+                                   f"{resp.text[:300]}")
+        elif resp.status_code != 308 or resp.headers.get("Range") != f"bytes=0-{end}":
+            raise StorageError(f"the upload of {self.uri} was not resumed as sent ({resp.status_code}, "
+                               f"Range {resp.headers.get('Range')!r} for bytes {start}-{end})")
+        self.sent += len(body)
 
 
 def put_bytes(data: bytes, uri: str, *, content_type: str = "application/json") -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,7 @@ def test_results_check_finds_the_bad_line_across_chunks(tmp_path, monkeypatch):
 
 def test_results_follower_checks_while_written_and_rechecks_a_rewritten_file(tmp_path, monkeypatch):
     monkeypatch.setattr(batch, "CHUNK", 16)
+    monkeypatch.setattr(batch, "FOLLOW_READ", 16)
     manifest = load_manifest(FIXTURE)
     f = tmp_path / "scores.csv"
     follower = batch.ResultsFollower(f)
@@ -453,3 +455,180 @@ def test_the_row_check_follows_the_feature_rules_cell_by_cell(tmp_path):
     checker.check([["inf", "2", "true", "a"], ["", "2.5", "maybe", "c"], ["nan", "x", "1", ""]], 4)
     found = {(p["row"], p["field"]) for p in checker.problems}
     assert found == {(4, "n"), (5, "n"), (5, "i"), (5, "b"), (5, "s"), (6, "n"), (6, "i"), (6, "s")}
+
+
+# -- scores streamed to the bucket while the model writes them --------------------------------------
+
+STREAM_MODEL = '''\
+import os, sys, time
+rows = sum(1 for _ in open(os.environ["DATASET"])) - 1
+mode = os.environ["STREAM_MODE"]
+go = os.environ["STREAM_GO"]
+if mode == "forever":  # a runaway model: never stops writing
+    with open(os.environ["RESULTS"], "w") as out:
+        out.write("score\\n")
+        while True:
+            out.write("1.5\\n" * 10000)
+with open(os.environ["RESULTS"], "w") as out:
+    out.write("score\\n")
+    first = "7.0" if mode == "rewrite" else "1.5"
+    out.write("".join(f"{first}\\n" for _ in range(rows)))
+    out.flush()
+    open(go + ".written", "w").close()
+    while not os.path.exists(go):  # held here, results written, until the test has looked
+        time.sleep(0.01)
+if mode == "rewrite":  # replaced after the adapter read (and streamed) the first version
+    with open(os.environ["RESULTS"], "w") as out:
+        out.write("score\\n" + "".join("2.5\\n" for _ in range(rows)))
+sys.exit(3 if mode == "exit3" else 0)
+'''
+
+
+def stream_model(tmp_path: Path) -> Path:
+    folder = tmp_path / "stream-model"
+    folder.mkdir()
+    (folder / "score.py").write_text(STREAM_MODEL)
+    (folder / "model.yaml").write_text(
+        "name: stream-model\nversion: 1.0.0\nkind: batch\nlanguage: python\n"
+        f"command: [{json.dumps(sys.executable)}, score.py]\n"
+        "features:\n  - {name: x, type: number}\nscore: {name: score, type: number}\nbatch: {timeout: 60s}\n")
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["ok", "exit3", "rewrite"])
+def test_scores_stream_to_the_bucket_while_written_and_appear_only_when_the_job_succeeds(
+        gcs, gcs_client, tmp_path, monkeypatch, mode):
+    """Chunks of the scores reach the bucket while the model still runs, yet no object exists until
+    the model exited 0 and the checks passed; a failed model leaves none, and a model that rewrites
+    its results gets the final file published, not the bytes streamed before."""
+    import threading
+
+    from adapters import storage
+
+    monkeypatch.setattr(storage, "UPLOAD_CHUNK", 256 << 10)
+    uploads = []
+
+    class Recorded(storage.ScoresUpload):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, chunk=storage.UPLOAD_CHUNK, **kwargs)
+            uploads.append(self)
+
+    monkeypatch.setattr(storage, "ScoresUpload", Recorded)
+    rows = 200_000  # 800 KB of scores: three whole chunks go out before the model exits
+    bucket = gcs_client.bucket("test-bucket")
+    name = f"incoming/stream-model/{mode}.csv"
+    bucket.blob(name).upload_from_string("x\n" + "1\n" * rows)
+    go = tmp_path / "go"
+    monkeypatch.setenv("STREAM_MODE", mode)
+    monkeypatch.setenv("STREAM_GO", str(go))
+    manifest = load_manifest(stream_model(tmp_path))
+    spec = batch.JobSpec(dataset_uri=f"gs://test-bucket/{name}", job=f"stream-{mode}",
+                         results_prefix=f"gs://test-bucket/results/stream-model/stream-{mode}/")
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(zip(("result", "code"), batch.run_batch(manifest, spec))))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (uploads and uploads[0].sent >= 3 * (256 << 10)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (tmp_path / "go.written").exists()
+        assert uploads and uploads[0].sent >= 3 * (256 << 10), "nothing was streamed while the model ran"
+        scores_blob = bucket.blob(f"results/stream-model/stream-{mode}/scores.csv")
+        assert not scores_blob.exists()  # sent, but not an object yet
+    finally:
+        go.touch()
+        runner.join(60)
+    result, code = out["result"], out["code"]
+    if mode == "exit3":
+        assert code == 1 and "exited with status 3" in result["error"]
+        assert not scores_blob.exists()
+        stored = json.loads(bucket.blob(f"results/stream-model/stream-{mode}/result.json").download_as_text())
+        assert stored["status"] == "failed"
+    else:
+        assert code == 0, result
+        expected = "score\n" + ("2.5\n" if mode == "rewrite" else "1.5\n") * rows
+        assert scores_blob.download_as_text() == expected
+        assert result["rows"] == rows
+
+
+def test_a_stream_that_breaks_is_published_whole(gcs, gcs_client, tmp_path, monkeypatch):
+    from adapters import storage
+
+    calls = []
+
+    def refuse(self, body, *, final):
+        calls.append(final)
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(storage.ScoresUpload, "_put", refuse)
+    monkeypatch.setattr(storage, "UPLOAD_CHUNK", 256 << 10)
+    bucket = gcs_client.bucket("test-bucket")
+    bucket.blob("incoming/fixture-batch/broken.csv").upload_from_string(DATA)
+    upload = storage.ScoresUpload("gs://test-bucket/results/fixture-batch/broken/scores.csv", chunk=256 << 10)
+    upload.write(b"x" * (300 << 10))
+    assert upload.broken and "connection reset" in upload.broken and calls == [False]
+    with pytest.raises(storage.StorageError):
+        upload.commit()
+    # the whole run: the same failure, and yet the scores are published (whole) and right
+    spec = batch.JobSpec(dataset_uri="gs://test-bucket/incoming/fixture-batch/broken.csv", job="broken",
+                         results_prefix="gs://test-bucket/results/fixture-batch/broken/")
+    result, code = batch.run_batch(load_manifest(FIXTURE), spec)
+    assert code == 0, result
+    assert scores_in(bucket.blob("results/fixture-batch/broken/scores.csv").download_as_text()) == SCORES
+
+
+def test_scores_upload_commit_and_abort(gcs, gcs_client):
+    from adapters import storage
+
+    bucket = gcs_client.bucket("test-bucket")
+    data = os.urandom(600 << 10)
+    kept = storage.ScoresUpload("gs://test-bucket/results/u/kept.csv", chunk=256 << 10)
+    for i in range(0, len(data), 100_000):
+        kept.write(data[i:i + 100_000])
+    assert kept.sent == 512 << 10 and not bucket.blob("results/u/kept.csv").exists()
+    kept.commit()
+    assert bucket.blob("results/u/kept.csv").download_as_bytes() == data
+    dropped = storage.ScoresUpload("gs://test-bucket/results/u/dropped.csv", chunk=256 << 10)
+    dropped.write(data)
+    assert dropped.sent == 512 << 10
+    dropped.abort()
+    assert not bucket.blob("results/u/dropped.csv").exists()
+    empty = storage.ScoresUpload("gs://test-bucket/results/u/empty.csv", chunk=256 << 10)
+    empty.commit(b"score\n")
+    assert bucket.blob("results/u/empty.csv").download_as_bytes() == b"score\n"
+
+
+def test_wait_exit_returns_the_status_or_none_after_the_timeout():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(4)"])
+    try:
+        assert batch.wait_exit(proc, 0.01) is None
+        assert batch.wait_exit(proc, 30) == 4
+        assert batch.wait_exit(proc, 0) == 4  # already reaped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_failed_job_stops_following_a_model_that_writes_without_end(gcs, gcs_client, tmp_path, monkeypatch):
+    """A bad input row fails the job while the model still writes: the follower must not chase it."""
+    import threading
+
+    bucket = gcs_client.bucket("test-bucket")
+    bucket.blob("incoming/stream-model/runaway.csv").upload_from_string("x\n" + "1\n" * 50_000 + "oops\n")
+    monkeypatch.setenv("STREAM_MODE", "forever")
+    monkeypatch.setenv("STREAM_GO", str(tmp_path / "go"))
+    manifest = load_manifest(stream_model(tmp_path))
+    spec = batch.JobSpec(dataset_uri="gs://test-bucket/incoming/stream-model/runaway.csv", job="runaway",
+                         results_prefix="gs://test-bucket/results/stream-model/runaway/")
+    out: dict = {}
+    work = tmp_path / "work"
+    runner = threading.Thread(target=lambda: out.update(zip(("result", "code"),
+                                                            batch.run_batch(manifest, spec, work=work))), daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "the job did not end: still following a model that never stops"
+    assert out["code"] == 1 and out["result"]["invalid_values"] == 1
+    assert "Error" not in out["result"]["log_tail"], out["result"]["log_tail"]
+    assert (work / "scores.csv").stat().st_size > 1 << 20  # it was writing, and fast, when the job failed
+    assert not bucket.blob("results/stream-model/runaway/scores.csv").exists()
