@@ -440,17 +440,27 @@ class Client:
                       content_type: str = "application/json") -> tuple[int, bytes]:
         """(status, body). Raises Unreachable, Disconnected (`reused` tells whether the connection
         was a pooled one the server may have closed meanwhile) or asyncio.TimeoutError."""
+        status, _, answer = await self.exchange(method, path, body, timeout,
+                                                {"Content-Type": content_type} if body is not None else None)
+        return status, answer
+
+    async def exchange(self, method: str, path: str, body: Optional[bytes], timeout: float,
+                       headers: Optional[dict] = None) -> tuple[int, list[tuple[str, str]], bytes]:
+        """`request` with the caller's headers, answering (status, headers, body) (the control
+        service's front door forwards both ways)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         conn, reused = await self._connection(loop, deadline)
         head = f"{method} {path} HTTP/1.1\r\n".encode("latin-1") + self.host_header
+        if headers:
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
         if body is not None:
-            head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode("latin-1")
+            head += f"Content-Length: {len(body)}\r\n\r\n".encode("latin-1")
             conn.transport.write(head + body)
         else:
             conn.transport.write(head + b"\r\n")
         try:
-            status, answer, keep = await _read_answer(conn, loop, deadline, method)
+            status, answer_headers, answer, keep = await _read_answer(conn, loop, deadline, method)
         except Disconnected as e:
             conn.close()
             e.reused = reused  # type: ignore[attr-defined]
@@ -463,7 +473,7 @@ class Client:
             self._idle.append(conn)
         else:
             conn.close()
-        return status, answer
+        return status, answer_headers, answer
 
     async def _connection(self, loop, deadline: float) -> tuple[_ClientConn, bool]:
         idle = self._idle
@@ -503,7 +513,8 @@ async def _more(conn: _ClientConn, loop, deadline: float) -> None:
         conn.waiter = None
 
 
-async def _read_answer(conn: _ClientConn, loop, deadline: float, method: str) -> tuple[int, bytes, bool]:
+async def _read_answer(conn: _ClientConn, loop, deadline: float, method: str) \
+        -> tuple[int, list[tuple[str, str]], bytes, bool]:
     buf = conn.buf
     while (end := buf.find(b"\r\n\r\n")) < 0:
         if len(buf) > MAX_HEAD:
@@ -518,8 +529,10 @@ async def _read_answer(conn: _ClientConn, loop, deadline: float, method: str) ->
     if 100 <= status < 200:  # an interim answer: the real one follows
         return await _read_answer(conn, loop, deadline, method)
     length, chunked, keep = None, False, parts[0] == "HTTP/1.1"
+    headers = []
     for line in lines[1:]:
         key, _, value = line.partition(":")
+        headers.append((key.strip(), value.strip()))
         lower = key.strip().lower()
         if lower == "content-length":
             try:
@@ -532,15 +545,15 @@ async def _read_answer(conn: _ClientConn, loop, deadline: float, method: str) ->
             v = value.strip().lower()
             keep = ("keep-alive" in v) if parts[0] == "HTTP/1.0" else ("close" not in v)
     if method == "HEAD" or status in (204, 304):
-        return status, b"", keep
+        return status, headers, b"", keep
     if chunked:
-        return status, await _read_chunked(conn, loop, deadline), keep
+        return status, headers, await _read_chunked(conn, loop, deadline), keep
     if length is not None:
         while len(buf) < length:
             await _more(conn, loop, deadline)
         body = bytes(buf[:length])
         del buf[:length]
-        return status, body, keep
+        return status, headers, body, keep
     while not conn.closed:  # neither: the body runs to the close
         conn.waiter = fut = loop.create_future()
         timer = loop.call_at(deadline, _expire, fut)
@@ -551,7 +564,7 @@ async def _read_answer(conn: _ClientConn, loop, deadline: float, method: str) ->
             conn.waiter = None
     body = bytes(buf)
     buf.clear()
-    return status, body, False
+    return status, headers, body, False
 
 
 async def _read_chunked(conn: _ClientConn, loop, deadline: float) -> bytes:

@@ -57,7 +57,8 @@ async def _shut(runner: web.ServerRunner) -> None:
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    if tasks:
+        await asyncio.wait(tasks, timeout=5.0)
 
 
 class ControlServer:

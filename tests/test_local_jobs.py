@@ -34,8 +34,7 @@ def rt(tmp_path, monkeypatch):
 
 
 def spare_pid(rt: LocalRuntime) -> int:
-    spare = wait_for(lambda: rt.runner._spare, what="a spare adapter")
-    return spare[0].pid
+    return wait_for(lambda: rt.runner.spare.waiting, what="a spare adapter").pid
 
 
 def run_job(rt: LocalRuntime, dataset: Path):
@@ -51,13 +50,13 @@ def test_jobs_run_in_the_warm_spare_which_is_replaced_after_each(rt, tmp_path):
     first_spare = spare_pid(rt)
     done = run_job(rt, dataset)
     assert done.status == "succeeded", (done.error, done.log_tail)
-    assert rt.runner.spares_used == 1
+    assert rt.runner.spare.used == 1
     log = Path(rt.state_dir, "logs", "jobs", f"{done.id}.err").read_text()
     assert f"job {done.id} succeeded, seconds since start:" in log  # the adapter's log, in the job's file
     second_spare = spare_pid(rt)
     assert second_spare != first_spare and not alive(first_spare)
     again = run_job(rt, dataset)
-    assert again.status == "succeeded" and again.rows == 2 and rt.runner.spares_used == 2
+    assert again.status == "succeeded" and again.rows == 2 and rt.runner.spare.used == 2
     assert (Path(again.results_uri)).read_text().splitlines()[1:] == ["2.0", "4.0"]
 
 
@@ -69,7 +68,7 @@ def test_a_dead_spare_means_a_cold_start_not_a_failed_job(rt, tmp_path):
     os.kill(spare_pid(rt), signal.SIGKILL)
     done = run_job(rt, dataset)
     assert done.status == "succeeded", (done.error, done.log_tail)
-    assert rt.runner.spares_used == 0 and done.rows == 1
+    assert rt.runner.spare.used == 0 and done.rows == 1
 
 
 def test_a_spare_started_with_another_environment_is_not_used(rt, tmp_path, monkeypatch):
@@ -81,7 +80,7 @@ def test_a_spare_started_with_another_environment_is_not_used(rt, tmp_path, monk
     monkeypatch.setenv("MODELPLANE_TEST_CHANGED", "1")  # e.g. credentials rotated since the spare started
     done = run_job(rt, dataset)
     assert done.status == "succeeded", (done.error, done.log_tail)
-    assert rt.runner.spares_used == 0 and not alive(stale)
+    assert rt.runner.spare.used == 0 and not alive(stale)
 
 
 def test_close_stops_the_spare(tmp_path):
@@ -91,7 +90,7 @@ def test_close_stops_the_spare(tmp_path):
     tree = descendants(pid)
     rt.close()
     assert not alive(pid) and not [p for p in tree if alive(p)]
-    assert rt.runner._spare is None
+    assert rt.runner.spare.waiting is None
 
 
 def test_a_spare_reports_the_adapters_exit_status_and_traceback(tmp_path, monkeypatch):
@@ -104,7 +103,7 @@ def test_a_spare_reports_the_adapters_exit_status_and_traceback(tmp_path, monkey
         dataset.write_text("x,sleep\n1,\n")
         spare_pid(rt)
         done = run_job(rt, dataset)
-        assert rt.runner.spares_used == 1
+        assert rt.runner.spare.used == 1
         assert done.status == "failed", done
         assert done.error == "the batch adapter exited with status 1 without printing a result", done.error
         assert "Traceback" in done.log_tail and "NOPE" in done.log_tail

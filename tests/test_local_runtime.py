@@ -103,8 +103,7 @@ def rt(settings):
 # -- realtime: activator and autoscaler ---------------------------------------------------
 def test_a_cold_start_takes_the_warm_spare_adapter_and_a_new_one_is_made(rt, tmp_path, monkeypatch):
     spare = rt.replicas._spare
-    wait_for(lambda: spare.started == 1 and spare._proc is not None, what="a spare adapter")
-    waiting = spare._proc[0]
+    waiting = wait_for(lambda: spare.started == 1 and spare.waiting, what="a spare adapter")
     rt.deploy(load_manifest(make_model(tmp_path, "echo", params={"factor": 3})))
     assert scores(rt, "echo", [{"x": 2}]) == [6]
     assert spare.used == 1
@@ -112,7 +111,7 @@ def test_a_cold_start_takes_the_warm_spare_adapter_and_a_new_one_is_made(rt, tmp
     wait_for(lambda: spare.started == 2, what="the next spare")
     # a spare made with an environment that no longer holds is dropped, never used
     monkeypatch.setenv("MODELPLANE_TEST_CHANGED", "1")
-    stale = spare._proc[0]
+    stale = wait_for(lambda: spare.waiting, what="the next spare")
     assert spare.take(rt.replicas._argv(tmp_path, 1), tmp_path / "o.log", tmp_path / "o.log") is None
     assert stale.poll() is not None and spare.used == 1
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import logging
 import os
 import shutil
 import sys
@@ -22,13 +23,17 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import adapters
+from adapters import served
 from adapters.manifest import Manifest
-from control.errors import BadRequest, NotFound
 from control import statelock
+from control.durable import write_json_atomic
+from control.errors import BadRequest, NotFound
 from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, VersionInfo
 from control.runtime.local_jobs import JobRunner, JobStore, new_job_id
 from control.runtime.local_replicas import ReplicaManager
 from control.runtime.local_store import ModelRecord, VersionStore, utcnow
+
+log = logging.getLogger(__name__)
 
 _PROJECT_ROOT = str(Path(adapters.__file__).resolve().parent.parent)
 # Variables that would change what the adapter does behind our back (sidecar mode, another
@@ -73,11 +78,12 @@ class LocalRuntime(Runtime):
         self.replicas = ReplicaManager(
             logs=self.state_dir / "logs" / "replicas", cwd=self.state_dir,
             start_timeout=settings.start_timeout, max_restarts=settings.max_restarts,
-            argv=lambda folder, port: [*self._adapter, "serve", str(folder), "--port", str(port)],
+            argv=self._serve_argv,
             env=self._env, manifest=self.store.manifest, directory=self.store.version_dir)
         self.work_root = self.state_dir / "work"
         self.runner = JobRunner(self.job_store, concurrency=settings.job_concurrency,
                                 logs=self.state_dir / "logs" / "jobs", command=self._job_command, env=self._env,
+                                spare_argv=[*self._adapter, "batch"],
                                 work=lambda job: self.work_root / job.id)
         self._requeue = self.runner.recover()
         # nothing runs yet: whatever a previous runtime left in its jobs' work folders is stale
@@ -211,6 +217,27 @@ class LocalRuntime(Runtime):
         self._realtime(name)
         return await self.replicas.aforward(name, method=method, path=path, headers=headers, body=body,
                                             query=query)
+
+    def _serve_argv(self, folder: Path, port: int) -> list[str]:
+        """A replica's adapter command, handing over the manifest checked at deploy when it can."""
+        argv = [*self._adapter, "serve", str(folder), "--port", str(port)]
+        checked = self._checked_manifest(folder)
+        return argv + ["--checked-manifest", str(checked)] if checked else argv
+
+    def _checked_manifest(self, folder: Path) -> Optional[Path]:
+        """`{version}/.modelplane/served.json`: what serving needs of the version's manifest, checked
+        when it was deployed, written once (a version never changes; `.modelplane` is not part of
+        its content). None when it cannot be written: the adapter then checks model.yaml itself."""
+        path = folder / ".modelplane" / "served.json"
+        if path.is_file():
+            return path
+        try:
+            manifest = self.store.manifest(folder.parent.name, folder.name)
+            write_json_atomic(path, served.document(manifest))
+        except Exception as e:  # noqa: BLE001 — only a shortcut: the adapter can check it itself
+            log.debug("no checked manifest for %s: %s", folder, e)
+            return None
+        return path
 
     def _realtime(self, name: str) -> None:
         record = self.store.get(name)

@@ -28,7 +28,6 @@ import queue
 import secrets
 import shutil
 import subprocess
-import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Callable, Optional
 from adapters.batch import wait_exit
 from control.errors import NotFound
 from control.runtime.base import Job
-from control.runtime.local_procs import KILL_GRACE, TAIL_CHARS, stop_process, tail, with_pdeathsig
+from control.runtime.local_procs import KILL_GRACE, TAIL_CHARS, Spare, stop_process, tail, with_pdeathsig
 from control.durable import fsync_dir, move_aside, write_json_atomic
 from control.runtime.local_store import utcnow
 
@@ -52,50 +51,6 @@ def new_job_id() -> str:
 
 
 KEYS_FILE = "event-keys.log"
-
-# The spare: imports what a batch job needs, then waits for one line on stdin,
-# {"argv": [...], "out": path, "err": path}, points stdout/stderr at those files and runs the job.
-# EOF instead (the runner closing) exits quietly.
-SPARE_CODE = """\
-import json, os, sys
-try:
-    import adapters.__main__ as entry, adapters.batch, adapters.storage
-    try:
-        adapters.storage.client()
-    except Exception:
-        pass  # the job makes its own and reports why it cannot
-except Exception:
-    entry = None
-line = sys.stdin.readline()
-if not line.strip():
-    sys.exit(0)
-job = json.loads(line)
-null = os.open(os.devnull, os.O_RDONLY)
-os.dup2(null, 0)
-for fd, path in ((1, job["out"]), (2, job["err"])):
-    f = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(f, fd)
-    os.close(f)
-if entry is None:
-    import adapters.__main__ as entry  # the import error, into the job's log
-sys.argv = ["adapters", *job["argv"]]
-try:
-    code = entry.main(job["argv"])
-except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    if not isinstance(e.code, (int, type(None))):
-        print(e.code, file=sys.stderr)
-except BaseException:
-    import traceback
-    traceback.print_exc()
-    code = 1
-import logging
-logging.shutdown()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(code)  # the result is printed and published: skip ~0.1 s of interpreter teardown
-"""
-
 
 class JobStore:
     """Job records: in memory for listing, one JSON file each on disk for durability.
@@ -214,7 +169,7 @@ class JobRunner:
 
     def __init__(self, store: JobStore, *, concurrency: int, logs: Path,
                  command: Callable[[Job], tuple[list[str], float]], env: Callable[[], dict],
-                 work: Optional[Callable[[Job], Path]] = None):
+                 work: Optional[Callable[[Job], Path]] = None, spare_argv: Optional[list[str]] = None):
         self.store = store
         self._work_of = work  # job -> its work folder, removed when the job ends however it ends
         self.concurrency = concurrency
@@ -229,9 +184,9 @@ class JobRunner:
         self._running: dict[str, int] = {}
         self._closing = threading.Event()
         self._lock = threading.Lock()
-        self._spare: Optional[tuple[subprocess.Popen, dict]] = None  # (process, its environment)
-        self.spares_started = 0
-        self.spares_used = 0
+        # a job takes a warm spare adapter: imports done, a storage client made (local_procs.Spare)
+        self.spare = Spare(spare_argv or [], imports="adapters.batch,adapters.storage", warm="adapters.storage:client",
+                           tag=("adapters", "batch", "--spare"), env=env)
 
     def recover(self) -> list[Job]:
         """Apply the restart policy (module docstring) to records left by a previous runtime;
@@ -280,70 +235,18 @@ class JobRunner:
                 self._cancelled.setdefault(job_id, INTERRUPTED)
         for _, proc in procs:
             stop_process(proc)
-        self._drop_spare()
+        self.spare.close()
         for _ in self._threads:
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=KILL_GRACE + 5)
         self._threads = []
-        self._drop_spare()  # one a worker started while we closed
-
-    # -- the warm spare -----------------------------------------------------------------
-    @staticmethod
-    def _spare_args(argv: list[str]) -> Optional[list[str]]:
-        """The adapter's arguments if `argv` runs this interpreter's `-m adapters`, else None."""
-        if len(argv) > 3 and argv[0] == sys.executable and argv[1:3] == ["-m", "adapters"]:
-            return argv[3:]
-        return None
-
-    def _start_spare(self) -> None:
-        """Start a spare if there is none (in a worker thread: pdeathsig follows the thread that forks)."""
-        with self._lock:
-            if self._spare is not None or self._closing.is_set():
-                return
-            env = self._env()
-            try:
-                proc = subprocess.Popen(
-                    with_pdeathsig([sys.executable, "-c", SPARE_CODE, "adapters", "batch", "--spare"]),
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                    start_new_session=True)
-            except OSError as e:
-                log.warning("could not start a spare batch adapter: %s", e)
-                return
-            self._spare = (proc, env)
-            self.spares_started += 1
-
-    def _take_spare(self) -> Optional[subprocess.Popen]:
-        """The spare, if it is alive and has the environment a job would get now (under self._lock)."""
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return None
-        proc, env = spare
-        if proc.poll() is None and env == self._env():
-            return proc
-        _release(proc)
-        return None
-
-    def _drop_spare(self) -> None:
-        with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is not None:
-            _release(spare[0])
 
     def _launch(self, job: Job, argv: list[str], out_path: Path, err_path: Path) -> subprocess.Popen:
         """The job's adapter process: the spare given this job, or a new process (under self._lock)."""
-        args = self._spare_args(argv)
-        spare = self._take_spare() if args is not None else None
-        if spare is not None:
-            line = json.dumps({"argv": args, "out": str(out_path), "err": str(err_path)}) + "\n"
-            try:
-                spare.stdin.write(line.encode())
-                spare.stdin.close()
-                self.spares_used += 1
-                return spare
-            except OSError as e:  # it died meanwhile: start cold
-                log.warning("job %s: the spare adapter could not take it (%s); starting one", job.id, e)
-                _release(spare)
+        proc = self.spare.take(argv, out_path, err_path)
+        if proc is not None:
+            return proc
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             return subprocess.Popen(with_pdeathsig(argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                     env=self._env(), start_new_session=True)
@@ -353,11 +256,11 @@ class JobRunner:
         try:
             self._work_loop()
         finally:
-            self._drop_spare()
+            self.spare.close()   # its pdeathsig follows a worker thread
 
     def _work_loop(self) -> None:
         while not self._closing.is_set():
-            self._start_spare()  # warm while idle, ready for the next job
+            self.spare.ensure()  # warm while idle, ready for the next job
             job_id = self._queue.get()
             if job_id is None or self._closing.is_set():
                 return
@@ -427,16 +330,6 @@ class JobRunner:
                            log_tail=((result or {}).get("log_tail") or stderr_tail)[-TAIL_CHARS:])
         self.store.update(job, **changes)
         log.info("job %s: %s %s", job.id, changes["status"], changes.get("error") or "")
-
-
-def _release(proc: subprocess.Popen) -> None:
-    """Stop an unused spare (idle, it dies of SIGTERM at once) and reap it."""
-    try:
-        if proc.stdin and not proc.stdin.closed:
-            proc.stdin.close()
-    except OSError:
-        pass
-    stop_process(proc, grace=1.0)
 
 
 def _last_json_line(path: Path) -> Optional[dict]:

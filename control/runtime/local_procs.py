@@ -157,16 +157,24 @@ def _zombie(pid: int) -> bool:
 
 # -- a warm spare adapter ---------------------------------------------------------------------------
 
-# The spare: imports what the adapter's command will need (argv[1], a comma-separated list of
-# modules), then waits for one line on stdin, {"argv": [...], "out": path, "err": path}; points
-# stdout and stderr at those files and runs `python -m adapters` with that argv. EOF instead (the
-# runtime closing, or dropping a spare it can no longer use) exits quietly.
+# The spare: imports what the adapter's command will need (argv[1], comma-separated modules),
+# calls argv[2] (`module:function`, optional) to warm what it can (a storage client, say), then
+# waits for one line on stdin, {"argv": [...], "out": path, "err": path}; points stdout and
+# stderr at those files and runs `python -m adapters` with that argv. EOF instead (the runtime
+# closing, or dropping a spare it can no longer use) exits quietly. Once the run is over its
+# answer is out: the interpreter's teardown (~0.1 s) is skipped.
 SPARE_CODE = """\
-import json, os, sys, importlib
+import importlib, json, os, sys
 try:
-    for name in sys.argv[1].split(","):
+    for name in filter(None, sys.argv[1].split(",")):
         importlib.import_module(name)
     import adapters.__main__ as entry
+    if sys.argv[2]:
+        module, _, function = sys.argv[2].partition(":")
+        try:
+            getattr(importlib.import_module(module), function)()
+        except Exception:
+            pass  # the run makes its own and reports why it cannot
 except Exception:
     entry = None
 line = sys.stdin.readline()
@@ -182,26 +190,42 @@ for fd, path in ((1, run["out"]), (2, run["err"])):
 if entry is None:
     import adapters.__main__ as entry  # the import error, into the run's log
 sys.argv = ["adapters", *run["argv"]]
-sys.exit(entry.main(run["argv"]))
+try:
+    code = entry.main(run["argv"])
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if not isinstance(e.code, (int, type(None))):
+        print(e.code, file=sys.stderr)
+except BaseException:
+    import traceback
+    traceback.print_exc()
+    code = 1
+import logging
+logging.shutdown()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
 """
 
 
 class Spare:
     """One `python -m adapters` process started ahead of need, its interpreter up and its imports
     done, blocked on stdin until it is given the arguments of the one run it will do: a cold
-    start then skips the interpreter's start and the adapter's imports. Each spare serves one
-    run and exits with it, so models stay in processes of their own.
+    start or a job then skips the interpreter's start and the adapter's imports. Each spare
+    serves one run and exits with it, so models stay in processes of their own.
 
     `ensure` starts one when there is none, from a thread that lives as long as the runtime
     (the spare runs under `setpriv --pdeathsig`, which follows the thread that started it).
     `take` hands the spare a run, if it is alive and was started with the environment the run
-    would get now; None: start the run cold.
+    would get now; None: start the run cold. `tag`: words that name the spare's use on its
+    command line (`ps`, the benchmark's memory sampler).
     """
 
-    def __init__(self, sample_argv: list[str], *, imports: str, env, cwd: Optional[Path] = None):
+    def __init__(self, sample_argv: list[str], *, imports: str, env, warm: str = "", tag: tuple[str, ...] = (),
+                 cwd: Optional[Path] = None):
         self.sample_argv = list(sample_argv)
+        self.imports, self.warm, self.tag = imports, warm, tag
         self.cwd = cwd
-        self.imports = imports
         self._env = env
         self._lock = threading.Lock()
         self._proc: Optional[tuple[subprocess.Popen, dict]] = None
@@ -209,7 +233,14 @@ class Spare:
         self.started = 0
         self.used = 0
 
-    def applies(self, argv: list[str]) -> Optional[list[str]]:
+    @property
+    def waiting(self) -> Optional[subprocess.Popen]:
+        """The spare now waiting for a run, if any."""
+        spare = self._proc
+        return spare[0] if spare else None
+
+    @staticmethod
+    def applies(argv: list[str]) -> Optional[list[str]]:
         """The adapter's arguments if `argv` runs this interpreter's `-m adapters`, else None."""
         if len(argv) > 3 and argv[0] == sys.executable and argv[1:3] == ["-m", "adapters"]:
             return argv[3:]
@@ -222,7 +253,7 @@ class Spare:
             env = self._env()
             try:
                 proc = subprocess.Popen(
-                    with_pdeathsig([sys.executable, "-c", SPARE_CODE, self.imports]),
+                    with_pdeathsig([sys.executable, "-c", SPARE_CODE, self.imports, self.warm, *self.tag]),
                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                     cwd=self.cwd, start_new_session=True)
             except OSError:

@@ -46,13 +46,13 @@ import urllib3
 from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError,
                                 ReadTimeoutError)
 
+from adapters import http11
 from adapters.manifest import Manifest
 from control.emulator import free_port
 from control.errors import NotFound, Unavailable, UpstreamError
 from control.runtime.base import ProxyResponse
 from control.runtime.local_procs import Spare, descendants, kill_pids, killpg, tail, with_pdeathsig
 from control.runtime.local_metrics import ModelMetrics
-from control.upstream import Broken, Unsent, Upstream, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ class Replica:
         size = max(64, 4 * rev.scaling.target_concurrency)
         self.pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=size, block=False, retries=False,
                                                timeout=timeout)
-        self.upstream = Upstream(port, connect_timeout=2.0, read_timeout=rev.manifest.limits.timeout_seconds + 5.0,
-                                 keep=size)
+        self.client = http11.Client("127.0.0.1", port, keep=size)   # the front door's way to it
+        self.timeout = rev.manifest.limits.timeout_seconds + 5.0
 
     @property
     def active(self) -> bool:
@@ -354,7 +354,7 @@ class ReplicaManager:
     async def aforward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
                        body: bytes, query: str = "") -> ProxyResponse:
         """`forward` for an asyncio caller (the front door), on the replicas' kept-alive
-        connections (control/upstream.py)."""
+        connections (adapters/http11.py's client: the adapter's own way to its model)."""
         t0 = time.monotonic()
         failed = True
         url, out_headers, body = _outgoing(method, path, query, headers, body)
@@ -364,13 +364,14 @@ class ReplicaManager:
             for attempt in range(ATTEMPTS):
                 replica = await self._aacquire(name, tried)
                 try:
-                    status, resp_headers, data = await replica.upstream.request(method.upper(), url, out_headers, body)
-                except Unsent as e:
+                    status, resp_headers, data = await replica.client.exchange(method.upper(), url, body,
+                                                                               replica.timeout, out_headers)
+                except http11.Unreachable as e:
                     error: Exception = e
                     unsent = True
-                except UpstreamTimeout as e:
+                except asyncio.TimeoutError as e:
                     raise _timed_out(replica) from e
-                except (Broken, OSError) as e:
+                except (http11.Disconnected, OSError) as e:
                     error, unsent = e, False
                 else:
                     if self._retry_after_answer(replica, status, data, attempt, tried):
@@ -499,10 +500,13 @@ class ReplicaManager:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise self._not_started(rev)
+                    # a timer, not asyncio.wait_for: on 3.11 that can swallow a cancellation that
+                    # lands as the future completes, and a stopping server must cancel held requests
+                    timer = loop.call_later(remaining, _wake, fut)
                     try:
-                        await asyncio.wait_for(fut, remaining)
-                    except asyncio.TimeoutError:
-                        pass
+                        await fut
+                    finally:
+                        timer.cancel()
             except _Stale:
                 continue
             finally:
