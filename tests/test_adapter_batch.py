@@ -455,6 +455,11 @@ def test_the_row_check_follows_the_feature_rules_cell_by_cell(tmp_path):
     checker.check([["inf", "2", "true", "a"], ["", "2.5", "maybe", "c"], ["nan", "x", "1", ""]], 4)
     found = {(p["row"], p["field"]) for p in checker.problems}
     assert found == {(4, "n"), (5, "n"), (5, "i"), (5, "b"), (5, "s"), (6, "n"), (6, "i"), (6, "s")}
+    # finite values whose sum overflows are fine, row by row; one inf among them is still found
+    checker = TextRowChecker(manifest, ["n", "i", "b", "s"])
+    assert checker.check_text("1e308,1,true,a\n1e308,1,true,a\n", 1) == 2 and checker.total == 0
+    checker.check_text("1e308,1,true,a\n-inf,1,true,a\n", 3)
+    assert [(p["row"], p["field"]) for p in checker.problems] == [(4, "n")]
 
 
 # -- scores streamed to the bucket while the model writes them --------------------------------------
