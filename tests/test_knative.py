@@ -380,6 +380,14 @@ def test_batch_deploy_jobs_rollback_remove(cluster, runtime):
     # The same event again: the same job, not a second one.
     again, created_again = runtime.submit_job(name, dataset=dataset, event_key="test-bucket/march.csv#1")
     assert (again.id, created_again) == (job.id, False)
+    # An upload's key names the Job as the JobSink names it for the upload's bucket event (id
+    # `{object}#{generation}`), so that event finds it instead of running the dataset again.
+    upload, _ = runtime.submit_job(name, dataset=dataset, event_key=f"test-bucket/incoming/{name}/march.csv#7")
+    assert upload.id == runtime.job_for_upload(name, bucket="test-bucket", obj=f"incoming/{name}/march.csv",
+                                               generation="7") != job.id
+    admin.request("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/{upload.id}",  # not orphaned: no GC runs here
+                  {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+    admin.request("DELETE", f"/api/v1/namespaces/{NS}/secrets/{upload.id}")
 
     # A Job as Knative's JobSink dispatcher would create it for a bucket event.
     bucket_job = json.loads(json.dumps(sink["spec"]["job"]))

@@ -544,7 +544,14 @@ class KnativeRuntime(Runtime):
                 raise BadRequest(f"{name} is a realtime model: send rows to /models/{name}/predict")
             raise NotFound(f"no model named {name}")
         sink = self._get("jobsinks", _trigger_sink(trig))
-        event_id = event_key or uuid.uuid4().hex
+        # An upload's key is `{bucket}/{object}#{generation}`; its bucket event's id is
+        # `{object}#{generation}` (control/events.py). Named from that id, the Job is the one the
+        # JobSink would make for the event, and finds when the event arrives: it makes none
+        # (cmd/jobsink/main.go `ServeHTTP` lists Jobs by their job-sink-id label first).
+        if event_key and event_key.startswith(bucket + "/") and "#" in event_key:
+            event_id = event_key[len(bucket) + 1:]
+        else:
+            event_id = event_key or uuid.uuid4().hex
         source = ko.bucket_source(bucket)
         job_name = ko.job_name(sink["metadata"]["name"], source, event_id)
         body = ko.job_for_event(sink, name=job_name, event_id=event_id, source=source, dataset=dataset,
