@@ -554,14 +554,8 @@ async def _read_answer(conn: _ClientConn, loop, deadline: float, method: str) \
         body = bytes(buf[:length])
         del buf[:length]
         return status, headers, body, keep
-    while not conn.closed:  # neither: the body runs to the close
-        conn.waiter = fut = loop.create_future()
-        timer = loop.call_at(deadline, _expire, fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-            conn.waiter = None
+    while not conn.closed:  # neither: the body runs to the close (which ends the wait, not an error)
+        await _more(conn, loop, deadline)
     body = bytes(buf)
     buf.clear()
     return status, headers, body, False
