@@ -163,9 +163,6 @@ class Upstream:
         self.closed = False
         self._wake = asyncio.Event()
 
-    async def start(self) -> None:
-        pass
-
     async def close(self) -> None:
         self.client.close()
 
@@ -558,7 +555,6 @@ class RealtimeAdapter:
         return Server(self.handle, max_body=self.max_body, error_body=self.error_body)
 
     async def start(self) -> None:
-        await self.upstream.start()
         self._health_task = asyncio.get_running_loop().create_task(self.upstream.watch_health())
 
     async def stop(self) -> None:
