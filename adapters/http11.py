@@ -385,9 +385,10 @@ class Disconnected(ConnectionError):
 
 
 class _ClientConn(asyncio.Protocol):
-    __slots__ = ("transport", "buf", "closed", "waiter", "idle_since")
+    __slots__ = ("transport", "buf", "closed", "waiter", "idle_since", "loop")
 
     def __init__(self):
+        self.loop = asyncio.get_running_loop()   # a connection is only ever used on its own loop
         self.transport: Optional[asyncio.Transport] = None
         self.buf = bytearray()
         self.closed = False
@@ -477,8 +478,13 @@ class Client:
 
     async def _connection(self, loop, deadline: float) -> tuple[_ClientConn, bool]:
         idle = self._idle
-        while idle:
-            conn = idle.pop()
+        for i in range(len(idle) - 1, -1, -1):   # the most recently used first
+            conn = idle[i]
+            if conn.loop is not loop:   # another loop's (a blocking caller's, or one that ended)
+                if conn.loop.is_closed():
+                    del idle[i]
+                continue
+            del idle[i]
             if not conn.closed and not conn.buf and not conn.transport.is_closing() \
                     and time.monotonic() - conn.idle_since < self.IDLE_MAX:
                 return conn, True
@@ -492,7 +498,8 @@ class Client:
 
     def close(self) -> None:
         for conn in self._idle:
-            conn.close()
+            if not conn.loop.is_closed():
+                conn.close()
         self._idle.clear()
 
 

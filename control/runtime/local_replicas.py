@@ -21,7 +21,8 @@ its peak over the last `min(idle_timeout, 30s)` for scaling in, so a replica is 
 a momentary lull. One replica is kept while the model had a request in the last
 `idle_timeout`; after that, zero. While no replica is ready, only one is started (plus
 `scaling.min`): a cold start gets the machine to itself, and the burst it holds scales the
-model out as soon as there is a replica to measure. Scale-in stops only idle replicas, and a
+model out as soon as there is a replica to measure. Scale-in stops replicas still starting
+first, then idle ready ones, never the last ready one while requests wait; and a
 revision that is no longer live keeps its replicas only while they have requests in flight
 (rollback drains). A crash is replaced after an exponential backoff; `max_restarts` crashes
 in a row mark the revision failed (with the adapter's output tail) until a deploy or
@@ -41,10 +42,6 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Callable, Mapping, Optional
-
-import urllib3
-from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError,
-                                ReadTimeoutError)
 
 from adapters import http11
 from adapters.manifest import Manifest
@@ -124,11 +121,7 @@ class Replica:
         self.stop_requested = False
         self.crash_reason: Optional[str] = None   # set when we kill it for misbehaving
         self.thread: Optional[threading.Thread] = None
-        timeout = urllib3.Timeout(connect=2.0, read=rev.manifest.limits.timeout_seconds + 5.0)
-        size = max(64, 4 * rev.scaling.target_concurrency)
-        self.pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=size, block=False, retries=False,
-                                               timeout=timeout)
-        self.client = http11.Client("127.0.0.1", port, keep=size)   # the front door's way to it
+        self.client = http11.Client("127.0.0.1", port, keep=max(64, 4 * rev.scaling.target_concurrency))
         self.timeout = rev.manifest.limits.timeout_seconds + 5.0
 
     @property
@@ -142,13 +135,12 @@ class Replica:
 class Revision:
     """One deployed version of a realtime model and its replicas."""
 
-    def __init__(self, name: str, version: str, directory: Path, manifest: Manifest, lock: threading.Lock):
+    def __init__(self, name: str, version: str, directory: Path, manifest: Manifest):
         self.name, self.version, self.directory, self.manifest = name, version, directory, manifest
         self.scaling = manifest.scaling
         self.idle = manifest.scaling.idle_seconds
         self.window = min(self.idle, SCALE_IN_WINDOW_MAX)
-        self.cond = threading.Condition(lock)
-        self.waiters: list[asyncio.Future] = []   # the front door's requests held for a replica
+        self.waiters: list[asyncio.Future] = []   # requests held for a replica
         self.replicas: list[Replica] = []
         self.pending = 0
         self.crashes = 0
@@ -164,8 +156,7 @@ class Revision:
         return f"{self.name}@{self.version}"
 
     def notify(self) -> None:
-        """Wake every request held for this revision, threads and the front door's tasks (lock held)."""
-        self.cond.notify_all()
+        """Wake every request held for this revision (lock held), whatever event loop it waits on."""
         waiters, self.waiters = self.waiters, []
         for fut in waiters:
             fut.get_loop().call_soon_threadsafe(_wake, fut)
@@ -335,21 +326,12 @@ class ReplicaManager:
         return m.snapshot(replicas=replicas)
 
     # -- the activator ------------------------------------------------------------------
-    # Two ways in, one set of decisions: `forward` (a thread, urllib3; the runtime's contract)
-    # and `aforward` (the control service's asyncio front door, aiohttp). Both take a replica
-    # with `_take_locked`, hold with the revision's condition or its waiters, and decide what
-    # may be sent again with `_retry_after_error` / `_retry_after_answer`.
+    # One way in: `aforward`, on the caller's event loop (the control service's front door).
+    # `forward`, the runtime contract's blocking call, runs it on an event loop of its own.
 
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str], body: bytes,
                 query: str = "") -> ProxyResponse:
-        t0 = time.monotonic()
-        failed = True
-        try:
-            response = self._forward(name, method=method, path=path, headers=headers, body=body, query=query)
-            failed = response.status >= 500
-            return response
-        finally:
-            self._record(name, t0, failed)
+        return asyncio.run(self.aforward(name, method=method, path=path, headers=headers, body=body, query=query))
 
     async def aforward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
                        body: bytes, query: str = "") -> ProxyResponse:
@@ -395,38 +377,6 @@ class ReplicaManager:
         if metrics is not None:
             metrics.record((time.monotonic() - t0) * 1000.0, error=failed)
 
-    def _forward(self, name, *, method, path, headers, body, query) -> ProxyResponse:
-        url, out_headers, body = _outgoing(method, path, query, headers, body)
-        tried: set[int] = set()
-        last_error: Optional[Exception] = None
-        for attempt in range(ATTEMPTS):   # a request that never reached a model is tried again elsewhere
-            replica = self._acquire(name, tried)
-            try:
-                r = replica.pool.urlopen(method.upper(), url, body=body, headers=out_headers, retries=False,
-                                         redirect=False, assert_same_host=False, preload_content=True,
-                                         decode_content=False)
-            except (NewConnectionError, ConnectTimeoutError) as e:
-                tried.add(replica.id)
-                last_error = e
-                log.debug("%s: replica %s unreachable (%s); retrying elsewhere", name, replica.id, e)
-                continue
-            except ReadTimeoutError as e:
-                raise _timed_out(replica) from e
-            except (ProtocolError, HTTPError, OSError) as e:
-                if attempt < ATTEMPTS - 1 and self._going_away(replica):
-                    tried.add(replica.id)
-                    last_error = e
-                    log.debug("%s: replica %s went away under a request (%s); retrying elsewhere", name,
-                              replica.id, e)
-                    continue
-                raise _broke(replica, e) from e
-            finally:
-                self._release(replica)
-            if self._retry_after_answer(replica, r.status, r.data, attempt, tried):
-                continue
-            return ProxyResponse(status=r.status, headers=_answer_headers(r.headers.items()), body=r.data)
-        raise UpstreamError(f"{name}: no replica could be reached ({last_error})")
-
     def _retry_after_answer(self, replica: Replica, status: int, data: bytes, attempt: int, tried: set[int]) -> bool:
         """Whether an answer says the request never reached a model, so it may go elsewhere.
 
@@ -442,17 +392,6 @@ class ReplicaManager:
             return True
         return False
 
-    def _acquire(self, name: str, tried: set[int]) -> Replica:
-        deadline = time.monotonic() + self.start_timeout + 5.0
-        for _ in range(100):
-            with self._lock:
-                rev = self._live_revision_locked(name)
-                try:
-                    return self._acquire_locked(rev, tried, deadline)
-                except _Stale:
-                    continue
-        raise Unavailable(f"{name}: its live version kept changing; try again")
-
     def _live_revision_locked(self, name: str) -> Revision:
         if self._closing:
             raise Unavailable("the runtime is shutting down")
@@ -461,26 +400,10 @@ class ReplicaManager:
             raise NotFound(f"no realtime model named {name!r}")
         return self._revisions.get((name, version)) or self._revision_locked(name, version)
 
-    def _acquire_locked(self, rev: Revision, tried: set[int], deadline: float) -> Replica:
-        rev.pending += 1
-        rev.last_request = time.monotonic()
-        taken = None
-        try:
-            while True:
-                taken = self._take_locked(rev, tried)
-                if taken is not None:
-                    return taken
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self._not_started(rev)
-                rev.cond.wait(remaining)
-        finally:
-            if taken is None:
-                rev.pending -= 1
-
     async def _aacquire(self, name: str, tried: set[int]) -> Replica:
-        """`_acquire` without blocking the event loop: a held request waits on a future that the
-        revision's `notify` completes, so thousands can wait at zero without a thread each."""
+        """A ready replica, holding the request while one starts without blocking the event loop:
+        it waits on a future that the revision's `notify` completes, so thousands can wait at
+        zero without a thread each."""
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.start_timeout + 5.0
         for _ in range(100):
@@ -532,23 +455,13 @@ class ReplicaManager:
             # exactly target_concurrency look like one more and start a spurious replica.
             rev.pending -= 1
             best.inflight += 1
-            if rev.demand() <= rev.scaling.target_concurrency * len(rev.replicas):
+            if rev.demand() <= rev.scaling.target_concurrency * sum(1 for r in rev.replicas if r.active):
                 return best   # the replicas there are can take it: nothing to scale (the tick does the rest)
         self._scale_out_locked(rev)
         return best
 
     def _not_started(self, rev: Revision) -> Unavailable:
         return Unavailable(f"{rev.key}: no replica became ready within {self.start_timeout:.0f}s")
-
-    @staticmethod
-    def _going_away(replica: Replica, wait: float = 0.5) -> bool:
-        """Whether the replica's process exits within `wait` seconds."""
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if replica.state == "exited" or (replica.proc is not None and replica.proc.poll() is not None):
-                return True
-            time.sleep(0.01)
-        return False
 
     @staticmethod
     async def _agoing_away(replica: Replica, wait: float = 0.5) -> bool:
@@ -577,7 +490,7 @@ class ReplicaManager:
 
     # -- scaling ------------------------------------------------------------------------
     def _revision_locked(self, name: str, version: str) -> Revision:
-        rev = Revision(name, version, self._directory(name, version), self._manifest(name, version), self._lock)
+        rev = Revision(name, version, self._directory(name, version), self._manifest(name, version))
         rev.live = self._live.get(name) == version
         self._revisions[(name, version)] = rev
         return rev
@@ -739,7 +652,6 @@ class ReplicaManager:
 
     def _exited(self, replica: Replica, returncode: Optional[int], reason: Optional[str]) -> None:
         rev = replica.rev
-        replica.pool.close()
         with self._lock:
             was = replica.state
             replica.state = "exited"
