@@ -8,7 +8,8 @@ Routing: each model has one live revision (a deployed version); a request goes t
 ready replica of that revision with the fewest requests in flight, over a pooled keep-alive
 connection. With no ready replica the request is held (the activator) while one starts.
 A request is sent again (once, to another replica) only when no model can have taken it: the
-connection was refused, the adapter answered its "not ready" 503, or the adapter exited under
+connection was refused, the adapter answered a 503 saying its model never had it ("not ready",
+"not reachable"), or the adapter exited under
 a pooled connection. Anything else — notably a request during which the model died — goes back
 to the caller (502), because resending a request that crashes its model would crash the next.
 
@@ -62,8 +63,10 @@ STOP_GRACE = 5.0           # SIGTERM, then SIGKILL after this long
 SCALE_IN_WINDOW_MAX = 30.0
 NOTE_SECONDS = 600.0       # how long a replaced crash stays visible as the model's `error`
 LOGS_KEPT = 20             # replica log files kept per model
-# What the adapter's 503 says when it refused a request without calling the model.
-NOT_READY = b"is not ready"
+# What the adapter's 503s say when the request never reached the model: refused because the
+# model is not ready, or the connection to the model could not be made (adapters/realtime.py;
+# a model that drops a connection under a request is a 502 instead).
+UNSENT = (b"is not ready", b"is not reachable")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
 ATTEMPTS = 2               # a request that never reached a model is sent once more, elsewhere
@@ -380,12 +383,13 @@ class ReplicaManager:
     def _retry_after_answer(self, replica: Replica, status: int, data: bytes, attempt: int, tried: set[int]) -> bool:
         """Whether an answer says the request never reached a model, so it may go elsewhere.
 
-        The adapter's "not ready" 503 is sent before it calls its model (the model just died and
-        the adapter is about to exit, say): safe to send elsewhere, and the replica goes back to
-        readiness polling until it recovers or exits. Any other 503 ("not reachable" after the
-        model dropped the connection) may come from a request that crashed the model; retrying it
-        could crash the next replica too, so it goes back to the caller as is."""
-        if status == 503 and attempt < ATTEMPTS - 1 and NOT_READY in data:
+        The adapter's "not ready" and "not reachable" 503s mean its model never had the request
+        (the model just died and the adapter is about to exit, say): safe to send elsewhere, and
+        the replica goes back to readiness polling until it recovers or exits. Anything else —
+        the 502 for a model that dropped the connection under a request — may come from a request
+        that crashed the model; retrying it could crash the next replica too, so it goes back to
+        the caller as is."""
+        if status == 503 and attempt < ATTEMPTS - 1 and any(marker in data for marker in UNSENT):
             tried.add(replica.id)
             self._unready(replica)
             log.debug("%s: replica %s answered 503 (%s); retrying elsewhere", replica.rev.name, replica.id, data[:200])
