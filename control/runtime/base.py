@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Hashable, Any, ClassVar, Mapping, Optional
 
@@ -47,12 +48,52 @@ class ModelInfo:
 
 
 @dataclass
+class Traffic:
+    """How a realtime model's requests are split between its live version and a candidate.
+
+    `percent` of requests are answered by the candidate, the rest by the live version;
+    `shadow` percent of the live version's requests are also sent to the candidate, whose
+    answers are recorded and never returned. `previous` is the version that was live before
+    the last promote or rollback, which a rollback with no version returns to.
+    """
+
+    live: Optional[str]
+    candidate: Optional[str] = None
+    percent: int = 0
+    shadow: int = 0
+    previous: Optional[str] = None
+
+    def targets(self) -> list[dict]:
+        """The traffic list: each routed version, its share, and its tag (its own URL)."""
+        if self.live is None:
+            return []
+        out = [{"version": self.live, "percent": 100 - self.percent if self.candidate else 100,
+                "tag": version_tag(self.live), "role": "live"}]
+        if self.candidate:
+            out.append({"version": self.candidate, "percent": self.percent, "tag": version_tag(self.candidate),
+                        "role": "candidate", "shadow": self.shadow})
+        return out
+
+    def to_json(self) -> dict:
+        return {"live": self.live, "candidate": self.candidate, "percent": self.percent, "shadow": self.shadow,
+                "previous": self.previous, "targets": self.targets()}
+
+
+def version_tag(version: str) -> str:
+    """A version as a DNS label, for a Knative traffic tag: `v` + the version with every run of
+    other than [a-z0-9] as `-` (1.2.0-rc.1 -> v1-2-0-rc-1)."""
+    return "v" + re.sub(r"[^a-z0-9]+", "-", version.lower()).strip("-")
+
+
+@dataclass
 class ModelDetail(ModelInfo):
     """`GET /api/models/{name}`: the summary plus manifest, versions and recent metrics."""
 
     manifest: dict = field(default_factory=dict)
     versions: list[VersionInfo] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
+    #: a realtime model's split (Traffic.to_json); empty for a batch model
+    traffic: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -122,8 +163,29 @@ class Runtime(abc.ABC):
         """Delete a model, every version and its replicas."""
 
     @abc.abstractmethod
-    def rollback(self, name: str, *, version: str) -> VersionInfo:
-        """Make an earlier version live without dropping in-flight requests."""
+    def rollback(self, name: str, *, version: Optional[str] = None) -> VersionInfo:
+        """Make an earlier version live without dropping in-flight requests, ending any rollout.
+
+        Without a version: undo the last change at once — a rollout in progress is withdrawn
+        (the live version keeps every request), or else the version live before the last
+        promote or rollback is made live again."""
+
+    def rollout(self, name: str, *, version: str, percent: int = 0, shadow: int = 0) -> Traffic:
+        """Send `percent` % of a realtime model's requests to `version` (deployed, not live) and
+        the rest to the live version; mirror `shadow` % of the live version's requests to it."""
+        from control.errors import BadRequest
+
+        raise BadRequest(f"the {self.name} runtime cannot split traffic")
+
+    def promote(self, name: str) -> VersionInfo:
+        """Make the version under rollout live: it takes every request."""
+        from control.errors import BadRequest
+
+        raise BadRequest(f"the {self.name} runtime cannot split traffic")
+
+    def traffic(self, name: str) -> Traffic:
+        """A realtime model's split; NotFound if unknown."""
+        return Traffic(live=self.model(name).version)
 
     @abc.abstractmethod
     def models(self) -> list[ModelInfo]:
@@ -140,12 +202,12 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
-                body: bytes, query: str = "") -> ProxyResponse:
-        """Send a request to the live version's adapter (`path` as the adapter sees it),
-        holding it while a replica starts."""
+                body: bytes, query: str = "", version: Optional[str] = None) -> ProxyResponse:
+        """Send a request to the model's adapter (`path` as the adapter sees it), holding it
+        while a replica starts: to the version the traffic split picks, or to `version`."""
 
     async def aforward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
-                       body: bytes, query: str = "") -> ProxyResponse:
+                       body: bytes, query: str = "", version: Optional[str] = None) -> ProxyResponse:
         """`forward` for the control service's asyncio front door. By default `forward` in the
         event loop's executor; a runtime that can hold and send requests without a thread each
         overrides it."""
@@ -153,7 +215,7 @@ class Runtime(abc.ABC):
         import functools
 
         call = functools.partial(self.forward, name, method=method, path=path, headers=headers, body=body,
-                                 query=query)
+                                 query=query, version=version)
         return await asyncio.get_running_loop().run_in_executor(None, call)
 
     @abc.abstractmethod
