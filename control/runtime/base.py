@@ -220,9 +220,11 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,
-                   trigger: str = "api") -> tuple[Job, bool]:
+                   trigger: str = "api", version: Optional[str] = None) -> tuple[Job, bool]:
         """Queue a batch job on `dataset` (`gs://…` or a path). `event_key` makes it
-        idempotent: a second submission with the same key returns the first job and False."""
+        idempotent: a second submission with the same key returns the first job and False.
+        `version` runs that deployed version instead of the live one (NotFound naming the
+        deployed versions if the model has no such version)."""
 
     @abc.abstractmethod
     def jobs(self, *, model: Optional[str] = None, limit: int = 200) -> list[Job]:

@@ -530,10 +530,11 @@ class KnativeRuntime(Runtime):
 
     # -- jobs -------------------------------------------------------------------------------
     def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,
-                   trigger: str = "api") -> tuple[Job, bool]:
-        """Create a Job from the live JobSink's template exactly as Knative's JobSink dispatcher
-        does for a delivered event (same name scheme, labels, owner, event Secret), so jobs from
-        the API and from bucket events look the same and the same event never runs twice."""
+                   trigger: str = "api", version: Optional[str] = None) -> tuple[Job, bool]:
+        """Create a Job from the live JobSink's template (or, with `version`, that version's
+        JobSink) exactly as Knative's JobSink dispatcher does for a delivered event (same name
+        scheme, labels, owner, event Secret), so jobs from the API and from bucket events look the
+        same and the same event never runs twice."""
         if not dataset.startswith("gs://") or "/" not in dataset[5:]:
             raise Invalid(f"the cluster runtime reads datasets from the bucket: expected gs://bucket/object, "
                           f"got {dataset!r}", details={"problems": [{"field": "dataset", "message": "not a gs:// URI"}]})
@@ -543,7 +544,14 @@ class KnativeRuntime(Runtime):
             if self._get_or_none("services", name) is not None:
                 raise BadRequest(f"{name} is a realtime model: send rows to /models/{name}/predict")
             raise NotFound(f"no model named {name}")
-        sink = self._get("jobsinks", _trigger_sink(trig))
+        if version is None:
+            sink = self._get("jobsinks", _trigger_sink(trig))
+        else:
+            sinks = self._list("jobsinks", f"{ko.LABEL_MODEL}={name}")
+            sink = next((s for s in sinks if _sink_version(s) == version), None)
+            if sink is None:
+                known = _sorted({_sink_version(s): s for s in sinks})
+                raise NotFound(f"{name} has no version {version}; versions: {', '.join(known) or 'none'}")
         # An upload's key is `{bucket}/{object}#{generation}`; its bucket event's id is
         # `{object}#{generation}` (control/events.py). Named from that id, the Job is the one the
         # JobSink would make for the event, and finds when the event arrives: it makes none

@@ -249,9 +249,12 @@ class LocalRuntime(Runtime):
 
     # -- batch --------------------------------------------------------------------------
     def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,
-                   trigger: str = "api") -> tuple[Job, bool]:
+                   trigger: str = "api", version: Optional[str] = None) -> tuple[Job, bool]:
         record = self.store.get(name)
-        live = record.live_record
+        live = record.live_record if version is None else record.version(version)
+        if live is None:
+            known = ", ".join(v.version for v in record.versions) or "none"
+            raise NotFound(f"{name} has no version {version} (deployed: {known})")
         if live.manifest.get("kind") != "batch":
             raise BadRequest(f"{name} is a realtime model: send rows to POST /models/{name}/predict; "
                              f"only batch models take jobs")
