@@ -162,9 +162,11 @@ def routes(plane) -> Routes:
         else:
             runtime.remove(name)
         plane.policies.clear()
+        plane.shadow.forget(name)
         return {"name": name, "removed": True}
 
-    rollback_spec = s.RouteSpec("POST", "/api/models/<name>/rollback", "Make an earlier version live",
+    rollback_spec = s.RouteSpec("POST", "/api/models/<name>/rollback",
+                                "Withdraw a rollout at once, or make an earlier version live",
                                 [s.Answer(200, s.Deployed)], body=s.RollbackRequest, errors=(404, 409, 422, 503),
                                 tag="models")
 
