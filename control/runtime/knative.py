@@ -656,6 +656,8 @@ class KnativeRuntime(Runtime):
                 job.input = result.get("input", job.input) or job.input
                 job.problems = (result.get("problems") or [])[:100]
                 job.invalid_values = result.get("invalid_values")
+                if isinstance(result.get("score_summary"), dict):
+                    job.score_summary = result["score_summary"]
                 break
 
 
