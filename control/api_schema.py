@@ -125,6 +125,7 @@ class ModelDetail(ModelSummary):
     versions: list[Version]
     metrics: dict[str, Any]
     traffic: dict[str, Any] = {}
+    monitoring: dict[str, Any] = {}
 
 
 class TrafficAnswer(_Closed):
@@ -171,6 +172,7 @@ class JobAnswer(_Closed):
     input: dict[str, Any]
     problems: list[dict[str, Any]] = []
     invalid_values: Optional[int] = None
+    score_summary: dict[str, Any] = {}
 
 
 class DatasetUploaded(_Closed):

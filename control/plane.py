@@ -14,6 +14,7 @@ from adapters.manifest import MANIFEST_FILE, ManifestError, load_manifest, parse
 from control import events as ce
 from control.errors import NotFound, PlaneError
 from control.guard import Guard, TTLCache
+from control.monitor import ScoreMonitor
 from control.runtime.base import ModelInfo, Runtime
 from control.settings import Settings
 from control.shadow import ShadowLog
@@ -76,6 +77,8 @@ class Plane:
         self.guard = Guard(settings, token)
         self.policies = TTLCache(ttl=2.0)
         self.shadow = ShadowLog(runtime, Path(settings.state_dir) / "shadow")
+        self.monitor = ScoreMonitor(Path(settings.state_dir) / "monitor", runtime=runtime,
+                                    manifest_of=lambda name: runtime.model(name).manifest)
         self.openapi: Optional[dict] = None
         self.routes: list = []
 
@@ -97,8 +100,11 @@ class Plane:
             return self._storage
 
     def close(self) -> None:
-        if self.owns_runtime:
-            self.runtime.close()
+        try:
+            self.monitor.close()
+        finally:
+            if self.owns_runtime:
+                self.runtime.close()
 
     # -- registration of ./models ------------------------------------------------------
     def register_models(self) -> None:

@@ -142,7 +142,8 @@ def routes(plane) -> Routes:
                    [s.Answer(200, s.ModelDetail)], errors=(404,), tag="models"))
     def get_model(name: str):
         try:
-            return jsonify(runtime.model(name).to_json())
+            detail = runtime.model(name)
+            return jsonify({**detail.to_json(), "monitoring": plane.monitor.report(name, batch=detail.kind == "batch")})
         except NotFound:
             entry = plane.failed.get(name)
             if entry is None:
