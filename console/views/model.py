@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from console import common
+from console.views import monitoring
 from console.client import ControlError, Invalid
 
 DEFAULT_MAX_ROWS = 10_000
@@ -355,3 +356,4 @@ def page() -> None:
 
 
 common.guarded(page)()
+common.guarded(lambda: monitoring.section(st.session_state.get("model")))()
