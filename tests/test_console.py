@@ -235,6 +235,43 @@ def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
                       headers={"Authorization": f"Bearer {TOKEN}"})
 
 
+def test_traffic_tab_rolls_out_with_a_slider_and_promotes(console, plane, tmp_path):
+    import shutil
+    import tarfile
+
+    folder = tmp_path / REALTIME
+    shutil.copytree(MODELS / REALTIME, folder)
+    manifest = folder / "model.yaml"
+    manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.0.2"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=REALTIME)
+    r = API.post(f"{plane.url}/api/models", params={"live": "false"}, data=buf.getvalue(), timeout=60,
+                 headers={"Content-Type": "application/gzip"})
+    assert r.status_code == 201 and r.json()["live"] is False, r.text
+    try:
+        at = open_page(console(), "views/model.py", model=REALTIME)
+        split = frame_with(at, "Share of requests").set_index("Version")
+        assert split.loc["1.0.0", "Share of requests"] == "100%" and "1.0.2" not in split.index
+        at.selectbox(key=f"rollout-version-{REALTIME}").select("1.0.2")
+        at.slider(key=f"rollout-percent-{REALTIME}").set_value(30)
+        at.slider(key=f"rollout-shadow-{REALTIME}").set_value(10)
+        at.button[[b.label for b in at.button].index("Apply split")].click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        t = API.get(f"{plane.url}/api/models/{REALTIME}/traffic", timeout=10).json()
+        assert (t["candidate"], t["percent"], t["shadow"]) == ("1.0.2", 30, 10)
+        assert any("1.0.2 answers 30% of requests, shadow 10%." in s.value for s in at.success)
+        split = frame_with(at, "Share of requests").set_index("Version")
+        assert (split.loc["1.0.0", "Share of requests"], split.loc["1.0.2", "Share of requests"]) == ("70%", "30%")
+        at.button(key=f"promote-{REALTIME}").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        t = API.get(f"{plane.url}/api/models/{REALTIME}/traffic", timeout=10).json()
+        assert (t["live"], t["candidate"]) == ("1.0.2", None)
+        assert any("1.0.2 is live and takes every request." in s.value for s in at.success)
+    finally:
+        API.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"}, timeout=30)
+
+
 # -- Jobs ------------------------------------------------------------------------------------
 
 def _wait_for_job(at: AppTest, dataset: str, *, timeout: float = 120) -> pd.Series:
