@@ -186,6 +186,22 @@ def test_shadow_copies_are_recorded_never_returned(plane, capsys):
     assert "40 live request(s) of 1.0.0 mirrored to 1.1.0" in text and "decisions flipped at 1.0: 5 of 40" in text
 
 
+def test_a_slow_candidate_never_holds_the_live_answer(plane):
+    server, tmp_path = plane
+    # 3.0.0 takes 3 s to start: every shadow copy waits for it, no live answer does
+    deploy(server, make_model(tmp_path, "echo", version="3.0.0", scaling=SCALING,
+                              params={"factor": 3, "startup_delay": 3.0}), live=False)
+    assert api.post(f"{server.url}/api/models/echo/rollout", json={"version": "3.0.0", "shadow": 100}).status_code == 200
+    answers = [predict(server, i) for i in range(10)]
+    assert [a["version"] for a in answers] == ["1.0.0"] * 10
+    # all ten answered while the candidate was still starting: none of its answers is in yet
+    assert api.get(f"{server.url}/api/models/echo/shadow").json()["requests"] == 0
+    report = wait_until(lambda: (x := api.get(f"{server.url}/api/models/echo/shadow").json())["requests"] == 10 and x,
+                        60, what="10 shadow records")
+    assert report["candidate_errors"] == 0 and report["comparison"]["rows"] == 10
+    assert [r["difference"] for r in report["comparison"]["largest"][:1]] == [18.0]   # 3 * 9 - 9
+
+
 def test_a_failing_candidate_never_fails_the_live_answer(plane):
     server, tmp_path = plane
     deploy(server, make_model(tmp_path, "broken", name="echo", version="2.0.0", scaling=SCALING), live=False)
