@@ -224,9 +224,13 @@ def _print_traffic(traffic: dict) -> None:
     if not targets:
         return
     out("\ntraffic")
-    out(table([[t["version"], t.get("role"), f"{t['percent']}%", f"{t['shadow']}%" if t.get("shadow") else None,
-                t.get("requests"), t.get("errors"), t.get("replicas")] for t in targets],
-              ["VERSION", "ROLE", "SHARE", "SHADOW", "REQUESTS", "ERRORS", "REPLICAS"]))
+    rows = [[t["version"], t.get("role"), f"{t['percent']}%", f"{t['shadow']}%" if t.get("shadow") else None]
+            for t in targets]
+    headers = ["VERSION", "ROLE", "SHARE", "SHADOW"]
+    if any("requests" in t for t in targets):   # the model's detail counts each version's answers (shadow included)
+        rows = [r + [t.get("requests"), t.get("errors"), t.get("replicas")] for r, t in zip(rows, targets)]
+        headers += ["REQUESTS", "ERRORS", "REPLICAS"]
+    out(table(rows, headers))
 
 
 def cmd_rollout(args) -> int:
