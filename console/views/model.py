@@ -329,35 +329,28 @@ def traffic(name: str, detail: dict) -> None:
         shadow = st.slider(f"Shadow: share of {live}'s requests also sent to it, answers recorded only (%)",
                            0, 100, int(t.get("shadow") or 0), key=f"rollout-shadow-{name}")
         if st.form_submit_button("Apply split", type="primary", icon=":material/call_split:"):
-            try:
-                common.client().rollout(name, version=version, percent=percent, shadow=shadow)
-            except ControlError as err:
-                common.show_error(err)
-            else:
-                st.session_state[f"traffic-done-{name}"] = (f"{version} answers {percent}% of requests"
-                                                            + (f", shadow {shadow}%" if shadow else "") + ".")
-                st.rerun()
+            _change(name, lambda c: c.rollout(name, version=version, percent=percent, shadow=shadow),
+                    f"{version} answers {percent}% of requests" + (f", shadow {shadow}%" if shadow else "") + ".")
     if candidate:
         cols = st.columns(2)
         if cols[0].button(f"Promote {candidate}", type="primary", key=f"promote-{name}",
                           icon=":material/rocket_launch:", help=f"{candidate} becomes live and takes every request"):
-            try:
-                common.client().promote(name)
-            except ControlError as err:
-                common.show_error(err)
-            else:
-                st.session_state[f"traffic-done-{name}"] = f"{candidate} is live and takes every request."
-                st.rerun()
+            _change(name, lambda c: c.promote(name), f"{candidate} is live and takes every request.")
         if cols[1].button("Withdraw the rollout", key=f"withdraw-{name}", icon=":material/undo:",
                           help=f"{live} takes every request again, at once"):
-            try:
-                common.client().rollback(name)
-            except ControlError as err:
-                common.show_error(err)
-            else:
-                st.session_state[f"traffic-done-{name}"] = f"Rollout withdrawn: {live} takes every request."
-                st.rerun()
+            _change(name, lambda c: c.rollback(name), f"Rollout withdrawn: {live} takes every request.")
     shadow_report(name)
+
+
+def _change(name: str, call, done: str) -> None:
+    """Make a traffic change through the API; on success say `done` after the page reruns."""
+    try:
+        call(common.client())
+    except ControlError as err:
+        common.show_error(err)
+    else:
+        st.session_state[f"traffic-done-{name}"] = done
+        st.rerun()
 
 
 def shadow_report(name: str) -> None:
