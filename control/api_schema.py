@@ -52,6 +52,11 @@ class PromoteRequest(_Closed):
     pass
 
 
+class DeployQuery(_Closed):
+    live: bool = Field(True, description="Make the new version live (false: deploy it beside the live one, "
+                                         "to roll out to a share of requests).")
+
+
 class ShadowQuery(_Closed):
     threshold: Optional[float] = Field(None, ge=-1e300, le=1e300,
                                        description="Count the rows whose decision (score >= threshold) flips.")

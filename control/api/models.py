@@ -107,10 +107,13 @@ def routes(plane) -> Routes:
             return Response(status=304, headers=headers)
         return Response(body, mimetype="application/json", headers=headers)
 
-    @r(s.RouteSpec("POST", "/api/models", "Deploy a model folder (a gzip tar)",
-                   [s.Answer(201, s.Deployed)], body_types=MODEL_ARCHIVE_TYPES,
-                   body_limit=settings.max_model_upload, errors=(409, 422, 503), tag="models"))
+    deploy_spec = s.RouteSpec("POST", "/api/models", "Deploy a model folder (a gzip tar)",
+                              [s.Answer(201, s.Deployed)], body_types=MODEL_ARCHIVE_TYPES, query=s.DeployQuery,
+                              body_limit=settings.max_model_upload, errors=(409, 422, 503), tag="models")
+
+    @r(deploy_spec)
     def deploy_model():
+        make_live = query(deploy_spec).live
         uploads = Path(settings.state_dir) / "uploads"
         uploads.mkdir(parents=True, exist_ok=True)
         dest = Path(tempfile.mkdtemp(prefix="model-", dir=uploads))
@@ -131,7 +134,7 @@ def routes(plane) -> Routes:
                 message = "\n".join(f"{rel}:{p.line}: {p.field + ': ' if p.field else ''}{p.message}" if p.line
                                     else f"{rel}: {p.field + ': ' if p.field else ''}{p.message}" for p in e.problems)
                 raise Invalid(message, details={"problems": problems}) from None
-            version = runtime.deploy(manifest, make_live=True)  # the runtime keeps its own copy
+            version = runtime.deploy(manifest, make_live=make_live)  # the runtime keeps its own copy
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         plane.failed.pop(manifest.name, None)

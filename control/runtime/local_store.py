@@ -207,8 +207,7 @@ class VersionStore:
         key = (name, version)
         manifest = self._manifests.get(key)
         if manifest is None:
-            if self.get(name).version(version) is None:
-                raise NotFound(f"{name} has no version {version}")
+            self._known(self.get(name), version)
             manifest = load_manifest(self.version_dir(name, version), check_files=False)
             self._manifests[key] = manifest
         return manifest
