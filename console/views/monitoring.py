@@ -33,10 +33,11 @@ def histogram_frame(v: dict) -> pd.DataFrame:
 
 
 def chart(frame: pd.DataFrame, title: str) -> alt.Chart:
-    return alt.Chart(frame, title=title).mark_bar(opacity=0.55, binSpacing=0).encode(
+    return alt.Chart(frame, title=title).mark_rect(opacity=0.5).encode(
         x=alt.X("from:Q", title="score"),
         x2="to:Q",
-        y=alt.Y("density:Q", title="density", stack=None),
+        y=alt.Y("density:Q", title="density"),
+        y2=alt.datum(0),
         color=alt.Color("series:N", scale=alt.Scale(domain=list(SERIES), range=list(COLORS)), title=None),
         tooltip=["series", alt.Tooltip("from:Q", format=".4g"), alt.Tooltip("to:Q", format=".4g"), "scores",
                  alt.Tooltip("share:Q", format=".1%")],
