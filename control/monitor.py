@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import threading
 import time
 from collections import deque
@@ -508,6 +509,18 @@ class ScoreMonitor:
         return {"versions": dict(sorted(versions.items())), "drifted": sorted(k for k, v in versions.items()
                                                                                if v["drifted"]),
                 "min_count": MIN_COUNT}
+
+    def forget(self, name: str) -> None:
+        """A removed model: its versions' state goes, in memory and on disk (a model deployed
+        again under the name starts afresh)."""
+        self.drain()
+        with self._lock:
+            for table in (self._versions, self._settings):
+                for key in [k for k in table if k[0] == name]:
+                    del table[key]
+            self._looked_up.pop(name, None)
+        shutil.rmtree(self.root / name, ignore_errors=True)
+        self._refresh_flags()
 
     def flags(self) -> dict[str, list[str]]:
         """`{model: [drifted versions]}`; `generation` changes whenever this does."""

@@ -234,6 +234,11 @@ def test_set_reference_replaces_the_reference(plane):
     assert v["recent"]["quantiles"]["p50"] == pytest.approx(stats.quantile(sorted(shifted), 0.5), abs=1e-6)
     assert v["drift"]["psi"] < 0.25 and v["drifted"] is False
     assert server.plane.monitor.flags() == {}
+    # a removed model takes its monitoring with it
+    assert (Path(server.plane.settings.state_dir) / "monitor" / RT).is_dir()
+    assert api.delete(f"{server.url}/api/models/{RT}").status_code == 200
+    assert server.plane.monitor.report(RT)["versions"] == {}
+    assert not (Path(server.plane.settings.state_dir) / "monitor" / RT).exists()
 
 
 def test_the_reference_survives_a_restart(tmp_path, gcs):

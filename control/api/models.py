@@ -167,6 +167,7 @@ def routes(plane) -> Routes:
             runtime.remove(name)
         plane.policies.clear()
         plane.shadow.forget(name)
+        plane.monitor.forget(name)
         return {"name": name, "removed": True}
 
     rollback_spec = s.RouteSpec("POST", "/api/models/<name>/rollback",
