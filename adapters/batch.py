@@ -318,7 +318,8 @@ def _check_results_whole(path: Path, manifest: Manifest) -> int:
 class ScoreStream:
     """Checks single-column score lines fed in arbitrary chunks: complete lines now, the rest kept."""
 
-    def __init__(self) -> None:
+    def __init__(self, summary: ScoreSummary | None = None) -> None:
+        self.summary = summary  # given every checked score, when set
         self.count = 0
         self.line_no = 1  # the header
         self.blank_at: int | None = None  # a blank line is an error only if a score follows it
@@ -342,12 +343,16 @@ class ScoreStream:
     def _lines(self, lines: list[bytes]) -> None:
         if self.blank_at is None:
             try:
-                if math.isfinite(sum(map(float, lines))):  # any nan/inf makes the sum non-finite
+                values = list(map(float, lines))
+                if math.isfinite(sum(values)):  # any nan/inf makes the sum non-finite
                     self.count += len(lines)
                     self.line_no += len(lines)
+                    if self.summary is not None:
+                        self.summary.add(values)
                     return
             except ValueError:
                 pass
+        good: list[float] = []
         for raw in lines:  # slow path: find and name the bad line
             self.line_no += 1
             if not raw.strip():
@@ -360,6 +365,9 @@ class ScoreStream:
             if problem:
                 raise BatchFailure(problem)
             self.count += 1
+            good.append(float(raw.strip().strip(b'"')))
+        if self.summary is not None:
+            self.summary.add(good)
 
 
 class ResultsFollower:
@@ -412,7 +420,7 @@ class ResultsFollower:
             if not first.strip() or len(_parse_results_header(first)) != 1:
                 self.usable = False  # the whole-file check reports it
                 return False
-            self.stream = ScoreStream()
+            self.stream = ScoreStream(ScoreSummary())
             if rest:
                 self.stream.feed(rest)
         except BatchFailure:
@@ -580,6 +588,113 @@ def start_model(manifest: Manifest, dataset: Path, results: Path) -> subprocess.
         raise BatchFailure(f"could not start the model ({' '.join(manifest.command)}): {e.strerror}") from e
 
 
+# -- the scores' summary (result.json `score_summary`, what score monitoring reads) ---------
+
+SUMMARY_BINS = 32       # at most this many equal-width bins (a power of two wide) cover every score
+SUMMARY_SAMPLE = 8192   # scores kept (every k-th, in row order) for the quantiles: between this and twice it
+SUMMARY_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)  # control/stats.py's QUANTILES
+
+
+class ScoreSummary:
+    """Accumulates the checked scores a chunk at a time, memory flat: exact count, mean, min, max
+    and histogram; quantiles from every k-th score (exact up to SUMMARY_SAMPLE scores).
+
+    The histogram needs no range in advance: bin k holds [k*w, (k+1)*w) with w a power of two,
+    doubled (pairs of bins merged, exactly) whenever the scores seen so far span more than
+    SUMMARY_BINS bins. Every step is a C-speed pass over a chunk (min, max, fsum, a Counter of
+    floor(v / w)), so it can run inside the results check."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sums: list[float] = []
+        self.lo, self.hi = math.inf, -math.inf
+        self._inv: float | None = None   # 1 / w
+        self._bins: dict[int, int] = {}
+        self._step = 1
+        self._sample: list[float] = []
+        self._broken = False   # a score too large to bin: no histogram
+
+    def add(self, values: list[float]) -> None:
+        if not values:
+            return
+        from collections import Counter
+
+        self._sample.extend(values[(-self.count) % self._step::self._step])
+        while len(self._sample) > 2 * SUMMARY_SAMPLE:
+            self._sample = self._sample[::2]
+            self._step *= 2
+        self.count += len(values)
+        self._sums.append(math.fsum(values))
+        self.lo, self.hi = min(self.lo, min(values)), max(self.hi, max(values))
+        if self._broken:
+            return
+        try:
+            if self._inv is None:
+                span = self.hi - self.lo
+                scale = span / SUMMARY_BINS if span > 0 else (abs(self.lo) or 1.0) / 2 ** 20
+                self._inv = 2.0 ** -math.ceil(math.log2(scale)) if scale > 0 else 1.0
+            floor, inv = math.floor, self._inv
+            while floor(self.hi * inv) - floor(self.lo * inv) >= SUMMARY_BINS:
+                inv /= 2
+                merged: dict[int, int] = {}
+                for k, n in self._bins.items():
+                    merged[k // 2] = merged.get(k // 2, 0) + n
+                self._bins = merged
+            self._inv = inv
+            for k, n in Counter(map(floor, map(inv.__mul__, values))).items():
+                self._bins[k] = self._bins.get(k, 0) + n
+        except (OverflowError, ValueError):
+            self._broken, self._bins = True, {}
+
+    def result(self) -> dict:
+        if self.count == 0:
+            return {"count": 0, "sampled": 0, "quantiles": {"count": 0}, "percentiles": [],
+                    "histogram": {"edges": [], "counts": []}}
+        sample = sorted(self._sample)
+        quantiles = {"count": self.count, "min": self.lo, "max": self.hi, "mean": math.fsum(self._sums) / self.count}
+        quantiles.update({f"p{q * 100:g}": _quantile(sample, q) for q in SUMMARY_QUANTILES})
+        histogram: dict = {"edges": [], "counts": []}
+        if self._bins:
+            first, last, w = min(self._bins), max(self._bins), 1 / self._inv
+            histogram = {"edges": [k * w for k in range(first, last + 2)],
+                         "counts": [self._bins.get(k, 0) for k in range(first, last + 1)]}
+        return {"count": self.count, "sampled": len(sample), "quantiles": quantiles,
+                "percentiles": [_quantile(sample, i / 100) for i in range(101)], "histogram": histogram}
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    """As control/stats.py's `quantile` (linear between closest ranks); the adapter imports nothing from control."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def score_summary(path: Path, manifest: Manifest) -> dict:
+    """The summary of a checked results file, read once (when the check did not keep one)."""
+    summary = ScoreSummary()
+    with open(path, "rb") as f:
+        header = _parse_results_header(f.readline())
+        if len(header) == 1:
+            stream = ScoreStream(summary)
+            while chunk := f.read(CHUNK):
+                stream.feed(chunk)
+            stream.finish()
+        else:
+            column, batch = header.index(manifest.score.name), []
+            for rec in csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline="")):
+                if rec and any(rec):
+                    batch.append(float(rec[column].strip().strip('"')))
+                    if len(batch) >= 65536:
+                        summary.add(batch)
+                        batch = []
+            summary.add(batch)
+    return summary.result()
+
+
 # -- the whole job ------------------------------------------------------------------------
 
 class Job:
@@ -615,6 +730,17 @@ class Job:
         if isinstance(cause, RowsFailure):
             self.result.update(problems=cause.problems, invalid_values=cause.total)
         return self.result
+
+    def summarize(self, results: Path, follower: ResultsFollower | None = None) -> None:
+        """`score_summary` of the checked scores into the result: the one the follower kept while it
+        checked them if it checked the final file, else read from it. A failure is logged, never the job's."""
+        try:
+            if follower is not None and follower.trusted and follower.stream and follower.stream.summary:
+                self.result["score_summary"] = follower.stream.summary.result()
+            else:
+                self.result["score_summary"] = score_summary(results, self.manifest)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            log.warning("the scores' summary could not be computed: %s", e)
 
     def store_result(self) -> None:
         """result.json beside scores.csv; a failure to store it is reported, not raised."""
@@ -690,6 +816,7 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
             raise BatchFailure(f"the model {describe_exit(status)}")
         rows = check_results(results, n_rows, manifest, follower)
         job.mark("results_checked")
+        job.summarize(results, follower)
         _publish_scores(results, scores_uri, upload, streamed=follower.trusted)
         upload = None
         job.mark("scores_published")
@@ -878,6 +1005,7 @@ def publish_step(manifest: Manifest, work: Path) -> tuple[dict, int]:
         if status != 0:
             raise BatchFailure(f"the model exited with status {status}")
         rows = check_results(work / SCORES_FILE, job.result["rows"], manifest)
+        job.summarize(work / SCORES_FILE)
         scores_uri = storage.join(spec.results_prefix, SCORES_FILE)
         storage.put_file(work / SCORES_FILE, scores_uri)
         job.succeed(rows, scores_uri)

@@ -207,6 +207,19 @@ class Limits(_Strict):
         return parse_bytes(self.max_body)
 
 
+class Monitoring(_Strict):
+    """Score monitoring: each version's recent scores against a reference distribution."""
+
+    reference_size: int = Field(1000, ge=100, le=100_000,
+                                description="The version's first N scores become its reference distribution "
+                                            "(unless a reference dataset is set).")
+    window: int = Field(1000, ge=100, le=100_000, description="Recent scores kept for the rolling histogram "
+                                                             "and the drift figures.")
+    drift_threshold: float = Field(0.25, gt=0, le=100, allow_inf_nan=False,
+                                   description="PSI of recent scores against the reference above which the "
+                                               "version is flagged as drifted.")
+
+
 class Manifest(_Strict):
     """A model's `model.yaml`."""
 
@@ -226,6 +239,7 @@ class Manifest(_Strict):
     visibility: Literal["cluster", "public"] = Field(
         "cluster", description="realtime on a cluster: `cluster` (reached through the control service, "
                                "cluster-local on Knative) or `public` (Knative also gives it an external URL).")
+    monitoring: Monitoring = Monitoring()
 
     _folder: Path = PrivateAttr(default=Path("."))
     _file: Path = PrivateAttr(default=Path(MANIFEST_FILE))

@@ -176,8 +176,22 @@ class ControlClient:
     def model(self, name: str) -> dict:
         return self._json("GET", f"/api/models/{quote(name)}")
 
-    def rollback(self, name: str, *, version: str) -> dict:
-        return self._json("POST", f"/api/models/{quote(name)}/rollback", json={"version": version})
+    def rollback(self, name: str, *, version: Optional[str] = None) -> dict:
+        """Make `version` live; without one, withdraw the rollout in progress (or undo the last change)."""
+        return self._json("POST", f"/api/models/{quote(name)}/rollback", json={"version": version} if version else {})
+
+    def rollout(self, name: str, *, version: str, percent: int = 0, shadow: int = 0) -> dict:
+        return self._json("POST", f"/api/models/{quote(name)}/rollout",
+                          json={"version": version, "percent": percent, "shadow": shadow})
+
+    def promote(self, name: str) -> dict:
+        return self._json("POST", f"/api/models/{quote(name)}/promote", json={})
+
+    def shadow(self, name: str, *, threshold: Optional[float] = None, top: int = 20) -> dict:
+        params: dict[str, Any] = {"top": top}
+        if threshold is not None:
+            params["threshold"] = threshold
+        return self._json("GET", f"/api/models/{quote(name)}/shadow", params=params)
 
     def predict(self, name: str, *, rows: Optional[list[dict]] = None,
                 csv: Optional[bytes] = None, timeout: float = 120.0) -> dict:

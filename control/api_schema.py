@@ -36,7 +36,31 @@ class _Open(BaseModel):
 # -- requests ---------------------------------------------------------------------------------
 
 class RollbackRequest(_Closed):
-    version: str = Field(pattern=SEMVER.pattern, max_length=128, description="A version the model has.")
+    version: Optional[str] = Field(None, pattern=SEMVER.pattern, max_length=128,
+                                   description="A version the model has. Without it: withdraw the rollout in "
+                                               "progress, or else return to the version live before.")
+
+
+class RolloutRequest(_Closed):
+    version: str = Field(pattern=SEMVER.pattern, max_length=128, description="A deployed version, not the live one.")
+    percent: int = Field(0, ge=0, le=100, description="Percent of requests the version answers.")
+    shadow: int = Field(0, ge=0, le=100, description="Percent of the live version's requests also sent to it; "
+                                                     "its answers are recorded, never returned.")
+
+
+class PromoteRequest(_Closed):
+    pass
+
+
+class DeployQuery(_Closed):
+    live: bool = Field(True, description="Make the new version live (false: deploy it beside the live one, "
+                                         "to roll out to a share of requests).")
+
+
+class ShadowQuery(_Closed):
+    threshold: Optional[float] = Field(None, ge=-1e300, le=1e300,
+                                       description="Count the rows whose decision (score >= threshold) flips.")
+    top: int = Field(20, ge=0, le=1000, description="How many of the largest differences to list.")
 
 
 class JobRequest(_Closed):
@@ -105,6 +129,26 @@ class ModelDetail(ModelSummary):
     manifest: dict[str, Any]
     versions: list[Version]
     metrics: dict[str, Any]
+    traffic: dict[str, Any] = {}
+    monitoring: dict[str, Any] = {}
+
+
+class TrafficAnswer(_Closed):
+    name: str
+    live: Optional[str]
+    candidate: Optional[str]
+    percent: int
+    shadow: int
+    previous: Optional[str]
+    targets: list[dict[str, Any]]
+
+
+class ShadowAnswer(_Open):
+    model: str
+    live: Optional[str]
+    candidate: Optional[str]
+    requests: int
+    comparison: Optional[dict[str, Any]]
 
 
 class Deployed(Version):
@@ -133,6 +177,7 @@ class JobAnswer(_Closed):
     input: dict[str, Any]
     problems: list[dict[str, Any]] = []
     invalid_values: Optional[int] = None
+    score_summary: dict[str, Any] = {}
 
 
 class DatasetUploaded(_Closed):

@@ -170,6 +170,7 @@ def cmd_status(args) -> int:
         out(table([[f["name"], f["type"], "yes" if f.get("required", True) else "no",
                     ", ".join(map(str, f["allowed"])) if f.get("allowed") else None] for f in features],
                   ["NAME", "TYPE", "REQUIRED", "ALLOWED"]))
+    _print_traffic(m.get("traffic") or {})
     if m.get("versions"):
         out("\nversions")
         out(table([[v["version"], v.get("deployed_at"), "live" if v.get("live") else ""] for v in m["versions"]],
@@ -201,15 +202,85 @@ def cmd_deploy(args) -> int:
     if not (folder / "model.yaml").is_file():
         raise CLIError(f"{folder}: no model.yaml here (a model folder needs one)")
     body = _tar_folder(folder)
-    v = client_for(args).json("POST", "/api/models", data=body, headers={"Content-Type": "application/gzip"},
-                              timeout=300)
-    out(f"deployed {v['name']} {v['version']}" + (" (live)" if v.get("live") else ""))
+    path = "/api/models?live=false" if args.no_live else "/api/models"
+    v = client_for(args).json("POST", path, data=body, headers={"Content-Type": "application/gzip"}, timeout=300)
+    if v.get("live"):
+        out(f"deployed {v['name']} {v['version']} (live)")
+    else:
+        out(f"deployed {v['name']} {v['version']} (not live: `modelplane rollout {v['name']} {v['version']} "
+            f"--percent 10` sends it a share of the requests)")
     return 0
 
 
 def cmd_rollback(args) -> int:
-    v = client_for(args).json("POST", f"/api/models/{quote(args.name)}/rollback", json={"version": args.version})
-    out(f"{v.get('name', args.name)} {v['version']} is live")
+    body = {"version": args.version} if args.version else {}
+    v = client_for(args).json("POST", f"/api/models/{quote(args.name)}/rollback", json=body)
+    out(f"{v.get('name', args.name)} {v['version']} is live" + ("" if args.version else " and takes every request"))
+    return 0
+
+
+def _print_traffic(traffic: dict) -> None:
+    targets = traffic.get("targets") or []
+    if not targets:
+        return
+    out("\ntraffic")
+    rows = [[t["version"], t.get("role"), f"{t['percent']}%", f"{t['shadow']}%" if t.get("shadow") else None]
+            for t in targets]
+    headers = ["VERSION", "ROLE", "SHARE", "SHADOW"]
+    if any("requests" in t for t in targets):   # the model's detail counts each version's answers (shadow included)
+        rows = [r + [t.get("requests"), t.get("errors"), t.get("replicas")] for r, t in zip(rows, targets)]
+        headers += ["REQUESTS", "ERRORS", "REPLICAS"]
+    out(table(rows, headers))
+
+
+def cmd_rollout(args) -> int:
+    if args.percent is None and args.shadow is None:
+        raise CLIError("say how much: --percent P (share of requests it answers) and/or --shadow P "
+                       "(share of live requests also sent to it)")
+    for flag, value in (("--percent", args.percent), ("--shadow", args.shadow)):
+        if value is not None and not 0 <= value <= 100:
+            raise CLIError(f"{flag} {value}: a percent is 0 to 100")
+    t = client_for(args).json("POST", f"/api/models/{quote(args.name)}/rollout",
+                              json={"version": args.version, "percent": args.percent or 0, "shadow": args.shadow or 0})
+    out(f"{args.name}: {t['candidate']} answers {t['percent']}% of requests, {t['live']} the rest"
+        + (f"; {t['shadow']}% of {t['live']}'s requests are also sent to {t['candidate']} (shadow)" if t["shadow"] else ""))
+    _print_traffic(t)
+    out(f"\n`modelplane promote {args.name}` makes {t['candidate']} live; `modelplane rollback {args.name}` "
+        f"withdraws it at once")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    v = client_for(args).json("POST", f"/api/models/{quote(args.name)}/promote", json={})
+    out(f"{v.get('name', args.name)} {v['version']} is live and takes every request")
+    return 0
+
+
+def cmd_shadow(args) -> int:
+    params = {"top": args.top}
+    if args.threshold is not None:
+        params["threshold"] = args.threshold
+    r = client_for(args).json("GET", f"/api/models/{quote(args.name)}/shadow", params=params)
+    if args.json:
+        out(json.dumps(r, indent=2))
+        return 0
+    if not r.get("candidate"):
+        out(f"{args.name}: no shadow traffic recorded (`modelplane rollout {args.name} VERSION --shadow P`)")
+        return 0
+    lat = r.get("latency_ms") or {}
+    out(f"{args.name}: {r['requests']} live request(s) of {r['live']} mirrored to {r['candidate']}; "
+        f"{r['candidate_errors']} failed there, {r.get('dropped', 0)} dropped (too many in flight)")
+    if lat.get("live_p50") is not None and lat.get("candidate_p50") is not None:
+        out(f"p50 latency: {r['live']} {lat['live_p50']:.1f} ms, {r['candidate']} {lat['candidate_p50']:.1f} ms")
+    c = r.get("comparison")
+    if c:
+        d = c["drift"]
+        out(f"rows compared: {c['rows']}; mean |difference| {c['difference']['mean_abs']}, "
+            f"max {c['difference']['max_abs']}; PSI {d['psi']}, KS {d['ks']}")
+        if "flips" in c:
+            out(f"decisions flipped at {c['threshold']}: {c['flips']['count']} of {c['rows']}")
+    for e in r.get("errors") or []:
+        out(f"  failed: request {e.get('rid')}: {e.get('status') or '-'} {e.get('error')}")
     return 0
 
 
@@ -246,7 +317,9 @@ def cmd_predict(args) -> int:
         body, content_type = _read_input(args)
     except OSError as e:
         raise CLIError(f"cannot read the input: {e.strerror}: {e.filename}") from None
-    result = client_for(args).json("POST", f"/models/{quote(args.name)}/predict", data=body,
+    path = f"/models/{quote(args.name)}/versions/{quote(args.version)}/predict" if args.version \
+        else f"/models/{quote(args.name)}/predict"
+    result = client_for(args).json("POST", path, data=body,
                                    headers={"Content-Type": content_type, "Accept": "application/json"},
                                    timeout=args.timeout)
     if args.raw:
@@ -615,9 +688,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p = command("deploy", cmd_deploy, "deploy a model folder as a new version")
     p.add_argument("dir")
-    p = command("rollback", cmd_rollback, "make an earlier version live")
+    p.add_argument("--no-live", action="store_true",
+                   help="keep the live version live (then `rollout` the new one to a share of requests)")
+    p = command("rollout", cmd_rollout, "send a share of a realtime model's requests to another version")
     p.add_argument("name")
     p.add_argument("version")
+    p.add_argument("--percent", type=int, metavar="P", help="percent of requests the version answers")
+    p.add_argument("--shadow", type=int, metavar="P",
+                   help="percent of the live version's requests also sent to it (answers recorded, never returned)")
+    p = command("promote", cmd_promote, "make the version under rollout live")
+    p.add_argument("name")
+    p = command("rollback", cmd_rollback, "withdraw a rollout at once, or make an earlier version live")
+    p.add_argument("name")
+    p.add_argument("version", nargs="?", help="the version to make live (default: undo the last change)")
+    p = command("shadow", cmd_shadow, "compare what the version under rollout answered to mirrored requests")
+    p.add_argument("name")
+    p.add_argument("--threshold", type=float, help="count the rows whose decision flips at this score")
+    p.add_argument("--top", type=int, default=10, help="largest differences to include (default 10)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p = command("remove", cmd_remove, "delete a model and all its versions")
     p.add_argument("name")
     p = command("predict", cmd_predict, "score rows with a realtime model")
@@ -626,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--csv", metavar="FILE", help="rows as CSV (header = feature names)")
     src.add_argument("--json", metavar="FILE", help='rows as JSON: {"rows": [...]}, a list of rows, or one row')
     src.add_argument("stdin", nargs="?", choices=["-"], help="read CSV or JSON from stdin")
+    p.add_argument("--version", help="score with this deployed version, whatever the traffic split")
     p.add_argument("--raw", action="store_true", help="print the whole JSON answer")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
     p = command("run", cmd_run, "run a batch model on a dataset (gs:// URI, or a local CSV uploaded to the bucket)")

@@ -112,7 +112,7 @@ class FrontDoor:
             policy = plane.cached_policy(name)
             if policy is None:
                 policy = await asyncio.get_running_loop().run_in_executor(self.pool, plane.policy, name)
-            public, limit = policy
+            public, limit = policy.public, policy.limit
             guard.require_predict(request.headers, request.method, path, public=public)
             body = b""
             if method in MUTATING:
@@ -125,14 +125,21 @@ class FrontDoor:
                 body = await _read_capped(request.content, limit)
             headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
             headers["x-request-id"] = rid   # one id in the caller's answer, this log and the adapter's
+            version, rest = serving.pinned(segments[1:])
+            adapter_path = "/" + "/".join(rest)
+            t1 = time.perf_counter()
             try:
-                result = await plane.runtime.aforward(name, method=request.method,
-                                                      path=path[len("/models/") + len(name):], headers=headers,
-                                                      body=body, query=query)
+                result = await plane.runtime.aforward(name, method=request.method, path=adapter_path,
+                                                      headers=headers, body=body, query=query, version=version)
             except PlaneError as e:
                 plane.metrics.observe_model(name, e.status)
                 raise
             plane.metrics.observe_model(name, result.status)
+            plane.monitor.observe(name, result)
+            if policy.shadow_percent and version is None and rest == ["predict"]:
+                plane.shadow.mirror(name, policy.shadow_version, policy.shadow_percent, method=request.method,
+                                    path=adapter_path, headers=headers, body=body, query=query, live=result,
+                                    live_ms=(time.perf_counter() - t1) * 1000)
             out = {k: v for k, v in (result.headers or {}).items() if k.lower() not in HOP_BY_HOP}
             response = web.Response(body=result.body, status=result.status, headers=out)
         except PlaneError as e:

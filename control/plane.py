@@ -8,19 +8,31 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from adapters.manifest import MANIFEST_FILE, ManifestError, load_manifest, parse_bytes
 from control import events as ce
 from control.errors import NotFound, PlaneError
 from control.guard import Guard, TTLCache
+from control.monitor import ScoreMonitor
 from control.runtime.base import ModelInfo, Runtime
 from control.settings import Settings
+from control.shadow import ShadowLog
 
 log = logging.getLogger(__name__)
 
 #: A predict body's cap when the model's manifest cannot be read (its own `limits.max_body` wins).
 DEFAULT_PREDICT_LIMIT = 10 * 2**20
+
+
+class Policy(NamedTuple):
+    """How the front door serves a model: open to anyone, the predict body cap, and the version
+    under rollout that a share of the live requests is mirrored to (its shadow percent)."""
+
+    public: bool
+    limit: int
+    shadow_version: Optional[str] = None
+    shadow_percent: int = 0
 
 
 class Metrics:
@@ -64,14 +76,17 @@ class Plane:
         self.token_created = token_created
         self.guard = Guard(settings, token)
         self.policies = TTLCache(ttl=2.0)
+        self.shadow = ShadowLog(runtime, Path(settings.state_dir) / "shadow")
+        self.monitor = ScoreMonitor(Path(settings.state_dir) / "monitor", runtime=runtime,
+                                    manifest_of=lambda name: runtime.model(name).manifest)
         self.openapi: Optional[dict] = None
         self.routes: list = []
 
-    def policy(self, name: str) -> tuple[bool, int]:
-        """(open to anyone, predict body cap) of a model's live version, cached for 2 s."""
+    def policy(self, name: str) -> Policy:
+        """How the front door serves a model (its live version's), cached for 2 s."""
         return self.policies.get(name, lambda: _policy(self.runtime, name))  # type: ignore[return-value]
 
-    def cached_policy(self, name: str) -> Optional[tuple[bool, int]]:
+    def cached_policy(self, name: str) -> Optional[Policy]:
         """`policy` if it is cached (the front door computes a miss off its event loop)."""
         return self.policies.peek(name)  # type: ignore[return-value]
 
@@ -85,8 +100,11 @@ class Plane:
             return self._storage
 
     def close(self) -> None:
-        if self.owns_runtime:
-            self.runtime.close()
+        try:
+            self.monitor.close()
+        finally:
+            if self.owns_runtime:
+                self.runtime.close()
 
     # -- registration of ./models ------------------------------------------------------
     def register_models(self) -> None:
@@ -128,13 +146,17 @@ class Plane:
 
 
 
-def _policy(runtime: Runtime, name: str) -> tuple[bool, int]:
+def _policy(runtime: Runtime, name: str) -> Policy:
     try:
-        manifest = runtime.model(name).manifest or {}
+        detail = runtime.model(name)
     except PlaneError:
-        return False, DEFAULT_PREDICT_LIMIT
+        return Policy(False, DEFAULT_PREDICT_LIMIT)
+    manifest = detail.manifest or {}
     try:
         limit = parse_bytes((manifest.get("limits") or {}).get("max_body") or DEFAULT_PREDICT_LIMIT)
     except (TypeError, ValueError):
         limit = DEFAULT_PREDICT_LIMIT
-    return manifest.get("visibility") == "public", limit
+    traffic = detail.traffic or {}
+    shadow = traffic.get("shadow") or 0
+    return Policy(manifest.get("visibility") == "public", limit, traffic.get("candidate") if shadow else None,
+                  shadow)

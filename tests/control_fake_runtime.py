@@ -60,10 +60,12 @@ class FakeRuntime(Runtime):
             del self.manifests[name]
             self.live.pop(name, None)
 
-    def rollback(self, name: str, *, version: str) -> VersionInfo:
+    def rollback(self, name: str, *, version: Optional[str] = None) -> VersionInfo:
         with self._lock:
             if name not in self.manifests:
                 raise NotFound(f"no model named {name!r}")
+            if version is None:
+                raise Conflict(f"{name} has no rollout to withdraw")
             if version not in self.manifests[name]:
                 raise NotFound(f"{name} has no version {version}")
             self.live[name] = version
@@ -90,7 +92,7 @@ class FakeRuntime(Runtime):
                                metrics={"requests": 0, "errors": 0, "replicas": 0, "history": []})
 
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str], body: bytes,
-                query: str = "") -> ProxyResponse:
+                query: str = "", version: Optional[str] = None) -> ProxyResponse:
         self.model(name)
         if self.unavailable:
             raise Unavailable(f"{name} is starting; try again")

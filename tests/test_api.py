@@ -109,7 +109,7 @@ def test_deploy_tarball_then_rollback_then_delete(plane, tmp_path):
     assert runtime.live["echo-rt"] == "1.0.0"
     r = api.post(f"{server.url}/api/models/echo-rt/rollback", json={"version": "9.9.9"}, headers=AUTH)
     assert r.status_code == 404
-    r = api.post(f"{server.url}/api/models/echo-rt/rollback", json={}, headers=AUTH)
+    r = api.post(f"{server.url}/api/models/echo-rt/rollback", json={"version": "../1.0.0"}, headers=AUTH)
     assert r.status_code == 400 and "version" in r.json()["error"]
 
     r = api.delete(f"{server.url}/api/models/echo-rt", headers=AUTH)

@@ -201,21 +201,26 @@ def test_bad_csv_shows_the_problem_table_not_a_traceback(console):
     assert "not allowed" in by_field.loc["region", "Error"]
 
 
-def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
-    # Deploy 1.0.1 of the realtime model through the API, as `modelplane deploy` does.
+def deploy_version(plane, tmp_path, version: str, *, live: bool = True) -> dict:
+    """Deploy `version` of the realtime example through the API, as `modelplane deploy` does."""
     import shutil
     import tarfile
 
     folder = tmp_path / REALTIME
     shutil.copytree(MODELS / REALTIME, folder)
     manifest = folder / "model.yaml"
-    manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.0.1"))
+    manifest.write_text(manifest.read_text().replace("version: 1.0.0", f"version: {version}"))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.add(folder, arcname=REALTIME)
-    r = API.post(f"{plane.url}/api/models", data=buf.getvalue(), timeout=60,
-                      headers={"Content-Type": "application/gzip", "Authorization": f"Bearer {TOKEN}"})
+    r = API.post(f"{plane.url}/api/models", params={"live": str(live).lower()}, data=buf.getvalue(), timeout=60,
+                 headers={"Content-Type": "application/gzip"})
     assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
+    deploy_version(plane, tmp_path, "1.0.1")
     try:
         at = open_page(console(), "views/model.py", model=REALTIME)
         versions = frame_with(at, "Live").set_index("Version")
@@ -233,6 +238,31 @@ def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
     finally:
         API.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"}, timeout=30,
                       headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def test_traffic_tab_rolls_out_with_a_slider_and_promotes(console, plane, tmp_path):
+    assert deploy_version(plane, tmp_path, "1.0.2", live=False)["live"] is False
+    try:
+        at = open_page(console(), "views/model.py", model=REALTIME)
+        split = frame_with(at, "Share of requests").set_index("Version")
+        assert split.loc["1.0.0", "Share of requests"] == "100%" and "1.0.2" not in split.index
+        at.selectbox(key=f"rollout-version-{REALTIME}").select("1.0.2")
+        at.slider(key=f"rollout-percent-{REALTIME}").set_value(30)
+        at.slider(key=f"rollout-shadow-{REALTIME}").set_value(10)
+        at.button[[b.label for b in at.button].index("Apply split")].click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        t = API.get(f"{plane.url}/api/models/{REALTIME}/traffic", timeout=10).json()
+        assert (t["candidate"], t["percent"], t["shadow"]) == ("1.0.2", 30, 10)
+        assert any("1.0.2 answers 30% of requests, shadow 10%." in s.value for s in at.success)
+        split = frame_with(at, "Share of requests").set_index("Version")
+        assert (split.loc["1.0.0", "Share of requests"], split.loc["1.0.2", "Share of requests"]) == ("70%", "30%")
+        at.button(key=f"promote-{REALTIME}").click().run()
+        assert not at.exception, [e.value for e in at.exception]
+        t = API.get(f"{plane.url}/api/models/{REALTIME}/traffic", timeout=10).json()
+        assert (t["live"], t["candidate"]) == ("1.0.2", None)
+        assert any("1.0.2 is live and takes every request." in s.value for s in at.success)
+    finally:
+        API.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"}, timeout=30)
 
 
 # -- Jobs ------------------------------------------------------------------------------------

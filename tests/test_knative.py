@@ -113,7 +113,8 @@ def reconcile_service(admin, name, *, ready=True, message="", address=None):
         "address": {"url": address or f"http://{name}.{NS}.svc.cluster.local"},
         "latestCreatedRevisionName": revision,
         "latestReadyRevisionName": revision if ready else None,
-        "traffic": [{"revisionName": t["revisionName"], "percent": t["percent"], "latestRevision": False}
+        "traffic": [{"revisionName": t["revisionName"], "percent": t["percent"], "latestRevision": False,
+                     **({"tag": t["tag"], "url": f"http://{t['tag']}-{name}.{NS}.example.com"} if t.get("tag") else {})}
                     for t in svc["spec"]["traffic"]],
     }})
 
@@ -160,7 +161,7 @@ class Echo(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        out = json.dumps({"path": self.path, "got": json.loads(body)}).encode()
+        out = json.dumps({"path": self.path, "host": self.headers.get("Host"), "got": json.loads(body)}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -183,7 +184,8 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     svc = admin.get(svc_path(name))
     template = svc["spec"]["template"]
     assert template["metadata"]["name"] == f"{name}-1-0-0"
-    assert svc["spec"]["traffic"] == [{"revisionName": f"{name}-1-0-0", "percent": 100, "latestRevision": False}]
+    assert svc["spec"]["traffic"] == [{"revisionName": f"{name}-1-0-0", "percent": 100, "latestRevision": False,
+                                       "tag": "v1-0-0"}]
     adapter, model = template["spec"]["containers"]
     assert adapter["image"] == "registry.test/adapter:0.1.0" and adapter["args"] == ["serve", "--host", "0.0.0.0"]
     [port] = adapter["ports"]  # the one port Knative routes to (the CRD defaults protocol: TCP)
@@ -239,7 +241,8 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     assert runtime.deploy(v2).live
     svc = admin.get(svc_path(name))
     assert svc["spec"]["template"]["metadata"]["name"] == f"{name}-1-1-0"
-    assert svc["spec"]["traffic"][0]["revisionName"] == f"{name}-1-1-0"
+    assert [(t["revisionName"], t["percent"], t["tag"]) for t in svc["spec"]["traffic"]] == [
+        (f"{name}-1-1-0", 100, "v1-1-0"), (f"{name}-1-0-0", 0, "v1-0-0")]
     assert svc["spec"]["template"]["metadata"]["annotations"][
         "autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "120s"
     assert runtime.model(name).status == "starting"  # generation moved past observedGeneration
@@ -253,7 +256,8 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     back = runtime.rollback(name, version="1.0.0")
     assert (back.version, back.live) == ("1.0.0", True)
     svc = admin.get(svc_path(name))
-    assert svc["spec"]["traffic"] == [{"revisionName": f"{name}-1-0-0", "percent": 100, "latestRevision": False}]
+    assert [(t["revisionName"], t["percent"], t["tag"]) for t in svc["spec"]["traffic"]] == [
+        (f"{name}-1-0-0", 100, "v1-0-0"), (f"{name}-1-1-0", 0, "v1-1-0")]
     assert svc["spec"]["template"] == template_before
     with pytest.raises(NotFound, match="no version 9.9.9"):
         runtime.rollback(name, version="9.9.9")
@@ -270,7 +274,14 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
                                headers={"Content-Type": "application/json", "Host": "control"},
                                body=json.dumps({"rows": [{"a": 1}]}).encode())
         assert resp.status == 200
-        assert json.loads(resp.body) == {"path": "/predict?x=1", "got": {"rows": [{"a": 1}]}}
+        assert json.loads(resp.body) == {"path": "/predict?x=1", "host": f"127.0.0.1:{server.server_port}",
+                                         "got": {"rows": [{"a": 1}]}}
+        # one version, whatever the split: the same address, its traffic tag's Host
+        resp = runtime.forward(name, method="POST", path="/predict", headers={"Content-Type": "application/json"},
+                               body=b'{"rows": []}', version="1.1.0")
+        assert json.loads(resp.body)["host"] == f"v1-1-0-{name}.{NS}.svc.cluster.local"
+        with pytest.raises(NotFound, match="no version 7.0.0"):
+            runtime.forward(name, method="POST", path="/predict", headers={}, body=b"{}", version="7.0.0")
     finally:
         server.shutdown()
         server.server_close()
@@ -291,6 +302,73 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     with pytest.raises(NotFound):
         runtime.remove(name)
     COMPLETED.add("realtime")
+
+
+def test_realtime_rollout_writes_percents_and_a_tag_per_version(cluster, runtime):
+    """A rollout, a shadow, promote and rollback are changes of the Service's traffic list (and
+    the annotation that records the split), accepted by the API server with the real CRDs and
+    by the rules Knative's webhook applies (route_validation.go)."""
+    from control.runtime import knative_rules as rules
+
+    admin = cluster.admin
+    v1 = bump(example("donor-propensity"), "1.0.0")
+    name = "rollout-" + secrets.token_hex(3)
+    v1 = bump(v1, "1.0.0", name=name)
+    v2 = bump(v1, "1.1.0")
+    runtime.deploy(v1)
+    # deployed beside the live version: no share yet, but its own tag (and URL) at once
+    assert runtime.deploy(v2, make_live=False).live is False
+
+    def traffic():
+        svc = admin.get(svc_path(name))
+        assert rules.problems(svc) == []
+        return [(t["revisionName"].removeprefix(name + "-"), t["percent"], t.get("tag")) for t in svc["spec"]["traffic"]]
+
+    assert traffic() == [("1-0-0", 100, "v1-0-0"), ("1-1-0", 0, "v1-1-0")]
+    state = runtime.rollout(name, version="1.1.0", percent=10, shadow=20)
+    assert (state.live, state.candidate, state.percent, state.shadow) == ("1.0.0", "1.1.0", 10, 20)
+    assert traffic() == [("1-0-0", 90, "v1-0-0"), ("1-1-0", 10, "v1-1-0")]
+    reconcile_service(admin, name)
+    detail = runtime.model(name)
+    assert detail.version == "1.0.0"
+    assert [(t["version"], t["percent"], t["url"]) for t in detail.traffic["targets"]] == [
+        ("1.0.0", 90, f"http://v1-0-0-{name}.{NS}.example.com"), ("1.1.0", 10, f"http://v1-1-0-{name}.{NS}.example.com")]
+    assert detail.traffic["shadow"] == 20
+    # a third version joins the list at 0 %, the split untouched
+    runtime.deploy(bump(v1, "2.0.0-rc.1"), make_live=False)
+    assert traffic() == [("1-0-0", 90, "v1-0-0"), ("1-1-0", 10, "v1-1-0"), ("2-0-0-rc-1", 0, "v2-0-0-rc-1")]
+
+    with pytest.raises(Conflict, match="live version already"):
+        runtime.rollout(name, version="1.0.0", percent=5)
+    with pytest.raises(NotFound, match="no version 9.0.0"):
+        runtime.rollout(name, version="9.0.0", percent=5)
+
+    assert runtime.promote(name).version == "1.1.0"
+    assert traffic() == [("1-1-0", 100, "v1-1-0"), ("1-0-0", 0, "v1-0-0"), ("2-0-0-rc-1", 0, "v2-0-0-rc-1")]
+    t = runtime.traffic(name)
+    assert (t.live, t.candidate, t.previous) == ("1.1.0", None, "1.0.0")
+    with pytest.raises(Conflict, match="no rollout to promote"):
+        runtime.promote(name)
+    # rollback with no version: back to the version live before
+    assert runtime.rollback(name).version == "1.0.0"
+    assert traffic()[0] == ("1-0-0", 100, "v1-0-0")
+    # and a rollout in progress is withdrawn at once
+    runtime.rollout(name, version="2.0.0-rc.1", percent=100)
+    assert traffic()[:2] == [("1-0-0", 0, "v1-0-0"), ("2-0-0-rc-1", 100, "v2-0-0-rc-1")]
+    assert runtime.rollback(name).version == "1.0.0"
+    assert traffic()[0] == ("1-0-0", 100, "v1-0-0") and runtime.traffic(name).candidate is None
+    runtime.remove(name)
+
+
+def test_a_tag_too_long_for_a_service_name_is_left_out():
+    from control.runtime import knative_objects as ko
+    from control.runtime.base import Traffic
+
+    name = "m" * 55
+    targets = ko.traffic_list(name, {"1.0.0": f"{name}-1-0-0", "1.0.0-rc.1": f"{name}-1-0-0-rc-1"},
+                              Traffic(live="1.0.0", candidate="1.0.0-rc.1", percent=5))
+    assert targets == [{"revisionName": f"{name}-1-0-0", "percent": 95, "latestRevision": False, "tag": "v1-0-0"},
+                       {"revisionName": f"{name}-1-0-0-rc-1", "percent": 5, "latestRevision": False}]
 
 
 # -- batch ----------------------------------------------------------------------------------

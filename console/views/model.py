@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from console import common
+from console.views import monitoring
 from console.client import ControlError, Invalid
 
 DEFAULT_MAX_ROWS = 10_000
@@ -294,6 +295,89 @@ def versions(name: str, detail: dict) -> None:
         st.success(f"Version {done} is live.", icon=":material/check_circle:")
 
 
+# -- traffic ------------------------------------------------------------------------------
+
+def traffic(name: str, detail: dict) -> None:
+    """The split between the live version and one under rollout: a slider for its share, a
+    shadow share, promote and withdraw; what the shadow copies answered beside the live ones."""
+    t = detail.get("traffic") or {}
+    targets = t.get("targets") or []
+    if targets:
+        st.dataframe(pd.DataFrame([{
+            "Version": x["version"],
+            "Role": x.get("role", ""),
+            "Share of requests": f"{x['percent']}%",
+            "Shadow": f"{x['shadow']}%" if x.get("shadow") else "",
+            "Requests": common.fmt_int(x.get("requests")),
+            "Errors": common.fmt_int(x.get("errors")),
+            "Replicas": x.get("replicas", 0),
+        } for x in targets]), hide_index=True)
+    live, candidate = t.get("live"), t.get("candidate")
+    others = [v["version"] for v in detail.get("versions") or [] if v.get("version") != live]
+    done = st.session_state.pop(f"traffic-done-{name}", None)
+    if done:
+        st.success(done, icon=":material/check_circle:")
+    if not others:
+        st.caption("Only one version is deployed. `modelplane deploy DIR --no-live` puts a new version beside "
+                   "the live one; roll it out here to a share of the requests.")
+        return
+    with st.form(f"rollout-{name}"):
+        st.markdown(f"**Roll out a version** beside **{live}**")
+        version = st.selectbox("Version", others, index=others.index(candidate) if candidate in others else 0,
+                               key=f"rollout-version-{name}")
+        percent = st.slider("Share of requests it answers (%)", 0, 100, int(t.get("percent") or 0),
+                            key=f"rollout-percent-{name}")
+        shadow = st.slider(f"Shadow: share of {live}'s requests also sent to it, answers recorded only (%)",
+                           0, 100, int(t.get("shadow") or 0), key=f"rollout-shadow-{name}")
+        if st.form_submit_button("Apply split", type="primary", icon=":material/call_split:"):
+            _change(name, lambda c: c.rollout(name, version=version, percent=percent, shadow=shadow),
+                    f"{version} answers {percent}% of requests" + (f", shadow {shadow}%" if shadow else "") + ".")
+    if candidate:
+        cols = st.columns(2)
+        if cols[0].button(f"Promote {candidate}", type="primary", key=f"promote-{name}",
+                          icon=":material/rocket_launch:", help=f"{candidate} becomes live and takes every request"):
+            _change(name, lambda c: c.promote(name), f"{candidate} is live and takes every request.")
+        if cols[1].button("Withdraw the rollout", key=f"withdraw-{name}", icon=":material/undo:",
+                          help=f"{live} takes every request again, at once"):
+            _change(name, lambda c: c.rollback(name), f"Rollout withdrawn: {live} takes every request.")
+    shadow_report(name)
+
+
+def _change(name: str, call, done: str) -> None:
+    """Make a traffic change through the API; on success say `done` after the page reruns."""
+    try:
+        call(common.client())
+    except ControlError as err:
+        common.show_error(err)
+    else:
+        st.session_state[f"traffic-done-{name}"] = done
+        st.rerun()
+
+
+def shadow_report(name: str) -> None:
+    try:
+        report = common.client().shadow(name, threshold=st.session_state.get(f"shadow-threshold-{name}"))
+    except ControlError as err:
+        common.show_error(err)
+        return
+    if not report.get("requests"):
+        return
+    st.markdown(f"**Shadow: {report['candidate']} beside {report['live']}** — {report['requests']:,} mirrored "
+                f"request(s), {report['candidate_errors']:,} failed on {report['candidate']}")
+    c = report.get("comparison")
+    if not c:
+        return
+    st.number_input("Decision threshold (count rows whose decision flips)", value=None,
+                    key=f"shadow-threshold-{name}", placeholder="none")
+    cols = st.columns(4)
+    cols[0].metric("Rows compared", common.fmt_int(c["rows"]))
+    cols[1].metric("Mean |difference|", f"{c['difference']['mean_abs']:.4g}")
+    cols[2].metric("PSI", f"{c['drift']['psi']:.3f}" if c["drift"]["psi"] is not None else "—")
+    cols[3].metric("KS", f"{c['drift']['ks']:.3f}" if c["drift"]["ks"] is not None else "—")
+    if "flips" in c:
+        st.caption(f"Decisions flipped at {c['threshold']}: **{c['flips']['count']:,}** of {c['rows']:,} rows")
+
+
 # -- page ---------------------------------------------------------------------------------
 
 def header(detail: dict) -> None:
@@ -341,7 +425,7 @@ def page() -> None:
         with tabs[1]:
             versions(name, detail)
         return
-    tabs = st.tabs(["Score a row", "Score a CSV", "Schema", "Versions"])
+    tabs = st.tabs(["Score a row", "Score a CSV", "Schema", "Versions", "Traffic"])
     with tabs[0]:
         predict_form(name, detail)
     with tabs[1]:
@@ -352,6 +436,9 @@ def page() -> None:
         st.caption(f"Score: **{score.get('name', 'score')}** ({score.get('type', 'number')}), one per row.")
     with tabs[3]:
         versions(name, detail)
+    with tabs[4]:
+        traffic(name, detail)
 
 
 common.guarded(page)()
+common.guarded(lambda: monitoring.section(st.session_state.get("model")))()

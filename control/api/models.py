@@ -107,10 +107,13 @@ def routes(plane) -> Routes:
             return Response(status=304, headers=headers)
         return Response(body, mimetype="application/json", headers=headers)
 
-    @r(s.RouteSpec("POST", "/api/models", "Deploy a model folder (a gzip tar)",
-                   [s.Answer(201, s.Deployed)], body_types=MODEL_ARCHIVE_TYPES,
-                   body_limit=settings.max_model_upload, errors=(409, 422, 503), tag="models"))
+    deploy_spec = s.RouteSpec("POST", "/api/models", "Deploy a model folder (a gzip tar)",
+                              [s.Answer(201, s.Deployed)], body_types=MODEL_ARCHIVE_TYPES, query=s.DeployQuery,
+                              body_limit=settings.max_model_upload, errors=(409, 422, 503), tag="models")
+
+    @r(deploy_spec)
     def deploy_model():
+        make_live = query(deploy_spec).live
         uploads = Path(settings.state_dir) / "uploads"
         uploads.mkdir(parents=True, exist_ok=True)
         dest = Path(tempfile.mkdtemp(prefix="model-", dir=uploads))
@@ -131,7 +134,7 @@ def routes(plane) -> Routes:
                 message = "\n".join(f"{rel}:{p.line}: {p.field + ': ' if p.field else ''}{p.message}" if p.line
                                     else f"{rel}: {p.field + ': ' if p.field else ''}{p.message}" for p in e.problems)
                 raise Invalid(message, details={"problems": problems}) from None
-            version = runtime.deploy(manifest, make_live=True)  # the runtime keeps its own copy
+            version = runtime.deploy(manifest, make_live=make_live)  # the runtime keeps its own copy
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         plane.failed.pop(manifest.name, None)
@@ -142,7 +145,8 @@ def routes(plane) -> Routes:
                    [s.Answer(200, s.ModelDetail)], errors=(404,), tag="models"))
     def get_model(name: str):
         try:
-            return jsonify(runtime.model(name).to_json())
+            detail = runtime.model(name)
+            return jsonify({**detail.to_json(), "monitoring": plane.monitor.report(name, batch=detail.kind == "batch")})
         except NotFound:
             entry = plane.failed.get(name)
             if entry is None:
@@ -162,9 +166,12 @@ def routes(plane) -> Routes:
         else:
             runtime.remove(name)
         plane.policies.clear()
+        plane.shadow.forget(name)
+        plane.monitor.forget(name)
         return {"name": name, "removed": True}
 
-    rollback_spec = s.RouteSpec("POST", "/api/models/<name>/rollback", "Make an earlier version live",
+    rollback_spec = s.RouteSpec("POST", "/api/models/<name>/rollback",
+                                "Withdraw a rollout at once, or make an earlier version live",
                                 [s.Answer(200, s.Deployed)], body=s.RollbackRequest, errors=(404, 409, 422, 503),
                                 tag="models")
 

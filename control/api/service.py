@@ -93,4 +93,41 @@ def render_metrics(plane) -> str:
         lines.append(f'modelplane_model_requests_total{{model="{_label(name)}",status="{status}"}} {count}')
     lines += ["# HELP modelplane_models_failed Model folders that could not be registered.",
               "# TYPE modelplane_models_failed gauge", f"modelplane_models_failed {len(plane.failed)}"]
+    lines += _monitor_lines(plane.monitor)
     return "\n".join(lines) + "\n"
+
+
+def _monitor_lines(monitor) -> list[str]:
+    """Score monitoring: each version's drift against its reference, and what was observed."""
+    try:
+        gauges = monitor.gauges()
+    except Exception:  # metrics must render even when monitoring is unwell
+        log.exception("metrics: score monitoring failed")
+        gauges = []
+    lines: list[str] = []
+    for metric, key, help_ in (
+            ("modelplane_model_score_psi", "psi", "PSI of each version's recent scores against its reference "
+                                                  "(absent until both hold enough scores)."),
+            ("modelplane_model_score_ks", "ks", "Kolmogorov-Smirnov distance of each version's recent scores "
+                                                "from its reference (absent until both hold enough scores).")):
+        lines += [f"# HELP {metric} {help_}", f"# TYPE {metric} gauge"]
+        for g in gauges:
+            if g[key] is not None:
+                lines.append(f'{metric}{{model="{_label(g["model"])}",version="{_label(g["version"])}"}} {g[key]:.6f}')
+    lines += ["# HELP modelplane_model_drifted 1 when a version's PSI is above its monitoring.drift_threshold.",
+              "# TYPE modelplane_model_drifted gauge"]
+    for g in gauges:
+        lines.append(f'modelplane_model_drifted{{model="{_label(g["model"])}",version="{_label(g["version"])}"}} '
+                     f'{int(g["drifted"])}')
+    lines += ["# HELP modelplane_model_scores_observed_total Scores taken in by score monitoring, by version.",
+              "# TYPE modelplane_model_scores_observed_total counter"]
+    for g in gauges:
+        lines.append(f'modelplane_model_scores_observed_total{{model="{_label(g["model"])}",'
+                     f'version="{_label(g["version"])}"}} {g["observed"]}')
+    lines += ["# HELP modelplane_monitor_answers_dropped_total Model answers score monitoring dropped "
+              "(its queue was full).", "# TYPE modelplane_monitor_answers_dropped_total counter",
+              f"modelplane_monitor_answers_dropped_total {monitor.dropped}",
+              "# HELP modelplane_monitor_answers_skipped_total Model answers whose scores monitoring does not read "
+              "(binary tensor data).", "# TYPE modelplane_monitor_answers_skipped_total counter",
+              f"modelplane_monitor_answers_skipped_total {monitor.skipped}"]
+    return lines

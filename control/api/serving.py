@@ -17,6 +17,8 @@ MODEL_ERRORS = (404, 409, 413, 422, 502, 503, 504)
 #: (method, rule, summary, accepted body types)
 FORWARDED = [
     ("POST", "/models/<name>/predict", "Score rows (JSON {rows: [...]} or CSV)", PREDICT_TYPES),
+    ("POST", "/models/<name>/versions/<version>/predict",
+     "Score rows with one deployed version, whatever the traffic split (its own URL)", PREDICT_TYPES),
     ("GET", "/models/<name>/v2", "Open Inference Protocol: server metadata", ()),
     ("GET", "/models/<name>/v2/health/live", "Open Inference Protocol: live", ()),
     ("GET", "/models/<name>/v2/health/ready", "Open Inference Protocol: ready", ()),
@@ -44,6 +46,17 @@ def routes(plane) -> Routes:
                               body_types=types, body_limit=None, errors=MODEL_ERRORS, path_patterns=versioned,
                               tag="serving"))
     return r
+
+
+def pinned(segments: list[str]) -> tuple[Optional[str], list[str]]:
+    """(the version a matched path names, the path the adapter serves it under): `versions/V/…`
+    right after the model's name is that version's own URL, served by the adapter as `/…`; the
+    Open Inference Protocol's `…/models/M/versions/V/…` names V and goes as it is."""
+    if len(segments) > 2 and segments[0] == "versions":
+        return segments[1], segments[2:]
+    if len(segments) > 4 and segments[0] == "v2" and segments[3] == "versions":
+        return segments[4], segments
+    return None, segments
 
 
 def match(segments: list[str]) -> Optional[dict[str, tuple[str, tuple[str, ...]]]]:

@@ -122,6 +122,8 @@ class Job:
     #: rows that do not match the features: the first 100 `{"row", "field", "error"}`, and how many in all
     problems: list = field(default_factory=list)
     invalid_values: Optional[int] = None
+    #: a succeeded job's scores: count, quantiles, percentiles, histogram (the adapter's result.json)
+    score_summary: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

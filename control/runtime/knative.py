@@ -37,7 +37,7 @@ from control.errors import (
 )
 from control.events import event_id as ce_event_id
 from control.runtime import knative_objects as ko
-from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, VersionInfo
+from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, Traffic, VersionInfo, version_tag
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,7 @@ class KnativeRuntime(Runtime):
             if existing is None:
                 body = json.loads(json.dumps(svc))
                 body["metadata"]["annotations"][ko.ANN_VERSIONS] = json.dumps({version: entry}, sort_keys=True)
+                body["metadata"]["annotations"][ko.ANN_TRAFFIC] = _traffic_json(Traffic(live=version))
                 try:
                     self._create("services", body)
                 except Conflict:  # another replica created it a moment ago: add to theirs
@@ -279,21 +280,24 @@ class KnativeRuntime(Runtime):
                 log.info("deployed %s %s: new Knative Service", name, version)
                 return VersionInfo(version=version, deployed_at=entry["deployed_at"], live=True)
             history = _history(existing)
+            state = _traffic_state(existing, history)
             if version in history:
                 self._same_or_conflict(manifest, history[version].get("manifest"))
-                live = _live_revision(existing) == history[version].get("revision")
+                live = state.live == version
                 return VersionInfo(version=version, deployed_at=history[version].get("deployed_at", ""), live=live)
             history[version] = entry
+            if make_live:
+                state = _made_live(state, version)
             patch = {
                 "metadata": {
                     "labels": svc["metadata"]["labels"],
                     "annotations": {ko.ANN_MANIFEST: svc["metadata"]["annotations"][ko.ANN_MANIFEST],
-                                    ko.ANN_VERSIONS: json.dumps(history, sort_keys=True)},
+                                    ko.ANN_VERSIONS: json.dumps(history, sort_keys=True),
+                                    ko.ANN_TRAFFIC: _traffic_json(state)},
                 },
-                "spec": {"template": svc["spec"]["template"]},
+                # every version in the list, tagged: a version deployed beside the live one has its own URL at once
+                "spec": {"template": svc["spec"]["template"], "traffic": _traffic_spec(name, history, state)},
             }
-            if make_live:
-                patch["spec"]["traffic"] = svc["spec"]["traffic"]
             self._patch("services", name, patch, resource_version=existing["metadata"]["resourceVersion"])
             log.info("deployed %s %s: new revision %s%s", name, version, entry["revision"],
                      " (live)" if make_live else "")
@@ -360,19 +364,28 @@ class KnativeRuntime(Runtime):
                     resource_version=existing["metadata"]["resourceVersion"])
 
     # -- rollback / remove ------------------------------------------------------------------
-    def rollback(self, name: str, *, version: str) -> VersionInfo:
-        svc = self._get_or_none("services", name)
-        if svc is not None:
-            history = _history(svc)
-            if version not in history:
-                raise NotFound(f"{name} has no version {version}; versions: {', '.join(_sorted(history)) or 'none'}")
-            revision = history[version]["revision"]
-            self._patch("services", name, {"spec": {"traffic": [ko.traffic_target(revision)]}})
-            self._endpoints.pop(name, None)
-            log.info("rolled %s back to %s (revision %s)", name, version, revision)
-            return VersionInfo(version=version, deployed_at=history[version].get("deployed_at", ""), live=True)
+    def rollback(self, name: str, *, version: Optional[str] = None) -> VersionInfo:
+        if self._get_or_none("services", name) is not None:
+            def change(history: dict, state: Traffic) -> Traffic:
+                target = version
+                if target is None and state.candidate:
+                    return Traffic(live=state.live, previous=state.previous)   # withdraw the rollout
+                if target is None:
+                    target = state.previous
+                    if target is None:
+                        raise Conflict(f"{name} has no rollout to withdraw and no earlier live version to "
+                                       f"return to; name the version to make live")
+                _known(name, history, target)
+                return _made_live(state, target)
+
+            history, state = self._change_traffic(name, change)
+            live = state.live
+            log.info("rolled %s back: %s live (revision %s)", name, live, history[live]["revision"])
+            return VersionInfo(version=live, deployed_at=history[live].get("deployed_at", ""), live=True)
         if self._get_or_none("triggers", name) is None:
             raise NotFound(f"no model named {name}")
+        if version is None:
+            raise BadRequest(f"{name} is a batch model: name the version to make live")
         sinks = {s["metadata"]["name"]: s for s in self._list("jobsinks", f"{ko.LABEL_MODEL}={name}")}
         target = next((s for s in sinks.values() if _sink_version(s) == version), None)
         if target is None:
@@ -388,6 +401,58 @@ class KnativeRuntime(Runtime):
         self._read_modify_write(f"Trigger {name}", change)
         log.info("rolled %s back to %s (JobSink %s)", name, version, target["metadata"]["name"])
         return VersionInfo(version=version, deployed_at=target["metadata"].get("creationTimestamp", ""), live=True)
+
+    def rollout(self, name: str, *, version: str, percent: int = 0, shadow: int = 0) -> Traffic:
+        if not (0 <= percent <= 100 and 0 <= shadow <= 100):
+            raise BadRequest("percent and shadow are 0 to 100")
+        if self._get_or_none("services", name) is None:
+            if self._get_or_none("triggers", name) is not None:
+                raise BadRequest(f"{name} is a batch model: a rollout splits requests, and it takes none")
+            raise NotFound(f"no model named {name}")
+
+        def change(history: dict, state: Traffic) -> Traffic:
+            _known(name, history, version)
+            if version == state.live:
+                raise Conflict(f"{name} {version} is the live version already; roll out another one",
+                               details={"model": name, "version": version})
+            return Traffic(live=state.live, candidate=version, percent=percent, shadow=shadow,
+                           previous=state.previous)
+
+        return self._change_traffic(name, change)[1]
+
+    def promote(self, name: str) -> VersionInfo:
+        def change(history: dict, state: Traffic) -> Traffic:
+            if not state.candidate:
+                raise Conflict(f"{name} has no rollout to promote; start one with "
+                               f"`modelplane rollout {name} VERSION --percent P`")
+            return _made_live(state, state.candidate)
+
+        history, state = self._change_traffic(name, change)
+        return VersionInfo(version=state.live, deployed_at=history[state.live].get("deployed_at", ""), live=True)
+
+    def traffic(self, name: str) -> Traffic:
+        svc = self._get_or_none("services", name)
+        if svc is None:
+            return super().traffic(name)
+        return _traffic_state(svc, _history(svc))
+
+    def _change_traffic(self, name: str, change) -> tuple[dict, Traffic]:
+        """Read the Service, compute its new split with `change(history, state)`, write the
+        annotation and `spec.traffic` together, conditional on what was read."""
+        def attempt() -> tuple[dict, Traffic]:
+            svc = self._get_or_none("services", name)
+            if svc is None:
+                raise NotFound(f"no realtime model named {name}")
+            history = _history(svc)
+            state = change(history, _traffic_state(svc, history))
+            patch = {"metadata": {"annotations": {ko.ANN_TRAFFIC: _traffic_json(state)}},
+                     "spec": {"traffic": _traffic_spec(name, history, state)}}
+            self._patch("services", name, patch, resource_version=svc["metadata"]["resourceVersion"])
+            return history, state
+
+        result = self._read_modify_write(f"Service {name}", attempt)
+        self._endpoints.pop(name, None)
+        return result
 
     def remove(self, name: str) -> None:
         removed = self._delete("services", name)
@@ -426,8 +491,9 @@ class KnativeRuntime(Runtime):
     def _realtime_detail(self, svc: dict, pods: list[dict], *, brief: bool = False):
         name = svc["metadata"]["name"]
         history = _history(svc)
-        revision = _live_revision(svc)
-        live_version = next((v for v, e in history.items() if e.get("revision") == revision), None)
+        state = _traffic_state(svc, history)
+        live_version = state.live
+        revision = (history.get(live_version) or {}).get("revision")
         entry = history.get(live_version) or {}
         manifest = _parse_manifest(json.dumps(entry["manifest"])) if entry.get("manifest") else None
         status_obj = svc.get("status") or {}
@@ -454,8 +520,15 @@ class KnativeRuntime(Runtime):
         cluster = {k: status_obj.get(k) for k in ("url", "latestReadyRevisionName", "latestCreatedRevisionName",
                                                    "traffic", "conditions", "observedGeneration")}
         cluster["address"] = (status_obj.get("address") or {}).get("url")
+        traffic = state.to_json()
+        urls = {t.get("tag"): t.get("url") for t in status_obj.get("traffic") or [] if t.get("tag")}
+        for target in traffic["targets"]:
+            rev = (history.get(target["version"]) or {}).get("revision")
+            target["url"] = urls.get(target["tag"])
+            target["replicas"] = sum(1 for p in pods if _pod_ready(p) and (p["metadata"].get("labels") or {})
+                                     .get("serving.knative.dev/revision") == rev)
         return ModelDetail(**common, manifest=manifest.to_dict() if manifest else {}, versions=versions,
-                           metrics={"replicas": replicas, "cluster": cluster})
+                           metrics={"replicas": replicas, "cluster": cluster}, traffic=traffic)
 
     def _batch_detail(self, trig: dict, sinks: Mapping[str, dict], jobs: list[dict], *, brief: bool = False):
         name = trig["metadata"]["name"]
@@ -509,12 +582,40 @@ class KnativeRuntime(Runtime):
         self._endpoints[name] = (url.rstrip("/"), time.monotonic() + ENDPOINT_TTL)
         return url.rstrip("/")
 
+    def _version_host(self, name: str, version: str) -> str:
+        """The host one version answers at: its traffic tag's `{tag}-{name}` in the Service's
+        namespace, the Kubernetes Service Knative makes for each tag (serving
+        pkg/reconciler/route/resources/service.go MakeK8sPlaceholderService, named by
+        knative/networking pkg/config/config.go DefaultTagTemplate). It points at the same
+        ingress as the Service's own address, which routes by this Host."""
+        key = f"{name}@{version}"
+        cached = self._endpoints.get(key)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        svc = self._get_or_none("services", name)
+        if svc is None:
+            raise NotFound(f"no realtime model named {name}")
+        _known(name, _history(svc), version)
+        tag = version_tag(version)
+        if not ko.tag_fits(name, tag):
+            raise BadRequest(f"{name} {version} has no URL of its own: {tag}-{name} is longer than a Kubernetes "
+                             "Service name may be")
+        namespace = svc["metadata"].get("namespace") or self.settings.namespace
+        address = ((svc.get("status") or {}).get("address") or {}).get("url") or ""
+        marker = f"{name}.{namespace}.svc."
+        domain = address.split(marker, 1)[1].split("/")[0].split(":")[0] if marker in address else "cluster.local"
+        host = f"{tag}-{name}.{namespace}.svc.{domain}"
+        self._endpoints[key] = (host, time.monotonic() + ENDPOINT_TTL)
+        return host
+
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
-                body: bytes, query: str = "") -> ProxyResponse:
-        """Over pooled connections to the Service's URL; when it is scaled to zero, Knative's
-        activator holds the request until a replica is ready."""
+                body: bytes, query: str = "", version: Optional[str] = None) -> ProxyResponse:
+        """Over pooled connections to the Service's URL (for one `version`, with its tag's Host);
+        when it is scaled to zero, Knative's activator holds the request until a replica is ready."""
         url = self._endpoint(name) + "/" + path.lstrip("/") + (f"?{query}" if query else "")
         out_headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+        if version:
+            out_headers["Host"] = self._version_host(name, version)
         try:
             resp = self._http.request(method, url, body=body or None, headers=out_headers, retries=False,
                                       timeout=urllib3.Timeout(connect=10.0, read=self._read_timeout(name)),
@@ -664,6 +765,8 @@ class KnativeRuntime(Runtime):
                 job.input = result.get("input", job.input) or job.input
                 job.problems = (result.get("problems") or [])[:100]
                 job.invalid_values = result.get("invalid_values")
+                if isinstance(result.get("score_summary"), dict):
+                    job.score_summary = result["score_summary"]
                 break
 
 
@@ -703,11 +806,52 @@ def _history(svc: dict) -> dict[str, dict]:
 
 
 def _live_revision(svc: dict) -> Optional[str]:
+    """The live revision of a Service without a traffic annotation (applied by hand from
+    `modelplane render`, or written before rollouts): its target with 100 %."""
     for target in (svc.get("spec") or {}).get("traffic") or []:
         if target.get("percent") == 100 and target.get("revisionName"):
             return target["revisionName"]
     latest = (svc.get("status") or {}).get("latestReadyRevisionName")
     return latest or svc["spec"]["template"]["metadata"].get("name")
+
+
+def _traffic_state(svc: dict, history: dict) -> Traffic:
+    """The split the runtime wrote (`modelplane.dev/traffic`), versions it no longer has dropped;
+    without one, the live version is the revision with 100 %."""
+    ann = svc["metadata"].get("annotations") or {}
+    try:
+        data = json.loads(ann.get(ko.ANN_TRAFFIC) or "{}")
+    except ValueError:
+        data = {}
+    live = data.get("live") if data.get("live") in history else None
+    if live is None:
+        revision = _live_revision(svc)
+        live = next((v for v, e in history.items() if e.get("revision") == revision), None)
+        return Traffic(live=live)
+    candidate = data.get("candidate") if data.get("candidate") in history and data.get("candidate") != live else None
+    return Traffic(live=live, candidate=candidate, percent=int(data.get("percent") or 0) if candidate else 0,
+                   shadow=int(data.get("shadow") or 0) if candidate else 0,
+                   previous=data.get("previous") if data.get("previous") in history else None)
+
+
+def _traffic_json(state: Traffic) -> str:
+    return json.dumps({"live": state.live, "candidate": state.candidate, "percent": state.percent,
+                       "shadow": state.shadow, "previous": state.previous}, sort_keys=True)
+
+
+def _traffic_spec(name: str, history: dict, state: Traffic) -> list[dict]:
+    return ko.traffic_list(name, {v: e["revision"] for v, e in history.items() if e.get("revision")}, state)
+
+
+def _made_live(state: Traffic, version: str) -> Traffic:
+    """`version` live and taking every request; a rollout in progress ends."""
+    previous = state.live if state.live != version else state.previous
+    return Traffic(live=version, previous=previous)
+
+
+def _known(name: str, history: dict, version: str) -> None:
+    if version not in history:
+        raise NotFound(f"{name} has no version {version} (deployed: {', '.join(_sorted(history)) or 'none'})")
 
 
 def _trigger_sink(trig: dict) -> str:

@@ -13,14 +13,15 @@ import hashlib
 import json
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
 from adapters.batch import FINALIZED, score_step
-from adapters.manifest import Manifest
+from adapters.manifest import Manifest, semver_key
 from control.errors import Invalid
 from control.runtime import knative_rules as rules
+from control.runtime.base import Traffic, version_tag
 
 SERVING_API = "serving.knative.dev/v1"
 JOBSINK_API = "sinks.knative.dev/v1alpha1"
@@ -34,6 +35,7 @@ LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGED_BY = "modelplane"
 ANN_MANIFEST = "modelplane.dev/manifest"
 ANN_VERSIONS = "modelplane.dev/versions"  # realtime: {version: {revision, deployed_at, manifest}}
+ANN_TRAFFIC = "modelplane.dev/traffic"    # realtime: {live, candidate, percent, shadow, previous} (base.Traffic)
 ANN_DATASET = "modelplane.dev/dataset"
 ANN_VERSION = "modelplane.dev/version"  # exact version (labels cannot hold `+build`)
 ANN_EVENT_KEY = "modelplane.dev/event-key"
@@ -300,14 +302,35 @@ def realtime_service(manifest: Manifest, settings) -> dict:
                 },
             },
             # Pinned, not "latest": a new revision gets traffic only when the runtime says so,
-            # and rollback is a change of this list alone.
-            "traffic": [traffic_target(revision)],
+            # and a rollout, promote or rollback is a change of this list alone.
+            "traffic": traffic_list(manifest.name, {manifest.version: revision}, Traffic(live=manifest.version)),
         },
     }
 
 
-def traffic_target(revision: str) -> dict:
-    return {"revisionName": revision, "percent": 100, "latestRevision": False}
+def traffic_list(name: str, revisions: Mapping[str, str], traffic: Traffic) -> list[dict]:
+    """A Service's `spec.traffic`: the live version's revision with its share, the candidate's
+    with the rest, every other deployed version at 0 %; each pinned to its revision and tagged
+    `version_tag(version)`, so it also has a URL of its own (Knative routes a tag at
+    `{tag}-{name}`: knative/networking pkg/config/config.go DefaultTagTemplate; serving
+    pkg/apis/serving/v1/route_validation.go requires tags to be unique DNS-1035 labels and the
+    percents to sum to 100). A version whose tag would make that name longer than a label may
+    be has no tag, and no URL of its own."""
+    shares = {t["version"]: t["percent"] for t in traffic.targets()}
+    order = sorted(revisions, key=lambda v: (v not in shares, v != traffic.live, semver_key(v)))
+    out = []
+    for version in order:
+        target = {"revisionName": revisions[version], "percent": shares.get(version, 0), "latestRevision": False}
+        tag = version_tag(version)
+        if tag_fits(name, tag):
+            target["tag"] = tag
+        out.append(target)
+    return out
+
+
+def tag_fits(name: str, tag: str) -> bool:
+    """Whether `tag` names a Kubernetes Service `{tag}-{name}` (a DNS-1035 label)."""
+    return rules.is_dns1035_label(tag) and rules.is_dns1035_label(f"{tag}-{name}")
 
 
 # -- batch --------------------------------------------------------------------------------

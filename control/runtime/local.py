@@ -27,10 +27,10 @@ from adapters import served
 from adapters.manifest import Manifest
 from control import statelock
 from control.durable import write_json_atomic
-from control.errors import BadRequest, NotFound
-from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, VersionInfo
+from control.errors import BadRequest, Conflict, NotFound
+from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, Traffic, VersionInfo
 from control.runtime.local_jobs import JobRunner, JobStore, new_job_id
-from control.runtime.local_replicas import ReplicaManager
+from control.runtime.local_replicas import ReplicaManager, Split
 from control.runtime.local_store import ModelRecord, VersionStore, utcnow
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,52 @@ class LocalRuntime(Runtime):
         self.start()
         return VersionInfo(version=info.version, deployed_at=info.deployed_at, live=record.live == info.version)
 
-    def rollback(self, name: str, *, version: str) -> VersionInfo:
+    def rollback(self, name: str, *, version: Optional[str] = None) -> VersionInfo:
         with self._admin:
-            info = self.store.set_live(name, version)
+            record = self.store.get(name)
+            if version is None and record.candidate:
+                self.store.set_rollout(name, None)          # withdraw the rollout: live takes all
+                info = record.live_record
+            else:
+                if version is None:
+                    version = record.previous
+                    if version is None:
+                        raise Conflict(f"{name} has no rollout to withdraw and no earlier live version to "
+                                       f"return to; name the version to make live")
+                info = self.store.set_live(name, version)
             self._route(self.store.get(name), clear_failure=True)
         self.start()
         return VersionInfo(version=info.version, deployed_at=info.deployed_at, live=True)
+
+    def rollout(self, name: str, *, version: str, percent: int = 0, shadow: int = 0) -> Traffic:
+        with self._admin:
+            record = self.store.get(name)
+            if record.live_record.manifest.get("kind") != "realtime":
+                raise BadRequest(f"{name} is a batch model: a rollout splits requests, and it takes none")
+            target = record.version(version)
+            if target is not None and target.manifest.get("kind") != "realtime":
+                raise BadRequest(f"{name} {version} is a batch version; only a realtime one can take requests")
+            self.store.set_rollout(name, version, percent=percent, shadow=shadow)
+            record = self.store.get(name)
+            self._route(record, clear_failure=True)
+        self.start()
+        return self.traffic(name)
+
+    def promote(self, name: str) -> VersionInfo:
+        with self._admin:
+            record = self.store.get(name)
+            if not record.candidate:
+                raise Conflict(f"{name} has no rollout to promote; start one with "
+                               f"`modelplane rollout {name} VERSION --percent P`")
+            info = self.store.set_live(name, record.candidate)
+            self._route(self.store.get(name), clear_failure=False)
+        self.start()
+        return VersionInfo(version=info.version, deployed_at=info.deployed_at, live=True)
+
+    def traffic(self, name: str) -> Traffic:
+        record = self.store.get(name)
+        return Traffic(live=record.live, candidate=record.candidate, percent=record.percent, shadow=record.shadow,
+                       previous=record.previous)
 
     def remove(self, name: str) -> None:
         with self._admin:
@@ -157,8 +197,9 @@ class LocalRuntime(Runtime):
         if live is None:
             return
         if live.manifest.get("kind") == "realtime":
-            warm = (live.manifest.get("scaling") or {}).get("min", 0) > 0
-            self.replicas.set_live(record.name, live.version, clear_failure=clear_failure, warm=warm)
+            split = Split(live.version, record.candidate, record.percent)
+            warm = {v: (record.version(v).manifest.get("scaling") or {}).get("min", 0) > 0 for v in split.versions()}
+            self.replicas.set_route(record.name, split, clear_failure=clear_failure, warm=warm)
         else:
             self.replicas.forget(record.name)   # a model that turned batch keeps no replicas
 
@@ -183,6 +224,10 @@ class LocalRuntime(Runtime):
                            for v in reversed(record.versions)]
         if live.manifest.get("kind") == "realtime":
             detail.metrics = self.replicas.metrics(name)
+            detail.traffic = self.traffic(name).to_json()
+            per_version = self.replicas.version_metrics(name)
+            for target in detail.traffic["targets"]:
+                target.update(per_version.get(target["version"]) or {"requests": 0, "errors": 0, "replicas": 0})
         else:
             counts = {status: 0 for status in ("queued", "running", "succeeded", "failed")}
             for job in self.job_store.all():
@@ -208,15 +253,16 @@ class LocalRuntime(Runtime):
 
     # -- realtime -----------------------------------------------------------------------
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
-                body: bytes, query: str = "") -> ProxyResponse:
+                body: bytes, query: str = "", version: Optional[str] = None) -> ProxyResponse:
         self._realtime(name)
-        return self.replicas.forward(name, method=method, path=path, headers=headers, body=body, query=query)
+        return self.replicas.forward(name, method=method, path=path, headers=headers, body=body, query=query,
+                                     version=version)
 
     async def aforward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
-                       body: bytes, query: str = "") -> ProxyResponse:
+                       body: bytes, query: str = "", version: Optional[str] = None) -> ProxyResponse:
         self._realtime(name)
         return await self.replicas.aforward(name, method=method, path=path, headers=headers, body=body,
-                                            query=query)
+                                            query=query, version=version)
 
     def _serve_argv(self, folder: Path, port: int) -> list[str]:
         """A replica's adapter command, handing over the manifest checked at deploy when it can."""

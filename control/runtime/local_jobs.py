@@ -313,6 +313,8 @@ class JobRunner:
             if result.get("problems"):
                 changes["problems"] = result["problems"][:100]
                 changes["invalid_values"] = result.get("invalid_values")
+            if isinstance(result.get("score_summary"), dict) and result.get("status") != "failed":
+                changes["score_summary"] = result["score_summary"]
         if cancelled:
             changes.update(status="failed", error=cancelled, log_tail=stderr_tail)
         elif timed_out:

@@ -4,8 +4,11 @@ A replica is one `python -m adapters serve {version dir} --port {port}` process 
 supervises the model and exits if the model dies), in its own process group, with a monitor
 thread that polls its readiness, notices its exit and stops it when asked.
 
-Routing: each model has one live revision (a deployed version); a request goes to the
-ready replica of that revision with the fewest requests in flight, over a pooled keep-alive
+Routing: each model has a live revision (a deployed version) and, during a rollout, a
+candidate that answers a share of its requests (`Split`); each request draws which one, once,
+unless it names its version (`/models/{name}/versions/{version}/…`: any deployed version, kept
+warm like a routed one while it is called). Within a revision a request goes to the
+ready replica with the fewest requests in flight, over a pooled keep-alive
 connection. With no ready replica the request is held (the activator) while one starts.
 A request is sent again (once, to another replica) only when no model can have taken it: the
 connection was refused, the adapter answered a 503 saying its model never had it ("not ready",
@@ -19,13 +22,13 @@ Scaling, per revision, on every request and every `TICK`:
 
 where concurrency is requests in flight plus held, taken as it is now for scaling out and as
 its peak over the last `min(idle_timeout, 30s)` for scaling in, so a replica is not stopped in
-a momentary lull. One replica is kept while the model had a request in the last
-`idle_timeout`; after that, zero. While no replica is ready, only one is started (plus
+a momentary lull. Each revision scales on its own: one replica is kept while it had a request
+in the last `idle_timeout`; after that, zero. While no replica is ready, only one is started (plus
 `scaling.min`): a cold start gets the machine to itself, and the burst it holds scales the
 model out as soon as there is a replica to measure. Scale-in stops replicas still starting
 first, then idle ready ones, never the last ready one while requests wait; and a
-revision that is no longer live keeps its replicas only while they have requests in flight
-(rollback drains). A crash is replaced after an exponential backoff; `max_restarts` crashes
+revision that is no longer routed or called keeps its replicas only while they have requests
+in flight (rollback drains). A crash is replaced after an exponential backoff; `max_restarts` crashes
 in a row mark the revision failed (with the adapter's output tail) until a deploy or
 rollback; a replica that stays ready `STABLE_AFTER` seconds resets the count.
 """
@@ -36,11 +39,13 @@ import http.client
 import itertools
 import logging
 import math
+import random
 import signal
 import subprocess
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -135,6 +140,23 @@ class Replica:
         return f"<replica {self.id} of {self.rev.key} on :{self.port} {self.state}>"
 
 
+@dataclass(frozen=True)
+class Split:
+    """Where a realtime model's requests go: the live version, and `percent` % of them to a
+    candidate under rollout."""
+
+    live: str
+    candidate: Optional[str] = None
+    percent: int = 0
+
+    def versions(self) -> tuple[str, ...]:
+        return (self.live, self.candidate) if self.candidate else (self.live,)
+
+    def pick(self, draw: float) -> str:
+        """The version for a request whose draw (uniform on [0, 1)) is `draw`."""
+        return self.candidate if self.candidate and draw * 100 < self.percent else self.live
+
+
 class Revision:
     """One deployed version of a realtime model and its replicas."""
 
@@ -151,8 +173,16 @@ class Revision:
         self.failed: Optional[str] = None
         self.last_request = -math.inf
         self.samples: deque[tuple[float, int]] = deque()
-        self.live = False
+        self.live = False       # routed: the live version or the candidate under rollout
+        self.called = False     # not routed, but called by its version's own URL
         self.retired = False
+        self.requests = 0       # answered here, and how many of them failed (per-version metrics)
+        self.errors = 0
+
+    @property
+    def kept(self) -> bool:
+        """Kept while in use (one replica through `idle_timeout`); otherwise it only drains."""
+        return self.live or self.called
 
     @property
     def key(self) -> str:
@@ -177,7 +207,7 @@ class Revision:
         if self.failed:
             return 0
         want = math.ceil(concurrency / self.scaling.target_concurrency)
-        if self.live and want == 0 and now - self.last_request < self.idle:
+        if self.kept and want == 0 and now - self.last_request < self.idle:
             want = 1
         if not self.ready():
             want = min(want, 1)
@@ -216,7 +246,8 @@ class ReplicaManager:
         self._directory = directory
         self._lock = threading.Lock()
         self._revisions: dict[tuple[str, str], Revision] = {}
-        self._live: dict[str, str] = {}               # realtime model -> live version
+        self._routes: dict[str, Split] = {}           # realtime model -> where its requests go
+        self._counts: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [requests, errors]
         self._notes: dict[str, tuple[float, str]] = {}  # model -> (time, last replaced crash)
         self._metrics: dict[str, ModelMetrics] = {}
         self._closing = False
@@ -260,40 +291,50 @@ class ReplicaManager:
 
     # -- what the runtime tells us ------------------------------------------------------
     def set_live(self, name: str, version: str, *, clear_failure: bool, warm: bool = False) -> None:
-        """Route `name` to `version` from now on; the previous revision drains.
+        """Route every request of `name` to `version` from now on; the previous revision drains."""
+        self.set_route(name, Split(version), clear_failure=clear_failure, warm={version: warm})
 
-        `warm`: the version keeps replicas at all times (scaling.min > 0), so start them now.
+    def set_route(self, name: str, split: Split, *, clear_failure: bool, warm: Mapping[str, bool]) -> None:
+        """Route `name`'s requests by `split` from now on; a revision that leaves it drains.
+
+        `warm`: versions that keep replicas at all times (scaling.min > 0), started now.
         """
         with self._lock:
-            old_version = self._live.get(name)
-            self._live[name] = version
+            old = self._routes.get(name)
+            self._routes[name] = split
             self.generation += 1
             self._metrics.setdefault(name, ModelMetrics())
-            old = self._revisions.get((name, old_version)) if old_version else None
-            if old is not None and old_version != version:
-                old.live = False
-                old.notify()
-            rev = self._revisions.get((name, version))
-            if rev is not None:
-                rev.live = True
-                if clear_failure:
-                    rev.failed, rev.crashes, rev.next_start = None, 0, 0.0
+            routed = split.versions()
+            for (n, version), rev in self._revisions.items():
+                if n == name and rev.live and version not in routed:
+                    rev.live = rev.called = False
+                    rev.notify()
             if clear_failure:
                 self._notes.pop(name, None)
-            if rev is None and (warm or (old is not None and old.replicas)):
-                rev = self._revision_locked(name, version)
-            if rev is not None and old is not None and old is not rev:
-                # Carry the load over so the new revision starts as many replicas as the old one
-                # needed: requests switch over without a cold start of their own making.
-                rev.last_request = max(rev.last_request, old.last_request)
-                rev.samples.extend(old.samples)
+            old_live = self._revisions.get((name, old.live)) if old is not None else None
+            for version in routed:
+                rev = self._revisions.get((name, version))
+                if rev is not None:
+                    rev.live = True
+                    if clear_failure:
+                        rev.failed, rev.crashes, rev.next_start = None, 0, 0.0
+                takes_over = version == split.live and old_live is not None and old_live.version != version
+                if rev is None and (warm.get(version) or (takes_over and old_live.replicas)):
+                    rev = self._revision_locked(name, version)
+                if rev is not None and takes_over:
+                    # Carry the load over so the new live revision starts as many replicas as the
+                    # old one needed: requests switch over without a cold start of their own making.
+                    rev.last_request = max(rev.last_request, old_live.last_request)
+                    rev.samples.extend(old_live.samples)
         self._wake.set()
 
     def forget(self, name: str) -> None:
         """The model is gone: stop its replicas now and fail anything held for it."""
         with self._lock:
-            self._live.pop(name, None)
+            self._routes.pop(name, None)
             self._notes.pop(name, None)
+            for key in [k for k in self._counts if k[0] == name]:
+                del self._counts[key]
             self.generation += 1
             self._metrics.pop(name, None)
             for key in [k for k in self._revisions if k[0] == name]:
@@ -307,8 +348,8 @@ class ReplicaManager:
     def status(self, name: str) -> tuple[str, int, Optional[str]]:
         """(status, replicas, error) of a realtime model."""
         with self._lock:
-            version = self._live.get(name)
-            rev = self._revisions.get((name, version)) if version else None
+            split = self._routes.get(name)
+            rev = self._revisions.get((name, split.live)) if split else None
             replicas = sum(len(r.ready()) for (n, _), r in self._revisions.items() if n == name)
             note = self._notes.get(name)
             error = note[1] if note and time.time() - note[0] < NOTE_SECONDS else None
@@ -328,26 +369,41 @@ class ReplicaManager:
             replicas = sum(len(r.ready()) for (n, _), r in self._revisions.items() if n == name)
         return m.snapshot(replicas=replicas)
 
+    def version_metrics(self, name: str) -> dict[str, dict]:
+        """Per version of `name`: requests answered, how many failed, replicas ready now."""
+        with self._lock:
+            out = {v: {"requests": c[0], "errors": c[1], "replicas": 0} for (n, v), c in self._counts.items()
+                   if n == name}
+            for (n, v), rev in self._revisions.items():
+                if n == name:
+                    out.setdefault(v, {"requests": 0, "errors": 0, "replicas": 0})["replicas"] = len(rev.ready())
+        return out
+
     # -- the activator ------------------------------------------------------------------
     # One way in: `aforward`, on the caller's event loop (the control service's front door).
     # `forward`, the runtime contract's blocking call, runs it on an event loop of its own.
 
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str], body: bytes,
-                query: str = "") -> ProxyResponse:
-        return asyncio.run(self.aforward(name, method=method, path=path, headers=headers, body=body, query=query))
+                query: str = "", version: Optional[str] = None) -> ProxyResponse:
+        return asyncio.run(self.aforward(name, method=method, path=path, headers=headers, body=body, query=query,
+                                         version=version))
 
     async def aforward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
-                       body: bytes, query: str = "") -> ProxyResponse:
+                       body: bytes, query: str = "", version: Optional[str] = None) -> ProxyResponse:
         """`forward` for an asyncio caller (the front door), on the replicas' kept-alive
-        connections (adapters/http11.py's client: the adapter's own way to its model)."""
+        connections (adapters/http11.py's client: the adapter's own way to its model).
+        `version`: that deployed version answers, whatever the split."""
         t0 = time.monotonic()
         failed = True
         url, out_headers, body = _outgoing(method, path, query, headers, body)
         tried: set[int] = set()
         last_error: Optional[Exception] = None
+        draw = random.random()   # which side of the split: drawn once, kept if the request is sent again
+        rev: Optional[Revision] = None
         try:
             for attempt in range(ATTEMPTS):
-                replica = await self._aacquire(name, tried)
+                replica = await self._aacquire(name, tried, version, draw)
+                rev = replica.rev
                 try:
                     status, resp_headers, data = await replica.client.exchange(method.upper(), url, body,
                                                                                replica.timeout, out_headers)
@@ -373,12 +429,18 @@ class ReplicaManager:
                 raise _broke(replica, error) from error
             raise UpstreamError(f"{name}: no replica could be reached ({last_error})")
         finally:
-            self._record(name, t0, failed)
+            self._record(name, rev, t0, failed)
 
-    def _record(self, name: str, t0: float, failed: bool) -> None:
+    def _record(self, name: str, rev: Optional[Revision], t0: float, failed: bool) -> None:
         metrics = self._metrics.get(name)
         if metrics is not None:
             metrics.record((time.monotonic() - t0) * 1000.0, error=failed)
+        if rev is not None:
+            with self._lock:
+                if name in self._routes:
+                    counts = self._counts.setdefault((name, rev.version), [0, 0])
+                    counts[0] += 1
+                    counts[1] += failed
 
     def _retry_after_answer(self, replica: Replica, status: int, data: bytes, attempt: int, tried: set[int]) -> bool:
         """Whether an answer says the request never reached a model, so it may go elsewhere.
@@ -396,15 +458,29 @@ class ReplicaManager:
             return True
         return False
 
-    def _live_revision_locked(self, name: str) -> Revision:
+    def _routed_revision_locked(self, name: str, pinned: Optional[str], draw: float) -> Revision:
+        """The revision a request goes to: `pinned`'s, or the one the split draws."""
         if self._closing:
             raise Unavailable("the runtime is shutting down")
-        version = self._live.get(name)
-        if version is None:
+        split = self._routes.get(name)
+        if split is None:
             raise NotFound(f"no realtime model named {name!r}")
-        return self._revisions.get((name, version)) or self._revision_locked(name, version)
+        version = pinned or split.pick(draw)
+        rev = self._revisions.get((name, version))
+        if rev is not None and rev.failed and not pinned and version != split.live:
+            # a candidate that keeps crashing gives its share back to the live version
+            version, rev = split.live, self._revisions.get((name, split.live))
+        if rev is None:
+            manifest = self._manifest(name, version)   # NotFound, naming the deployed versions
+            if manifest.kind != "realtime":
+                raise NotFound(f"{name} {version} is a batch version: it takes datasets, not requests")
+            rev = self._revision_locked(name, version)
+        if pinned and not rev.live:
+            rev.called = True
+        return rev
 
-    async def _aacquire(self, name: str, tried: set[int]) -> Replica:
+    async def _aacquire(self, name: str, tried: set[int], pinned: Optional[str] = None,
+                        draw: float = 0.0) -> Replica:
         """A ready replica, holding the request while one starts without blocking the event loop:
         it waits on a future that the revision's `notify` completes, so thousands can wait at
         zero without a thread each."""
@@ -412,7 +488,7 @@ class ReplicaManager:
         deadline = time.monotonic() + self.start_timeout + 5.0
         for _ in range(100):
             with self._lock:
-                rev = self._live_revision_locked(name)
+                rev = self._routed_revision_locked(name, pinned, draw)
                 rev.pending += 1
                 rev.last_request = time.monotonic()
             taken = None
@@ -440,7 +516,7 @@ class ReplicaManager:
                 if taken is None:
                     with self._lock:
                         rev.pending -= 1
-        raise Unavailable(f"{name}: its live version kept changing; try again")
+        raise Unavailable(f"{name}: its routing kept changing; try again")
 
     def _take_locked(self, rev: Revision, tried: set[int]) -> Optional[Replica]:
         """The ready replica with the fewest requests in flight, the caller's request (counted in
@@ -489,13 +565,14 @@ class ReplicaManager:
         with self._lock:
             replica.inflight -= 1
             replica.rev.last_request = time.monotonic()
-            if replica.inflight == 0 and (not replica.rev.live or replica.rev.retired):
+            if replica.inflight == 0 and (not replica.rev.kept or replica.rev.retired):
                 self._wake.set()   # a draining replica may stop now
 
     # -- scaling ------------------------------------------------------------------------
     def _revision_locked(self, name: str, version: str) -> Revision:
         rev = Revision(name, version, self._directory(name, version), self._manifest(name, version))
-        rev.live = self._live.get(name) == version
+        split = self._routes.get(name)
+        rev.live = split is not None and version in split.versions()
         self._revisions[(name, version)] = rev
         return rev
 
@@ -537,7 +614,7 @@ class ReplicaManager:
                     rev.crashes = 0
                 # Scale-in looks at the peak of the window; a revision that is no longer
                 # live only drains, so it looks at what is in flight now.
-                peak = max(d for _, d in rev.samples) if rev.live else demand
+                peak = max(d for _, d in rev.samples) if rev.kept else demand
                 want = rev.desired(now, peak)
                 active = rev.active()
                 if len(active) > want:
@@ -547,10 +624,12 @@ class ReplicaManager:
                     for _ in range(want - len(active)):
                         self._start_locked(rev)
                 per_model[rev.name] = per_model.get(rev.name, 0) + len(rev.ready())
-                # Forget a revision with nothing running: one no longer live, or a live one idle
-                # past its timeout (a failed live one stays, so it keeps saying why).
-                if not rev.replicas and not rev.pending and (not rev.live or (
-                        not rev.failed and rev.scaling.min == 0 and now - rev.last_request >= rev.idle)):
+                # Forget a revision with nothing running: one that only drained, one called by its
+                # own URL and not since its idle timeout, or a routed one idle past its timeout (a
+                # failed routed one stays, so it keeps saying why).
+                idle = now - rev.last_request >= rev.idle
+                if not rev.replicas and not rev.pending and (
+                        not rev.kept or not rev.live and idle or not rev.failed and rev.scaling.min == 0 and idle):
                     rev.retired = True
                     del self._revisions[key]
                     self.generation += 1

@@ -11,6 +11,7 @@ temporary name and renamed into place, so a version folder that exists is comple
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -82,6 +83,13 @@ class ModelRecord:
     name: str
     live: Optional[str]
     versions: list[VersionRecord] = field(default_factory=list)
+    #: a rollout in progress: the version, the percent of requests it answers, the percent of
+    #: the live version's requests mirrored to it (its answers recorded, never returned)
+    candidate: Optional[str] = None
+    percent: int = 0
+    shadow: int = 0
+    #: the version live before the last promote or rollback (a rollback with no version returns to it)
+    previous: Optional[str] = None
 
     def version(self, version: str) -> Optional[VersionRecord]:
         for v in self.versions:
@@ -94,12 +102,27 @@ class ModelRecord:
         return self.version(self.live) if self.live else None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "live": self.live, "versions": [v.to_json() for v in self.versions]}
+        return {"name": self.name, "live": self.live, "versions": [v.to_json() for v in self.versions],
+                "candidate": self.candidate, "percent": self.percent, "shadow": self.shadow,
+                "previous": self.previous}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelRecord":
-        return cls(name=data["name"], live=data.get("live"),
-                   versions=[VersionRecord(**v) for v in data.get("versions", [])])
+        record = cls(name=data["name"], live=data.get("live"),
+                     versions=[VersionRecord(**v) for v in data.get("versions", [])],
+                     candidate=data.get("candidate"), percent=int(data.get("percent") or 0),
+                     shadow=int(data.get("shadow") or 0), previous=data.get("previous"))
+        known = {v.version for v in record.versions}
+        if record.candidate not in known or record.candidate == record.live:
+            record.candidate, record.percent, record.shadow = None, 0, 0
+        if record.previous not in known:
+            record.previous = None
+        return record
+
+    def changed(self, **changes) -> "ModelRecord":
+        """A copy with `changes` (records are replaced, never edited: readers hold the old one)."""
+        changes.setdefault("versions", list(self.versions))
+        return dataclasses.replace(self, **changes)
 
 
 class VersionStore:
@@ -184,8 +207,7 @@ class VersionStore:
         key = (name, version)
         manifest = self._manifests.get(key)
         if manifest is None:
-            if self.get(name).version(version) is None:
-                raise NotFound(f"{name} has no version {version}")
+            self._known(self.get(name), version)
             manifest = load_manifest(self.version_dir(name, version), check_files=False)
             self._manifests[key] = manifest
         return manifest
@@ -226,29 +248,59 @@ class VersionStore:
                 raise
             info = VersionRecord(version=version, deployed_at=utcnow(), digest=digest,
                                  manifest=frozen.to_dict())
-            new = ModelRecord(name=name, live=record.live if record else None,
-                              versions=[*(record.versions if record else []), info])
+            if record is None:
+                new = ModelRecord(name=name, live=None, versions=[info])
+            else:
+                new = record.changed(versions=[*record.versions, info])
             made_live = make_live or new.live is None
             if made_live:
-                new.live = version
+                new = self._made_live(new, version)
             write_json_atomic(model_dir / STATE_FILE, new.to_json())
             self._models[name] = new
             self.generation += 1
             return info, True, made_live
 
     def set_live(self, name: str, version: str) -> VersionRecord:
+        """Make `version` live; a rollout in progress ends (its candidate keeps no traffic)."""
         with self._lock:
             record = self.get(name)
-            info = record.version(version)
-            if info is None:
-                known = ", ".join(v.version for v in record.versions)
-                raise NotFound(f"{name} has no version {version} (deployed: {known})")
-            if record.live != version:
-                new = ModelRecord(name=name, live=version, versions=list(record.versions))
-                write_json_atomic(self.root / name / STATE_FILE, new.to_json())
-                self._models[name] = new
+            info = self._known(record, version)
+            if record.live != version or record.candidate:
+                self._write(self._made_live(record, version))
             self.generation += 1
             return info
+
+    def set_rollout(self, name: str, version: Optional[str], *, percent: int = 0, shadow: int = 0) -> ModelRecord:
+        """Put `version` under rollout (None: withdraw the rollout; the live version takes all)."""
+        with self._lock:
+            record = self.get(name)
+            if version is not None:
+                self._known(record, version)
+                if version == record.live:
+                    raise Conflict(f"{name} {version} is the live version already; roll out another one",
+                                   details={"model": name, "version": version})
+            new = record.changed(candidate=version, percent=percent if version else 0,
+                                 shadow=shadow if version else 0)
+            self._write(new)
+            self.generation += 1
+            return new
+
+    @staticmethod
+    def _made_live(record: ModelRecord, version: str) -> ModelRecord:
+        previous = record.live if record.live != version else record.previous
+        return record.changed(live=version, previous=previous, candidate=None, percent=0, shadow=0)
+
+    @staticmethod
+    def _known(record: ModelRecord, version: str) -> VersionRecord:
+        info = record.version(version)
+        if info is None:
+            known = ", ".join(v.version for v in record.versions)
+            raise NotFound(f"{record.name} has no version {version} (deployed: {known})")
+        return info
+
+    def _write(self, record: ModelRecord) -> None:
+        write_json_atomic(self.root / record.name / STATE_FILE, record.to_json())
+        self._models[record.name] = record
 
     def remove(self, name: str) -> None:
         with self._lock:
