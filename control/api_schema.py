@@ -321,3 +321,52 @@ _ERROR_TEXT = {400: "the request is malformed (the message names the field)",
                500: "a bug: the answer names a request id to find in the log",
                502: "the model answered something unusable", 503: "try again: starting or unreachable",
                504: "the model did not answer in time"}
+
+
+# -- comparisons (two versions on the same rows) and references from a dataset -----------------
+
+_GS_DATASET = r"^gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]/[^\r\n]{1,1024}$"
+COMPARISON_ID_PATTERN = r"^cmp-[0-9a-f]{16}$"
+COMPARISON_STATUS = Literal["queued", "running", "succeeded", "failed"]
+
+
+class ComparisonRequest(_Closed):
+    a: str = Field(pattern=SEMVER_PATTERN, max_length=128, description="A deployed version (the baseline).")
+    b: str = Field(pattern=SEMVER_PATTERN, max_length=128, description="Another deployed version.")
+    dataset: str = Field(pattern=_GS_DATASET, max_length=1300,
+                         description="A CSV object in the plane's bucket (or one the operator allows).")
+    threshold: Optional[float] = Field(None, allow_inf_nan=False, ge=-1e300, le=1e300,
+                                       description="Report the rows whose decision (score >= threshold) flips.")
+    top: int = Field(20, ge=0, le=1000, description="How many of the largest differences to list.")
+
+
+class ComparisonsQuery(_Closed):
+    limit: int = Field(100, ge=1, le=500)
+
+
+class ReferenceRequest(_Closed):
+    dataset: str = Field(pattern=_GS_DATASET, max_length=1300,
+                         description="A CSV object whose scores by this version become its reference.")
+
+
+class ComparisonAnswer(_Open):
+    """A comparison or a reference job: its status, progress and, once succeeded, its report."""
+
+    id: str
+    kind: Literal["comparison", "reference"]
+    model: str
+    status: COMPARISON_STATUS
+    dataset: str
+    created_at: str
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    progress: dict[str, Any] = {}
+    error: Optional[str] = None
+    report: Optional[dict[str, Any]] = None
+
+
+class ComparisonDataset(_Closed):
+    uri: str
+    bucket: str
+    object: str
+    size: int

@@ -21,7 +21,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from control import api_schema as s
-from control.api import events, jobs, models, service, serving, traffic
+from control.api import compare, events, jobs, models, service, serving, traffic
 from control.auth import service_token
 from control.errors import PlaneError
 from control.plane import Plane
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-RESOURCES = (service, models, traffic, jobs, events, serving)
+RESOURCES = (service, models, traffic, jobs, compare, events, serving)
 
 
 def request_id(given: str) -> str:

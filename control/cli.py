@@ -284,6 +284,104 @@ def cmd_shadow(args) -> int:
     return 0
 
 
+def _psi_reading(psi: Optional[float]) -> str:
+    if psi is None:
+        return "-"
+    return "stable" if psi < 0.1 else "moderate" if psi < 0.25 else "major"
+
+
+def _num(x: Any) -> str:
+    return "-" if x is None else f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
+def _print_comparison(c: dict) -> None:
+    rep = c["report"]
+    a, b = rep["labels"]["a"], rep["labels"]["b"]
+    out(f"{c['model']}: {a} vs {b} on {c['dataset']}")
+    out(f"rows compared: {rep['rows']}   identical: {rep['difference']['identical_rows']}")
+    qa, qb = rep["quantiles"][a], rep["quantiles"][b]
+    keys = [k for k in qa if k != "count"]
+    out()
+    out(table([[k, _num(qa.get(k)), _num(qb.get(k)), _num(None if qa.get(k) is None or qb.get(k) is None
+                                                          else qb[k] - qa[k])] for k in keys],
+              ["QUANTILE", a, b, "B-A"]))
+    d, diff = rep["drift"], rep["difference"]
+    out()
+    out(f"difference ({b} - {a}): mean {_num(diff['mean'])}, mean |d| {_num(diff['mean_abs'])}, "
+        f"p95 |d| {_num(diff['p95_abs'])}, max |d| {_num(diff['max_abs'])}")
+    out(f"drift: PSI {_num(d['psi'])} ({_psi_reading(d['psi'])}), KS {_num(d['ks'])}")
+    flips = rep.get("flips")
+    if flips is not None:
+        out(f"decisions flipped at threshold {rep['threshold']:g}: {flips['count']} of {rep['rows']} "
+            f"({flips['to_positive']} to >= threshold, {flips['to_negative']} below)")
+        if flips["rows"]:
+            out(table([[f["row"], _num(f[a]), _num(f[b])] for f in flips["rows"][:20]], ["ROW", a, b]))
+            if flips["count"] > 20:
+                out(f"… and {flips['count'] - 20} more (--json lists up to {len(flips['rows'])})")
+    if rep.get("largest"):
+        out()
+        out("largest differences:")
+        out(table([[x["row"], _num(x[a]), _num(x[b]), _num(x["difference"])] for x in rep["largest"]],
+                  ["ROW", a, b, "DIFF"]))
+
+
+def cmd_compare(args) -> int:
+    if args.threshold is not None and not (-1e300 <= args.threshold <= 1e300):
+        raise CLIError(f"--threshold {args.threshold}: expected a finite number")
+    if not 0 <= args.top <= 1000:
+        raise CLIError(f"--top {args.top}: expected 0 to 1000")
+    client = client_for(args)
+    name = quote(args.name)
+    dataset = args.dataset
+    if not dataset.startswith("gs://"):
+        path = Path(dataset)
+        if not path.is_file():
+            raise CLIError(f"{path}: no such file (give a local CSV or a gs:// URI)")
+        with open(path, "rb") as f:
+            up = client.json("POST", f"/api/models/{name}/comparisons/datasets", data=f,
+                             headers={"Content-Type": "text/csv"}, timeout=600)
+        print(f"uploaded {path} to {up['uri']}", file=sys.stderr, flush=True)
+        dataset = up["uri"]
+    body: dict[str, Any] = {"a": args.a, "b": args.b, "dataset": dataset, "top": args.top}
+    if args.threshold is not None:
+        body["threshold"] = args.threshold
+    c = client.json("POST", f"/api/models/{name}/comparisons", json=body)
+    deadline = time.monotonic() + args.timeout
+    shown = ""
+    while c["status"] not in ("succeeded", "failed"):
+        if time.monotonic() > deadline:
+            raise CLIError(f"comparison {c['id']} is still {c['status']} after {args.timeout:.0f}s "
+                           f"(GET /api/comparisons/{c['id']} has it when it is done)")
+        time.sleep(0.3)
+        c = client.json("GET", f"/api/comparisons/{quote(c['id'])}")
+        line = _progress_line(c)
+        if line != shown:
+            print(line, file=sys.stderr, flush=True)
+            shown = line
+    if c["status"] == "failed":
+        details = [f"  row {p.get('row')}: {p.get('field') or '-'}: {p.get('error')}" for p in c.get("problems") or []][:20]
+        if c.get("log_tail"):
+            details += ["  " + line for line in str(c["log_tail"]).splitlines()[-10:]]
+        raise CLIError(f"comparison {c['id']} failed: {c.get('error')}", details=details)
+    if args.json:
+        out(json.dumps(c["report"], indent=2))
+        return 0
+    _print_comparison(c)
+    return 0
+
+
+def _progress_line(c: dict) -> str:
+    p = c.get("progress") or {}
+    text = f"comparison {c['id']}: {c['status']}"
+    if p.get("stage"):
+        text += f", {p['stage']}"
+    if p.get("total") is not None and p.get("rows") is not None:
+        text += f" ({p['rows']}/{p['total']} rows)"
+    for v, j in sorted((p.get("jobs") or {}).items()):
+        text += f"; {v}: job {j.get('job')} {j.get('status')}"
+    return text
+
+
 def cmd_remove(args) -> int:
     client_for(args).json("DELETE", f"/api/models/{quote(args.name)}")
     out(f"removed {args.name}")
@@ -706,6 +804,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="count the rows whose decision flips at this score")
     p.add_argument("--top", type=int, default=10, help="largest differences to include (default 10)")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p = command("compare", cmd_compare, "score one dataset with two versions and compare them row by row")
+    p.add_argument("name")
+    p.add_argument("a", metavar="A", help="a deployed version (the baseline)")
+    p.add_argument("b", metavar="B", help="another deployed version")
+    p.add_argument("dataset", metavar="FILE|gs://URI", help="a local CSV (uploaded first) or a CSV in the bucket")
+    p.add_argument("--threshold", type=float, help="list the rows whose decision (score >= T) flips")
+    p.add_argument("--top", type=int, default=20, help="how many of the largest differences to list (default 20)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default 3600)")
     p = command("remove", cmd_remove, "delete a model and all its versions")
     p.add_argument("name")
     p = command("predict", cmd_predict, "score rows with a realtime model")
