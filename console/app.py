@@ -23,6 +23,7 @@ pages = [
     st.Page(common.PAGE_MODELS, title="Models", icon=":material/apps:", default=True),
     st.Page(common.PAGE_MODEL, title="Model", icon=":material/model_training:"),
     st.Page(common.PAGE_JOBS, title="Jobs", icon=":material/inventory_2:"),
+    st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page(common.PAGE_ACTIVITY, title="Activity", icon=":material/monitoring:"),
 ]
 page = st.navigation(pages)

@@ -228,3 +228,24 @@ class ControlClient:
         if isinstance(data, dict):
             data = data.get("events", [])
         return list(data)
+
+    # -- comparisons ----------------------------------------------------------------------
+
+    def upload_comparison_dataset(self, name: str, *, data: bytes) -> dict:
+        """Store a CSV for comparisons (under comparisons/{name}/: no job starts); `{"uri", …}`."""
+        return self._json("POST", f"/api/models/{quote(name)}/comparisons/datasets", data=data,
+                          headers={"Content-Type": "text/csv"}, timeout=600)
+
+    def compare(self, name: str, *, a: str, b: str, dataset: str, threshold: Optional[float] = None,
+                top: int = 20) -> dict:
+        """Start scoring `dataset` with versions `a` and `b`; the comparison (poll `comparison`)."""
+        body: dict[str, Any] = {"a": a, "b": b, "dataset": dataset, "top": top}
+        if threshold is not None:
+            body["threshold"] = threshold
+        return self._json("POST", f"/api/models/{quote(name)}/comparisons", json=body)
+
+    def comparison(self, comparison_id: str) -> dict:
+        return self._json("GET", f"/api/comparisons/{quote(comparison_id, safe='')}")
+
+    def comparisons(self, name: str) -> list[dict]:
+        return list(self._json("GET", f"/api/models/{quote(name)}/comparisons"))

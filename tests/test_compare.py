@@ -346,3 +346,89 @@ def test_cli_fails_with_the_error(plane, dataset, capsys):
     assert "no such file" in capsys.readouterr().err
     assert cli(server, "compare", "cmp-rt", "1.0.0", "2.0.0", dataset, "--threshold", "nan") == 1
     assert "threshold" in capsys.readouterr().err
+
+
+# -- console ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def page(plane, monkeypatch, tmp_path):
+    """The console's compare page (Streamlit AppTest) against the plane, opened with `query`."""
+    pytest.importorskip("streamlit")
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    server, _ = plane
+    config.set_option("server.address", "127.0.0.1")   # served on loopback: no sign-in
+    monkeypatch.setenv("MODELPLANE_URL", server.url)
+    monkeypatch.setenv("MODELPLANE_TOKEN", TOKEN)
+    monkeypatch.setenv("MODELPLANE_STATE_DIR", str(tmp_path / "no-state"))
+
+    def open_(**query: str):
+        at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "console" / "app.py"),
+                               default_timeout=WAIT)
+        at.run()
+        at.switch_page("views/compare.py")
+        at.query_params.update(query)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+    return open_
+
+
+def _metric(at, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, [m.label for m in at.metric]
+    return found[0]
+
+
+def _frame(at, column: str):
+    for d in at.dataframe:
+        if column in d.value.columns:
+            return d.value
+    raise AssertionError(f"no table with {column!r}: {[list(d.value.columns) for d in at.dataframe]}")
+
+
+def test_console_shows_a_comparison_overlaid_with_its_tables(plane, dataset, page):
+    server, _ = plane
+    done = finished(server, start(server, "cmp-rt", a="1.0.0", b="2.0.0", dataset=dataset, threshold=0.65, top=4)["id"])
+    at = page(model="cmp-rt", comparison=done["id"])
+    assert _metric(at, "Rows compared") == "10"
+    assert _metric(at, "Flips at 0.65") == "1"
+    assert _metric(at, "Identical rows") == "6"
+    charts = at.get("vega_lite_chart")
+    assert charts, "no chart"
+    spec = json.loads(charts[0].proto.spec)
+    assert spec["encoding"]["color"]["scale"]["domain"] == ["1.0.0", "2.0.0"]
+    quantiles = _frame(at, "Quantile").set_index("Quantile")
+    assert quantiles.loc["p50", "1.0.0"] == pytest.approx(0.45) and quantiles.loc["max", "2.0.0"] == pytest.approx(1.0)
+    largest = [d.value for d in at.dataframe if list(d.value.columns) == ["Row", "1.0.0", "2.0.0", "Difference"]]
+    assert largest and sorted(largest[0]["Row"]) == BUMPED
+    assert list(largest[0]["Difference"]) == [pytest.approx(0.1)] * 4
+    flips = [d.value for d in at.dataframe if list(d.value.columns) == ["Row", "1.0.0", "2.0.0"]]
+    assert flips and list(flips[0]["Row"]) == [7]
+    assert done["id"] in list(_frame(at, "Id")["Id"])
+
+
+def test_console_runs_a_comparison_from_its_form(plane, dataset, page):
+    server, _ = plane
+    at = page(model="cmp-batch")
+    at.selectbox(key="cmp-a-cmp-batch").set_value("1.0.0").run()
+    at.selectbox(key="cmp-b-cmp-batch").set_value("2.0.0").run()
+    at.radio(key="cmp-src-cmp-batch").set_value("A gs:// URI").run()
+    at.text_input(key="cmp-uri-cmp-batch").set_value(dataset).run()
+    at.number_input(key="cmp-threshold-cmp-batch").set_value(0.65).run()
+    at.button(key="cmp-run-cmp-batch").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    comparison_id = at.session_state["comparison"]
+    finished(server, comparison_id)
+    at.run()
+    assert not at.exception
+    assert _metric(at, "Rows compared") == "10" and _metric(at, "Flips at 0.65") == "1"
+
+
+def test_console_says_why_a_comparison_failed(plane, dataset, page):
+    server, _ = plane
+    done = finished(server, start(server, "cmp-rt", a="1.0.0", b="4.0.0", dataset=dataset)["id"])
+    at = page(model="cmp-rt", comparison=done["id"])
+    errors = " ".join(e.value for e in at.error)
+    assert "failed" in errors and "row 7" in errors and "cannot score x=0.6" in errors

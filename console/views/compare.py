@@ -1,0 +1,217 @@
+"""Compare: score one dataset with two versions of a model and see how they differ — both
+distributions overlaid, quantiles side by side, PSI and KS, the decisions that flip at a threshold
+and the rows that moved most. Past comparisons are listed below."""
+from __future__ import annotations
+
+from typing import Optional
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from console import common
+from console.client import ControlError
+
+REFRESH_SECONDS = 1.0
+STATUS_ICON = {"queued": "⏳", "running": "⚙️", "succeeded": "✅", "failed": "❌"}
+
+
+def psi_reading(psi: Optional[float]) -> str:
+    if psi is None:
+        return "—"
+    return "stable" if psi < 0.1 else "moderate" if psi < 0.25 else "major"
+
+
+def histogram_frame(report: dict) -> pd.DataFrame:
+    """Both versions' histograms on the report's common edges, one row per (version, bin)."""
+    hist = report["histogram"]
+    edges = hist["edges"]
+    rows = []
+    for label in (report["labels"]["a"], report["labels"]["b"]):
+        for i, count in enumerate(hist.get(label) or []):
+            rows.append({"version": label, "from": edges[i], "to": edges[i + 1], "rows": count})
+    return pd.DataFrame(rows, columns=["version", "from", "to", "rows"])
+
+
+def distribution_chart(report: dict) -> alt.Chart:
+    a, b = report["labels"]["a"], report["labels"]["b"]
+    return alt.Chart(histogram_frame(report), title=f"Scores of {a} and {b} on the same rows").mark_rect(
+        opacity=0.5).encode(
+        x=alt.X("from:Q", title="score"),
+        x2="to:Q",
+        y=alt.Y("rows:Q", title="rows", stack=None),
+        y2=alt.datum(0),
+        color=alt.Color("version:N", scale=alt.Scale(domain=[a, b]), title="version"),
+        tooltip=["version", alt.Tooltip("from:Q", format=".4g"), alt.Tooltip("to:Q", format=".4g"), "rows"],
+    )
+
+
+def quantiles_frame(report: dict) -> pd.DataFrame:
+    a, b = report["labels"]["a"], report["labels"]["b"]
+    qa, qb = report["quantiles"][a], report["quantiles"][b]
+    rows = []
+    for key in qa:
+        if key == "count":
+            continue
+        va, vb = qa.get(key), qb.get(key)
+        rows.append({"Quantile": key, a: va, b: vb,
+                     "Difference": None if va is None or vb is None else vb - va})
+    return pd.DataFrame(rows)
+
+
+def show_report(c: dict) -> None:
+    report = c["report"]
+    a, b = report["labels"]["a"], report["labels"]["b"]
+    drift, diff = report["drift"], report["difference"]
+    cols = st.columns(5)
+    cols[0].metric("Rows compared", common.fmt_int(report["rows"]))
+    cols[1].metric("Identical rows", common.fmt_int(diff["identical_rows"]))
+    cols[2].metric("PSI", f"{drift['psi']:.4f}" if drift["psi"] is not None else "—",
+                   help="Population stability index of B against A: < 0.1 stable, < 0.25 moderate, else major")
+    cols[3].metric("KS", f"{drift['ks']:.4f}" if drift["ks"] is not None else "—",
+                   help="Largest distance between the two empirical distribution functions (0 to 1)")
+    flips = report.get("flips")
+    cols[4].metric(f"Flips at {report['threshold']:g}" if flips is not None else "Flips",
+                   common.fmt_int(flips["count"]) if flips is not None else "—")
+    st.caption(f"Drift of {b} against {a}: **{psi_reading(drift['psi'])}**. Mean difference ({b} − {a}) "
+               f"{diff['mean']:.4g}, mean |difference| {diff['mean_abs']:.4g}, largest {diff['max_abs']:.4g}.")
+    st.altair_chart(distribution_chart(report), use_container_width=True)
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Quantiles**")
+        st.dataframe(quantiles_frame(report), hide_index=True, use_container_width=True)
+    with right:
+        st.markdown("**Largest differences**")
+        st.dataframe(pd.DataFrame([{"Row": x["row"], a: x[a], b: x[b], "Difference": x["difference"]}
+                                   for x in report.get("largest") or []],
+                                  columns=["Row", a, b, "Difference"]),
+                     hide_index=True, use_container_width=True)
+    if flips is not None:
+        st.markdown(f"**Decisions that flip at {report['threshold']:g}** — {flips['count']:,} of "
+                    f"{report['rows']:,} rows ({flips['to_positive']:,} up to ≥ threshold, "
+                    f"{flips['to_negative']:,} down)")
+        if flips["rows"]:
+            st.dataframe(pd.DataFrame([{"Row": f["row"], a: f[a], b: f[b]} for f in flips["rows"]],
+                                      columns=["Row", a, b]), hide_index=True, use_container_width=True)
+
+
+def show_comparison(comparison_id: str, *, was_running: bool = False) -> None:
+    c = common.client().comparison(comparison_id)
+    if was_running and c["status"] in ("succeeded", "failed"):
+        st.rerun()   # the whole page: the report shows, the past list has it, the polling stops
+    label = f"{c['model']}: {c.get('a')} vs {c.get('b')}" if c.get("kind") == "comparison" else \
+        f"{c['model']} {c.get('version')}: reference"
+    st.subheader(label)
+    st.caption(f"`{c['id']}` · dataset `{c['dataset']}` · {STATUS_ICON.get(c['status'], '')} {c['status']}")
+    progress = c.get("progress") or {}
+    if c["status"] in ("queued", "running"):
+        total, done = progress.get("total"), progress.get("rows")
+        share = min(1.0, done / total) if total and done is not None else 0.05
+        st.progress(share, text=f"{progress.get('stage', c['status'])}"
+                                + (f" — {done:,}/{total:,} rows" if total else ""))
+        for v, job in sorted((progress.get("jobs") or {}).items()):
+            st.caption(f"{v}: job `{job.get('job')}` {job.get('status')}")
+        return
+    if c["status"] == "failed":
+        st.error(f"**The comparison failed:** {c.get('error')}", icon=":material/error:")
+        if c.get("problems"):
+            st.dataframe(pd.DataFrame(c["problems"]), hide_index=True)
+        if c.get("features"):
+            st.json(c["features"], expanded=False)
+        return
+    if c.get("report"):
+        show_report(c)
+    elif c.get("reference"):
+        st.success(f"{c['reference']['count']:,} scores are now the reference of {c['model']} {c.get('version')}.")
+
+
+def past(model: str) -> list[str]:
+    """The model's comparisons as a table; their ids, newest first."""
+    items = common.client().comparisons(model)
+    if not items:
+        st.caption("No comparisons of this model yet.")
+        return []
+    frame = pd.DataFrame([{
+        "Id": c["id"], "Kind": c.get("kind"), "A": c.get("a") or c.get("version"), "B": c.get("b"),
+        "Status": f"{STATUS_ICON.get(c['status'], '')} {c['status']}", "Rows": (c.get("summary") or {}).get("rows"),
+        "PSI": (c.get("summary") or {}).get("psi"), "KS": (c.get("summary") or {}).get("ks"),
+        "Flips": (c.get("summary") or {}).get("flips"), "Created": str(c.get("created_at", ""))[:19],
+        "Dataset": c.get("dataset")} for c in items])
+    st.dataframe(frame, hide_index=True, use_container_width=True)
+    return [c["id"] for c in items]
+
+
+def run_form(model: str, versions: list[str], live: Optional[str]) -> None:
+    with st.container(border=True):
+        cols = st.columns(2)
+        a_default = versions.index(live) if live in versions else 0
+        a = cols[0].selectbox("Version A (baseline)", versions, index=a_default, key=f"cmp-a-{model}")
+        others = [v for v in versions if v != a] or versions
+        b = cols[1].selectbox("Version B", others, key=f"cmp-b-{model}")
+        source = st.radio("Dataset", ["Upload a CSV", "A gs:// URI"], horizontal=True, key=f"cmp-src-{model}")
+        upload, uri = None, ""
+        if source == "Upload a CSV":
+            upload = st.file_uploader("Rows to score (CSV with the feature columns)", type=["csv"],
+                                      key=f"cmp-file-{model}")
+        else:
+            uri = st.text_input("Dataset URI", placeholder="gs://bucket/path/rows.csv", key=f"cmp-uri-{model}")
+        cols = st.columns(2)
+        threshold = cols[0].number_input("Decision threshold (rows whose decision flips)", value=None,
+                                         placeholder="none", key=f"cmp-threshold-{model}", format="%g")
+        top = cols[1].number_input("Largest differences to list", min_value=0, max_value=1000, value=20,
+                                   key=f"cmp-top-{model}")
+        ready = a != b and (upload is not None or uri.strip().startswith("gs://"))
+        if st.button("Compare", type="primary", icon=":material/compare_arrows:", disabled=not ready,
+                     key=f"cmp-run-{model}"):
+            try:
+                dataset = uri.strip()
+                if upload is not None:
+                    with st.spinner(f"Uploading {upload.name}…"):
+                        dataset = common.client().upload_comparison_dataset(model, data=upload.getvalue())["uri"]
+                c = common.client().compare(model, a=a, b=b, dataset=dataset, threshold=threshold, top=int(top))
+            except ControlError as err:
+                common.show_error(err)
+            else:
+                st.session_state["comparison"] = c["id"]
+                st.query_params["comparison"] = c["id"]
+
+
+def page() -> None:
+    st.title("Compare versions")
+    st.caption("Score the same rows with two versions of a model: how far apart their scores are, whether "
+               "the distribution moved, and which decisions change.")
+    client = common.client()
+    models = [m for m in client.models() if m.get("kind") in ("realtime", "batch")]
+    if not models:
+        st.info("No models are registered yet.")
+        return
+    names = [m["name"] for m in models]
+    model = st.selectbox("Model", names, key="model", bind="query-params")
+    detail = client.model(model)
+    versions = [v["version"] for v in detail.get("versions") or []]
+    if len(versions) < 2:
+        st.info(f"{model} has one version ({', '.join(versions) or 'none'}): deploy another to compare them.")
+    else:
+        run_form(model, versions, detail.get("version"))
+    chosen = st.query_params.get("comparison") or st.session_state.get("comparison")
+    if chosen:
+        running = _running(chosen)
+        st.fragment(run_every=REFRESH_SECONDS if running else None)(
+            common.guarded(lambda: show_comparison(chosen, was_running=running)))()
+    st.markdown("**Past comparisons**")
+    ids = past(model)
+    if ids:
+        pick = st.selectbox("Open a past comparison", ["—"] + ids, key=f"cmp-open-{model}")
+        if pick != "—" and pick != chosen:
+            st.query_params["comparison"] = pick
+            st.rerun()
+
+
+def _running(comparison_id: str) -> bool:
+    try:
+        return common.client().comparison(comparison_id)["status"] in ("queued", "running")
+    except ControlError:
+        return False
+
+
+common.guarded(page)()
