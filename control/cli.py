@@ -300,7 +300,7 @@ def _print_comparison(c: dict) -> None:
     out(f"{c['model']}: {a} vs {b} on {c['dataset']}")
     out(f"rows compared: {rep['rows']}   identical: {rep['difference']['identical_rows']}")
     qa, qb = rep["quantiles"][a], rep["quantiles"][b]
-    keys = [k for k in qa if k != "count"]
+    keys = ["min"] + [k for k in qa if k.startswith("p")] + ["max", "mean"]
     out()
     out(table([[k, _num(qa.get(k)), _num(qb.get(k)), _num(None if qa.get(k) is None or qb.get(k) is None
                                                           else qb[k] - qa[k])] for k in keys],
