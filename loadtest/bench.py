@@ -13,6 +13,8 @@ Sections (all by default; `--only` picks some):
 - `burst` — a burst of simultaneous requests against a model at zero; failures must be 0;
   baseline: the same burst against the warm model.
 - `list` — `GET /api/models` with 10,000 registered models; baseline: the examples alone.
+- `rollout` — the control route's p50 with a 10 % split and with a 100 % shadow against the
+  same route with no rollout (loadtest/rollout_bench.py).
 - `locust` — the locust scenarios (steady, burst, mix) briefly, as extra figures (full mode).
 """
 from __future__ import annotations
@@ -34,14 +36,14 @@ from typing import Callable, Optional
 from adapters.manifest import load_manifest
 from control.emulator import free_port, wait_for_port
 
-from . import measure
+from . import measure, rollout_bench
 from .common import bench_copy, examples, median, percentile, sample_rows, write_dataset
 from .plane import EmbeddedPlane, PlaneError, copy_models
 from .report import Figure, cold_start_chart, latency_chart, table, write_json
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("overhead", "cold", "burst", "batch", "list", "locust")
+SECTIONS = ("overhead", "cold", "burst", "batch", "list", "rollout", "locust")
 CONCURRENCY = (1, 8, 32)
 
 
@@ -292,6 +294,9 @@ class Bench:
                     unit="ms", value=path.p99 - base.p99, baseline=base.p99, baseline_label="model alone p99",
                     ratio=path.p99 / base.p99 if base.p99 else None, ratio_of="p99(path) / p99(model alone)",
                     samples=len(path.samples_ms)))
+
+    def bench_rollout(self) -> None:
+        rollout_bench.bench_rollout(self, _merge)
 
     # -- cold start ------------------------------------------------------------------------------
     def bench_cold(self) -> None:

@@ -194,3 +194,47 @@ def test_browse_models_open_one_submit_the_form_and_see_a_score(servers, browser
     _text_appears(driver, "Drop a dataset")
     _shot(driver, "06-jobs.png")
     assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_roll_out_a_version_with_the_slider_and_promote_it(servers, browser, tmp_path):
+    import io
+    import tarfile
+
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {TOKEN}"
+    folder = tmp_path / MODEL
+    shutil.copytree(MODELS / MODEL, folder)
+    manifest = folder / "model.yaml"
+    manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.0.3"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=MODEL)
+    r = api.post(f"{servers['control']}/api/models", params={"live": "false"}, data=buf.getvalue(),
+                 headers={"Content-Type": "application/gzip"}, timeout=60)
+    assert r.status_code == 201 and r.json()["live"] is False, r.text
+    try:
+        driver = browser
+        driver.get(f"{servers['console']}/model?model={MODEL}")
+        _text_appears(driver, "Fields marked * are required")
+        _click(driver, "//*[@role='tab'][contains(normalize-space(.), 'Traffic')]")
+        _text_appears(driver, "Roll out a version")
+        # the candidate's share: its range input takes the keyboard, 20 steps of 1 %
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        share = WebDriverWait(driver, 30).until(EC.presence_of_element_located(
+            (By.XPATH, "//input[@type='range' and @aria-label='Share of requests it answers (%)']")))
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].focus();", share)
+        ActionChains(driver).send_keys(*[Keys.ARROW_RIGHT] * 20).perform()
+        WebDriverWait(driver, 10).until(lambda d: share.get_attribute("value") == "20",
+                                        message=f"the slider shows {share.get_attribute('value')}")
+        _click(driver, "//button[.//p[normalize-space()='Apply split']]")
+        _text_appears(driver, "1.0.3 answers 20% of requests.")
+        traffic = api.get(f"{servers['control']}/api/models/{MODEL}/traffic", timeout=10).json()
+        assert (traffic["candidate"], traffic["percent"]) == ("1.0.3", 20)
+        _shot(driver, "07-traffic.png")
+        _click(driver, "//button[.//p[normalize-space()='Promote 1.0.3']]")
+        _text_appears(driver, "1.0.3 is live and takes every request.")
+        assert api.get(f"{servers['control']}/api/models/{MODEL}/traffic", timeout=10).json()["live"] == "1.0.3"
+        assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+    finally:
+        api.post(f"{servers['control']}/api/models/{MODEL}/rollback", json={"version": "1.0.0"}, timeout=30)
