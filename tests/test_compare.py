@@ -432,3 +432,55 @@ def test_console_says_why_a_comparison_failed(plane, dataset, page):
     at = page(model="cmp-rt", comparison=done["id"])
     errors = " ".join(e.value for e in at.error)
     assert "failed" in errors and "row 7" in errors and "cannot score x=0.6" in errors
+
+
+# -- the cluster runtime: a job of a version that is not live --------------------------------------
+
+def test_knative_runs_a_job_of_the_version_asked_for(tmp_path_factory):
+    """On a real kube-apiserver (skipped without one): the Job comes from that version's JobSink."""
+    import test_knative as tk
+
+    from control.errors import NotFound as PlaneNotFound
+
+    if tk.BINARY is None or not tk.BINARY.is_file():
+        pytest.skip("no kube-apiserver binary (scripts/kube-apiserver.sh builds it)")
+    import kube
+
+    cluster = kube.Cluster(tmp_path_factory.mktemp("kube-compare"), tk.BINARY).start()
+    try:
+        cluster.install_crds(kube.crds_dir())
+        for path, doc in kube.iter_knative_docs():
+            if path.name in ("namespace.yaml", "rbac.yaml"):
+                cluster.admin.apply(doc)
+        runtime = tk.make_runtime(cluster, cluster.service_account_token(tk.NS, tk.SA))
+        try:
+            v1 = tk.example("churn-risk")
+            runtime.deploy(v1)
+            runtime.deploy(tk.bump(v1, "1.1.0"), make_live=False)
+            dataset = f"gs://test-bucket/comparisons/{v1.name}/rows.csv"
+            live, _ = runtime.submit_job(v1.name, dataset=dataset, trigger="compare")
+            pinned, _ = runtime.submit_job(v1.name, dataset=dataset, trigger="compare", version="1.1.0")
+            assert (live.version, pinned.version) == ("1.0.0", "1.1.0")
+            kjob = cluster.admin.get(f"/apis/batch/v1/namespaces/{tk.NS}/jobs/{pinned.id}")
+            assert kjob["metadata"]["labels"]["sinks.knative.dev/job-sink-name"] == f"{v1.name}-1-1-0"
+            assert pinned.trigger == "compare"
+            with pytest.raises(PlaneNotFound) as e:
+                runtime.submit_job(v1.name, dataset=dataset, version="9.9.9")
+            assert "9.9.9" in e.value.message and "1.0.0" in e.value.message and "1.1.0" in e.value.message
+        finally:
+            runtime.close()
+    finally:
+        cluster.stop()
+
+
+def test_the_local_runtime_runs_a_job_of_the_version_asked_for(plane, dataset):
+    from control.errors import NotFound as PlaneNotFound
+
+    server, _ = plane
+    runtime = server.plane.runtime
+    job, created = runtime.submit_job("cmp-batch", dataset=dataset, trigger="compare", version="2.0.0")
+    assert created and job.version == "2.0.0" and job.trigger == "compare"
+    assert runtime.submit_job("cmp-batch", dataset=dataset)[0].version == "1.0.0"   # the live one
+    with pytest.raises(PlaneNotFound) as e:
+        runtime.submit_job("cmp-batch", dataset=dataset, version="9.9.9")
+    assert "no version 9.9.9" in e.value.message and "2.0.0" in e.value.message
