@@ -467,8 +467,8 @@ class ScoreMonitor:
         with self._lock:
             seen = {j for v in self._versions.values() for j in v.seen_jobs}
         for job in reversed(jobs):   # oldest first: the first job is the reference
-            if job.status != "succeeded" or job.id in seen:
-                continue
+            if job.status != "succeeded" or job.id in seen or job.trigger == "compare":
+                continue   # a comparison's or a reference's job scores the user's chosen rows, not traffic
             summary = job.score_summary
             if not summary:
                 try:

@@ -14,6 +14,7 @@ from adapters.manifest import MANIFEST_FILE, ManifestError, load_manifest, parse
 from control import events as ce
 from control.errors import NotFound, PlaneError
 from control.guard import Guard, TTLCache
+from control.compare import Comparisons
 from control.monitor import ScoreMonitor
 from control.runtime.base import ModelInfo, Runtime
 from control.settings import Settings
@@ -79,6 +80,7 @@ class Plane:
         self.shadow = ShadowLog(runtime, Path(settings.state_dir) / "shadow")
         self.monitor = ScoreMonitor(Path(settings.state_dir) / "monitor", runtime=runtime,
                                     manifest_of=lambda name: runtime.model(name).manifest)
+        self.comparisons = Comparisons(self, Path(settings.state_dir) / "comparisons")
         self.openapi: Optional[dict] = None
         self.routes: list = []
 
@@ -101,6 +103,7 @@ class Plane:
 
     def close(self) -> None:
         try:
+            self.comparisons.close()
             self.monitor.close()
         finally:
             if self.owns_runtime:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import tempfile
 import uuid
-from pathlib import Path
 from urllib.parse import quote
 
 from flask import jsonify
@@ -21,9 +20,7 @@ UPLOAD_TYPES = ("text/csv", "application/octet-stream")
 def routes(plane) -> Routes:
     r = Routes("compare")
     settings, guard = plane.settings, plane.guard
-    manager = Comparisons(plane, Path(settings.state_dir) / "comparisons")
-    plane.comparisons = manager
-    _close_with(plane, manager)
+    manager = plane.comparisons
     allowed_buckets = {settings.bucket_name} | {b.strip() for b in settings.dataset_buckets.split(",") if b.strip()}
 
     def allowed(dataset: str) -> None:
@@ -108,15 +105,3 @@ def routes(plane) -> Routes:
 
     return r
 
-
-def _close_with(plane, manager: Comparisons) -> None:
-    """Stop the comparison workers when the plane closes (Plane.close does not know them)."""
-    close = plane.close
-
-    def close_all() -> None:
-        try:
-            manager.close()
-        finally:
-            close()
-
-    plane.close = close_all
