@@ -242,3 +242,105 @@ def test_cli_ls_marks_drift_and_refuses_a_bad_selector(catalog, capsys):
     capsys.readouterr()
     assert main(["ls", "--label", "bad key", "--url", catalog.url, "--token", TOKEN]) == 1
     assert "label" in capsys.readouterr().err
+
+
+# -- the console's Models page -------------------------------------------------------------------
+
+FILLERS = 60  # more than a page of 50
+
+
+@pytest.fixture(scope="module")
+def big_catalog(tmp_path_factory):
+    """The catalog plus FILLERS batch models labelled customer=filler: more than one page."""
+    tmp = tmp_path_factory.mktemp("big-catalog")
+    settings = settings_for(tmp, token=TOKEN)
+    for name in CATALOG:
+        write_model(settings.models_dir, name)
+    for i in range(FILLERS):
+        folder = Path(shutil.copytree(FIXTURES / "sum-batch", settings.models_dir / f"filler-{i:03d}"))
+        text = (folder / "model.yaml").read_text().replace("name: sum-batch", f"name: filler-{i:03d}")
+        (folder / "model.yaml").write_text(text + "owner: bulk\nlabels: {customer: filler}\n")
+    with running(settings) as server:
+        wait_until(lambda: api.get(f"{server.url}/api/models", params={"limit": 1}).headers.get("X-Total-Count")
+                   == str(len(CATALOG) + FILLERS), 60, what="the catalog registered")
+        yield server
+
+
+@pytest.fixture
+def models_page(big_catalog, monkeypatch, tmp_path):
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MODELPLANE_URL", big_catalog.url)
+    monkeypatch.setenv("MODELPLANE_TOKEN", TOKEN)
+    monkeypatch.setenv("MODELPLANE_STATE_DIR", str(tmp_path / "no-state"))
+    config.set_option("server.address", "127.0.0.1")
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "console" / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def shown(at) -> list[str]:
+    assert not at.exception, [e.value for e in at.exception]
+    (table,) = [d.value for d in at.dataframe if "Model" in d.value.columns]
+    return list(table["Model"])
+
+
+def metric_value(at, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+@pytest.mark.slow
+def test_console_models_page_searches_filters_and_pages_on_the_server(models_page, big_catalog):
+    at = models_page
+    total = len(CATALOG) + FILLERS
+    first = shown(at)
+    assert len(first) == 50 and first == sorted(first)              # one page, not all 65
+    assert metric_value(at, "Models") == f"{total:,}"
+    at.button(key="models_next").click().run()
+    second = shown(at)
+    assert len(second) == total - 50 and second[0] > first[-1]
+    assert at.button(key="models_next").disabled
+    at.button(key="models_prev").click().run()
+    assert shown(at) == first
+    # search: the server answers, the page shows only the matches
+    at.text_input(key="models_q").input("donor").run()
+    assert shown(at) == ["acme-donor", "umbrella-score"]
+    assert metric_value(at, "Matching") == "2"
+    # label selectors (spaces or commas between them) and the owner
+    at.text_input(key="models_q").input("").run()
+    at.text_input(key="models_labels").input("customer=acme, tier").run()
+    assert shown(at) == ["acme-churn"]
+    at.text_input(key="models_labels").input("team").run()
+    at.text_input(key="models_owner").input("fundraising-analytics").run()
+    frame = next(d.value for d in at.dataframe if "Model" in d.value.columns).set_index("Model")
+    assert list(frame.index) == ["acme-donor", "globex-gift"]
+    assert frame.loc["acme-donor", "Owner"] == "fundraising-analytics"
+    assert frame.loc["acme-donor", "Labels"] == "customer=acme, team=fundraising"
+    # a filter starts again at page 1; a bad selector is a message, not a traceback
+    at.text_input(key="models_owner").input("").run()
+    at.text_input(key="models_labels").input("customer=-acme").run()
+    assert not at.exception and any("label" in w.value for w in at.warning)
+    at.text_input(key="models_labels").input("customer=nobody").run()
+    assert any("No model matches" in i.value for i in at.info)
+
+
+@pytest.mark.slow
+def test_console_models_page_flags_drift_and_shows_no_none_for_missing_latency(models_page, big_catalog):
+    monitor = big_catalog.plane.monitor
+    rng = random.Random(11)
+    monitor.set_reference("globex-gift", "1.0.0", [rng.gauss(0, 1) for _ in range(500)])
+    body = ('{"model": "globex-gift", "version": "1.0.0", "scores": [%s]}'
+            % ",".join(str(rng.gauss(4, 1)) for _ in range(300))).encode()
+    monitor.observe("globex-gift", ProxyResponse(200, {"Content-Type": "application/json"}, body))
+    wait_until(lambda: monitor.flags().get("globex-gift"), 10, what="the drift flag")
+    at = models_page
+    at.text_input(key="models_q").input("globex").run()
+    frame = next(d.value for d in at.dataframe if "Model" in d.value.columns).set_index("Model")
+    assert frame.loc["globex-gift", "Drift"] == "⚠ drifted (1.0.0)"
+    assert metric_value(at, "Drifted") == "1"
+    assert any("globex-gift" in w.value for w in at.warning)
+    # a model nobody called has no latency: a number column with a gap (shown as a dash), never None
+    assert frame["p50 (ms)"].dtype.kind == "f" and frame["p50 (ms)"].isna().all()
+    assert frame["Requests"].dtype.kind == "f"
