@@ -13,6 +13,8 @@ Sections (all by default; `--only` picks some):
 - `burst` — a burst of simultaneous requests against a model at zero; failures must be 0;
   baseline: the same burst against the warm model.
 - `list` — `GET /api/models` with 10,000 registered models; baseline: the examples alone.
+- `catalog` — 10,000 labelled models searched through the API and the console in Chromium
+  (loadtest/catalog_bench.py).
 - `locust` — the locust scenarios (steady, burst, mix) briefly, as extra figures (full mode).
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from .report import Figure, cold_start_chart, latency_chart, table, write_json
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("overhead", "cold", "burst", "batch", "list", "locust")
+SECTIONS = ("overhead", "cold", "burst", "batch", "list", "catalog", "locust")
 CONCURRENCY = (1, 8, 32)
 
 
@@ -542,6 +544,12 @@ class Bench:
                 if r.status_code != (304 if etag else 200):
                     raise RuntimeError(f"GET {path} answered {r.status_code}: {r.text[:200]}")
         return times
+
+    # -- the catalog: thousands of labelled models, searched ----------------------------------------
+    def bench_catalog(self) -> None:
+        from .catalog_bench import bench_catalog
+
+        bench_catalog(self)
 
     # -- locust scenarios ------------------------------------------------------------------------
     def bench_locust(self) -> None:
