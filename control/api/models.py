@@ -24,8 +24,10 @@ from control.uploads import extract_model
 MODEL_ARCHIVE_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar", "application/octet-stream")
 
 
-#: Encoded answers (and filtered row lists) a snapshot keeps, most recently used first.
+#: Encoded answers (and filtered row lists) a snapshot keeps, least recently used evicted first,
+#: and the bytes those answers may hold in all (a broad filter's answer is nearly the whole list).
 ANSWERS_CACHED = 64
+ANSWER_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Snapshot:
         self.etag = _etag(self.body)
         self._lock = threading.Lock()
         self._answers: OrderedDict = OrderedDict()
+        self._answer_bytes = 0
         self._matches: OrderedDict = OrderedDict()
 
     def page(self, after: Optional[str], limit: Optional[int]) -> tuple[bytes, str, Optional[str]]:
@@ -104,10 +107,13 @@ class Snapshot:
             body = b"[" + b",".join(self.body[self.spans[i][0]:self.spans[i][1]] for i in rows[start:end]) + b"]"
         etag = _etag(self.etag.encode() + repr(key).encode())
         answer = (body, etag, names[end - 1] if start < end < len(names) else None, len(names))
-        with self._lock:
-            self._answers[key] = answer
-            while len(self._answers) > ANSWERS_CACHED:
-                self._answers.popitem(last=False)
+        if len(body) <= ANSWER_BYTES // 4:
+            with self._lock:
+                if key not in self._answers:
+                    self._answers[key] = answer
+                    self._answer_bytes += len(body)
+                while len(self._answers) > ANSWERS_CACHED or self._answer_bytes > ANSWER_BYTES:
+                    self._answer_bytes -= len(self._answers.popitem(last=False)[1][0])
         return answer
 
     def _match(self, wanted: Filter) -> tuple[Optional[list[int]], list[str]]:
