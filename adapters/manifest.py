@@ -30,6 +30,14 @@ SEMVER = re.compile(
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
+#: A Kubernetes label's name (the part after an optional prefix and '/') and a non-empty value.
+LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+#: A label key's optional prefix: a DNS subdomain.
+LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+#: Label keys under this prefix are modelplane's own (they say which model and version an object is).
+RESERVED_LABEL_PREFIX = "modelplane.dev/"
+MAX_LABELS = 64
+MAX_OWNER = 128
 FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 CPU_QUANTITY = re.compile(r"^(\d+(\.\d+)?|\d+m)$")
@@ -232,6 +240,10 @@ class Manifest(_Strict):
     score: Score = Score()
     sample: Optional[str] = Field(None, description="A few real rows, relative to the manifest.")
     description: str = ""
+    owner: str = Field("", description="Who answers for the model (a team or a person); searchable.")
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="Kubernetes-style labels, e.g. {customer: acme, team: analytics}; "
+                                               "what the catalog filters on (`?label=customer=acme`).")
     scaling: Scaling = Scaling()
     resources: Resources = Resources()
     limits: Limits = Limits()
@@ -251,6 +263,38 @@ class Manifest(_Strict):
             raise ValueError(
                 f"expected a lowercase DNS label (a-z, 0-9, '-', at most 63 characters, "
                 f"starting and ending alphanumeric); got {_short(v)}")
+        return v
+
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, v: str) -> str:
+        if len(v) > MAX_OWNER:
+            raise ValueError(f"expected at most {MAX_OWNER} characters; got {len(v)}")
+        if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in v):
+            raise ValueError(f"expected no control characters; got {_short(v)}")
+        return v
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            return v  # pydantic says what was expected
+        if len(v) > MAX_LABELS:
+            raise ValueError(f"expected at most {MAX_LABELS} labels; got {len(v)}")
+        for key, value in v.items():
+            problem = label_key_problem(key) if isinstance(key, str) else f"expected a string key; got {_short(key)}"
+            if problem is None and key.startswith(RESERVED_LABEL_PREFIX):
+                problem = f"label keys under {RESERVED_LABEL_PREFIX} are modelplane's own; got {_short(key)}"
+            if problem is None:
+                if not isinstance(value, str):
+                    problem = f"{key}: expected a string value (quote numbers and booleans in YAML); got {_short(value)}"
+                elif value and not (len(value) <= 63 and LABEL_NAME.match(value)):
+                    problem = (f"{key}: expected a label value (at most 63 of A-Z, a-z, 0-9, '-', '_', '.', starting "
+                               f"and ending alphanumeric) or empty; got {_short(value)}")
+            if problem is not None:
+                raise ValueError(problem)
         return v
 
     @field_validator("sample")
@@ -442,6 +486,19 @@ def _expanded_size(node: yaml.Node, limit: int) -> int:
         return total
 
     return size(node, 0)
+
+
+def label_key_problem(key: str) -> Optional[str]:
+    """What is wrong with `key` as a Kubernetes label key (None: nothing)."""
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and not prefix:
+        return f"expected a label key such as team or example.com/team; got {_short(key)}"
+    if prefix and not (len(prefix) <= 253 and LABEL_PREFIX.match(prefix)):
+        return f"expected the label key's prefix to be a DNS subdomain (such as example.com); got {_short(key)}"
+    if not (len(name) <= 63 and LABEL_NAME.match(name)):
+        return (f"expected a label key: an optional DNS-subdomain prefix and '/', then at most 63 of A-Z, a-z, 0-9, "
+                f"'-', '_', '.', starting and ending alphanumeric; got {_short(key)}")
+    return None
 
 
 def _short(value: Any, limit: int = 120) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Optional
-from urllib.parse import quote, urlsplit
+from typing import Any, Optional, Sequence
+from urllib.parse import parse_qs, quote, urlsplit
 
 import requests
 
@@ -82,6 +82,15 @@ def read_local_token() -> Optional[str]:
         return path.read_text(encoding="utf-8").strip() or None
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def _list_params(label: Sequence[str], owner: Optional[str], q: Optional[str]) -> list[tuple[str, Any]]:
+    params: list[tuple[str, Any]] = [("label", s) for s in label if s]
+    if owner:
+        params.append(("owner", owner))
+    if q:
+        params.append(("q", q))
+    return params
 
 
 class ControlClient:
@@ -167,11 +176,48 @@ class ControlClient:
                 raise
         return True
 
-    def models(self) -> list[dict]:
-        data = self._json("GET", "/api/models")
+    def models(self, *, label: Sequence[str] = (), owner: Optional[str] = None,
+               q: Optional[str] = None) -> list[dict]:
+        """Every model (matching the filters, as `models_page` takes them). With thousands of
+        models, a page does better: `models_page`."""
+        data = self._json("GET", "/api/models", params=_list_params(label, owner, q))
         if isinstance(data, dict):
             data = data.get("models", [])
         return list(data)
+
+    def models_page(self, *, label: Sequence[str] = (), owner: Optional[str] = None, q: Optional[str] = None,
+                    limit: int = 50, after: Optional[str] = None) -> dict:
+        """One page of the models matching every label selector (`key=value`, `key!=value`, `key`),
+        the owner (exact) and the text `q` (name, description, owner, label values), by name:
+        `{"models": [...], "total": how many match, "next": the `after` of the next page or None}`.
+        A bad selector raises ControlError (status 400) saying what is wrong."""
+        params = _list_params(label, owner, q) + [("limit", int(limit))]
+        if after:
+            params.append(("after", after))
+        resp = self._request("GET", "/api/models", params=params)
+        try:
+            models = resp.json()
+        except ValueError as e:
+            raise ControlError("GET /api/models answered something that is not JSON", status=resp.status_code,
+                               url=self.url) from e
+        total = resp.headers.get("X-Total-Count", "")
+        nxt = (resp.links.get("next") or {}).get("url")
+        after_next = (parse_qs(urlsplit(nxt).query).get("after") or [None])[0] if nxt else None
+        return {"models": list(models), "total": int(total) if total.isdigit() else len(models),
+                "next": after_next}
+
+    def model_names(self, *, include: Optional[str] = None, limit: int = 500) -> list[str]:
+        """The first `limit` model names (a selector's choices stay bounded whatever the plane
+        holds), plus `include` if that model exists beyond them."""
+        names = [m["name"] for m in self.models_page(limit=limit)["models"]]
+        if include and include not in names:
+            try:
+                self.model(include)
+                names = sorted([*names, include])
+            except ControlError as err:
+                if isinstance(err, (Unreachable, Unauthorized)):
+                    raise
+        return names
 
     def model(self, name: str) -> dict:
         return self._json("GET", f"/api/models/{quote(name)}")

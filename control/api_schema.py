@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.json_schema import models_json_schema
 
-from adapters.manifest import DNS_LABEL, SEMVER
+from adapters.manifest import DNS_LABEL, LABEL_NAME, SEMVER, label_key_problem
 from control.errors import BadRequest
 
 JOB_STATUS = Literal["queued", "running", "succeeded", "failed"]
@@ -76,10 +76,52 @@ class JobsQuery(_Closed):
     limit: int = Field(200, ge=1, le=10_000)
 
 
+#: Label selectors one list call may carry, and the longest search text.
+MAX_SELECTORS = 20
+MAX_SEARCH = 200
+
+
+def parse_label_selector(text: str) -> tuple[str, str, Optional[str]]:
+    """`key=value` / `key==value` -> (key, "=", value); `key!=value` -> (key, "!=", value); a bare `key`
+    -> (key, "exists", None). ValueError saying what is wrong (the key and value follow Kubernetes'
+    label syntax, as the manifest's `labels` do)."""
+    if "!=" in text:
+        key, _, value = text.partition("!=")
+        op = "!="
+    elif "=" in text:
+        key, _, value = text.partition("=")
+        op = "="
+        if value.startswith("="):
+            value = value[1:]
+    else:
+        key, op, value = text, "exists", None
+    problem = label_key_problem(key)
+    if problem is None and value is not None and value and not (len(value) <= 63 and LABEL_NAME.match(value)):
+        problem = f"expected a label value (at most 63 of A-Z, a-z, 0-9, '-', '_', '.') or empty; got {value[:80]!r}"
+    if problem is not None:
+        raise ValueError(f"{problem} (a selector is key=value, key!=value or key)")
+    return key, op, value
+
+
 class ModelsQuery(_Closed):
     limit: Optional[int] = Field(None, ge=1, le=10_000, description="at most this many (all by default)")
     after: Optional[str] = Field(None, max_length=63, description="the page after this model name "
                                  "(the previous page's last, or its Link rel=next)")
+    label: list[str] = Field([], max_length=MAX_SELECTORS,
+                             description="label selectors, all must match (repeat the parameter): "
+                                         "`key=value`, `key!=value` (also when the label is absent) or `key` "
+                                         "(has the label)")
+    owner: Optional[str] = Field(None, max_length=128, description="only the models of this owner (exact; "
+                                 "empty: no filter)")
+    q: Optional[str] = Field(None, max_length=MAX_SEARCH, description="case-insensitive text searched in the "
+                             "name, description, owner and label values")
+
+    @field_validator("label")
+    @classmethod
+    def _selectors(cls, v: list[str]) -> list[str]:
+        for text in v:
+            parse_label_selector(text)
+        return v
 
 
 class EventsQuery(_Closed):
@@ -123,6 +165,10 @@ class ModelSummary(_Closed):
     endpoint: Optional[str]
     error: Optional[str]
     description: str
+    owner: str = ""
+    labels: dict[str, str] = {}
+    drifted: list[str] = Field([], description="versions whose recent scores drifted from their reference "
+                                               "(GET /api/models/{name} monitoring)")
 
 
 class ModelDetail(ModelSummary):

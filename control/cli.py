@@ -137,19 +137,52 @@ def client_for(args: argparse.Namespace) -> Client:
 # -- commands against the API ------------------------------------------------------------------
 
 def cmd_ls(args) -> int:
-    models = client_for(args).json("GET", "/api/models")
+    params: list[tuple[str, Any]] = [("label", s) for s in args.label or []]
+    if args.owner:
+        params.append(("owner", args.owner))
+    if args.search:
+        params.append(("q", args.search))
+    if args.limit:
+        params.append(("limit", args.limit))
+    resp = client_for(args).request("GET", "/api/models", params=params)
+    try:
+        models = resp.json()
+    except ValueError:
+        raise CLIError("GET /api/models answered something that is not JSON") from None
+    filtered = bool(args.label or args.owner or args.search)
     if not models:
-        out("no models")
+        out("no models match" if filtered else "no models")
         return 0
+    # The catalog's columns appear when some model listed has something to show in them.
+    drift = any(m.get("drifted") for m in models)
+    owners = any(m.get("owner") for m in models)
+    labels = any(m.get("labels") for m in models)
     rows = []
     for m in models:
         last = m.get("endpoint")
         if m.get("status") == "failed" and m.get("error"):
             last = str(m["error"]).splitlines()[0]
-        rows.append([m["name"], m.get("kind"), m.get("language"), m.get("version"), m.get("status"),
-                     m.get("replicas"), last])
-    out(table(rows, ["NAME", "KIND", "LANGUAGE", "VERSION", "STATUS", "REPLICAS", "ENDPOINT / ERROR"]))
+        row = [m["name"], m.get("kind"), m.get("language"), m.get("version"), m.get("status"), m.get("replicas")]
+        if drift:
+            row.append(f"yes({','.join(m['drifted'])})" if m.get("drifted") else None)
+        if owners:
+            row.append(m.get("owner"))
+        if labels:
+            row.append(_labels_text(m.get("labels") or {}))
+        rows.append(row + [last])
+    headers = ["NAME", "KIND", "LANGUAGE", "VERSION", "STATUS", "REPLICAS"] + (["DRIFT"] if drift else []) \
+        + (["OWNER"] if owners else []) + (["LABELS"] if labels else []) + ["ENDPOINT / ERROR"]
+    out(table(rows, headers))
+    total = resp.headers.get("X-Total-Count")
+    if total and total.isdigit() and int(total) > len(models):
+        out(f"{len(models)} of {int(total):,} models{' matching' if filtered else ''} (--limit)")
     return 0
+
+
+def _labels_text(labels: dict, width: int = 40) -> str:
+    """`k=v,k=v`, cut to `width` with an ellipsis."""
+    text = ",".join(f"{k}={v}" if v else k for k, v in sorted(labels.items()))
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def cmd_status(args) -> int:
@@ -781,7 +814,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("watch", cmd_watch, "watch the bucket's incoming/ and POST events to a sink (the cluster bridge)")
     p.add_argument("--sink", required=True, help="where to POST the CloudEvents (e.g. the Broker URL)")
     command("console", cmd_console, "run the Streamlit console against the control service")
-    command("ls", cmd_ls, "list models")
+    p = command("ls", cmd_ls, "list models (filtered by label, owner or text)")
+    p.add_argument("--label", "-l", action="append", metavar="SELECTOR",
+                   help="key=value, key!=value or key (has the label); repeat: all must match")
+    p.add_argument("--owner", help="only this owner's models (exact)")
+    p.add_argument("--search", "-s", metavar="TEXT",
+                   help="case-insensitive text in the name, description, owner or label values")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N models (the first N by name)")
     p = command("status", cmd_status, "one model in full")
     p.add_argument("name")
     p = command("deploy", cmd_deploy, "deploy a model folder as a new version")

@@ -15,6 +15,8 @@ Sections (all by default; `--only` picks some):
 - `list` — `GET /api/models` with 10,000 registered models; baseline: the examples alone.
 - `rollout` — the control route's p50 with a 10 % split and with a 100 % shadow against the
   same route with no rollout (loadtest/rollout_bench.py).
+- `catalog` — 10,000 labelled models searched through the API and the console in Chromium
+  (loadtest/catalog_bench.py).
 - `locust` — the locust scenarios (steady, burst, mix) briefly, as extra figures (full mode).
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .report import Figure, cold_start_chart, latency_chart, table, write_json
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("overhead", "cold", "burst", "batch", "list", "rollout", "locust")
+SECTIONS = ("overhead", "cold", "burst", "batch", "list", "catalog", "rollout", "locust")
 CONCURRENCY = (1, 8, 32)
 
 
@@ -547,6 +549,12 @@ class Bench:
                 if r.status_code != (304 if etag else 200):
                     raise RuntimeError(f"GET {path} answered {r.status_code}: {r.text[:200]}")
         return times
+
+    # -- the catalog: thousands of labelled models, searched ----------------------------------------
+    def bench_catalog(self) -> None:
+        from .catalog_bench import bench_catalog
+
+        bench_catalog(self)
 
     # -- locust scenarios ------------------------------------------------------------------------
     def bench_locust(self) -> None:

@@ -153,6 +153,16 @@ def test_browse_models_open_one_submit_the_form_and_see_a_score(servers, browser
         _text_appears(driver, f"Open {name}")
     _shot(driver, "01-models.png")
 
+    # The catalog's search box: the control service answers, the page shows the matches only.
+    search = WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.XPATH, "//input[@aria-label='Search']")))
+    search.click()
+    search.send_keys("DONOR", Keys.ENTER)   # name (donor-propensity) or description (major-gift)
+    _text_appears(driver, "Models 1–2 of 2 matching")
+    WebDriverWait(driver, 30).until(lambda d: "Open churn-risk" not in d.find_element(By.TAG_NAME, "body").text)
+    assert "Open major-gift" in driver.find_element(By.TAG_NAME, "body").text
+    _shot(driver, "01b-models-search.png")
+
     _click(driver, f"//a[.//*[normalize-space()='Open {MODEL}'] or normalize-space()='Open {MODEL}']")
     _text_appears(driver, "Fields marked * are required")
     assert f"model={MODEL}" in driver.current_url

@@ -405,7 +405,7 @@ def header(detail: dict) -> None:
 
 def page() -> None:
     client = common.client()
-    names = [m["name"] for m in client.models()]
+    names = client.model_names(include=st.session_state.get("model") or st.query_params.get("model"))
     if not names:
         st.title("Model")
         st.info("No models are registered yet.")

@@ -1,11 +1,14 @@
-"""Models: every model at a glance — status (scaled to zero and starting visible), traffic, latency."""
+"""Models: the catalog — searched, filtered by owner and labels and paged by the control service;
+status (scaled to zero and starting visible), drift, traffic, latency at a glance."""
 from __future__ import annotations
+
+import math
 
 import pandas as pd
 import streamlit as st
 
 from console import common
-from console.client import NotFound
+from console.client import ControlError, NotFound
 
 DETAIL_LIMIT = 50  # beyond this many models, skip the per-model metrics calls
 CARD_LIMIT = 24  # beyond this many, the table alone (cards stop being "at a glance")
@@ -34,56 +37,137 @@ def _card(m: dict, metrics: dict) -> None:
         cols[0].metric("Replicas", m.get("replicas", metrics.get("replicas", 0)))
         cols[1].metric("Requests", common.fmt_int(metrics.get("requests")))
         cols[2].metric("p50", common.fmt_ms(metrics.get("p50_ms")))
+        if m.get("drifted"):
+            st.caption(f":orange[⚠ drifted: {', '.join(m['drifted'])}]")
         if m.get("error"):
             st.caption(f":red[{m['error']}]")
         st.page_link(common.PAGE_MODEL, label=f"Open {m['name']}", icon=":material/open_in_new:",
                      query_params={"model": m["name"]})
 
 
+PAGE_SIZES = (25, 50, 100, 200)
+
+
+def _selectors(text: str) -> list[str]:
+    """`customer=acme, team!=x  tier` -> the label selectors the API takes, one each."""
+    return [part for part in text.replace(",", " ").split() if part]
+
+
+def _filters() -> tuple[list[str], str, str, int]:
+    """The search box, owner and label selectors and the page size; a change starts at page 1."""
+    cols = st.columns([3, 2, 3, 1])
+    q = cols[0].text_input("Search", key="models_q", placeholder="name, description, owner or label value",
+                           max_chars=200)
+    owner = cols[1].text_input("Owner", key="models_owner", placeholder="exact, e.g. fundraising-analytics")
+    labels = cols[2].text_input("Labels", key="models_labels", placeholder="customer=acme team!=ops tier",
+                                help="Label selectors, all must match: `key=value`, `key!=value`, or `key` "
+                                     "(has the label); separate them with spaces or commas.")
+    limit = cols[3].selectbox("Per page", PAGE_SIZES, index=1, key="models_limit")
+    selectors = _selectors(labels)
+    signature = (q.strip(), owner.strip(), tuple(selectors), limit)
+    if st.session_state.get("models_signature") != signature:
+        st.session_state["models_signature"] = signature
+        st.session_state["models_pages"] = []   # the `after` of each page before this one
+    return selectors, owner.strip(), q.strip(), limit
+
+
+def _next(after: str) -> None:
+    st.session_state.setdefault("models_pages", []).append(after)
+
+
+def _previous() -> None:
+    pages = st.session_state.setdefault("models_pages", [])
+    if pages:
+        pages.pop()
+
+
+def _drift_text(m: dict) -> str:
+    drifted = m.get("drifted") or []
+    return f"⚠ drifted ({', '.join(drifted)})" if drifted else ""
+
+
+def _number(value) -> float:
+    """A metric as a float, NaN when unknown: the table shows a dash, never `None`."""
+    try:
+        return float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def overview() -> None:
     client = common.client()
-    models = client.models()
+    selectors, owner, q, limit = _filters()
+    filtered = bool(selectors or owner or q)
+    pages = st.session_state.setdefault("models_pages", [])
+    try:
+        page = client.models_page(label=selectors, owner=owner or None, q=q or None, limit=limit,
+                                  after=pages[-1] if pages else None)
+    except ControlError as err:
+        if err.status == 400:
+            st.warning(f"The filter is not understood: {err.message}")
+            return
+        raise
+    models, total = page["models"], page["total"]
+    if not models and pages:        # the list shrank under this page: back to the first
+        pages.clear()
+        page = client.models_page(label=selectors, owner=owner or None, q=q or None, limit=limit)
+        models, total = page["models"], page["total"]
     if not models:
-        st.info("No models are registered yet. Put a model folder under `models/` and run "
-                "`modelplane deploy models/<name>` (or restart `modelplane up`).")
+        if filtered:
+            st.info("No model matches these filters.")
+        else:
+            st.info("No models are registered yet. Put a model folder under `models/` and run "
+                    "`modelplane deploy models/<name>` (or restart `modelplane up`).")
         return
     details = _details(client, models)
 
     counts = {s: sum(1 for m in models if m.get("status") == s) for s in common.MODEL_STATUS}
-    cols = st.columns(5)
-    cols[0].metric("Models", len(models))
+    cols = st.columns(6)
+    cols[0].metric("Matching" if filtered else "Models", f"{total:,}")
     cols[1].metric("Ready", counts["ready"])
     cols[2].metric("Idle (scaled to zero)", counts["idle"])
     cols[3].metric("Starting", counts["starting"])
     cols[4].metric("Failed", counts["failed"])
+    cols[5].metric("Drifted", sum(1 for m in models if m.get("drifted")))
 
     rows = []
     for m in models:
         metrics = common.metrics_of(details.get(m["name"], {}))
+        labels = m.get("labels") or {}
         rows.append({
             "Model": m["name"],
             "Status": common.status_label(m.get("status")),
+            "Drift": _drift_text(m),
+            "Owner": m.get("owner") or "",
+            "Labels": ", ".join(f"{k}={v}" for k, v in sorted(labels.items())),
             "Kind": m.get("kind"),
             "Language": m.get("language"),
             "Live version": m.get("version"),
             "Replicas": m.get("replicas", 0),
-            "Requests": metrics.get("requests"),
-            "p50 (ms)": metrics.get("p50_ms"),
+            "Requests": _number(metrics.get("requests")),
+            "p50 (ms)": _number(metrics.get("p50_ms")),
             "Endpoint": m.get("endpoint") or "",
             "Error": m.get("error") or "",
         })
     table = pd.DataFrame(rows)
-    st.dataframe(
-        common.styled(table),
-        hide_index=True,
-        column_config={"p50 (ms)": st.column_config.NumberColumn(format="%.1f"),
-                       "Requests": st.column_config.NumberColumn(format="%d")},
-    )
+    st.dataframe(common.styled(table), hide_index=True)
+    first = len(pages) * limit + 1
+    nav = st.columns([1, 1, 6])
+    nav[0].button("← Previous", key="models_prev", disabled=not pages, on_click=_previous)
+    nav[1].button("Next →", key="models_next", disabled=page["next"] is None, on_click=_next,
+                  args=(page["next"],))
+    nav[2].caption(f"Models {first:,}–{first + len(models) - 1:,} of {total:,}"
+                   + (" matching" if filtered else "") + (" · status counts are this page's" if total > len(models)
+                                                          else ""))
+    if any(m.get("drifted") for m in models):
+        st.warning("Drifted: " + ", ".join(f"**{m['name']}** ({', '.join(m['drifted'])})" for m in models
+                                           if m.get("drifted"))
+                   + " — recent scores moved away from the version's reference; open the model for its chart.")
     if len(models) > DETAIL_LIMIT:
-        st.caption(f"Requests and latency shown for the first {DETAIL_LIMIT} models; "
+        st.caption(f"Requests and latency shown for the first {DETAIL_LIMIT} models of the page; "
                    "open a model for its own numbers.")
 
-    if len(models) <= CARD_LIMIT:
+    if len(models) <= CARD_LIMIT and not pages and total <= CARD_LIMIT:
         grid = st.columns(min(4, len(models)))
         for i, m in enumerate(models):
             with grid[i % len(grid)]:

@@ -1,4 +1,4 @@
-"""Models: list (a snapshot, paged, with an ETag), deploy, one model, remove, roll back."""
+"""Models: list (a snapshot, filtered, paged, with an ETag), deploy, one model, remove, roll back."""
 from __future__ import annotations
 
 import bisect
@@ -6,6 +6,8 @@ import hashlib
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
@@ -22,9 +24,42 @@ from control.uploads import extract_model
 MODEL_ARCHIVE_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar", "application/octet-stream")
 
 
+#: Encoded answers (and filtered row lists) a snapshot keeps, least recently used evicted first,
+#: and the bytes those answers may hold in all (a broad filter's answer is nearly the whole list).
+ANSWERS_CACHED = 64
+ANSWER_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Filter:
+    """What `GET /api/models` was asked for: label selectors, an owner, a search text (lowercase)."""
+
+    selectors: tuple[tuple[str, str, Optional[str]], ...] = ()
+    owner: Optional[str] = None
+    q: Optional[str] = None
+
+    @classmethod
+    def of(cls, query) -> "Filter":
+        return cls(tuple(s.parse_label_selector(text) for text in query.label), query.owner or None,
+                   query.q.lower() if query.q else None)
+
+    def __bool__(self) -> bool:
+        return bool(self.selectors or self.owner is not None or self.q)
+
+    def link_params(self, query) -> str:
+        """The filters as the next page's link carries them (as they were sent)."""
+        out = "".join(f"&label={quote(text, safe='')}" for text in query.label)
+        if self.owner is not None:
+            out += f"&owner={quote(self.owner, safe='')}"
+        if query.q:
+            out += f"&q={quote(query.q, safe='')}"
+        return out
+
+
 class Snapshot:
-    """The encoded list, each model's byte span in it (a page is a slice, never a re-encoding)
-    and an ETag of the whole. Never changed once built."""
+    """The encoded list, each model's byte span in it (a page is a slice, never a re-encoding),
+    each row's owner, labels and lowercase search text (a filter never re-reads the rows), and
+    an ETag of the whole. Never changed once built, but for its small cache of answers."""
 
     def __init__(self, infos: list[dict]):
         parts, spans, at = [], [], 1
@@ -36,16 +71,82 @@ class Snapshot:
         self.body = b"[" + b",".join(parts) + b"]"
         self.spans = spans
         self.names = [m["name"] for m in infos]
+        self.owners = [m.get("owner") or "" for m in infos]
+        self.labels = [m.get("labels") or {} for m in infos]
+        self.texts = ["\0".join((m["name"], m.get("description") or "", m.get("owner") or "",
+                                  *(m.get("labels") or {}).values())).lower() for m in infos]
         self.etag = _etag(self.body)
+        self._lock = threading.Lock()
+        self._answers: OrderedDict = OrderedDict()
+        self._answer_bytes = 0
+        self._matches: OrderedDict = OrderedDict()
 
     def page(self, after: Optional[str], limit: Optional[int]) -> tuple[bytes, str, Optional[str]]:
         """(the JSON list of the page, its ETag, the name to page after for the next one or None)."""
-        start = bisect.bisect_right(self.names, after) if after else 0
-        end = len(self.names) if limit is None else min(len(self.names), start + limit)
-        if start == 0 and end == len(self.names):
-            return self.body, self.etag, None
-        body = b"[" + self.body[self.spans[start][0]:self.spans[end - 1][1]] + b"]" if start < end else b"[]"
-        return body, _etag(body), self.names[end - 1] if start < end < len(self.names) else None
+        body, etag, next_after, _ = self.answer(Filter(), after, limit)
+        return body, etag, next_after
+
+    def answer(self, wanted: Filter, after: Optional[str], limit: Optional[int]
+               ) -> tuple[bytes, str, Optional[str], int]:
+        """(the JSON list of the page of the models `wanted` matches, its ETag, the name to page
+        after for the next page or None, how many models match in all)."""
+        if not wanted and after is None and limit is None:
+            return self.body, self.etag, None, len(self.names)
+        key = (wanted, after, limit)
+        with self._lock:
+            hit = self._answers.get(key)
+            if hit is not None:
+                self._answers.move_to_end(key)
+                return hit
+        rows, names = self._match(wanted)
+        start = bisect.bisect_right(names, after) if after else 0
+        end = len(names) if limit is None else min(len(names), start + limit)
+        if rows is None:
+            body = b"[" + self.body[self.spans[start][0]:self.spans[end - 1][1]] + b"]" if start < end else b"[]"
+        else:
+            body = b"[" + b",".join(self.body[self.spans[i][0]:self.spans[i][1]] for i in rows[start:end]) + b"]"
+        etag = _etag(self.etag.encode() + repr(key).encode())
+        answer = (body, etag, names[end - 1] if start < end < len(names) else None, len(names))
+        if len(body) <= ANSWER_BYTES // 4:
+            with self._lock:
+                if key not in self._answers:
+                    self._answers[key] = answer
+                    self._answer_bytes += len(body)
+                while len(self._answers) > ANSWERS_CACHED or self._answer_bytes > ANSWER_BYTES:
+                    self._answer_bytes -= len(self._answers.popitem(last=False)[1][0])
+        return answer
+
+    def _match(self, wanted: Filter) -> tuple[Optional[list[int]], list[str]]:
+        """(the indexes of the matching rows, None for all; their names, in order)."""
+        if not wanted:
+            return None, self.names
+        with self._lock:
+            hit = self._matches.get(wanted)
+            if hit is not None:
+                self._matches.move_to_end(wanted)
+                return hit
+        rows = range(len(self.names))
+        if wanted.owner is not None:
+            owner, owners = wanted.owner, self.owners
+            rows = [i for i in rows if owners[i] == owner]
+        for key, op, value in wanted.selectors:
+            labels = self.labels
+            if op == "exists":
+                rows = [i for i in rows if key in labels[i]]
+            elif op == "=":
+                rows = [i for i in rows if labels[i].get(key) == value]
+            else:
+                rows = [i for i in rows if labels[i].get(key) != value]
+        if wanted.q:
+            q, texts = wanted.q, self.texts
+            rows = [i for i in rows if q in texts[i]]
+        rows = list(rows)
+        hit = (rows, [self.names[i] for i in rows])
+        with self._lock:
+            self._matches[wanted] = hit
+            while len(self._matches) > ANSWERS_CACHED:
+                self._matches.popitem(last=False)
+        return hit
 
 
 def _etag(body: bytes) -> str:
@@ -57,7 +158,7 @@ class ModelList:
 
     The runtime's `models_generation()` changes whenever a model, a version, the live pointer
     or a replica's state does (None: it cannot tell, so every call rebuilds); registration
-    failures are part of the key too.
+    failures and the score monitor's drift flags (its `generation`) are part of the key too.
     """
 
     def __init__(self, plane):
@@ -69,7 +170,7 @@ class ModelList:
     def current(self) -> Snapshot:
         gen = self.plane.runtime.models_generation()
         failed = tuple((k, v["error"]) for k, v in sorted(self.plane.failed.items()))
-        key = (gen, failed) if gen is not None else object()
+        key = (gen, failed, self.plane.monitor.generation) if gen is not None else object()
         with self._lock:
             if key != self._key or self._snapshot is None:
                 self._snapshot = Snapshot(self._infos())
@@ -84,6 +185,9 @@ class ModelList:
                 known[entry["name"]]["error"] = entry["error"]
             else:
                 infos.append(self.plane.failed_info(entry))
+        flags = self.plane.monitor.flags()
+        for info in infos:
+            info["drifted"] = flags.get(info["name"], [])
         infos.sort(key=lambda m: m["name"])
         return infos
 
@@ -92,17 +196,23 @@ def routes(plane) -> Routes:
     r = Routes("models")
     settings, runtime, guard = plane.settings, plane.runtime, plane.guard
     listing = ModelList(plane)
-    list_spec = s.RouteSpec("GET", "/api/models", "List the models (paged with limit/after; ETag)",
+    list_spec = s.RouteSpec("GET", "/api/models", "List the models, filtered by label, owner or text "
+                            "(paged with limit/after; ETag)",
                             [s.Answer(200, list[s.ModelSummary])], query=s.ModelsQuery, tag="models")
 
     @r(list_spec)
     def list_models():
-        q = query(list_spec)
+        args = request.args.to_dict()
+        if "label" in request.args:
+            args["label"] = request.args.getlist("label")   # repeatable: every selector must match
+        q = s.validate(s.ModelsQuery, args, where="query")
+        wanted = Filter.of(q)
         snapshot = listing.current()
-        body, etag, next_after = snapshot.page(q.after, q.limit)
-        headers = {"ETag": etag, "X-Total-Count": str(len(snapshot.names))}
+        body, etag, next_after, total = snapshot.answer(wanted, q.after, q.limit)
+        headers = {"ETag": etag, "X-Total-Count": str(total)}
         if next_after is not None:
-            headers["Link"] = f'</api/models?limit={q.limit}&after={quote(next_after)}>; rel="next"'
+            headers["Link"] = (f'</api/models?limit={q.limit}&after={quote(next_after)}'
+                               f'{wanted.link_params(q)}>; rel="next"')
         if etag in {t.strip() for t in (request.headers.get("If-None-Match") or "").split(",")}:
             return Response(status=304, headers=headers)
         return Response(body, mimetype="application/json", headers=headers)

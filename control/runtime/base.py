@@ -40,11 +40,16 @@ class ModelInfo:
     endpoint: Optional[str] = None
     error: Optional[str] = None
     description: str = ""
+    owner: str = ""
+    labels: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        # Every field is a scalar: a shallow copy is the same as asdict() at a fraction of the
-        # cost, which matters when the API lists thousands of models.
-        return dict(self.__dict__)
+        # Every field but `labels` (a flat dict of strings) is a scalar: a shallow copy, with
+        # the labels copied too, is the same as asdict() at a fraction of the cost, which
+        # matters when the API lists thousands of models.
+        out = dict(self.__dict__)
+        out["labels"] = dict(self.labels)
+        return out
 
 
 @dataclass

@@ -512,7 +512,8 @@ class KnativeRuntime(Runtime):
         endpoint = status_obj.get("url")
         common = dict(name=name, kind="realtime", language=manifest.language if manifest else "other",
                       version=live_version, status=status, replicas=replicas, endpoint=endpoint, error=error,
-                      description=manifest.description if manifest else "")
+                      description=manifest.description if manifest else "",
+                      owner=manifest.owner if manifest else "", labels=dict(manifest.labels) if manifest else {})
         if brief:
             return ModelInfo(**common)
         versions = [VersionInfo(version=v, deployed_at=history[v].get("deployed_at", ""), live=v == live_version)
@@ -551,7 +552,8 @@ class KnativeRuntime(Runtime):
         endpoint = ((live_sink or {}).get("status") or {}).get("address", {}).get("url") if live_sink else None
         common = dict(name=name, kind="batch", language=manifest.language if manifest else "other",
                       version=manifest.version if manifest else None, status=status, replicas=active,
-                      endpoint=endpoint, error=error, description=manifest.description if manifest else "")
+                      endpoint=endpoint, error=error, description=manifest.description if manifest else "",
+                      owner=manifest.owner if manifest else "", labels=dict(manifest.labels) if manifest else {})
         if brief:
             return ModelInfo(**common)
         by_version = {_sink_version(s): s for s in sinks.values()}

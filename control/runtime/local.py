@@ -249,7 +249,8 @@ class LocalRuntime(Runtime):
             endpoint = f"gs://{self.settings.bucket_name}/incoming/{record.name}/"
         return cls(name=record.name, kind=m.get("kind"), language=m.get("language"), version=live.version,
                    status=status, replicas=replicas, endpoint=endpoint, error=error,
-                   description=m.get("description", ""))
+                   description=m.get("description", ""), owner=m.get("owner", ""),
+                   labels=dict(m.get("labels") or {}))
 
     # -- realtime -----------------------------------------------------------------------
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
