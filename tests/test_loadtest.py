@@ -30,7 +30,10 @@ EXPECTED = ["adapter_overhead_p50_c1", "adapter_overhead_p50_c8", "adapter_overh
             # issue 11's targets, each against its same-run baseline
             "adapter_rps_ratio_c8", "adapter_overhead_p50_100rows", "adapter_idle_rss", "control_vs_adapter_p50_c1",
             "control_vs_adapter_p50_c8", "control_vs_adapter_p50_c32", "control_vs_adapter_rps_c8",
-            "read_growth_page_of_100", "read_growth_one_model", "read_growth_jobs", "read_growth_list_etag"]
+            "read_growth_page_of_100", "read_growth_one_model", "read_growth_jobs", "read_growth_list_etag",
+            # issue 12: the catalog's filtered list, and what a rollout costs the live traffic
+            "list_models_filtered_ms", "rollout_split_p50_ratio_c1", "rollout_split_p50_ratio_c8",
+            "rollout_shadow_p50_ratio_c1", "rollout_shadow_p50_ratio_c8"]
 
 
 def finite(x) -> bool:
