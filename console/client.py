@@ -206,14 +206,15 @@ class ControlClient:
         return {"models": list(models), "total": int(total) if total.isdigit() else len(models),
                 "next": after_next}
 
-    def model_names(self, *, include: Optional[str] = None, limit: int = 500) -> list[str]:
-        """The first `limit` model names (a selector's choices stay bounded whatever the plane
-        holds), plus `include` if that model exists beyond them."""
-        names = [m["name"] for m in self.models_page(limit=limit)["models"]]
+    def model_names(self, *, include: Optional[str] = None, limit: int = 500, kind: Optional[str] = None) -> list[str]:
+        """The first `limit` model names (of one `kind`, if given: a selector's choices stay
+        bounded whatever the plane holds), plus `include` if that model exists beyond them."""
+        page = self._json("GET", "/api/models", params={"limit": limit, **({"kind": kind} if kind else {})})
+        names = [m["name"] for m in page]
         if include and include not in names:
             try:
-                self.model(include)
-                names = sorted([*names, include])
+                if kind is None or self.model(include).get("kind") == kind:
+                    names = sorted([*names, include])
             except ControlError as err:
                 if isinstance(err, (Unreachable, Unauthorized)):
                     raise

@@ -115,6 +115,7 @@ class ModelsQuery(_Closed):
                                  "empty: no filter)")
     q: Optional[str] = Field(None, max_length=MAX_SEARCH, description="case-insensitive text searched in the "
                              "name, description, owner and label values")
+    kind: Optional[Literal["realtime", "batch"]] = Field(None, description="only realtime or only batch models")
 
     @field_validator("label")
     @classmethod

@@ -344,3 +344,20 @@ def test_console_models_page_flags_drift_and_shows_no_none_for_missing_latency(m
     # a model nobody called has no latency: a number column with a gap (shown as a dash), never None
     assert frame["p50 (ms)"].dtype.kind == "f" and frame["p50 (ms)"].isna().all()
     assert frame["Requests"].dtype.kind == "f"
+
+
+def test_kind_filters_the_list_and_travels_in_the_next_link(catalog):
+    server = catalog
+    everything = api.get(f"{server.url}/api/models").json()
+    for kind in ("batch", "realtime"):
+        r = api.get(f"{server.url}/api/models", params={"kind": kind})
+        assert r.status_code == 200
+        assert [m["name"] for m in r.json()] == [m["name"] for m in everything if m["kind"] == kind]
+        assert r.headers["X-Total-Count"] == str(len(r.json()))
+    kinds = {m["kind"] for m in everything}
+    assert kinds == {"realtime", "batch"}, kinds   # the catalog has both, so the filter can fail
+    kind = max(kinds, key=lambda k: sum(m["kind"] == k for m in everything))
+    r = api.get(f"{server.url}/api/models", params={"kind": kind, "limit": 1})
+    assert f"kind={kind}" in r.headers["Link"]
+    r = api.get(f"{server.url}/api/models", params={"kind": "streaming"})
+    assert r.status_code == 400 and "kind" in r.json()["error"]

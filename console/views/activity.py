@@ -90,7 +90,7 @@ def activity(names: list[str]) -> None:
 
 def page() -> None:
     st.title("Activity")
-    names = [m["name"] for m in common.client().models()]
+    names = common.client().model_names(include=None)
     if not names:
         st.info("No models are registered yet.")
         return

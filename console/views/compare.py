@@ -181,11 +181,10 @@ def page() -> None:
     st.caption("Score the same rows with two versions of a model: how far apart their scores are, whether "
                "the distribution moved, and which decisions change.")
     client = common.client()
-    models = [m for m in client.models() if m.get("kind") in ("realtime", "batch")]
-    if not models:
+    names = client.model_names(include=st.session_state.get("model") or st.query_params.get("model"))
+    if not names:
         st.info("No models are registered yet.")
         return
-    names = [m["name"] for m in models]
     model = st.selectbox("Model", names, key="model", bind="query-params")
     detail = client.model(model)
     versions = [v["version"] for v in detail.get("versions") or []]

@@ -161,8 +161,8 @@ def jobs_view(model: str) -> None:
 
 def page() -> None:
     st.title("Jobs")
-    models = common.client().models()
-    batch = [m["name"] for m in models if m.get("kind") == "batch"]
+    batch = common.client().model_names(kind="batch",
+                                        include=st.session_state.get("batch") or st.query_params.get("batch"))
     if not batch:
         st.info("No batch models are registered. A batch model's manifest says `kind: batch`.")
         return

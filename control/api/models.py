@@ -37,14 +37,15 @@ class Filter:
     selectors: tuple[tuple[str, str, Optional[str]], ...] = ()
     owner: Optional[str] = None
     q: Optional[str] = None
+    kind: Optional[str] = None
 
     @classmethod
     def of(cls, query) -> "Filter":
         return cls(tuple(s.parse_label_selector(text) for text in query.label), query.owner or None,
-                   query.q.lower() if query.q else None)
+                   query.q.lower() if query.q else None, query.kind)
 
     def __bool__(self) -> bool:
-        return bool(self.selectors or self.owner is not None or self.q)
+        return bool(self.selectors or self.owner is not None or self.q or self.kind)
 
     def link_params(self, query) -> str:
         """The filters as the next page's link carries them (as they were sent)."""
@@ -53,6 +54,8 @@ class Filter:
             out += f"&owner={quote(self.owner, safe='')}"
         if query.q:
             out += f"&q={quote(query.q, safe='')}"
+        if self.kind:
+            out += f"&kind={self.kind}"
         return out
 
 
@@ -72,6 +75,7 @@ class Snapshot:
         self.spans = spans
         self.names = [m["name"] for m in infos]
         self.owners = [m.get("owner") or "" for m in infos]
+        self.kinds = [m.get("kind") for m in infos]
         self.labels = [m.get("labels") or {} for m in infos]
         self.texts = ["\0".join((m["name"], m.get("description") or "", m.get("owner") or "",
                                   *(m.get("labels") or {}).values())).lower() for m in infos]
@@ -126,6 +130,9 @@ class Snapshot:
                 self._matches.move_to_end(wanted)
                 return hit
         rows = range(len(self.names))
+        if wanted.kind is not None:
+            kind, kinds = wanted.kind, self.kinds
+            rows = [i for i in rows if kinds[i] == kind]
         if wanted.owner is not None:
             owner, owners = wanted.owner, self.owners
             rows = [i for i in rows if owners[i] == owner]
