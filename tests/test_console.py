@@ -256,6 +256,25 @@ def test_traffic_tab_rolls_out_with_a_slider_and_promotes(console, plane, tmp_pa
         assert any("1.0.2 answers 30% of requests, shadow 10%." in s.value for s in at.success)
         split = frame_with(at, "Share of requests").set_index("Version")
         assert (split.loc["1.0.0", "Share of requests"], split.loc["1.0.2", "Share of requests"]) == ("70%", "30%")
+        # the shadow: every live request copied to 1.0.2, compared on the page like a comparison
+        assert API.post(f"{plane.url}/api/models/{REALTIME}/rollout",
+                        json={"version": "1.0.2", "percent": 0, "shadow": 100}, timeout=30).status_code == 200
+        rows = pd.read_csv(io.BytesIO(sample(REALTIME))).head(5)
+        body = rows.to_csv(index=False).encode()
+        for _ in range(4):
+            r = API.post(f"{plane.url}/models/{REALTIME}/predict", data=body, timeout=60,
+                         headers={"Content-Type": "text/csv", "Accept": "application/json"})
+            assert r.status_code == 200 and r.json()["version"] == "1.0.0", r.text
+        deadline = time.monotonic() + 60
+        while API.get(f"{plane.url}/api/models/{REALTIME}/shadow", timeout=10).json()["requests"] < 4:
+            assert time.monotonic() < deadline, "the shadow copies were never recorded"
+            time.sleep(0.2)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert "Shadow: 1.0.2 beside 1.0.0" in texts(at)
+        assert metric(at, "Rows compared").value == "20" and metric(at, "Identical rows").value == "20"
+        specs = [c.proto.spec for c in at.get("arrow_vega_lite_chart") + at.get("vega_lite_chart")]
+        assert any("Scores of 1.0.0 and 1.0.2 on the same rows" in spec for spec in specs), specs
         at.button(key=f"promote-{REALTIME}").click().run()
         assert not at.exception, [e.value for e in at.exception]
         t = API.get(f"{plane.url}/api/models/{REALTIME}/traffic", timeout=10).json()

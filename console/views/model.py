@@ -14,6 +14,7 @@ import streamlit as st
 from console import common
 from console.views import monitoring
 from console.client import ControlError, Invalid
+from console.comparison import show_report
 
 DEFAULT_MAX_ROWS = 10_000
 
@@ -369,13 +370,7 @@ def shadow_report(name: str) -> None:
         return
     st.number_input("Decision threshold (count rows whose decision flips)", value=None,
                     key=f"shadow-threshold-{name}", placeholder="none")
-    cols = st.columns(4)
-    cols[0].metric("Rows compared", common.fmt_int(c["rows"]))
-    cols[1].metric("Mean |difference|", f"{c['difference']['mean_abs']:.4g}")
-    cols[2].metric("PSI", f"{c['drift']['psi']:.3f}" if c["drift"]["psi"] is not None else "—")
-    cols[3].metric("KS", f"{c['drift']['ks']:.3f}" if c["drift"]["ks"] is not None else "—")
-    if "flips" in c:
-        st.caption(f"Decisions flipped at {c['threshold']}: **{c['flips']['count']:,}** of {c['rows']:,} rows")
+    show_report({"report": c})
 
 
 # -- page ---------------------------------------------------------------------------------
