@@ -138,6 +138,15 @@ def _shot(driver, name: str) -> Path:
     return path
 
 
+def _no_deploy_button(driver) -> None:
+    """console/.streamlit/config.toml sets client.toolbarMode = "viewer": Streamlit's own "Deploy"
+    button (shown on loopback by default) is not in the top bar; the toolbar itself is drawn."""
+    WebDriverWait(driver, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stToolbar']")))
+    time.sleep(1.0)  # the toolbar's actions are drawn after the toolbar
+    assert not driver.find_elements(By.CSS_SELECTOR, "[data-testid='stAppDeployButton']")
+    assert not driver.find_elements(By.XPATH, "//header//button[normalize-space()='Deploy']")
+
+
 def _click(driver, xpath: str, timeout: float = 30):
     el = WebDriverWait(driver, timeout).until(EC.element_to_be_clickable((By.XPATH, xpath)))
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
@@ -152,6 +161,7 @@ def test_browse_models_open_one_submit_the_form_and_see_a_score(servers, browser
     for name in ("donor-propensity", "major-gift", "churn-risk", "member-retention"):
         _text_appears(driver, f"Open {name}")
     _shot(driver, "01-models.png")
+    _no_deploy_button(driver)
 
     _click(driver, f"//a[.//*[normalize-space()='Open {MODEL}'] or normalize-space()='Open {MODEL}']")
     _text_appears(driver, "Fields marked * are required")
