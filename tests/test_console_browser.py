@@ -24,6 +24,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = ROOT / "artifacts" / "console"
 TOKEN = "browser-test-token"
 MODEL = "donor-propensity"
+SLOW_BATCH = ROOT / "tests" / "fixtures" / "progress" / "slow-batch"  # scores a row every 0.1 s
 
 pytestmark = [
     pytest.mark.slow,
@@ -78,9 +79,12 @@ def servers(gcs, tmp_path_factory):
     """The control service (`control.server.serve`) and the console, each a subprocess."""
     tmp = tmp_path_factory.mktemp("browser")
     control_port, console_port = free_port(), free_port()
+    models = tmp / "models"  # the examples, and a batch model slow enough to watch its progress
+    shutil.copytree(MODELS, models)
+    shutil.copytree(SLOW_BATCH, models / SLOW_BATCH.name)
     env = {**os.environ,
            "MODELPLANE_HOST": "127.0.0.1", "MODELPLANE_PORT": str(control_port),
-           "MODELPLANE_STATE_DIR": str(tmp / "state"), "MODELPLANE_MODELS_DIR": str(MODELS),
+           "MODELPLANE_STATE_DIR": str(tmp / "state"), "MODELPLANE_MODELS_DIR": str(models),
            "MODELPLANE_BUCKET": gcs.bucket, "MODELPLANE_TOKEN": TOKEN,
            "MODELPLANE_URL": f"http://127.0.0.1:{control_port}",
            "STORAGE_EMULATOR_HOST": gcs.endpoint, "PYTHONUNBUFFERED": "1"}
@@ -204,3 +208,20 @@ def test_browse_models_open_one_submit_the_form_and_see_a_score(servers, browser
     _text_appears(driver, "Drop a dataset")
     _shot(driver, "06-jobs.png")
     assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_a_running_job_shows_a_progress_bar(servers, browser, gcs, gcs_client):
+    rows = "x,delay\n" + "".join(f"{i},\n" for i in range(300))  # ~30 s of scoring
+    gcs_client.bucket(gcs.bucket).blob("data/browser-progress.csv").upload_from_string(rows)
+    r = requests.post(f"{servers['control']}/api/models/{SLOW_BATCH.name}/jobs",
+                      json={"dataset": f"gs://{gcs.bucket}/data/browser-progress.csv"},
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    driver = browser
+    driver.get(servers["console"] + f"/jobs?batch={SLOW_BATCH.name}")
+    _text_appears(driver, "/ 300 rows scored", timeout=90)
+    bar = WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stProgress']")))
+    assert job_id in bar.text or job_id in driver.find_element(By.TAG_NAME, "body").text
+    _shot(driver, "07-job-progress.png")
