@@ -492,7 +492,8 @@ class FollowThread:
                 if self._stop.wait(FOLLOW_INTERVAL):
                     break
             while self._drain and self.follower.poll():  # the rest, written before the model exited
-                self._report()
+                pass
+            self._report()
         except BaseException as e:  # noqa: BLE001 - reported by `stop`
             self.error = e
 
