@@ -49,6 +49,9 @@ KILL_GRACE_SECONDS = 5.0
 LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 8192
 FOLLOW_INTERVAL = 0.05  # seconds between looks at the results file while the model runs (not after it exits)
+PROGRESS_FILE = "progress.json"  # in the work folder: rows scored so far, for whoever runs the job
+PROGRESS_INTERVAL = 0.25  # seconds: the progress file is rewritten at most this often
+PROGRESS_LOG_INTERVAL = 5.0  # seconds: a Knative Job's adapter logs a progress line at most this often
 FOLLOW_READ = 256 << 10  # the follower reads (and checks) this much at a time: it runs beside the row
                          # check, so its lists of lines stay small and the adapter's memory flat
 
@@ -428,6 +431,13 @@ class ResultsFollower:
             return False
         return more
 
+    @property
+    def scored(self) -> int | None:
+        """Scores checked so far; None once the file cannot be followed (the final check counts them)."""
+        if not self.usable:
+            return None
+        return self.stream.count if self.stream is not None else 0
+
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
@@ -464,8 +474,9 @@ class FollowThread:
     """Runs a ResultsFollower beside the model: reads what is appended every FOLLOW_INTERVAL while
     the model runs, and everything left the moment `stop` is called (the model has exited)."""
 
-    def __init__(self, follower: ResultsFollower):
+    def __init__(self, follower: ResultsFollower, progress: Progress | None = None):
         self.follower = follower
+        self.progress = progress  # told the scores checked after every read (it throttles itself)
         self._stop = threading.Event()
         self._drain = True
         self.error: BaseException | None = None
@@ -476,13 +487,19 @@ class FollowThread:
         try:
             while True:
                 while self.follower.poll() and not self._stop.is_set():
-                    pass
+                    self._report()
+                self._report()
                 if self._stop.wait(FOLLOW_INTERVAL):
                     break
             while self._drain and self.follower.poll():  # the rest, written before the model exited
                 pass
+            self._report()
         except BaseException as e:  # noqa: BLE001 - reported by `stop`
             self.error = e
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress.update(scored=self.follower.scored)
 
     def stop(self, *, drain: bool = True) -> None:
         """Read to the end of what is there now (unless not `drain`: the job failed, and a model
@@ -492,6 +509,60 @@ class FollowThread:
         self._thread.join()
         if self.error is not None:
             raise self.error
+
+
+class Progress:
+    """A running job's progress — rows scored so far, the dataset's rows (once they are checked),
+    when scoring began — published as a small JSON file (`PROGRESS_FILE` in the work folder),
+    rewritten by rename (a reader sees the old or the new document, never half of one) at most
+    every `interval` seconds, and at once when the total becomes known or the job ends. With no
+    path it only keeps the numbers. Any thread may call `update`; writing never fails the job.
+
+    The document: `{"rows_scored", "rows_total", "updated_at", "first_at", "first_rows", "done"}`,
+    times in seconds since the epoch; `first_at`/`first_rows` are the first moment scores were
+    seen and how many, so a reader estimates the rate of scoring without the model's start-up."""
+
+    def __init__(self, path: Path | None, *, interval: float = PROGRESS_INTERVAL):
+        self.path = path
+        self.interval = interval
+        self.scored: int | None = 0
+        self.total: int | None = None
+        self.first_at: float | None = None
+        self.first_rows = 0
+        self.done = False
+        self._next: float | None = None  # monotonic time before which nothing is written; None: write now
+        self._lock = threading.Lock()
+
+    def update(self, *, scored: int | None = None, total: int | None = None, final: bool = False) -> None:
+        now = time.monotonic()
+        changed = False
+        if scored is not None and scored != self.scored:
+            if self.first_at is None and scored > 0:
+                self.first_at, self.first_rows = time.time(), scored
+            self.scored, changed = scored, True
+        if total is not None:
+            self.total = total
+        if final:
+            self.done = True
+        urgent = total is not None or final or self._next is None
+        # unchanged, it is rewritten only now and then: `updated_at` tells a reader it is alive
+        if not urgent and now < (self._next if changed else self._next + 3 * self.interval):
+            return
+        self._write(now)
+
+    def document(self) -> dict:
+        return {"rows_scored": self.scored, "rows_total": self.total, "updated_at": round(time.time(), 3),
+                "first_at": None if self.first_at is None else round(self.first_at, 3), "first_rows": self.first_rows, "done": self.done}
+
+    def _write(self, now: float) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            self._next = now + self.interval
+            try:
+                _write_atomic(self.path, json.dumps(self.document()))
+            except OSError as e:  # progress is a courtesy: the job goes on without it
+                log.debug("progress: %s", e)
 
 
 def _count_scores_csv(f, column: int) -> int:
@@ -769,6 +840,9 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
     work.mkdir(parents=True, exist_ok=True)
     tail: OutputTail | None = None
     upload: storage.ScoresUpload | None = None
+    # rows scored so far, for the runtime that asked for this work folder (none for a temporary one)
+    progress = Progress(None if own_work else work / PROGRESS_FILE)
+    (work / PROGRESS_FILE).unlink(missing_ok=True)
     try:
         dataset = _fetch(spec, work, job)
         job.mark("fetched")
@@ -784,7 +858,7 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
         deadline = time.monotonic() + manifest.batch.timeout_seconds
         tail = OutputTail(proc.stdout)
         follower = ResultsFollower(results, sink=upload.write if upload else None)
-        following = FollowThread(follower)
+        following = FollowThread(follower, progress)
         try:
             # both overlap with the model's own run: count and check the input rows here (a bad
             # one stops the model), check (and upload) scores as they are written in `following`
@@ -792,6 +866,7 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
             job.mark("rows_checked")
             job.result["input"]["md5"] = md5
             job.result["rows"] = n_rows
+            progress.update(total=n_rows)
             status = wait_exit(proc, deadline - time.monotonic())
             if status is None:
                 raise subprocess.TimeoutExpired(manifest.command, manifest.batch.timeout_seconds)
@@ -821,9 +896,11 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
         upload = None
         job.mark("scores_published")
         job.succeed(rows, scores_uri)
+        progress.update(scored=rows, final=True)
         job.store_result()
     except (BatchFailure, StorageError, OSError) as e:
         job.fail(str(e), tail.text() if tail else "", cause=e)
+        progress.update(final=True)  # what it reached, kept
         job.store_result()
     finally:
         if upload is not None:  # not committed: the job failed, nothing may appear
@@ -947,9 +1024,51 @@ def job_step(manifest: Manifest, spec: JobSpec | None, work: Path, *, error: str
     finally:
         _write_atomic(work / FETCH_DONE, "ok" if fetched else "failed")
     deadline = time.monotonic() + manifest.batch.timeout_seconds + KILL_GRACE_SECONDS + STATUS_GRACE_SECONDS
-    while not (work / MODEL_STATUS).exists() and time.monotonic() < deadline:
-        time.sleep(poll)
-    return publish_step(manifest, work)
+    progress = ProgressLog(result.get("rows"))
+    follower = ResultsFollower(work / SCORES_FILE)
+    try:
+        while not (work / MODEL_STATUS).exists() and time.monotonic() < deadline:
+            while follower.poll():
+                pass
+            progress.update(follower.scored)
+            time.sleep(poll)
+        while follower.poll():  # what the model wrote last: a failed job keeps what it reached
+            pass
+    finally:
+        follower.close()
+    result, code = publish_step(manifest, work)
+    progress.update(result.get("rows") if code == 0 else follower.scored, final=True)
+    return result, code
+
+
+PROGRESS_LOG_KEY = "progress"
+
+
+class ProgressLog:
+    """A Knative Job's progress, for the control service that reads the adapter container's log:
+    a line `{"progress": {...}}` (the document of `Progress`) on stderr when the count changed,
+    at most every PROGRESS_LOG_INTERVAL seconds, and a last one when the job ends."""
+
+    def __init__(self, total: int | None, *, interval: float = PROGRESS_LOG_INTERVAL, stream=None):
+        self.progress = Progress(None)
+        self.progress.total = total
+        self.interval = interval
+        self.stream = stream
+        self._next = 0.0
+        self._logged: int | None = None
+
+    def update(self, scored: int | None, *, final: bool = False) -> None:
+        self.progress.update(scored=scored, final=final)
+        now = time.monotonic()
+        if not final and (now < self._next or self.progress.scored == self._logged):
+            return
+        self._next, self._logged = now + self.interval, self.progress.scored
+        stream = self.stream or sys.stderr
+        try:
+            stream.write(json.dumps({PROGRESS_LOG_KEY: self.progress.document()}) + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def score_step(manifest: Manifest, work: str = "/work") -> dict:

@@ -225,6 +225,12 @@ class JobAnswer(_Closed):
     problems: list[dict[str, Any]] = []
     invalid_values: Optional[int] = None
     score_summary: dict[str, Any] = {}
+    #: progress (control/runtime/base.py `Job`): scores checked so far of the dataset's rows, when
+    #: the adapter last said so, and the seconds left at the rate so far (running jobs only)
+    rows_scored: Optional[int] = None
+    rows_total: Optional[int] = None
+    progress_at: Optional[str] = None
+    eta_seconds: Optional[float] = None
 
 
 class DatasetUploaded(_Closed):

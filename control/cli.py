@@ -481,15 +481,92 @@ def _print_job(job: dict) -> None:
             out(f"  {line}")
 
 
+PROGRESS_LINE_SECONDS = 5.0  # not a terminal: a progress line at most this often (or each 10 %)
+PROGRESS_BAR_WIDTH = 24
+
+
+def _eta_text(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "ETA …"
+    s = int(round(seconds))
+    return f"ETA {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"ETA {s // 60}:{s % 60:02d}"
+
+
+class _JobProgress:
+    """A job's progress on stderr while `run --wait` waits: a bar redrawn in place on a terminal;
+    elsewhere (a log, a pipe) a line when it moved by 10 % or PROGRESS_LINE_SECONDS passed, and
+    the last one when the job ended."""
+
+    def __init__(self, stream=None, *, clock=time.monotonic):
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.clock = clock
+        self._drawn = False
+        self._last: Optional[tuple[float, int, str]] = None  # (when, tenths, text) of the last line
+
+    @staticmethod
+    def text(job: dict) -> Optional[str]:
+        scored, total = job.get("rows_scored"), job.get("rows_total")
+        if scored is None:
+            return None
+        if not total:
+            return f"job {job.get('id')}: {scored:,} rows scored"
+        frac = min(max(scored / total, 0.0), 1.0)
+        fill = int(frac * PROGRESS_BAR_WIDTH)
+        bar = "#" * fill + "-" * (PROGRESS_BAR_WIDTH - fill)
+        eta = f" · {_eta_text(job.get('eta_seconds'))}" if job.get("status") == "running" else ""
+        return f"job {job.get('id')}: [{bar}] {scored:,}/{total:,} rows {frac * 100:3.0f}%{eta}"
+
+    def show(self, job: dict) -> None:
+        text = self.text(job)
+        if text is None:
+            return
+        try:
+            if self.tty:
+                self.stream.write("\r" + text + "\x1b[K")
+                self._drawn = True
+            else:
+                total = job.get("rows_total") or 0
+                tenths = int(10 * job["rows_scored"] / total) if total else 0
+                now = self.clock()
+                last = self._last
+                ended = job.get("status") in ("succeeded", "failed")  # its last line is always shown
+                if last is not None and (text == last[2] or (
+                        not ended and tenths <= last[1] and now - last[0] < PROGRESS_LINE_SECONDS)):
+                    return
+                self._last = (now, tenths, text)
+                self.stream.write(text + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self._drawn:
+            try:
+                self.stream.write("\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+            self._drawn = False
+
+
 def _wait_job(client: Client, job_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
-    while True:
-        job = client.json("GET", f"/api/jobs/{quote(job_id)}")
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        if time.monotonic() > deadline:
-            raise CLIError(f"job {job_id} is still {job['status']} after {timeout:.0f}s")
-        time.sleep(0.3)
+    progress = _JobProgress()
+    try:
+        while True:
+            job = client.json("GET", f"/api/jobs/{quote(job_id)}")
+            progress.show(job)
+            if job["status"] in ("succeeded", "failed"):
+                return job
+            if time.monotonic() > deadline:
+                raise CLIError(f"job {job_id} is still {job['status']} after {timeout:.0f}s")
+            time.sleep(0.3)
+    finally:
+        progress.close()
 
 
 def cmd_run(args) -> int:

@@ -24,6 +24,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = ROOT / "artifacts" / "console"
 TOKEN = "browser-test-token"
 MODEL = "donor-propensity"
+SLOW_BATCH = ROOT / "tests" / "fixtures" / "progress" / "slow-batch"  # scores a row every 0.1 s
 
 pytestmark = [
     pytest.mark.slow,
@@ -78,9 +79,12 @@ def servers(gcs, tmp_path_factory):
     """The control service (`control.server.serve`) and the console, each a subprocess."""
     tmp = tmp_path_factory.mktemp("browser")
     control_port, console_port = free_port(), free_port()
+    models = tmp / "models"  # the examples, and a batch model slow enough to watch its progress
+    shutil.copytree(MODELS, models)
+    shutil.copytree(SLOW_BATCH, models / SLOW_BATCH.name)
     env = {**os.environ,
            "MODELPLANE_HOST": "127.0.0.1", "MODELPLANE_PORT": str(control_port),
-           "MODELPLANE_STATE_DIR": str(tmp / "state"), "MODELPLANE_MODELS_DIR": str(MODELS),
+           "MODELPLANE_STATE_DIR": str(tmp / "state"), "MODELPLANE_MODELS_DIR": str(models),
            "MODELPLANE_BUCKET": gcs.bucket, "MODELPLANE_TOKEN": TOKEN,
            "MODELPLANE_URL": f"http://127.0.0.1:{control_port}",
            "STORAGE_EMULATOR_HOST": gcs.endpoint, "PYTHONUNBUFFERED": "1"}
@@ -138,6 +142,15 @@ def _shot(driver, name: str) -> Path:
     return path
 
 
+def _no_deploy_button(driver) -> None:
+    """console/.streamlit/config.toml sets client.toolbarMode = "viewer": Streamlit's own "Deploy"
+    button (shown on loopback by default) is not in the top bar; the toolbar itself is drawn."""
+    WebDriverWait(driver, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stToolbar']")))
+    time.sleep(1.0)  # the toolbar's actions are drawn after the toolbar
+    assert not driver.find_elements(By.CSS_SELECTOR, "[data-testid='stAppDeployButton']")
+    assert not driver.find_elements(By.XPATH, "//header//button[normalize-space()='Deploy']")
+
+
 def _click(driver, xpath: str, timeout: float = 30):
     el = WebDriverWait(driver, timeout).until(EC.element_to_be_clickable((By.XPATH, xpath)))
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
@@ -152,6 +165,7 @@ def test_browse_models_open_one_submit_the_form_and_see_a_score(servers, browser
     for name in ("donor-propensity", "major-gift", "churn-risk", "member-retention"):
         _text_appears(driver, f"Open {name}")
     _shot(driver, "01-models.png")
+    _no_deploy_button(driver)
 
     # The catalog's search box: the control service answers, the page shows the matches only.
     search = WebDriverWait(driver, 30).until(
@@ -241,10 +255,27 @@ def test_roll_out_a_version_with_the_slider_and_promote_it(servers, browser, tmp
         _text_appears(driver, "1.0.3 answers 20% of requests.")
         traffic = api.get(f"{servers['control']}/api/models/{MODEL}/traffic", timeout=10).json()
         assert (traffic["candidate"], traffic["percent"]) == ("1.0.3", 20)
-        _shot(driver, "07-traffic.png")
+        _shot(driver, "08-traffic.png")
         _click(driver, "//button[.//p[normalize-space()='Promote 1.0.3']]")
         _text_appears(driver, "1.0.3 is live and takes every request.")
         assert api.get(f"{servers['control']}/api/models/{MODEL}/traffic", timeout=10).json()["live"] == "1.0.3"
         assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
     finally:
         api.post(f"{servers['control']}/api/models/{MODEL}/rollback", json={"version": "1.0.0"}, timeout=30)
+
+
+def test_a_running_job_shows_a_progress_bar(servers, browser, gcs, gcs_client):
+    rows = "x,delay\n" + "".join(f"{i},\n" for i in range(300))  # ~30 s of scoring
+    gcs_client.bucket(gcs.bucket).blob("data/browser-progress.csv").upload_from_string(rows)
+    r = requests.post(f"{servers['control']}/api/models/{SLOW_BATCH.name}/jobs",
+                      json={"dataset": f"gs://{gcs.bucket}/data/browser-progress.csv"},
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    driver = browser
+    driver.get(servers["console"] + f"/jobs?batch={SLOW_BATCH.name}")
+    _text_appears(driver, "/ 300 rows scored", timeout=90)
+    bar = WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stProgress']")))
+    assert job_id in bar.text or job_id in driver.find_element(By.TAG_NAME, "body").text
+    _shot(driver, "07-job-progress.png")

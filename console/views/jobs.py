@@ -13,7 +13,6 @@ from console.client import ControlError
 
 REFRESH_SECONDS = 2
 PREVIEW_ROWS = 200
-STAGE = {"queued": 0.1, "running": 0.5, "succeeded": 1.0, "failed": 1.0}
 
 
 def _when(text: Optional[str]) -> Optional[datetime]:
@@ -37,6 +36,43 @@ def _duration(job: dict) -> Optional[float]:
 def _short(ts: Optional[str]) -> str:
     t = _when(ts)
     return t.astimezone().strftime("%H:%M:%S") if t else ""
+
+
+def _left(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "estimating time left…"
+    s = int(round(seconds))
+    if s < 60:
+        return f"about {s} s left"
+    return f"about {s // 60} min {s % 60:02d} s left" if s < 3600 else f"about {s // 3600} h {s // 60 % 60:02d} min left"
+
+
+def progress_of(job: dict) -> tuple[float, str]:
+    """(fraction done, label) of a queued or running job: rows scored of the dataset's rows and
+    the time left when the service reports them, else how long it has been running."""
+    status = job.get("status")
+    if status == "queued":
+        return 0.0, "waiting for a worker"
+    scored, total = job.get("rows_scored"), job.get("rows_total")
+    if isinstance(scored, int) and isinstance(total, int) and total > 0:
+        frac = min(max(scored / total, 0.0), 1.0)
+        return frac, f"{scored:,} / {total:,} rows scored ({frac:.0%}) · {_left(job.get('eta_seconds'))}"
+    if isinstance(scored, int):
+        return 0.0, f"{scored:,} rows scored · checking the dataset's rows…"
+    took = _duration(job)
+    return 0.0, f"running for {took or 0:.0f} s · starting the model…"
+
+
+def running_panel(jobs: list[dict]) -> None:
+    """A progress bar per queued or running job (refreshed with the list)."""
+    active = [j for j in jobs if j.get("status") in ("queued", "running")]
+    if not active:
+        return
+    with st.container(border=True):
+        st.markdown(f"**In progress** — {len(active)} job(s)")
+        for job in active:
+            frac, label = progress_of(job)
+            st.progress(frac, text=f"`{job['id']}` · {label}")
 
 
 def submit_panel(model: str) -> None:
@@ -105,8 +141,8 @@ def job_detail(job: dict) -> None:
         status = job.get("status")
         took = _duration(job)
         if status in ("queued", "running"):
-            label = "waiting for a worker" if status == "queued" else f"running for {took or 0:.0f} s"
-            st.progress(STAGE[status], text=label)
+            frac, label = progress_of(job)
+            st.progress(frac, text=label)
             return
         cols = st.columns(3)
         cols[0].metric("Rows", common.fmt_int(job.get("rows")))
@@ -139,13 +175,15 @@ def jobs_view(model: str) -> None:
     if not jobs:
         st.caption(f"No jobs for {model} yet.")
         return
+    running_panel(jobs)
     table = pd.DataFrame([{
         "Job": j["id"],
         "Status": common.status_label(j.get("status"), common.JOB_STATUS),
         "Dataset": j.get("dataset"),
         "Trigger": j.get("trigger", ""),
         "Version": j.get("version"),
-        "Rows": j.get("rows"),
+        "Rows": j.get("rows") if j.get("rows") is not None else j.get("rows_total"),
+        "Scored": j.get("rows_scored"),
         "Created": _short(j.get("created_at")),
         "Took (s)": round(d, 1) if (d := _duration(j)) is not None else None,
         "Error": j.get("error") or "",

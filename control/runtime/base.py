@@ -8,13 +8,16 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Hashable, Any, ClassVar, Mapping, Optional
 
 from adapters.manifest import Manifest
 
 MODEL_STATUSES = ("ready", "idle", "starting", "failed")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+ETA_MIN_SECONDS = 0.5  # a job's scoring must have run this long before its ETA is estimated
 
 
 @dataclass
@@ -129,9 +132,52 @@ class Job:
     invalid_values: Optional[int] = None
     #: a succeeded job's scores: count, quantiles, percentiles, histogram (the adapter's result.json)
     score_summary: dict = field(default_factory=dict)
+    #: Progress, published by the batch adapter while the model writes its scores. `rows_scored`:
+    #: scores written and checked so far (kept when the job ends: a failed job shows what it
+    #: reached; a succeeded one equals `rows`). `rows_total`: the dataset's data rows, known once
+    #: the adapter has checked them, while the job runs — `rows` is the same count as the finished
+    #: job's result reports it. `progress_at`: when the adapter last published. `eta_seconds`: the
+    #: time left at the rate of scoring so far (from the first score seen, so the model's start-up
+    #: is left out), for a running job only; None until it can be estimated. Any may be None (a
+    #: runtime with no progress channel, a job that never started, a results file the adapter
+    #: cannot follow as it is written).
+    rows_scored: Optional[int] = None
+    rows_total: Optional[int] = None
+    progress_at: Optional[str] = None
+    eta_seconds: Optional[float] = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def apply_progress(self, doc: Mapping[str, Any], now: Optional[float] = None) -> None:
+        """Take the adapter's progress document (adapters/batch.py `Progress`): the counts, and for
+        a running job the ETA. A malformed document changes nothing."""
+        try:
+            scored, total = doc.get("rows_scored"), doc.get("rows_total")
+            updated = float(doc["updated_at"])
+            first_at, first_rows = doc.get("first_at"), int(doc.get("first_rows") or 0)
+            scored = None if scored is None else int(scored)
+            total = None if total is None else int(total)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return
+        self.rows_scored, self.rows_total = scored, total
+        self.progress_at = datetime.fromtimestamp(updated, timezone.utc).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+        self.eta_seconds = None
+        if self.status != "running" or scored is None or total is None:
+            return
+        if scored >= total:
+            self.eta_seconds = 0.0
+            return
+        now = time.time() if now is None else now
+        try:
+            elapsed = updated - float(first_at)
+        except (TypeError, ValueError):
+            return
+        if elapsed < ETA_MIN_SECONDS or scored <= first_rows:
+            return
+        rate = (scored - first_rows) / elapsed
+        self.eta_seconds = round(max(0.0, (total - scored) / rate - max(0.0, now - updated)), 1)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Job":

@@ -754,6 +754,16 @@ class KnativeRuntime(Runtime):
                                  query={"container": "adapter", "tailLines": "40"})
         except (NotFound, Invalid):  # the container has not started yet
             return
+        lines = text.strip().splitlines()
+        progress = [line for line in lines if line.startswith('{"progress"')]  # adapters/batch.py ProgressLog
+        if progress:
+            try:
+                doc = json.loads(progress[-1]).get("progress")
+            except (ValueError, AttributeError):
+                doc = None
+            if isinstance(doc, dict):
+                job.apply_progress(doc)
+            text = "\n".join(line for line in lines if not line.startswith('{"progress"'))
         job.log_tail = text[-4000:]
         for line in reversed(text.strip().splitlines()):
             try:
@@ -769,6 +779,8 @@ class KnativeRuntime(Runtime):
                 job.invalid_values = result.get("invalid_values")
                 if isinstance(result.get("score_summary"), dict):
                     job.score_summary = result["score_summary"]
+                if job.status == "succeeded" and isinstance(job.rows, int):
+                    job.rows_scored = job.rows_total = job.rows
                 break
 
 

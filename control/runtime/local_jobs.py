@@ -3,6 +3,11 @@
 Each job is one JSON file `state_dir/jobs/{id}.json`, rewritten atomically on every state
 change; the adapter's stdout and stderr go to `state_dir/logs/jobs/{id}.{out,err}`.
 
+Progress: the adapter keeps `progress.json` in the job's work folder (`--work`) up to date
+while the model writes its scores (adapters/batch.py `Progress`, renamed into place a few times
+a second at most). A running job's record takes it when the job is asked for — nothing is
+written to the record while it runs — and the last one is kept in the record when it ends.
+
 Restart policy (what a new runtime on the same state directory does with old records):
 a job that was `queued` is queued again — nothing of it ran, so running it now is what the
 submitter asked for. A job that was `running` ends `failed` with the error
@@ -33,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
-from adapters.batch import wait_exit
+from adapters.batch import PROGRESS_FILE, wait_exit
 from control.errors import NotFound
 from control.runtime.base import Job
 from control.runtime.local_procs import KILL_GRACE, TAIL_CHARS, Spare, stop_process, tail, with_pdeathsig
@@ -69,6 +74,8 @@ class JobStore:
         self._keys: dict[str, str] = {}       # event_key -> job id
         self._key_of: dict[str, str] = {}     # job id -> event_key
         self.problems: list[str] = []
+        #: job -> its adapter's progress file (set by the JobRunner that gives jobs work folders)
+        self.progress_of: Optional[Callable[[Job], Path]] = None
         index = self._read_keys()
         for path in sorted(self.root.glob("*.json")):
             try:
@@ -152,10 +159,25 @@ class JobStore:
         job = self._jobs.get(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
+        self._refresh(job)
         return job
 
     def all(self) -> list[Job]:
-        return list(self._jobs.values())
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            self._refresh(job)
+        return jobs
+
+    def _refresh(self, job: Job) -> None:
+        """A running job's progress, from its adapter's file (in memory only: the record on disk
+        keeps the last one when the job ends)."""
+        if job.status != "running" or self.progress_of is None:
+            return
+        doc = read_progress(self.progress_of(job))
+        if doc is not None:
+            with self.lock:
+                if job.status == "running":
+                    job.apply_progress(doc)
 
     def update(self, job: Job, **changes) -> None:
         with self.lock:
@@ -172,6 +194,8 @@ class JobRunner:
                  work: Optional[Callable[[Job], Path]] = None, spare_argv: Optional[list[str]] = None):
         self.store = store
         self._work_of = work  # job -> its work folder, removed when the job ends however it ends
+        if work is not None:
+            store.progress_of = lambda job: work(job) / PROGRESS_FILE
         self.concurrency = concurrency
         self.logs = Path(logs)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -295,6 +319,7 @@ class JobRunner:
             timed_out = wait_exit(proc, timeout + TIMEOUT_GRACE) is None
         finally:
             stop_process(proc)    # also reaps anything the model left behind in the group
+            progress = read_progress(self._work_of(job) / PROGRESS_FILE) if self._work_of is not None else None
             if self._work_of is not None:  # the dataset copy and any partial scores
                 shutil.rmtree(self._work_of(job), ignore_errors=True)
             with self._lock:
@@ -303,7 +328,11 @@ class JobRunner:
                 cancelled = self._cancelled.pop(job.id, None)
         result = _last_json_line(out_path)
         stderr_tail = tail(err_path)
-        changes: dict = {"finished_at": utcnow()}
+        changes: dict = {"finished_at": utcnow(), "eta_seconds": None}
+        if progress is not None:  # what it reached, kept
+            done = Job(id=job.id, model=job.model, version=job.version, status="finished", dataset="", created_at="")
+            done.apply_progress(progress)
+            changes.update(rows_scored=done.rows_scored, rows_total=done.rows_total, progress_at=done.progress_at)
         if result:
             changes["input"] = result.get("input") or {}
             if result.get("results_uri") and result.get("status") != "failed":
@@ -330,8 +359,19 @@ class JobRunner:
                 + ("" if result else " without printing a result"))
             changes.update(status="failed", error=error,
                            log_tail=((result or {}).get("log_tail") or stderr_tail)[-TAIL_CHARS:])
+        if changes["status"] == "succeeded" and changes.get("rows") is not None:
+            changes.update(rows_scored=changes["rows"], rows_total=changes["rows"])  # every row, scored
         self.store.update(job, **changes)
         log.info("job %s: %s %s", job.id, changes["status"], changes.get("error") or "")
+
+
+def read_progress(path: Path) -> Optional[dict]:
+    """The adapter's progress document, or None (not written yet, or gone)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _last_json_line(path: Path) -> Optional[dict]:
