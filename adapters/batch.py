@@ -38,6 +38,7 @@ from . import storage
 from .manifest import Manifest
 from .procs import PREEXEC, describe_exit, die_with_parent, kill_group  # noqa: F401 - re-exported (tests, control)
 from .schema import RowValidator, TextRowChecker
+from .stats import quantile
 from .storage import CHUNK, StorageError
 
 log = logging.getLogger(__name__)
@@ -723,25 +724,14 @@ class ScoreSummary:
                     "histogram": {"edges": [], "counts": []}}
         sample = sorted(self._sample)
         quantiles = {"count": self.count, "min": self.lo, "max": self.hi, "mean": math.fsum(self._sums) / self.count}
-        quantiles.update({f"p{q * 100:g}": _quantile(sample, q) for q in SUMMARY_QUANTILES})
+        quantiles.update({f"p{q * 100:g}": quantile(sample, q) for q in SUMMARY_QUANTILES})
         histogram: dict = {"edges": [], "counts": []}
         if self._bins:
             first, last, w = min(self._bins), max(self._bins), 1 / self._inv
             histogram = {"edges": [k * w for k in range(first, last + 2)],
                          "counts": [self._bins.get(k, 0) for k in range(first, last + 1)]}
         return {"count": self.count, "sampled": len(sample), "quantiles": quantiles,
-                "percentiles": [_quantile(sample, i / 100) for i in range(101)], "histogram": histogram}
-
-
-def _quantile(sorted_values: list[float], q: float) -> float | None:
-    """As control/stats.py's `quantile` (linear between closest ranks); the adapter imports nothing from control."""
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    pos = q * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+                "percentiles": [quantile(sample, i / 100) for i in range(101)], "histogram": histogram}
 
 
 def score_summary(path: Path, manifest: Manifest) -> dict:

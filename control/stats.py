@@ -19,21 +19,12 @@ import bisect
 import math
 from typing import Iterable, Optional, Sequence
 
+from adapters.stats import quantile
+
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 PSI_BINS = 10
 PSI_FLOOR = 1e-4
 DISPLAY_BINS = 20
-
-
-def quantile(sorted_values: Sequence[float], q: float) -> Optional[float]:
-    """The q-quantile by linear interpolation between closest ranks (numpy's default)."""
-    n = len(sorted_values)
-    if n == 0:
-        return None
-    pos = q * (n - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def quantiles(values: Iterable[float], qs: Sequence[float] = QUANTILES, *, presorted: bool = False) -> dict:

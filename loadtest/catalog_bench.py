@@ -20,15 +20,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from control.emulator import free_port
 
-from .common import median, percentile
+from . import registry
+from .common import median, percentile, wait_http
 from .plane import EmbeddedPlane
 from .report import Figure
 
@@ -63,49 +62,9 @@ def manifest_text(i: int) -> str:
                            tier=TIERS[i % len(TIERS)], what="Donor propensity" if i % 4 == 2 else "Churn risk")
 
 
-def _deploy_range(state_dir: str, start: int, stop: int) -> int:
-    import yaml
-
-    from adapters.manifest import Manifest
-    from control.runtime.local import LocalRuntime
-    from control.settings import Settings
-
-    settings = Settings(state_dir=Path(state_dir), models_dir=Path(state_dir) / "no-models")
-    runtime = LocalRuntime(settings)
-    try:
-        with tempfile.TemporaryDirectory(prefix="mp-catalog-") as tmp:
-            folder = Path(tmp) / "model"
-            folder.mkdir()
-            for i in range(start, stop):
-                text = manifest_text(i)
-                (folder / "model.yaml").write_text(text, encoding="utf-8")
-                manifest = Manifest.model_validate(yaml.safe_load(text))
-                manifest._folder = folder
-                manifest._file = folder / "model.yaml"
-                runtime.deploy(manifest, make_live=True)
-    finally:
-        runtime.close()
-    return stop - start
-
-
 def populate(state_dir: Path, count: int, *, workers: Optional[int] = None) -> int:
-    """`count` labelled models into `state_dir` (each worker deploys into a state dir of its own;
-    the finished model folders are moved in, as `registry.populate` does)."""
-    state_dir = Path(state_dir)
-    (state_dir / "models").mkdir(parents=True, exist_ok=True)
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
-    step = -(-count // workers)
-    ranges = [(i, min(i + step, count)) for i in range(0, count, step)]
-    parts = [state_dir / f".populate-{k}" for k in range(len(ranges))]
-    with ProcessPoolExecutor(max_workers=len(ranges)) as pool:
-        done = sum(pool.map(_deploy_range, [str(p) for p in parts], [a for a, _ in ranges],
-                            [b for _, b in ranges]))
-    for part in parts:
-        for folder in (part / "models").iterdir():
-            if not folder.name.startswith("."):
-                os.replace(folder, state_dir / "models" / folder.name)
-        shutil.rmtree(part)
-    return done
+    """`count` labelled models into `state_dir`, as `registry.populate` registers its fillers."""
+    return registry.populate(state_dir, count, workers=workers, text_of=manifest_text)
 
 
 # -- the API --------------------------------------------------------------------------------------
@@ -131,22 +90,6 @@ def time_filtered(plane: EmbeddedPlane, queries: list[dict]) -> tuple[list[float
 
 
 # -- the console in a browser --------------------------------------------------------------------
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited {proc.returncode}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} not up after {timeout}s")
-
 
 def browser_available() -> bool:
     try:
@@ -184,7 +127,7 @@ def time_console(plane: EmbeddedPlane, workdir: Path, *, count: int, searches: l
     total = f"of {count:,}"
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/_stcore/health", proc)
+        wait_http(f"{url}/_stcore/health", proc)
         opts = Options()
         opts.binary_location = CHROMIUM
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

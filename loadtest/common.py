@@ -76,6 +76,29 @@ def write_dataset(manifest: Manifest, path: Path, rows: int) -> Path:
     return path
 
 
+def wait_http(url: str, proc, *, timeout: float = 90, log: Optional[Path] = None) -> None:
+    """Poll `url` until it answers 200; fail if `proc` (a Popen) exits or `timeout` passes,
+    with the tail of its `log` if given."""
+    import time
+
+    import requests
+
+    def tail() -> str:
+        return ":\n" + log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited {proc.returncode}{tail()}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not up after {timeout}s{tail()}")
+
+
 def bench_copy(manifest: Manifest, dest_root: Path, *, suffix: str, scaling: Optional[dict] = None) -> Path:
     """Copy the model folder under `dest_root` as `{name}-{suffix}` with `scaling` merged in.
 

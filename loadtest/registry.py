@@ -11,6 +11,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 MANIFEST = """\
 name: {name}
@@ -25,7 +26,12 @@ scaling: {{min: 0, max: 1, target_concurrency: 8, idle_timeout: 60s}}
 """
 
 
-def _deploy_range(state_dir: str, start: int, stop: int) -> int:
+def filler_text(i: int) -> str:
+    """The manifest of filler model `i`."""
+    return MANIFEST.format(name=f"filler-{i:05d}", i=i)
+
+
+def _deploy_range(state_dir: str, start: int, stop: int, text_of: Callable[[int], str] = filler_text) -> int:
     import yaml
 
     from adapters.manifest import Manifest
@@ -39,8 +45,7 @@ def _deploy_range(state_dir: str, start: int, stop: int) -> int:
             folder = Path(tmp) / "model"
             folder.mkdir()
             for i in range(start, stop):
-                name = f"filler-{i:05d}"
-                text = MANIFEST.format(name=name, i=i)
+                text = text_of(i)
                 (folder / "model.yaml").write_text(text, encoding="utf-8")
                 # The store parses the frozen copy's model.yaml itself; validating the dict here
                 # (not parsing the YAML twice) halves the cost of registering 10,000 models.
@@ -53,8 +58,10 @@ def _deploy_range(state_dir: str, start: int, stop: int) -> int:
     return stop - start
 
 
-def populate(state_dir: Path, count: int, *, workers: int | None = None) -> int:
-    """Deploy `count` filler models into `state_dir`; returns `count`.
+def populate(state_dir: Path, count: int, *, workers: int | None = None,
+             text_of: Callable[[int], str] = filler_text) -> int:
+    """Deploy `count` models into `state_dir`, model `i` with the manifest `text_of(i)` (a
+    module-level function: the workers are processes); returns `count`.
 
     Worker processes each deploy into a state dir of their own, and the finished model
     folders are then moved into `state_dir/models/`: a runtime starting on a shared state dir
@@ -67,11 +74,11 @@ def populate(state_dir: Path, count: int, *, workers: int | None = None) -> int:
     step = -(-count // workers)
     ranges = [(i, min(i + step, count)) for i in range(0, count, step)]
     if len(ranges) == 1:
-        return _deploy_range(str(state_dir), *ranges[0])
+        return _deploy_range(str(state_dir), *ranges[0], text_of)
     parts = [state_dir / f".populate-{k}" for k in range(len(ranges))]
     with ProcessPoolExecutor(max_workers=len(ranges)) as pool:
         done = sum(pool.map(_deploy_range, [str(p) for p in parts], [a for a, _ in ranges],
-                            [b for _, b in ranges]))
+                            [b for _, b in ranges], [text_of] * len(ranges)))
     for part in parts:
         for folder in (part / "models").iterdir():
             if not folder.name.startswith("."):

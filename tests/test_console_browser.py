@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from control.emulator import free_port
+from loadtest.common import wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -61,17 +62,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
+    try:
+        wait_http(url, proc, timeout=timeout, log=log)
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
 
 
 @pytest.fixture(scope="module")
