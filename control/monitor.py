@@ -12,7 +12,10 @@ Per (model, version):
 
 Observing never slows the models' traffic: the front door only appends a 200 answer
 `(name, status, headers, body)` to a bounded queue (when full the answer is dropped and
-counted), and a background thread parses the scores out of it — predict's JSON `scores` and
+counted), at most `SAMPLE_RATE` answers a second per model (past that they are left out and
+counted: at a model's full throughput the window is a sample of its answers, and parsing
+every one would take the CPU the traffic needs), and a background thread parses the scores
+out of it — predict's JSON `scores` and
 `version`, its CSV with `X-Model-Version`, the Open Inference Protocol's JSON `outputs` and
 `model_version` (binary tensor answers are skipped and counted) — and updates the state.
 
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 MIN_COUNT = 100
 #: answers (and their bytes) waiting to be parsed; more are dropped (and counted), never waited for
 QUEUE_MAX = 10_000
+SAMPLE_RATE = 100   # answers taken per model per second; the rest are counted in `sampled_out`
+_clock = time.monotonic   # the sample rate's seconds
 QUEUE_MAX_BYTES = 64 * 2**20
 #: seconds between writes of a version that keeps changing
 PERSIST_EVERY = 30.0
@@ -302,6 +307,8 @@ class ScoreMonitor:
         self.dropped = 0       # answers dropped: the queue was full
         self.skipped = 0       # answers with scores this does not read (binary tensors)
         self.observed = 0      # scores taken in
+        self.sampled_out = 0   # answers left out: the model answered more than SAMPLE_RATE a second
+        self._rates: dict[str, list] = {}   # model -> [second it counts, answers taken in it]
         self._jobs_at = 0.0
         self._flags_at = 0.0
         self._load()
@@ -315,13 +322,22 @@ class ScoreMonitor:
         """Queue a model's answer (a ProxyResponse) for its scores; a full queue drops it."""
         if response.status != 200 or not response.body:
             return
+        now = int(_clock())
+        rate = self._rates.get(name)
+        if rate is None or rate[0] != now:
+            self._rates[name] = rate = [now, 0]
+        if rate[1] >= SAMPLE_RATE:
+            self.sampled_out += 1
+            return
+        rate[1] += 1
         size = len(response.body)
         if len(self._queue) >= self.queue_max or self._bytes_in - self._bytes_out + size > self.queue_max_bytes:
             self.dropped += 1
             return
         self._bytes_in += size
         self._queue.append((name, response.status, response.headers, response.body))
-        self._wake.set()
+        if len(self._queue) >= 256:
+            self._wake.set()   # otherwise the thread takes them within its second (and any read drains first)
 
     # -- the background thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -519,6 +535,7 @@ class ScoreMonitor:
                 for key in [k for k in table if k[0] == name]:
                     del table[key]
             self._looked_up.pop(name, None)
+            self._rates.pop(name, None)
         shutil.rmtree(self.root / name, ignore_errors=True)
         self._refresh_flags()
 

@@ -335,3 +335,21 @@ def test_console_model_page_charts_reference_and_recent_and_warns_of_drift(plane
     requests.post(f"{server.url}/models/{RT}/predict", json={"rows": rows(N, seed=2)}, headers=AUTH, timeout=60)
     at.run()
     assert not [w for w in at.warning if "drifted" in w.value]
+
+
+def test_past_its_sample_rate_a_model_s_answers_are_left_out_and_counted(tmp_path, monkeypatch):
+    import control.monitor as cm
+    from control.runtime.base import ProxyResponse
+
+    now = [1000.0]
+    monkeypatch.setattr(cm, "SAMPLE_RATE", 5)
+    monkeypatch.setattr(cm, "_clock", lambda: now[0])
+    monitor = ScoreMonitor(tmp_path / "monitor", start=False)
+    answer = ProxyResponse(status=200, headers={}, body=b'{"model":"m","version":"1.0.0","scores":[0.5]}')
+    for _ in range(8):
+        monitor.observe("m", answer)
+        monitor.observe("other", answer)      # each model has its own rate
+    assert monitor.sampled_out == 6 and len(monitor._queue) == 10
+    now[0] += 1.0                             # the next second takes answers again
+    monitor.observe("m", answer)
+    assert monitor.sampled_out == 6 and len(monitor._queue) == 11

@@ -129,5 +129,9 @@ def _monitor_lines(monitor) -> list[str]:
               f"modelplane_monitor_answers_dropped_total {monitor.dropped}",
               "# HELP modelplane_monitor_answers_skipped_total Model answers whose scores monitoring does not read "
               "(binary tensor data).", "# TYPE modelplane_monitor_answers_skipped_total counter",
-              f"modelplane_monitor_answers_skipped_total {monitor.skipped}"]
+              f"modelplane_monitor_answers_skipped_total {monitor.skipped}",
+              "# HELP modelplane_monitor_answers_sampled_out_total Model answers score monitoring left out: "
+              "past its sample rate of answers a second per model.",
+              "# TYPE modelplane_monitor_answers_sampled_out_total counter",
+              f"modelplane_monitor_answers_sampled_out_total {monitor.sampled_out}"]
     return lines
