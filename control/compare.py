@@ -331,28 +331,14 @@ class Comparisons:
 
     # features -----------------------------------------------------------------------------------
     def _features(self, name: str, model_kind: str, version: str) -> Optional[list[dict]]:
-        """A version's features as the manifest declares them (name, type, required, allowed), or
-        None when the runtime cannot say without starting it."""
-        runtime = self.plane.runtime
-        store = getattr(runtime, "store", None)   # the local runtime keeps every version's manifest
-        if store is not None and callable(getattr(store, "manifest", None)):
-            try:
-                manifest = store.manifest(name, version)
-                return [{"name": f.name, "type": f.type, "required": f.required, "allowed": f.allowed}
-                        for f in manifest.features]
-            except Exception:  # noqa: BLE001 — fall back to what the contract offers
-                pass
-        if model_kind == "realtime":
-            meta = self._call(name, version, "GET", f"/v2/models/{name}", b"", {"accept": "application/json"})
-            if meta.status == 200:
-                try:
-                    doc = json.loads(meta.body)
-                    return [{"name": i["name"], "type": i.get("datatype"),
-                             "required": (i.get("parameters") or {}).get("required", True),
-                             "allowed": (i.get("parameters") or {}).get("allowed")} for i in doc["inputs"]]
-                except (ValueError, KeyError, TypeError):
-                    return None
-        return None
+        """A version's features as its manifest declares them (name, type, required, allowed), or
+        None when the runtime cannot describe that version."""
+        try:
+            manifest = self.plane.runtime.version_manifest(name, version)
+        except PlaneError:
+            return None
+        return [{"name": f.get("name"), "type": f.get("type"), "required": f.get("required", True),
+                 "allowed": f.get("allowed")} for f in manifest.get("features") or []] or None
 
     def _feature_difference(self, name: str, model_kind: str, a: str, b: str) -> Optional[dict]:
         fa, fb = self._features(name, model_kind, a), self._features(name, model_kind, b)
@@ -472,19 +458,11 @@ class Comparisons:
 
     # realtime ----------------------------------------------------------------------------------
     def _max_rows(self, name: str, version: str) -> int:
-        store = getattr(self.plane.runtime, "store", None)
-        if store is not None and callable(getattr(store, "manifest", None)):
-            try:
-                return int(store.manifest(name, version).limits.max_rows)
-            except Exception:  # noqa: BLE001
-                pass
         try:
-            detail = self.plane.runtime.model(name)
-            if detail.version == version:
-                return int(((detail.manifest or {}).get("limits") or {}).get("max_rows") or DEFAULT_MAX_ROWS)
+            limits = self.plane.runtime.version_manifest(name, version).get("limits") or {}
+            return int(limits.get("max_rows") or DEFAULT_MAX_ROWS)
         except (PlaneError, TypeError, ValueError):
-            pass
-        return DEFAULT_MAX_ROWS
+            return DEFAULT_MAX_ROWS
 
     def _score_realtime(self, record: dict, versions: list[str]) -> dict[str, list[float]]:
         from control.gcs import split_gs_uri

@@ -281,11 +281,11 @@ def _shares(counts: list[int]) -> list[Optional[float]]:
 class ScoreMonitor:
     """Every version's reference, recent scores and drift; see the module's docstring.
 
-    `manifest_of(name)` gives a model's live manifest as a dict (or None): the monitor reads each
-    version's `monitoring:` settings from it, caching them per version. `runtime`, if given, is
+    `manifest_of(name, version)` gives a version's manifest as a dict (or None): the monitor reads
+    its `monitoring:` settings from it, caching them per version. `runtime`, if given, is
     asked for finished jobs (`jobs(model=…)`, and `job(id)` when a listing has no summary)."""
 
-    def __init__(self, root: Path, *, manifest_of: Callable[[str], Optional[dict]] = lambda name: None,
+    def __init__(self, root: Path, *, manifest_of: Callable[[str, str], Optional[dict]] = lambda name, version: None,
                  runtime=None, queue_max: int = QUEUE_MAX, queue_max_bytes: int = QUEUE_MAX_BYTES,
                  start: bool = True):
         self.root = Path(root)
@@ -301,7 +301,7 @@ class ScoreMonitor:
         self._drain_lock = threading.Lock()   # one drainer at a time: scores are taken in arrival order
         self._versions: dict[tuple[str, str], _Version] = {}
         self._settings: dict[tuple[str, str], dict] = {}
-        self._looked_up: dict[str, float] = {}
+        self._looked_up: dict[tuple[str, str], float] = {}
         self._flags: dict[str, list[str]] = {}
         self.generation = 0
         self.dropped = 0       # answers dropped: the queue was full
@@ -405,16 +405,14 @@ class ScoreMonitor:
             if v is not None and not v.provisional:
                 return v.settings, False
         now = time.monotonic()
-        if now - self._looked_up.get(name, -math.inf) >= SETTINGS_TTL:
-            self._looked_up[name] = now
+        if now - self._looked_up.get((name, version), -math.inf) >= SETTINGS_TTL:
+            self._looked_up[(name, version)] = now
             try:
-                manifest = self.manifest_of(name) or {}
-            except Exception:  # noqa: BLE001 — an unknown or unreadable model: defaults
+                manifest = self.manifest_of(name, version) or {}
+            except Exception:  # noqa: BLE001 — an unknown or unreadable version: defaults, asked again later
                 manifest = {}
-            if manifest.get("version"):
-                self._settings[(name, str(manifest["version"]))] = {**DEFAULTS, **(manifest.get("monitoring") or {})}
-            known = self._settings.get((name, version))
-            if known is not None:
+            if manifest:
+                known = self._settings[(name, version)] = {**DEFAULTS, **(manifest.get("monitoring") or {})}
                 return known, False
         return dict(DEFAULTS), True
 
@@ -531,10 +529,9 @@ class ScoreMonitor:
         again under the name starts afresh)."""
         self.drain()
         with self._lock:
-            for table in (self._versions, self._settings):
+            for table in (self._versions, self._settings, self._looked_up):
                 for key in [k for k in table if k[0] == name]:
                     del table[key]
-            self._looked_up.pop(name, None)
             self._rates.pop(name, None)
         shutil.rmtree(self.root / name, ignore_errors=True)
         self._refresh_flags()

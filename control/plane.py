@@ -79,7 +79,7 @@ class Plane:
         self.policies = TTLCache(ttl=2.0)
         self.shadow = ShadowLog(runtime, Path(settings.state_dir) / "shadow")
         self.monitor = ScoreMonitor(Path(settings.state_dir) / "monitor", runtime=runtime,
-                                    manifest_of=lambda name: runtime.model(name).manifest)
+                                    manifest_of=runtime.version_manifest)
         self.comparisons = Comparisons(self, Path(settings.state_dir) / "comparisons")
         self.openapi: Optional[dict] = None
         self.routes: list = []

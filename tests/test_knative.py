@@ -325,6 +325,7 @@ def test_realtime_rollout_writes_percents_and_a_tag_per_version(cluster, runtime
         return [(t["revisionName"].removeprefix(name + "-"), t["percent"], t.get("tag")) for t in svc["spec"]["traffic"]]
 
     assert traffic() == [("1-0-0", 100, "v1-0-0"), ("1-1-0", 0, "v1-1-0")]
+    assert runtime.version_manifest(name, "1.1.0")["version"] == "1.1.0"   # not live, still described
     state = runtime.rollout(name, version="1.1.0", percent=10, shadow=20)
     assert (state.live, state.candidate, state.percent, state.shadow) == ("1.0.0", "1.1.0", 10, 20)
     assert traffic() == [("1-0-0", 90, "v1-0-0"), ("1-1-0", 10, "v1-1-0")]

@@ -353,3 +353,17 @@ def test_past_its_sample_rate_a_model_s_answers_are_left_out_and_counted(tmp_pat
     now[0] += 1.0                             # the next second takes answers again
     monitor.observe("m", answer)
     assert monitor.sampled_out == 6 and len(monitor._queue) == 11
+
+
+def test_each_version_is_watched_with_its_own_manifest_settings_live_or_not(tmp_path):
+    from control.runtime.base import ProxyResponse
+
+    thresholds = {"1.0.0": 0.25, "2.0.0": 0.9}
+    monitor = ScoreMonitor(tmp_path / "monitor", start=False, manifest_of=lambda name, version: {
+        "version": version, "monitoring": {"drift_threshold": thresholds[version]}})
+    for version in thresholds:
+        body = ('{"model":"m","version":"%s","scores":[0.5]}' % version).encode()
+        monitor.observe("m", ProxyResponse(status=200, headers={}, body=body))
+    monitor.drain()
+    report = monitor.report("m", batch=False)["versions"]
+    assert {v: report[v]["threshold"] for v in report} == thresholds

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from control.cli import main
+from control.errors import NotFound
 from control.runtime.local import LocalRuntime
 from control_helpers import TOKEN, api, running, settings_for, wait_until
 from test_local_runtime import make_model
@@ -251,6 +252,10 @@ def test_the_split_survives_a_restart(tmp_path):
         rt.deploy(load_manifest(make_model(tmp_path, "echo", version="1.0.0", params={"factor": 1})))
         rt.deploy(load_manifest(make_model(tmp_path, "echo", version="1.1.0", params={"factor": 2})), make_live=False)
         rt.rollout("echo", version="1.1.0", percent=25, shadow=5)
+        # every deployed version describes itself, live or not
+        assert rt.version_manifest("echo", "1.1.0")["version"] == "1.1.0"
+        with pytest.raises(NotFound, match="no version 7.0.0"):
+            rt.version_manifest("echo", "7.0.0")
     with LocalRuntime(settings) as rt:
         t = rt.traffic("echo")
         assert (t.live, t.candidate, t.percent, t.shadow) == ("1.0.0", "1.1.0", 25, 5)

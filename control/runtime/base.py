@@ -240,6 +240,16 @@ class Runtime(abc.ABC):
         """A realtime model's split; NotFound if unknown."""
         return Traffic(live=self.model(name).version)
 
+    def version_manifest(self, name: str, version: str) -> dict:
+        """The manifest of one deployed version, live or not, as a dict; NotFound if unknown.
+        By default only the live version's is known."""
+        from control.errors import NotFound
+
+        detail = self.model(name)
+        if detail.version != version:
+            raise NotFound(f"{name} has no version {version} that this runtime can describe")
+        return dict(detail.manifest)
+
     @abc.abstractmethod
     def models(self) -> list[ModelInfo]:
         """Every model with its live version and status."""

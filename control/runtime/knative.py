@@ -386,11 +386,7 @@ class KnativeRuntime(Runtime):
             raise NotFound(f"no model named {name}")
         if version is None:
             raise BadRequest(f"{name} is a batch model: name the version to make live")
-        sinks = {s["metadata"]["name"]: s for s in self._list("jobsinks", f"{ko.LABEL_MODEL}={name}")}
-        target = next((s for s in sinks.values() if _sink_version(s) == version), None)
-        if target is None:
-            known = _sorted({_sink_version(s): s for s in sinks.values()})
-            raise NotFound(f"{name} has no version {version}; versions: {', '.join(known) or 'none'}")
+        target = self._version_sink(name, version)
 
         def change() -> None:
             trig = self._get_or_none("triggers", name)
@@ -429,6 +425,27 @@ class KnativeRuntime(Runtime):
 
         history, state = self._change_traffic(name, change)
         return VersionInfo(version=state.live, deployed_at=history[state.live].get("deployed_at", ""), live=True)
+
+    def _version_sink(self, name: str, version: str) -> dict:
+        """The JobSink of one version of a batch model; NotFound naming the versions there are."""
+        sinks = self._list("jobsinks", f"{ko.LABEL_MODEL}={name}")
+        sink = next((s for s in sinks if _sink_version(s) == version), None)
+        if sink is None:
+            known = _sorted({_sink_version(s) for s in sinks})
+            raise NotFound(f"{name} has no version {version}; versions: {', '.join(known) or 'none'}")
+        return sink
+
+    def version_manifest(self, name: str, version: str) -> dict:
+        svc = self._get_or_none("services", name)
+        if svc is not None:
+            history = _history(svc)
+            _known(name, history, version)
+            return dict(history[version].get("manifest") or {})
+        if self._get_or_none("triggers", name) is None:
+            raise NotFound(f"no model named {name}")
+        manifest = _parse_manifest((self._version_sink(name, version)["metadata"].get("annotations") or {})
+                                   .get(ko.ANN_MANIFEST))
+        return manifest.to_dict() if manifest else {}
 
     def traffic(self, name: str) -> Traffic:
         svc = self._get_or_none("services", name)
@@ -650,11 +667,7 @@ class KnativeRuntime(Runtime):
         if version is None:
             sink = self._get("jobsinks", _trigger_sink(trig))
         else:
-            sinks = self._list("jobsinks", f"{ko.LABEL_MODEL}={name}")
-            sink = next((s for s in sinks if _sink_version(s) == version), None)
-            if sink is None:
-                known = _sorted({_sink_version(s): s for s in sinks})
-                raise NotFound(f"{name} has no version {version}; versions: {', '.join(known) or 'none'}")
+            sink = self._version_sink(name, version)
         # An upload's key is `{bucket}/{object}#{generation}`; its bucket event's id is
         # `{object}#{generation}` (control/events.py). Named from that id, the Job is the one the
         # JobSink would make for the event, and finds when the event arrives: it makes none

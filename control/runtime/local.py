@@ -178,6 +178,9 @@ class LocalRuntime(Runtime):
         self.start()
         return VersionInfo(version=info.version, deployed_at=info.deployed_at, live=True)
 
+    def version_manifest(self, name: str, version: str) -> dict:
+        return dict(self.store.version_record(name, version).manifest)
+
     def traffic(self, name: str) -> Traffic:
         record = self.store.get(name)
         return Traffic(live=record.live, candidate=record.candidate, percent=record.percent, shadow=record.shadow,

@@ -199,6 +199,10 @@ class VersionStore:
     def find(self, name: str) -> Optional[ModelRecord]:
         return self._models.get(name)
 
+    def version_record(self, name: str, version: str) -> VersionRecord:
+        """One deployed version; NotFound naming the deployed ones."""
+        return self._known(self.get(name), version)
+
     def version_dir(self, name: str, version: str) -> Path:
         return self.root / name / version
 
@@ -207,7 +211,7 @@ class VersionStore:
         key = (name, version)
         manifest = self._manifests.get(key)
         if manifest is None:
-            self._known(self.get(name), version)
+            self.version_record(name, version)
             manifest = load_manifest(self.version_dir(name, version), check_files=False)
             self._manifests[key] = manifest
         return manifest
