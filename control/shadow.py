@@ -111,10 +111,11 @@ class ShadowLog:
                 self._inflight[name] -= 1
         live_version, live_scores = scores_of(live)
         _, cand_scores = scores_of(answer) if answer is not None else (None, None)
-        self.record(name, {
-            "at": time.time(), "live": live_version, "candidate": candidate, "rid": headers.get("x-request-id"),
-            "live_ms": round(live_ms, 3), "candidate_ms": round((time.monotonic() - t0) * 1000, 3),
-            "candidate_status": status, "error": error, "live_scores": live_scores, "candidate_scores": cand_scores})
+        rec = {"at": time.time(), "live": live_version, "candidate": candidate, "rid": headers.get("x-request-id"),
+               "live_ms": round(live_ms, 3), "candidate_ms": round((time.monotonic() - t0) * 1000, 3),
+               "candidate_status": status, "error": error, "live_scores": live_scores, "candidate_scores": cand_scores}
+        # the file is written off the event loop, which is serving the live traffic
+        await asyncio.get_running_loop().run_in_executor(None, self.record, name, rec)
 
     async def drain(self) -> None:
         """Wait for the copies in flight (a stopping service, tests)."""

@@ -176,8 +176,6 @@ class Revision:
         self.live = False       # routed: the live version or the candidate under rollout
         self.called = False     # not routed, but called by its version's own URL
         self.retired = False
-        self.requests = 0       # answered here, and how many of them failed (per-version metrics)
-        self.errors = 0
 
     @property
     def kept(self) -> bool:
