@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test bench quick-bench lint clean
+.PHONY: up test test-knative bench quick-bench lint clean
 
 $(BIN)/modelplane: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ up: $(BIN)/modelplane
 
 test: $(BIN)/modelplane
 	$(BIN)/pytest -q
+
+# The real-Knative tier alone: builds (once, cached) Kubernetes, Knative and the ingress from their
+# Go modules, then runs the tests that install them on a one-node cluster (root, podman, containerd).
+test-knative: $(BIN)/modelplane
+	scripts/cluster-build.sh >/dev/null
+	$(BIN)/pytest -q -m knative
 
 bench: $(BIN)/modelplane
 	$(BIN)/modelplane bench

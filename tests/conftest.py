@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from control.emulator import Emulator, free_port
+from knative_fixtures import knative, knative_builds, knative_images, knative_plane  # noqa: F401 (session fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

@@ -1,14 +1,18 @@
-"""A real Kubernetes API server for the cluster-runtime tests: etcd + kube-apiserver 1.20 on
-loopback, token auth, RBAC, service-account tokens, the official Knative CRDs.
+"""A real Kubernetes API server for the cluster-runtime tests: etcd + kube-apiserver (the version
+pinned in scripts/cluster-versions.env) on loopback, token auth, RBAC, service-account tokens,
+Pod Security and strict field validation as that release enforces them, the official Knative CRDs.
 
-No kubelet, scheduler or Knative controller runs: tests play the controllers by patching
-`status`. The binary comes from `scripts/kube-build.sh` (its cache), MODELPLANE_KUBE_BIN (the folder)
-or MODELPLANE_KUBE_APISERVER; CRDs from ../shared/knative/crds or MODELPLANE_KNATIVE_CRDS.
+Alone, no kubelet, scheduler or Knative controller runs: the fast tier (tests/test_knative.py)
+plays the controllers by patching `status`. tests/knative_cluster.py runs the real ones. The
+binaries come from `scripts/cluster-build.sh` (its cache), MODELPLANE_KUBE_BIN (the folder) or
+MODELPLANE_KUBE_APISERVER, etcd likewise or MODELPLANE_ETCD; CRDs from ../shared/knative/crds
+or MODELPLANE_KNATIVE_CRDS.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -23,19 +27,51 @@ from typing import Any, Iterator, Optional
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-KUBE_VERSION = os.environ.get("KUBE_VERSION", "1.20.2")
 ISSUER = "https://kubernetes.default.svc"
 
 
+def cluster_cache() -> Path:
+    """Where scripts/cluster-build.sh keeps what it built (MODELPLANE_CLUSTER_CACHE)."""
+    return Path(os.environ.get("MODELPLANE_CLUSTER_CACHE")
+                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelplane" / "cluster")
+
+
+def pinned(key: str) -> str:
+    """A version from scripts/cluster-versions.env."""
+    for line in (ROOT / "scripts" / "cluster-versions.env").read_text().splitlines():
+        if line.startswith(key + "="):
+            return line.split("=", 1)[1].strip()
+    raise KeyError(key)
+
+
 def kube_binary(name: str) -> Optional[Path]:
-    """A Kubernetes binary built by scripts/kube-build.sh (its cache), or from MODELPLANE_KUBE_BIN."""
+    """A Kubernetes binary built by scripts/cluster-build.sh (its cache, at the pinned version), or
+    from MODELPLANE_KUBE_BIN (a folder holding them all)."""
     folder = os.environ.get("MODELPLANE_KUBE_BIN")
-    if not folder:
-        cache = Path(os.environ.get("MODELPLANE_KUBE_CACHE")
-                     or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelplane" / "kube")
-        folder = str(cache / KUBE_VERSION)
-    candidate = Path(folder) / name
+    if folder:
+        candidate = Path(folder) / name
+    elif name == "pause":
+        candidate = cluster_cache() / f"pause-{pinned('KUBERNETES_VERSION')}" / "bin" / name
+    else:
+        candidate = cluster_cache() / f"kubernetes-{pinned('KUBERNETES_VERSION')}" / "bin" / name
     return candidate if candidate.is_file() else None
+
+
+def binary_minor(binary: Path) -> int:
+    """The minor version a Kubernetes binary prints (`Kubernetes v1.34.4` -> 34)."""
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30).stdout
+    match = re.search(r"v1\.(\d+)\.", out)
+    if not match:
+        raise RuntimeError(f"{binary} --version printed {out!r}: not a Kubernetes version")
+    return int(match.group(1))
+
+
+def etcd_binary() -> str:
+    """MODELPLANE_ETCD, else the etcd scripts/cluster-build.sh built."""
+    explicit = os.environ.get("MODELPLANE_ETCD")
+    if explicit:
+        return explicit
+    return str(cluster_cache() / f"etcd-{pinned('ETCD_VERSION')}" / "bin" / "etcd")
 
 
 def apiserver_binary() -> Optional[Path]:
@@ -170,9 +206,13 @@ class Cluster:
     """
 
     def __init__(self, workdir: Path, binary: Path, *, extra_args: Optional[list[str]] = None,
-                 tls: Optional[tuple[Path, Path, Path]] = None):
+                 tls: Optional[tuple[Path, Path, Path]] = None, etcd: Optional[Path] = None,
+                 bind: str = "127.0.0.1"):
         self.workdir = workdir
         self.binary = binary
+        self.etcd = etcd
+        self.bind = bind  # the node's cluster binds the bridge's gateway, where kube-proxy sends pods
+        self.minor = binary_minor(binary)
         self.extra_args = extra_args
         self.tls = tls
         self.procs: list[subprocess.Popen] = []
@@ -183,10 +223,10 @@ class Cluster:
 
     def start(self) -> "Cluster":
         w = self.workdir
-        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port(self.bind)
         etcd_log = open(w / "etcd.log", "wb")
         self.procs.append(subprocess.Popen(
-            [shutil.which("etcd") or "/usr/bin/etcd", "--name", "test", "--data-dir", str(w / "etcd"),
+            [str(self.etcd or etcd_binary()), "--name", "test", "--data-dir", str(w / "etcd"),
              "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
              "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
              "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
@@ -213,8 +253,10 @@ class Cluster:
         self.procs.append(subprocess.Popen(
             [str(self.binary),
              "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-             "--secure-port", str(api_port), "--insecure-port=0",
+             "--bind-address", self.bind, "--advertise-address", self.bind,
+             "--secure-port", str(api_port),
+             # the insecure port was removed in 1.24, and klog's --logtostderr in 1.26
+             *(["--insecure-port=0", "--logtostderr=true"] if self.minor < 24 else []),
              *serving,
              "--token-auth-file", str(w / "tokens.csv"),
              "--service-account-issuer", ISSUER,
@@ -222,11 +264,10 @@ class Cluster:
              "--service-account-signing-key-file", str(w / "sa.key"),
              "--api-audiences", ISSUER,
              "--service-cluster-ip-range", "10.96.0.0/24",
-             *extra,
-             "--logtostderr=true", "-v=1"],
+             *extra, "-v=1"],
             stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True))
         self.port = api_port
-        self.url = f"https://127.0.0.1:{api_port}"
+        self.url = f"https://{self.bind}:{api_port}"
         self._wait_ready(admin_token)
         return self
 
@@ -269,7 +310,7 @@ class Cluster:
             for doc in load_docs(path):
                 if doc.get("kind") != "CustomResourceDefinition":
                     continue
-                crd = fix_crd_for_120(doc)
+                crd = fix_crd_for_120(doc) if self.minor < 21 else doc
                 self.admin.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
                 names.append(crd["metadata"]["name"])
         deadline = time.monotonic() + 30

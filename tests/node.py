@@ -1,13 +1,13 @@
-"""A real one-node Kubernetes cluster for the tests: the loopback kube-apiserver + etcd of
-`kube.Cluster`, kube-controller-manager, kube-scheduler, and a kubelet running real containers
-through containerd with a CNI bridge. Everything comes from Debian packages and the binaries
-`scripts/kube-build.sh` builds from Debian's `kubernetes` source package (see
-../shared/knative/NODE.md for what was established on these machines).
+"""A real one-node Kubernetes cluster for the tests: the kube-apiserver + etcd of `kube.Cluster`
+(bound to the CNI bridge's gateway address), kube-controller-manager, kube-scheduler, and a
+kubelet running real containers through containerd with a CNI bridge. containerd, runc, the CNI
+plugins and iptables are Debian's; Kubernetes, etcd and the pod sandbox are built from their
+modules by scripts/cluster-build.sh (see ../shared/knative/NODE.md for what was established on
+these machines).
 
-What a cluster would have and this one does not: kube-proxy (no ClusterIP routing), cluster
-DNS, and every Knative controller. Pods reach the API server and the tests' GCS emulator
-through `Forwarder`s on the bridge's gateway address, as a `kubernetes` Service routed by
-kube-proxy would take them there.
+Alone it has no kube-proxy, cluster DNS or Knative: tests/knative_cluster.py adds them.
+Pods reach the tests' own servers on loopback (the GCS emulator) through `Forwarder`s on the
+bridge's gateway address.
 
 The kubelet changes host settings; `Node.stop` restores them: three sysctls, its bind mount of
 its root dir, its cgroups, the bridge. One node per machine at a time (a file lock).
@@ -41,7 +41,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 LOCK = Path(tempfile.gettempdir()) / "modelplane-node.lock"
 COMPONENTS = ("kubelet", "kube-controller-manager", "kube-scheduler")
 DEBIAN_TOOLS = {"containerd": "containerd", "ctr": "containerd", "runc": "runc", "iptables": "iptables",
-                "openssl": "openssl", "ip": "iproute2", "etcd": "etcd-server"}
+                "openssl": "openssl", "ip": "iproute2"}
 
 
 def missing_parts() -> list[str]:
@@ -51,7 +51,7 @@ def missing_parts() -> list[str]:
         missing.append("/usr/lib/cni/bridge (Debian containernetworking-plugins)")
     for name in ("kube-apiserver", *COMPONENTS, "pause"):
         if kube.kube_binary(name) is None:
-            missing.append(f"{name} (scripts/kube-build.sh builds it)")
+            missing.append(f"{name} (scripts/cluster-build.sh builds it)")
     if os.geteuid() != 0:
         missing.append("root (the kubelet and containerd run as root)")
     return missing
@@ -176,9 +176,16 @@ class Node:
     """`start()` brings up the cluster and a Ready node; `stop()` takes it all down and restores
     the host. `admin` is a kube.Kube with system:masters; `kubeconfig` a file for kubectl."""
 
-    def __init__(self, workdir: Optional[Path] = None):
+    def __init__(self, workdir: Optional[Path] = None, *, bin_dir: Optional[Path] = None,
+                 etcd: Optional[Path] = None, pause: Optional[Path] = None):
+        """`bin_dir`: the Kubernetes binaries, `etcd` and `pause` (default: scripts/cluster-build.sh's,
+        at the versions scripts/cluster-versions.env pins)."""
         # Short paths: containerd's socket path must fit a sockaddr_un.
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="mp-node-", dir="/tmp"))
+        self.bin_dir = bin_dir
+        self.etcd = etcd
+        self.pause = pause
+        self.minor = kube.binary_minor(self.binary("kube-apiserver"))
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.cluster: Optional[kube.Cluster] = None
         self.forwarders: list[Forwarder] = []
@@ -188,6 +195,18 @@ class Node:
         self.kubelet_root = self.dir / "kubelet"
         self.socket = self.dir / "ctd" / "containerd.sock"
         self.api_on_bridge: tuple[str, int] = ("", 0)
+
+    def binary(self, name: str) -> Path:
+        if self.bin_dir is not None:
+            return self.bin_dir / name
+        found = kube.kube_binary(name)
+        if found is None:
+            raise RuntimeError(f"no {name}: scripts/cluster-build.sh builds it")
+        return found
+
+    def klog(self) -> list[str]:
+        """Logging flags: klog's --logtostderr was removed from the components in 1.26."""
+        return (["--logtostderr=true"] if self.minor < 26 else []) + ["-v=1"]
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, *, timeout: float = 120.0) -> "Node":
@@ -208,15 +227,20 @@ class Node:
         self._bridge()
         tls = _certificates(self.dir / "pki")
         (self.dir / "api").mkdir(parents=True, exist_ok=True)
-        self.cluster = kube.Cluster(self.dir / "api", kube.apiserver_binary(), tls=tls, extra_args=[
+        # From 1.24 on, kube-proxy routes the `kubernetes` Service to the API server's advertised
+        # address: it binds the bridge's gateway, which pods reach. Before, a forwarder stands in.
+        bind = GATEWAY if self.minor >= 24 else "127.0.0.1"
+        self.cluster = kube.Cluster(self.dir / "api", self.binary("kube-apiserver"), tls=tls, etcd=self.etcd,
+                                    bind=bind, extra_args=[
             "--authorization-mode", "Node,RBAC", "--allow-privileged=true",
             "--kubelet-preferred-address-types", "InternalIP"]).start()
         self.admin = self.cluster.admin
         self.kubeconfig = self._kubeconfig()
-        self.api_on_bridge = self.forward(self.cluster.port)
+        self.api_on_bridge = (GATEWAY, self.cluster.port) if bind == GATEWAY else self.forward(self.cluster.port)
         self._containerd()
-        self.import_archive(pause_archive(self.dir / "pause-oci.tar", kube.kube_binary("pause")))
+        self.import_archive(pause_archive(self.dir / "pause-oci.tar", self.pause or self.binary("pause")))
         self._controllers()
+        self._before_kubelet()
         self._kubelet()
         self._wait_node_ready(timeout)
         self._default_service_account("default", timeout)
@@ -338,24 +362,33 @@ state = "{ctd}/state"
 
     def _controllers(self) -> None:
         k = str(self.kubeconfig)
+        insecure_off = ["--port=0"] if self.minor < 24 else []  # the insecure port is gone from 1.24
         self._spawn("kube-controller-manager", [
-            str(kube.kube_binary("kube-controller-manager")), "--kubeconfig", k, "--leader-elect=false",
-            "--port=0", "--secure-port=0", "--controllers=*",
+            str(self.binary("kube-controller-manager")), "--kubeconfig", k, "--leader-elect=false",
+            *insecure_off, "--secure-port=0", "--controllers=*",
             "--service-account-private-key-file", str(self.cluster.workdir / "sa.key"),
             "--root-ca-file", str(self.cluster.ca), "--use-service-account-credentials=false",
-            "--logtostderr=true", "-v=1"])
+            *self.klog()])
         self._spawn("kube-scheduler", [
-            str(kube.kube_binary("kube-scheduler")), "--kubeconfig", k, "--leader-elect=false",
-            "--port=0", "--secure-port=0", "--logtostderr=true", "-v=1"])
+            str(self.binary("kube-scheduler")), "--kubeconfig", k, "--leader-elect=false",
+            *insecure_off, "--secure-port=0", *self.klog()])
+
+    def _before_kubelet(self) -> None:
+        """What a subclass starts between the controllers and the kubelet (kube-proxy, DNS)."""
+
+    def kubelet_extra_args(self) -> list[str]:
+        return []
 
     def _kubelet(self) -> None:
         self.kubelet_root.mkdir(parents=True, exist_ok=True)
+        # --container-runtime went in 1.27; containerd's sandbox_image names the pause image.
+        old = ["--container-runtime=remote", f"--pod-infra-container-image={PAUSE_IMAGE}"] if self.minor < 27 else []
         self._spawn("kubelet", [
-            str(kube.kube_binary("kubelet")),
-            "--container-runtime=remote", f"--container-runtime-endpoint=unix://{self.socket}",
+            str(self.binary("kubelet")),
+            *old, f"--container-runtime-endpoint=unix://{self.socket}",
             f"--kubeconfig={self.kubeconfig}", "--cgroup-driver=cgroupfs", "--fail-swap-on=false",
             "--oom-score-adj=0", f"--root-dir={self.kubelet_root}", f"--cert-dir={self.dir / 'kubelet-pki'}",
-            f"--hostname-override={NODE_NAME}", f"--pod-infra-container-image={PAUSE_IMAGE}",
+            f"--hostname-override={NODE_NAME}",
             "--register-node=true",
             # Its API (where the API server reads logs) on the bridge's private address only, on a
             # free port: a node IP may not be loopback.
@@ -367,7 +400,7 @@ state = "{ctd}/state"
             "--image-gc-high-threshold=100", "--image-gc-low-threshold=99",
             "--runtime-request-timeout=5m",
             f"--volume-plugin-dir={self.dir / 'volume-plugins'}",
-            "--logtostderr=true", "-v=1"])
+            *self.kubelet_extra_args(), *self.klog()])
 
     def _wait_node_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

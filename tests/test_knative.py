@@ -131,7 +131,10 @@ def reconcile_ready(admin, plural, group_version, name, extra=None):
 def make_pod(admin, name, labels, *, ready=True):
     pod = admin.request("POST", f"/api/v1/namespaces/{NS}/pods", {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
-        "spec": {"containers": [{"name": "publish", "image": "registry.test/x"}]}})
+        # what the namespace's Pod Security level ("restricted", knative/namespace.yaml) admits
+        "spec": {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                 "containers": [{"name": "publish", "image": "registry.test/x", "securityContext": {
+                     "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]}})
     if ready:
         admin.merge_patch(f"/api/v1/namespaces/{NS}/pods/{name}/status", {"status": {
             "phase": "Running",
@@ -490,12 +493,18 @@ def test_batch_deploy_jobs_rollback_remove(cluster, runtime):
     assert runtime.model(name).replicas == 1
     assert runtime.model(name).status == "ready"
     job_status(admin, job.id, {"active": 0, "succeeded": 1, "completionTime": "2024-01-01T00:05:00Z",
-                               "conditions": [{"type": "Complete", "status": "True",
+                               # as the Job controller writes them (batch/v1 validation
+                               # since 1.31: Complete only after SuccessCriteriaMet)
+                               "conditions": [{"type": "SuccessCriteriaMet", "status": "True",
+                                               "lastTransitionTime": "2024-01-01T00:05:00Z"},
+                                              {"type": "Complete", "status": "True",
                                                "lastTransitionTime": "2024-01-01T00:05:00Z"}]})
     got = runtime.job(job.id)
     assert (got.status, got.finished_at) == ("succeeded", "2024-01-01T00:05:00Z")
     assert got.results_uri == f"gs://test-bucket/results/{name}/{job.id}/scores.csv"
-    job_status(admin, f"{sink_name}-from-bucket", {"conditions": [{
+    job_status(admin, f"{sink_name}-from-bucket", {"startTime": "2024-01-01T00:00:00Z", "conditions": [{
+        "type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded",
+        "message": "Job was active longer than specified deadline", "lastTransitionTime": "2024-01-01T01:00:00Z"}, {
         "type": "Failed", "status": "True", "reason": "DeadlineExceeded",
         "message": "Job was active longer than specified deadline", "lastTransitionTime": "2024-01-01T01:00:00Z"}]})
     failed = runtime.job(f"{sink_name}-from-bucket")

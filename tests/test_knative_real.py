@@ -1,0 +1,337 @@
+"""The cluster runtime on Knative itself: Kubernetes, Knative Serving and Eventing and the ingress
+built from their modules (scripts/cluster-build.sh, versions in scripts/cluster-versions.env),
+installed from their own YAML on a one-node cluster (tests/knative_cluster.py), and modelplane's
+control service running as a Pod from knative/*.yaml.
+
+No Knative component is reproduced here: revisions, queue-proxy, the activator, the autoscaler,
+the webhooks, the Broker, Triggers and the JobSink are Knative's. `make test-knative` runs this
+tier alone; under .ci/run (MODELPLANE_REQUIRE_KNATIVE=1) it must run, not skip.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import kube
+from adapters.manifest import load_manifest
+from conftest import MODELS, requires_r
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.knative]
+
+from knative_fixtures import NS, TIMEOUT, http, record
+
+
+def node_memory_mib() -> float:
+    """Resident memory of every process on the machine (the node's daemons, containerd, the pods)."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def ksvc(cluster, name: str) -> dict:
+    return cluster.admin.get(f"/apis/serving.knative.dev/v1/namespaces/{NS}/services/{name}")
+
+
+def ready(obj: dict) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions", []))
+
+
+def model_pods(cluster, name: str) -> list[dict]:
+    return cluster.admin.request("GET", f"/api/v1/namespaces/{NS}/pods",
+                                 query=f"labelSelector=serving.knative.dev/service%3D{name}")["items"]
+
+
+def wait_ready(cluster, name: str) -> dict:
+    try:
+        return cluster.wait(lambda: ready(ksvc(cluster, name)) and ksvc(cluster, name), TIMEOUT,
+                            f"Knative Service {name} Ready")
+    except TimeoutError as e:
+        svc = cluster.admin.get(f"/apis/serving.knative.dev/v1/namespaces/{NS}/services/{name}")
+        raise AssertionError(f"{e}\nstatus: {json.dumps(svc.get('status'))[:3000]}\n"
+                             f"{cluster.diagnose(NS, f'serving.knative.dev/service={name}')}") from None
+
+
+def wait_zero(cluster, name: str, timeout: float = TIMEOUT) -> float:
+    """Until no pod of the model is left (observed); returns the seconds it took."""
+    t0 = time.monotonic()
+    cluster.wait(lambda: not model_pods(cluster, name), timeout, f"{name} scaled to zero (no pod left)", interval=1)
+    return time.monotonic() - t0
+
+
+def ingress_address(cluster, name: str) -> str:
+    """Where a cluster-local model's own address leads: Knative's placeholder Service for the
+    Route is an ExternalName naming the ingress's private Service (the KIngress status Traefik
+    wrote); that Service's ClusterIP, through kube-proxy."""
+    placeholder = cluster.admin.get(f"/api/v1/namespaces/{NS}/services/{name}")
+    assert placeholder["spec"]["type"] == "ExternalName", placeholder["spec"]
+    assert placeholder["spec"]["externalName"] == "traefik-private.traefik.svc.cluster.local"
+    svc = cluster.admin.get("/api/v1/namespaces/traefik/services/traefik-private")
+    return f"http://{svc['spec']['clusterIP']}:80"
+
+
+def quick_model(tmp_path: Path, model: str, idle: str = "2s", version: str | None = None) -> Path:
+    """The example model, with a short idle timeout so that scale to zero happens within a test
+    (and another version number, if given)."""
+    folder = tmp_path / f"{model}-{version or 'v'}" / model
+    shutil.copytree(MODELS / model, folder)
+    text = (folder / "model.yaml").read_text()
+    text = text.replace("idle_timeout: 60s", f"idle_timeout: {idle}")
+    assert f"idle_timeout: {idle}" in text, "the example's scaling line changed: update quick_model"
+    if version:
+        text = text.replace(f"version: {load_manifest(MODELS / model).version}\n", f"version: {version}\n")
+        assert f"version: {version}\n" in text
+    (folder / "model.yaml").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("model", ["donor-propensity", pytest.param("major-gift", marks=requires_r)])
+def test_realtime_model_serves_scales_to_zero_and_cold_starts_through_the_activator(knative, knative_plane, tmp_path, model):
+    cluster, plane = knative, knative_plane
+    manifest = load_manifest(MODELS / model)
+    sample = (MODELS / model / "sample.csv").read_bytes()
+    t0 = time.monotonic()
+    plane.deploy(quick_model(tmp_path, model))
+    svc = wait_ready(cluster, model)
+    record(f"{model}: deploy to Ready (s)", round(time.monotonic() - t0, 1))
+
+    # Through the control route.
+    status, body = plane.predict(model, sample)
+    assert status == 200, body
+    answer = json.loads(body)
+    assert (answer["model"], answer["version"]) == (model, manifest.version)
+    expected = answer["scores"]
+    assert len(expected) == sample.count(b"\n") - 1
+
+    # Through the Route's own address: the ingress (Traefik's Knative provider), by Host.
+    host = svc["status"]["address"]["url"].split("://", 1)[1]
+    status, body = http("POST", ingress_address(cluster, model) + "/predict", sample,
+                        {"Host": host, "Content-Type": "text/csv"})
+    assert status == 200, body
+    assert json.loads(body)["scores"] == expected
+
+    # Idle: Knative's autoscaler takes it to zero; no pod is left.
+    record(f"{model}: idle to zero (s)", round(wait_zero(cluster, model), 1))
+
+    # The next request cold-starts it through the activator, and answers.
+    t1 = time.monotonic()
+    status, body = plane.predict(model, sample, timeout=TIMEOUT)
+    assert status == 200, body
+    assert json.loads(body)["scores"] == expected
+    record(f"{model}: cold start zero to first score, control route (s)", round(time.monotonic() - t1, 2))
+
+    # A burst of 32 at zero: every one answered.
+    wait_zero(cluster, model)
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda _: plane.predict(model, sample, timeout=TIMEOUT), range(32)))
+    failed = [(s, b[:200]) for s, b in results if s != 200]
+    assert not failed, failed
+    assert all(json.loads(b)["scores"] == expected for _, b in results)
+    record("node memory after a burst (MiB)", round(node_memory_mib()))
+
+    status, body = plane.call("DELETE", f"/api/models/{model}")
+    assert status in (200, 204), body
+    cluster.wait(lambda: not model_pods(cluster, model) and not _exists(cluster, model), TIMEOUT,
+                 f"{model}'s objects gone")
+
+
+def _exists(cluster, name: str) -> bool:
+    try:
+        ksvc(cluster, name)
+        return True
+    except kube.ApiError as e:
+        if e.status == 404:
+            return False
+        raise
+
+
+def test_rollout_splits_the_routes_traffic_and_each_version_has_its_own_url(knative, knative_plane, tmp_path):
+    """10 % to a new version: 1,000 requests through the Route's address land on it 10 % ± 3
+    points (Knative's split, done by the ingress); each version's tag address answers with that
+    version; promote; rollback."""
+    cluster, plane, model = knative, knative_plane, "donor-propensity"
+    sample = (MODELS / model / "sample.csv").read_bytes()
+    one = b"\n".join(sample.splitlines()[:2]) + b"\n"
+    plane.deploy(quick_model(tmp_path, model, idle="60s"))
+    wait_ready(cluster, model)
+    plane.deploy(quick_model(tmp_path, model, idle="60s", version="1.1.0"), live=False)
+    status, body = plane.call("POST", f"/api/models/{model}/rollout", json.dumps({"version": "1.1.0", "percent": 10}).encode(),
+                              {"Content-Type": "application/json"})
+    assert status == 200, body
+
+    def split_ready():
+        svc = ksvc(cluster, model)
+        traffic = {t.get("tag"): t.get("percent") for t in (svc.get("status") or {}).get("traffic", [])}
+        return ready(svc) and traffic.get("v1-1-0") == 10 and traffic.get("v1-0-0") == 90 and svc
+    try:
+        svc = cluster.wait(split_ready, TIMEOUT, "the 90/10 split in the Route's status")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{json.dumps(ksvc(cluster, model).get('status'))[:3000]}") from None
+
+    address = ingress_address(cluster, model)
+    host = svc["status"]["address"]["url"].split("://", 1)[1]
+    versions = {"1.0.0": 0, "1.1.0": 0}
+
+    def one_request(_):
+        status, body = http("POST", address + "/predict", one, {"Host": host, "Content-Type": "text/csv"},
+                            timeout=TIMEOUT)
+        assert status == 200, body
+        return json.loads(body)["version"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for v in pool.map(one_request, range(1000)):
+            versions[v] += 1
+    share = versions["1.1.0"] / 10
+    record("rollout: share of 1,000 requests to the 10 % candidate (%)", share)
+    assert 7 <= share <= 13, versions
+
+    # Each version's own address: its tag's Host, through the same ingress.
+    for version in ("1.0.0", "1.1.0"):
+        tag_host = f"v{version.replace('.', '-')}-{host}"
+        status, body = http("POST", address + "/predict", one, {"Host": tag_host, "Content-Type": "text/csv"},
+                            timeout=TIMEOUT)
+        assert status == 200 and json.loads(body)["version"] == version, (tag_host, status, body[:300])
+        # and the control service's per-version route
+        status, body = plane.call("POST", f"/models/{model}/versions/{version}/predict", one,
+                                  {"Content-Type": "text/csv"}, timeout=TIMEOUT)
+        assert status == 200 and json.loads(body)["version"] == version, body[:300]
+
+    status, body = plane.call("POST", f"/api/models/{model}/promote", b"{}", {"Content-Type": "application/json"})
+    assert status == 200, body
+    cluster.wait(lambda: {t.get("tag"): t.get("percent") for t in ksvc(cluster, model)["status"].get("traffic", [])}
+                 .get("v1-1-0") == 100, TIMEOUT, "1.1.0 takes every request")
+    status, body = plane.predict(model, one)
+    assert status == 200 and json.loads(body)["version"] == "1.1.0", body
+
+    status, body = plane.call("POST", f"/api/models/{model}/rollback", b"{}", {"Content-Type": "application/json"})
+    assert status == 200, body
+    cluster.wait(lambda: {t.get("tag"): t.get("percent") for t in ksvc(cluster, model)["status"].get("traffic", [])}
+                 .get("v1-0-0") == 100, TIMEOUT, "back on 1.0.0")
+    status, body = plane.predict(model, one)
+    assert status == 200 and json.loads(body)["version"] == "1.0.0", body
+
+    status, body = plane.call("DELETE", f"/api/models/{model}")
+    assert status in (200, 204), body
+    cluster.wait(lambda: not model_pods(cluster, model) and not _exists(cluster, model), TIMEOUT,
+                 f"{model}'s objects gone")
+
+
+# -- batch: bucket -> bridge -> Broker -> Trigger -> JobSink -> Job ---------------------------
+
+def jobs_of(cluster, sink: str) -> list[dict]:
+    return cluster.admin.request("GET", f"/apis/batch/v1/namespaces/{NS}/jobs",
+                                 query=f"labelSelector=sinks.knative.dev/job-sink-name%3D{sink}")["items"]
+
+
+def wait_finished(cluster, name: str) -> dict:
+    path = f"/apis/batch/v1/namespaces/{NS}/jobs/{name}"
+
+    def finished():
+        conds = {c["type"]: c["status"] for c in (cluster.admin.get(path).get("status") or {}).get("conditions", [])}
+        return "True" in (conds.get("Complete"), conds.get("Failed"))
+    try:
+        cluster.wait(finished, TIMEOUT, f"Job {name} finished")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{cluster.diagnose(NS, f'job-name={name}')}") from None
+    return cluster.admin.get(path)
+
+
+def new_job(cluster, sink: str, known: set[str]) -> dict:
+    try:
+        return cluster.wait(lambda: next((j for j in jobs_of(cluster, sink) if j["metadata"]["name"] not in known),
+                                         None), TIMEOUT, f"a Job of {sink} from the bucket event")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{cluster.log_tail('kubelet', 5)}\n"
+                             f"{cluster.diagnose(NS, 'app.kubernetes.io/name=modelplane-bridge')}\n"
+                             f"{cluster.diagnose('knative-eventing', 'app=job-sink')}") from None
+
+
+@pytest.mark.parametrize("model", ["churn-risk", pytest.param("member-retention", marks=requires_r)])
+def test_batch_dataset_dropped_in_the_bucket_is_scored_by_a_job_from_the_jobsink(knative, knative_plane,
+                                                                                  knative_bridge, gcs_client, model):
+    import csv
+
+    from control.runtime import knative_objects as ko
+
+    cluster, plane = knative, knative_plane
+    manifest = load_manifest(MODELS / model)
+    plane.deploy(MODELS / model)
+    sink = ko.object_name(manifest)
+
+    def trigger_ready():
+        t = cluster.admin.get(f"/apis/eventing.knative.dev/v1/namespaces/{NS}/triggers/{model}")
+        return ready(t)
+    cluster.wait(trigger_ready, TIMEOUT, f"Trigger {model} Ready")
+    cluster.wait(lambda: ready(cluster.admin.get(f"/apis/sinks.knative.dev/v1alpha1/namespaces/{NS}/jobsinks/{sink}")),
+                 TIMEOUT, f"JobSink {sink} Ready")
+
+    bucket = gcs_client.bucket("test-bucket")
+    sample = (MODELS / model / "sample.csv").read_bytes()
+    known = {j["metadata"]["name"] for j in jobs_of(cluster, sink)}
+    blob = bucket.blob(f"incoming/{model}/knative-march.csv")
+    blob.upload_from_string(sample, content_type="text/csv")
+    job = new_job(cluster, sink, known)
+    name = job["metadata"]["name"]
+    job = wait_finished(cluster, name)
+    assert job["status"].get("succeeded") == 1, cluster.diagnose(NS, f"job-name={name}")
+    prefix = f"results/{model}/{name}"
+    scores = bucket.blob(f"{prefix}/scores.csv").download_as_text().splitlines()
+    assert len(scores) == sample.count(b"\n")  # a header and a score per row
+    result = json.loads(bucket.blob(f"{prefix}/result.json").download_as_text())
+    assert (result["status"], result["rows"]) == ("succeeded", len(scores) - 1)
+    assert result["input"]["uri"] == f"gs://test-bucket/{blob.name}"
+
+    # The same event delivered again (as a Broker redelivers): the JobSink finds its Job, makes none.
+    secret = cluster.admin.get(f"/api/v1/namespaces/{NS}/secrets/{name}")
+    import base64
+    event = base64.b64decode(secret["data"]["event"])
+    ingress = cluster.admin.get("/api/v1/namespaces/knative-eventing/services/broker-ingress")["spec"]["clusterIP"]
+    status, body = http("POST", f"http://{ingress}/{NS}/default", event,
+                        {"Content-Type": "application/cloudevents+json"})
+    assert status in (200, 202), body
+    time.sleep(10)
+    assert [j["metadata"]["name"] for j in jobs_of(cluster, sink) if j["metadata"]["name"] not in known] == [name]
+
+    # A dataset the features refuse: a failed Job, a failed result.json, no scores.
+    rows = list(csv.reader(io.StringIO(sample.decode())))
+    column = {"churn-risk": "plan", "member-retention": "tier"}[model]
+    rows[3][rows[0].index(column)] = "gold"
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    known.add(name)
+    bad = bucket.blob(f"incoming/{model}/knative-bad.csv")
+    bad.upload_from_string(out.getvalue(), content_type="text/csv")
+    bad_job = new_job(cluster, sink, known)["metadata"]["name"]
+    job = wait_finished(cluster, bad_job)
+    assert job["status"].get("failed") == 1 and not job["status"].get("succeeded")
+    assert not bucket.blob(f"results/{model}/{bad_job}/scores.csv").exists()
+    result = json.loads(bucket.blob(f"results/{model}/{bad_job}/result.json").download_as_text())
+    assert result["status"] == "failed" and result["problems"][0]["field"] == column
+
+    # Remove: every object the model had is gone.
+    status, body = plane.call("DELETE", f"/api/models/{model}")
+    assert status in (200, 204), body
+
+    def gone():
+        for path in (f"/apis/eventing.knative.dev/v1/namespaces/{NS}/triggers/{model}",
+                     f"/apis/sinks.knative.dev/v1alpha1/namespaces/{NS}/jobsinks/{sink}"):
+            try:
+                cluster.admin.get(path)
+                return False
+            except kube.ApiError as e:
+                if e.status != 404:
+                    raise
+        return True
+    cluster.wait(gone, TIMEOUT, f"{model}'s Trigger and JobSink gone")
