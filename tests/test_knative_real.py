@@ -10,6 +10,7 @@ tier alone; under .ci/run (MODELPLANE_REQUIRE_KNATIVE=1) it must run, not skip.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import io
 import json
 import shutil
@@ -20,7 +21,7 @@ import pytest
 
 import kube
 from adapters.manifest import load_manifest
-from conftest import MODELS, requires_r
+from conftest import MODELS, ROOT, requires_r
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.knative]
 
@@ -39,6 +40,49 @@ def node_memory_mib() -> float:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total / 1024
+
+
+def local_realtime_scores(name: str) -> list[float]:
+    """The sample scored by the adapter and model as local processes (what the local runtime runs)."""
+    import subprocess
+    import sys
+
+    from control.emulator import free_port, wait_for_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "adapters", "serve", str(MODELS / name), "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=30, proc=proc)
+        status, body = 0, b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status, body = http("POST", f"http://127.0.0.1:{port}/predict",
+                                (MODELS / name / "sample.csv").read_bytes(), {"Content-Type": "text/csv"})
+            if status != 503:  # 503 until the model behind it is ready
+                break
+            time.sleep(0.2)
+        assert status == 200, body
+        return json.loads(body)["scores"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def local_batch_scores(name: str, dataset: bytes, tmp_path: Path) -> list[float]:
+    import subprocess
+    import sys
+
+    (tmp_path / "local.csv").write_bytes(dataset)
+    proc = subprocess.run([sys.executable, "-m", "adapters", "batch", str(MODELS / name), "--dataset",
+                           str(tmp_path / "local.csv"), "--results", str(tmp_path / "local-results"), "--job", "local"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return read_scores((tmp_path / "local-results" / "scores.csv").read_text())
+
+
+def read_scores(text: str) -> list[float]:
+    return [float(line) for line in text.splitlines()[1:]]
 
 
 def ksvc(cluster, name: str) -> dict:
@@ -113,7 +157,11 @@ def test_realtime_model_serves_scales_to_zero_and_cold_starts_through_the_activa
     answer = json.loads(body)
     assert (answer["model"], answer["version"]) == (model, manifest.version)
     expected = answer["scores"]
-    assert len(expected) == sample.count(b"\n") - 1
+    assert expected == pytest.approx(local_realtime_scores(model), rel=1e-9)  # what the local runtime answers
+    # The adapter's contract checks hold behind Knative too: a bad row is a 422 naming the field.
+    status, body = plane.call("POST", f"/models/{model}/predict", json.dumps({"rows": [{"nonsense": 1}]}).encode(),
+                              {"Content-Type": "application/json"})
+    assert status == 422, body
 
     # Through the Route's own address: the ingress (Traefik's Knative provider), by Host.
     host = svc["status"]["address"]["url"].split("://", 1)[1]
@@ -260,7 +308,8 @@ def new_job(cluster, sink: str, known: set[str]) -> dict:
 
 @pytest.mark.parametrize("model", ["churn-risk", pytest.param("member-retention", marks=requires_r)])
 def test_batch_dataset_dropped_in_the_bucket_is_scored_by_a_job_from_the_jobsink(knative, knative_plane,
-                                                                                  knative_bridge, gcs_client, model):
+                                                                                  knative_bridge, gcs_client, model,
+                                                                                  tmp_path):
     import csv
 
     from control.runtime import knative_objects as ko
@@ -287,11 +336,16 @@ def test_batch_dataset_dropped_in_the_bucket_is_scored_by_a_job_from_the_jobsink
     job = wait_finished(cluster, name)
     assert job["status"].get("succeeded") == 1, cluster.diagnose(NS, f"job-name={name}")
     prefix = f"results/{model}/{name}"
-    scores = bucket.blob(f"{prefix}/scores.csv").download_as_text().splitlines()
-    assert len(scores) == sample.count(b"\n")  # a header and a score per row
+    scores = read_scores(bucket.blob(f"{prefix}/scores.csv").download_as_text())
+    assert scores == pytest.approx(local_batch_scores(model, sample, tmp_path), rel=1e-9)
     result = json.loads(bucket.blob(f"{prefix}/result.json").download_as_text())
-    assert (result["status"], result["rows"]) == ("succeeded", len(scores) - 1)
-    assert result["input"]["uri"] == f"gs://test-bucket/{blob.name}"
+    assert (result["status"], result["rows"], result["job"]) == ("succeeded", len(scores), name)
+    assert result["input"] == {"uri": f"gs://test-bucket/{blob.name}", "generation": str(blob.generation),
+                               "md5": hashlib.md5(sample).hexdigest()}
+    # The control service reads the same from the cluster: the Job, and the result from its log.
+    status, body = plane.call("GET", f"/api/jobs/{name}")
+    seen = json.loads(body)
+    assert status == 200 and (seen["status"], seen["rows"]) == ("succeeded", len(scores)), seen
 
     # The same event delivered again (as a Broker redelivers): the JobSink finds its Job, makes none.
     secret = cluster.admin.get(f"/api/v1/namespaces/{NS}/secrets/{name}")
@@ -319,6 +373,25 @@ def test_batch_dataset_dropped_in_the_bucket_is_scored_by_a_job_from_the_jobsink
     assert not bucket.blob(f"results/{model}/{bad_job}/scores.csv").exists()
     result = json.loads(bucket.blob(f"results/{model}/{bad_job}/result.json").download_as_text())
     assert result["status"] == "failed" and result["problems"][0]["field"] == column
+
+    # `modelplane run` on a cluster: the upload makes its Job at once, named as the JobSink names
+    # it for the bridge's event; when the bridge's event arrives, the JobSink finds it and makes none.
+    known.add(bad_job)
+    status, body = plane.call("POST", f"/api/models/{model}/datasets?filename=april.csv", sample,
+                              {"Content-Type": "text/csv"})
+    assert status == 201, body
+    up = json.loads(body)
+    uid = cluster.admin.get(f"/apis/batch/v1/namespaces/{NS}/jobs/{up['job']}")["metadata"]["uid"]
+    wait_finished(cluster, up["job"])
+    status, body = plane.call("GET", f"/api/jobs/{up['job']}/results")
+    assert status == 200 and body.count(b"\n") == len(scores) + 1, body[:300]
+    time.sleep(5)  # the bridge looks at the bucket every second: its event has been delivered
+    assert [j["metadata"]["name"] for j in jobs_of(cluster, sink) if j["metadata"]["name"] not in known] == [up["job"]]
+    assert cluster.admin.get(f"/apis/batch/v1/namespaces/{NS}/jobs/{up['job']}")["metadata"]["uid"] == uid
+    # Without the token: refused.
+    status, _ = http("POST", f"{plane.base}/api/models/{model}/datasets?filename=x.csv", sample,
+                     {"Content-Type": "text/csv"})
+    assert status == 401
 
     # Remove: every object the model had is gone.
     status, body = plane.call("DELETE", f"/api/models/{model}")
