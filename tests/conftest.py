@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from control.emulator import Emulator, free_port
-from knative_fixtures import knative, knative_builds, knative_images, knative_plane  # noqa: F401 (session fixtures)
+from knative_fixtures import knative, knative_bridge, knative_builds, knative_images, knative_plane  # noqa: F401 (session fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -50,3 +50,9 @@ def gcs_client(gcs):
 @pytest.fixture
 def port():
     return free_port()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-Knative tier runs last: its one cluster (a session fixture) then lives only while
+    those tests run, not beside the rest of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("knative") is not None)

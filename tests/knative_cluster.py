@@ -256,6 +256,32 @@ class KnativeNode(node_mod.Node):
         if self._route_localnet:
             node_mod.run("sysctl", "-w", f"net.ipv4.conf.all.route_localnet={self._route_localnet}", check=False)
 
+    def memory_mib(self) -> dict[str, float]:
+        """Resident memory (MiB) of the node's daemons (API server, etcd, controllers, kubelet,
+        kube-proxy, CoreDNS, containerd) and of every process in its pods (the kubepods cgroup:
+        Knative, the ingress, modelplane, the models), and their sum."""
+        def rss(pid: int) -> int:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+            except OSError:
+                pass
+            return 0
+        daemons = [p.pid for _, p in self.procs if p.poll() is None]
+        daemons += [p.pid for p in (self.cluster.procs if self.cluster else []) if p.poll() is None]
+        pods: set[int] = set()
+        for procs in Path("/sys/fs/cgroup/memory/kubepods").rglob("cgroup.procs"):
+            try:
+                pods.update(int(x) for x in procs.read_text().split())
+            except OSError:
+                pass
+        shims = [int(x) for x in node_mod.run("pgrep", "-f", f"containerd-shim.*{self.socket}", check=False).stdout.split()]
+        out = {"daemons": sum(rss(p) for p in daemons) / 1024, "pods": sum(rss(p) for p in pods) / 1024,
+               "shims": sum(rss(p) for p in shims) / 1024}
+        out["node"] = sum(out.values())
+        return {k: round(v) for k, v in out.items()}
+
     # -- Knative ---------------------------------------------------------------------------
     def install(self, images: dict[str, Path], timeout: float = 600) -> None:
         t0 = time.monotonic()

@@ -72,8 +72,8 @@ def model_tarball(folder: Path) -> bytes:
 class Plane:
     """The control service's Pod on the cluster, as a client reaches it."""
 
-    def __init__(self, cluster: kc.KnativeNode, base: str, token: str):
-        self.cluster, self.base, self.token = cluster, base, token
+    def __init__(self, cluster: kc.KnativeNode, base: str, token: str, registry: str):
+        self.cluster, self.base, self.token, self.registry = cluster, base, token, registry
 
     @property
     def auth(self) -> dict:
@@ -126,6 +126,7 @@ def knative(knative_builds, knative_images, gcs):
         n.install(cluster_images)
         record("cluster start to Knative Ready (s)", round(time.monotonic() - t0, 1))
         record("Knative install steps (s)", {k: round(v, 1) for k, v in n.timings.items()})
+        record("node memory with Knative Ready, idle (MiB)", n.memory_mib())
         for entry in knative_images.values():
             n.import_archive(Path(entry["archive"]))
             # Knative resolves a revision's image tags to digests unless the registry is in
@@ -177,7 +178,7 @@ def knative_plane(knative, knative_images):
     pods = cluster.admin.request("GET", f"/api/v1/namespaces/{NS}/pods",
                                  query="labelSelector=app.kubernetes.io/name%3Dmodelplane-control")["items"]
     running = [p for p in pods if p["status"].get("phase") == "Running" and p["metadata"].get("deletionTimestamp") is None]
-    return Plane(cluster, f"http://{running[0]['status']['podIP']}:8080", token)
+    return Plane(cluster, f"http://{running[0]['status']['podIP']}:8080", token, registry)
 
 
 @pytest.fixture(scope="session")

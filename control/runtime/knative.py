@@ -56,6 +56,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
               "transfer-encoding", "upgrade", "host", "content-length"}
 ENDPOINT_TTL = 10.0  # seconds a model's URL is cached by `forward`
 WRITE_ATTEMPTS = 5  # read-modify-write rounds before a concurrently changed object is given up on
+# On every create and patch: an unknown or duplicate field is refused (400), as `kubectl apply`
+# does, instead of the API server's default (Warn), which drops it with only a warning header.
+STRICT = {"fieldValidation": "Strict"}
 
 
 class _Stale(Exception):
@@ -209,7 +212,7 @@ class KnativeRuntime(Runtime):
         return self._request("GET", resource, verb="list", query={"labelSelector": selector}).get("items") or []
 
     def _create(self, resource: str, body: dict) -> dict:
-        return self._request("POST", resource, verb="create", body=body,
+        return self._request("POST", resource, verb="create", body=body, query=STRICT,
                              subject=(body.get("metadata") or {}).get("name"))
 
     def _patch(self, resource: str, name: str, patch: dict, *, resource_version: Optional[str] = None) -> dict:
@@ -218,7 +221,7 @@ class KnativeRuntime(Runtime):
         if resource_version is not None:
             patch = {**patch, "metadata": {**patch.get("metadata", {}), "resourceVersion": resource_version}}
         try:
-            return self._request("PATCH", resource, name, verb="patch", body=patch,
+            return self._request("PATCH", resource, name, verb="patch", body=patch, query=STRICT,
                                  content_type="application/merge-patch+json")
         except Conflict:
             if resource_version is None:

@@ -5,7 +5,11 @@ then validation), and Kubernetes validates what Knative creates from them (the D
 revision, the Job of a JobSink) and admits their pods under the namespace's Pod Security level.
 The cluster runtime checks the same rules before it sends anything, so that a model the cluster
 would refuse -- or accept and then never run -- is refused by `modelplane deploy` with the field
-named, not half-way through a deploy.
+named, not half-way through a deploy. A rule is only what some admission stage of the real
+system refuses (Knative's webhooks, the API server, or its admission of the Revision,
+Deployment, Job or Pod created from the object -- tests/test_knative_webhooks.py has the real
+cluster judge every case); what the cluster accepts and only acts on differently later (a
+garbage-collection annotation, a filter the Broker skips) is not refused here.
 
 Each rule is a small function whose comment names the source it mirrors. Sources, read at:
 knative/serving 98e5ef90 (v1.23 line), knative/eventing 8cf4c4b6 (v1.22 line), knative/pkg and
@@ -49,9 +53,7 @@ METADATA_VALIDATION = _SERVING + "pkg/apis/serving/metadata_validation.go"
 K8S_VALIDATION = _SERVING + "pkg/apis/serving/k8s_validation.go"
 FIELDMASK = _SERVING + "pkg/apis/serving/fieldmask.go"
 AUTOSCALING = _SERVING + "pkg/apis/autoscaling/annotation_validation.go"
-GC = _SERVING + "pkg/reconciler/gc/gc.go"
 DEPLOY = _SERVING + "pkg/reconciler/revision/resources/deploy.go"
-ROUTE_DOMAIN = _SERVING + "pkg/reconciler/route/config/domain.go"
 ROUTE_SERVICE = _SERVING + "pkg/reconciler/route/resources/service.go"
 NETWORKING_ANNOTATIONS = "knative/networking pkg/apis/networking/metadata_validation.go"
 PKG_METADATA = "knative/pkg apis/metadata_validation.go"
@@ -63,8 +65,6 @@ JOBSINK_VALIDATION = _EVENTING + "pkg/apis/sinks/v1alpha1/job_sink_validation.go
 JOBSINK_DISPATCHER = _EVENTING + "cmd/jobsink/main.go"
 TRIGGER_VALIDATION = _EVENTING + "pkg/apis/eventing/v1/trigger_validation.go"
 TRIGGER_DEFAULTS = _EVENTING + "pkg/apis/eventing/v1/trigger_defaults.go"
-FILTER_CREATE = _EVENTING + "pkg/eventfilter/subscriptionsapi/create.go"
-FILTER_HANDLER = _EVENTING + "pkg/broker/filter/filter_handler.go"
 _K8S = "kubernetes "
 K8S_NAMES = _K8S + "apimachinery pkg/util/validation/validation.go"
 K8S_CONTENT = _K8S + "apimachinery pkg/api/validate/content/kube.go"
@@ -130,6 +130,16 @@ class ClusterConfig:
     # config-observability logging.enable-var-log-collection (serving pkg/observability/config.go:
     # false): Knative then mounts its own volume on /var/log in every user container (deploy.go)
     var_log_collection: bool = False
+    # config-features queueproxy.mount-podinfo (features.go: Disabled; Enabled, or Allowed for a
+    # revision annotated features.knative.dev/queueproxy-podinfo: enabled): Knative then adds a
+    # volume "pod-info" for queue-proxy to the revision's pod (deploy.go makePodSpec)
+    queueproxy_mount_podinfo: str = "Disabled"
+    # config-deployment queue-sidecar-token-audiences (serving pkg/deployment/config.go: none):
+    # with an audience Knative adds a volume "knative-token-volume" (deploy.go makePodSpec)
+    queue_sidecar_token_audiences: frozenset = frozenset()
+    # config-network system-internal-tls (knative/networking pkg/config/config.go: disabled):
+    # when enabled Knative adds a volume "server-certs" (deploy.go makePodSpec)
+    system_internal_tls: bool = False
     # config-network tag-template (knative/networking pkg/config/config.go DefaultTagTemplate):
     # the name of the Kubernetes Service of a tagged traffic target
     tag_template: str = "{{.Tag}}-{{.Name}}"
@@ -410,9 +420,13 @@ def _list(value: Any) -> list:
 
 def _is_set(value: Any, go_value_type: bool = False) -> bool:
     """Whether a JSON field counts as set for knative/pkg kmp.CompareSetFields: null never is;
-    for Go value (non-pointer) fields their zero value ("", false, 0) is not either. Empty lists
-    and objects are set (a non-nil empty slice or map differs from nil)."""
-    if value is None:
+    for Go value (non-pointer) fields their zero value ("", false, 0) is not either. Nor is an
+    empty list: before validation Knative's defaulting webhook round-trips the object through
+    its Go types (knative/pkg webhook/resourcesemantics/defaulting/defaulting.go
+    roundTripPatch), and every list field of those types is `omitempty`, so `[]` is removed
+    (the real webhook accepts e.g. `initContainers: []` with the feature off). An empty object
+    stays set: it is a pointer to a struct (e.g. `affinity: {}`), marshalled as `{}`."""
+    if value is None or value == []:
         return False
     if go_value_type and value in ("", False, 0) and not isinstance(value, (list, dict)):
         return False
@@ -426,12 +440,13 @@ def _disallowed(obj: dict, allowed: Iterable[str], at: str, source: str, *, what
     set field the mask drops is refused ("must not set the field(s)")."""
     allowed, known, value_fields = set(allowed), set(known), set(value_fields)
     for key, value in obj.items():
-        if key in allowed or not _is_set(value, key in value_fields):
+        if key in allowed or value is None:
             continue
-        if known and key not in known:
+        if known and key not in known:  # no Go field: not dropped by the round trip, even if empty
             yield _p(f"{at}.{key}", f"must not set the field(s): {key} -- {what} has no field {key!r} in Knative's "
-                     "schema (a typo?): the API server drops it or refuses it", source)
-        else:
+                     "schema (a typo?): the API server refuses it (fieldValidation=Strict, as modelplane and kubectl "
+                     "send) or drops it", source)
+        elif _is_set(value, key in value_fields):
             yield _p(f"{at}.{key}", f"must not set the field(s): {key} -- Knative does not allow {key!r} on "
                      f"{what}{hint}", source)
 
@@ -500,8 +515,6 @@ def service_problems(svc: dict, config: ClusterConfig = ClusterConfig()) -> list
     out += _object_name(meta)
     out += _rollout_duration(ann, "metadata.annotations")
     out += _no_autoscaling_annotations(ann, "metadata.annotations")
-    out += _no_gc(ann, tann)
-    out += _visibility(_dict(meta.get("labels")), _dict(tmeta.get("labels")), tann)
     out += _metadata(meta, "metadata")
     # The template: serving pkg/apis/serving/v1/revision_validation.go RevisionTemplateSpec.Validate
     out += _revision_name(name, tmeta)
@@ -516,6 +529,7 @@ def service_problems(svc: dict, config: ClusterConfig = ClusterConfig()) -> list
     out += _container_concurrency(rspec, config)
     out += _pod_spec(rspec, config, "spec.template.spec")
     out += _deployment_pod(rspec, config, "spec.template.spec")
+    out += _knative_volumes(rspec, tann, config, "spec.template.spec")
     out += _traffic(spec.get("traffic"), name, config)
     return out
 
@@ -574,46 +588,6 @@ def _no_autoscaling_annotations(ann: dict, at: str) -> Iterator[Problem]:
             yield _p(_ann_key(at, key), 'autoscaling annotations must be put under '
                      '"spec.template.metadata.annotations" to work', METADATA_VALIDATION +
                      " ValidateHasNoAutoscalingAnnotation")
-
-
-NO_GC = "serving.knative.dev/no-gc"  # serving pkg/apis/serving/register.go RevisionPreservedAnnotationKey
-
-
-def _no_gc(ann: dict, tann: dict) -> Iterator[Problem]:
-    # serving pkg/reconciler/gc/gc.go isRevisionActive: a revision whose annotation
-    # serving.knative.dev/no-gc equals "true" (case-insensitively, strings.EqualFold) is never
-    # collected. Revisions take the template's annotations; the Service's own annotations go to
-    # its Configuration and Route only (service/resources), so there it preserves nothing.
-    # Not an admission refusal: a value that is not "true" silently lets the collector delete
-    # the revision, so the rollback it was meant to keep is gone.
-    if NO_GC in ann:
-        yield _p(f"metadata.annotations.{NO_GC}", f"{NO_GC} on the Service keeps no revision: Knative reads it "
-                 "from each Revision, whose annotations come from spec.template.metadata.annotations; move it "
-                 "there", GC + " isRevisionActive")
-    value = tann.get(NO_GC)
-    if value is not None and (not isinstance(value, str) or value.lower() not in ("true", "false")):
-        yield _p(f"spec.template.metadata.annotations.{NO_GC}", f"{value!r}: Knative's revision collector keeps a "
-                 "revision only when this is \"true\" (any case); any other value lets it be deleted",
-                 GC + " isRevisionActive")
-
-
-VISIBILITY = "networking.knative.dev/visibility"  # knative/networking VisibilityLabelKey
-CLUSTER_LOCAL = "cluster-local"  # serving pkg/apis/serving/register.go VisibilityClusterLocal
-
-
-def _visibility(labels: dict, tlabels: dict, tann: dict) -> Iterator[Problem]:
-    # serving pkg/reconciler/route/config/domain.go LookupDomainForLabels (and
-    # route/domains/domains.go): the Service's labels go to its Route, and only the exact value
-    # "cluster-local" gives it the cluster-local domain. Any other value -- not refused -- leaves
-    # the model on the public ingress. On the template the label does nothing.
-    value = labels.get(VISIBILITY)
-    if value is not None and value != CLUSTER_LOCAL:
-        yield _p(f"metadata.labels.{VISIBILITY}", f"{value!r}: Knative only acts on the value \"cluster-local\"; "
-                 "with any other value the model gets a public URL. Use \"cluster-local\" or remove the label",
-                 ROUTE_DOMAIN + " LookupDomainForLabels")
-    if VISIBILITY in tlabels:
-        yield _p(f"spec.template.metadata.labels.{VISIBILITY}", "the visibility label on the revision template "
-                 "changes nothing: put it on the Service's metadata.labels", ROUTE_DOMAIN + " LookupDomainForLabels")
 
 
 def _revision_name(service: str, tmeta: dict) -> Iterator[Problem]:
@@ -866,6 +840,9 @@ _NETWORKING_ALLOWED = {  # knative/networking pkg/apis/networking/metadata_valid
 }
 
 
+VISIBILITY = "networking.knative.dev/visibility"  # knative/networking VisibilityLabelKey
+
+
 def _networking_annotations(ann: dict, at: str) -> Iterator[Problem]:
     # knative/networking pkg/apis/networking/metadata_validation.go ValidateAnnotations (called by
     # RevisionTemplateSpec.Validate): keys starting "networking.knative.dev" must be known ones.
@@ -998,10 +975,7 @@ RESERVED_SIDECAR_ENV_VARS = RESERVED_ENV_VARS - {"PORT"}
 RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091, 8008}
 RESERVED_PATHS = {"/", "/dev", "/dev/log"}
 VALID_PORT_NAMES = {"h2c", "http1", ""}
-# Volumes Knative adds to a revision's pod (deploy.go): knative-var-log (var-log collection),
-# knative-token-volume (queue-proxy tokens), server-certs (system-internal TLS), pod-info
-# (queueproxy.mount-podinfo). A user volume of the same name makes the Deployment invalid.
-KNATIVE_VOLUME_NAMES = {"knative-var-log", "knative-token-volume", "server-certs", "pod-info"}
+PODINFO_ANNOTATION = "features.knative.dev/queueproxy-podinfo"  # serving pkg/apis/config/features.go
 
 
 def _flag(config: ClusterConfig, key: str) -> bool:
@@ -1119,9 +1093,6 @@ def _volume(v: dict, config: ClusterConfig, at: str) -> Iterator[Problem]:
         yield _p(f"{at}.name", "missing field(s): name", source)
     elif not is_dns1123_label(name):
         yield _p(f"{at}.name", f"invalid value: {name} -- a volume name is a DNS-1123 label", source)
-    if name in KNATIVE_VOLUME_NAMES:
-        yield _p(f"{at}.name", f"{name!r} is the name of a volume Knative adds to the pod (queue-proxy, logs): the "
-                 "Deployment would have two; choose another name", DEPLOY + " makePodSpec")
     if not specified:
         yield _p(at, "expected exactly one, got neither: secret, configMap, projected"
                  + (", emptyDir" if config.podspec_volumes_emptydir else ""), source)
@@ -1555,6 +1526,35 @@ def _deployment_pod(spec: dict, config: ClusterConfig, at: str) -> Iterator[Prob
     yield from pod_security_problems(_secure_pod_defaults(spec, config), config, at, "the revision's pods")
 
 
+def _knative_volumes(spec: dict, tann: dict, config: ClusterConfig, at: str) -> Iterator[Problem]:
+    # serving pkg/reconciler/revision/resources/deploy.go makePodSpec adds volumes of its own to
+    # the revision's pod, each only under a setting: pod-info (config-features
+    # queueproxy.mount-podinfo Enabled, or Allowed and the revision annotated
+    # features.knative.dev/queueproxy-podinfo: enabled), knative-token-volume (an audience in
+    # config-deployment queue-sidecar-token-audiences), server-certs (config-network
+    # system-internal-tls) and knative-var-log (config-observability
+    # logging.enable-var-log-collection). Only then does a user volume of that name make two, and
+    # Kubernetes refuse the Deployment (ValidateVolumes: "Duplicate value"); without the setting
+    # the name is free (the real cluster creates the Deployment).
+    added = {}
+    podinfo = str(config.queueproxy_mount_podinfo).lower()
+    if podinfo == "enabled" or (podinfo == "allowed" and str(tann.get(PODINFO_ANNOTATION, "")).lower() == "enabled"):
+        added["pod-info"] = "config-features queueproxy.mount-podinfo"
+    if any(config.queue_sidecar_token_audiences):
+        added["knative-token-volume"] = "config-deployment queue-sidecar-token-audiences"
+    if config.system_internal_tls:
+        added["server-certs"] = "config-network system-internal-tls"
+    if config.var_log_collection:
+        added["knative-var-log"] = "config-observability logging.enable-var-log-collection"
+    for i, v in enumerate(_list(spec.get("volumes"))):
+        name = _dict(v).get("name")
+        if name in added:
+            yield _p(f"{at}.volumes[{i}].name", f"{name!r} is the name of the volume Knative adds to the revision's "
+                     f"pod under {added[name]}: the Deployment would have two volumes of that name (Kubernetes "
+                     "refuses it: Duplicate value). Choose another name",
+                     DEPLOY + " makePodSpec; " + K8S_CORE + " ValidateVolumes")
+
+
 def _secure_pod_defaults(spec: dict, config: ClusterConfig) -> dict:
     """serving pkg/apis/serving/v1/revision_defaults.go defaultSecurityContext: with
     config-features secure-pod-defaults Enabled or AllowRootBounded, Knative fills in each
@@ -1942,16 +1942,10 @@ def jobsink_problems(sink: dict, config: ClusterConfig = ClusterConfig()) -> lis
 
 
 def _jobsink_name(name: str) -> Iterator[Problem]:
-    # eventing cmd/jobsink/main.go ServeHTTP: every Job (and its event Secret) is labelled
-    # sinks.knative.dev/job-sink-name=<JobSink name>, and looked up by that label
-    # (jobLabelSelector; job_sink_lifecycle.go SetJobStatusSelector): the name must be a valid
-    # label value, so at most 63 characters, although the JobSink itself (any DNS-1123 subdomain)
-    # is accepted. Past 63, every event's Job is refused.
-    if name and not is_label_value(name):
-        yield _p("metadata.name", f"{name!r} ({_blen(name)} characters) cannot be the value of the label "
-                 f"{JOBSINK_NAME_LABEL} Knative's dispatcher puts on every Job: at most 63 characters of letters, "
-                 "digits, '-', '_', '.'. Shorten the model name or version", JOBSINK_DISPATCHER + " ServeHTTP; "
-                 + K8S_CONTENT + " IsLabelValue")
+    # The name of a custom resource is a DNS-1123 subdomain. (Eventing's dispatcher also labels
+    # every Job sinks.knative.dev/job-sink-name=<JobSink name> -- cmd/jobsink/main.go ServeHTTP --
+    # so past 63 characters the Jobs themselves are refused; but no admission stage refuses the
+    # JobSink, so that is not a rule here.)
     if name and not is_dns1123_subdomain(name):
         yield _p("metadata.name", f"{name!r} is not a DNS-1123 subdomain (lowercase letters, digits, '-', '.')",
                  K8S_NAMES + " IsDNS1123Subdomain (names of custom resources)")
@@ -2064,9 +2058,8 @@ def _job_pod(pod: dict, at: str) -> Iterator[Problem]:
     if account and not is_dns1123_subdomain(account):
         yield _p(f"{at}.serviceAccountName", f"invalid value: {account!r} -- not a DNS-1123 subdomain",
                  K8S_CORE + " ValidatePodSpec")
-    for i, secret in enumerate(_list(pod.get("imagePullSecrets"))):
-        if not _dict(secret).get("name"):
-            yield _p(f"{at}.imagePullSecrets[{i}].name", "Required value", K8S_CORE + " ValidatePodSpec")
+    # (An imagePullSecrets entry without a name is only warned about: kubernetes
+    # pkg/api/pod/warnings.go "invalid empty name"; not refused.)
 
 
 def _k8s_mounts(mounts: list, volumes: dict, at: str, *, init: bool) -> Iterator[Problem]:
@@ -2100,7 +2093,12 @@ def _k8s_mounts(mounts: list, volumes: dict, at: str, *, init: bool) -> Iterator
 def _event_volume(pod: dict, at: str) -> Iterator[Problem]:
     # eventing cmd/jobsink/main.go ServeHTTP: for each event the dispatcher adds the volume
     # jobsink-event (a Secret named like the Job) unless one of that name exists, and mounts it,
-    # with K_EVENT_PATH, in the *main* containers only.
+    # with K_EVENT_PATH, in the *main* containers only. An init container's mount of it is
+    # refused when the template does not declare the volume (the webhook's dry run: Not found).
+    # (A template that declares jobsink-event itself is accepted -- the dispatcher then adds no
+    # Secret, so the Job never sees its event -- but nothing refuses it: not a rule here.)
+    if any(_dict(v).get("name") == EVENT_VOLUME for v in _list(pod.get("volumes"))):
+        return
     for i, c in enumerate(_list(pod.get("initContainers"))):
         for j, m in enumerate(_list(_dict(c).get("volumeMounts"))):
             if _dict(m).get("name") == EVENT_VOLUME:
@@ -2108,11 +2106,6 @@ def _event_volume(pod: dict, at: str) -> Iterator[Problem]:
                          f"Knative's dispatcher gives the {EVENT_VOLUME!r} volume and K_EVENT_PATH to main containers "
                          "only, and the webhook's dry run refuses a mount of a volume the template does not declare. "
                          "Read the event in a main container", JOBSINK_DISPATCHER + " ServeHTTP")
-    for i, v in enumerate(_list(pod.get("volumes"))):
-        if _dict(v).get("name") == EVENT_VOLUME:
-            yield _p(f"{at}.volumes[{i}].name", f"a volume named {EVENT_VOLUME!r} in the template stops Knative's "
-                     "dispatcher from adding the event Secret: the Job would never see its event. Use another name",
-                     JOBSINK_DISPATCHER + " ServeHTTP")
 
 
 # =========================================================================================
@@ -2126,8 +2119,10 @@ BROKER_LABEL = "eventing.knative.dev/broker"  # trigger_defaults.go brokerLabel
 
 def trigger_problems(trigger: dict) -> list[Problem]:
     """eventing pkg/apis/eventing/v1/trigger_validation.go Trigger.Validate (after
-    trigger_defaults.go), and how the Broker's filter (pkg/eventfilter/subscriptionsapi)
-    materializes what the webhook lets through."""
+    trigger_defaults.go). What the Broker's filter later does with what the webhook lets through
+    (pkg/eventfilter/subscriptionsapi: a filter without a dialect or with an empty exact /
+    prefix / suffix value is skipped; broker/filter/filter_handler.go: spec.filter is ignored
+    when spec.filters is set) is refused by no admission stage: not rules here."""
     meta = _dict(trigger.get("metadata"))
     spec = _dict(trigger.get("spec"))
     out: list[Problem] = []
@@ -2137,11 +2132,8 @@ def trigger_problems(trigger: dict) -> list[Problem]:
     filt = spec.get("filter")
     if isinstance(filt, dict):
         out += _attribute_names(_dict(filt.get("attributes")), "spec.filter.attributes")
-        if filt.get("attributes") and spec.get("filters"):
-            out.append(_p("spec.filter", "ignored: when spec.filters is set the Broker applies it and not spec.filter; "
-                          "put every condition in spec.filters", FILTER_HANDLER + " filterEvent"))
     out += _filters(_list(spec.get("filters")), "spec.filters")
-    out += _destination(spec.get("subscriber"), "spec.subscriber", meta.get("namespace"))
+    out += _destination(spec.get("subscriber"), "spec.subscriber")
     return out
 
 
@@ -2203,10 +2195,8 @@ def _attribute_names(attrs: dict, at: str) -> Iterator[Problem]:
 
 
 def _filters(filters: list, at: str) -> Iterator[Problem]:
-    """ValidateSubscriptionAPIFiltersList / ValidateSubscriptionAPIFilter, and create.go
-    MaterializeSubscriptionsAPIFilter: a filter with no dialect, or an exact / prefix / suffix
-    with an empty value, is *skipped* by the Broker (logged, not refused) -- the Trigger then
-    matches more events than written, e.g. every model's datasets."""
+    """ValidateSubscriptionAPIFiltersList / ValidateSubscriptionAPIFilter: one dialect at most
+    per filter, attribute names, through all / any / not."""
     for i, f in enumerate(filters):
         fat = f"{at}[{i}]"
         f = _dict(f)
@@ -2214,27 +2204,20 @@ def _filters(filters: list, at: str) -> Iterator[Problem]:
         if len(dialects) > 1:
             yield _p(fat, f"multiple dialects found, filters can have only one dialect set (found "
                      f"{', '.join(dialects)})", TRIGGER_VALIDATION + " ValidateOneOf")
-        elif not dialects:
-            yield _p(fat, "no dialect (exact, prefix, suffix, all, any, not, cesql): the Broker skips this filter, "
-                     "so it filters nothing", FILTER_CREATE + " MaterializeFiltersList")
         for d in ("exact", "prefix", "suffix"):
             values = _dict(f.get(d))
             yield from _attribute_names(values, f"{fat}.{d}")
-            for key, value in values.items():
-                if not value and dialects and dialects[0] == d:
-                    yield _p(f"{fat}.{d}.{key}", f"an empty {d} value: the Broker cannot build this filter and skips "
-                             "it, so the Trigger would match every event here", FILTER_CREATE +
-                             " MaterializeSubscriptionsAPIFilter; " + _EVENTING +
-                             f"pkg/eventfilter/subscriptionsapi/{d}_filter.go")
         for d in ("all", "any"):
             yield from _filters(_list(f.get(d)), f"{fat}.{d}")
         if isinstance(f.get("not"), dict):
             yield from _filters([f["not"]], f"{fat}.not")
 
 
-def _destination(dest: Any, at: str, namespace: Optional[str]) -> Iterator[Problem]:
+def _destination(dest: Any, at: str) -> Iterator[Problem]:
     """knative/pkg apis/duck/v1/destination.go ValidateDestination and knative_reference.go
-    KReference.Validate."""
+    KReference.Validate. (Its check of ref.namespace against the parent's namespace needs the
+    parent in the context, apis.WithinParent, which eventing's Trigger.Validate never sets: a
+    subscriber in another namespace is not refused.)"""
     dest = _dict(dest)
     ref, uri = dest.get("ref"), dest.get("uri")
     if not ref and not uri:
@@ -2257,9 +2240,6 @@ def _destination(dest: Any, at: str, namespace: Optional[str]) -> Iterator[Probl
                 yield _p(f"{at}.ref.{key}", f"missing field(s): {key}", PKG_KREFERENCE + " KReference.Validate")
         if ref.get("group"):
             yield _p(f"{at}.ref.group", "must not set the field(s): group", PKG_KREFERENCE + " KReference.Validate")
-        if ref.get("namespace") and namespace and ref["namespace"] != namespace:
-            yield _p(f"{at}.ref.namespace", f"mismatched namespaces: parent namespace {namespace!r} does not match ref "
-                     f"{ref['namespace']!r}", PKG_KREFERENCE + " KReference.Validate")
 
 
 # =========================================================================================
