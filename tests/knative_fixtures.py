@@ -118,6 +118,7 @@ def knative(knative_builds, knative_images, gcs):
     if missing:
         unavailable("cannot run a Kubernetes node here: missing " + ", ".join(missing))
     cluster_images = knative_builds.images()
+    FIGURES.unlink(missing_ok=True)  # this run's figures only
     t0 = time.monotonic()
     n = kc.KnativeNode(knative_builds).start(timeout=180)
     ok = False

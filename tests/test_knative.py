@@ -1,9 +1,12 @@
-"""The cluster runtime against a real kube-apiserver 1.20 with the official Knative CRDs.
+"""The fast tier of the cluster runtime: a real kube-apiserver (the pinned 1.34, with Pod
+Security, strict field validation and the Job status rules it enforces) with the official
+Knative CRDs, and no Knative.
 
 The runtime runs as the control service's ServiceAccount (a TokenRequest token, verified
 by the API server) bound to knative/rbac.yaml's Role, so every test here also proves the
 Role is enough; `test_role_is_exactly_what_the_runtime_uses` proves it is no more. No
-Knative controller runs: `reconcile_*` below play it by patching `status`.
+Knative controller runs here: `reconcile_*` below stand for Knative's controllers by patching
+`status` (and `job_status` for the Job controller). tests/test_knative_real.py runs the real ones.
 """
 from __future__ import annotations
 

@@ -822,3 +822,17 @@ def test_every_rendered_example_has_no_problems(settings):
             if listed:
                 found[f"{folder.name} {obj['kind']}"] = listed
     assert found == {}, json.dumps(found, indent=1)
+
+
+def test_a_batch_model_whose_jobs_could_not_be_labelled_is_refused_before_deploying():
+    """Knative accepts the JobSink (the real webhook does: tests/test_knative_webhooks.py), but its
+    dispatcher labels each Job with the JobSink's name, which then must fit a label value."""
+    from control.errors import Invalid
+
+    manifest = load_manifest(MODELS / "churn-risk")
+    long = manifest.model_copy(update={"name": "c" * 58})  # + "-1-0-0" = 64 characters
+    with pytest.raises(Invalid, match="name/version: .* is 64 characters") as refused:
+        ko.render_objects(long, SETTINGS[0])
+    assert refused.value.details["problems"][0]["field"] == "name/version"
+    fits = manifest.model_copy(update={"name": "c" * 57})
+    assert [o["kind"] for o in ko.render_objects(fits, SETTINGS[0])] == ["JobSink", "Trigger"]

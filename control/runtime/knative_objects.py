@@ -151,6 +151,7 @@ def render_objects(manifest: Manifest, settings) -> list[dict]:
     else:
         sink = job_sink(manifest, settings)
         objects = [sink, trigger(manifest, settings, job_sink_name=sink["metadata"]["name"])]
+        _check_job_sink_name(manifest, sink["metadata"]["name"])
     config = rules.ClusterConfig(max_revision_timeout_seconds=settings.max_revision_timeout)
     problems = [(obj, p) for obj in objects for p in rules.problems(obj, config)]
     if problems:
@@ -175,6 +176,19 @@ _MANIFEST_FIELDS = [
 
 def _manifest_field(path: str) -> Optional[str]:
     return next((field for pattern, field in _MANIFEST_FIELDS if pattern.search(path)), None)
+
+
+def _check_job_sink_name(manifest: Manifest, name: str) -> None:
+    """Knative accepts a JobSink of any valid name, but its dispatcher labels every Job with it
+    (`sinks.knative.dev/job-sink-name`, knative/eventing cmd/jobsink/main.go), and a label value
+    holds at most 63 characters: past that every event's Job is refused. Said before deploying."""
+    if len(name) > 63:
+        message = (f"{name!r} is {len(name)} characters: the Jobs of a batch model carry `{{name}}-{{version}}` "
+                   "in a label, which holds at most 63; shorten the name or the version")
+        raise Invalid(f"{manifest.ref}: name/version: {message}",
+                      details={"problems": [{"field": "name/version", "message": message,
+                                             "object": f"JobSink {name}", "path": "metadata.name",
+                                             "source": "knative/eventing cmd/jobsink/main.go (Job labels)"}]})
 
 
 def _refused(manifest: Manifest, problems: list, settings) -> Invalid:
