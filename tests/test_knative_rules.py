@@ -631,18 +631,22 @@ def test_what_eventing_allows_in_a_jobsink_passes(ops):
     assert rules.problems(sink) == []
 
 
-def test_a_jobsink_may_rely_on_pod_level_security_and_main_container_event_mounts():
+def jobsink_with_pod_level_security() -> dict:
+    """runAsNonRoot and seccompProfile on the pod cover every container (Pod Security); an init
+    container shares the work volume (it just cannot have the event)."""
     sink = jobsink()
     pod = sink["spec"]["job"]["spec"]["template"]["spec"]
-    # runAsNonRoot and seccompProfile on the pod cover every container (Pod Security)
     pod["securityContext"]["seccompProfile"] = {"type": "RuntimeDefault"}
     for c in pod["containers"]:
         c["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-    # an init container may share the work volume; it just cannot have the event
     pod["initContainers"] = [{"name": "fetch", "image": "registry.test/adapter:1",
                               "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
                               "volumeMounts": [{"name": "work", "mountPath": "/work"}]}]
-    assert rules.problems(sink) == []
+    return sink
+
+
+def test_a_jobsink_may_rely_on_pod_level_security_and_main_container_event_mounts():
+    assert rules.problems(jobsink_with_pod_level_security()) == []
 
 
 TR = "spec"

@@ -258,26 +258,11 @@ def _case(key: str, obj: dict, config, expect) -> Case:
     return Case(key, obj, config, expect, rules.problems(obj, config))
 
 
-def _jobsink_pod_level() -> dict:
-    """As test_knative_rules.test_a_jobsink_may_rely_on_pod_level_security_and_main_container_event_mounts
-    builds it (inline there): pod-level runAsNonRoot and seccompProfile, an init container on
-    the work volume."""
-    sink = _build(tr.jobsink, [])
-    pod = sink["spec"]["job"]["spec"]["template"]["spec"]
-    pod["securityContext"]["seccompProfile"] = {"type": "RuntimeDefault"}
-    for c in pod["containers"]:
-        c["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-    pod["initContainers"] = [{"name": "fetch", "image": "registry.test/adapter:1",
-                              "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                              "volumeMounts": [{"name": "work", "mountPath": "/work"}]}]
-    return sink
-
-
 def all_cases() -> list[Case]:
     cases = [_case("service-valid/minimal", _build(tr.service, []), None, None),
              _case("jobsink-valid/minimal", _build(tr.jobsink, []), None, None),
-             _case("jobsink-valid/pod-level-security-and-main-container-event-mounts", _jobsink_pod_level(), None,
-                   None),
+             _case("jobsink-valid/pod-level-security-and-main-container-event-mounts",
+                   _build(tr.jobsink_with_pod_level_security, []), None, None),
              _case("trigger-valid/minimal", _build(tr.trigger, []), None, None)]
     cases += [_case(f"service/{cid}", _build(tr.service, ops), config, (field, message))
               for cid, ops, field, message, config, _count in tr.SERVICE_CASES]
