@@ -65,6 +65,11 @@ build() {
     say "built $name $version in $((SECONDS - t0)) s"
 }
 
+# modfield FIELD MODULE@VERSION: a field of `go mod download -json` (Dir: the source; GoMod: its go.mod).
+modfield() {
+    go mod download -json "$2" | sed -n "s/^\s*\"$1\": \"\(.*\)\",\$/\1/p"
+}
+
 # A wrapper module: go.mod requiring $1 at $2, plus any extra lines on stdin.
 wrapper() {
     { echo "module modelplane.local/build"; echo; echo "go 1.25.0"; echo; echo "require $1 $2"; cat; } >go.mod
@@ -76,9 +81,8 @@ build_kubernetes() {
     minor=$(echo "$v" | cut -d. -f2)
     # k8s.io/kubernetes points every k8s.io/<staging> module at ./staging/src/...; a module that
     # requires it replaces each with its published v0.MINOR.PATCH (kubernetes/kubernetes#79384).
-    go mod download -json "k8s.io/kubernetes@$v" >dl.json
     local gomod
-    gomod=$(sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p' dl.json)
+    gomod=$(modfield GoMod "k8s.io/kubernetes@$v")
     grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging/src/k8s\.io/[a-z0-9-]+' "$gomod" \
         | awk -v s="v0.${v#v1.}" '{print "replace " $1 " => " $1 " " s}' \
         | wrapper k8s.io/kubernetes "$v"
@@ -101,7 +105,7 @@ build_kubernetes() {
 # The pod sandbox ("pause") binary, as the Kubernetes tree builds it (build/pause/Makefile): static C.
 build_pause() {
     local dest=$1 v=$2 dir
-    dir=$(go mod download -json "k8s.io/kubernetes@$v" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+    dir=$(modfield Dir "k8s.io/kubernetes@$v")
     gcc -Os -Wall -Werror -static -DVERSION="$v-modelplane" -o "$dest/bin/pause" "$dir/build/pause/linux/pause.c"
     strip "$dest/bin/pause"
 }
@@ -134,7 +138,7 @@ knative() {
         # The image scripts/cluster-images.sh makes of it replaces `ko://$module/$pkg` in config/.
         echo "$out $module/$pkg" >>"$dest/ko-paths"
     done
-    dir=$(go mod download -json "$module@$v" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+    dir=$(modfield Dir "$module@$v")
     cp -r "$dir/config" "$dest/config"
     chmod -R u+w "$dest/config"
 }
@@ -146,10 +150,10 @@ build_serving() {
     # Image CRDs, config-network); module zips drop links, so take them from those modules at the
     # versions serving's go.mod requires.
     local gomod dep v dir
-    gomod=$(go mod download -json "knative.dev/serving@$2" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')
+    gomod=$(modfield GoMod "knative.dev/serving@$2")
     for dep in networking caching; do
         v=$(awk -v m="knative.dev/$dep" '$1 == m {print $2}' "$gomod")
-        dir=$(go mod download -json "knative.dev/$dep@$v" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+        dir=$(modfield Dir "knative.dev/$dep@$v")
         mkdir -p "$1/config/deps/$dep"
         cp "$dir"/config/*.yaml "$1/config/deps/$dep/"
         echo "knative.dev/$dep $v" >>"$1/config/deps/versions"
@@ -166,7 +170,7 @@ build_eventing() {
     # eventing-integrations) into config/core/configmaps/ from third_party/ (hack/release.sh
     # update_eventing_integrations_release_cms); do the same.
     local dir
-    dir=$(go mod download -json "knative.dev/eventing@$2" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')
+    dir=$(modfield Dir "knative.dev/eventing@$2")
     cp "$dir"/third_party/eventing-integrations-latest/eventing-{integrations,transformations}-images.yaml \
         "$1/config/core/configmaps/"
     chmod u+w "$1"/config/core/configmaps/*.yaml
@@ -178,11 +182,11 @@ build_coredns() {
 }
 
 build_traefik() {
-    local dest=$1 v=$2 dir
+    local dest=$1 v=$2 gomod
     # Traefik's go.mod replaces a few modules with its forks; a module that requires it must
     # repeat those lines (replace directives only apply in the main module).
-    dir=$(go mod download -json "github.com/traefik/traefik/v3@$v" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')
-    awk '/^replace \(/{r=1; next} r && /^\)/{r=0; next} r && /=>/{print "replace " $0} /^replace [^(]/{print}' "$dir" \
+    gomod=$(modfield GoMod "github.com/traefik/traefik/v3@$v")
+    awk '/^replace \(/{r=1; next} r && /^\)/{r=0; next} r && /=>/{print "replace " $0} /^replace [^(]/{print}' "$gomod" \
         | wrapper github.com/traefik/traefik/v3 "$v"
     cat go.mod
     printf '%s\n' '//go:build tools' '' 'package build' '' 'import _ "github.com/traefik/traefik/v3/cmd/traefik"' >tools.go

@@ -19,7 +19,6 @@ queue-proxy, Broker, Trigger and JobSink dispatcher are Knative's own binaries.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -52,36 +51,20 @@ SETTINGS = {
 }
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for line in (SCRIPTS / "cluster-versions.env").read_text().splitlines():
-        m = re.match(r"^([A-Z_]+)=(\S+)", line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
-
-
-def cache_root() -> Path:
-    explicit = os.environ.get("MODELPLANE_CLUSTER_CACHE")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modelplane" / "cluster"
-
-
 class Builds:
     """The folders scripts/cluster-build.sh filled, at the pinned versions."""
 
     def __init__(self, root: Optional[Path] = None):
-        v = versions()
-        self.root = root or cache_root()
-        self.versions = v
-        self.kube = self.root / f"kubernetes-{v['KUBERNETES_VERSION']}" / "bin"
-        self.pause = self.root / f"pause-{v['KUBERNETES_VERSION']}" / "bin" / "pause"
-        self.etcd = self.root / f"etcd-{v['ETCD_VERSION']}" / "bin" / "etcd"
-        self.serving = self.root / f"serving-{v['KNATIVE_SERVING_VERSION']}"
-        self.eventing = self.root / f"eventing-{v['KNATIVE_EVENTING_VERSION']}"
-        self.coredns = self.root / f"coredns-{v['COREDNS_VERSION']}" / "bin" / "coredns"
-        self.traefik = self.root / f"traefik-{v['TRAEFIK_VERSION']}" / "bin" / "traefik"
+        v = kube.pinned
+        self.root = root or kube.cluster_cache()
+        self.kube = self.root / f"kubernetes-{v('KUBERNETES_VERSION')}" / "bin"
+        self.pause = self.root / f"pause-{v('KUBERNETES_VERSION')}" / "bin" / "pause"
+        self.etcd = self.root / f"etcd-{v('ETCD_VERSION')}" / "bin" / "etcd"
+        self.serving = self.root / f"serving-{v('KNATIVE_SERVING_VERSION')}"
+        self.eventing = self.root / f"eventing-{v('KNATIVE_EVENTING_VERSION')}"
+        self.coredns = self.root / f"coredns-{v('COREDNS_VERSION')}" / "bin" / "coredns"
+        self.traefik = self.root / f"traefik-{v('TRAEFIK_VERSION')}" / "bin" / "traefik"
+        self.traefik_image = f"localhost/modelplane-cluster/traefik:{v('TRAEFIK_VERSION')}"
 
     def missing(self) -> list[str]:
         out = []
@@ -149,15 +132,15 @@ def _scale_cpu_requests(deployment: dict) -> None:
 
 
 def _resolve(node: Any, refs: dict[str, str], path: Path) -> Any:
+    """Every string of `node` that is a key of `refs` replaced by its value; a `ko://` reference
+    without a built image is an error naming the file."""
     if isinstance(node, dict):
         return {k: _resolve(val, refs, path) for k, val in node.items()}
     if isinstance(node, list):
         return [_resolve(val, refs, path) for val in node]
-    if isinstance(node, str) and node.startswith("ko://"):
-        if node not in refs:
-            raise RuntimeError(f"{path}: no image built for {node} (scripts/cluster-build.sh lists the commands)")
-        return refs[node]
-    return node
+    if isinstance(node, str) and node.startswith("ko://") and node not in refs:
+        raise RuntimeError(f"{path}: no image built for {node} (scripts/cluster-build.sh lists the commands)")
+    return refs.get(node, node) if isinstance(node, str) else node
 
 
 # -- applying documents of any kind (discovery, then server-side apply) -------------------
@@ -186,19 +169,6 @@ class Applier:
     def apply(self, obj: dict) -> Any:
         return self.admin.request("PATCH", self.path(obj), obj, content_type="application/apply-patch+yaml",
                                   query="fieldManager=modelplane-test&force=true")
-
-
-def wait_crds(admin: kube.Kube, names: list[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    for name in names:
-        while True:
-            crd = admin.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-            if any(c["type"] == "Established" and c["status"] == "True"
-                   for c in crd.get("status", {}).get("conditions", [])):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"CRD {name} not established after {timeout}s")
-            time.sleep(0.2)
 
 
 class KnativeNode(node_mod.Node):
@@ -290,13 +260,13 @@ class KnativeNode(node_mod.Node):
         self.timings["import images"] = time.monotonic() - t0
         self.applier = Applier(self.admin)
         docs = knative_documents(self.builds, images)
-        docs += [d for p in sorted(CLUSTER_YAML.glob("*.yaml")) for d in kube.load_docs(p)]
-        traefik = f"localhost/modelplane-cluster/traefik:{self.builds.versions['TRAEFIK_VERSION']}"
-        docs = [_resolve_local(d, {"TRAEFIK_IMAGE": traefik}) for d in docs]
+        docs += [_resolve(d, {"TRAEFIK_IMAGE": self.builds.traefik_image}, p)
+                 for p in sorted(CLUSTER_YAML.glob("*.yaml")) for d in kube.load_docs(p)]
         first = [d for d in docs if d["kind"] in ("Namespace", "CustomResourceDefinition")]
         for d in first:
             self.applier.apply(d)
-        wait_crds(self.admin, [d["metadata"]["name"] for d in first if d["kind"] == "CustomResourceDefinition"])
+        kube.wait_crds_served(self.admin, [d["metadata"]["name"] for d in first
+                                           if d["kind"] == "CustomResourceDefinition"])
         rest = [d for d in docs if d not in first]
         self._apply_until_accepted(rest, timeout)
         self.timings["apply"] = time.monotonic() - t0
@@ -329,23 +299,14 @@ class KnativeNode(node_mod.Node):
             yield from self.admin.get(f"/apis/apps/v1/namespaces/{ns}/deployments")["items"]
 
     def wait_deployments(self, namespaces, timeout: float) -> None:
+        waiting: list[str] = []
+
         def ready():
-            waiting = [f"{d['metadata']['namespace']}/{d['metadata']['name']}" for d in self.deployments(namespaces)
-                       if (d["spec"].get("replicas", 1) or 0) > (d.get("status", {}).get("availableReplicas") or 0)]
-            return not waiting or (setattr(self, "_waiting", waiting) and False)
+            waiting[:] = [f"{d['metadata']['namespace']}/{d['metadata']['name']}" for d in self.deployments(namespaces)
+                          if (d["spec"].get("replicas", 1) or 0) > (d.get("status", {}).get("availableReplicas") or 0)]
+            return not waiting
         try:
             self.wait(ready, timeout, "every Knative Deployment Available", interval=2)
         except TimeoutError as e:
-            raise RuntimeError(f"{e}: waiting for {getattr(self, '_waiting', '?')}\n"
+            raise RuntimeError(f"{e}: waiting for {waiting}\n"
                                + "\n".join(self.describe_pods(ns) for ns in namespaces)) from None
-
-
-def _resolve_local(node: Any, values: dict[str, str]) -> Any:
-    if isinstance(node, dict):
-        return {k: _resolve_local(v, values) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve_local(v, values) for v in node]
-    if isinstance(node, str) and node in values:
-        return values[node]
-    return node
-

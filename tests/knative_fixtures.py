@@ -209,11 +209,9 @@ def knative_bridge(knative, knative_plane, knative_images):
                 {"name": "MODELPLANE_WATCH_INTERVAL", "value": "1"}]
         cluster.applier.apply(doc)
 
-    def broker_ready():
-        b = cluster.admin.get(f"/apis/eventing.knative.dev/v1/namespaces/{NS}/brokers/default")
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in (b.get("status") or {}).get("conditions", []))
     try:
-        cluster.wait(broker_ready, TIMEOUT, "the default Broker Ready")
+        cluster.wait(lambda: kube.has_condition(cluster.admin.get(
+            f"/apis/eventing.knative.dev/v1/namespaces/{NS}/brokers/default")), TIMEOUT, "the default Broker Ready")
         cluster.wait(lambda: (cluster.admin.get(f"/apis/apps/v1/namespaces/{NS}/deployments/modelplane-bridge")
                               .get("status") or {}).get("availableReplicas") == 1, TIMEOUT, "the bridge available")
     except TimeoutError as e:

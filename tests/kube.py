@@ -14,7 +14,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import ssl
 import subprocess
@@ -160,6 +159,32 @@ class Kube:
                             query=query)
 
 
+def has_condition(obj: dict, kind: str = "Ready") -> bool:
+    """`status.conditions` holds `kind` with status True."""
+    return any(c.get("type") == kind and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions", []))
+
+
+def wait_crds_served(admin: Kube, names: list[str], *, timeout: float = 60) -> None:
+    """Until each CRD is Established and its API is served (a moment after Established)."""
+    deadline = time.monotonic() + timeout
+    for name in names:
+        path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+        while not has_condition(crd := admin.get(path), "Established"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"CRD {name} not established after {timeout}s: {crd.get('status')}")
+            time.sleep(0.2)
+        plural, group = name.split(".", 1)
+        while True:
+            try:
+                admin.get(f"/apis/{group}/{crd['spec']['versions'][0]['name']}/{plural}")
+                break
+            except ApiError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
 # apiVersion/kind -> (plural, namespaced) for what knative/ and the tests write
 KINDS = {
     ("v1", "Namespace"): ("namespaces", False),
@@ -207,12 +232,12 @@ class Cluster:
 
     def __init__(self, workdir: Path, binary: Path, *, extra_args: Optional[list[str]] = None,
                  tls: Optional[tuple[Path, Path, Path]] = None, etcd: Optional[Path] = None,
-                 bind: str = "127.0.0.1"):
+                 bind: str = "127.0.0.1", minor: Optional[int] = None):
         self.workdir = workdir
         self.binary = binary
         self.etcd = etcd
         self.bind = bind  # the node's cluster binds the bridge's gateway, where kube-proxy sends pods
-        self.minor = binary_minor(binary)
+        self.minor = minor if minor is not None else binary_minor(binary)
         self.extra_args = extra_args
         self.tls = tls
         self.procs: list[subprocess.Popen] = []
@@ -313,29 +338,7 @@ class Cluster:
                 crd = fix_crd_for_120(doc) if self.minor < 21 else doc
                 self.admin.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
                 names.append(crd["metadata"]["name"])
-        deadline = time.monotonic() + 30
-        for name in names:
-            while True:
-                crd = self.admin.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-                conds = {c["type"]: c["status"] for c in crd.get("status", {}).get("conditions", [])}
-                if conds.get("Established") == "True":
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"CRD {name} not established: {conds}")
-                time.sleep(0.2)
-        # The API surface appears a moment after Established: wait until each is served.
-        for name in names:
-            plural, group = name.split(".", 1)
-            crd = self.admin.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-            version = crd["spec"]["versions"][0]["name"]
-            while True:
-                try:
-                    self.admin.get(f"/apis/{group}/{version}/{plural}")
-                    break
-                except ApiError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
+        wait_crds_served(self.admin, names, timeout=30)
         return names
 
     def service_account_token(self, namespace: str, name: str, *, seconds: int = 3600) -> str:

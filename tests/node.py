@@ -231,7 +231,7 @@ class Node:
         # address: it binds the bridge's gateway, which pods reach. Before, a forwarder stands in.
         bind = GATEWAY if self.minor >= 24 else "127.0.0.1"
         self.cluster = kube.Cluster(self.dir / "api", self.binary("kube-apiserver"), tls=tls, etcd=self.etcd,
-                                    bind=bind, extra_args=[
+                                    bind=bind, minor=self.minor, extra_args=[
             "--authorization-mode", "Node,RBAC", "--allow-privileged=true",
             "--kubelet-preferred-address-types", "InternalIP"]).start()
         self.admin = self.cluster.admin
@@ -478,19 +478,21 @@ state = "{ctd}/state"
 
     # -- teardown -------------------------------------------------------------------------
     def _delete_workloads(self, timeout: float = 60.0) -> None:
-        namespaces = [n["metadata"]["name"] for n in self.admin.get("/api/v1/namespaces")["items"]]
-        for ns in namespaces:
-            for path in (f"/apis/apps/v1/namespaces/{ns}/deployments", f"/apis/batch/v1/namespaces/{ns}/jobs",
-                         f"/api/v1/namespaces/{ns}/pods"):
-                try:
-                    self.admin.request("DELETE", path, query="propagationPolicy=Background")
-                except kube.ApiError:
-                    pass
+        """Delete every workload and pod, again each round until no pod is left: controllers still
+        running (a StatefulSet's, Knative's) may make new ones meanwhile."""
+        kinds = ("apis/apps/v1/namespaces/{}/deployments", "apis/apps/v1/namespaces/{}/statefulsets",
+                 "apis/apps/v1/namespaces/{}/daemonsets", "apis/batch/v1/namespaces/{}/jobs", "api/v1/namespaces/{}/pods")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.admin.get("/api/v1/pods")["items"]:
                 break
-            time.sleep(0.5)
+            for ns in [n["metadata"]["name"] for n in self.admin.get("/api/v1/namespaces")["items"]]:
+                for kind in kinds:
+                    try:
+                        self.admin.request("DELETE", "/" + kind.format(ns), query="propagationPolicy=Background")
+                    except kube.ApiError:
+                        pass  # a kind this API server does not serve, or a namespace being deleted
+            time.sleep(2)
         # The kubelet removes a deleted pod's sandbox a moment after the pod object goes.
         while time.monotonic() < deadline:
             sandboxes = run("ctr", "--address", str(self.socket), "--namespace", "k8s.io", "containers", "list",
@@ -500,12 +502,19 @@ state = "{ctd}/state"
             time.sleep(0.5)
 
     def _kill_leftover_shims(self) -> None:
-        """containerd-shim processes of this node's containerd, if a sandbox outlived it."""
+        """containerd-shim processes of this node's containerd, if a sandbox outlived it, and what
+        they ran (a sandbox's /pause outlives a killed shim): every process in the kubepods cgroup."""
         proc = run("pgrep", "-f", f"containerd-shim.*{self.socket}", check=False)
-        for pid in proc.stdout.split():
+        pids = [int(p) for p in proc.stdout.split()]
+        for procs in (CGROUP_ROOT / "pids" / "kubepods").rglob("cgroup.procs"):
             try:
-                os.kill(int(pid), 9)
-            except (ProcessLookupError, ValueError):
+                pids += [int(p) for p in procs.read_text().split()]
+            except OSError:
+                pass  # the cgroup went meanwhile
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
                 pass
 
     def _restore_host(self) -> None:

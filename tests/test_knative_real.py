@@ -76,10 +76,6 @@ def ksvc(cluster, name: str) -> dict:
     return cluster.admin.get(f"/apis/serving.knative.dev/v1/namespaces/{NS}/services/{name}")
 
 
-def ready(obj: dict) -> bool:
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions", []))
-
-
 def model_pods(cluster, name: str) -> list[dict]:
     return cluster.admin.request("GET", f"/api/v1/namespaces/{NS}/pods",
                                  query=f"labelSelector=serving.knative.dev/service%3D{name}")["items"]
@@ -87,7 +83,7 @@ def model_pods(cluster, name: str) -> list[dict]:
 
 def wait_ready(cluster, name: str) -> dict:
     try:
-        return cluster.wait(lambda: ready(ksvc(cluster, name)) and ksvc(cluster, name), TIMEOUT,
+        return cluster.wait(lambda: kube.has_condition(ksvc(cluster, name)) and ksvc(cluster, name), TIMEOUT,
                             f"Knative Service {name} Ready")
     except TimeoutError as e:
         svc = cluster.admin.get(f"/apis/serving.knative.dev/v1/namespaces/{NS}/services/{name}")
@@ -221,7 +217,7 @@ def test_rollout_splits_the_routes_traffic_and_each_version_has_its_own_url(knat
     def split_ready():
         svc = ksvc(cluster, model)
         traffic = {t.get("tag"): t.get("percent") for t in (svc.get("status") or {}).get("traffic", [])}
-        return ready(svc) and traffic.get("v1-1-0") == 10 and traffic.get("v1-0-0") == 90 and svc
+        return kube.has_condition(svc) and traffic.get("v1-1-0") == 10 and traffic.get("v1-0-0") == 90 and svc
     try:
         svc = cluster.wait(split_ready, TIMEOUT, "the 90/10 split in the Route's status")
     except TimeoutError as e:
@@ -327,9 +323,9 @@ def test_batch_dataset_dropped_in_the_bucket_is_scored_by_a_job_from_the_jobsink
 
     def trigger_ready():
         t = cluster.admin.get(f"/apis/eventing.knative.dev/v1/namespaces/{NS}/triggers/{model}")
-        return ready(t)
+        return kube.has_condition(t)
     cluster.wait(trigger_ready, TIMEOUT, f"Trigger {model} Ready")
-    cluster.wait(lambda: ready(cluster.admin.get(f"/apis/sinks.knative.dev/v1alpha1/namespaces/{NS}/jobsinks/{sink}")),
+    cluster.wait(lambda: kube.has_condition(cluster.admin.get(f"/apis/sinks.knative.dev/v1alpha1/namespaces/{NS}/jobsinks/{sink}")),
                  TIMEOUT, f"JobSink {sink} Ready")
 
     bucket = gcs_client.bucket("test-bucket")

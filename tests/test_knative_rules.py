@@ -623,14 +623,6 @@ VALID_JOBSINK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ops", [c[1] for c in VALID_JOBSINK_CASES], ids=[c[0] for c in VALID_JOBSINK_CASES])
-def test_what_eventing_allows_in_a_jobsink_passes(ops):
-    sink = jobsink()
-    for path, value in ops:
-        _apply(sink, path, value)
-    assert rules.problems(sink) == []
-
-
 def jobsink_with_pod_level_security() -> dict:
     """runAsNonRoot and seccompProfile on the pod cover every container (Pod Security); an init
     container shares the work volume (it just cannot have the event)."""
@@ -703,12 +695,16 @@ VALID_TRIGGER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ops", [c[1] for c in VALID_TRIGGER_CASES], ids=[c[0] for c in VALID_TRIGGER_CASES])
-def test_what_eventing_allows_in_a_trigger_passes(ops):
-    trig = trigger()
+EVENTING_VALID = [(jobsink, c) for c in VALID_JOBSINK_CASES] + [(trigger, c) for c in VALID_TRIGGER_CASES]
+
+
+@pytest.mark.parametrize("builder, ops", [(b, c[1]) for b, c in EVENTING_VALID],
+                         ids=[f"{b.__name__}-{c[0]}" for b, c in EVENTING_VALID])
+def test_what_eventing_allows_passes(builder, ops):
+    obj = builder()
     for path, value in ops:
-        _apply(trig, path, value)
-    assert rules.problems(trig) == []
+        _apply(obj, path, value)
+    assert rules.problems(obj) == []
 
 
 def test_other_kinds_have_no_rules():
