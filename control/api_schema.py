@@ -270,6 +270,13 @@ class RouteSpec:
     summary: str
     answers: list[Answer]
     auth: Literal["token", "predict", "none"] = "token"
+    role: Literal["viewer", "runner", "deployer", "admin"] = "viewer"
+    """The least role whose token may call the route (control/identity.py); a `predict` route's
+    is `runner`, waived when the model is public or predict is opened."""
+    audit: Optional[str] = None
+    """The change the route makes, as the audit trail names it (None: it changes nothing)."""
+    owned: bool = False
+    """Whether an owner-limited token may call it only for its owner's models."""
     body: Any = None  # pydantic model of a JSON body
     body_types: tuple[str, ...] = ()  # accepted Content-Types of a non-JSON body
     body_limit: Optional[int] = None
@@ -354,8 +361,12 @@ def openapi_document(routes: list[RouteSpec], *, version: str, security_note: st
                 "content": {"application/json": {"schema": {"$ref": refs[ErrorAnswer]}}}})
         if r.auth == "token":
             op["security"] = [{"bearer": []}]
+            op["x-modelplane-role"] = r.role
         elif r.auth == "predict":
             op["security"] = [{"bearer": []}, {}]
+            op["x-modelplane-role"] = r.role
+        if r.audit:
+            op["x-modelplane-audit"] = r.audit
         paths.setdefault(r.openapi_path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -367,7 +378,8 @@ def openapi_document(routes: list[RouteSpec], *, version: str, security_note: st
 
 
 _ERROR_TEXT = {400: "the request is malformed (the message names the field)",
-               401: "no token, or the wrong one", 403: "refused: cross-site or unknown Host",
+               401: "no token, or the wrong one",
+               403: "refused: the token's role or owner does not allow it, a cross-site call or an unknown Host",
                404: "no such model or job", 405: "method not allowed", 409: "not in a state that allows it",
                413: "the body is over this route's limit", 415: "the body's Content-Type is not accepted",
                422: "the input will never work as sent (the message names file, field or row)",
@@ -423,3 +435,68 @@ class ComparisonDataset(_Closed):
     bucket: str
     object: str
     size: int
+
+
+# -- who is calling: tokens, and the audit trail -------------------------------------------------
+
+ROLE = Literal["viewer", "runner", "deployer", "admin"]
+TOKEN_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+AUDIT_OUTCOME = Literal["ok", "denied", "failed"]
+
+
+class WhoAmI(_Open):
+    name: str
+    role: ROLE
+    owner: Optional[str] = None
+    may: list[str] = Field(description="The roles this identity holds, its own and those below it.")
+
+
+class TokenRequest(_Closed):
+    name: str = Field(pattern=TOKEN_NAME_PATTERN, description="Who or what holds the token (unique).")
+    role: ROLE
+    owner: Optional[str] = Field(None, min_length=1, max_length=100,
+                                 description="Limit the token to the models whose manifest names this owner.")
+
+
+class TokenInfo(_Open):
+    name: str
+    role: ROLE
+    owner: Optional[str] = None
+    created_at: Optional[str] = None
+    created_by: Optional[str] = None
+
+
+class TokenCreated(TokenInfo):
+    token: str = Field(description="The token itself: shown this once, stored only as a hash.")
+
+
+class AuditQuery(_Closed):
+    limit: int = Field(100, ge=1, le=5000)
+    who: Optional[str] = Field(None, max_length=63)
+    action: Optional[str] = Field(None, pattern=r"^[a-z.]{1,32}$")
+    model: Optional[str] = Field(None, pattern=NAME_PATTERN, max_length=63)
+    outcome: Optional[AUDIT_OUTCOME] = None
+    since: Optional[str] = Field(None, pattern=r"^\d{4}-\d{2}-\d{2}([T ][0-9:.]+Z?)?$",
+                                 description="Records at or after this UTC time (ISO 8601).")
+
+
+class AuditEntry(_Open):
+    seq: int
+    at: str
+    who: str
+    role: str
+    action: str
+    status: int
+    outcome: AUDIT_OUTCOME
+    model: Optional[str] = None
+    version: Optional[str] = None
+    request_id: Optional[str] = None
+    hash: str
+    prev: str
+
+
+class AuditCheck(_Open):
+    ok: bool
+    records: int
+    last: int
+    problem: Optional[str] = None

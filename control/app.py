@@ -21,7 +21,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from control import api_schema as s
-from control.api import compare, events, jobs, models, service, serving, traffic
+from control.api import access, compare, events, jobs, models, service, serving, traffic
 from control.auth import service_token
 from control.errors import PlaneError
 from control.plane import Plane
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-RESOURCES = (service, models, traffic, jobs, compare, events, serving)
+RESOURCES = (service, models, traffic, jobs, compare, events, access, serving)
 
 
 def request_id(given: str) -> str:
@@ -84,8 +84,13 @@ def _checks(app: Flask, plane: Plane, specs: dict[tuple[str, str], s.RouteSpec])
         spec = specs.get((rule.rule, "GET" if request.method == "HEAD" else request.method)) if rule else None
         if spec is None:
             return None  # an unknown route or method: Flask answers 404/405
+        g.spec = spec
         if spec.auth == "token":
-            guard.require_token(request.headers, request.method, request.path)
+            g.identity = guard.authorize(request.headers, request.method, request.path, "viewer")
+            guard.require_role(g.identity, request.method, request.path, spec.role)   # audited when refused
+            name = (request.view_args or {}).get("name")
+            if spec.owned and name is not None and g.identity.owner is not None:
+                guard.require_owner(g.identity, plane.policy(name).owner, name)
         if request.method in MUTATING:
             guard.check_origin(request.headers)
             if spec.body is not None:
@@ -99,6 +104,11 @@ def _checks(app: Flask, plane: Plane, specs: dict[tuple[str, str], s.RouteSpec])
     @app.after_request
     def _after(response: Response):
         route_name = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        spec, identity = g.get("spec"), g.get("identity")
+        if spec is not None and spec.audit and identity is not None and not g.get("skip_audit"):
+            plane.record(identity, spec.audit, response.status_code, g.get("request_id"),
+                         **{**{k: v for k, v in (request.view_args or {}).items() if k in ("name", "version")},
+                            **g.get("audit", {})})
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
         plane.metrics.observe_api(route_name, request.method, response.status_code, seconds)
         response.headers["X-Request-Id"] = g.get("request_id", "")
@@ -111,7 +121,7 @@ def _checks(app: Flask, plane: Plane, specs: dict[tuple[str, str], s.RouteSpec])
     def _plane_error(e: PlaneError):
         if e.status >= 500:
             log.warning("%s %s [%s]: %s", request.method, request.path, g.get("request_id"), e.message)
-        return jsonify(e.to_json()), e.status
+        return jsonify(e.to_json()), e.status, e.headers
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):

@@ -107,7 +107,13 @@ def load_settings(args: argparse.Namespace):
     from control.settings import Settings
 
     overrides = {}
-    for flag, field in (("url", "url"), ("token", "token"), ("port", "port"), ("state_dir", "state_dir"),
+    if getattr(args, "token", None) is not None:
+        raise CLIError("--token is not taken: a token on the command line is visible to every user of the machine "
+                       "(ps). Use MODELPLANE_TOKEN, --token-file FILE, or --token-file - to read it from stdin")
+    token_file = getattr(args, "token_file", None)
+    if token_file is not None:
+        overrides["token"] = _read_token_file(token_file)
+    for flag, field in (("url", "url"), ("port", "port"), ("state_dir", "state_dir"),
                         ("models_dir", "models_dir"), ("host", "host"), ("bucket", "bucket")):
         value = getattr(args, flag, None)
         if value is not None:
@@ -118,6 +124,24 @@ def load_settings(args: argparse.Namespace):
         return Settings(**overrides)
     except Exception as e:  # pydantic's ValidationError: say which setting is wrong
         raise CLIError(f"invalid settings: {' '.join(str(e).split())}") from None
+
+
+def _read_token_file(path: str) -> str:
+    """The token in `path` (its first line), or stdin's for `-`."""
+    try:
+        if path == "-":
+            text = sys.stdin.readline()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.readline(4096)
+    except OSError as e:
+        raise CLIError(f"cannot read the token file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"the token file {path} is not text") from None
+    token = text.strip()
+    if not token:
+        raise CLIError(f"the token file {path} is empty" if path != "-" else "no token on stdin")
+    return token
 
 
 def client_for(args: argparse.Namespace) -> Client:
@@ -176,6 +200,66 @@ def cmd_ls(args) -> int:
     total = resp.headers.get("X-Total-Count")
     if total and total.isdigit() and int(total) > len(models):
         out(f"{len(models)} of {int(total):,} models{' matching' if filtered else ''} (--limit)")
+    return 0
+
+
+def cmd_whoami(args) -> int:
+    me = client_for(args).json("GET", "/api/whoami")
+    owner = f", limited to models owned by {me['owner']}" if me.get("owner") else ""
+    out(f"{me['name']} ({me['role']}{owner})")
+    return 0
+
+
+def cmd_token(args) -> int:
+    client = client_for(args)
+    if args.action == "create":
+        if not args.role:
+            raise CLIError("token create needs --role (viewer, runner, deployer or admin)")
+        body = {"name": args.name, "role": args.role, **({"owner": args.owner} if args.owner else {})}
+        made = client.json("POST", "/api/tokens", json=body)
+        limited = f", limited to models owned by {made['owner']}" if made.get("owner") else ""
+        print(f"created token {made['name']} ({made['role']}{limited}); it is shown this once, keep it now:",
+              file=sys.stderr, flush=True)
+        out(made["token"])
+        return 0
+    if args.action == "revoke":
+        if not args.name:
+            raise CLIError("token revoke needs the token's NAME")
+        gone = client.json("DELETE", f"/api/tokens/{quote(args.name, safe='')}")
+        out(f"revoked {gone['name']}: it is refused from now on")
+        return 0
+    tokens = client.json("GET", "/api/tokens")
+    if not tokens:
+        out("no named tokens (only the bootstrap admin token)")
+        return 0
+    out(table([[t["name"], t["role"], t.get("owner"), t.get("created_at"), t.get("created_by")] for t in tokens],
+              ["NAME", "ROLE", "OWNER", "CREATED", "BY"]))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    client = client_for(args)
+    if args.verify:
+        check = client.json("GET", "/api/audit/verify")
+        if check["ok"]:
+            out(f"the audit trail is intact: {check['records']:,} records, chained from the first")
+            return 0
+        raise CLIError(f"the audit trail is broken after {check['records']:,} good records: {check['problem']}")
+    params = {k: v for k, v in (("who", args.who), ("action", args.action), ("model", args.model),
+                                ("outcome", args.outcome), ("since", args.since), ("limit", args.limit)) if v}
+    entries = client.json("GET", "/api/audit", params=params)
+    if args.json:
+        out(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        out("no audit records match")
+        return 0
+    rows = []
+    for e in entries:
+        what = " ".join(x for x in (e.get("model"), e.get("version"), e.get("target")) if x)
+        rows.append([e["seq"], e["at"].replace("T", " ").replace("Z", ""), e["who"], e["role"], e["action"], what,
+                     f"{e['outcome']} ({e['status']})", e.get("request_id")])
+    out(table(rows, ["SEQ", "WHEN (UTC)", "WHO", "ROLE", "ACTION", "WHAT", "OUTCOME", "REQUEST"]))
     return 0
 
 
@@ -867,7 +951,10 @@ def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     g = parser.add_argument_group("global options")
     g.add_argument("--url", default=default, help="control service URL (MODELPLANE_URL)")
-    g.add_argument("--token", default=default, help="bearer token (MODELPLANE_TOKEN)")
+    g.add_argument("--token-file", default=default, metavar="FILE",
+                   help="read the bearer token from FILE, or from stdin with '-' (default: MODELPLANE_TOKEN, else "
+                        "the state dir's token file for a service on this machine)")
+    g.add_argument("--token", default=default, help=argparse.SUPPRESS)  # refused: see load_settings
     g.add_argument("--port", type=int, default=default, help="control service port (MODELPLANE_PORT)")
     g.add_argument("--state-dir", default=default, help="state directory (MODELPLANE_STATE_DIR)")
     g.add_argument("--models-dir", default=default, help="model folders registered at start (MODELPLANE_MODELS_DIR)")
@@ -929,6 +1016,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="how many of the largest differences to list (default 20)")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (default 3600)")
+    command("whoami", cmd_whoami, "the name, role and owner of the token this CLI uses")
+    p = command("token", cmd_token, "named tokens with roles: create, ls, revoke (admin)")
+    p.add_argument("action", choices=["create", "ls", "revoke"])
+    p.add_argument("name", nargs="?", help="the token's name (create, revoke)")
+    p.add_argument("--role", choices=["viewer", "runner", "deployer", "admin"],
+                   help="viewer: read; runner: also predict and run jobs; deployer: also deploy, roll out, "
+                        "compare; admin: also remove models and manage tokens")
+    p.add_argument("--owner", help="limit the token to the models whose manifest names this owner")
+    p = command("audit", cmd_audit, "who changed what, and how it ended (newest first)")
+    p.add_argument("--who", help="only this token name's records")
+    p.add_argument("--action", help="only this action (deploy, rollout, promote, rollback, remove, reference, "
+                                    "compare, job.run, dataset.upload, token.create, token.revoke)")
+    p.add_argument("--model", help="only this model's records")
+    p.add_argument("--outcome", choices=["ok", "denied", "failed"])
+    p.add_argument("--since", metavar="TIME", help="records at or after this UTC time (2026-12-01 or ISO 8601)")
+    p.add_argument("--limit", type=int, default=50, help="at most N records (default 50)")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p.add_argument("--verify", action="store_true", help="check the hash chain from the first record")
     p = command("remove", cmd_remove, "delete a model and all its versions")
     p.add_argument("name")
     p = command("predict", cmd_predict, "score rows with a realtime model")

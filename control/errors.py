@@ -7,12 +7,14 @@ class PlaneError(Exception):
 
     status = 500
 
-    def __init__(self, message: str, *, status: int | None = None, details: dict | None = None):
+    def __init__(self, message: str, *, status: int | None = None, details: dict | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
         self.details = details or {}
+        self.headers = headers or {}  # sent with the answer (WWW-Authenticate, Retry-After)
 
     def to_json(self) -> dict:
         return {"error": self.message, **self.details}

@@ -113,7 +113,9 @@ class FrontDoor:
             if policy is None:
                 policy = await asyncio.get_running_loop().run_in_executor(self.pool, plane.policy, name)
             public, limit = policy.public, policy.limit
-            guard.require_predict(request.headers, request.method, path, public=public)
+            identity = guard.authorize_predict(request.headers, request.method, path, public=public)
+            if not (public or guard.open_predict):
+                guard.require_owner(identity, policy.owner, name)
             body = b""
             if method in MUTATING:
                 guard.check_origin(request.headers)
@@ -145,7 +147,7 @@ class FrontDoor:
         except PlaneError as e:
             if e.status >= 500:
                 log.warning("%s %s [%s]: %s", request.method, path[:200], rid, e.message)
-            response = _json(e.to_json(), e.status)
+            response = _json(e.to_json(), e.status, e.headers or None)
             if isinstance(e, MethodNotAllowed):
                 response.headers["Allow"] = ", ".join(sorted(serving.match(path.split("/")[3:]) or ()))
         except Exception as e:  # noqa: BLE001 — a bug answers a request id, never a traceback

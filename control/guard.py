@@ -6,14 +6,15 @@
 - **Cross-site calls:** a mutating call that a browser marks as coming from another site
   (`Origin`, `Sec-Fetch-Site`) is refused unless the origin is allowed; and each mutating
   route accepts only its real Content-Types, so a `text/plain` form post never parses.
-- **Token:** every `/api` route, `/events` and `/metrics` need `Authorization: Bearer`; the
-  models' routes too unless predict is opened (setting, or the model's `visibility: public`).
+- **Who, and may they:** every `/api` route, `/events` and `/metrics` need `Authorization:
+  Bearer` with a token of a role the route allows (control/identity.py); the models' routes
+  need a runner's unless predict is opened (setting, or the model's `visibility: public`). An
+  owner-limited token acts only on its owner's models.
 - **Bodies:** each route has a cap, checked against Content-Length before anything is read
   and enforced while streaming a body without one.
 """
 from __future__ import annotations
 
-import hmac
 import io
 import ipaddress
 import threading
@@ -24,6 +25,10 @@ from urllib.parse import urlsplit
 from flask import request
 
 from control.errors import BadRequest, Forbidden, TooLarge, Unauthorized, UnsupportedType
+from control.identity import Identity, TokenStore
+
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="modelplane"'}
+CHALLENGE_INVALID = {"WWW-Authenticate": 'Bearer realm="modelplane", error="invalid_token"'}
 
 CHUNK = 1 << 20
 
@@ -45,8 +50,8 @@ def _split_host(value: str) -> str:
 
 
 class Guard:
-    def __init__(self, settings, token: str):
-        self.token = token
+    def __init__(self, settings, tokens: TokenStore):
+        self.tokens = tokens
         self.open_predict = settings.open_predict
         hosts = {h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip()}
         self.any_host = "*" in hosts
@@ -103,31 +108,51 @@ class Guard:
             shown = given or "none"
             raise UnsupportedType(f"Content-Type {shown} is not accepted here; send {' or '.join(accepted)}")
 
-    # -- token --------------------------------------------------------------------------------
-    def token_ok(self, headers) -> Optional[str]:
-        """None when the request carries this service's token, else why not."""
+    # -- who is calling -----------------------------------------------------------------------
+    def identify(self, headers) -> Optional[Identity]:
+        """The identity of the request's bearer token; None without one; 401 for a wrong one."""
         header = headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
-            return "no_token"
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode()):
-            return "wrong_token"
-        return None
+            return None
+        identity = self.tokens.identify(given)
+        if identity is None:
+            raise Unauthorized("the bearer token is not one this service knows (wrong, or revoked)",
+                               headers=CHALLENGE_INVALID)
+        return identity
 
-    def require_token(self, headers, method: str, path: str) -> None:
-        why = self.token_ok(headers)
-        if why == "no_token":
-            raise Unauthorized(f"{method} {path[:200]} needs 'Authorization: Bearer <token>': "
-                               "the service's MODELPLANE_TOKEN, or the token file in its state dir")
-        if why == "wrong_token":
-            raise Unauthorized("the bearer token does not match the control service's token")
+    def authorize(self, headers, method: str, path: str, role: str) -> Identity:
+        """The caller's identity, refused (401 without a token, 403 below `role`)."""
+        identity = self.identify(headers)
+        if identity is None:
+            raise Unauthorized(f"{method} {path[:200]} needs 'Authorization: Bearer <token>': a token an admin "
+                               "created for you, or the service's own (MODELPLANE_TOKEN, or the token file in "
+                               "its state dir)", headers=CHALLENGE)
+        self.require_role(identity, method, path, role)
+        return identity
 
-    def require_predict(self, headers, method: str, path: str, *, public: bool) -> None:
-        """Predict needs the token unless it is opened for all or the model is public."""
-        if self.open_predict or public or self.token_ok(headers) is None:
-            return
-        self.require_token(headers, method, path)
+    @staticmethod
+    def require_role(identity: Identity, method: str, path: str, role: str) -> None:
+        if not identity.can(role):
+            raise Forbidden(f"{identity.name} holds the role {identity.role}; {method} {path[:200]} needs "
+                            f"{role} or above")
+
+    def authorize_predict(self, headers, method: str, path: str, *, public: bool) -> Optional[Identity]:
+        """Predict needs a runner's token unless it is opened for all or the model is public."""
+        if self.open_predict or public:
+            try:
+                return self.identify(headers)
+            except Unauthorized:
+                return None
+        return self.authorize(headers, method, path, "runner")
+
+    @staticmethod
+    def require_owner(identity: Optional[Identity], owner: Optional[str], name: str) -> None:
+        """403 when an owner-limited identity acts on a model of another owner."""
+        if identity is not None and not identity.owns(owner):
+            raise Forbidden(f"{identity.name} may act only on models owned by {identity.owner!r}; "
+                            f"{name[:100]} is owned by {owner or 'nobody'!r}")
 
     # -- bodies -------------------------------------------------------------------------------
     @staticmethod

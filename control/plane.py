@@ -34,6 +34,7 @@ class Policy(NamedTuple):
     limit: int
     shadow_version: Optional[str] = None
     shadow_percent: int = 0
+    owner: Optional[str] = None
 
 
 class Metrics:
@@ -75,7 +76,9 @@ class Plane:
         self._storage_lock = threading.Lock()
         self.token = token
         self.token_created = token_created
-        self.guard = Guard(settings, token)
+        self.tokens = _token_store(settings, runtime, token)
+        self.audit = _audit_log(settings, runtime, self)
+        self.guard = Guard(settings, self.tokens)
         self.policies = TTLCache(ttl=2.0)
         self.shadow = ShadowLog(runtime, Path(settings.state_dir) / "shadow")
         self.monitor = ScoreMonitor(Path(settings.state_dir) / "monitor", runtime=runtime,
@@ -142,6 +145,17 @@ class Plane:
             self.failed[folder.name] = {"name": folder.name, "error": f"{type(e).__name__}: {e}", "path": str(folder)}
             log.exception("model folder %s could not be registered", folder)
 
+    def record(self, identity, action: str, status: int, request_id: Optional[str], **what) -> None:
+        """One change in the audit trail: who made it, what, and how it ended (control/audit.py)."""
+        from control.audit import outcome_of
+
+        model = what.pop("name", None) or what.pop("model", None)
+        version = what.pop("version", None)
+        target = what.pop("target", None)
+        self.audit.record(who=identity.name, role=identity.role, owner=identity.owner, action=action,
+                          model=model, version=version, target=target, request_id=request_id, status=status,
+                          outcome=outcome_of(status), detail=what or None)
+
     def failed_info(self, entry: dict) -> dict:
         return ModelInfo(name=entry["name"], kind="unknown", language="unknown", version=None,
                          status="failed", error=entry["error"]).to_json()
@@ -149,11 +163,43 @@ class Plane:
 
 
 
+def _token_store(settings: Settings, runtime: Runtime, bootstrap: str):
+    """Named tokens where every replica reads them: the cluster's Secret, or the state dir."""
+    from control import identity
+
+    if runtime.name == "knative":
+        from kubernetes import client
+
+        return identity.SecretTokens(client.CoreV1Api(runtime.api), settings.namespace, bootstrap)
+    return identity.FileTokens(settings.state_dir, bootstrap)
+
+
+def _audit_log(settings: Settings, runtime: Runtime, plane: "Plane"):
+    from control import audit
+
+    if runtime.name == "knative":
+        from kubernetes import client
+
+        return audit.ClusterAudit(client.CoreV1Api(runtime.api), settings.namespace,
+                                  _LazyBucket(plane, settings.bucket_name))
+    return audit.FileAudit(settings.state_dir)
+
+
+class _LazyBucket:
+    """The plane's bucket, its storage client made on first use (not at start)."""
+
+    def __init__(self, plane: "Plane", name: str):
+        self._plane, self._name = plane, name
+
+    def __getattr__(self, attr):
+        return getattr(self._plane.storage.bucket(self._name), attr)
+
+
 def _policy(runtime: Runtime, name: str) -> Policy:
     try:
         detail = runtime.model(name)
     except PlaneError:
-        return Policy(False, DEFAULT_PREDICT_LIMIT)
+        return Policy(False, DEFAULT_PREDICT_LIMIT, owner=None)
     manifest = detail.manifest or {}
     try:
         limit = parse_bytes((manifest.get("limits") or {}).get("max_body") or DEFAULT_PREDICT_LIMIT)
@@ -162,4 +208,4 @@ def _policy(runtime: Runtime, name: str) -> Policy:
     traffic = detail.traffic or {}
     shadow = traffic.get("shadow") or 0
     return Policy(manifest.get("visibility") == "public", limit, traffic.get("candidate") if shadow else None,
-                  shadow)
+                  shadow, manifest.get("owner") or "")

@@ -15,6 +15,18 @@ from control.settings import Settings
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "control"
 #: The token the test services are given; `api` sends it.
 TOKEN = "test-token-0123456789"
+
+
+def token_file(token: str = TOKEN) -> str:
+    """A file holding `token`, for the CLI's --token-file (a token is never a command-line argument)."""
+    import hashlib
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"modelplane-test-token-{hashlib.sha256(token.encode()).hexdigest()[:12]}"
+    if not path.exists():
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+    return str(path)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

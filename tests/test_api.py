@@ -76,7 +76,7 @@ def test_every_api_route_needs_the_token_reads_included(plane):
     r = requests.post(f"{server.url}/api/models/echo-rt/rollback", json={"version": "1.0.0"},
                       headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
-    assert "does not match" in r.json()["error"]
+    assert "not one this service knows" in r.json()["error"]
     r = requests.delete(f"{server.url}/api/models/echo-rt")
     assert r.status_code == 401
     assert "echo-rt" in runtime.manifests

@@ -17,7 +17,7 @@ import pytest
 from adapters.manifest import ManifestError, parse_manifest
 from control.cli import main
 from control.runtime.base import ProxyResponse
-from control_helpers import FIXTURES, TOKEN, api, running, settings_for, wait_until
+from control_helpers import FIXTURES, TOKEN, api, running, settings_for, wait_until, token_file
 
 # name -> (fixture, owner, labels, description)
 CATALOG = {
@@ -207,14 +207,14 @@ def test_a_drifted_version_is_flagged_on_its_row_and_changes_the_tag(catalog):
     rows = {m["name"]: m["drifted"] for m in api.get(f"{catalog.url}/api/models").json()}
     assert rows["umbrella-score"] == ["1.0.0"] and rows["acme-donor"] == []
     # the CLI marks it
-    assert main(["ls", "--label", "customer=umbrella", "--url", catalog.url, "--token", TOKEN]) == 0
+    assert main(["ls", "--label", "customer=umbrella", "--url", catalog.url, "--token-file", token_file(TOKEN)]) == 0
 
 
 # -- the CLI -----------------------------------------------------------------------------------------
 
 def ls(server, capsys, *args) -> list[list[str]]:
     capsys.readouterr()
-    assert main(["ls", *args, "--url", server.url, "--token", TOKEN]) == 0
+    assert main(["ls", *args, "--url", server.url, "--token-file", token_file(TOKEN)]) == 0
     return [line.split() for line in capsys.readouterr().out.splitlines()]
 
 
@@ -240,7 +240,7 @@ def test_cli_ls_marks_drift_and_refuses_a_bad_selector(catalog, capsys):
     assert "DRIFT" in lines[0]
     assert lines[1][lines[0].index("DRIFT")] == "yes(1.0.0)"
     capsys.readouterr()
-    assert main(["ls", "--label", "bad key", "--url", catalog.url, "--token", TOKEN]) == 1
+    assert main(["ls", "--label", "bad key", "--url", catalog.url, "--token-file", token_file(TOKEN)]) == 1
     assert "label" in capsys.readouterr().err
 
 

@@ -12,7 +12,7 @@ import pytest
 from control.cli import main, table
 from control.emulator import free_port
 from control_fake_runtime import FakeRuntime
-from control_helpers import FIXTURES, copy_fixture, running, settings_for
+from control_helpers import FIXTURES, copy_fixture, running, settings_for, token_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "cli-token"
@@ -31,7 +31,7 @@ def plane(tmp_path, monkeypatch):
 
 
 def cli(server, *args, token=TOKEN):
-    flags = ["--url", server.url] + (["--token", token] if token else [])
+    flags = ["--url", server.url] + (["--token-file", token_file(token)] if token else [])
     return main([*args, *flags])
 
 
@@ -58,7 +58,7 @@ def test_ls_shows_every_model_and_the_failed_one(plane, capsys):
 
 def test_global_flags_work_before_and_after_the_command(plane, capsys):
     server, _ = plane
-    assert main(["--url", server.url, "--token", TOKEN, "ls"]) == 0
+    assert main(["--url", server.url, "--token-file", token_file(TOKEN), "ls"]) == 0
     assert "echo-rt" in capsys.readouterr().out
 
 
@@ -195,7 +195,7 @@ def test_run_local_file_goes_through_the_bucket_event(gcs, gcs_client, tmp_path,
         worker.start()
         try:
             code = main(["run", "sum-batch", str(data), "--wait", "--timeout", "20", "--url", server.url,
-                         "--token", TOKEN])
+                         "--token-file", token_file(TOKEN)])
         finally:
             stop.set()
             worker.join()

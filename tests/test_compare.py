@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from control.cli import main
-from control_helpers import TOKEN, api, running, settings_for, wait_until
+from control_helpers import TOKEN, api, running, settings_for, wait_until, token_file
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "compare"
 ROWS = [(i / 10, 1 if i % 3 == 0 else 0) for i in range(10)]
@@ -303,7 +303,7 @@ def test_a_reference_for_an_unknown_version_or_missing_dataset_is_refused(plane,
 # -- CLI ------------------------------------------------------------------------------------------
 
 def cli(server, *args) -> int:
-    return main([*args, "--url", server.url, "--token", TOKEN])
+    return main([*args, "--url", server.url, "--token-file", token_file(TOKEN)])
 
 
 def test_cli_compares_a_local_file_and_prints_a_readable_report(plane, tmp_path, capsys):

@@ -538,7 +538,7 @@ def test_e2e_runs_on_the_code_it_tests():
 # Shell: where a simple command starts, and the words that may precede the command itself.
 _SEPARATORS = re.compile(r"\|\||&&|[;|&()]|\$\(|<\(|\b(?:then|do|else|elif|if|while|until)\b")
 _PREFIX = re.compile(r"^(?:!\s+|time\s+|exec\s+|command\s+|\w+=(?:\"[^\"]*\"|'[^']*'|\S*)\s+)*")
-_VALUE_FLAGS = {"--url", "--token", "--port", "--state-dir", "--models-dir"}
+_VALUE_FLAGS = {"--url", "--token-file", "--port", "--state-dir", "--models-dir"}
 
 
 def cli_invocations(script: str) -> list[list[str]]:

@@ -19,7 +19,7 @@ import pytest
 from adapters.batch import PROGRESS_FILE, Progress, ProgressLog
 from control.cli import _JobProgress, main
 from control.runtime.base import Job
-from control_helpers import TOKEN, api, running, settings_for, wait_until
+from control_helpers import TOKEN, api, running, settings_for, wait_until, token_file
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "progress"
 MODEL = "slow-batch"
@@ -211,7 +211,7 @@ def test_run_wait_prints_progress_on_stderr_and_its_usual_result(plane, gcs_clie
     for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     dataset = upload(gcs_client, "cli.csv", list(range(30)))
-    code = main(["run", MODEL, dataset, "--wait", "--timeout", "120", "--url", plane.url, "--token", TOKEN])
+    code = main(["run", MODEL, dataset, "--wait", "--timeout", "120", "--url", plane.url, "--token-file", token_file(TOKEN)])
     captured = capsys.readouterr()
     assert code == 0, captured
     assert "status       succeeded" in captured.out and "rows         30" in captured.out

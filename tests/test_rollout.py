@@ -14,7 +14,7 @@ import pytest
 from control.cli import main
 from control.errors import NotFound
 from control.runtime.local import LocalRuntime
-from control_helpers import TOKEN, api, running, settings_for, wait_until
+from control_helpers import TOKEN, api, running, settings_for, wait_until, token_file
 from test_local_runtime import make_model
 
 SCALING = {"min": 0, "max": 2, "target_concurrency": 8, "idle_timeout": "60s"}
@@ -108,7 +108,7 @@ def test_each_version_has_its_own_url_whatever_the_split(plane):
 
 def test_promote_then_rollback_then_withdraw(plane, capsys):
     server, _ = plane
-    flags = ["--url", server.url, "--token", TOKEN]
+    flags = ["--url", server.url, "--token-file", token_file(TOKEN)]
     assert main(["rollout", "echo", "1.1.0", "--percent", "50", *flags]) == 0
     text = capsys.readouterr().out
     assert "1.1.0 answers 50% of requests, 1.0.0 the rest" in text and "modelplane promote echo" in text
@@ -181,7 +181,7 @@ def test_shadow_copies_are_recorded_never_returned(plane, capsys):
     assert c["rows"] == 40 and c["difference"]["max_abs"] == pytest.approx(3.9)
     # x >= 1 live vs 2x >= 1 shadow: rows with x in [0.5, 1) flip
     assert c["flips"]["count"] == 5 and c["flips"]["to_positive"] == 5
-    flags = ["--url", server.url, "--token", TOKEN]
+    flags = ["--url", server.url, "--token-file", token_file(TOKEN)]
     assert main(["shadow", "echo", "--threshold", "1", *flags]) == 0
     text = capsys.readouterr().out
     assert "40 live request(s) of 1.0.0 mirrored to 1.1.0" in text and "decisions flipped at 1.0: 5 of 40" in text

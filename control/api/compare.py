@@ -39,7 +39,8 @@ def routes(plane) -> Routes:
                                "Score one dataset with two versions and compare them row by row (runs in the "
                                "background: poll the answer's Location)",
                                [s.Answer(202, s.ComparisonAnswer)], body=s.ComparisonRequest,
-                               errors=(404, 422, 503), tag="comparisons")
+                               errors=(404, 422, 503), tag="comparisons", role="deployer", audit="compare",
+                               owned=True)
 
     @r(compare_spec)
     def start_comparison(name: str):
@@ -69,7 +70,8 @@ def routes(plane) -> Routes:
     upload_spec = s.RouteSpec("POST", "/api/models/<name>/comparisons/datasets",
                               "Store a CSV for comparisons under comparisons/{name}/ (no job starts)",
                               [s.Answer(201, s.ComparisonDataset)], body_types=UPLOAD_TYPES, body_limit=cap,
-                              errors=(404, 503), tag="comparisons")
+                              errors=(404, 503), tag="comparisons", role="deployer",
+                              audit="dataset.upload", owned=True)
 
     @r(upload_spec)
     def upload_dataset(name: str):
@@ -95,7 +97,7 @@ def routes(plane) -> Routes:
                                  "(runs in the background: poll the answer's Location)",
                                  [s.Answer(202, s.ComparisonAnswer)], body=s.ReferenceRequest,
                                  path_patterns={"version": s.SEMVER_PATTERN}, errors=(404, 422, 503),
-                                 tag="comparisons")
+                                 tag="comparisons", role="deployer", audit="reference", owned=True)
 
     @r(reference_spec)
     def reference_from_dataset(name: str, version: str):

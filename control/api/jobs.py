@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 
-from flask import Response, jsonify, request
+from flask import Response, g, jsonify, request
 from werkzeug.wsgi import wrap_file
 
 from control import api_schema as s
@@ -27,7 +27,7 @@ def routes(plane) -> Routes:
     settings, runtime, guard = plane.settings, plane.runtime, plane.guard
     job_spec = s.RouteSpec("POST", "/api/models/<name>/jobs", "Run a batch model on a dataset in a bucket",
                            [s.Answer(202, s.JobAnswer)], body=s.JobRequest, errors=(404, 409, 422, 503),
-                           tag="jobs")
+                           tag="jobs", role="runner", audit="job.run", owned=True)
     allowed_buckets = {settings.bucket_name} | {b.strip() for b in settings.dataset_buckets.split(",") if b.strip()}
 
     @r(job_spec)
@@ -38,12 +38,14 @@ def routes(plane) -> Routes:
             raise Forbidden(f"dataset bucket {bucket!r} is not one jobs may read from "
                             f"({', '.join(sorted(allowed_buckets))}; MODELPLANE_DATASET_BUCKETS adds more)")
         job, _ = runtime.submit_job(name, dataset=dataset, trigger="api")
+        g.audit = {"job": job.id, "dataset": dataset}
         return jsonify(job.to_json()), 202
 
     dataset_spec = s.RouteSpec("POST", "/api/models/<name>/datasets",
                                "Upload a CSV to incoming/{name}/; its bucket event starts a job at once",
                                [s.Answer(201, s.DatasetUploaded)], query=s.DatasetQuery, body_types=DATASET_TYPES,
-                               body_limit=settings.max_dataset_upload, errors=(404, 409, 503), tag="jobs")
+                               body_limit=settings.max_dataset_upload, errors=(404, 409, 503), tag="jobs",
+                               role="runner", audit="job.run", owned=True)
 
     @r(dataset_spec)
     def upload_dataset(name: str):

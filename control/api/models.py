@@ -13,7 +13,7 @@ from typing import Optional
 from urllib.parse import quote
 
 import orjson
-from flask import Response, jsonify, request
+from flask import Response, g, jsonify, request
 
 from adapters.manifest import MANIFEST_FILE, ManifestError, parse_manifest, read_manifest_text
 from control import api_schema as s
@@ -226,7 +226,8 @@ def routes(plane) -> Routes:
 
     deploy_spec = s.RouteSpec("POST", "/api/models", "Deploy a model folder (a gzip tar)",
                               [s.Answer(201, s.Deployed)], body_types=MODEL_ARCHIVE_TYPES, query=s.DeployQuery,
-                              body_limit=settings.max_model_upload, errors=(409, 422, 503), tag="models")
+                              body_limit=settings.max_model_upload, errors=(409, 422, 503), tag="models",
+                              role="deployer", audit="deploy")
 
     @r(deploy_spec)
     def deploy_model():
@@ -251,6 +252,14 @@ def routes(plane) -> Routes:
                 message = "\n".join(f"{rel}:{p.line}: {p.field + ': ' if p.field else ''}{p.message}" if p.line
                                     else f"{rel}: {p.field + ': ' if p.field else ''}{p.message}" for p in e.problems)
                 raise Invalid(message, details={"problems": problems}) from None
+            g.audit = {"name": manifest.name, "version": manifest.version}
+            identity = g.identity
+            if identity.owner is not None:
+                guard.require_owner(identity, manifest.owner, manifest.name)
+                plane.policies.clear()
+                existing = plane.policy(manifest.name).owner
+                if existing is not None:   # the model exists: it must be this owner's already
+                    guard.require_owner(identity, existing, manifest.name)
             version = runtime.deploy(manifest, make_live=make_live)  # the runtime keeps its own copy
         finally:
             shutil.rmtree(dest, ignore_errors=True)
@@ -272,7 +281,7 @@ def routes(plane) -> Routes:
             return jsonify({**detail, "manifest": {}, "versions": [], "metrics": {}})
 
     @r(s.RouteSpec("DELETE", "/api/models/<name>", "Remove a model and all its versions",
-                   [s.Answer(200, s.Removed)], errors=(404, 409), tag="models"))
+                   [s.Answer(200, s.Removed)], errors=(404, 409), tag="models", role="admin", audit="remove"))
     def remove_model(name: str):
         if name in plane.failed:
             plane.failed.pop(name)
@@ -290,7 +299,7 @@ def routes(plane) -> Routes:
     rollback_spec = s.RouteSpec("POST", "/api/models/<name>/rollback",
                                 "Withdraw a rollout at once, or make an earlier version live",
                                 [s.Answer(200, s.Deployed)], body=s.RollbackRequest, errors=(404, 409, 422, 503),
-                                tag="models")
+                                tag="models", role="deployer", audit="rollback", owned=True)
 
     @r(rollback_spec)
     def rollback(name: str):

@@ -42,7 +42,7 @@ def routes(plane) -> Routes:
     r = Routes("serving")
     versioned = {"model": s.NAME_PATTERN, "version": s.SEMVER_PATTERN}
     for method, rule, summary, types in FORWARDED:
-        r.declare(s.RouteSpec(method, rule, summary, [s.Answer(200, s.ModelAnswer)], auth="predict",
+        r.declare(s.RouteSpec(method, rule, summary, [s.Answer(200, s.ModelAnswer)], auth="predict", role="runner", owned=True,
                               body_types=types, body_limit=None, errors=MODEL_ERRORS, path_patterns=versioned,
                               tag="serving"))
     return r

@@ -17,7 +17,8 @@ def routes(plane) -> Routes:
     rollout_spec = s.RouteSpec("POST", "/api/models/<name>/rollout",
                                "Send a share of a realtime model's requests to another version (and/or mirror "
                                "a share to it)", [s.Answer(200, s.TrafficAnswer)], body=s.RolloutRequest,
-                               errors=(404, 409, 422, 503), tag="models")
+                               errors=(404, 409, 422, 503), tag="models",
+                               role="deployer", audit="rollout", owned=True)
 
     @r(rollout_spec)
     def rollout(name: str):
@@ -29,7 +30,7 @@ def routes(plane) -> Routes:
     promote_spec = s.RouteSpec("POST", "/api/models/<name>/promote",
                                "Make the version under rollout live: it takes every request",
                                [s.Answer(200, s.Deployed)], body=s.PromoteRequest, errors=(404, 409, 503),
-                               tag="models")
+                               tag="models", role="deployer", audit="promote", owned=True)
 
     @r(promote_spec)
     def promote(name: str):
