@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -321,8 +322,12 @@ class RealtimeAdapter:
         return await self.upstream.predict(clean)
 
     def _body(self, request: Request) -> bytes:
-        # the server refused a body over max_body while it arrived (see error_body): this is the rest
-        return request.body
+        """The body as sent, inflated when it has a Content-Encoding. The server refused one over
+        max_body while it arrived (see error_body); inflated, it is held to the same cap."""
+        coding = request.headers.get("content-encoding")
+        if coding is None:
+            return request.body
+        return inflate(request.body, coding, self.max_body, self.name)
 
     def _json(self, body: bytes) -> Any:
         try:
@@ -565,6 +570,43 @@ class RealtimeAdapter:
         self._health_task.cancel()
         await asyncio.wait([self._health_task], timeout=2.0)
         await self.upstream.close()
+
+
+ENCODINGS = "gzip, deflate or identity"
+
+
+def inflate(body: bytes, coding: str, cap: int, model: str) -> bytes:
+    """`body` decoded by its Content-Encoding `coding` (RFC 9110 8.4.1): gzip (or x-gzip, RFC 1952,
+    members one after the other), deflate (the zlib format, RFC 1950) or identity; at most `cap`
+    bytes are ever inflated (413 past them), and a stream that is broken, cut short or followed by
+    other bytes is a 400 naming its encoding. Anything else is a 415 naming what is accepted."""
+    codings = [c for c in (c.strip(" \t").lower() for c in coding.split(",")) if c != "identity"]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in ("gzip", "x-gzip", "deflate"):
+        raise AdapterError(415, f"Content-Encoding {coding[:60]!r} is not supported; send the body as is, or "
+                                f"in one of {ENCODINGS}")
+    name = "deflate" if codings[0] == "deflate" else "gzip"
+    wbits = 15 if name == "deflate" else 31
+    out = bytearray()
+    data = body
+    while True:
+        d = zlib.decompressobj(wbits)
+        try:
+            out += d.decompress(data, cap + 1 - len(out))
+        except zlib.error as e:
+            raise AdapterError(400, f"the body is not valid {name}"
+                                    f"{' (the zlib format, RFC 1950)' if name == 'deflate' else ''}: {e}") from None
+        if len(out) > cap:
+            raise AdapterError(413, f"the {name} body inflates past {cap} bytes; model {model} takes at most "
+                                    f"{cap} (manifest limits.max_body)")
+        if not d.eof:
+            raise AdapterError(400, f"the {name} body is truncated: its stream ends before its end (and checksum)")
+        data = d.unused_data
+        if not data:
+            return bytes(out)
+        if name == "deflate":
+            raise AdapterError(400, f"the deflate body has {len(data)} byte(s) after the end of its stream")
 
 
 def _invalid(e: RowsInvalid) -> dict:
