@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import SECRET_ENV
+
 if TYPE_CHECKING:
     from .manifest import Manifest
 
@@ -67,7 +69,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the plane's secret is the adapter's alone: out of the environment before anything (the
+    # model above all) is started; only `serve` uses it
+    secret = os.environ.pop(SECRET_ENV, None)
     args = _parser().parse_args(argv)
+    args.secret = secret
     logging.basicConfig(level=os.environ.get("MODELPLANE_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command != "job":
@@ -90,6 +96,11 @@ def _serve(args: argparse.Namespace) -> int:
         except ImportError:
             pass
 
+    if args.secret is not None and not (args.secret.isascii() and args.secret.isprintable()
+                                        and args.secret and " " not in args.secret):
+        print(f"modelplane-adapter: {SECRET_ENV} is set but {'empty' if not args.secret else 'not printable ASCII'}"
+              f"; set it to the plane's secret (printable ASCII, no space), or unset it", file=sys.stderr)
+        return 2
     manifest, code = served.serve_manifest(args.model_dir, then=imports, checked=args.checked_manifest)
     if manifest is None:
         return code
@@ -99,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from .realtime import run
 
-    return run(manifest, host=args.host, port=args.port, model_url=args.model_url)
+    return run(manifest, host=args.host, port=args.port, model_url=args.model_url, secret=args.secret)
 
 
 def _run(args: argparse.Namespace) -> int:
