@@ -226,14 +226,12 @@ class ServerProtocol(asyncio.Protocol):
             raise HttpError(505, f"HTTP version {version} is not supported; use HTTP/1.1 or HTTP/1.0")
         authority = None
         if target[0] != "/":
-            lower = target[:8].lower()
-            if lower.startswith(("http://", "https://")):   # absolute-form (RFC 9112 3.2.2)
-                rest = target.split("/", 3)
-                authority = rest[2]
-                target = "/" + rest[3] if len(rest) > 3 else "/"
-                if "?" in authority:
-                    authority, _, query = authority.partition("?")
-                    target = "/?" + query
+            if target[:8].lower().startswith(("http://", "https://")):   # absolute-form (RFC 9112 3.2.2)
+                rest = target[target.index("//") + 2:]
+                cut = min([i for i in (rest.find("/"), rest.find("?")) if i >= 0] or [len(rest)])
+                authority, target = rest[:cut], rest[cut:]
+                if not target.startswith("/"):
+                    target = "/" + target
             elif target != "*" or method != "OPTIONS":
                 raise HttpError(400, f"malformed request target {target[:100]!r}: expected a path (/...) "
                                      "or an absolute http URL")
@@ -622,10 +620,10 @@ async def _read_answer(conn: _ClientConn, loop, deadline: float, method: str) \
         headers.append((key.strip(), value.strip()))
         lower = key.strip().lower()
         if lower == "content-length":
-            try:
-                length = int(value.strip())
-            except ValueError:
-                raise Disconnected("the answer's Content-Length is not a number") from None
+            v = value.strip(" \t")
+            if not (v.isascii() and v.isdigit()) or len(v) > 18:
+                raise Disconnected(f"the answer's Content-Length {v[:20]!r} is not a byte count")
+            length = int(v)
         elif lower == "transfer-encoding":
             chunked = "chunked" in value.lower()
         elif lower == "connection":
@@ -653,10 +651,10 @@ async def _read_chunked(conn: _ClientConn, loop, deadline: float) -> bytes:
     while True:
         while (end := buf.find(b"\r\n")) < 0:
             await _more(conn, loop, deadline)
-        try:
-            size = int(bytes(buf[:end]).split(b";")[0], 16)
-        except ValueError:
-            raise Disconnected("the answer's chunk size is not a number") from None
+        m = _CHUNK_LINE.fullmatch(buf, 0, end)
+        if m is None or len(m.group(1)) > 15:
+            raise Disconnected(f"the answer's chunk size line {bytes(buf[:min(end, 40)])!r} is not hex digits")
+        size = int(m.group(1), 16)
         if size == 0:  # the last chunk, optional trailer lines, then an empty line
             while (term := buf.find(b"\r\n\r\n", end)) < 0:
                 await _more(conn, loop, deadline)

@@ -224,6 +224,10 @@ def test_absolute_form_targets_and_a_half_closed_client():
     raw = b"GET http://127.0.0.1:8080/v2/health/ready?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
     [(status, _, body)] = _answers(_serve(raw))
     assert json.loads(body)["path"] == "/v2/health/ready" and json.loads(body)["query"] == "x=1"
+    raw = (b"GET HTTP://h?q=a/b HTTP/1.1\r\nHost: h\r\n\r\nGET http://h HTTP/1.1\r\nHost: h\r\n\r\n"
+           b"OPTIONS * HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert [(json.loads(b)["path"], json.loads(b)["query"]) for _, _, b in _answers(_serve(raw))] == [
+        ("/", "q=a/b"), ("/", ""), ("*", "")]
 
     async def run() -> tuple[bytes, float]:  # the client sends, half-closes, and still gets its answer
         server = Server(_echo, max_body=1000, error_body=_error_body)
@@ -290,6 +294,24 @@ def test_the_client_reads_every_framing_and_reuses_kept_alive_connections(answer
             client.close()
             server.close()
     assert asyncio.run(run()) == (0 if close else 1)
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: +13\r\n\r\n{\"scores\":[]}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1_3\r\n\r\n{\"scores\":[]}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: \xb9\xb3\r\n\r\n{\"scores\":[]}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0xd\r\n{\"scores\":[]}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+d\r\n{\"scores\":[]}\r\n0\r\n\r\n",
+], ids=["length-plus", "length-underscore", "length-superscript", "chunk-0x", "chunk-plus"])
+def test_the_client_refuses_an_answer_framed_outside_the_grammar(answer):
+    async def run():
+        server, port = await _model_server(answer, close=True)
+        try:
+            with pytest.raises(Disconnected, match="Content-Length|chunk size"):
+                await Client("127.0.0.1", port).request("POST", "/predict", b"{}", 5.0)
+        finally:
+            server.close()
+    asyncio.run(run())
 
 
 def test_the_client_says_unreachable_disconnected_and_times_out():
