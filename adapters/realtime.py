@@ -737,7 +737,6 @@ class Supervisor:
 
     def start(self, on_exit: Callable[[int], None]) -> None:
         env = dict(os.environ, PORT=str(self.port), HOST="127.0.0.1")
-        env.pop(SECRET_ENV, None)   # the plane's, never the model's (the entry point took it out already)
         from .procs import PREEXEC as preexec
         self.proc = subprocess.Popen(self.manifest.command, cwd=self.manifest.folder, env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

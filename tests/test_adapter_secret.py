@@ -173,6 +173,9 @@ def test_the_model_never_sees_the_secret(adapter):
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert not [e for e in environ if e.startswith(b"MODELPLANE_ADAPTER_SECRET=")]
         assert SECRET.encode() not in b"\0".join(environ)
+    # nor in the adapter's own /proc/PID/environ (the environment it started with, which a process
+    # of the same user, the model included, can read)
+    assert SECRET.encode() not in Path(f"/proc/{adapter.proc.pid}/environ").read_bytes()
 
 
 def test_an_empty_secret_stops_the_adapter_saying_why(tmp_path):

@@ -137,9 +137,13 @@ def test_replicas_answer_this_runtime_only(rt, tmp_path):
     assert len(secret) >= 40 and "MODELPLANE_ADAPTER_SECRET" not in os.environ
     model = descendants(replica.proc.pid)
     assert model, "the adapter has no model process"
-    for pid in model:
+    for pid in [replica.proc.pid, *model]:   # the adapter's own start-up environment: readable by its model
         assert secret.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
     assert "MODELPLANE_ADAPTER_SECRET" not in rt._env()   # batch jobs' environment
+    # a spare adapter waiting for its run wipes it at once too (its model-to-be's neighbours could read it)
+    spare = wait_for(lambda: rt.replicas._spare.waiting, what="a spare adapter")
+    wait_for(lambda: secret.encode() not in Path(f"/proc/{spare.pid}/environ").read_bytes(), timeout=20,
+             what="the spare adapter to wipe the secret from its environment")
     other = LocalRuntime(Settings(state_dir=tmp_path / "other-state"))
     try:
         assert other._adapter_secret != secret
