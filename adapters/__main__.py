@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import SECRET_ENV
+
 if TYPE_CHECKING:
     from .manifest import Manifest
 
@@ -33,6 +35,37 @@ def manifest_from(model_dir: str | None) -> Manifest:
 
     # JSON is YAML: one parser, the same strict checks and messages
     return parse_manifest(json.dumps(data), file="MODELPLANE_MANIFEST", folder=Path.cwd(), check_files=False)
+
+
+def take_secret() -> str | None:
+    """The plane's secret (env MODELPLANE_ADAPTER_SECRET), taken out of this process's environment:
+    out of os.environ and the C environment a child inherits, and its value wiped from the
+    environment block the process started with, which /proc/PID/environ shows to every process
+    of the same user (the model included) whatever is unset later."""
+    secret = os.environ.get(SECRET_ENV)
+    if secret is None:
+        return None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            environ = ctypes.POINTER(ctypes.c_void_p).in_dll(ctypes.CDLL(None), "environ")
+            prefix = SECRET_ENV.encode() + b"="
+            i = 0
+            while environ[i]:
+                entry = ctypes.string_at(environ[i])
+                if entry.startswith(prefix):
+                    ctypes.memset(environ[i] + len(prefix), 0, len(entry) - len(prefix))
+                i += 1
+        except (OSError, ValueError, AttributeError):  # no C library to reach: unset it at least
+            pass
+    del os.environ[SECRET_ENV]
+    return secret
+
+
+# Taken at import: a spare adapter (control/runtime/local_procs.py) imports this module long before
+# it is given its run, and meanwhile a model of the same user could read its /proc/PID/environ.
+_taken = take_secret()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +100,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the plane's secret is the adapter's alone: out of the environment before anything (the
+    # model above all) is started; only `serve` uses it
+    global _taken
+    secret, _taken = _taken, None
+    if secret is None:
+        secret = take_secret()
     args = _parser().parse_args(argv)
+    args.secret = secret
     logging.basicConfig(level=os.environ.get("MODELPLANE_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command != "job":
@@ -90,6 +130,11 @@ def _serve(args: argparse.Namespace) -> int:
         except ImportError:
             pass
 
+    if args.secret is not None and not (args.secret.isascii() and args.secret.isprintable()
+                                        and args.secret and " " not in args.secret):
+        print(f"modelplane-adapter: {SECRET_ENV} is set but {'empty' if not args.secret else 'not printable ASCII'}"
+              f"; set it to the plane's secret (printable ASCII, no space), or unset it", file=sys.stderr)
+        return 2
     manifest, code = served.serve_manifest(args.model_dir, then=imports, checked=args.checked_manifest)
     if manifest is None:
         return code
@@ -99,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from .realtime import run
 
-    return run(manifest, host=args.host, port=args.port, model_url=args.model_url)
+    return run(manifest, host=args.host, port=args.port, model_url=args.model_url, secret=args.secret)
 
 
 def _run(args: argparse.Namespace) -> int:

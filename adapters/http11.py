@@ -10,10 +10,21 @@ Server: Content-Length and chunked request bodies (bounded by `max_body` while t
 then close), `Expect: 100-continue`, keep-alive (HTTP/1.1 by default, HTTP/1.0 on request),
 pipelined requests answered in order, idle connections closed after `KEEPALIVE_S`, a head over
 `MAX_HEAD` refused with 431. Client: see `Client`.
+
+The server parses exactly what RFC 9112 allows and refuses the rest (400, or 505 for a version
+other than HTTP/1.0 and 1.1), then closes: a lenient parser behind a proxy that reads the same
+bytes differently is how requests get smuggled. The request line is `method SP target SP
+HTTP/d.d`; field names are tokens and values VCHAR / obs-text / SP / HTAB (no NUL, no control
+byte, no bare CR or LF, no obs-fold); Content-Length is ASCII digits, repeated only with one
+value; a chunk size is ASCII hex digits and its extensions are `;name[=token|"quoted"]`;
+Transfer-Encoding with Content-Length, or in an HTTP/1.0 request, is refused; an HTTP/1.1
+request has exactly one valid Host. Whatever the bytes, nothing raises out of `data_received`.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from typing import Awaitable, Callable, Optional
 
@@ -21,7 +32,22 @@ MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
 KEEPALIVE_S = 75.0
 DRAIN_S = 2.0           # after a refused body, how long its remaining bytes are read and dropped
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+log = logging.getLogger(__name__)
+
+_TCHAR = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
+# method SP request-target SP HTTP-version (RFC 9112 3); the target is printable ASCII
+_REQUEST_LINE = re.compile(rf"([{_TCHAR}]+) ([!-~]+) (HTTP/[0-9]\.[0-9])")
+# field lines, each ending CRLF: token ":" then VCHAR / obs-text / SP / HTAB only (RFC 9112 5, RFC 9110 5.5)
+_FIELDS = re.compile(rf"(?:[{_TCHAR}]+:[\t -~\x80-\xff]*\r\n)*")
+_FIELDS_B = re.compile(_FIELDS.pattern.encode("latin-1"))
+# chunk-size [chunk-ext] (RFC 9112 7.1.1): 1*HEXDIG *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] )
+_QUOTED = r'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_LINE = re.compile(
+    rf"([0-9A-Fa-f]+)(?:[ \t]*;[ \t]*[{_TCHAR}]+(?:[ \t]*=[ \t]*(?:[{_TCHAR}]+|{_QUOTED}))?)*".encode("latin-1"))
+# Host = uri-host [ ":" port ] (RFC 9110 7.2): an IP literal or a reg-name, no userinfo
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 415: "Unsupported Media Type",
            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large", 422: "Unprocessable Entity",
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported"}
@@ -86,6 +112,20 @@ def _head(status: int, content_type: str, length: int, headers: Optional[dict], 
     return "".join(lines).encode("latin-1")
 
 
+def _bad_field(block: str, kind: str) -> str:
+    """Which field line of `block` (lines ending CRLF) breaks the grammar, and how."""
+    for i, field in enumerate(block.split("\r\n")[:-1], 1):
+        if _FIELDS.fullmatch(field + "\r\n") is None:
+            break
+    else:  # pragma: no cover - only called when a line does not match
+        i, field = 0, block
+    name, sep, _ = field.partition(":")
+    shown = repr(name[:40]) if sep else repr(field[:40])
+    return (f"malformed {kind} line {i} ({shown}): a field name is a token (letters, digits, !#$%&'*+-.^_`|~) "
+            "right before ':', a value is printable text, space or tab (no control byte, bare CR or LF, "
+            "or line folding)")
+
+
 class ServerProtocol(asyncio.Protocol):
     """One client connection: parse requests from the buffer, answer them one at a time, in order."""
 
@@ -138,6 +178,10 @@ class ServerProtocol(asyncio.Protocol):
         except HttpError as e:
             self._refuse(e.status, e.message, e.request)
             return
+        except Exception:  # a parser bug: still an answer, never an exception out of data_received
+            log.exception("could not parse a request")
+            self._refuse(400, "malformed request")
+            return
         if parsed is None:
             if self.paused:
                 self.paused = False
@@ -165,38 +209,58 @@ class ServerProtocol(asyncio.Protocol):
             return None
         if end > MAX_HEAD:
             raise HttpError(431, f"request head larger than {MAX_HEAD} bytes")
-        try:
-            head = bytes(buf[:end]).decode("latin-1")
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-            raise HttpError(400, "request head is not text") from None
+        head = bytes(buf[:end]).decode("latin-1")   # every byte decodes: checked below, char by char
         while head.startswith("\r\n"):
             head = head[2:]
-        lines = head.split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[1] or not parts[2].startswith("HTTP/1."):
-            if len(parts) == 3 and parts[2].startswith("HTTP/"):
-                raise HttpError(505, f"HTTP version {parts[2][:20]!r} is not supported; use HTTP/1.1")
-            raise HttpError(400, "malformed request line")
-        method, target, version = parts
-        if target[0] != "/" and target.startswith(("http://", "https://")):  # absolute-form (RFC 9112 3.2.2)
-            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
-        if len(lines) > MAX_HEADERS + 1:
-            raise HttpError(431, f"more than {MAX_HEADERS} request headers")
+        line_end = head.find("\r\n")
+        if line_end < 0:
+            line, block = head, ""
+        else:
+            line, block = head[:line_end], head[line_end + 2:] + "\r\n"
+        m = _REQUEST_LINE.fullmatch(line)
+        if m is None:
+            raise HttpError(400, "malformed request line: expected METHOD SP /target SP HTTP/1.1, printable "
+                                 "ASCII, one space apart")
+        method, target, version = m.groups()
+        if version != "HTTP/1.1" and version != "HTTP/1.0":
+            raise HttpError(505, f"HTTP version {version} is not supported; use HTTP/1.1 or HTTP/1.0")
+        authority = None
+        if target[0] != "/":
+            if target[:8].lower().startswith(("http://", "https://")):   # absolute-form (RFC 9112 3.2.2)
+                rest = target[target.index("//") + 2:]
+                cut = min([i for i in (rest.find("/"), rest.find("?")) if i >= 0] or [len(rest)])
+                authority, target = rest[:cut], rest[cut:]
+                if not target.startswith("/"):
+                    target = "/" + target
+            elif target != "*" or method != "OPTIONS":
+                raise HttpError(400, f"malformed request target {target[:100]!r}: expected a path (/...) "
+                                     "or an absolute http URL")
+        if block:
+            if block.count("\r\n") > MAX_HEADERS:
+                raise HttpError(431, f"more than {MAX_HEADERS} request headers")
+            if _FIELDS.fullmatch(block) is None:
+                raise HttpError(400, _bad_field(block, "header"))
         headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip() or " " in name:
-                raise HttpError(400, "malformed request header line")
+        for field in block.split("\r\n")[:-1]:
+            name, _, value = field.partition(":")
             name = name.lower()
-            value = value.strip()
+            value = value.strip(" \t")
             if name in headers:
-                if name in ("content-length", "transfer-encoding", "host"):
+                if name in ("transfer-encoding", "host"):
                     raise HttpError(400, f"repeated {name} header")
                 headers[name] += ", " + value
             else:
                 headers[name] = value
+        if authority is not None:   # the target's authority is the host (RFC 9112 3.2.2)
+            headers["host"] = authority
+        host = headers.get("host")
+        if host is None:
+            if version == "HTTP/1.1":
+                raise HttpError(400, "an HTTP/1.1 request needs a Host header")
+        elif _HOST.fullmatch(host) is None:
+            raise HttpError(400, f"Host header {host[:100]!r} is not host[:port]")
         del buf[:end + 4]
-        request = Request(method.upper() if not method.isupper() else method, target, version, headers)
+        request = Request(method, target, version, headers)
         connection = headers.get("connection", "").lower()
         keep = ("close" not in connection) if version == "HTTP/1.1" else ("keep-alive" in connection)
         te = headers.get("transfer-encoding")
@@ -204,6 +268,8 @@ class ServerProtocol(asyncio.Protocol):
         if te is not None:
             if cl is not None:
                 raise HttpError(400, "both Content-Length and Transfer-Encoding: a request may have one")
+            if version == "HTTP/1.0":
+                raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request: send Content-Length")
             if te.lower() != "chunked":
                 raise HttpError(501, f"Transfer-Encoding {te[:40]!r} is not supported; use chunked or Content-Length")
             self._continue(headers)
@@ -211,8 +277,15 @@ class ServerProtocol(asyncio.Protocol):
             return self._chunked()
         if cl is None:
             return request, keep
-        if not cl.isdigit() or len(cl) > 18:
-            raise HttpError(400, f"Content-Length {cl[:20]!r} is not a byte count")
+        if not (cl.isdigit() and cl.isascii()):
+            # a list of one value repeated ("5, 5", or the header twice) is that value (RFC 9112 6.3)
+            values = {v.strip(" \t") for v in cl.split(",")}
+            cl = values.pop()
+            if values or not (cl.isdigit() and cl.isascii()):
+                raise HttpError(400, f"Content-Length {headers['content-length'][:40]!r} is not one byte "
+                                     "count (ASCII digits)")
+        if len(cl) > 18 and len(cl.lstrip("0")) > 18:
+            raise HttpError(413, f"request body of {cl[:20]}... bytes", request)
         length = int(cl)
         if length > self.server.max_body:
             raise HttpError(413, f"request body of {length} bytes", request)
@@ -246,12 +319,15 @@ class ServerProtocol(asyncio.Protocol):
                 if len(buf) > 1024:
                     raise HttpError(400, "malformed chunk size line")
                 return None
-            size_text = bytes(buf[:end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise HttpError(400, "malformed chunk size line") from None
-            if size < 0 or len(body) + size > max_body:
+            m = _CHUNK_LINE.fullmatch(buf, 0, end)
+            if m is None:
+                raise HttpError(400, "malformed chunk size line: expected hex digits (RFC 9112 7.1), then "
+                                     "optional ;extensions")
+            digits = m.group(1)
+            if len(digits) > 15 and len(digits.lstrip(b"0")) > 15:
+                raise HttpError(413, f"request body larger than {max_body} bytes", request)
+            size = int(digits, 16)
+            if len(body) + size > max_body:
                 raise HttpError(413, f"request body larger than {max_body} bytes", request)
             if size == 0:
                 # the last chunk, then optional trailer lines, then an empty line
@@ -260,6 +336,8 @@ class ServerProtocol(asyncio.Protocol):
                     if len(buf) > MAX_HEAD:
                         raise HttpError(431, "chunked trailers too large")
                     return None
+                if term > end and _FIELDS_B.fullmatch(buf, end + 2, term + 2) is None:
+                    raise HttpError(400, _bad_field(bytes(buf[end + 2:term + 2]).decode("latin-1"), "trailer"))
                 del buf[:term + 4]
                 request.body = bytes(body)
                 self.pending = None
@@ -542,10 +620,10 @@ async def _read_answer(conn: _ClientConn, loop, deadline: float, method: str) \
         headers.append((key.strip(), value.strip()))
         lower = key.strip().lower()
         if lower == "content-length":
-            try:
-                length = int(value.strip())
-            except ValueError:
-                raise Disconnected("the answer's Content-Length is not a number") from None
+            v = value.strip(" \t")
+            if not (v.isascii() and v.isdigit()) or len(v) > 18:
+                raise Disconnected(f"the answer's Content-Length {v[:20]!r} is not a byte count")
+            length = int(v)
         elif lower == "transfer-encoding":
             chunked = "chunked" in value.lower()
         elif lower == "connection":
@@ -573,10 +651,10 @@ async def _read_chunked(conn: _ClientConn, loop, deadline: float) -> bytes:
     while True:
         while (end := buf.find(b"\r\n")) < 0:
             await _more(conn, loop, deadline)
-        try:
-            size = int(bytes(buf[:end]).split(b";")[0], 16)
-        except ValueError:
-            raise Disconnected("the answer's chunk size is not a number") from None
+        m = _CHUNK_LINE.fullmatch(buf, 0, end)
+        if m is None or len(m.group(1)) > 15:
+            raise Disconnected(f"the answer's chunk size line {bytes(buf[:min(end, 40)])!r} is not hex digits")
+        size = int(m.group(1), 16)
         if size == 0:  # the last chunk, optional trailer lines, then an empty line
             while (term := buf.find(b"\r\n\r\n", end)) < 0:
                 await _more(conn, loop, deadline)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import csv
+import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -19,12 +21,13 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from . import v2binary
+from . import SECRET_ENV, SECRET_HEADER, v2binary
 from .http11 import Client, Disconnected, Request, Response, Server, Unreachable
 from .schema import RowProblem, RowsInvalid, RowValidator, check_scores
 
@@ -67,6 +70,8 @@ HEALTH_POLL_READY = 1.0
 STOP_GRACE_SECONDS = 10.0
 STDERR_TAIL_LINES = 40
 JSON = "application/json"
+PREDICT_TYPES = (JSON, "text/csv")
+INFER_TYPES = (JSON, "application/octet-stream")
 
 
 class AdapterError(Exception):
@@ -293,8 +298,11 @@ Handler = Callable[[Request], Awaitable[Response]]
 class RealtimeAdapter:
     """Routes that only parse and serialize; the rules live in `score`."""
 
-    def __init__(self, manifest: Manifest, model_url: str):
+    def __init__(self, manifest: Manifest, model_url: str, secret: str | None = None):
         self.manifest = manifest
+        # the plane's secret: with it, only the plane is served (see `refuse`)
+        self.secret = secret.encode("latin-1") if secret is not None else None
+        self._hosts_ok: set[str] = set()
         self.name = manifest.name
         self.version = manifest.version
         self.validator = RowValidator(manifest)
@@ -321,8 +329,12 @@ class RealtimeAdapter:
         return await self.upstream.predict(clean)
 
     def _body(self, request: Request) -> bytes:
-        # the server refused a body over max_body while it arrived (see error_body): this is the rest
-        return request.body
+        """The body as sent, inflated when it has a Content-Encoding. The server refused one over
+        max_body while it arrived (see error_body); inflated, it is held to the same cap."""
+        coding = request.headers.get("content-encoding")
+        if coding is None:
+            return request.body
+        return inflate(request.body, coding, self.max_body, self.name)
 
     def _json(self, body: bytes) -> Any:
         try:
@@ -486,6 +498,38 @@ class RealtimeAdapter:
         return ({path: {m: (path, h) for m, h in methods.items()} for path, methods in static.items()},
                 [(route.split("/")[3:], {m: (route, h) for m, h in methods.items()}) for route, methods in model])
 
+    #: what each route that takes a body accepts as its Content-Type (the control service's front
+    #: door accepts the same: control/api/serving.py)
+    ACCEPTS = {"/predict": PREDICT_TYPES, "/v2/models/{name}/infer": INFER_TYPES,
+               "/v2/models/{name}/versions/{version}/infer": INFER_TYPES}
+
+    def refuse(self, request: Request) -> Response | None:
+        """With the plane's secret, what only the plane sends, or the answer refusing the request:
+        the secret itself (401); a Host that is an IP literal or localhost, as the plane's own
+        calls have, and no other name (403: a page whose name was rebound to loopback); no
+        browser (403: `Origin`, or `Sec-Fetch-Site` cross-site or same-site)."""
+        headers = request.headers
+        given = headers.get("x-modelplane-secret")
+        if given is None:
+            return _refusal(401, f"this adapter answers its plane only: send header {SECRET_HEADER} "
+                                 f"(the plane's {SECRET_ENV})")
+        if not hmac.compare_digest(given.encode("latin-1"), self.secret):
+            return _refusal(401, f"{SECRET_HEADER} does not match this adapter's secret")
+        host = headers.get("host")
+        if host is not None and host not in self._hosts_ok:
+            if not _loopback_host(host):
+                return _refusal(403, f"Host {host[:100]!r} refused: this adapter answers at an IP address or "
+                                     "localhost only")
+            if len(self._hosts_ok) < 64:
+                self._hosts_ok.add(host)
+        origin = headers.get("origin")
+        site = headers.get("sec-fetch-site")
+        if origin is not None or (site is not None and site.lower() in ("cross-site", "same-site")):
+            shown = f"Origin: {origin[:100]}" if origin is not None else f"Sec-Fetch-Site: {site[:20]}"
+            return _refusal(403, f"a browser's cross-site request ({shown}) is refused: this adapter answers "
+                                 "its plane only")
+        return None
+
     def _find(self, path: str) -> tuple[dict | None, dict]:
         """The methods served on `path` and its path parameters."""
         methods = self._static.get(path)
@@ -515,6 +559,10 @@ class RealtimeAdapter:
     async def handle(self, request: Request) -> Response:
         """Every request: route it, run its handler, count it; every answer is JSON, the 404s and
         405s (with Allow) included, and no exception text or path ever reaches a client."""
+        if self.secret is not None:
+            refused = self.refuse(request)
+            if refused is not None:
+                return refused
         path = request.path
         methods, match = self._find(path)
         if methods is None:
@@ -526,6 +574,11 @@ class RealtimeAdapter:
         route, handler = found
         request.match = match
         metrics = self.metrics
+        if self.secret is not None and route in self.ACCEPTS and request.content_type not in self.ACCEPTS[route]:
+            accepted = self.ACCEPTS[route]
+            metrics.observe(route, 415, 0.0)
+            return _refusal(415, f"Content-Type {request.content_type[:60] or 'none'} is not accepted by "
+                                 f"{request.method} {route}; send {' or '.join(accepted)}")
         t0 = time.perf_counter()
         metrics.in_flight += 1
         try:
@@ -541,7 +594,12 @@ class RealtimeAdapter:
 
     def error_body(self, status: int, message: str, request: Request | None) -> Response:
         """The server's own refusals (an oversized or malformed request), worded like the adapter's
-        and counted under their route when they have one."""
+        and counted under their route when they have one. With the plane's secret, a caller that
+        is not the plane learns no more than that (not the model's name or limits)."""
+        if self.secret is not None and request is not None:
+            refused = self.refuse(request)
+            if refused is not None:
+                return refused
         if status == 413:
             message = f"{message}; model {self.name} takes at most {self.max_body} (manifest limits.max_body)"
         if request is not None:
@@ -565,6 +623,71 @@ class RealtimeAdapter:
         self._health_task.cancel()
         await asyncio.wait([self._health_task], timeout=2.0)
         await self.upstream.close()
+
+
+ENCODINGS = "gzip, deflate or identity"
+
+
+def inflate(body: bytes, coding: str, cap: int, model: str) -> bytes:
+    """`body` decoded by its Content-Encoding `coding` (RFC 9110 8.4.1): gzip (or x-gzip, RFC 1952,
+    members one after the other), deflate (the zlib format, RFC 1950) or identity; at most `cap`
+    bytes are ever inflated (413 past them), and a stream that is broken, cut short or followed by
+    other bytes is a 400 naming its encoding. Anything else is a 415 naming what is accepted."""
+    codings = [c for c in (c.strip(" \t").lower() for c in coding.split(",")) if c != "identity"]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in ("gzip", "x-gzip", "deflate"):
+        raise AdapterError(415, f"Content-Encoding {coding[:60]!r} is not supported; send the body as is, or "
+                                f"in one of {ENCODINGS}")
+    name = "deflate" if codings[0] == "deflate" else "gzip"
+    wbits = 15 if name == "deflate" else 31
+    out = bytearray()
+    data = body
+    while True:
+        d = zlib.decompressobj(wbits)
+        try:
+            out += d.decompress(data, cap + 1 - len(out))
+        except zlib.error as e:
+            raise AdapterError(400, f"the body is not valid {name}"
+                                    f"{' (the zlib format, RFC 1950)' if name == 'deflate' else ''}: {e}") from None
+        if len(out) > cap:
+            raise AdapterError(413, f"the {name} body inflates past {cap} bytes; model {model} takes at most "
+                                    f"{cap} (manifest limits.max_body)")
+        if not d.eof:
+            raise AdapterError(400, f"the {name} body is truncated: its stream ends before its end (and checksum)")
+        data = d.unused_data
+        if not data:
+            return bytes(out)
+        if name == "deflate":
+            raise AdapterError(400, f"the deflate body has {len(data)} byte(s) after the end of its stream")
+
+
+def _refusal(status: int, message: str) -> Response:
+    return Response(status, _dumps({"error": message}))
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a Host is an IP literal or localhost, with an optional port: the names a page
+    whose own name was rebound to this address (DNS rebinding) cannot send."""
+    if host.startswith("["):
+        address, sep, port = host[1:].partition("]")
+        if not sep or (port and not (port[0] == ":" and (port[1:].isdigit() or not port[1:]))):
+            return False
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return False
+        return True
+    name, sep, port = host.partition(":")
+    if sep and port and not (port.isascii() and port.isdigit()):
+        return False
+    if name.lower() == "localhost":
+        return True
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _invalid(e: RowsInvalid) -> dict:
@@ -667,8 +790,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | None = None) -> int:
-    """Run until SIGTERM/SIGINT (exit 0) or, in supervisor mode, until the model exits (exit 1)."""
+async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | None = None,
+                secret: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or, in supervisor mode, until the model exits (exit 1).
+    `secret`: the plane's (MODELPLANE_ADAPTER_SECRET, which the entry point took out of the
+    environment); with it, only requests carrying it are served."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     model_exit: list[int] = []
@@ -697,7 +823,7 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | No
                   f"({' '.join(manifest.command)} in {manifest.folder}): {e.strerror or e}", file=sys.stderr)
             return 1
         model_url = supervisor.url
-    adapter = RealtimeAdapter(manifest, model_url)
+    adapter = RealtimeAdapter(manifest, model_url, secret)
     server = adapter.server()
     shutdown_timeout = 5.0
     await adapter.start()
@@ -729,9 +855,10 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | No
     return 0
 
 
-def run(manifest: Manifest, *, host: str, port: int, model_url: str | None = None) -> int:
+def run(manifest: Manifest, *, host: str, port: int, model_url: str | None = None,
+        secret: str | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(manifest, host=host, port=port, model_url=model_url))
-    return uvloop.run(serve(manifest, host=host, port=port, model_url=model_url))
+        return asyncio.run(serve(manifest, host=host, port=port, model_url=model_url, secret=secret))
+    return uvloop.run(serve(manifest, host=host, port=port, model_url=model_url, secret=secret))

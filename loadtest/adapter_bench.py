@@ -18,7 +18,7 @@ alike. It reports, against the targets of DESIGN.md / issue 11:
      its GET /health answers 200, and a bare interpreter's start (`python -c pass`); medians of
      interleaved runs.
 
-    python -m loadtest.adapter_bench [--requests 2000] [--concurrency 1 8] [--json out.json]
+    python -m loadtest.adapter_bench [--requests 2000] [--concurrency 1 8] [--json out.json] [--secret]
     python -m loadtest.adapter_bench --model-dir models/donor-propensity   # a real model: its
         manifest's command, rows from its sample.csv (1 row, and 100 rows cycled from it)
 
@@ -53,6 +53,9 @@ TARGET_RPS_RATIO_C8 = 0.6
 TARGET_ADDED_P50_100_MS = 0.5
 TARGET_IDLE_RSS_MIB = 40.0
 LIMITS = "limits: {timeout: 5s, max_rows: 1000, max_body: 1Mi}"
+# `--secret`: the adapter runs with a plane secret, as the local runtime's replicas do, and every
+# request (to the model alone too, which ignores it: the same bytes on both paths) carries it
+SECRET_HEADERS: dict[str, str] = {}
 
 
 def free_port() -> int:
@@ -68,7 +71,7 @@ def wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 30
             raise SystemExit(f"process {proc.args} exited with {proc.returncode}")
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            c.request("GET", path)
+            c.request("GET", path, headers=SECRET_HEADERS)
             if c.getresponse().status == 200:
                 c.close()
                 return
@@ -87,7 +90,7 @@ def run_block(port: int, n: int, concurrency: int, body: bytes = BODY) -> tuple[
     errors: list[str] = []
     t_start: list[float] = []
     start = threading.Barrier(concurrency, action=lambda: t_start.append(time.perf_counter()))
-    headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **SECRET_HEADERS}
 
     def worker(i: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -296,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a realtime model folder (default: the adapter tests' fixture model)")
     p.add_argument("--batch-rows", type=int, default=0, help="also time a batch job of this many rows")
     p.add_argument("--batch-runs", type=int, default=5)
+    p.add_argument("--secret", action="store_true",
+                   help="run the adapter with a plane secret (MODELPLANE_ADAPTER_SECRET), as the local runtime does")
     args = p.parse_args(argv)
 
     import shutil
@@ -309,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     manifest.write_text("\n".join(x for x in manifest.read_text().splitlines() if not x.startswith("limits:"))
                         + "\n" + LIMITS + "\n")
     model_port, adapter_port = free_port(), free_port()
+    adapter_env: dict[str, str] = {}
+    if args.secret:
+        import secrets
+
+        from adapters import SECRET_ENV, SECRET_HEADER
+
+        adapter_env[SECRET_ENV] = secrets.token_urlsafe(32)
+        SECRET_HEADERS[SECRET_HEADER] = adapter_env[SECRET_ENV]
     body_1, body_100 = (BODY, BODY_100) if args.model_dir == MODEL_DIR else sample_bodies(model_dir)
     model = subprocess.Popen(model_command(model_dir), cwd=model_dir, env=dict(env, PORT=str(model_port)),
                              stderr=subprocess.DEVNULL)
@@ -318,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter = subprocess.Popen(
             [sys.executable, "-m", "adapters", "serve", str(model_dir), "--port", str(adapter_port),
              "--model-url", f"http://127.0.0.1:{model_port}"],
-            cwd=ROOT, env=dict(env, MODELPLANE_LOG_LEVEL="WARNING"))
+            cwd=ROOT, env=dict(env, MODELPLANE_LOG_LEVEL="WARNING", **adapter_env))
         wait_ready(adapter_port, "/v2/health/ready", adapter)
         time.sleep(1.0)  # idle: let start-up settle
         rss = {"adapter_idle_rss_mib": round(rss_mib(adapter.pid), 1), "model_idle_rss_mib": round(rss_mib(model.pid), 1)}

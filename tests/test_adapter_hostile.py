@@ -113,6 +113,84 @@ def test_a_chunked_body_past_max_body_is_refused_while_streaming(adapter):
     assert r.status_code == 413
 
 
+# -- Content-Encoding ------------------------------------------------------------------------------
+
+ROWS = b'{"rows": [{"x": 1, "region": "west"}, {"x": 2.5, "region": "east"}]}'
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """The process's peak resident memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("coding, encode", [
+    ("gzip", lambda b: __import__("gzip").compress(b)),
+    ("x-gzip", lambda b: __import__("gzip").compress(b)),
+    ("deflate", lambda b: __import__("zlib").compress(b)),
+    ("identity", lambda b: b),
+    ("GZip, identity", lambda b: __import__("gzip").compress(b)),
+], ids=["gzip", "x-gzip", "deflate", "identity", "gzip-then-identity"])
+def test_a_compressed_body_is_inflated_before_it_is_read(adapter, coding, encode):
+    r = post(adapter, "/predict", encode(ROWS), **{"Content-Encoding": coding})
+    assert r.status_code == 200, r.text
+    assert r.json()["scores"] == [2.0, 5.0]
+
+
+def test_a_compressed_v2_request_is_inflated_too(adapter):
+    import gzip
+
+    doc = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP64", "data": [3]},
+                      {"name": "region", "shape": [1], "datatype": "BYTES", "data": ["west"]}]}
+    r = post(adapter, INFER, gzip.compress(json.dumps(doc).encode()), **{"Content-Encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == [6.0]
+
+
+def test_a_broken_compressed_body_is_a_400_naming_the_encoding(adapter):
+    import gzip
+    import zlib
+
+    cut = gzip.compress(ROWS)[:-6]    # its CRC and length trailer gone
+    assert "gzip" in json_error(post(adapter, "/predict", cut, **{"Content-Encoding": "gzip"}), 400)
+    assert "deflate" in json_error(post(adapter, "/predict", zlib.compress(ROWS)[:-3],
+                                        **{"Content-Encoding": "deflate"}), 400)
+    for coding in ("gzip", "deflate"):
+        error = json_error(post(adapter, "/predict", ROWS, **{"Content-Encoding": coding}), 400)
+        assert coding in error, error
+    trailing = gzip.compress(ROWS) + b"garbage"
+    assert "gzip" in json_error(post(adapter, "/predict", trailing, **{"Content-Encoding": "gzip"}), 400)
+    raw_deflate = zlib.compressobj(wbits=-15)
+    raw = raw_deflate.compress(ROWS) + raw_deflate.flush()
+    assert "deflate" in json_error(post(adapter, "/predict", raw, **{"Content-Encoding": "deflate"}), 400)
+    assert "gzip" in json_error(post(adapter, INFER, cut, **{"Content-Encoding": "gzip"}), 400)
+
+
+def test_a_gzip_bomb_is_a_413_without_inflating_past_the_cap(adapter):
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = b"\0" * (1 << 20)
+    bomb = b"".join(packer.compress(zeros) for _ in range(256)) + packer.flush()   # 256 MiB of zeros
+    assert len(bomb) < 1 << 20           # under max_body as sent
+    before = _vm_hwm_kib(adapter.proc.pid)
+    error = json_error(post(adapter, "/predict", bomb, **{"Content-Encoding": "gzip"}), 413)
+    assert "gzip" in error and "max_body" in error, error
+    grew_mib = (_vm_hwm_kib(adapter.proc.pid) - before) / 1024
+    assert grew_mib < 32, f"the adapter's peak memory grew by {grew_mib:.0f} MiB"
+    r = post(adapter, "/predict", ROWS)     # and it still serves
+    assert r.status_code == 200
+
+
+def test_an_unsupported_content_encoding_is_a_415_naming_what_is_accepted(adapter):
+    for coding in ("br", "compress", "zstd", "gzip, gzip", "chunked"):
+        error = json_error(post(adapter, "/predict", ROWS, **{"Content-Encoding": coding}), 415)
+        assert "gzip" in error and "deflate" in error, error
+    assert "br" in json_error(post(adapter, INFER, b"{}", **{"Content-Encoding": "br"}), 415)
+
+
 # -- the protocol's own answers --------------------------------------------------------------------
 
 def test_unknown_routes_and_methods_answer_json_404_and_405(adapter):

@@ -100,16 +100,16 @@ def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent():
 
 
 @pytest.mark.parametrize("raw, status", [
-    (b"POST /p HTTP/1.1\r\nContent-Length: 1001\r\n\r\n", 413),
-    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3E9\r\n" + b"a" * 1001 + b"\r\n0\r\n\r\n", 413),
-    (b"POST /p HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-    (b"POST /p HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-    (b"POST /p HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
-    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n", 413),
+    (b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3E9\r\n" + b"a" * 1001 + b"\r\n0\r\n\r\n", 413),
+    (b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     (b"GARBAGE\r\n\r\n", 400),
     (b"GET /p HTTP/2.0\r\n\r\n", 505),
-    (b"GET /p HTTP/1.1\r\nbad header\r\n\r\n", 400),
-    (b"GET /p HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    (b"GET /p HTTP/1.1\r\nHost: h\r\nbad header\r\n\r\n", 400),
+    (b"GET /p HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", 431),
 ], ids=["length-over-max", "chunks-over-max", "both-framings", "negative-length", "two-lengths",
         "unknown-coding", "garbage", "http2", "bad-header", "huge-head"])
 def test_requests_the_server_refuses_get_a_json_answer_and_a_close(raw, status):
@@ -119,10 +119,115 @@ def test_requests_the_server_refuses_get_a_json_answer_and_a_close(raw, status):
     assert got == status and headers["connection"] == "close" and json.loads(body)["error"]
 
 
+# -- RFC 9112, exactly: what a lenient parser lets through (and a proxy in front may read otherwise) --
+
+_POST = b"POST /p HTTP/1.1\r\nHost: h\r\n"
+_CHUNKED = _POST + b"Transfer-Encoding: chunked\r\n\r\n"
+
+STRICT = [
+    # chunk-size = 1*HEXDIG, ASCII only; Python's int(x, 16) takes all of these
+    ("chunk-size-0x", _CHUNKED + b"0x5\r\nabcde\r\n0\r\n\r\n", 400, "chunk size"),
+    ("chunk-size-plus", _CHUNKED + b"+5\r\nabcde\r\n0\r\n\r\n", 400, "chunk size"),
+    ("chunk-size-minus", _CHUNKED + b"-0\r\n\r\n", 400, "chunk size"),
+    ("chunk-size-underscore", _CHUNKED + b"5_5\r\n" + b"a" * 85 + b"\r\n0\r\n\r\n", 400, "chunk size"),
+    ("chunk-size-space", _CHUNKED + b" 5\r\nabcde\r\n0\r\n\r\n", 400, "chunk size"),
+    ("chunk-size-unicode-digit", _CHUNKED + "\u0665".encode() + b"\r\nabcde\r\n0\r\n\r\n", 400, "chunk size"),
+    ("chunk-size-empty", _CHUNKED + b"\r\nabcde\r\n0\r\n\r\n", 400, "chunk size"),
+    ("chunk-size-huge", _CHUNKED + b"f" * 40 + b"\r\nab\r\n", 413, "larger than"),
+    ("chunk-ext-control", _CHUNKED + b"5;a=\x01\r\nabcde\r\n0\r\n\r\n", 400, "chunk size"),
+    ("chunk-bare-lf", _CHUNKED + b"5\nabcde\r\n0\r\n\r\n", 400, "chunk size"),
+    ("trailer-nul", _CHUNKED + b"0\r\nX-T\x00: 1\r\n\r\n", 400, "trailer"),
+    # field-name = token; field-value = VCHAR / obs-text / SP / HTAB
+    ("name-nul", _POST + b"X\x00Y: 1\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    ("name-at", _POST + b"X@Y: 1\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    ("name-obs-text", _POST + b"X\xe9: 1\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    ("value-nul", _POST + b"X: a\x00b\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    ("value-control", _POST + b"X: a\x01b\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    ("value-del", _POST + b"X: a\x7fb\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    ("value-bare-lf", _POST + b"X: a\nContent-Length: 5\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    ("value-bare-cr", _POST + b"X: a\rb\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    ("obs-fold", _POST + b"X: a\r\n b\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    ("space-before-colon", _POST + b"X : a\r\nContent-Length: 0\r\n\r\n", 400, "header"),
+    # Content-Length = 1*DIGIT, ASCII only; duplicates must agree
+    ("length-superscript", _POST + b"Content-Length: \xb9\r\n\r\nx", 400, "Content-Length"),
+    ("length-plus", _POST + b"Content-Length: +1\r\n\r\nx", 400, "Content-Length"),
+    ("length-hex", _POST + b"Content-Length: 0x1\r\n\r\nx", 400, "Content-Length"),
+    ("length-underscore", _POST + b"Content-Length: 1_0\r\n\r\n" + b"x" * 10, 400, "Content-Length"),
+    ("length-list-differing", _POST + b"Content-Length: 1, 2\r\n\r\nxx", 400, "Content-Length"),
+    ("length-5000-digits", _POST + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n", 413, "body"),
+    ("length-and-chunked", _POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
+     "Transfer-Encoding"),
+    ("chunked-in-http-1.0", b"POST /p HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, "HTTP/1.0"),
+    # the request line: method SP request-target SP HTTP/DIGIT.DIGIT
+    ("http-1.2", b"GET /p HTTP/1.2\r\nHost: h\r\n\r\n", 505, "HTTP/1.2"),
+    ("http-3.0", b"GET /p HTTP/3.0\r\nHost: h\r\n\r\n", 505, "HTTP/3.0"),
+    ("http-1.10", b"GET /p HTTP/1.10\r\nHost: h\r\n\r\n", 400, "request line"),
+    ("http-lower", b"GET /p http/1.1\r\nHost: h\r\n\r\n", 400, "request line"),
+    ("two-spaces", b"GET  /p HTTP/1.1\r\nHost: h\r\n\r\n", 400, "request line"),
+    ("tab", b"GET\t/p HTTP/1.1\r\nHost: h\r\n\r\n", 400, "request line"),
+    ("trailing-space", b"GET /p HTTP/1.1 \r\nHost: h\r\n\r\n", 400, "request line"),
+    ("method-not-token", b"G(T /p HTTP/1.1\r\nHost: h\r\n\r\n", 400, "request line"),
+    ("target-control", b"GET /p\x01q HTTP/1.1\r\nHost: h\r\n\r\n", 400, "request line"),
+    ("target-non-ascii", b"GET /p\xe9 HTTP/1.1\r\nHost: h\r\n\r\n", 400, "request line"),
+    ("target-relative", b"GET p HTTP/1.1\r\nHost: h\r\n\r\n", 400, "request target"),
+    ("request-line-bare-lf", b"GET /p HTTP/1.1\nHost: h\r\n\r\n", 400, "request line"),
+    # Host: exactly one in an HTTP/1.1 request, and a valid one
+    ("no-host", b"GET /p HTTP/1.1\r\nX: 1\r\n\r\n", 400, "Host"),
+    ("host-with-space", b"GET /p HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "Host"),
+]
+
+
+@pytest.mark.parametrize("raw, status, fragment", [c[1:] for c in STRICT], ids=[c[0] for c in STRICT])
+def test_the_parser_is_exact_to_rfc_9112(raw, status, fragment):
+    """Each of these got through (or raised inside data_received, answering nothing); now one JSON
+    answer saying what is wrong, then the connection closes, and nothing reaches the handler."""
+    answers = _answers(_serve(raw))
+    assert len(answers) == 1, answers
+    got, headers, body = answers[0]
+    assert (got, headers["connection"]) == (status, "close"), (got, body)
+    assert fragment.lower() in json.loads(body)["error"].lower(), body
+
+
+def test_what_rfc_9112_allows_is_still_served():
+    raw = (_POST + b"Content-Length: 3\r\nContent-Length: 3\r\nX-Tab:\ta\tb \r\nX-Latin: caf\xe9\r\n\r\nabc"
+           + _POST + b"Content-Length: 2, 2\r\n\r\nxy"
+           + _POST + b"Content-Length: 007\r\n\r\n1234567"
+           + _POST + b"Transfer-Encoding: Chunked\r\n\r\n"
+           + b'A;name=value;q="a \\" b"\r\n0123456789\r\n0000\r\nX-Trailer: t\r\n\r\n'
+           + b"\r\nGET http://localhost:8080/q?x=1 HTTP/1.1\r\nHost: other\r\n\r\n"
+           + b"GET /v HTTP/1.0\r\n\r\n")
+    answers = _answers(_serve(raw))
+    assert [(s, json.loads(b)["body"]) for s, _, b in answers] == [
+        (200, "abc"), (200, "xy"), (200, "1234567"), (200, "0123456789"), (200, ""), (200, "")]
+
+
+def test_no_exception_escapes_the_parser():
+    """Whatever the bytes, the server answers (a 4xx or 5xx JSON error) or waits for more: a
+    random sample of broken heads, sent one connection each."""
+    import random
+
+    rng = random.Random(9112)
+    base = (b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n"
+            b"X-A: b\r\n\r\n2\r\nab\r\n0\r\n\r\n")
+    alphabet = b"\x00\x01\t\n\r :;,0123456789aAfFxX+-_\xb9\xe9\xff"
+    for _ in range(40):
+        raw = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            raw[rng.randrange(len(raw))] = rng.choice(alphabet)
+        out = _serve(bytes(raw) + b"\r\n\r\n")
+        assert out, bytes(raw)
+        status = int(out.split(b" ", 2)[1])
+        assert status in (200, 400, 404, 411, 413, 431, 501, 505), (bytes(raw), out[:300])
+
+
 def test_absolute_form_targets_and_a_half_closed_client():
     raw = b"GET http://127.0.0.1:8080/v2/health/ready?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
     [(status, _, body)] = _answers(_serve(raw))
     assert json.loads(body)["path"] == "/v2/health/ready" and json.loads(body)["query"] == "x=1"
+    raw = (b"GET HTTP://h?q=a/b HTTP/1.1\r\nHost: h\r\n\r\nGET http://h HTTP/1.1\r\nHost: h\r\n\r\n"
+           b"OPTIONS * HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert [(json.loads(b)["path"], json.loads(b)["query"]) for _, _, b in _answers(_serve(raw))] == [
+        ("/", "q=a/b"), ("/", ""), ("*", "")]
 
     async def run() -> tuple[bytes, float]:  # the client sends, half-closes, and still gets its answer
         server = Server(_echo, max_body=1000, error_body=_error_body)
@@ -189,6 +294,24 @@ def test_the_client_reads_every_framing_and_reuses_kept_alive_connections(answer
             client.close()
             server.close()
     assert asyncio.run(run()) == (0 if close else 1)
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: +13\r\n\r\n{\"scores\":[]}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1_3\r\n\r\n{\"scores\":[]}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: \xb9\xb3\r\n\r\n{\"scores\":[]}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0xd\r\n{\"scores\":[]}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+d\r\n{\"scores\":[]}\r\n0\r\n\r\n",
+], ids=["length-plus", "length-underscore", "length-superscript", "chunk-0x", "chunk-plus"])
+def test_the_client_refuses_an_answer_framed_outside_the_grammar(answer):
+    async def run():
+        server, port = await _model_server(answer, close=True)
+        try:
+            with pytest.raises(Disconnected, match="Content-Length|chunk size"):
+                await Client("127.0.0.1", port).request("POST", "/predict", b"{}", 5.0)
+        finally:
+            server.close()
+    asyncio.run(run())
 
 
 def test_the_client_says_unreachable_disconnected_and_times_out():

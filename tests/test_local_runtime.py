@@ -116,6 +116,41 @@ def test_a_cold_start_takes_the_warm_spare_adapter_and_a_new_one_is_made(rt, tmp
     assert stale.poll() is not None and spare.used == 1
 
 
+def test_replicas_answer_this_runtime_only(rt, tmp_path):
+    """Each runtime makes a secret its adapters require (MODELPLANE_ADAPTER_SECRET); it sends it on
+    every forward and readiness poll. A process calling a replica's loopback port directly gets a
+    401; the model and the batch jobs never see the secret; a caller's own header is not passed on."""
+    import requests
+
+    rt.deploy(load_manifest(make_model(tmp_path, "echo", params={"factor": 3})))
+    assert scores(rt, "echo", [{"x": 2}]) == [6]
+    [replica] = [r for rev in rt.replicas._revisions.values() for r in rev.replicas]
+    url = f"http://127.0.0.1:{replica.port}"
+    for method, path in (("POST", "/predict"), ("GET", "/metrics"), ("GET", "/v2/health/ready")):
+        r = requests.request(method, url + path, json={"rows": [{"x": 2}]} if method == "POST" else None, timeout=10)
+        assert r.status_code == 401 and "X-Modelplane-Secret" in r.json()["error"], (path, r.text)
+    forged = rt.forward("echo", method="POST", path="/predict", body=json.dumps({"rows": [{"x": 1}]}).encode(),
+                        headers={"Content-Type": "application/json", "x-modelplane-secret": "guess",
+                                 "Origin": "http://localhost:3000"})
+    assert forged.status == 200, forged.body
+    secret = rt._adapter_secret
+    assert len(secret) >= 40 and "MODELPLANE_ADAPTER_SECRET" not in os.environ
+    model = descendants(replica.proc.pid)
+    assert model, "the adapter has no model process"
+    for pid in [replica.proc.pid, *model]:   # the adapter's own start-up environment: readable by its model
+        assert secret.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+    assert "MODELPLANE_ADAPTER_SECRET" not in rt._env()   # batch jobs' environment
+    # a spare adapter waiting for its run wipes it at once too (its model-to-be's neighbours could read it)
+    spare = wait_for(lambda: rt.replicas._spare.waiting, what="a spare adapter")
+    wait_for(lambda: secret.encode() not in Path(f"/proc/{spare.pid}/environ").read_bytes(), timeout=20,
+             what="the spare adapter to wipe the secret from its environment")
+    other = LocalRuntime(Settings(state_dir=tmp_path / "other-state"))
+    try:
+        assert other._adapter_secret != secret
+    finally:
+        other.close()
+
+
 def test_first_request_at_zero_is_held_and_answered(rt, tmp_path):
     rt.deploy(load_manifest(make_model(tmp_path, "echo", params={"factor": 3, "startup_delay": 0.5})))
     assert rt.model("echo").status == "idle"

@@ -15,6 +15,7 @@ import atexit
 import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import sys
 import threading
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import adapters
-from adapters import served
+from adapters import SECRET_ENV, served
 from adapters.manifest import Manifest
 from control import statelock
 from control.durable import write_json_atomic
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 _PROJECT_ROOT = str(Path(adapters.__file__).resolve().parent.parent)
 # Variables that would change what the adapter does behind our back (sidecar mode, another
 # dataset or port); we pass all of that on the command line instead.
-_STRIP_ENV = ("MODEL_URL", "MODELPLANE_MANIFEST", "DATASET_URI", "RESULTS_URI", "JOB_ID", "K_EVENT_PATH", "PORT")
+# The adapter secret is this runtime's own, given to its replicas only (`_replica_env`).
+_STRIP_ENV = ("MODEL_URL", "MODELPLANE_MANIFEST", "DATASET_URI", "RESULTS_URI", "JOB_ID", "K_EVENT_PATH", "PORT",
+              SECRET_ENV)
 
 _open_runtimes: "weakref.WeakSet[LocalRuntime]" = weakref.WeakSet()
 
@@ -73,13 +76,16 @@ class LocalRuntime(Runtime):
         self._start_lock = threading.Lock()
         self._started = False
         self._closed = False
+        # what this runtime's adapters require of every request: their loopback ports answer it only
+        self._adapter_secret = secrets.token_urlsafe(32)
         self.store = VersionStore(self.state_dir / "models")
         self.job_store = JobStore(self.state_dir / "jobs")
         self.replicas = ReplicaManager(
             logs=self.state_dir / "logs" / "replicas", cwd=self.state_dir,
             start_timeout=settings.start_timeout, max_restarts=settings.max_restarts,
             argv=self._serve_argv,
-            env=self._env, manifest=self.store.manifest, directory=self.store.version_dir)
+            env=self._replica_env, manifest=self.store.manifest, directory=self.store.version_dir,
+            secret=self._adapter_secret)
         self.work_root = self.state_dir / "work"
         self.runner = JobRunner(self.job_store, concurrency=settings.job_concurrency,
                                 logs=self.state_dir / "logs" / "jobs", command=self._job_command, env=self._env,
@@ -359,4 +365,11 @@ class LocalRuntime(Runtime):
         env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _replica_env(self) -> dict:
+        """A replica adapter's environment: `_env` and this runtime's adapter secret (the adapter
+        takes it out of its environment at start: its model never sees it)."""
+        env = self._env()
+        env[SECRET_ENV] = self._adapter_secret
         return env

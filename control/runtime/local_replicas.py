@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from adapters import http11
+from adapters import SECRET_HEADER, http11
 from adapters.manifest import Manifest
 from control.emulator import free_port
 from control.errors import NotFound, Unavailable, UpstreamError
@@ -74,6 +74,9 @@ LOGS_KEPT = 20             # replica log files kept per model
 UNSENT = (b"is not ready", b"is not reachable")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+# Never passed on to an adapter: the secret is the runtime's to send, and a browser's headers
+# were judged by the control service (the adapter refuses any)
+NOT_FORWARDED = HOP_BY_HOP | {SECRET_HEADER.lower(), "origin", "sec-fetch-site"}
 ATTEMPTS = 2               # a request that never reached a model is sent once more, elsewhere
 
 
@@ -82,7 +85,7 @@ def _outgoing(method: str, path: str, query: str, headers: Mapping[str, str], bo
     url = path if path.startswith("/") else "/" + path
     if query:
         url += "?" + query
-    out_headers = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    out_headers = {k: v for k, v in headers.items() if k.lower() not in NOT_FORWARDED}
     if not body and method.upper() in ("GET", "HEAD", "DELETE", "OPTIONS"):
         body = None
     return url, out_headers, body
@@ -233,7 +236,8 @@ class ReplicaManager:
 
     def __init__(self, *, logs: Path, cwd: Path, start_timeout: float, max_restarts: int,
                  argv: Callable[[Path, int], list[str]], env: Callable[[], dict],
-                 manifest: Callable[[str, str], Manifest], directory: Callable[[str, str], Path]):
+                 manifest: Callable[[str, str], Manifest], directory: Callable[[str, str], Path],
+                 secret: Optional[str] = None):
         self.logs = Path(logs)
         self.cwd = Path(cwd)
         self.start_timeout = start_timeout
@@ -242,6 +246,8 @@ class ReplicaManager:
         self._env = env
         self._manifest = manifest
         self._directory = directory
+        # the adapters' secret (in their environment): sent on every forward and readiness poll
+        self._secret_headers = {SECRET_HEADER: secret} if secret else {}
         self._lock = threading.Lock()
         self._revisions: dict[tuple[str, str], Revision] = {}
         self._routes: dict[str, Split] = {}           # realtime model -> where its requests go
@@ -394,6 +400,7 @@ class ReplicaManager:
         t0 = time.monotonic()
         failed = True
         url, out_headers, body = _outgoing(method, path, query, headers, body)
+        out_headers.update(self._secret_headers)
         tried: set[int] = set()
         last_error: Optional[Exception] = None
         draw = random.random()   # which side of the split: drawn once, kept if the request is sent again
@@ -722,7 +729,7 @@ class ReplicaManager:
     def _ready(self, port: int) -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
         try:
-            conn.request("GET", "/v2/health/ready")
+            conn.request("GET", "/v2/health/ready", headers=self._secret_headers)
             resp = conn.getresponse()
             resp.read()
             return resp.status == 200
