@@ -6,6 +6,7 @@ import gzip
 import io
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,127 @@ def test_the_api_answers_a_yaml_bomb_small_and_fast(plane):
                                                           ("sample.csv", SAMPLE)), headers=GZ)
     assert r.status_code == 422 and "duplicate key 'version'" in r.json()["error"]
     assert r.json()["problems"][0]["file"] == "model.yaml"
+
+
+# -- extended headers (pax `x`/`g`, GNU `L`/`K`): judged before tarfile parses them ------------------
+
+def _header(name: str, typeflag: bytes, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = typeflag
+    info.size = size
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+def _member(name: str, content: bytes) -> bytes:
+    return _header(name, tarfile.REGTYPE, len(content)) + _pad(content)
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    body = f" {key}=".encode() + value + b"\n"
+    n = len(body) + 1
+    while len(str(n).encode()) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def _raw_archive(*blocks: bytes) -> bytes:
+    return gzip.compress(b"".join(blocks) + bytes(1024), 6)
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("blocks,needle", [
+    # 150,000 digits: the quadratic regex of CVE-2024-6232 (seconds of held GIL on an unpatched Python)
+    ([_header("././@PaxHeader", b"x", 150_000), _pad(b"9" * 150_000)], "pax header"),
+    ([_header("././@PaxHeader", b"g", 100_000), _pad(b"1" * 100_000)], "pax header"),
+    ([_header("././@LongLink", b"L", 1 << 20), _pad(b"a" * (1 << 20))], "long-name header"),
+    ([_header("././@LongLink", b"K", 200_000), _pad(b"a" * 200_000)], "long-name header"),
+    # small, but not `<length> <key>=<value>\n`
+    ([_header("././@PaxHeader", b"x", 20), _pad(b"9" * 20)], "malformed pax record"),
+    ([_header("././@PaxHeader", b"x", 20), _pad(b"99 path=model.yaml\n")], "malformed pax record"),
+    ([_header("././@PaxHeader", b"x", 3000), _pad(_pax_record("comment", b"7" * 2980))], "digits"),
+])
+def test_hostile_extended_headers_are_refused_before_tarfile_reads_them(tmp_path, blocks, needle):
+    body = _raw_archive(*blocks, _member("model.yaml", MANIFEST))
+    started = time.monotonic()
+    with pytest.raises((BadRequest, TooLarge), match=needle):
+        extract(body, tmp_path / "d")
+    assert time.monotonic() - started < 2.0
+
+
+def test_legitimate_pax_and_gnu_names_still_unpack(tmp_path):
+    long = "m/" + "d" * 150 + ".txt"   # over ustar's 100 bytes: a pax `path` record, or a GNU `L` header
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        dest = tmp_path / str(fmt)
+        folder = extract(archive(("m/model.yaml", MANIFEST), (long, b"x"), ("m/caf\u00e9.py", MODEL_PY), fmt=fmt), dest)
+        assert folder == dest / "m" and (dest / long).read_bytes() == b"x"
+        assert (folder / "caf\u00e9.py").read_bytes() == MODEL_PY
+    # a pax `size` record overrides the member's ustar size: the stream is still followed right
+    body = _raw_archive(_header("././@PaxHeader", b"x", len(_pax_record("size", b"5"))),
+                        _pad(_pax_record("size", b"5")), _header("a.txt", tarfile.REGTYPE, 0), _pad(b"hello"),
+                        _member("model.yaml", MANIFEST))
+    folder = extract(body, tmp_path / "size")
+    assert (folder / "a.txt").read_bytes() == b"hello" and (folder / "model.yaml").read_bytes() == MANIFEST
+
+
+def test_a_pax_digit_flood_never_freezes_the_service(plane):
+    """CVE-2024-6232: a 300-byte upload whose pax header is 150,000 digits held the GIL for
+    seconds in tarfile's regex, and every route (/healthz too) stalled behind it."""
+    server, runtime = plane
+    body = _raw_archive(_header("././@PaxHeader", b"x", 150_000), _pad(b"9" * 150_000),
+                        _member("model.yaml", MANIFEST))
+    assert len(body) < 2048
+    import threading
+
+    answer = {}
+
+    def upload():
+        answer["r"] = api.post(f"{server.url}/api/models", data=body, headers=GZ, timeout=300)
+
+    worst = 0.0
+    thread = threading.Thread(target=upload)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and time.monotonic() < deadline:
+        started = time.monotonic()
+        assert api.get(f"{server.url}/healthz", timeout=60).status_code == 200
+        worst = max(worst, time.monotonic() - started)
+        time.sleep(0.05)
+    thread.join(300)
+    assert worst < 2.0, f"/healthz took {worst:.1f} s during the upload"
+    r = answer["r"]
+    assert r.status_code in (400, 413) and "pax header" in r.json()["error"], r.text[:300]
+    assert runtime.manifests == {}
+
+
+def test_a_huge_pax_record_is_refused_without_memory(plane):
+    """A 512 MiB `path=` record from a ~500 KiB gzip: refused at its header, never read."""
+    server, runtime = plane
+    size = 512 * 2**20
+    prefix = f"{size} path=".encode()
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [z.compress(_header("././@PaxHeader", b"x", size)), z.compress(prefix)]
+    left = size - len(prefix) - 1
+    chunk = b"a" * (1 << 20)
+    while left > 0:
+        parts.append(z.compress(chunk[:min(left, len(chunk))]))
+        left -= len(chunk)
+    parts.append(z.compress(b"\n" + _member("model.yaml", MANIFEST) + bytes(1024)))
+    parts.append(z.flush())
+    body = b"".join(parts)
+    assert len(body) < 2 * 2**20
+    before = _rss()
+    r = api.post(f"{server.url}/api/models", data=body, headers=GZ, timeout=120)
+    grown = _rss() - before
+    assert grown < 64 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB"
+    assert r.status_code in (400, 413) and "pax header" in r.json()["error"], r.text[:300]
+    assert runtime.manifests == {}
