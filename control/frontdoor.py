@@ -3,7 +3,8 @@
 - **The models' traffic** (`/models/{name}/…`: predict and the Open Inference Protocol) is
   served here, in the event loop: the same checks as the API (Host, the token unless the model
   is public or predict is opened, cross-site calls, the body's type), the body read from the
-  socket within the model's `limits.max_body`, then the runtime's `aforward`. For the local
+  socket within the model's `limits.max_body` (decoded if it came gzip or deflate, and within the
+  service's budget of bodies in flight: control/bodies.py), then the runtime's `aforward`. For the local
   runtime that is the replica manager itself: it holds a request while a replica starts
   (a future, not a thread), balances over ready replicas and forwards on pooled connections.
   Each request is forwarded once, from here; Flask never sees it.
@@ -27,6 +28,7 @@ from aiohttp import web
 
 from control.api import serving
 from control.app import MUTATING, request_id
+from control.bodies import BodyBudget, Busy, Decoder, body_encoding, trim_memory
 from control.errors import NotFound, PlaneError, TooLarge
 
 log = logging.getLogger(__name__)
@@ -56,17 +58,41 @@ async def _continue(request: web.BaseRequest) -> None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
-async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it passes `limit`: never more is held."""
+async def _read_capped(content: aiohttp.StreamReader, limit: int, *, encoding: Optional[str] = None,
+                       budget: Optional[BodyBudget] = None, held: Optional[list] = None) -> bytes:
+    """The whole body (decoded when `encoding` is gzip or deflate), refused (413) as soon as it
+    passes `limit` and (503) as soon as holding it would pass the `budget` of bodies in flight:
+    never more is held. `held[0]` counts the bytes taken from the budget (the caller gives them
+    back)."""
     parts, size = [], 0
+    decoder = Decoder(encoding) if encoding else None
+    held = held if held is not None else [0]
     while True:
-        chunk = await content.read(CHUNK)
-        if not chunk:
-            return b"".join(parts)
+        if decoder is None:
+            chunk = await content.read(CHUNK)
+            if not chunk:
+                break
+        else:
+            if decoder.need_input:
+                wire = await content.read(CHUNK)
+                if not wire:
+                    decoder.finish()
+                    break
+                decoder.push(wire)
+            chunk = decoder.pull(CHUNK)
+            if not chunk:
+                continue
         size += len(chunk)
         if size > limit:
-            raise TooLarge(f"the body is over this model's limit of {limit} bytes (its limits.max_body)")
+            raise TooLarge(f"the body is over this model's limit of {limit} bytes (its limits.max_body"
+                           f"{', decoded' if encoding else ''})")
+        if budget is not None and size > held[0]:
+            budget.take(size - held[0])
+            held[0] = size
         parts.append(chunk)
+    body = b"".join(parts)
+    parts.clear()
+    return body
 
 
 class FrontDoor:
@@ -76,10 +102,11 @@ class FrontDoor:
         self.app = app
         self.plane = plane
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelplane-api")
+        self.budget = BodyBudget(plane.settings.max_bodies_in_flight)
 
     def server(self) -> web.Server:
         """The low-level aiohttp server: every request to `dispatch`, no router or middleware."""
-        return web.Server(self.dispatch, access_log=None)
+        return web.Server(self.dispatch, access_log=None, auto_decompress=False)
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
@@ -96,6 +123,7 @@ class FrontDoor:
         plane, guard = self.plane, self.plane.guard
         rid = request_id(request.headers.get("X-Request-Id", ""))
         rule, name = "unmatched", None
+        held = [0]   # bytes of this request's body taken from the budget of bodies in flight
         try:
             guard.check_host(request.headers)
             segments = path[len("/models/"):].split("/")
@@ -118,11 +146,15 @@ class FrontDoor:
             if method in MUTATING:
                 guard.check_origin(request.headers)
                 guard.check_content_type(types, given=request.headers.get("Content-Type", "").split(";")[0].strip())
+                encoding = body_encoding(request.headers.getall("Content-Encoding", []))
                 if request.content_length is not None and request.content_length > limit:
                     raise TooLarge(f"the body is {request.content_length} bytes; {name} takes at most {limit} "
                                    "(its limits.max_body)")
+                if request.content_length:
+                    self.budget.take(request.content_length)   # refused before a byte is read
+                    held[0] = request.content_length
                 await _continue(request)
-                body = await _read_capped(request.content, limit)
+                body = await _read_capped(request.content, limit, encoding=encoding, budget=self.budget, held=held)
             headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
             headers["x-request-id"] = rid   # one id in the caller's answer, this log and the adapter's
             version, rest = serving.pinned(segments[1:])
@@ -146,12 +178,17 @@ class FrontDoor:
             if e.status >= 500:
                 log.warning("%s %s [%s]: %s", request.method, path[:200], rid, e.message)
             response = _json(e.to_json(), e.status)
+            if isinstance(e, Busy):
+                response.headers["Retry-After"] = str(e.retry_after)
             if isinstance(e, MethodNotAllowed):
                 response.headers["Allow"] = ", ".join(sorted(serving.match(path.split("/")[3:]) or ()))
         except Exception as e:  # noqa: BLE001 — a bug answers a request id, never a traceback
             log.error("%s %s failed [request id %s]", request.method, path[:200], rid, exc_info=e)
             response = _json({"error": f"internal error: the control service's log has the details under "
                                        f"request id {rid}", "request_id": rid}, 500)
+        finally:
+            if held[0] and self.budget.give_back(held[0]):
+                asyncio.get_running_loop().run_in_executor(self.pool, trim_memory)
         response.headers["X-Request-Id"] = rid
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Cache-Control", "no-store")
@@ -194,7 +231,11 @@ class FrontDoor:
             if data and request.method != "HEAD":
                 call(response.write(data))
 
-        body = _Body(request.content, call, lambda: _continue(request))
+        try:
+            encoding, refused = body_encoding(request.headers.getall("Content-Encoding", [])), None
+        except PlaneError as e:   # answered by the route, once its own checks passed, if it reads a body
+            encoding, refused = None, e
+        body = _Body(request.content, call, lambda: _continue(request), encoding=encoding, refused=refused)
         result = self.app(_environ(request, path, query, body), start_response)
         try:
             for chunk in result:
@@ -208,28 +249,69 @@ class FrontDoor:
 
 
 class _Body:
-    """`wsgi.input`: reads the request body from the socket as the app asks for it."""
+    """`wsgi.input`: reads the request body from the socket as the app asks for it, decoded
+    (gzip, deflate) in the route's thread when it came encoded; the route's cap counts decoded
+    bytes, and an encoding that is refused, or a stream that does not decode, is the route's
+    error (400/415) raised from its first read."""
 
-    def __init__(self, content: aiohttp.StreamReader, call, first_read):
+    def __init__(self, content: aiohttp.StreamReader, call, first_read, *, encoding: Optional[str] = None,
+                 refused: Optional[PlaneError] = None):
         self._content, self._call, self._first_read = content, call, first_read
+        self._decoder = Decoder(encoding) if encoding else None
+        self._refused = refused
+        self._buf = b""     # decoded bytes not handed out yet
 
     def _begin(self) -> None:
+        if self._refused is not None:
+            raise self._refused
         if self._first_read is not None:   # the route reads the body: its checks passed
             self._call(self._first_read())
             self._first_read = None
+
+    def _more(self) -> bytes:
+        """The next piece of the body (b"" at its end)."""
+        if self._buf:
+            out, self._buf = self._buf, b""
+            return out
+        decoder = self._decoder
+        if decoder is None:
+            return self._call(self._content.read(CHUNK))
+        while True:
+            if decoder.need_input:
+                wire = self._call(self._content.read(CHUNK))
+                if not wire:
+                    decoder.finish()
+                    return b""
+                decoder.push(wire)
+            out = decoder.pull(CHUNK)
+            if out:
+                return out
 
     def read(self, size: int = -1) -> bytes:
         self._begin()
         if size is None or size < 0:
             parts = []
-            while chunk := self._call(self._content.read(CHUNK)):
+            while chunk := self._more():
                 parts.append(chunk)
             return b"".join(parts)
-        return self._call(self._content.read(size)) if size else b""
+        if not size:
+            return b""
+        if self._decoder is None and not self._buf:
+            return self._call(self._content.read(size))
+        piece = self._more()
+        out, self._buf = piece[:size], piece[size:]
+        return out
 
     def readline(self, size: int = -1) -> bytes:
         self._begin()
-        return self._call(self._content.readline())
+        if self._decoder is None and not self._buf:
+            return self._call(self._content.readline())
+        buf = self._buf
+        while b"\n" not in buf and (piece := self._more()):
+            buf += piece
+        end = buf.find(b"\n") + 1 or len(buf)
+        out, self._buf = buf[:end], buf[end:]
+        return out
 
     def __iter__(self):
         while line := self.readline():

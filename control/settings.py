@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     """Most members a model archive may hold."""
     max_dataset_upload: int = Field(10 * 2**30, ge=1024)
     """Largest dataset `POST /api/models/{name}/datasets` accepts, in bytes."""
+    max_bodies_in_flight: int = Field(256 * 2**20, ge=1024)
+    """Bytes of request bodies the control service holds in memory at once, across all requests
+    (predict and v2 infer bodies, held whole while they are forwarded): a request that would pass
+    it is answered 503 with Retry-After. Uploads (models, datasets) are spooled to disk instead."""
     url: Optional[str] = None
     """Where the CLI and console find the control service (default http://{host}:{port})."""
     namespace: str = "modelplane"

@@ -193,11 +193,16 @@ def _raw_archive(*blocks: bytes) -> bytes:
     return gzip.compress(b"".join(blocks) + bytes(1024), 6)
 
 
-def _rss() -> int:
+def _rss(field: str = "VmRSS") -> int:
+    """This process's resident memory (the service runs in it); VmHWM: its peak since `_reset_peak`."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 @pytest.mark.parametrize("blocks,needle", [
@@ -248,17 +253,20 @@ def test_a_pax_digit_flood_never_freezes_the_service(plane):
     def upload():
         answer["r"] = api.post(f"{server.url}/api/models", data=body, headers=GZ, timeout=300)
 
+    # the client runs in the service's process: a held GIL stalls it too, so what is measured
+    # is the longest gap between two /healthz answers, whoever was kept waiting
     worst = 0.0
     thread = threading.Thread(target=upload)
     thread.start()
-    deadline = time.monotonic() + 120
+    deadline = last = time.monotonic()
+    deadline += 120
     while thread.is_alive() and time.monotonic() < deadline:
-        started = time.monotonic()
         assert api.get(f"{server.url}/healthz", timeout=60).status_code == 200
-        worst = max(worst, time.monotonic() - started)
-        time.sleep(0.05)
+        now = time.monotonic()
+        worst, last = max(worst, now - last), now
+        time.sleep(0.02)
     thread.join(300)
-    assert worst < 2.0, f"/healthz took {worst:.1f} s during the upload"
+    assert worst < 2.0, f"/healthz was not answered for {worst:.1f} s during the upload"
     r = answer["r"]
     assert r.status_code in (400, 413) and "pax header" in r.json()["error"], r.text[:300]
     assert runtime.manifests == {}
@@ -281,8 +289,9 @@ def test_a_huge_pax_record_is_refused_without_memory(plane):
     body = b"".join(parts)
     assert len(body) < 2 * 2**20
     before = _rss()
+    _reset_peak()
     r = api.post(f"{server.url}/api/models", data=body, headers=GZ, timeout=120)
-    grown = _rss() - before
-    assert grown < 64 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB"
+    grown = _rss("VmHWM") - before
+    assert grown < 64 * 2**20, f"the peak RSS grew {grown / 2**20:.0f} MiB"
     assert r.status_code in (400, 413) and "pax header" in r.json()["error"], r.text[:300]
     assert runtime.manifests == {}
