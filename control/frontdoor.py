@@ -11,11 +11,19 @@
 - **Everything else** is the Flask control API (control/app.py), run on a thread pool through
   a small WSGI bridge that streams the request body from the socket only as the route reads
   it (so each route's own cap applies before anything is spooled) and streams the answer back.
+- **Connections** are bounded (`_Connection`): a request's head must arrive whole within
+  MODELPLANE_HEAD_TIMEOUT of its first byte (a slowloris client trickling header lines is sent
+  a 408 and closed), a connection that sends nothing is closed after MODELPLANE_KEEPALIVE_TIMEOUT,
+  and past MODELPLANE_MAX_CONNECTIONS open at once a new connection is answered 503 with
+  Retry-After and closed at once (rather than left unaccepted, where its client would wait
+  unanswered and the kernel's backlog would fill): the client learns why, and a fresh connection
+  gets in as soon as another closes.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +33,7 @@ from urllib.parse import unquote_to_bytes
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from control.api import serving
 from control.app import MUTATING, request_id
@@ -41,8 +50,108 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 CHUNK = 1 << 20
 
 
+#: File descriptors kept for everything but client connections (replicas, files, the bucket).
+RESERVED_FDS = 256
+#: How long a refused connection (over the cap) is read and dropped before it is closed, so its
+#: client reads the 503 instead of a reset.
+REFUSED_LINGER_S = 1.0
+
+
 class MethodNotAllowed(PlaneError):
     status = 405
+
+
+def _raw_answer(status: int, reason: str, message: str, extra: str = "") -> bytes:
+    body = orjson.dumps({"error": message})
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"{extra}Connection: close\r\n\r\n").encode("latin-1") + body
+
+
+def connection_cap(setting: int) -> int:
+    """The connection cap in force: the setting, within the process's file descriptor limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return setting
+    return max(16, min(setting, soft - RESERVED_FDS))
+
+
+class _Connection(RequestHandler):
+    """aiohttp's connection handler, with a head timeout and the service's connection cap."""
+
+    def __init__(self, manager, *, door: "FrontDoor", **kwargs):
+        super().__init__(manager, **kwargs)
+        self._door = door
+        self._head_timer: Optional[asyncio.TimerHandle] = None
+        self._refused: Optional[asyncio.Transport] = None
+
+    def connection_made(self, transport) -> None:
+        door = self._door
+        if door.connections >= door.max_connections:
+            self._refuse(transport)
+            return
+        door.connections += 1
+        super().connection_made(transport)
+
+    def _refuse(self, transport) -> None:
+        self._refused = transport
+        self._door.refused += 1
+        transport.write(_raw_answer(503, "Service Unavailable",
+                                    f"the control service has {self._door.max_connections:,} connections open, its "
+                                    "most (MODELPLANE_MAX_CONNECTIONS): retry shortly", "Retry-After: 1\r\n"))
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except (OSError, RuntimeError):
+            pass
+        self._loop.call_later(REFUSED_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused is not None:
+            return   # read and dropped: the answer is already sent
+        if self._head_timer is None and not self._request_in_progress and not self._messages:
+            # the first bytes of a request's head: all of it must arrive within the head timeout
+            self._head_timer = self._loop.call_later(self._door.head_timeout, self._head_expired)
+        super().data_received(data)
+        if self._head_timer is not None and (self._messages or self._request_in_progress):
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def eof_received(self) -> None:
+        if self._refused is not None:
+            self._refused.close()
+            return
+        super().eof_received()
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return
+        self._door.head_timeouts += 1
+        self.transport.write(_raw_answer(408, "Request Timeout",
+                                         f"the request's head did not arrive within {self._door.head_timeout:g} s "
+                                         "(MODELPLANE_HEAD_TIMEOUT)"))
+        self.force_close()
+
+    def connection_lost(self, exc) -> None:
+        if self._refused is not None:
+            self._refused = None
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._door.connections -= 1
+        super().connection_lost(exc)
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, its connections handled by `_Connection`."""
+
+    def __init__(self, handler, *, door: "FrontDoor", **kwargs):
+        super().__init__(handler, **kwargs)
+        self._door = door
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, door=self._door, **self._kwargs)
 
 
 def _json(data, status: int, headers: Optional[dict] = None) -> web.Response:
@@ -102,11 +211,23 @@ class FrontDoor:
         self.app = app
         self.plane = plane
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelplane-api")
-        self.budget = BodyBudget(plane.settings.max_bodies_in_flight)
+        settings = plane.settings
+        self.budget = BodyBudget(settings.max_bodies_in_flight)
+        self.head_timeout = settings.head_timeout
+        self.keepalive_timeout = settings.keepalive_timeout
+        self.max_connections = connection_cap(settings.max_connections)
+        if self.max_connections < settings.max_connections:
+            log.warning("at most %d connections (MODELPLANE_MAX_CONNECTIONS is %d, but the process may open only "
+                        "%d files)", self.max_connections, settings.max_connections,
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.connections = 0      # open client connections (counted on the event loop)
+        self.refused = 0          # connections answered 503 over the cap
+        self.head_timeouts = 0    # connections closed for a head that did not arrive in time
 
     def server(self) -> web.Server:
         """The low-level aiohttp server: every request to `dispatch`, no router or middleware."""
-        return web.Server(self.dispatch, access_log=None, auto_decompress=False)
+        return _Server(self.dispatch, door=self, access_log=None, auto_decompress=False,
+                       keepalive_timeout=self.keepalive_timeout)
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path

@@ -101,6 +101,15 @@ class Settings(BaseSettings):
     """Crashes of a model in a row (with backoff) before it is marked failed."""
     threads: int = Field(128, ge=4)
     """Worker threads of the control service's WSGI server (held requests each take one)."""
+    head_timeout: float = Field(10.0, gt=0)
+    """Seconds a client has to send a request's whole head (request line and headers) once it
+    started it; a slower one is answered 408 and closed (a slowloris client holds nothing)."""
+    keepalive_timeout: float = Field(75.0, gt=0)
+    """Seconds a connection may stay open without a request (a new one, or between two)."""
+    max_connections: int = Field(4096, ge=1)
+    """Client connections the control service keeps open at once; past it a new connection is
+    answered 503 with Retry-After and closed. Never more than the process's open-file limit
+    minus 256 (kept for replicas, files and the bucket)."""
     console: bool = True
     """Whether `modelplane up` starts the console."""
     emulator_port: int = Field(0, ge=0, le=65535)
