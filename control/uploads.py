@@ -16,15 +16,24 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
+import json
+import logging
 import lzma
+import os
 import re
+import shutil
 import tarfile
+import time
 import zlib
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Optional
 
 from adapters.manifest import MANIFEST_FILE
 from control.errors import BadRequest, Invalid, TooLarge
+
+log = logging.getLogger(__name__)
 
 MAX_NAME_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
@@ -293,3 +302,97 @@ def extract_model(fileobj: BinaryIO, dest: Path, *, max_size: int, max_files: in
     raise Invalid(f"the archive has no {MANIFEST_FILE} at its top (or in one top-level folder)",
                   details={"problems": [{"file": MANIFEST_FILE, "line": None, "field": "",
                                          "message": "no model.yaml in the archive"}]})
+
+
+# -- what interrupted uploads leave behind ------------------------------------------------------
+
+#: How old a leftover in `{state_dir}/uploads` must be before a service that does not own the
+#: state directory (no state lock: another service may be unpacking there) removes it.
+UPLOAD_GRACE_S = 3600.0
+#: A resumable upload to the embedded bucket that has not moved for this long is dropped when
+#: the emulator next starts (GCS itself keeps a session a week; a client resuming after a day
+#: starts again). Younger ones are kept: their client may still resume them after a restart.
+RESUMABLE_EXPIRY_S = 24 * 3600.0
+
+
+def clean_stale_uploads(uploads: Path, *, everything: bool, now: Optional[float] = None) -> int:
+    """Remove what interrupted deploys left in `uploads` (`model-*` folders being unpacked,
+    spools): all of it when this process owns the state directory (a fresh start has no
+    upload in flight), else what is older than UPLOAD_GRACE_S. Returns how many went."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(Path(uploads).iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if not (entry.name.startswith("model-") or entry.name.startswith("tmp")):
+            continue
+        try:
+            if not everything and now - entry.lstat().st_mtime < UPLOAD_GRACE_S:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except OSError as e:
+            log.warning("could not remove the interrupted upload %s: %s", entry, e)
+    if removed:
+        log.info("removed %d interrupted upload(s) from %s", removed, uploads)
+    return removed
+
+
+_SESSION_CREATED = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?)$")
+
+
+def expire_resumable(data_dir: Path, *, max_age: float = RESUMABLE_EXPIRY_S, now: Optional[float] = None) -> int:
+    """Drop the embedded emulator's resumable uploads (under `data_dir`, the emulator stopped)
+    that have not moved for `max_age` seconds: their partial bytes and their session. A
+    session's age is its partial file's last write, else its creation. Returns how many went."""
+    now = time.time() if now is None else now
+    root = Path(data_dir) / os.environ.get("STORAGE_DIR", ".cloudstorage")
+    meta_path, partials = root / ".meta", root / "_resumable"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        meta = None
+    except (OSError, ValueError) as e:
+        log.warning("cannot read the emulator's %s: %s; its resumable uploads are left alone", meta_path, e)
+        return 0
+    sessions = (meta or {}).get("resumable") or {}
+    expired, live = [], set()
+    for file_id in list(sessions):
+        partial = partials / hashlib.sha256(file_id.encode("utf-8")).hexdigest()
+        try:
+            moved = partial.stat().st_mtime
+        except OSError:
+            match = _SESSION_CREATED.search(file_id)
+            try:
+                moved = datetime.fromisoformat(match.group(1)).timestamp() if match else now
+            except ValueError:
+                moved = now
+        if now - moved > max_age:
+            expired.append(file_id)
+        else:
+            live.add(partial.name)
+    for file_id in expired:
+        del sessions[file_id]
+        (partials / hashlib.sha256(file_id.encode("utf-8")).hexdigest()).unlink(missing_ok=True)
+    orphans = 0
+    if partials.is_dir():   # partial bytes whose session is gone, once as old as an expired one
+        for partial in partials.iterdir():
+            try:
+                if partial.name not in live and now - partial.stat().st_mtime > max_age:
+                    partial.unlink()
+                    orphans += 1
+            except OSError:
+                pass
+    if expired:
+        tmp = meta_path.with_name(".meta.modelplane-tmp")
+        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        os.replace(tmp, meta_path)
+    if expired or orphans:
+        log.info("dropped %d resumable upload(s) idle for over %.0f h from the embedded bucket",
+                 len(expired) + orphans, max_age / 3600)
+    return len(expired) + orphans

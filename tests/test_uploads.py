@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
+import os
 import tarfile
 import time
 import zlib
@@ -295,3 +298,77 @@ def test_a_huge_pax_record_is_refused_without_memory(plane):
     assert grown < 64 * 2**20, f"the peak RSS grew {grown / 2**20:.0f} MiB"
     assert r.status_code in (400, 413) and "pax header" in r.json()["error"], r.text[:300]
     assert runtime.manifests == {}
+
+
+# -- what interrupted uploads leave behind --------------------------------------------------------
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_interrupted_deploys_are_cleaned_when_the_service_starts(tmp_path):
+    """A SIGKILL mid-deploy leaves `state/uploads/model-*` (the folder being unpacked)."""
+    from control import statelock
+
+    settings = settings_for(tmp_path)
+    uploads = Path(settings.state_dir) / "uploads"
+    (uploads / "model-killed" / "m").mkdir(parents=True)
+    (uploads / "model-killed" / "m" / "weights.bin").write_bytes(b"\0" * 4096)
+    _age(uploads / "model-killed", 2 * 3600)
+    (uploads / "tmpk1ll3d").write_bytes(b"spool")
+    _age(uploads / "tmpk1ll3d", 2 * 3600)
+    (uploads / "model-inflight").mkdir()          # just made: maybe another service's deploy
+    with running(settings, runtime=FakeRuntime()):
+        assert sorted(p.name for p in uploads.iterdir()) == ["model-inflight"]
+    statelock.acquire(settings.state_dir)          # this service owns the state dir: no deploy is in flight
+    try:
+        with running(settings, runtime=FakeRuntime()):
+            assert list(uploads.iterdir()) == []
+    finally:
+        statelock.release(settings.state_dir)
+
+
+def test_stale_resumable_partials_expire_and_fresh_ones_survive_a_restart(tmp_path):
+    """A dataset upload to the embedded bucket killed mid-way leaves a resumable session and its
+    partial bytes in the emulator's data: kept while a client may resume it, gone after a day."""
+    import requests as plain
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from control.emulator import Emulator
+
+    data = tmp_path / "gcs"
+    chunk = b"x" * (256 * 1024)
+    emu = Emulator(data, bucket="b").start()
+    try:
+        client = storage.Client(project="t", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": emu.endpoint})
+        sessions = {}
+        for name in ("old.csv", "fresh.csv"):
+            url = client.bucket("b").blob(f"incoming/m/{name}").create_resumable_upload_session()
+            r = plain.put(url, data=chunk, headers={"Content-Range": f"bytes 0-{len(chunk) - 1}/*"}, timeout=30)
+            assert r.status_code == 308, r.text[:200]
+            sessions[name] = url
+    finally:
+        emu.stop()
+    meta = json.loads((data / ".cloudstorage" / ".meta").read_text())
+    for file_id in meta["resumable"]:
+        if "old.csv" in file_id:
+            _age(data / ".cloudstorage" / "_resumable" / hashlib.sha256(file_id.encode()).hexdigest(), 2 * 86400)
+    emu = Emulator(data, bucket="b").start()
+    try:
+        meta = json.loads((data / ".cloudstorage" / ".meta").read_text())
+        assert [i for i in meta["resumable"] if "old.csv" in i] == []
+        assert len([i for i in meta["resumable"] if "fresh.csv" in i]) == 1
+        assert len(list((data / ".cloudstorage" / "_resumable").iterdir())) == 1
+        # the fresh one is resumed where it stopped, on the restarted emulator
+        url = sessions["fresh.csv"].replace(sessions["fresh.csv"].split("/upload/")[0], emu.endpoint)
+        end = len(chunk) + 3
+        r = plain.put(url, data=b"abc", headers={"Content-Range": f"bytes {len(chunk)}-{end - 1}/{end}"}, timeout=30)
+        assert r.status_code in (200, 201), r.text[:200]
+        client = storage.Client(project="t", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": emu.endpoint})
+        assert client.bucket("b").blob("incoming/m/fresh.csv").download_as_bytes() == chunk + b"abc"
+    finally:
+        emu.stop()
