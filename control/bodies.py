@@ -22,7 +22,7 @@ import time
 import zlib
 from typing import Optional
 
-from control.errors import BadRequest, PlaneError, UnsupportedType
+from control.errors import BadRequest, PlaneError, TooLarge, UnsupportedType
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,14 @@ class BodyBudget:
         self._freed_since_trim = 0
         self._last_trim = 0.0
 
-    def take(self, n: int) -> None:
-        """Hold `n` more bytes, or Busy (nothing held) when that passes the limit."""
+    def take(self, n: int, *, whole: int = 0) -> None:
+        """Hold `n` more bytes, or Busy (nothing held) when that passes the limit; TooLarge when
+        the request's `whole` body could never fit, however long it waited."""
         if n <= 0:
             return
+        if whole > self.limit:
+            raise TooLarge(f"the body is {whole:,} bytes or more; the control service holds at most {self.limit:,} "
+                           "bytes of request bodies at once (MODELPLANE_MAX_BODIES_IN_FLIGHT)")
         with self._lock:
             if self.held + n > self.limit:
                 held = self.held

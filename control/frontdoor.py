@@ -53,8 +53,9 @@ CHUNK = 1 << 20
 #: File descriptors kept for everything but client connections (replicas, files, the bucket).
 RESERVED_FDS = 256
 #: How long a refused connection (over the cap) is read and dropped before it is closed, so its
-#: client reads the 503 instead of a reset.
+#: client reads the 503 instead of a reset (at most MAX_LINGERING at once: past that, closed at once).
 REFUSED_LINGER_S = 1.0
+MAX_LINGERING = RESERVED_FDS // 2
 
 
 class MethodNotAllowed(PlaneError):
@@ -95,6 +96,7 @@ class _Connection(RequestHandler):
     def _refuse(self, transport) -> None:
         self._refused = transport
         self._door.refused += 1
+        self._door.lingering += 1
         transport.write(_raw_answer(503, "Service Unavailable",
                                     f"the control service has {self._door.max_connections:,} connections open, its "
                                     "most (MODELPLANE_MAX_CONNECTIONS): retry shortly", "Retry-After: 1\r\n"))
@@ -103,7 +105,10 @@ class _Connection(RequestHandler):
                 transport.write_eof()
         except (OSError, RuntimeError):
             pass
-        self._loop.call_later(REFUSED_LINGER_S, transport.close)
+        if self._door.lingering > MAX_LINGERING:
+            transport.close()
+        else:
+            self._loop.call_later(REFUSED_LINGER_S, transport.close)
 
     def data_received(self, data: bytes) -> None:
         if self._refused is not None:
@@ -135,6 +140,7 @@ class _Connection(RequestHandler):
     def connection_lost(self, exc) -> None:
         if self._refused is not None:
             self._refused = None
+            self._door.lingering -= 1
             return
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -196,7 +202,7 @@ async def _read_capped(content: aiohttp.StreamReader, limit: int, *, encoding: O
             raise TooLarge(f"the body is over this model's limit of {limit} bytes (its limits.max_body"
                            f"{', decoded' if encoding else ''})")
         if budget is not None and size > held[0]:
-            budget.take(size - held[0])
+            budget.take(size - held[0], whole=size)
             held[0] = size
         parts.append(chunk)
     body = b"".join(parts)
@@ -222,6 +228,7 @@ class FrontDoor:
                         resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.connections = 0      # open client connections (counted on the event loop)
         self.refused = 0          # connections answered 503 over the cap
+        self.lingering = 0        # of those, still open (their client reading the answer)
         self.head_timeouts = 0    # connections closed for a head that did not arrive in time
 
     def server(self) -> web.Server:
@@ -272,7 +279,7 @@ class FrontDoor:
                     raise TooLarge(f"the body is {request.content_length} bytes; {name} takes at most {limit} "
                                    "(its limits.max_body)")
                 if request.content_length:
-                    self.budget.take(request.content_length)   # refused before a byte is read
+                    self.budget.take(request.content_length, whole=request.content_length)   # before a byte is read
                     held[0] = request.content_length
                 await _continue(request)
                 body = await _read_capped(request.content, limit, encoding=encoding, budget=self.budget, held=held)

@@ -177,3 +177,16 @@ def test_the_body_past_the_budget_is_503_with_retry_after_and_bytes_come_back(tm
         assert budget.held == 0
         r = api.post(f"{server.url}/models/echo-rt/predict", data=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 200
+
+
+def test_a_body_larger_than_the_whole_budget_is_413_not_retry(tmp_path):
+    settings = settings_for(tmp_path, max_bodies_in_flight=64 * 1024)
+    folder = copy_fixture("echo-rt", settings.models_dir)
+    (folder / "model.yaml").write_text((folder / "model.yaml").read_text() + "limits: {max_body: 1Mi}\n")
+    with running(settings, runtime=FakeRuntime()) as server:
+        body = b'{"rows": [{"x": 1}]}' + b" " * (100 * 1024)
+        r = api.post(f"{server.url}/models/echo-rt/predict", data=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "MODELPLANE_MAX_BODIES_IN_FLIGHT" in r.json()["error"]
+        r = api.post(f"{server.url}/models/echo-rt/predict", data=iter([body]), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        assert server._door.budget.held == 0
