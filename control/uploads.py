@@ -104,16 +104,26 @@ class _TarGuard:
         self._pax_size: Optional[int] = None   # a pending pax `size` for the next member
         self._pax_pending = False
 
-    def read(self, size: int = -1) -> bytes:
+    def _read(self, size: int) -> bytes:
         try:
-            data = self.src.read(size if size is not None and size >= 0 else CHUNK)
+            data = self.src.read(size)
         except (OSError, EOFError, zlib.error, lzma.LZMAError) as e:
             raise BadRequest(f"the archive is damaged or truncated after {self.total:,} bytes unpacked: {e}") from None
         self.total += len(data)
         if self.total > self.cap:
             raise TooLarge(f"the archive is over {self.max_size:,} bytes unpacked (MODELPLANE_MAX_MODEL_SIZE)")
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._read(size if size is not None and size >= 0 else CHUNK)
         self._scan(data)
         return data
+
+    def drain(self) -> None:
+        """Read what follows the end of the archive (padding) to the end of the compressed
+        stream, so that a stream cut short (its checksum and length never sent) is refused."""
+        while self._read(CHUNK):
+            pass
 
     def _scan(self, data: bytes) -> None:
         pos, n = 0, len(data)
@@ -292,6 +302,7 @@ def extract_model(fileobj: BinaryIO, dest: Path, *, max_size: int, max_files: in
                                            f"{member.name[:200]!r}; MODELPLANE_MAX_MODEL_SIZE)")
                         out.write(chunk)
                 target.chmod(0o755 if member.mode & 0o111 else 0o644)
+        guard.drain()
     except (tarfile.TarError, EOFError) as e:  # anything the reads above did not name
         raise BadRequest(f"the archive is damaged: {e}") from None
     if (dest / MANIFEST_FILE).is_file():

@@ -227,6 +227,14 @@ def test_hostile_extended_headers_are_refused_before_tarfile_reads_them(tmp_path
     assert time.monotonic() - started < 2.0
 
 
+def test_an_archive_cut_short_is_refused_even_past_its_end_marker(tmp_path):
+    body = archive(("model.yaml", MANIFEST), ("model.py", MODEL_PY))
+    with pytest.raises(BadRequest, match="truncated"):
+        extract(body[:-6], tmp_path / "cut")   # the gzip trailer (checksum, length) never came
+    with pytest.raises(BadRequest, match="damaged"):
+        extract(body[:-8] + b"\0" * 8, tmp_path / "crc")
+
+
 def test_legitimate_pax_and_gnu_names_still_unpack(tmp_path):
     long = "m/" + "d" * 150 + ".txt"   # over ustar's 100 bytes: a pax `path` record, or a GNU `L` header
     for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
