@@ -506,12 +506,42 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 
+class _MergeKey(yaml.YAMLError):
+    """A YAML merge key (`<<`) in a manifest: where it is (line, field path)."""
+
+    def __init__(self, line: int, field: str):
+        super().__init__(f"merge key '<<' at line {line}")
+        self.line, self.field = line, field
+
+
+def _refuse_merge_keys(root: yaml.Node) -> None:
+    """A manifest takes no YAML merge keys (`<<: *defaults`): a merge brings keys in silently,
+    so one written beside a key it also brings would slip past the duplicate-key check, and
+    the manifest would not say what it means. Plain aliases stay (a value reused as it is)."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.tag == _MERGE_TAG:
+                    raise _MergeKey(key.start_mark.line + 1, _field_path(path + ("<<",)))
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                stack.append((value, path + (name,)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, path + (i,)) for i, child in enumerate(node.value))
+
+
 def _load_yaml(text: str) -> tuple[Optional[yaml.Node], Any]:
     loader = _ManifestLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None, None
+        _refuse_merge_keys(node)
         expanded = _expanded_size(node, MAX_YAML_NODES)
         if expanded > MAX_YAML_NODES:
             raise yaml.YAMLError(f"the YAML expands to more than {MAX_YAML_NODES:,} nodes through aliases "
@@ -553,6 +583,10 @@ def parse_manifest(text: str, *, file: Path | str = MANIFEST_FILE, folder: Path 
             field="", message=f"larger than {MAX_MANIFEST_BYTES // 1024} KiB: a manifest is a few dozen lines")])
     try:
         node, data = _load_yaml(text)
+    except _MergeKey as e:
+        raise ManifestError(file, [ManifestProblem(
+            field=e.field, line=e.line, message="YAML merge keys ('<<') are not accepted in a manifest: write the "
+                                                "keys out (an alias to a whole value is fine)")]) from None
     except (yaml.YAMLError, RecursionError) as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None

@@ -49,6 +49,9 @@ class Emulator:
 
     def start(self, timeout: float = 20.0) -> "Emulator":
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        from control.uploads import expire_resumable
+
+        expire_resumable(self.data_dir)   # resumable uploads idle for a day, while nothing serves them
         env = dict(os.environ, STORAGE_BASE=str(self.data_dir))
         self.log_path = self.data_dir / "emulator.log"
         logf = open(self.log_path, "ab")

@@ -3,18 +3,27 @@
 - **The models' traffic** (`/models/{name}/…`: predict and the Open Inference Protocol) is
   served here, in the event loop: the same checks as the API (Host, the token unless the model
   is public or predict is opened, cross-site calls, the body's type), the body read from the
-  socket within the model's `limits.max_body`, then the runtime's `aforward`. For the local
+  socket within the model's `limits.max_body` (decoded if it came gzip or deflate, and within the
+  service's budget of bodies in flight: control/bodies.py), then the runtime's `aforward`. For the local
   runtime that is the replica manager itself: it holds a request while a replica starts
   (a future, not a thread), balances over ready replicas and forwards on pooled connections.
   Each request is forwarded once, from here; Flask never sees it.
 - **Everything else** is the Flask control API (control/app.py), run on a thread pool through
   a small WSGI bridge that streams the request body from the socket only as the route reads
   it (so each route's own cap applies before anything is spooled) and streams the answer back.
+- **Connections** are bounded (`_Connection`): a request's head must arrive whole within
+  MODELPLANE_HEAD_TIMEOUT of its first byte (a slowloris client trickling header lines is sent
+  a 408 and closed), a connection that sends nothing is closed after MODELPLANE_KEEPALIVE_TIMEOUT,
+  and past MODELPLANE_MAX_CONNECTIONS open at once a new connection is answered 503 with
+  Retry-After and closed at once (rather than left unaccepted, where its client would wait
+  unanswered and the kernel's backlog would fill): the client learns why, and a fresh connection
+  gets in as soon as another closes.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +33,11 @@ from urllib.parse import unquote_to_bytes
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from control.api import serving
 from control.app import MUTATING, request_id
+from control.bodies import BodyBudget, Busy, Decoder, body_encoding, trim_memory
 from control.errors import NotFound, PlaneError, TooLarge
 
 log = logging.getLogger(__name__)
@@ -39,8 +50,114 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 CHUNK = 1 << 20
 
 
+#: File descriptors kept for everything but client connections (replicas, files, the bucket).
+RESERVED_FDS = 256
+#: How long a refused connection (over the cap) is read and dropped before it is closed, so its
+#: client reads the 503 instead of a reset (at most MAX_LINGERING at once: past that, closed at once).
+REFUSED_LINGER_S = 1.0
+MAX_LINGERING = RESERVED_FDS // 2
+
+
 class MethodNotAllowed(PlaneError):
     status = 405
+
+
+def _raw_answer(status: int, reason: str, message: str, extra: str = "") -> bytes:
+    body = orjson.dumps({"error": message})
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"{extra}Connection: close\r\n\r\n").encode("latin-1") + body
+
+
+def connection_cap(setting: int) -> int:
+    """The connection cap in force: the setting, within the process's file descriptor limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return setting
+    return max(16, min(setting, soft - RESERVED_FDS))
+
+
+class _Connection(RequestHandler):
+    """aiohttp's connection handler, with a head timeout and the service's connection cap."""
+
+    def __init__(self, manager, *, door: "FrontDoor", **kwargs):
+        super().__init__(manager, **kwargs)
+        self._door = door
+        self._head_timer: Optional[asyncio.TimerHandle] = None
+        self._refused: Optional[asyncio.Transport] = None
+
+    def connection_made(self, transport) -> None:
+        door = self._door
+        if door.connections >= door.max_connections:
+            self._refuse(transport)
+            return
+        door.connections += 1
+        super().connection_made(transport)
+
+    def _refuse(self, transport) -> None:
+        self._refused = transport
+        self._door.refused += 1
+        self._door.lingering += 1
+        transport.write(_raw_answer(503, "Service Unavailable",
+                                    f"the control service has {self._door.max_connections:,} connections open, its "
+                                    "most (MODELPLANE_MAX_CONNECTIONS): retry shortly", "Retry-After: 1\r\n"))
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except (OSError, RuntimeError):
+            pass
+        if self._door.lingering > MAX_LINGERING:
+            transport.close()
+        else:
+            self._loop.call_later(REFUSED_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused is not None:
+            return   # read and dropped: the answer is already sent
+        if self._head_timer is None and not self._request_in_progress and not self._messages:
+            # the first bytes of a request's head: all of it must arrive within the head timeout
+            self._head_timer = self._loop.call_later(self._door.head_timeout, self._head_expired)
+        super().data_received(data)
+        if self._head_timer is not None and (self._messages or self._request_in_progress):
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def eof_received(self) -> None:
+        if self._refused is not None:
+            self._refused.close()
+            return
+        super().eof_received()
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return
+        self._door.head_timeouts += 1
+        self.transport.write(_raw_answer(408, "Request Timeout",
+                                         f"the request's head did not arrive within {self._door.head_timeout:g} s "
+                                         "(MODELPLANE_HEAD_TIMEOUT)"))
+        self.force_close()
+
+    def connection_lost(self, exc) -> None:
+        if self._refused is not None:
+            self._refused = None
+            self._door.lingering -= 1
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._door.connections -= 1
+        super().connection_lost(exc)
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, its connections handled by `_Connection`."""
+
+    def __init__(self, handler, *, door: "FrontDoor", **kwargs):
+        super().__init__(handler, **kwargs)
+        self._door = door
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, door=self._door, **self._kwargs)
 
 
 def _json(data, status: int, headers: Optional[dict] = None) -> web.Response:
@@ -56,17 +173,41 @@ async def _continue(request: web.BaseRequest) -> None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
-async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it passes `limit`: never more is held."""
+async def _read_capped(content: aiohttp.StreamReader, limit: int, *, encoding: Optional[str] = None,
+                       budget: Optional[BodyBudget] = None, held: Optional[list] = None) -> bytes:
+    """The whole body (decoded when `encoding` is gzip or deflate), refused (413) as soon as it
+    passes `limit` and (503) as soon as holding it would pass the `budget` of bodies in flight:
+    never more is held. `held[0]` counts the bytes taken from the budget (the caller gives them
+    back)."""
     parts, size = [], 0
+    decoder = Decoder(encoding) if encoding else None
+    held = held if held is not None else [0]
     while True:
-        chunk = await content.read(CHUNK)
-        if not chunk:
-            return b"".join(parts)
+        if decoder is None:
+            chunk = await content.read(CHUNK)
+            if not chunk:
+                break
+        else:
+            if decoder.need_input:
+                wire = await content.read(CHUNK)
+                if not wire:
+                    decoder.finish()
+                    break
+                decoder.push(wire)
+            chunk = decoder.pull(CHUNK)
+            if not chunk:
+                continue
         size += len(chunk)
         if size > limit:
-            raise TooLarge(f"the body is over this model's limit of {limit} bytes (its limits.max_body)")
+            raise TooLarge(f"the body is over this model's limit of {limit} bytes (its limits.max_body"
+                           f"{', decoded' if encoding else ''})")
+        if budget is not None and size > held[0]:
+            budget.take(size - held[0], whole=size)
+            held[0] = size
         parts.append(chunk)
+    body = b"".join(parts)
+    parts.clear()
+    return body
 
 
 class FrontDoor:
@@ -76,10 +217,24 @@ class FrontDoor:
         self.app = app
         self.plane = plane
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="modelplane-api")
+        settings = plane.settings
+        self.budget = BodyBudget(settings.max_bodies_in_flight)
+        self.head_timeout = settings.head_timeout
+        self.keepalive_timeout = settings.keepalive_timeout
+        self.max_connections = connection_cap(settings.max_connections)
+        if self.max_connections < settings.max_connections:
+            log.warning("at most %d connections (MODELPLANE_MAX_CONNECTIONS is %d, but the process may open only "
+                        "%d files)", self.max_connections, settings.max_connections,
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.connections = 0      # open client connections (counted on the event loop)
+        self.refused = 0          # connections answered 503 over the cap
+        self.lingering = 0        # of those, still open (their client reading the answer)
+        self.head_timeouts = 0    # connections closed for a head that did not arrive in time
 
     def server(self) -> web.Server:
         """The low-level aiohttp server: every request to `dispatch`, no router or middleware."""
-        return web.Server(self.dispatch, access_log=None)
+        return _Server(self.dispatch, door=self, access_log=None, auto_decompress=False,
+                       keepalive_timeout=self.keepalive_timeout)
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
@@ -96,6 +251,7 @@ class FrontDoor:
         plane, guard = self.plane, self.plane.guard
         rid = request_id(request.headers.get("X-Request-Id", ""))
         rule, name = "unmatched", None
+        held = [0]   # bytes of this request's body taken from the budget of bodies in flight
         try:
             guard.check_host(request.headers)
             segments = path[len("/models/"):].split("/")
@@ -120,11 +276,15 @@ class FrontDoor:
             if method in MUTATING:
                 guard.check_origin(request.headers)
                 guard.check_content_type(types, given=request.headers.get("Content-Type", "").split(";")[0].strip())
+                encoding = body_encoding(request.headers.getall("Content-Encoding", []))
                 if request.content_length is not None and request.content_length > limit:
                     raise TooLarge(f"the body is {request.content_length} bytes; {name} takes at most {limit} "
                                    "(its limits.max_body)")
+                if request.content_length:
+                    self.budget.take(request.content_length, whole=request.content_length)   # before a byte is read
+                    held[0] = request.content_length
                 await _continue(request)
-                body = await _read_capped(request.content, limit)
+                body = await _read_capped(request.content, limit, encoding=encoding, budget=self.budget, held=held)
             headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
             headers["x-request-id"] = rid   # one id in the caller's answer, this log and the adapter's
             version, rest = serving.pinned(segments[1:])
@@ -148,12 +308,17 @@ class FrontDoor:
             if e.status >= 500:
                 log.warning("%s %s [%s]: %s", request.method, path[:200], rid, e.message)
             response = _json(e.to_json(), e.status, e.headers or None)
+            if isinstance(e, Busy):
+                response.headers["Retry-After"] = str(e.retry_after)
             if isinstance(e, MethodNotAllowed):
                 response.headers["Allow"] = ", ".join(sorted(serving.match(path.split("/")[3:]) or ()))
         except Exception as e:  # noqa: BLE001 — a bug answers a request id, never a traceback
             log.error("%s %s failed [request id %s]", request.method, path[:200], rid, exc_info=e)
             response = _json({"error": f"internal error: the control service's log has the details under "
                                        f"request id {rid}", "request_id": rid}, 500)
+        finally:
+            if held[0] and self.budget.give_back(held[0]):
+                asyncio.get_running_loop().run_in_executor(self.pool, trim_memory)
         response.headers["X-Request-Id"] = rid
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Cache-Control", "no-store")
@@ -196,7 +361,11 @@ class FrontDoor:
             if data and request.method != "HEAD":
                 call(response.write(data))
 
-        body = _Body(request.content, call, lambda: _continue(request))
+        try:
+            encoding, refused = body_encoding(request.headers.getall("Content-Encoding", [])), None
+        except PlaneError as e:   # answered by the route, once its own checks passed, if it reads a body
+            encoding, refused = None, e
+        body = _Body(request.content, call, lambda: _continue(request), encoding=encoding, refused=refused)
         result = self.app(_environ(request, path, query, body), start_response)
         try:
             for chunk in result:
@@ -210,28 +379,69 @@ class FrontDoor:
 
 
 class _Body:
-    """`wsgi.input`: reads the request body from the socket as the app asks for it."""
+    """`wsgi.input`: reads the request body from the socket as the app asks for it, decoded
+    (gzip, deflate) in the route's thread when it came encoded; the route's cap counts decoded
+    bytes, and an encoding that is refused, or a stream that does not decode, is the route's
+    error (400/415) raised from its first read."""
 
-    def __init__(self, content: aiohttp.StreamReader, call, first_read):
+    def __init__(self, content: aiohttp.StreamReader, call, first_read, *, encoding: Optional[str] = None,
+                 refused: Optional[PlaneError] = None):
         self._content, self._call, self._first_read = content, call, first_read
+        self._decoder = Decoder(encoding) if encoding else None
+        self._refused = refused
+        self._buf = b""     # decoded bytes not handed out yet
 
     def _begin(self) -> None:
+        if self._refused is not None:
+            raise self._refused
         if self._first_read is not None:   # the route reads the body: its checks passed
             self._call(self._first_read())
             self._first_read = None
+
+    def _more(self) -> bytes:
+        """The next piece of the body (b"" at its end)."""
+        if self._buf:
+            out, self._buf = self._buf, b""
+            return out
+        decoder = self._decoder
+        if decoder is None:
+            return self._call(self._content.read(CHUNK))
+        while True:
+            if decoder.need_input:
+                wire = self._call(self._content.read(CHUNK))
+                if not wire:
+                    decoder.finish()
+                    return b""
+                decoder.push(wire)
+            out = decoder.pull(CHUNK)
+            if out:
+                return out
 
     def read(self, size: int = -1) -> bytes:
         self._begin()
         if size is None or size < 0:
             parts = []
-            while chunk := self._call(self._content.read(CHUNK)):
+            while chunk := self._more():
                 parts.append(chunk)
             return b"".join(parts)
-        return self._call(self._content.read(size)) if size else b""
+        if not size:
+            return b""
+        if self._decoder is None and not self._buf:
+            return self._call(self._content.read(size))
+        piece = self._more()
+        out, self._buf = piece[:size], piece[size:]
+        return out
 
     def readline(self, size: int = -1) -> bytes:
         self._begin()
-        return self._call(self._content.readline())
+        if self._decoder is None and not self._buf:
+            return self._call(self._content.readline())
+        buf = self._buf
+        while b"\n" not in buf and (piece := self._more()):
+            buf += piece
+        end = buf.find(b"\n") + 1 or len(buf)
+        out, self._buf = buf[:end], buf[end:]
+        return out
 
     def __iter__(self):
         while line := self.readline():

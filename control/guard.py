@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import re
 import threading
 import time
 from typing import Callable, Optional
@@ -41,12 +42,37 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-def _split_host(value: str) -> str:
-    """The host part of a Host header (`name:port`, `[::1]:8080`), lowercased."""
-    value = value.strip().lower()
+#: A host name in a Host header: DNS labels (underscores tolerated, as some internal names
+#: carry them), an optional final dot.
+_HOST_NAME = re.compile(r"^(?=.{1,253}\.?$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+                        r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$")
+
+
+def _split_host(value: str) -> Optional[str]:
+    """The host part of a Host header, lowercased: `name`, `name:port`, `1.2.3.4:port` or
+    `[v6]:port` (the port optional, 0-65535); None when the value is none of these (a
+    bracket not closed, user info, spaces, an empty or non-numeric port, a bare IPv6 address)."""
+    if not value or value != value.strip() or any(c.isspace() for c in value):
+        return None
+    value = value.lower()
     if value.startswith("["):
-        return value[: value.find("]") + 1] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+        end = value.find("]")
+        if end < 0:
+            return None
+        host, rest = value[: end + 1], value[end + 1:]
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return None
+    else:
+        host, colon, port = value.partition(":")
+        rest = colon + port
+        if not _HOST_NAME.match(host):
+            return None
+    if rest and not (rest[0] == ":" and 1 < len(rest) <= 6 and rest[1:].isascii() and rest[1:].isdigit()
+                     and int(rest[1:]) <= 65535):
+        return None
+    return host
 
 
 class Guard:
@@ -72,9 +98,12 @@ class Guard:
         raw = headers.get("Host", "")
         if raw in self._hosts_seen:
             return
-        host = _split_host(raw)
-        if not host:
+        if not raw:
             raise BadRequest("the request has no Host header")
+        host = _split_host(raw)
+        if host is None:
+            raise BadRequest(f"the Host header {raw[:100]!r} is malformed: expected name, name:port, "
+                             "1.2.3.4:port or [IPv6]:port")
         if self.any_host or _is_ip(host) or host in self.hosts or host.endswith(self.host_suffixes):
             if len(self._hosts_seen) < 1000:   # the answer for a Host never changes: parsed once
                 self._hosts_seen.add(raw)

@@ -9,14 +9,18 @@ import logging
 import signal
 import socket
 import threading
+from pathlib import Path
 from typing import Optional
 
 from aiohttp import web
+
+from control import statelock
 
 from control.app import create_app
 from control.frontdoor import FrontDoor
 from control.runtime.base import Runtime
 from control.settings import Settings
+from control.uploads import clean_stale_uploads
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,9 @@ class ControlServer:
     def start(self) -> "ControlServer":
         """Build the app (registering ./models), bind, serve in a thread; returns once bound."""
         self.app = create_app(self.settings, runtime=self._runtime, register=self._register)
+        # what a killed service left mid-deploy: all of it when this process owns the state dir
+        state = Path(self.settings.state_dir)
+        clean_stale_uploads(state / "uploads", everything=statelock.held(state))
         loop = None
         try:
             sock = _listen(self.settings.host, self.settings.port)

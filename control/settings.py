@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     """Most members a model archive may hold."""
     max_dataset_upload: int = Field(10 * 2**30, ge=1024)
     """Largest dataset `POST /api/models/{name}/datasets` accepts, in bytes."""
+    max_bodies_in_flight: int = Field(256 * 2**20, ge=1024)
+    """Bytes of request bodies the control service holds in memory at once, across all requests
+    (predict and v2 infer bodies, held whole while they are forwarded): a request that would pass
+    it is answered 503 with Retry-After. Uploads (models, datasets) are spooled to disk instead."""
     url: Optional[str] = None
     """Where the CLI and console find the control service (default http://{host}:{port})."""
     namespace: str = "modelplane"
@@ -97,6 +101,15 @@ class Settings(BaseSettings):
     """Crashes of a model in a row (with backoff) before it is marked failed."""
     threads: int = Field(128, ge=4)
     """Worker threads of the control service's WSGI server (held requests each take one)."""
+    head_timeout: float = Field(10.0, gt=0)
+    """Seconds a client has to send a request's whole head (request line and headers) once it
+    started it; a slower one is answered 408 and closed (a slowloris client holds nothing)."""
+    keepalive_timeout: float = Field(75.0, gt=0)
+    """Seconds a connection may stay open without a request (a new one, or between two)."""
+    max_connections: int = Field(4096, ge=1)
+    """Client connections the control service keeps open at once; past it a new connection is
+    answered 503 with Retry-After and closed. Never more than the process's open-file limit
+    minus 256 (kept for replicas, files and the bucket)."""
     console: bool = True
     """Whether `modelplane up` starts the console."""
     emulator_port: int = Field(0, ge=0, le=65535)

@@ -62,6 +62,12 @@ def acquire(state_dir: Path | str) -> Path:
         return root
 
 
+def held(state_dir: Path | str) -> bool:
+    """Whether this process holds the state directory's lock."""
+    with _guard:
+        return Path(state_dir).resolve() in _held
+
+
 def release(state_dir: Path | str) -> None:
     root = Path(state_dir).resolve()
     with _guard:

@@ -173,3 +173,16 @@ def test_parse_stats_reads_locust_csv(tmp_path):
     total, rows = parse_stats(path)
     assert total.requests == 10 and total.failures == 1 and total.p99_ms == 30
     assert [r.name for r in rows] == ["/models/a/predict"]
+
+
+def test_body_flood_prints_its_figures_and_the_budget_turns_the_excess_away():
+    """`python -m loadtest.body_flood`, small and bounded: the control service's RSS before, at
+    its peak and after, and each status; a 5 MiB budget takes two 2 MiB bodies at once."""
+    out = subprocess.run([sys.executable, "-m", "loadtest.body_flood", "--concurrency", "8", "--size-mib", "2",
+                          "--settle", "0.5", "--max-seconds", "60", "--env", "MODELPLANE_MAX_BODIES_IN_FLIGHT=5242880"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sum(figures["statuses"].values()) == 8 and set(figures["statuses"]) <= {"200", "503"}
+    assert figures["statuses"].get("200", 0) >= 2
+    assert all(finite(figures[k]) and figures[k] > 0 for k in ("rss_before_mib", "rss_peak_mib", "rss_after_mib"))

@@ -288,3 +288,24 @@ def test_a_manifest_that_is_not_utf8_or_too_big_names_the_file(tmp_path):
     (tmp_path / "model.yaml").write_text(GOOD + "#" * (300 * 1024) + "\n")
     with pytest.raises(ManifestError, match="larger than 256 KiB"):
         load_manifest(tmp_path)
+
+
+def test_yaml_merge_keys_are_refused_naming_the_line_and_field():
+    """`<<: ...` brings keys in silently: written beside a key it also brings, a merge slipped
+    past the duplicate-key check (the explicit key won, nothing said so)."""
+    inline = GOOD.replace("scaling: {min: 0, max: 5,", "scaling: {<<: {max: 50}, min: 0, max: 5,")
+    ((field, line, message),) = problems(inline)
+    assert field == "scaling.<<" and line == 11 and "merge keys" in message
+    anchored = GOOD.replace("resources: {cpu: \"1\", memory: 1Gi}",
+                            "resources: &r {cpu: \"1\", memory: 1Gi}\nbatch:\n  <<: *r\n  timeout: 30m\n")
+    ((field, line, message),) = problems(anchored)
+    assert field == "batch.<<" and line == 14 and "merge keys" in message
+    listed = GOOD.replace("  - {name: net_worth, type: number}", "  - {<<: {name: x}, name: net_worth, type: number}")
+    ((field, line, _),) = problems(listed)
+    assert field == "features[0].<<" and line == 7
+
+
+def test_an_alias_used_as_a_key_cannot_smuggle_a_duplicate():
+    text = "k: &k version\n" + GOOD + "*k : 9.9.9\n"
+    found = problems(text)
+    assert any("duplicate key 'version'" in message for _, _, message in found), found

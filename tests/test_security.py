@@ -77,6 +77,39 @@ def test_dns_rebinding_is_refused_by_the_host_check(plane):
         assert api.get(f"{server.url}/api/models", headers={"Host": host}).status_code == 200, host
 
 
+def _with_host(server, method: str, path: str, host: str) -> tuple[int, str]:
+    """A request whose Host header is sent byte for byte (clients would fix or refuse some)."""
+    import socket
+
+    body = b'{"rows": [{"x": 1}]}' if method == "POST" else b""
+    head = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode("latin-1") + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
+
+
+def test_malformed_host_headers_are_400_naming_the_host(plane):
+    server, runtime = plane
+    port = server.port
+    bad = ["[::1", f"[::1:{port}", "a@b", f"user@127.0.0.1:{port}", f"127.0.0.1 :{port}", "local host",
+           "localhost:", f"localhost:{port}x", "localhost:http", "localhost:99999", "::1", f"[nope]:{port}",
+           f"localhost:{port}:{port}", "-bad-.example"]
+    for host in bad:
+        for method, path in (("GET", "/api/models"), ("POST", "/models/echo-rt/predict")):
+            status, body = _with_host(server, method, path, host)
+            assert status == 400 and "Host" in body and "malformed" in body, (host, path, status, body[:200])
+    assert runtime.forwarded == []
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "[::1]", "LocalHost"):
+        for method, path in (("GET", "/api/models"), ("POST", "/models/echo-rt/predict")):
+            status, body = _with_host(server, method, path, host)
+            assert status == 200, (host, path, status, body[:200])
+
+
 def test_allowed_hosts_names_the_service_behind_a_proxy(tmp_path):
     settings = settings_for(tmp_path, allowed_hosts="models.example.com,.svc.cluster.local")
     with running(settings, runtime=FakeRuntime()) as server:
