@@ -107,8 +107,7 @@ def test_a_broken_version_is_refused_and_the_live_one_keeps_every_request(tmp_pa
     settings = settings_for(tmp_path, deploy_check_timeout=3)
     with running(settings) as server:
         r = post_deploy(server, echo(tmp_path, "1.0.0"))
-        assert r.status_code == 201, r.text
-        assert r.json()["live"] is True and r.json()["failed"] is False
+        assert r.status_code == 201 and r.json()["live"] is True, r.text
         with Poller(server) as poller:
             r = post_deploy(server, build(tmp_path))
             n_during = len(poller.answers)
@@ -281,13 +280,11 @@ def test_rollback_twice_goes_back_twice_skipping_failed_versions(tmp_path, monke
 
     with running(settings) as server:
         flags = ["--url", server.url, "--token", TOKEN]
-        for version, factor in (("1.0.0", 1), ("2.0.0", 2)):
+        for version, factor in (("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 3)):
             assert post_deploy(server, echo(tmp_path, version, factor=factor)).status_code == 201
-        assert post_deploy(server, echo(tmp_path, "2.5.0", fixture="broken")).status_code == 422
-        assert post_deploy(server, echo(tmp_path, "3.0.0", factor=3)).status_code == 201
         assert live() == "3.0.0"
         assert api.get(f"{server.url}/api/models/echo/traffic").json()["previous"] == "2.0.0"
-        # 3.0.0 -> 2.0.0 (2.5.0 failed: never live, not in the history)
+        # 3.0.0 -> 2.0.0
         assert main(["rollback", "echo", *flags]) == 0
         assert live() == "2.0.0"
         assert api.get(f"{server.url}/api/models/echo/traffic").json()["previous"] == "1.0.0"
@@ -303,6 +300,11 @@ def test_rollback_twice_goes_back_twice_skipping_failed_versions(tmp_path, monke
         # naming a version still works, forward too; then a rollback returns to the one left
         assert main(["rollback", "echo", "3.0.0", *flags]) == 0
         assert live() == "3.0.0"
+        assert main(["rollback", "echo", *flags]) == 0
+        assert live() == "1.0.0"
+        # a version that failed its check is never in the history: 4.0.0 -> 1.0.0, past 3.5.0
+        assert post_deploy(server, echo(tmp_path, "3.5.0", fixture="broken")).status_code == 422
+        assert post_deploy(server, echo(tmp_path, "4.0.0", factor=4)).status_code == 201
         assert main(["rollback", "echo", *flags]) == 0
         assert live() == "1.0.0"
 
@@ -354,3 +356,63 @@ def test_the_cluster_runtime_reads_and_walks_the_same_history():
               "conditions": [{"type": "ConfigurationsReady", "status": "False"}]}
     skipping = knative._traffic_state(svc({"live": "3.0.0", "past": ["1.0.0", "2.0.0"]}, failed), history)
     assert skipping.previous == "1.0.0"
+
+
+# -- remove asks first ----------------------------------------------------------------------
+
+class _Terminal:
+    """stdin as a terminal where the user types `text`."""
+
+    def __init__(self, text: str):
+        self._lines = [text + "\n"]
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self, *args) -> str:
+        return self._lines.pop(0) if self._lines else ""
+
+
+class _Pipe(_Terminal):
+    def isatty(self) -> bool:
+        return False
+
+
+def test_remove_shows_what_goes_and_asks_first(tmp_path, monkeypatch, capsys):
+    settings = settings_for(tmp_path, deploy_check_timeout=3)
+    for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN", "MODELPLANE_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with running(settings) as server:
+        flags = ["--url", server.url, "--token", TOKEN]
+        assert post_deploy(server, echo(tmp_path, "1.0.0")).status_code == 201
+        assert post_deploy(server, echo(tmp_path, "1.1.0", factor=2), live=False).status_code == 201
+        assert api.post(f"{server.url}/api/models/echo/rollout", json={"version": "1.1.0", "percent": 10}).ok
+
+        def still_there() -> bool:
+            return api.get(f"{server.url}/api/models/echo").status_code == 200
+
+        # not a terminal, no --yes: refused, nothing deleted
+        monkeypatch.setattr("sys.stdin", _Pipe("echo"))
+        assert main(["remove", "echo", *flags]) == 1
+        captured = capsys.readouterr()
+        assert "stdin is not a terminal, so pass --yes" in captured.err and still_there()
+        # what would go is shown first: every version, the live one and the one taking a share
+        assert "deletes it and all 2 of its version(s)" in captured.out
+        assert re.search(r"^1\.0\.0\s+\S+\s+live, takes 90% of requests$", captured.out, re.M), captured.out
+        assert re.search(r"^1\.1\.0\s+\S+\s+rollout, takes 10% of requests$", captured.out, re.M), captured.out
+        # on a terminal: the name must be typed back
+        monkeypatch.setattr("sys.stdin", _Terminal("ech"))
+        assert main(["remove", "echo", *flags]) == 1
+        assert "not removed" in capsys.readouterr().err and still_there()
+        monkeypatch.setattr("sys.stdin", _Terminal(""))
+        assert main(["remove", "echo", *flags]) == 1 and still_there()
+        monkeypatch.setattr("sys.stdin", _Terminal("echo"))
+        assert main(["remove", "echo", *flags]) == 0
+        assert "removed echo" in capsys.readouterr().out and not still_there()
+        # --yes: no question, even without a terminal
+        assert post_deploy(server, echo(tmp_path, "1.0.1")).status_code == 201
+        monkeypatch.setattr("sys.stdin", _Pipe(""))
+        assert main(["remove", "echo", "--yes", *flags]) == 0 and not still_there()
+        # an unknown model: said so, nothing asked
+        assert main(["remove", "nope", "--yes", *flags]) == 1
+        assert "no model named 'nope'" in capsys.readouterr().err
