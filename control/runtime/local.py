@@ -172,6 +172,17 @@ class LocalRuntime(Runtime):
                         self.store.set_failed(name, info.version, e.details["error_text"])
                 e.details.pop("error_text", None)
                 raise
+            except Exception as e:
+                # the check did not finish (the runtime is closing, say): the version must not be
+                # taken for a checked one; deploying it again checks it again
+                message = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                with self._admin:
+                    record = self.store.find(name)
+                    if record is not None and record.live is None:
+                        self.store.drop(name, info.version)
+                    elif record is not None and record.live != info.version:
+                        self.store.set_failed(name, info.version, f"its deploy check did not finish: {message}")
+                raise
             record = self.store.get(name)
             return self._version_info(record, record.version(info.version))
 
