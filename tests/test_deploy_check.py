@@ -65,21 +65,33 @@ class Poller:
         self._thread.join(30)
 
 
-def processes_of(folder_part: str) -> list[int]:
-    """Pids whose command line names `folder_part` (a version's frozen folder)."""
+def processes_of(state_dir: Path, version: str) -> list[int]:
+    """Pids of echo `version`: processes whose command line names its frozen folder or that run
+    in it (the model), or that write to one of its replica logs (the adapter, which may have
+    been a spare started before it knew its folder)."""
+    state = Path(state_dir).resolve()
+    frozen = str(state / "models" / "echo" / version)
+    logs = str(state / "logs" / "replicas" / "echo" / f"{version}-")
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
             with open(f"/proc/{entry}/stat", "rb") as f:
                 if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
                     continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            fds = []
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                try:
+                    fds.append(os.readlink(f"/proc/{entry}/fd/{fd}"))
+                except OSError:
+                    pass
         except OSError:
             continue
-        if folder_part in cmdline:
+        if frozen in cmdline or cwd.startswith(frozen) or any(t.startswith(logs) for t in fds):
             pids.append(int(entry))
     return pids
 
@@ -131,8 +143,8 @@ def test_a_broken_version_is_refused_and_the_live_one_keeps_every_request(tmp_pa
         assert reason in versions["2.0.0"]["error"] and in_log in versions["2.0.0"]["error"]
         assert versions["1.0.0"]["failed"] is False and versions["1.0.0"]["live"] is True
         # nothing of 2.0.0 keeps running
-        frozen = str(Path(settings.state_dir).resolve() / "models" / "echo" / "2.0.0")
-        wait_until(lambda: not processes_of(frozen), 30, what="no process of 2.0.0")
+        assert not processes_of(settings.state_dir, "2.0.0")
+        assert len(processes_of(settings.state_dir, "1.0.0")) >= 2   # 1.0.0's adapter and model do run
         # and it never takes traffic: no rollout, no rollback to it, not even by its own URL
         r = api.post(f"{server.url}/api/models/echo/rollout", json={"version": "2.0.0", "percent": 10})
         assert r.status_code == 409 and "failed its deploy check" in r.json()["error"], r.text
@@ -141,7 +153,7 @@ def test_a_broken_version_is_refused_and_the_live_one_keeps_every_request(tmp_pa
         r = api.post(f"{server.url}/models/echo/versions/2.0.0/predict", json={"rows": [{"x": 1}]})
         assert r.status_code == 409, r.text
         assert model(server)["version"] == "1.0.0"
-        assert not processes_of(frozen)
+        assert not processes_of(settings.state_dir, "2.0.0")
 
 
 def test_the_cli_says_why_and_shows_the_log_tail(tmp_path, monkeypatch, capsys):
@@ -185,7 +197,7 @@ def test_a_new_models_first_version_that_fails_is_not_deployed(tmp_path):
         # listed as failed, with why; nothing of it runs, nothing answers for it
         listed = {m["name"]: m for m in api.get(f"{server.url}/api/models").json()}
         assert listed["echo"]["status"] == "failed" and "exited with status" in listed["echo"]["error"]
-        assert not processes_of(str(Path(settings.state_dir).resolve() / "models" / "echo"))
+        assert not processes_of(settings.state_dir, "1.0.0")
         assert api.post(f"{server.url}/models/echo/predict", json={"rows": [{"x": 1}]}).status_code == 404
         # a good first version then deploys as usual
         assert post_deploy(server, echo(tmp_path, "1.0.1")).status_code == 201

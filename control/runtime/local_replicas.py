@@ -429,8 +429,14 @@ class ReplicaManager:
                     for r in rev.replicas:
                         self._stop_locked(r)
                     rev.notify()
+                stopping = [r for r in rev.replicas if r.stop_requested]
                 self.generation += 1
             self._wake.set()
+            if not passed:   # the refusal is answered once nothing of the version runs
+                deadline = time.monotonic() + STOP_GRACE + 2.0
+                for r in stopping:
+                    if r.thread is not None:
+                        r.thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _await_ready(self, rev: Revision, timeout: float) -> None:
         """Until one of the revision's replicas is ready; CheckFailed when the revision fails (a
