@@ -197,6 +197,7 @@ def test_a_new_models_first_version_that_fails_is_not_deployed(tmp_path):
         # listed as failed, with why; nothing of it runs, nothing answers for it
         listed = {m["name"]: m for m in api.get(f"{server.url}/api/models").json()}
         assert listed["echo"]["status"] == "failed" and "exited with status" in listed["echo"]["error"]
+        assert "cannot load params.json" in listed["echo"]["error"]   # with the tail of its log
         assert not processes_of(settings.state_dir, "1.0.0")
         assert api.post(f"{server.url}/models/echo/predict", json={"rows": [{"x": 1}]}).status_code == 404
         # a good first version then deploys as usual

@@ -258,7 +258,9 @@ def routes(plane) -> Routes:
                 version = runtime.deploy(manifest, make_live=make_live)  # the runtime keeps its own copy
             except DeployCheckFailed as e:
                 if e.details.get("new_model"):   # nothing deployed: the model list says why
-                    plane.failed[manifest.name] = {"name": manifest.name, "error": e.message, "path": ""}
+                    tail = e.details.get("log_tail")
+                    plane.failed[manifest.name] = {"name": manifest.name, "path": "", "error": e.message + (
+                        f"\nits log ends with:\n{tail}" if tail else "")}
                 raise
         finally:
             shutil.rmtree(dest, ignore_errors=True)
