@@ -429,3 +429,33 @@ def test_remove_shows_what_goes_and_asks_first(tmp_path, monkeypatch, capsys):
         # an unknown model: said so, nothing asked
         assert main(["remove", "nope", "--yes", *flags]) == 1
         assert "no model named 'nope'" in capsys.readouterr().err
+
+
+# -- the console ----------------------------------------------------------------------------
+
+def test_the_console_marks_a_failed_version_and_never_offers_it_for_rollback(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    config.set_option("server.address", "127.0.0.1")   # served on loopback: it acts with the plane's token
+
+    settings = settings_for(tmp_path, deploy_check_timeout=3)
+    with running(settings) as server:
+        assert post_deploy(server, echo(tmp_path, "1.0.0")).status_code == 201
+        assert post_deploy(server, echo(tmp_path, "1.1.0", factor=2)).status_code == 201
+        assert post_deploy(server, echo(tmp_path, "2.0.0", fixture="broken")).status_code == 422
+        monkeypatch.setenv("MODELPLANE_URL", server.url)
+        monkeypatch.setenv("MODELPLANE_TOKEN", TOKEN)
+        monkeypatch.setenv("MODELPLANE_STATE_DIR", str(tmp_path / "no-state"))
+        at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "console" / "app.py"), default_timeout=90)
+        at.run()
+        at.switch_page("views/model.py")
+        at.query_params.update(model="echo")
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        table = next(d.value for d in at.dataframe if "Live" in d.value.columns).set_index("Version")
+        assert table.loc["2.0.0", "Live"] == "✗ failed its deploy check"
+        assert table.loc["1.1.0", "Live"] == "● live"
+        assert any("Why 2.0.0 failed its deploy check" in e.label for e in at.expander)
+        assert at.selectbox(key="rollback-target-echo").options == ["1.0.0"]
