@@ -459,3 +459,19 @@ def test_the_console_marks_a_failed_version_and_never_offers_it_for_rollback(tmp
         assert table.loc["1.1.0", "Live"] == "● live"
         assert any("Why 2.0.0 failed its deploy check" in e.label for e in at.expander)
         assert at.selectbox(key="rollback-target-echo").options == ["1.0.0"]
+
+
+def test_a_sample_that_does_not_fit_the_features_is_named_and_nothing_is_started(tmp_path):
+    from adapters.manifest import load_manifest
+    from control.runtime.base import DeployCheckFailed
+    from control.runtime.local import LocalRuntime
+
+    with LocalRuntime(settings_for(tmp_path, deploy_check_timeout=3)) as rt:
+        rt.deploy(load_manifest(echo(tmp_path, "1.0.0")))
+        folder = echo(tmp_path, "2.0.0")
+        (folder / "sample.csv").write_text("y\n1\n")
+        with pytest.raises(DeployCheckFailed) as err:
+            rt.deploy(load_manifest(folder))
+        assert "sample.csv" in err.value.message and "x" in err.value.details["reason"], err.value.message
+        assert rt.traffic("echo").live == "1.0.0"
+        assert not list((Path(rt.state_dir) / "logs" / "replicas" / "echo").glob("2.0.0-*.log"))
