@@ -154,6 +154,8 @@ class Version(_Closed):
     version: str
     deployed_at: str
     live: bool
+    failed: bool = Field(False, description="It failed its deploy check: it takes no traffic.")
+    error: Optional[str] = Field(None, description="Why it failed its deploy check, with the tail of its log.")
 
 
 class ModelSummary(_Closed):

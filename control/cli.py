@@ -68,6 +68,9 @@ class Client:
                 else:
                     where = f"{p.get('file', '')}:{p['line']}" if p.get("line") else p.get("file", "")
                     details.append(f"  {where}: {p.get('field') + ': ' if p.get('field') else ''}{p.get('message')}")
+            if body.get("log_tail"):   # a version that failed its deploy check: the end of its log
+                details.append("its log ends with:")
+                details += [f"  {line}" for line in str(body["log_tail"]).splitlines()]
             error = str(body.get("error") or resp.reason or "")
             problems = body.get("problems") or []
             if problems and isinstance(problems[0], dict) and "file" in problems[0]:
@@ -290,8 +293,13 @@ def cmd_status(args) -> int:
     _print_traffic(m.get("traffic") or {})
     if m.get("versions"):
         out("\nversions")
-        out(table([[v["version"], v.get("deployed_at"), "live" if v.get("live") else ""] for v in m["versions"]],
-                  ["VERSION", "DEPLOYED", "LIVE"]))
+        out(table([[v["version"], v.get("deployed_at"), "live" if v.get("live") else "failed" if v.get("failed") else ""]
+                   for v in m["versions"]], ["VERSION", "DEPLOYED", "LIVE"]))
+        for v in m["versions"]:
+            if v.get("failed") and v.get("error"):
+                out(f"\n{v['version']} failed its deploy check (it takes no traffic):")
+                for line in str(v["error"]).splitlines():
+                    out(f"  {line}")
     metrics = m.get("metrics") or {}
     shown = [(k, metrics[k]) for k in ("requests", "errors", "p50_ms", "p95_ms", "cold_starts") if k in metrics]
     if shown:
@@ -500,7 +508,32 @@ def _progress_line(c: dict) -> str:
 
 
 def cmd_remove(args) -> int:
-    client_for(args).json("DELETE", f"/api/models/{quote(args.name)}")
+    """Show what goes (every version; which one is live, which takes a share), then ask: on a
+    terminal, the model's name typed back; elsewhere only `--yes` removes it."""
+    client = client_for(args)
+    m = client.json("GET", f"/api/models/{quote(args.name)}")
+    versions = m.get("versions") or []
+    shares = {t.get("version"): t.get("percent") for t in (m.get("traffic") or {}).get("targets") or []}
+    out(f"removing {args.name} deletes it and all {len(versions)} of its version(s):")
+    rows = []
+    for v in versions:
+        state = "live" if v.get("live") else "failed" if v.get("failed") else ""
+        if shares.get(v["version"]):
+            state = f"{state or 'rollout'}, takes {shares[v['version']]}% of requests"
+        rows.append([v["version"], v.get("deployed_at"), state])
+    if rows:
+        out(table(rows, ["VERSION", "DEPLOYED", "STATE"]))
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CLIError(f"not removed: removing {args.name} deletes every version and needs confirmation; "
+                           f"stdin is not a terminal, so pass --yes to remove it")
+        try:
+            answer = input(f"type {args.name} to remove it: ")
+        except EOFError:
+            answer = ""
+        if answer.strip() != args.name:
+            raise CLIError(f"not removed: {args.name} was not typed back")
+    client.json("DELETE", f"/api/models/{quote(args.name)}")
     out(f"removed {args.name}")
     return 0
 
@@ -1034,8 +1067,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="at most N records (default 50)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.add_argument("--verify", action="store_true", help="check the hash chain from the first record")
-    p = command("remove", cmd_remove, "delete a model and all its versions")
+    p = command("remove", cmd_remove, "delete a model and all its versions (asks first)")
     p.add_argument("name")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask: remove it and every version")
     p = command("predict", cmd_predict, "score rows with a realtime model")
     p.add_argument("name")
     src = p.add_mutually_exclusive_group()

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     """Seconds between bucket listings of the local bucket watcher."""
     start_timeout: float = Field(60.0, gt=0)
     """Seconds a replica may take to become ready before it counts as failed."""
+    deploy_check_timeout: Optional[float] = Field(None, gt=0)
+    """Seconds a new version may take to start, become ready and score its sample before its
+    deploy is refused (422) and the live version kept. Unset: `start_timeout`."""
     max_restarts: int = Field(3, ge=0)
     """Crashes of a model in a row (with backoff) before it is marked failed."""
     threads: int = Field(128, ge=4)

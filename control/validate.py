@@ -42,6 +42,9 @@ class CheckFailed(Exception):
 class Report:
     """Prints one line per check as it finishes, so a slow step is visible while it runs."""
 
+    #: (what, detail) of every failed check, for a caller that reports them elsewhere
+    failures: list
+
     def __init__(self, stream: TextIO):
         self.stream = stream
         encoding = getattr(stream, "encoding", None) or "utf-8"
@@ -51,6 +54,7 @@ class Report:
         except (UnicodeEncodeError, LookupError):
             self.ok, self.bad = "ok  ", "FAIL"
         self.failed = False
+        self.failures = []
 
     def line(self, text: str = "") -> None:
         self.stream.write(text + "\n")
@@ -64,6 +68,7 @@ class Report:
                 self.line(f"      {text}")
         if not passed:
             self.failed = True
+            self.failures.append((what, detail))
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -290,17 +295,20 @@ def infer_body(manifest: Manifest, header: list[str], records: list[list[str]]) 
     return {"inputs": inputs}
 
 
-def test_batch(manifest: Manifest, n_rows: int, report: Report, *, timeout: float) -> None:
+def test_batch(manifest: Manifest, n_rows: int, report: Report, *, timeout: float,
+               adapter: Optional[list[str]] = None, env: Optional[dict] = None, job: str = "validate") -> None:
+    """Run the sample through `python -m adapters batch` (or `adapter` + `batch`: the local
+    runtime's own command and environment, when it checks a version at deploy)."""
     with tempfile.TemporaryDirectory(prefix="modelplane-validate-") as tmp:
         results = Path(tmp) / "results"
         log_path = Path(tmp) / "adapter.log"
         t0 = time.monotonic()
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "adapters", "batch", str(manifest.folder),
-                 "--dataset", str(manifest.sample_path), "--results", str(results) + os.sep, "--job", "validate"],
+                [*(adapter or [sys.executable, "-m", "adapters"]), "batch", str(manifest.folder),
+                 "--dataset", str(manifest.sample_path), "--results", str(results) + os.sep, "--job", job],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
-                env=_adapter_env(), start_new_session=True)
+                env=env if env is not None else _adapter_env(), start_new_session=True)
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

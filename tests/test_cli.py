@@ -85,7 +85,7 @@ def test_deploy_rollback_remove(plane, capsys, tmp_path):
     assert cli(server, "rollback", "echo-rt", "1.0.0") == 0
     assert "echo-rt 1.0.0 is live" in capsys.readouterr().out
     assert runtime.live["echo-rt"] == "1.0.0"
-    assert cli(server, "remove", "echo-rt") == 0
+    assert cli(server, "remove", "echo-rt", "--yes") == 0   # no terminal here: --yes, or it asks
     assert "echo-rt" not in runtime.manifests
 
 

@@ -364,6 +364,11 @@ def test_realtime_rollout_writes_percents_and_a_tag_per_version(cluster, runtime
     assert traffic()[:2] == [("1-0-0", 0, "v1-0-0"), ("2-0-0-rc-1", 100, "v2-0-0-rc-1")]
     assert runtime.rollback(name).version == "1.0.0"
     assert traffic()[0] == ("1-0-0", 100, "v1-0-0") and runtime.traffic(name).candidate is None
+    # a second rollback does not swing back to 1.1.0, the version just rolled back from: there
+    # is nothing earlier than 1.0.0
+    with pytest.raises(Conflict, match="no earlier live version"):
+        runtime.rollback(name)
+    assert traffic()[0] == ("1-0-0", 100, "v1-0-0")
     runtime.remove(name)
 
 

@@ -103,17 +103,21 @@ def rt(settings):
 # -- realtime: activator and autoscaler ---------------------------------------------------
 def test_a_cold_start_takes_the_warm_spare_adapter_and_a_new_one_is_made(rt, tmp_path, monkeypatch):
     spare = rt.replicas._spare
-    waiting = wait_for(lambda: spare.started == 1 and spare.waiting, what="a spare adapter")
+    wait_for(lambda: spare.started == 1 and spare.waiting, what="a spare adapter")
+    # the deploy check's replica is a cold start too: it takes the first spare, and is stopped after
     rt.deploy(load_manifest(make_model(tmp_path, "echo", params={"factor": 3})))
-    assert scores(rt, "echo", [{"x": 2}]) == [6]
     assert spare.used == 1
+    waiting = wait_for(lambda: spare.started == 2 and spare.waiting, what="the next spare")
+    wait_for(lambda: not replica_procs(rt, "echo").get("1.0.0"), what="the checked replica stopped")
+    assert scores(rt, "echo", [{"x": 2}]) == [6]
+    assert spare.used == 2
     assert [p.pid for p in replica_procs(rt, "echo")["1.0.0"]] == [waiting.pid]   # the spare became the replica
-    wait_for(lambda: spare.started == 2, what="the next spare")
+    wait_for(lambda: spare.started == 3, what="the next spare")
     # a spare made with an environment that no longer holds is dropped, never used
     monkeypatch.setenv("MODELPLANE_TEST_CHANGED", "1")
     stale = wait_for(lambda: spare.waiting, what="the next spare")
     assert spare.take(rt.replicas._argv(tmp_path, 1), tmp_path / "o.log", tmp_path / "o.log") is None
-    assert stale.poll() is not None and spare.used == 1
+    assert stale.poll() is not None and spare.used == 2
 
 
 def test_replicas_answer_this_runtime_only(rt, tmp_path):
@@ -245,20 +249,26 @@ def test_crash_mid_request_is_a_502_and_the_next_request_works(rt, tmp_path):
 
 
 def test_model_that_keeps_crashing_ends_failed_with_its_stderr(rt, tmp_path):
-    rt.deploy(load_manifest(make_model(tmp_path, "broken")))
+    # A version that cannot start is refused at deploy (tests/test_deploy_check.py); this one
+    # passed its check and breaks afterwards (a file it needs changes under it, say).
+    flag = tmp_path / "break-it"
+    rt.deploy(load_manifest(make_model(tmp_path, "echo", name="broken", params={"factor": 1,
+                                                                               "crash_at_start_if": str(flag)})))
+    flag.touch()
     with pytest.raises(Unavailable) as err:
         predict(rt, "broken", [{"x": 1}])
-    assert "cannot load params.json" in err.value.message
+    assert "cannot start" in err.value.message
     info = rt.model("broken")
     assert info.status == "failed"
-    assert "3 crashes in a row" in info.error and "cannot load params.json" in info.error
+    assert "3 crashes in a row" in info.error and "cannot start" in info.error
     assert [m.status for m in rt.models()] == ["failed"]
     # not restarted forever: nothing runs, and a request fails at once with the same reason
     time.sleep(1)
     assert not any(replica_procs(rt, "broken").values())
     with pytest.raises(Unavailable):
         predict(rt, "broken", [{"x": 1}])
-    assert len(list((Path(rt.state_dir) / "logs" / "replicas" / "broken").glob("*.log"))) == 3
+    # three crashes, plus the replica its deploy check ran
+    assert len(list((Path(rt.state_dir) / "logs" / "replicas" / "broken").glob("*.log"))) == 4
     # a new deploy clears the failure
     rt.deploy(load_manifest(make_model(tmp_path, "echo", name="broken", version="1.0.1", features=[
         {"name": "x", "type": "number"}])))
@@ -269,7 +279,7 @@ def test_model_that_keeps_crashing_ends_failed_with_its_stderr(rt, tmp_path):
     rt.rollback("broken", version="1.0.0")
     assert rt.model("broken").status != "failed"
     info = wait_for(lambda: (m := rt.model("broken")).status == "failed" and m, what="failed again")
-    assert "cannot load params.json" in info.error
+    assert "cannot start" in info.error
 
 
 # -- versions --------------------------------------------------------------------------------

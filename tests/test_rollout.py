@@ -205,7 +205,12 @@ def test_a_slow_candidate_never_holds_the_live_answer(plane):
 
 def test_a_failing_candidate_never_fails_the_live_answer(plane):
     server, tmp_path = plane
-    deploy(server, make_model(tmp_path, "broken", name="echo", version="2.0.0", scaling=SCALING), live=False)
+    # 2.0.0 passes its deploy check, then cannot start any more (a crashing version is refused
+    # at deploy: tests/test_deploy_check.py)
+    flag = tmp_path / "break-it"
+    deploy(server, make_model(tmp_path, "echo", version="2.0.0", scaling=SCALING,
+                              params={"factor": 2, "crash_at_start_if": str(flag)}), live=False)
+    flag.touch()
     assert api.post(f"{server.url}/api/models/echo/rollout", json={"version": "2.0.0", "shadow": 100}).status_code == 200
     answers = [predict(server, i) for i in range(10)]
     assert [a["scores"] for a in answers] == [[i] for i in range(10)]

@@ -262,9 +262,14 @@ def versions(name: str, detail: dict) -> None:
         st.dataframe(pd.DataFrame([{
             "Version": v.get("version"),
             "Deployed": v.get("deployed_at"),
-            "Live": "● live" if v.get("live") else "",
+            "Live": "● live" if v.get("live") else "✗ failed its deploy check" if v.get("failed") else "",
         } for v in versions]), hide_index=True)
-    others = [v["version"] for v in versions if v.get("version") != live]
+        for v in versions:
+            if v.get("failed"):
+                with st.expander(f"Why {v['version']} failed its deploy check (it takes no traffic)"):
+                    st.code(v.get("error") or "no reason recorded", language=None)
+    # a version that failed its deploy check never takes traffic: not offered
+    others = [v["version"] for v in versions if v.get("version") != live and not v.get("failed")]
     if not others:
         st.caption("Only one version is deployed: nothing to roll back to. "
                    "`modelplane deploy` a new version and it appears here.")

@@ -19,6 +19,7 @@ from adapters.manifest import MANIFEST_FILE, ManifestError, parse_manifest, read
 from control import api_schema as s
 from control.api import Routes, body_json, query
 from control.errors import BadRequest, Invalid, NotFound
+from control.runtime.base import DeployCheckFailed
 from control.uploads import extract_model
 
 MODEL_ARCHIVE_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar", "application/octet-stream")
@@ -228,6 +229,8 @@ def routes(plane) -> Routes:
                               [s.Answer(201, s.Deployed)], body_types=MODEL_ARCHIVE_TYPES, query=s.DeployQuery,
                               body_limit=settings.max_model_upload, errors=(409, 422, 503), tag="models",
                               role="deployer", audit="deploy")
+    # 422 also when the new version does not start, become ready and score its sample: then it is
+    # recorded as failed (the versions list says why) and what was live stays live
 
     @r(deploy_spec)
     def deploy_model():
@@ -260,7 +263,14 @@ def routes(plane) -> Routes:
                 existing = plane.policy(manifest.name).owner
                 if existing is not None:   # the model exists: it must be this owner's already
                     guard.require_owner(identity, existing, manifest.name)
-            version = runtime.deploy(manifest, make_live=make_live)  # the runtime keeps its own copy
+            try:
+                version = runtime.deploy(manifest, make_live=make_live)  # the runtime keeps its own copy
+            except DeployCheckFailed as e:
+                if e.details.get("new_model"):   # nothing deployed: the model list says why
+                    tail = e.details.get("log_tail")
+                    plane.failed[manifest.name] = {"name": manifest.name, "path": "", "error": e.message + (
+                        f"\nits log ends with:\n{tail}" if tail else "")}
+                raise
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         plane.failed.pop(manifest.name, None)

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Hashable, Any, ClassVar, Mapping, Optional
 
 from adapters.manifest import Manifest
+from control.errors import Invalid
 
 MODEL_STATUSES = ("ready", "idle", "starting", "failed")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
@@ -25,6 +26,10 @@ class VersionInfo:
     version: str
     deployed_at: str
     live: bool = False
+    #: the version failed its deploy check (started, ready, scored its sample): it never takes
+    #: traffic, and `error` says why, with the tail of the model's log
+    failed: bool = False
+    error: Optional[str] = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -61,8 +66,9 @@ class Traffic:
 
     `percent` of requests are answered by the candidate, the rest by the live version;
     `shadow` percent of the live version's requests are also sent to the candidate, whose
-    answers are recorded and never returned. `previous` is the version that was live before
-    the last promote or rollback, which a rollback with no version returns to.
+    answers are recorded and never returned. `past` is the history of live versions before
+    this one, oldest first (`LIVE_HISTORY` at most); `previous` is the version a rollback with
+    no version returns to: the newest of them that can still serve (see `walk_back`).
     """
 
     live: Optional[str]
@@ -70,6 +76,7 @@ class Traffic:
     percent: int = 0
     shadow: int = 0
     previous: Optional[str] = None
+    past: list = field(default_factory=list)
 
     def targets(self) -> list[dict]:
         """The traffic list: each routed version, its share, and its tag (its own URL)."""
@@ -85,6 +92,44 @@ class Traffic:
     def to_json(self) -> dict:
         return {"live": self.live, "candidate": self.candidate, "percent": self.percent, "shadow": self.shadow,
                 "previous": self.previous, "targets": self.targets()}
+
+
+class DeployCheckFailed(Invalid):
+    """A new version did not start, become ready or score its sample: it was not made live (422).
+    `details`: model, version, reason, log_tail, and `new_model` when the model has no live
+    version (then nothing of it is kept)."""
+
+
+#: how many earlier live versions a model remembers for `rollback` to walk back through
+LIVE_HISTORY = 20
+
+
+def made_live(past: list, live: Optional[str], version: str) -> list:
+    """The history of live versions once `version` replaces `live` by a deploy, a promote or a
+    rollback to a version that is not in the history (a move forward): `live` is remembered."""
+    out = [v for v in past if v != version]
+    if live and live != version:
+        out = [v for v in out if v != live] + [live]
+    return out[-LIVE_HISTORY:]
+
+
+def walk_back(past: list, live: Optional[str], usable) -> tuple[Optional[str], list]:
+    """Where a rollback with no version goes: the newest version in `past` that `usable(v)`
+    accepts (deployed and not failed) and is not `live`, and the history left behind it. The
+    version rolled back from is not remembered, so a second rollback goes further back
+    (3 -> 2 -> 1) instead of returning to it. (None, past) when there is nothing earlier."""
+    for i in range(len(past) - 1, -1, -1):
+        if past[i] != live and usable(past[i]):
+            return past[i], list(past[:i])
+    return None, list(past)
+
+
+def rolled_back_to(past: list, live: Optional[str], version: str) -> list:
+    """The history once a rollback names `version`: a version in the history is a step back (what
+    came after it is forgotten, the version left included); any other is a move forward."""
+    if version in past:
+        return list(past[:len(past) - 1 - past[::-1].index(version)])
+    return made_live(past, live, version)
 
 
 def version_tag(version: str) -> str:

@@ -37,7 +37,8 @@ from control.errors import (
 )
 from control.events import event_id as ce_event_id
 from control.runtime import knative_objects as ko
-from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, Traffic, VersionInfo, version_tag
+from control.runtime.base import (Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, Traffic, VersionInfo, made_live,
+                                  rolled_back_to, version_tag, walk_back)
 
 log = logging.getLogger(__name__)
 
@@ -369,17 +370,24 @@ class KnativeRuntime(Runtime):
     # -- rollback / remove ------------------------------------------------------------------
     def rollback(self, name: str, *, version: Optional[str] = None) -> VersionInfo:
         if self._get_or_none("services", name) is not None:
-            def change(history: dict, state: Traffic) -> Traffic:
+            def change(history: dict, state: Traffic, svc: dict) -> Traffic:
                 target = version
                 if target is None and state.candidate:
-                    return Traffic(live=state.live, previous=state.previous)   # withdraw the rollout
+                    return _state(state.live, state.past, history, svc)   # withdraw the rollout
                 if target is None:
-                    target = state.previous
+                    # walk back through the live history, past versions that failed; the version
+                    # left is forgotten, so the next rollback goes further back
+                    target, past = walk_back(state.past, state.live, _usable(history, svc))
                     if target is None:
-                        raise Conflict(f"{name} has no rollout to withdraw and no earlier live version to "
-                                       f"return to; name the version to make live")
+                        raise Conflict(f"{name} has no rollout to withdraw and no earlier live version to return "
+                                       f"to ({state.live} is the oldest in its history that can serve); name the "
+                                       f"version to make live", details={"model": name})
+                    return _state(target, past, history, svc)
                 _known(name, history, target)
-                return _made_live(state, target)
+                if _failed_revision(svc) == history[target].get("revision"):
+                    raise Conflict(f"{name} {target} failed to become Ready, so it takes no traffic; deploy a "
+                                   f"fixed version", details={"model": name, "version": target})
+                return _state(target, rolled_back_to(state.past, state.live, target), history, svc)
 
             history, state = self._change_traffic(name, change)
             live = state.live
@@ -409,18 +417,21 @@ class KnativeRuntime(Runtime):
                 raise BadRequest(f"{name} is a batch model: a rollout splits requests, and it takes none")
             raise NotFound(f"no model named {name}")
 
-        def change(history: dict, state: Traffic) -> Traffic:
+        def change(history: dict, state: Traffic, svc: dict) -> Traffic:
             _known(name, history, version)
+            if _failed_revision(svc) == history[version].get("revision"):
+                raise Conflict(f"{name} {version} failed to become Ready, so it takes no traffic; deploy a "
+                               f"fixed version", details={"model": name, "version": version})
             if version == state.live:
                 raise Conflict(f"{name} {version} is the live version already; roll out another one",
                                details={"model": name, "version": version})
             return Traffic(live=state.live, candidate=version, percent=percent, shadow=shadow,
-                           previous=state.previous)
+                           previous=state.previous, past=state.past)
 
         return self._change_traffic(name, change)[1]
 
     def promote(self, name: str) -> VersionInfo:
-        def change(history: dict, state: Traffic) -> Traffic:
+        def change(history: dict, state: Traffic, svc: dict) -> Traffic:
             if not state.candidate:
                 raise Conflict(f"{name} has no rollout to promote; start one with "
                                f"`modelplane rollout {name} VERSION --percent P`")
@@ -464,7 +475,7 @@ class KnativeRuntime(Runtime):
             if svc is None:
                 raise NotFound(f"no realtime model named {name}")
             history = _history(svc)
-            state = change(history, _traffic_state(svc, history))
+            state = change(history, _traffic_state(svc, history), svc)
             patch = {"metadata": {"annotations": {ko.ANN_TRAFFIC: _traffic_json(state)}},
                      "spec": {"traffic": _traffic_spec(name, history, state)}}
             self._patch("services", name, patch, resource_version=svc["metadata"]["resourceVersion"])
@@ -859,14 +870,40 @@ def _traffic_state(svc: dict, history: dict) -> Traffic:
         live = next((v for v, e in history.items() if e.get("revision") == revision), None)
         return Traffic(live=live)
     candidate = data.get("candidate") if data.get("candidate") in history and data.get("candidate") != live else None
-    return Traffic(live=live, candidate=candidate, percent=int(data.get("percent") or 0) if candidate else 0,
-                   shadow=int(data.get("shadow") or 0) if candidate else 0,
-                   previous=data.get("previous") if data.get("previous") in history else None)
+    past = data.get("past")
+    if not isinstance(past, list):   # written before the history was kept: its one step back
+        past = [data["previous"]] if data.get("previous") else []
+    state = _state(live, past, history, svc)
+    if candidate:
+        state.candidate, state.percent, state.shadow = candidate, int(data.get("percent") or 0), \
+            int(data.get("shadow") or 0)
+    return state
+
+
+def _state(live: Optional[str], past: list, history: dict, svc: dict) -> Traffic:
+    """`live` taking every request, with its history of earlier live versions (those still
+    deployed) and the version a rollback would return to."""
+    past = [v for v in past if v in history]
+    return Traffic(live=live, past=past, previous=walk_back(past, live, _usable(history, svc))[0])
+
+
+def _failed_revision(svc: dict) -> Optional[str]:
+    """The Service's newest revision, when Knative could not make it Ready (it takes no traffic)."""
+    status = svc.get("status") or {}
+    created, ready = status.get("latestCreatedRevisionName"), status.get("latestReadyRevisionName")
+    condition = _condition(svc, "ConfigurationsReady") or {}
+    return created if created and created != ready and condition.get("status") == "False" else None
+
+
+def _usable(history: dict, svc: dict):
+    """Whether a version can take traffic: still deployed, and not a revision that failed."""
+    failed = _failed_revision(svc)
+    return lambda v: v in history and (failed is None or history[v].get("revision") != failed)
 
 
 def _traffic_json(state: Traffic) -> str:
     return json.dumps({"live": state.live, "candidate": state.candidate, "percent": state.percent,
-                       "shadow": state.shadow, "previous": state.previous}, sort_keys=True)
+                       "shadow": state.shadow, "previous": state.previous, "past": state.past}, sort_keys=True)
 
 
 def _traffic_spec(name: str, history: dict, state: Traffic) -> list[dict]:
@@ -874,9 +911,10 @@ def _traffic_spec(name: str, history: dict, state: Traffic) -> list[dict]:
 
 
 def _made_live(state: Traffic, version: str) -> Traffic:
-    """`version` live and taking every request; a rollout in progress ends."""
-    previous = state.live if state.live != version else state.previous
-    return Traffic(live=version, previous=previous)
+    """`version` live and taking every request; a rollout in progress ends; the version it
+    replaces joins the history a rollback walks back through."""
+    past = made_live(state.past, state.live, version)
+    return Traffic(live=version, previous=past[-1] if past else None, past=past)
 
 
 def _known(name: str, history: dict, version: str) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import io
+import json
 import logging
 import os
 import secrets
@@ -26,12 +28,13 @@ from typing import Mapping, Optional
 import adapters
 from adapters import SECRET_ENV, served
 from adapters.manifest import Manifest
-from control import statelock
+from control import statelock, validate
 from control.durable import write_json_atomic
 from control.errors import BadRequest, Conflict, NotFound
-from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, Traffic, VersionInfo
+from control.runtime.base import (DeployCheckFailed, Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, Traffic,
+                                  VersionInfo)
 from control.runtime.local_jobs import JobRunner, JobStore, new_job_id
-from control.runtime.local_replicas import ReplicaManager, Split
+from control.runtime.local_replicas import CheckFailed, ReplicaManager, Split
 from control.runtime.local_store import ModelRecord, VersionStore, utcnow
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ class LocalRuntime(Runtime):
         settings = self.settings
         self._adapter = list(adapter_command or [sys.executable, "-m", "adapters"])
         self._admin = threading.RLock()     # deploy/rollback/remove: the store and the routing change together
+        self._deploying: dict[str, threading.Lock] = {}   # one deploy (and its check) of a model at a time
         self._start_lock = threading.Lock()
         self._started = False
         self._closed = False
@@ -95,7 +99,13 @@ class LocalRuntime(Runtime):
         # nothing runs yet: whatever a previous runtime left in its jobs' work folders is stale
         shutil.rmtree(self.work_root, ignore_errors=True)
         for name in self.store.names():
-            self._route(self.store.get(name), clear_failure=True)
+            record = self.store.get(name)
+            if record.live is None:
+                # a first version whose deploy check never finished (the service stopped): not deployed
+                log.warning("%s: its first version was never checked to the end; forgetting it", name)
+                self.store.remove(name)
+                continue
+            self._route(record, clear_failure=True)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -134,13 +144,136 @@ class LocalRuntime(Runtime):
 
     # -- versions -----------------------------------------------------------------------
     def deploy(self, manifest: Manifest, *, make_live: bool = True) -> VersionInfo:
+        """Freeze the version, check it (started, ready, its sample scored: `_check`), and only then
+        make it live. A version that fails its check is recorded as failed and never routed
+        (DeployCheckFailed, 422); what was live keeps every request throughout."""
+        name = manifest.name
         with self._admin:
-            info, _created, made_live = self.store.add(manifest, make_live=make_live)
-            record = self.store.get(manifest.name)
-            if made_live:
-                self._route(record, clear_failure=True)
-        self.start()
-        return VersionInfo(version=info.version, deployed_at=info.deployed_at, live=record.live == info.version)
+            lock = self._deploying.setdefault(name, threading.Lock())
+        with lock:
+            with self._admin:
+                info, created, _ = self.store.add(manifest, make_live=False, hold=True)
+                record = self.store.get(name)
+                if not created and info.failed is None:   # the same version again: nothing changes
+                    return self._version_info(record, info)
+            self.start()
+
+            def passed() -> None:
+                with self._admin:
+                    if info.failed is not None:
+                        self.store.set_failed(name, info.version, None)   # the same content passes now
+                    if make_live or self.store.get(name).live is None:
+                        self.store.set_live(name, info.version)
+                        self._route(self.store.get(name), clear_failure=True)
+
+            try:
+                self._check(name, info.version, passed)
+            except DeployCheckFailed as e:
+                with self._admin:
+                    record = self.store.find(name)
+                    if record is not None and record.live is None:
+                        self.store.drop(name, info.version)     # a new model: nothing of it is kept
+                        e.details["new_model"] = True
+                    elif record is not None:
+                        self.store.set_failed(name, info.version, e.details["error_text"])
+                e.details.pop("error_text", None)
+                raise
+            except Exception as e:
+                # the check did not finish (the runtime is closing, say): the version must not be
+                # taken for a checked one; deploying it again checks it again
+                message = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                with self._admin:
+                    record = self.store.find(name)
+                    if record is not None and record.live is None:
+                        self.store.drop(name, info.version)
+                    elif record is not None and record.live != info.version:
+                        self.store.set_failed(name, info.version, f"its deploy check did not finish: {message}")
+                raise
+            record = self.store.get(name)
+            return self._version_info(record, record.version(info.version))
+
+    @staticmethod
+    def _version_info(record: ModelRecord, v) -> VersionInfo:
+        return VersionInfo(version=v.version, deployed_at=v.deployed_at, live=record.live == v.version,
+                           failed=v.failed is not None, error=v.failed)
+
+    def _check(self, name: str, version: str, passed) -> None:
+        """Start the version and score its sample as `modelplane validate` does, before it takes
+        traffic: DeployCheckFailed (with the reason and the tail of its log) if it does not start,
+        is not ready within `deploy_check_timeout`, or answers its sample wrongly. Nothing of
+        the version is left running after a failed check. `passed()` runs once it passed (for a
+        realtime version, while its checked replica is still held, so routing it keeps it warm)."""
+        manifest = self.store.manifest(name, version)
+        timeout = self.settings.deploy_check_timeout or self.settings.start_timeout
+        live = (self.store.get(name).live or None)
+        try:
+            sample = None
+            if manifest.sample_path is not None:
+                try:
+                    sample = validate.read_sample(manifest)
+                except OSError as e:
+                    raise CheckFailed(f"its sample {manifest.sample} cannot be read: {e.strerror or e}") from None
+                except validate.CheckFailed as e:
+                    raise CheckFailed(str(e)) from None
+            if manifest.kind == "realtime":
+                self.replicas.check(name, version, self._sample_probe(manifest, sample), timeout=timeout,
+                                    on_pass=passed)
+                return
+            if sample is not None:
+                self._check_batch(manifest, len(sample[2]), timeout)
+        except CheckFailed as e:
+            kept = f"{live} stays live" if live else "it was not deployed"
+            message = f"{name} {version} failed its deploy check, so {kept}: {e.reason}"
+            text = e.reason + (f"\nits log ends with:\n{e.log_tail}" if e.log_tail else "")
+            log.warning("%s", message)
+            raise DeployCheckFailed(message, details={"model": name, "version": version, "reason": e.reason,
+                                                      "log_tail": e.log_tail, "error_text": text}) from None
+        passed()
+
+    @staticmethod
+    def _sample_probe(manifest: Manifest, sample):
+        """What a realtime version must answer before it takes traffic: its sample through
+        `POST /predict` (as CSV) and the Open Inference Protocol, one finite score per row
+        (`modelplane validate`'s checks). Without a sample, being ready is all it is asked."""
+        def probe(send) -> None:
+            if sample is None:
+                return
+            data, header, records = sample
+            n = len(records)
+            checks = [("POST /predict (its sample as CSV)", "/predict", {"Content-Type": "text/csv"}, data),
+                      (f"POST /v2/models/{manifest.name}/infer (its sample)", f"/v2/models/{manifest.name}/infer",
+                       {"Content-Type": "application/json"},
+                       json.dumps(validate.infer_body(manifest, header, records)).encode())]
+            for what, path, headers, body in checks:
+                resp = send("POST", path, headers, body)
+                try:
+                    answer = json.loads(resp.body) if resp.body else None
+                except ValueError:
+                    answer = resp.body.decode("utf-8", "replace")
+                try:
+                    if resp.status != 200:
+                        raise validate.CheckFailed(f"{what} {validate._answer_error(resp.status, answer)}")
+                    if path == "/predict":
+                        found = answer.get("scores") if isinstance(answer, dict) else answer
+                    else:
+                        outputs = answer.get("outputs") if isinstance(answer, dict) else None
+                        if not outputs or not isinstance(outputs[0], dict):
+                            raise validate.CheckFailed(f"{what}: no outputs in the answer: {str(answer)[:300]}")
+                        found = outputs[0].get("data")
+                    validate.check_scores(found, n, what)
+                except validate.CheckFailed as e:
+                    raise CheckFailed(str(e)) from None
+        return probe
+
+    def _check_batch(self, manifest: Manifest, n_rows: int, timeout: float) -> None:
+        """A batch version's sample through the batch adapter, as `modelplane validate` runs it."""
+        report = validate.Report(io.StringIO())
+        validate.test_batch(manifest, n_rows, report, timeout=timeout, adapter=self._adapter, env=self._env(),
+                            job="deploy-check")
+        if report.failures:
+            what, detail = report.failures[0]
+            reason, _, rest = detail.partition("\n")
+            raise CheckFailed(f"{what}: {reason}" if reason else what, rest.strip())
 
     def rollback(self, name: str, *, version: Optional[str] = None) -> VersionInfo:
         with self._admin:
@@ -149,19 +282,14 @@ class LocalRuntime(Runtime):
                 self.store.set_rollout(name, None)          # withdraw the rollout: live takes all
                 info = record.live_record
             else:
-                if version is None:
-                    version = record.previous
-                    if version is None:
-                        raise Conflict(f"{name} has no rollout to withdraw and no earlier live version to "
-                                       f"return to; name the version to make live")
-                info = self.store.set_live(name, version)
+                info = self.store.rollback(name, version)   # walks back through the live history
             self._route(self.store.get(name), clear_failure=True)
         self.start()
         return VersionInfo(version=info.version, deployed_at=info.deployed_at, live=True)
 
     def rollout(self, name: str, *, version: str, percent: int = 0, shadow: int = 0) -> Traffic:
         with self._admin:
-            record = self.store.get(name)
+            record = self._live(name)
             if record.live_record.manifest.get("kind") != "realtime":
                 raise BadRequest(f"{name} is a batch model: a rollout splits requests, and it takes none")
             target = record.version(version)
@@ -190,7 +318,7 @@ class LocalRuntime(Runtime):
     def traffic(self, name: str) -> Traffic:
         record = self.store.get(name)
         return Traffic(live=record.live, candidate=record.candidate, percent=record.percent, shadow=record.shadow,
-                       previous=record.previous)
+                       previous=record.previous, past=list(record.past))
 
     def remove(self, name: str) -> None:
         with self._admin:
@@ -225,12 +353,11 @@ class LocalRuntime(Runtime):
         return self.store.generation, self.replicas.generation
 
     def model(self, name: str) -> ModelDetail:
-        record = self.store.get(name)
+        record = self._live(name)
         detail = self._info(record, ModelDetail)
         live = record.live_record
         detail.manifest = dict(live.manifest)
-        detail.versions = [VersionInfo(version=v.version, deployed_at=v.deployed_at, live=v.version == record.live)
-                           for v in reversed(record.versions)]
+        detail.versions = [self._version_info(record, v) for v in reversed(record.versions)]
         if live.manifest.get("kind") == "realtime":
             detail.metrics = self.replicas.metrics(name)
             detail.traffic = self.traffic(name).to_json()
@@ -264,13 +391,13 @@ class LocalRuntime(Runtime):
     # -- realtime -----------------------------------------------------------------------
     def forward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
                 body: bytes, query: str = "", version: Optional[str] = None) -> ProxyResponse:
-        self._realtime(name)
+        self._realtime(name, version)
         return self.replicas.forward(name, method=method, path=path, headers=headers, body=body, query=query,
                                      version=version)
 
     async def aforward(self, name: str, *, method: str, path: str, headers: Mapping[str, str],
                        body: bytes, query: str = "", version: Optional[str] = None) -> ProxyResponse:
-        self._realtime(name)
+        self._realtime(name, version)
         return await self.replicas.aforward(name, method=method, path=path, headers=headers, body=body,
                                             query=query, version=version)
 
@@ -295,8 +422,20 @@ class LocalRuntime(Runtime):
             return None
         return path
 
-    def _realtime(self, name: str) -> None:
+    def _live(self, name: str) -> ModelRecord:
+        """The model's record; NotFound while its first version is still being checked."""
         record = self.store.get(name)
+        if record.live_record is None:
+            raise NotFound(f"{name} has no live version yet: its first version is being checked")
+        return record
+
+    def _realtime(self, name: str, version: Optional[str] = None) -> None:
+        record = self._live(name)
+        if version is not None:
+            pinned = record.version(version)
+            if pinned is not None and pinned.failed is not None:
+                raise Conflict(f"{name} {version} failed its deploy check, so it takes no requests: {pinned.failed}",
+                               details={"model": name, "version": version})
         if record.live_record.manifest.get("kind") != "realtime":
             raise BadRequest(f"{name} is a batch model: it takes datasets, not requests — submit a job "
                              f"(POST /api/models/{name}/jobs) or upload a CSV to "
@@ -311,6 +450,9 @@ class LocalRuntime(Runtime):
         if live is None:
             known = ", ".join(v.version for v in record.versions) or "none"
             raise NotFound(f"{name} has no version {version} (deployed: {known})")
+        if live.failed is not None:
+            raise Conflict(f"{name} {live.version} failed its deploy check, so it runs no job: {live.failed}",
+                           details={"model": name, "version": live.version})
         if live.manifest.get("kind") != "batch":
             raise BadRequest(f"{name} is a realtime model: send rows to POST /models/{name}/predict; "
                              f"only batch models take jobs")

@@ -31,6 +31,11 @@ revision that is no longer routed or called keeps its replicas only while they h
 in flight (rollback drains). A crash is replaced after an exponential backoff; `max_restarts` crashes
 in a row mark the revision failed (with the adapter's output tail) until a deploy or
 rollback; a replica that stays ready `STABLE_AFTER` seconds resets the count.
+
+A new version is checked before it is routed (`check`): one replica of it is started beside
+the versions that take traffic, must become ready within the check's timeout and answer the
+probe (its sample); a crash fails the check at once. A revision that failed its check is
+stopped and forgotten; one that passed keeps its replica only if it is then routed.
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ from typing import Callable, Mapping, Optional
 from adapters import SECRET_HEADER, http11
 from adapters.manifest import Manifest
 from control.emulator import free_port
-from control.errors import NotFound, Unavailable, UpstreamError
+from control.errors import NotFound, PlaneError, Unavailable, UpstreamError
 from control.runtime.base import ProxyResponse
 from control.runtime.local_procs import Spare, descendants, kill_pids, killpg, tail, with_pdeathsig
 from control.runtime.local_metrics import ModelMetrics
@@ -114,6 +119,15 @@ def _wake(fut: "asyncio.Future") -> None:
 
 class _Stale(Exception):
     """The revision was retired while we looked at it: resolve the live one again."""
+
+
+class CheckFailed(Exception):
+    """A version failed its check: why, and the tail of its replica's log."""
+
+    def __init__(self, reason: str, log_tail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.log_tail = log_tail
 
 
 class Replica:
@@ -179,11 +193,14 @@ class Revision:
         self.live = False       # routed: the live version or the candidate under rollout
         self.called = False     # not routed, but called by its version's own URL
         self.retired = False
+        self.checking = False   # under its deploy check: one replica, a crash fails it at once
+        self.start_timeout: Optional[float] = None   # while checking: the check's timeout
+        self.failed_output = ""  # the adapter's output tail when a check crash failed it
 
     @property
     def kept(self) -> bool:
         """Kept while in use (one replica through `idle_timeout`); otherwise it only drains."""
-        return self.live or self.called
+        return self.live or self.called or self.checking
 
     @property
     def key(self) -> str:
@@ -212,6 +229,8 @@ class Revision:
             want = 1
         if not self.ready():
             want = min(want, 1)
+        if self.checking:
+            want = max(want, 1)   # its one replica, whatever its idle timeout
         floor = self.scaling.min if self.live else 0
         return max(floor, min(want, self.scaling.max))
 
@@ -325,7 +344,7 @@ class ReplicaManager:
                 takes_over = version == split.live and old_live is not None and old_live.version != version
                 if rev is None and (warm.get(version) or (takes_over and old_live.replicas)):
                     rev = self._revision_locked(name, version)
-                if rev is not None and takes_over:
+                if rev is not None and takes_over and old_live.replicas:
                     # Carry the load over so the new live revision starts as many replicas as the
                     # old one needed: requests switch over without a cold start of their own making.
                     rev.last_request = max(rev.last_request, old_live.last_request)
@@ -347,6 +366,106 @@ class ReplicaManager:
                 rev.notify()
                 for r in rev.replicas:
                     self._stop_locked(r)
+
+    def check(self, name: str, version: str, probe: Callable[[Callable[..., ProxyResponse]], None], *,
+              timeout: float, on_pass: Optional[Callable[[], None]] = None) -> None:
+        """Check a version before it is routed: start one replica of it (the routed versions keep
+        every request), wait until it is ready, then `probe(send)`, where `send(method, path,
+        headers, body)` goes to that replica; `probe` raises CheckFailed for a wrong answer.
+        (The local runtime's promise that Knative keeps on a cluster: no traffic before Ready.)
+
+        Raises CheckFailed (with the tail of the replica's log) when the replica exits before it
+        is ready, is not ready within `timeout` seconds, or the probe fails: its replicas are then
+        stopped and the revision forgotten, so nothing of the version keeps running. On success
+        `on_pass()` runs while the replica is still held (it routes the version, or not); the
+        replica is then kept only if the version is routed, and otherwise drains and stops."""
+        key = (name, version)
+        with self._lock:
+            if self._closing:
+                raise Unavailable("the runtime is shutting down")
+            rev = self._revisions.get(key)
+            if rev is None:
+                rev = self._revision_locked(name, version)
+            was_called = rev.called
+            rev.checking, rev.start_timeout = True, timeout
+            rev.failed, rev.crashes, rev.next_start, rev.failed_output = None, 0, 0.0, ""
+            rev.last_request = time.monotonic()
+            if not rev.active():
+                self._start_locked(rev)
+        self._wake.set()
+        passed = False
+        try:
+            self._await_ready(rev, timeout)
+
+            def send(method: str, path: str, headers: Mapping[str, str], body: bytes) -> ProxyResponse:
+                with self._lock:
+                    rev.last_request = time.monotonic()
+                    if rev.failed:
+                        raise CheckFailed(f"it {rev.failed}", rev.failed_output)
+                return self.forward(name, method=method, path=path, headers=headers, body=body, version=version)
+
+            try:
+                probe(send)
+            except CheckFailed as e:
+                raise CheckFailed(e.reason, e.log_tail or self._log_tail(rev)) from None
+            except PlaneError as e:
+                raise CheckFailed(e.message, self._log_tail(rev)) from None
+            passed = True
+            with self._lock:
+                # the check's requests were not the model's: it scales from its own traffic (or the
+                # load of the version it takes over from, which routing it carries over)
+                rev.last_request = -math.inf
+                rev.samples.clear()
+            if on_pass is not None:
+                on_pass()
+        finally:
+            with self._lock:
+                rev.checking, rev.start_timeout = False, None
+                if passed:
+                    rev.called = was_called
+                    if rev.desired(time.monotonic(), rev.demand()) == 0:
+                        for r in rev.replicas:   # at zero from now on, as it would have been unchecked
+                            if r.inflight == 0:
+                                self._stop_locked(r)
+                else:
+                    rev.retired = True
+                    rev.live = rev.called = False
+                    if self._revisions.get(key) is rev:
+                        del self._revisions[key]
+                    for r in rev.replicas:
+                        self._stop_locked(r)
+                    rev.notify()
+                stopping = [r for r in rev.replicas if r.stop_requested]
+                self.generation += 1
+            self._wake.set()
+            if not passed:   # the refusal is answered once nothing of the version runs
+                deadline = time.monotonic() + STOP_GRACE + 2.0
+                for r in stopping:
+                    if r.thread is not None:
+                        r.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _await_ready(self, rev: Revision, timeout: float) -> None:
+        """Until one of the revision's replicas is ready; CheckFailed when the revision fails (a
+        crash, or not ready in time: the replica's monitor stops it and says which)."""
+        hard = time.monotonic() + timeout + STOP_GRACE + 5.0
+        while True:
+            with self._lock:
+                if rev.failed:
+                    raise CheckFailed(f"it {rev.failed}", rev.failed_output)
+                if rev.ready():
+                    return
+                if not rev.active() and not self._closing and time.monotonic() >= rev.next_start:
+                    self._start_locked(rev)   # only if its replica went without a crash (never, normally)
+            if self._closing:
+                raise Unavailable("the runtime is shutting down")
+            if time.monotonic() > hard:
+                raise CheckFailed(f"it was not ready within {timeout:g}s", self._log_tail(rev))
+            time.sleep(READY_POLL * 5)
+
+    @staticmethod
+    def _log_tail(rev: Revision) -> str:
+        paths = [r.log_path for r in rev.replicas]
+        return tail(paths[-1], 2000).strip() if paths else ""
 
     # -- what the API asks ----------------------------------------------------------------
     def status(self, name: str) -> tuple[str, int, Optional[str]]:
@@ -437,6 +556,8 @@ class ReplicaManager:
             self._record(name, rev, t0, failed)
 
     def _record(self, name: str, rev: Optional[Revision], t0: float, failed: bool) -> None:
+        if rev is not None and rev.checking:
+            return   # a deploy check's request is not one of the model's
         metrics = self._metrics.get(name)
         if metrics is not None:
             metrics.record((time.monotonic() - t0) * 1000.0, error=failed)
@@ -469,6 +590,9 @@ class ReplicaManager:
             raise Unavailable("the runtime is shutting down")
         split = self._routes.get(name)
         if split is None:
+            checked = self._revisions.get((name, pinned)) if pinned else None
+            if checked is not None and checked.checking:
+                return checked    # a new model's first version, under its deploy check
             raise NotFound(f"no realtime model named {name!r}")
         version = pinned or split.pick(draw)
         rev = self._revisions.get((name, version))
@@ -708,8 +832,10 @@ class ReplicaManager:
                                      (replica.ready_at - replica.started) * 1000)
                         rev.notify()
                     continue
-                if time.monotonic() - replica.started > self.start_timeout:
-                    replica.crash_reason = f"was not ready within {self.start_timeout:.0f}s (start_timeout)"
+                limit = rev.start_timeout or self.start_timeout
+                if time.monotonic() - replica.started > limit:
+                    replica.crash_reason = (f"was not ready within {limit:g}s (its /health never answered 200; "
+                                            f"{'deploy_check_timeout' if rev.checking else 'start_timeout'})")
                     replica.stop_requested = True
                     continue
                 wait = READY_POLL
@@ -757,6 +883,13 @@ class ReplicaManager:
         what = reason or (f"exited with status {returncode}"
                           + (" before it was ready" if was == "starting" else ""))
         output = tail(replica.log_path, 2000).strip()
+        if rev.checking:
+            # under its deploy check: no second chance, and no replica of it is started again
+            rev.failed, rev.failed_output = what, output
+            log.warning("%s failed its deploy check: %s", rev.key, what)
+            for r in rev.replicas:
+                self._stop_locked(r)
+            return
         rev.crashes += 1
         metrics = self._metrics.get(rev.name)
         if metrics is not None:

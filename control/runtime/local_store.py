@@ -2,7 +2,8 @@
 
 Layout under `state_dir/models/{name}/`:
 
-    model.json      {"name", "live", "versions": [{"version", "deployed_at", "digest", "manifest"}]}
+    model.json      {"name", "live", "past", "versions": [{"version", "deployed_at", "digest", "manifest",
+                    "failed"}]}
     {version}/      a frozen copy of the model folder as it was deployed
 
 `model.json` is rewritten atomically (temporary file, fsync, rename), so a crash leaves the
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from adapters.manifest import Manifest, load_manifest, semver_key
+from control.runtime.base import made_live, rolled_back_to, walk_back
 from control.durable import fsync_dir, fsync_tree, move_aside, write_json_atomic
 from control.errors import Conflict, NotFound
 
@@ -72,10 +74,16 @@ class VersionRecord:
     deployed_at: str
     digest: str
     manifest: dict
+    #: why the version failed its deploy check (with the tail of its log); None: it passed, or
+    #: was deployed before versions were checked. A failed version never takes traffic.
+    failed: Optional[str] = None
 
     def to_json(self) -> dict:
-        return {"version": self.version, "deployed_at": self.deployed_at, "digest": self.digest,
-                "manifest": self.manifest}
+        out = {"version": self.version, "deployed_at": self.deployed_at, "digest": self.digest,
+               "manifest": self.manifest}
+        if self.failed is not None:
+            out["failed"] = self.failed
+        return out
 
 
 @dataclass
@@ -88,8 +96,9 @@ class ModelRecord:
     candidate: Optional[str] = None
     percent: int = 0
     shadow: int = 0
-    #: the version live before the last promote or rollback (a rollback with no version returns to it)
-    previous: Optional[str] = None
+    #: the versions live before this one, oldest first: a rollback with no version walks back
+    #: through them (base.walk_back)
+    past: list = field(default_factory=list)
 
     def version(self, version: str) -> Optional[VersionRecord]:
         for v in self.versions:
@@ -101,22 +110,35 @@ class ModelRecord:
     def live_record(self) -> Optional[VersionRecord]:
         return self.version(self.live) if self.live else None
 
+    def usable(self, version: str) -> bool:
+        """Deployed and not failed: a version that may take traffic."""
+        v = self.version(version)
+        return v is not None and v.failed is None
+
+    @property
+    def previous(self) -> Optional[str]:
+        """The version a rollback with no version returns to (None: nothing earlier)."""
+        return walk_back(self.past, self.live, self.usable)[0]
+
     def to_json(self) -> dict:
+        # `previous` is written for readers that predate `past`
         return {"name": self.name, "live": self.live, "versions": [v.to_json() for v in self.versions],
                 "candidate": self.candidate, "percent": self.percent, "shadow": self.shadow,
-                "previous": self.previous}
+                "past": list(self.past), "previous": self.previous}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelRecord":
+        past = data.get("past")
+        if not isinstance(past, list):   # written before the history was kept: its one step back
+            past = [data["previous"]] if data.get("previous") else []
         record = cls(name=data["name"], live=data.get("live"),
                      versions=[VersionRecord(**v) for v in data.get("versions", [])],
                      candidate=data.get("candidate"), percent=int(data.get("percent") or 0),
-                     shadow=int(data.get("shadow") or 0), previous=data.get("previous"))
+                     shadow=int(data.get("shadow") or 0), past=[str(v) for v in past])
         known = {v.version for v in record.versions}
         if record.candidate not in known or record.candidate == record.live:
             record.candidate, record.percent, record.shadow = None, 0, 0
-        if record.previous not in known:
-            record.previous = None
+        record.past = [v for v in record.past if v in known]
         return record
 
     def changed(self, **changes) -> "ModelRecord":
@@ -217,11 +239,13 @@ class VersionStore:
         return manifest
 
     # -- writing ------------------------------------------------------------------------
-    def add(self, manifest: Manifest, *, make_live: bool) -> tuple[VersionRecord, bool, bool]:
+    def add(self, manifest: Manifest, *, make_live: bool, hold: bool = False) -> tuple[VersionRecord, bool, bool]:
         """Freeze `manifest.folder` as `manifest.version`.
 
         Returns (record, created, made_live). An existing version with the same content is
-        returned unchanged (created False); with different content it is a Conflict.
+        returned unchanged (created False); with different content it is a Conflict. `hold`:
+        never make it live here, not even as a new model's first version (it is checked first;
+        `set_live` follows).
         """
         name, version = manifest.name, manifest.version
         source = Path(manifest.folder)
@@ -256,7 +280,7 @@ class VersionStore:
                 new = ModelRecord(name=name, live=None, versions=[info])
             else:
                 new = record.changed(versions=[*record.versions, info])
-            made_live = make_live or new.live is None
+            made_live = not hold and (make_live or new.live is None)
             if made_live:
                 new = self._made_live(new, version)
             write_json_atomic(model_dir / STATE_FILE, new.to_json())
@@ -268,18 +292,64 @@ class VersionStore:
         """Make `version` live; a rollout in progress ends (its candidate keeps no traffic)."""
         with self._lock:
             record = self.get(name)
-            info = self._known(record, version)
+            info = self._usable(record, version)
             if record.live != version or record.candidate:
                 self._write(self._made_live(record, version))
             self.generation += 1
             return info
+
+    def rollback(self, name: str, version: Optional[str]) -> VersionRecord:
+        """Make an earlier version live, ending any rollout. Without a version: walk back through the
+        history of live versions to the newest one that can serve (Conflict when there is none);
+        the version left is forgotten, so the next rollback goes further back."""
+        with self._lock:
+            record = self.get(name)
+            if version is None:
+                version, past = walk_back(record.past, record.live, record.usable)
+                if version is None:
+                    raise Conflict(f"{name} has no rollout to withdraw and no earlier live version to return to "
+                                   f"({record.live} is the oldest in its history that can serve); name the "
+                                   f"version to make live", details={"model": name})
+            else:
+                self._usable(record, version)
+                past = rolled_back_to(record.past, record.live, version)
+            info = self._known(record, version)
+            self._write(record.changed(live=version, past=past, candidate=None, percent=0, shadow=0))
+            self.generation += 1
+            return info
+
+    def set_failed(self, name: str, version: str, reason: Optional[str]) -> None:
+        """Record why `version` failed its deploy check (None: it passed after all)."""
+        with self._lock:
+            record = self.get(name)
+            self._known(record, version)
+            versions = [dataclasses.replace(v, failed=reason) if v.version == version else v
+                        for v in record.versions]
+            self._write(record.changed(versions=versions))
+            self.generation += 1
+
+    def drop(self, name: str, version: str) -> None:
+        """Forget a version that was never live (a new model's first version that failed its check:
+        the model goes with it when it has no other version)."""
+        with self._lock:
+            record = self.get(name)
+            if record.live == version or record.candidate == version:
+                raise Conflict(f"{name} {version} takes traffic; it cannot be dropped")
+            versions = [v for v in record.versions if v.version != version]
+            if not versions or record.live is None:
+                self.remove(name)
+                return
+            self._write(record.changed(versions=versions, past=[v for v in record.past if v != version]))
+            self._manifests.pop((name, version), None)
+            self.generation += 1
+        shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
 
     def set_rollout(self, name: str, version: Optional[str], *, percent: int = 0, shadow: int = 0) -> ModelRecord:
         """Put `version` under rollout (None: withdraw the rollout; the live version takes all)."""
         with self._lock:
             record = self.get(name)
             if version is not None:
-                self._known(record, version)
+                self._usable(record, version)
                 if version == record.live:
                     raise Conflict(f"{name} {version} is the live version already; roll out another one",
                                    details={"model": name, "version": version})
@@ -291,8 +361,18 @@ class VersionStore:
 
     @staticmethod
     def _made_live(record: ModelRecord, version: str) -> ModelRecord:
-        previous = record.live if record.live != version else record.previous
-        return record.changed(live=version, previous=previous, candidate=None, percent=0, shadow=0)
+        return record.changed(live=version, past=made_live(record.past, record.live, version),
+                              candidate=None, percent=0, shadow=0)
+
+    @classmethod
+    def _usable(cls, record: ModelRecord, version: str) -> VersionRecord:
+        """A deployed version that may take traffic: NotFound if unknown, Conflict if it failed its check."""
+        info = cls._known(record, version)
+        if info.failed is not None:
+            raise Conflict(f"{record.name} {version} failed its deploy check, so it takes no traffic; deploy a "
+                           f"fixed version. Why it failed: {info.failed}",
+                           details={"model": record.name, "version": version})
+        return info
 
     @staticmethod
     def _known(record: ModelRecord, version: str) -> VersionRecord:
