@@ -290,7 +290,7 @@ class SecretTokens(TokenStore):
             raise
 
     @staticmethod
-    def _records(secret) -> list[dict]:
+    def _decode(secret) -> list[dict]:
         raw = (secret.data or {}).get(SECRET_KEY)
         if not raw:
             return []
@@ -303,12 +303,12 @@ class SecretTokens(TokenStore):
         with self._lock:
             if time.monotonic() < self._until:
                 return
-            self._index(self._records(self._get()))
+            self._index(self._decode(self._get()))
             self._until = time.monotonic() + self.ttl
 
     def _load(self) -> tuple[list[dict], object]:
         secret = self._get()
-        return self._records(secret), secret
+        return self._decode(secret), secret
 
     def _save(self, records: list[dict], version: object) -> bool:
         from kubernetes.client.exceptions import ApiException

@@ -17,7 +17,7 @@ import pytest
 
 from control.cli import main
 from control.errors import Conflict
-from control_helpers import TOKEN, api, running, settings_for, wait_until
+from control_helpers import TOKEN, api, running, settings_for, token_file, wait_until
 from test_local_runtime import make_model
 from test_rollout import tar_of
 
@@ -161,7 +161,7 @@ def test_the_cli_says_why_and_shows_the_log_tail(tmp_path, monkeypatch, capsys):
     for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN", "MODELPLANE_PORT"):
         monkeypatch.delenv(var, raising=False)
     with running(settings) as server:
-        flags = ["--url", server.url, "--token", TOKEN]
+        flags = ["--url", server.url, "--token-file", token_file(TOKEN)]
         assert main(["deploy", str(echo(tmp_path, "1.0.0")), *flags]) == 0
         assert main(["deploy", str(echo(tmp_path, "2.0.0", fixture="broken")), *flags]) == 1
         err = capsys.readouterr().err
@@ -292,7 +292,7 @@ def test_rollback_twice_goes_back_twice_skipping_failed_versions(tmp_path, monke
         return api.post(f"{server.url}/models/echo/predict", json={"rows": [{"x": 1}]}).json()["version"]
 
     with running(settings) as server:
-        flags = ["--url", server.url, "--token", TOKEN]
+        flags = ["--url", server.url, "--token-file", token_file(TOKEN)]
         for version, factor in (("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 3)):
             assert post_deploy(server, echo(tmp_path, version, factor=factor)).status_code == 201
         assert live() == "3.0.0"
@@ -396,7 +396,7 @@ def test_remove_shows_what_goes_and_asks_first(tmp_path, monkeypatch, capsys):
     for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN", "MODELPLANE_PORT"):
         monkeypatch.delenv(var, raising=False)
     with running(settings) as server:
-        flags = ["--url", server.url, "--token", TOKEN]
+        flags = ["--url", server.url, "--token-file", token_file(TOKEN)]
         assert post_deploy(server, echo(tmp_path, "1.0.0")).status_code == 201
         assert post_deploy(server, echo(tmp_path, "1.1.0", factor=2), live=False).status_code == 201
         assert api.post(f"{server.url}/api/models/echo/rollout", json={"version": "1.1.0", "percent": 10}).ok

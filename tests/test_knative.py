@@ -11,6 +11,7 @@ Knative controller runs here: `reconcile_*` below stand for Knative's controller
 from __future__ import annotations
 
 import ast
+import base64
 import copy
 import hashlib
 import http.server
@@ -20,6 +21,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -720,6 +722,97 @@ def test_knative_install_passes_server_side_dry_run(cluster):
     autoscaler = next(d for _, d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "config-autoscaler")
     assert autoscaler["metadata"]["namespace"] == "knative-serving"
     assert autoscaler["data"]["enable-scale-to-zero"] == "true"
+
+
+def test_named_tokens_live_in_a_secret_every_control_replica_reads(cluster, sa_token):
+    """Two control replicas (two stores, as the control ServiceAccount): a token made on one is
+    accepted by the other, concurrent changes lose nothing (the Secret is replaced at the
+    resourceVersion read), a revocation reaches the other replica, and only hashes are stored.
+    The account reads that one Secret and no other."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from control.identity import Identity, SecretTokens
+
+    def replica():
+        return SecretTokens(client.CoreV1Api(cluster.api_client(sa_token)), NS, "bootstrap-secret", ttl=0.3)
+
+    a, b = replica(), replica()
+    token, record = a.create("alice", "deployer", "risk-team", by="admin")
+    assert record["name"] == "alice" and "hash" not in record
+    assert b.identify(token) == Identity("alice", "deployer", "risk-team")
+    assert b.identify("bootstrap-secret") == Identity("admin", "admin")
+    made: list[str] = []
+
+    def create(store, prefix):
+        for n in range(8):
+            made.append(store.create(f"{prefix}-{n}", "viewer", None, by="admin")[0])
+
+    threads = [threading.Thread(target=create, args=(s, p)) for s, p in ((a, "from-a"), (b, "from-b"))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    names = {r["name"] for r in b.list()}
+    assert names == {"alice"} | {f"from-{s}-{n}" for s in "ab" for n in range(8)}
+    a.revoke("alice")
+    deadline = time.monotonic() + 5
+    while b.identify(token) is not None:
+        assert time.monotonic() < deadline, "the other replica still accepts a revoked token"
+        time.sleep(0.1)
+    stored = cluster.admin.get(f"/api/v1/namespaces/{NS}/secrets/modelplane-tokens")
+    text = base64.b64decode(stored["data"]["tokens.json"]).decode()
+    assert not any(t in text for t in made) and len(json.loads(text)["tokens"]) == 16
+    core = client.CoreV1Api(cluster.api_client(sa_token))
+    with pytest.raises(ApiException) as refused:
+        core.read_namespaced_secret("modelplane-token", NS)   # the bootstrap token: not this account's to read
+    assert refused.value.status == 403
+    USED.update({("get", "secrets"), ("update", "secrets")})
+
+
+def test_the_audit_chain_is_shared_by_replicas_and_shows_edits(cluster, sa_token, gcs_client):
+    """Two replicas record at once: one chain, no seq twice, no record lost (the head moves by
+    compare-and-swap in its ConfigMap); an edited or deleted record in the bucket shows."""
+    from kubernetes import client
+
+    from control.audit import PREFIX, ClusterAudit
+
+    bucket = gcs_client.bucket("test-bucket")
+
+    def replica():
+        return ClusterAudit(client.CoreV1Api(cluster.api_client(sa_token)), NS, bucket)
+
+    a, b = replica(), replica()
+
+    def record(store, who):
+        for n in range(10):
+            assert store.record(who=who, role="deployer", action="deploy", model=f"m{n}", version="1.0.0",
+                                status=201, outcome="ok", request_id=f"{who}-{n}") is not None
+
+    threads = [threading.Thread(target=record, args=(s, w)) for s, w in ((a, "alice"), (b, "bob"))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert a.verify() == {"ok": True, "records": 20, "last": 20, "problem": None}
+    entries = b.entries(limit=100)
+    assert [e["seq"] for e in entries] == list(range(20, 0, -1))
+    assert len(b.entries(who="bob", limit=100)) == 10 and b.entries(model="m3", who="alice")[0]["version"] == "1.0.0"
+    head = cluster.admin.get(f"/api/v1/namespaces/{NS}/configmaps/modelplane-audit")["data"]
+    assert head["seq"] == "20" and head["hash"] == entries[0]["hash"]
+
+    blob = bucket.blob(f"{PREFIX}{5:012d}.json")
+    original = blob.download_as_bytes()
+    edited = json.loads(original)
+    edited["who"] = "mallory"
+    blob.upload_from_string(json.dumps(edited))
+    check = a.verify()
+    assert not check["ok"] and check["records"] == 4 and "record 5 was changed" in check["problem"]
+    blob.upload_from_string(original)
+    bucket.blob(f"{PREFIX}{20:012d}.json").delete()
+    check = a.verify()
+    assert not check["ok"] and check["records"] == 19 and "missing" in check["problem"]
+    USED.update({("get", "configmaps"), ("update", "configmaps")})
 
 
 def test_role_is_exactly_what_the_runtime_uses():
