@@ -48,7 +48,10 @@ class Emulator:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "Emulator":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from control.durable import PRIVATE_UMASK, make_private
+
+        make_private(self.data_dir)  # datasets and results: the owner's alone (also what it writes: umask)
         env = dict(os.environ, STORAGE_BASE=str(self.data_dir))
         self.log_path = self.data_dir / "emulator.log"
         logf = open(self.log_path, "ab")
@@ -60,6 +63,7 @@ class Emulator:
             with_pdeathsig([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", self.host,
                             "--port", str(self.port), "--default-bucket", self.bucket, "--quiet"]),
             env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            umask=PRIVATE_UMASK,
         )
         logf.close()
         try:
