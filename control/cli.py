@@ -801,7 +801,10 @@ def cmd_up(args) -> int:
             ensure_bucket(storage_client(), settings.bucket_name)
             emulator_note = f" (emulator at {os.environ['STORAGE_EMULATOR_HOST']})"
         elif not settings.bucket:
-            emu = Emulator(state / "gcs", bucket=settings.bucket_name, port=settings.emulator_port)
+            from control.gcs import storage_key
+
+            emu = Emulator(state / "gcs", bucket=settings.bucket_name, port=settings.emulator_port,
+                           key=storage_key(state))  # every request needs it; local tools read it there
             try:
                 emu.start()
             except RuntimeError as e:
@@ -809,6 +812,7 @@ def cmd_up(args) -> int:
             started.append(("GCS emulator", emu.stop))
             record("GCS emulator", emu.proc.pid)
             os.environ["STORAGE_EMULATOR_HOST"] = emu.endpoint
+            os.environ["MODELPLANE_STORAGE_KEY"] = emu.key  # the watcher, uploads and batch adapters send it
             emulator_note = f" (embedded emulator at {emu.endpoint})"
 
         try:
