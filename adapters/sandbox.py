@@ -1,8 +1,9 @@
 """Running a model's own process with nothing of the plane's: a scrubbed environment and, where
 bubblewrap works, a sandbox that cannot see the state dir, other models or the user's home.
 
-A model gets, of the adapter's environment, only an allowlist (`ALLOWED`, `ALLOWED_PREFIXES`)
-plus the variables of the model process contract (PORT/HOST, DATASET/RESULTS): never
+A model gets, of the adapter's environment, only an allowlist (`ALLOWED`, `ALLOWED_PREFIXES`,
+and the names an operator lists in MODELPLANE_MODEL_ENV, minus `DENIED`) plus the variables of
+the model process contract (PORT/HOST, DATASET/RESULTS): never
 MODELPLANE_* (the token, the adapter's and the bucket's secrets), credentials (GOOGLE_*, AWS_*,
 STORAGE_EMULATOR_HOST) or the plane's PYTHONPATH. HOME is a private, empty folder.
 
@@ -36,6 +37,12 @@ MODES = ("auto", "on", "off")
 #: What a model may have of the adapter's environment (names, then prefixes).
 ALLOWED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"})
 ALLOWED_PREFIXES = ("LC_",)
+
+PASS_ENV = "MODELPLANE_MODEL_ENV"  # comma-separated further names the operator passes on to models
+#: Never passed on, whatever PASS_ENV says: the plane's own variables and cloud credentials.
+DENIED_PREFIXES = ("MODELPLANE_", "GOOGLE_", "GCLOUD", "CLOUDSDK_", "AWS_", "AZURE_", "STORAGE_EMULATOR")
+DENIED = frozenset({"HOME", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "LD_PRELOAD", "LD_LIBRARY_PATH",
+                    "SSH_AUTH_SOCK", "KUBECONFIG", "DOCKER_CONFIG"})
 
 HOME_IN_SANDBOX = "/tmp/home"
 
@@ -103,9 +110,12 @@ def state(environ: Mapping[str, str] | None = None) -> State:
 # -- the environment --------------------------------------------------------------------------
 
 def model_env(contract: Mapping[str, str], home: str, environ: Mapping[str, str] | None = None) -> dict:
-    """The allowlisted part of `environ`, HOME=`home`, and the contract's variables."""
+    """The allowlisted part of `environ` (with the names MODELPLANE_MODEL_ENV adds, never the
+    plane's or a cloud's credentials), HOME=`home`, and the contract's variables."""
     environ = os.environ if environ is None else environ
-    env = {k: v for k, v in environ.items() if k in ALLOWED or k.startswith(ALLOWED_PREFIXES)}
+    passed = {n.strip() for n in (environ.get(PASS_ENV) or "").split(",") if n.strip()}
+    passed = {n for n in passed if n not in DENIED and not n.upper().startswith(DENIED_PREFIXES)}
+    env = {k: v for k, v in environ.items() if k in ALLOWED or k.startswith(ALLOWED_PREFIXES) or k in passed}
     env.setdefault("PATH", os.defpath)
     env["HOME"] = home
     env.update({k: str(v) for k, v in contract.items()})
@@ -228,7 +238,10 @@ class ModelProcess(subprocess.Popen):
             except ProcessLookupError:
                 pass
             return
-        for pid in _descendants(self.pid):
+        inside = _descendants(self.pid)
+        # bwrap forks its pid namespace's init, which forks the model: before that, nothing inside
+        # could stop cleanly, and bwrap's death takes whatever it started with it (--die-with-parent)
+        for pid in inside if len(inside) >= 2 else [self.pid]:
             try:
                 os.kill(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):

@@ -328,6 +328,15 @@ def test_model_env_is_an_allowlist():
                    "PORT": "1"}
 
 
+def test_the_operator_may_pass_more_names_but_never_the_planes_or_credentials():
+    env = sandbox.model_env({}, "/h", {
+        "MODELPLANE_MODEL_ENV": "R_LIBS_SITE, MODELPLANE_TOKEN,aws_secret_access_key,GOOGLE_APPLICATION_CREDENTIALS,"
+                                "PYTHONPATH",
+        "R_LIBS_SITE": "/opt/r", "MODELPLANE_TOKEN": "t", "aws_secret_access_key": "a",
+        "GOOGLE_APPLICATION_CREDENTIALS": "c", "PYTHONPATH": "/plane", "PATH": "/bin"})
+    assert env == {"PATH": "/bin", "HOME": "/h", "R_LIBS_SITE": "/opt/r"}
+
+
 def test_state_dir_modes_are_private(tmp_path):
     """Files the runtime writes are 0600 and folders 0700, whatever the umask it was started with."""
     state = tmp_path / "state"
