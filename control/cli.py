@@ -824,6 +824,8 @@ def cmd_up(args) -> int:
         started.append(("control service", server.stop))
         out(f"control  {server.url}")
         out(f"bucket   gs://{settings.bucket_name}{emulator_note}")
+        if getattr(server.runtime, "sandbox", None) is not None:
+            out(f"sandbox  {server.runtime.sandbox.describe()}")
         if server.plane.token_created:  # printed once: from now on it is read from the file
             out(f"token    {server.plane.token}")
             out(f"         (new; stored in {token_path(settings.state_dir)}, which the CLI and console here read)")
