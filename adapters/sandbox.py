@@ -13,7 +13,9 @@ a read-only view of the system; fresh /dev, /proc (its own pid namespace: no /pr
 dir and the other paths the runtime names (MODELPLANE_SANDBOX_HIDE); then, bound back, its own
 folder read-only, a batch job's dataset read-only and its results folder writable, and the
 toolchain on PATH that lives under a hidden folder (a pyenv or a virtualenv in the home) read-only.
-It shares the network namespace: a realtime model listens on loopback for its adapter.
+The user's R and Python package libraries (~/R, ~/.local/lib) stay readable, named by
+R_LIBS_USER/PYTHONUSERBASE, since HOME is not the user's. It shares the network namespace: a
+realtime model listens on loopback for its adapter.
 
 MODELPLANE_SANDBOX: `auto` (default: the sandbox when bwrap works here, probed once per process;
 in a container image there is none and the pod is the sandbox), `on` (refuse to start a model
@@ -118,8 +120,29 @@ def model_env(contract: Mapping[str, str], home: str, environ: Mapping[str, str]
     env = {k: v for k, v in environ.items() if k in ALLOWED or k.startswith(ALLOWED_PREFIXES) or k in passed}
     env.setdefault("PATH", os.defpath)
     env["HOME"] = home
+    env.update(user_libraries(environ)[0])
     env.update({k: str(v) for k, v in contract.items()})
     return env
+
+
+def user_libraries(environ: Mapping[str, str]) -> tuple[dict, list[str]]:
+    """The user's own R and Python package libraries, which R and Python find through HOME (a
+    model's HOME is another): the variables that name them, and the folders to show read-only.
+    Only libraries: `~/R` (R_LIBS_USER's default root) and `~/.local/lib` (the user site)."""
+    env: dict[str, str] = {}
+    paths: list[str] = []
+    home = environ.get("HOME") or _pw_home()
+    if not home:
+        return env, paths
+    r_root = os.path.join(home, "R")
+    if os.path.isdir(r_root):
+        env["R_LIBS_USER"] = os.path.join(r_root, "%p-library", "%v")   # R's own default, from the real HOME
+        paths.append(r_root)
+    local_lib = os.path.join(home, ".local", "lib")
+    if os.path.isdir(local_lib):
+        env["PYTHONUSERBASE"] = os.path.join(home, ".local")
+        paths.append(local_lib)
+    return env, paths
 
 
 # -- the sandbox ------------------------------------------------------------------------------
@@ -205,6 +228,7 @@ def bwrap_argv(bwrap: str, command: list[str], folder: str, *, read=(), write=()
         argv += ["--tmpfs", p]
     binds: list[tuple[str, str]] = [("--ro-bind", p) for p in toolchain_paths(environ.get("PATH", ""),
                                                                              ["/tmp", *hidden])]
+    binds += [("--ro-bind", os.path.realpath(p)) for p in user_libraries(environ)[1]]
     binds.append(("--ro-bind", os.path.realpath(folder)))
     binds += [("--ro-bind", os.path.realpath(p)) for p in read]
     binds += [("--bind", os.path.realpath(p)) for p in write]

@@ -4,8 +4,9 @@ the same model started unsandboxed in the same run.
 For each realtime example model (Python: models/donor-propensity; R: models/major-gift) it starts
 the model's own command the way the adapter does (`sandbox.start`, scrubbed environment either
 way) with MODELPLANE_SANDBOX=on and =off, alternating, and times process start -> `GET /health`
-answers 200 (polled every 2 ms). It reports the median of each, the median added milliseconds
-(target: <= 20 ms) and the ratio, and bwrap's own floor (`bwrap ... true` vs `true`).
+answers 200 (polled every 2 ms). It reports the median of each, the difference of the medians,
+the median of the paired differences (each pair back to back; the verdict, target <= 20 ms added),
+the ratio, and bwrap's own floor (`bwrap ... true` vs `true`).
 
     python -m loadtest.sandbox_bench [--runs 11] [--models donor-propensity major-gift] [--json out.json]
 
@@ -107,8 +108,12 @@ def bench_model(name: str, runs: int, env: dict) -> dict:
             "added_ms": round((statistics.median(on) - statistics.median(off)) * 1000, 1),
             "added_paired_ms": round(added * 1000, 1),
             "ratio": round(statistics.median(on) / statistics.median(off), 3),
+            "added_min_ms": round((min(on) - min(off)) * 1000, 1),   # the least disturbed start of each
             "target_added_ms": TARGET_ADDED_MS,
-            "ok": (statistics.median(on) - statistics.median(off)) * 1000 <= TARGET_ADDED_MS}
+            # the verdict takes the paired figure: each pair ran back to back, so load that comes and
+            # goes on a shared machine cancels out (the difference of medians does not: R's starts vary by 50 ms)
+            "ok": added * 1000 <= TARGET_ADDED_MS,
+            "on_all_ms": [round(v * 1000, 1) for v in on], "off_all_ms": [round(v * 1000, 1) for v in off]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,13 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     floor = out["bwrap_floor"]
     print(f"bwrap floor: `true` {floor['true_ms']} ms, in the sandbox {floor['bwrap_true_ms']} ms (medians)")
     print(f"{'model':<20}{'lang':<8}{'runs':>5}{'off ms':>10}{'on ms':>10}{'added ms':>10}{'paired':>9}"
-          f"{'ratio':>8}  target <= {TARGET_ADDED_MS:g} ms added")
+          f"{'min-min':>9}{'ratio':>8}  target: paired <= {TARGET_ADDED_MS:g} ms added")
     for r in out["models"]:
         if "skipped" in r:
             print(f"{r['model']:<20}skipped: {r['skipped']}")
             continue
         print(f"{r['model']:<20}{r['language']:<8}{r['runs']:>5}{r['unsandboxed_ms']:>10}{r['sandboxed_ms']:>10}"
-              f"{r['added_ms']:>10}{r['added_paired_ms']:>9}{r['ratio']:>8}  {'ok' if r['ok'] else 'OVER'}")
+              f"{r['added_ms']:>10}{r['added_paired_ms']:>9}{r['added_min_ms']:>9}{r['ratio']:>8}  "
+              f"{'ok' if r['ok'] else 'OVER'}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0 if all(r.get("ok", True) for r in out["models"]) else 1

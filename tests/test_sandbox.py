@@ -322,10 +322,24 @@ def test_model_env_is_an_allowlist():
     env = sandbox.model_env({"PORT": "1"}, "/tmp/home", {
         "PATH": "/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC", "MODELPLANE_TOKEN": "t",
         "MODELPLANE_ADAPTER_SECRET": "s", "MODELPLANE_STORAGE_KEY": "k", "STORAGE_EMULATOR_HOST": "h",
-        "GOOGLE_APPLICATION_CREDENTIALS": "c", "AWS_ACCESS_KEY_ID": "a", "PYTHONPATH": "/plane", "HOME": "/root",
+        "GOOGLE_APPLICATION_CREDENTIALS": "c", "AWS_ACCESS_KEY_ID": "a", "PYTHONPATH": "/plane", "HOME": "/no/such/home",
         "USER": "root", "SSH_AUTH_SOCK": "/run/ssh"})
     assert env == {"PATH": "/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC", "HOME": "/tmp/home",
                    "PORT": "1"}
+
+
+def test_the_users_r_and_python_libraries_stay_reachable_through_another_home(tmp_path):
+    home = tmp_path / "home"
+    (home / "R" / "x86_64-pc-linux-gnu-library" / "4.2").mkdir(parents=True)
+    (home / ".local" / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (home / ".local" / "share" / "keyrings").mkdir(parents=True)
+    environ = {"HOME": str(home), "PATH": "/usr/bin"}
+    env = sandbox.model_env({}, "/tmp/home", environ)
+    assert env["R_LIBS_USER"] == f"{home}/R/%p-library/%v" and env["PYTHONUSERBASE"] == f"{home}/.local"
+    argv = sandbox.bwrap_argv("bwrap", ["true"], str(tmp_path), environ=environ)
+    shown = {argv[i + 1] for i, a in enumerate(argv) if a in ("--ro-bind", "--bind")}
+    assert {str(home / "R"), str(home / ".local" / "lib")} <= shown
+    assert not any(p.startswith(str(home / ".local" / "share")) for p in shown)
 
 
 def test_the_operator_may_pass_more_names_but_never_the_planes_or_credentials():
@@ -333,7 +347,7 @@ def test_the_operator_may_pass_more_names_but_never_the_planes_or_credentials():
         "MODELPLANE_MODEL_ENV": "R_LIBS_SITE, MODELPLANE_TOKEN,aws_secret_access_key,GOOGLE_APPLICATION_CREDENTIALS,"
                                 "PYTHONPATH",
         "R_LIBS_SITE": "/opt/r", "MODELPLANE_TOKEN": "t", "aws_secret_access_key": "a",
-        "GOOGLE_APPLICATION_CREDENTIALS": "c", "PYTHONPATH": "/plane", "PATH": "/bin"})
+        "GOOGLE_APPLICATION_CREDENTIALS": "c", "PYTHONPATH": "/plane", "PATH": "/bin", "HOME": "/no/such/home"})
     assert env == {"PATH": "/bin", "HOME": "/h", "R_LIBS_SITE": "/opt/r"}
 
 
