@@ -318,6 +318,27 @@ def test_sandbox_on_without_bwrap_refuses_the_model_clearly(tmp_path, monkeypatc
         batch.start_model(manifest, tmp_path / "d.csv", tmp_path / "r.csv")
 
 
+def test_sandbox_on_in_the_runtime_without_bwrap_refuses_models_saying_why(tmp_path, monkeypatch):
+    from control.errors import PlaneError
+
+    bin_dir = tmp_path / "bin"   # python3, and no bwrap
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    rt = LocalRuntime(Settings(state_dir=tmp_path / "state", start_timeout=30, max_restarts=0,
+                               bucket="test-bucket", sandbox="on"))
+    try:
+        assert not rt.sandbox.active and "bwrap (Debian package bubblewrap) is not installed" in rt.sandbox.describe()
+        rt.deploy(load_manifest(_echo(tmp_path)))
+        with pytest.raises(PlaneError):
+            rt.forward("echo", method="POST", path="/predict", headers={"Content-Type": "application/json"},
+                       body=b'{"rows": [{"x": 1}]}')
+        error = rt.model("echo").error or ""
+        assert "MODELPLANE_SANDBOX=on but the model sandbox cannot run here" in error, error
+    finally:
+        rt.close()
+
+
 def test_model_env_is_an_allowlist():
     env = sandbox.model_env({"PORT": "1"}, "/tmp/home", {
         "PATH": "/usr/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC", "MODELPLANE_TOKEN": "t",

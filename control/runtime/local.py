@@ -365,6 +365,7 @@ class LocalRuntime(Runtime):
         env["PYTHONUNBUFFERED"] = "1"
         # what this runtime found (no probe per adapter); `on` when required makes each start refuse
         env["MODELPLANE_SANDBOX"] = "on" if self.sandbox.active or self.sandbox.mode == "on" else "off"
+        env["MODELPLANE_SANDBOX_CHECKED"] = "1" if self.sandbox.active else "0"
         env["MODELPLANE_SANDBOX_HIDE"] = os.pathsep.join(
             str(p) for p in (self.state_dir, Path(self.settings.models_dir).resolve()))
         return env
