@@ -48,6 +48,9 @@ DENIED = frozenset({"HOME", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "LD_PRE
                     "SSH_AUTH_SOCK", "KUBECONFIG", "DOCKER_CONFIG"})
 
 HOME_IN_SANDBOX = "/tmp/home"
+#: Sockets of daemons that act for whoever may connect (a container engine is root for its group).
+DAEMON_SOCKETS = ("/run/docker.sock", "/var/run/docker.sock", "/run/containerd/containerd.sock",
+                  "/run/podman/podman.sock", "/run/dbus/system_bus_socket")
 
 
 class SandboxError(RuntimeError):
@@ -165,6 +168,7 @@ def hidden_paths(environ: Mapping[str, str] | None = None) -> list[str]:
     environ = os.environ if environ is None else environ
     paths = []
     for p in (environ.get("HOME"), os.path.expanduser("~"), _pw_home(), environ.get("MODELPLANE_STATE_DIR"),
+              environ.get("XDG_RUNTIME_DIR"), f"/run/user/{os.getuid()}",   # the session's agents and keyrings
               *(environ.get(HIDE_ENV) or "").split(os.pathsep)):
         if p:
             p = os.path.realpath(p)
@@ -230,6 +234,10 @@ def bwrap_argv(bwrap: str, command: list[str], folder: str, *, read=(), write=()
     argv = [bwrap, *_base_args()]
     for p in hidden:
         argv += ["--tmpfs", p]
+    socks = {os.path.realpath(s) for s in DAEMON_SOCKETS if os.path.exists(s)}
+    for sock in sorted(socks):   # a read-only mount does not stop a connect(): mask them
+        if not _under(sock, ["/tmp", *hidden]):
+            argv += ["--ro-bind", "/dev/null", sock]
     binds: list[tuple[str, str]] = [("--ro-bind", p) for p in toolchain_paths(environ.get("PATH", ""),
                                                                              ["/tmp", *hidden])]
     binds += [("--ro-bind", os.path.realpath(p)) for p in user_libraries(environ)[1]]
