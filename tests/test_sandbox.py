@@ -378,10 +378,25 @@ def test_state_dir_modes_are_private(tmp_path):
     state.mkdir(mode=0o755)
     (state / "old.log").write_text("x")
     (state / "old.log").chmod(0o644)
+    dataset = tmp_path / "d.csv"
+    dataset.write_text("x\n1\n2\n")
     rt = LocalRuntime(Settings(state_dir=state, bucket="test-bucket"))
     try:
         rt.deploy(load_manifest(_echo(tmp_path)))
+        rt.deploy(load_manifest(FIXTURES / "scorer"))
+        job, _ = rt.submit_job("scorer", dataset=str(dataset), event_key="b/incoming/scorer/d.csv#1", trigger="event")
+        assert wait_job(rt, job.id).status == "succeeded"
+        assert (state / "jobs" / "event-keys.log").is_file()
+        assert predict_scores(rt, "echo", [{"x": 2}]) == [2]   # a replica's logs too
     finally:
         rt.close()
-    loose = [p for p in [state, *state.rglob("*")] if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    loose = [f"{oct(stat.S_IMODE(p.stat().st_mode))} {p}" for p in [state, *state.rglob("*")]
+             if not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert loose == []
+
+
+def predict_scores(rt: LocalRuntime, name: str, rows: list[dict]) -> list:
+    resp = rt.forward(name, method="POST", path="/predict", headers={"Content-Type": "application/json"},
+                      body=json.dumps({"rows": rows}).encode())
+    assert resp.status == 200, resp.body
+    return json.loads(resp.body)["scores"]
