@@ -56,13 +56,13 @@ class Emulator:
 
     def start(self, timeout: float = 20.0) -> "Emulator":
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        from control.durable import PRIVATE_UMASK, make_private
+        from control.durable import PRIVATE_UMASK, private_tree
 
-        make_private(self.data_dir)  # datasets and results: the owner's alone (also what it writes: umask)
+        private_tree(self.data_dir)  # datasets and results: the owner's alone (and what it writes: its umask)
         env = dict(os.environ, STORAGE_BASE=str(self.data_dir), MODELPLANE_STORAGE_KEY=self.key)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
         self.log_path = self.data_dir / "emulator.log"
-        logf = open(self.log_path, "ab")
+        logf = open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
         from control.runtime.local_procs import with_pdeathsig
 
         # dies with whoever started it, even if that is SIGKILLed; its own session, so that

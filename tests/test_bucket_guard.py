@@ -124,3 +124,23 @@ def test_the_storage_key_is_made_once_and_kept_private(tmp_path):
     key = storage_key(tmp_path / "state")
     assert len(key) >= 32 and storage_key(tmp_path / "state") == key
     assert stat.S_IMODE(key_path(tmp_path / "state").stat().st_mode) == 0o600
+
+
+def test_the_emulators_data_is_the_owners_alone(tmp_path, monkeypatch):
+    """Data left 0755/0644 by an older plane is made private at start; what it stores is 0600/0700."""
+    from google.cloud import storage
+
+    from adapters.storage import emulator_credentials
+
+    data = tmp_path / "gcs"
+    (data / "old").mkdir(parents=True, mode=0o755)
+    (data / "old" / "dataset.csv").write_text("x\n1\n")
+    (data / "old" / "dataset.csv").chmod(0o644)
+    data.chmod(0o755)
+    with Emulator(data, bucket="private") as emu:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.endpoint)
+        client = storage.Client(project="test", credentials=emulator_credentials(emu.key))
+        client.bucket("private").blob("incoming/m/d.csv").upload_from_string("x\n1\n")
+    loose = [f"{oct(stat.S_IMODE(p.stat().st_mode))} {p}" for p in [data, *data.rglob("*")]
+             if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert loose == []
