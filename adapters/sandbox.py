@@ -344,11 +344,16 @@ def start(command: list[str], folder: str | os.PathLike, contract: Mapping[str, 
         proc = ModelProcess(argv, env=env, **popen)
         proc.sandboxed = True
         return proc
-    home = tempfile.mkdtemp(prefix="modelplane-model-home-")
     try:
-        proc = ModelProcess([exe, *command[1:]], cwd=folder, env=model_env(contract, home, environ), **popen)
+        home: str | None = tempfile.mkdtemp(prefix="modelplane-model-home-")
+    except OSError:   # a read-only temp folder (a locked-down container): a HOME that is no one's
+        home = None
+    try:
+        proc = ModelProcess([exe, *command[1:]], cwd=folder, env=model_env(contract, home or "/nonexistent", environ),
+                            **popen)
     except BaseException:
-        shutil.rmtree(home, ignore_errors=True)
+        if home:
+            shutil.rmtree(home, ignore_errors=True)
         raise
     proc.home = home
     return proc
