@@ -28,7 +28,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -123,7 +123,7 @@ def model_env(contract: Mapping[str, str], home: str, environ: Mapping[str, str]
     plane's or a cloud's credentials), HOME=`home`, and the contract's variables."""
     environ = os.environ if environ is None else environ
     passed = {n.strip() for n in (environ.get(PASS_ENV) or "").split(",") if n.strip()}
-    passed = {n for n in passed if n not in DENIED and not n.upper().startswith(DENIED_PREFIXES)}
+    passed = {n for n in passed if n.upper() not in DENIED and not n.upper().startswith(DENIED_PREFIXES)}
     env = {k: v for k, v in environ.items() if k in ALLOWED or k.startswith(ALLOWED_PREFIXES) or k in passed}
     env.setdefault("PATH", os.defpath)
     env["HOME"] = home
