@@ -83,7 +83,7 @@ def test_listing_and_reading_need_the_key(bucket):
     ok, _ = send(bucket, "POST", upload_path(bucket.bucket, name), body=b"score\n0.5\n",
                  headers={"Authorization": f"Bearer {bucket.key}", "Content-Type": "text/csv"})
     assert ok == 200
-    for path in (f"/storage/v1/b/{bucket.bucket}/o?prefix=results/", f"/storage/v1/b",
+    for path in (f"/storage/v1/b/{bucket.bucket}/o?prefix=results/", "/storage/v1/b",
                  f"/download/storage/v1/b/{bucket.bucket}/o/{quote(name, safe='')}?alt=media",
                  f"/{bucket.bucket}/{name}"):
         status, body = send(bucket, "GET", path)
