@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 SCORES_FILE = "scores.csv"
+MODEL_OUT = "out"  # run_batch: the folder in the work folder where the model writes RESULTS
 RESULT_FILE = "result.json"
 KILL_GRACE_SECONDS = 5.0
 LOG_TAIL_LINES = 40
@@ -649,11 +650,17 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
 
 
 def start_model(manifest: Manifest, dataset: Path, results: Path) -> subprocess.Popen:
-    env = dict(os.environ, DATASET=str(dataset), RESULTS=str(results))
+    """The model with DATASET and RESULTS and nothing of ours (adapters/sandbox.py): sandboxed, it
+    sees its folder and the dataset read-only and may write only in the results' own folder."""
+    from . import sandbox
+
     try:
-        return subprocess.Popen(manifest.command, cwd=manifest.folder, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=PREEXEC)  # noqa: PLW1509 - only prctl, async-signal-safe
+        return sandbox.start(manifest.command, manifest.folder, {"DATASET": str(dataset), "RESULTS": str(results)},
+                             read=[dataset], write=[results.parent], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             preexec_fn=PREEXEC)  # noqa: PLW1509 - only prctl, async-signal-safe
+    except sandbox.SandboxError as e:
+        raise BatchFailure(f"could not start the model: {e}") from None
     except FileNotFoundError:
         raise BatchFailure(f"could not start the model: command {manifest.command[0]!r} not found") from None
     except OSError as e:
@@ -837,7 +844,9 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
         dataset = _fetch(spec, work, job)
         job.mark("fetched")
         header = check_header(manifest, dataset)
-        results = work / SCORES_FILE
+        # the model's only writable place (sandboxed): a folder of its own, not the work folder
+        results = work / MODEL_OUT / SCORES_FILE
+        results.parent.mkdir(exist_ok=True)
         if results.exists():
             results.unlink()
         scores_uri = storage.join(spec.results_prefix, SCORES_FILE)

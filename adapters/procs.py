@@ -13,9 +13,14 @@ KILL_GRACE_SECONDS = 5.0
 
 
 def kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS) -> None:
-    """SIGTERM the process group, SIGKILL it after `grace` seconds; leaves nothing running."""
+    """SIGTERM the model (its process group; inside a sandbox, its processes), SIGKILL the group
+    after `grace` seconds (a sandbox's pid namespace goes with bwrap); leaves nothing running."""
+    terminate = getattr(proc, "terminate_model", None)
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if terminate is not None:
+            terminate()
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     try:
@@ -27,6 +32,9 @@ def kill_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS) -> Non
     except ProcessLookupError:
         pass
     proc.wait()
+    cleanup = getattr(proc, "cleanup", None)
+    if cleanup is not None:
+        cleanup()
 
 
 def describe_exit(status: int) -> str:

@@ -736,11 +736,13 @@ class Supervisor:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, on_exit: Callable[[int], None]) -> None:
-        env = dict(os.environ, PORT=str(self.port), HOST="127.0.0.1")
+        from . import sandbox
         from .procs import PREEXEC as preexec
-        self.proc = subprocess.Popen(self.manifest.command, cwd=self.manifest.folder, env=env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=True, preexec_fn=preexec)  # noqa: PLW1509 - only prctl
+        # PORT/HOST and nothing of ours (adapters/sandbox.py); sandboxed where bwrap works
+        self.proc = sandbox.start(self.manifest.command, self.manifest.folder,
+                                  {"PORT": str(self.port), "HOST": "127.0.0.1"},
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  preexec_fn=preexec)  # noqa: PLW1509 - only prctl
         log.info("started model %s (pid %s): %s", self.manifest.ref, self.proc.pid, " ".join(self.manifest.command))
         for stream, tail in ((self.proc.stdout, None), (self.proc.stderr, self.stderr_tail)):
             t = threading.Thread(target=self._pump, args=(stream, tail), daemon=True)
@@ -818,9 +820,10 @@ async def serve(manifest: Manifest, *, host: str, port: int, model_url: str | No
 
         try:
             supervisor.start(on_exit)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # RuntimeError: sandbox.SandboxError
             print(f"modelplane-adapter: could not start model {manifest.ref} "
-                  f"({' '.join(manifest.command)} in {manifest.folder}): {e.strerror or e}", file=sys.stderr)
+                  f"({' '.join(manifest.command)} in {manifest.folder}): {getattr(e, 'strerror', None) or e}",
+                  file=sys.stderr)
             return 1
         model_url = supervisor.url
     adapter = RealtimeAdapter(manifest, model_url, secret)

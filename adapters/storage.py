@@ -1,7 +1,8 @@
 """Where batch data lives: `gs://` objects and local paths, streamed down and published atomically.
 
-The google-cloud-storage client honours `STORAGE_EMULATOR_HOST` (then with anonymous
-credentials), so the embedded emulator and real GCS are used through the same code.
+The google-cloud-storage client honours `STORAGE_EMULATOR_HOST` (then with the plane's storage
+key, MODELPLANE_STORAGE_KEY, as its bearer token), so the embedded emulator and real GCS are used
+through the same code.
 Results appear atomically: scores.csv is complete before anything names it, result.json last.
 `ScoresUpload` sends scores to GCS while the model still writes them (a resumable upload that
 becomes an object only when it is committed), so publishing after the model exits is one last chunk.
@@ -64,18 +65,41 @@ def join(prefix: str, name: str) -> str:
 
 _client = None
 
+STORAGE_KEY_ENV = "MODELPLANE_STORAGE_KEY"
+
+
+def emulator_credentials(key: str | None = None):
+    """Credentials for an emulator: the plane's storage key as a bearer token (the embedded bucket
+    answers nothing else; control/emulator_guard.py), or anonymous for another emulator when
+    there is no key (`key` or env MODELPLANE_STORAGE_KEY)."""
+    from google.auth import credentials
+
+    key = (key if key is not None else os.environ.get(STORAGE_KEY_ENV, "")).strip()
+    if not key:
+        return credentials.AnonymousCredentials()
+
+    class StorageKey(credentials.Credentials):
+        """A static bearer token that never expires: google-cloud-storage sends it on every request."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = key
+
+        def refresh(self, request) -> None:  # nothing to renew
+            pass
+
+    return StorageKey()
+
 
 def client():
-    """One google-cloud-storage client per process; anonymous against an emulator."""
+    """One google-cloud-storage client per process; with the storage key against an emulator."""
     global _client
     if _client is None:
         from google.cloud import storage
 
         if os.environ.get("STORAGE_EMULATOR_HOST"):
-            from google.auth.credentials import AnonymousCredentials
-
             _client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "modelplane"),
-                                     credentials=AnonymousCredentials())
+                                     credentials=emulator_credentials())
         else:
             _client = storage.Client()
     return _client

@@ -148,6 +148,8 @@ class Health(_Closed):
     status: Literal["ok", "degraded"]
     runtime: str
     problems: list[str] = []
+    sandbox: Optional[str] = None
+    """How the local runtime runs models' own processes (bubblewrap, or scrubbed environment only)."""
 
 
 class Version(_Closed):

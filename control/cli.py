@@ -918,7 +918,10 @@ def cmd_up(args) -> int:
             ensure_bucket(storage_client(), settings.bucket_name)
             emulator_note = f" (emulator at {os.environ['STORAGE_EMULATOR_HOST']})"
         elif not settings.bucket:
-            emu = Emulator(state / "gcs", bucket=settings.bucket_name, port=settings.emulator_port)
+            from control.gcs import storage_key
+
+            emu = Emulator(state / "gcs", bucket=settings.bucket_name, port=settings.emulator_port,
+                           key=storage_key(state))  # every request needs it; local tools read it there
             try:
                 emu.start()
             except RuntimeError as e:
@@ -926,6 +929,7 @@ def cmd_up(args) -> int:
             started.append(("GCS emulator", emu.stop))
             record("GCS emulator", emu.proc.pid)
             os.environ["STORAGE_EMULATOR_HOST"] = emu.endpoint
+            os.environ["MODELPLANE_STORAGE_KEY"] = emu.key  # the watcher, uploads and batch adapters send it
             emulator_note = f" (embedded emulator at {emu.endpoint})"
 
         try:
@@ -937,6 +941,8 @@ def cmd_up(args) -> int:
         started.append(("control service", server.stop))
         out(f"control  {server.url}")
         out(f"bucket   gs://{settings.bucket_name}{emulator_note}")
+        if getattr(server.runtime, "sandbox", None) is not None:
+            out(f"sandbox  {server.runtime.sandbox.describe()}")
         if server.plane.token_created:  # printed once: from now on it is read from the file
             out(f"token    {server.plane.token}")
             out(f"         (new; stored in {token_path(settings.state_dir)}, which the CLI and console here read)")

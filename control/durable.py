@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,3 +68,37 @@ def fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(folder))
+
+
+PRIVATE_UMASK = 0o077
+
+
+def make_private(root: Path) -> None:
+    """Keep `root` the owner's alone: the process umask becomes 0o077 (what it and its children
+    create is 0600/0700), and what already exists below `root` loses its group and other bits
+    (folders 0700; files keep their owner bits, so a model's script stays executable).
+    Symlinks are left alone; a path that vanishes meanwhile is skipped."""
+    os.umask(PRIVATE_UMASK)
+    private_tree(root)
+
+
+def private_tree(root: Path) -> None:
+    """Group and other bits off everything at and below `root` (folders 0700, files owner bits only)."""
+    root = Path(root)
+    for path in [root, *_walk(root)]:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode) or not stat.S_IMODE(st.st_mode) & 0o077:
+            continue
+        try:
+            os.chmod(path, 0o700 if stat.S_ISDIR(st.st_mode) else stat.S_IMODE(st.st_mode) & 0o700)
+        except OSError:
+            pass
+
+
+def _walk(root: Path):
+    for folder, dirs, files in os.walk(root, onerror=lambda e: None):
+        for name in (*dirs, *files):
+            yield os.path.join(folder, name)

@@ -101,7 +101,7 @@ class Plane:
             if self._storage is None:
                 from control.gcs import storage_client
 
-                self._storage = storage_client()
+                self._storage = storage_client(state_dir=self.settings.state_dir)
             return self._storage
 
     def close(self) -> None:

@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     """Whether `modelplane up` starts the console."""
     emulator_port: int = Field(0, ge=0, le=65535)
     """Port of the embedded GCS emulator (0 picks a free one)."""
+    sandbox: Literal["auto", "on", "off"] = "auto"
+    """How the local runtime runs a model's own process (adapters/sandbox.py): `auto` in a
+    bubblewrap sandbox when bwrap works on this machine, `on` refuse to start a model without
+    it, `off` environment scrubbing only (a model never gets the plane's variables either way)."""
 
     @field_validator("token", mode="after")
     @classmethod

@@ -6,6 +6,9 @@ same directory stops at once with one line naming the holder, instead of losing 
 records and marking the first one's running jobs interrupted. The kernel drops the lock when
 the holder dies, however it dies, so a SIGKILLed plane never leaves a stale lock behind.
 
+Taking the lock also makes the directory private (control/durable.py `make_private`): umask
+0o077 for the process and its children, group and other bits off what is already there.
+
 Within one process the lock is re-entrant (`up` holds it, then its runtime takes it again).
 """
 from __future__ import annotations
@@ -59,6 +62,10 @@ def acquire(state_dir: Path | str) -> Path:
         os.pwrite(fd, holder.encode(), 0)
         os.fsync(fd)
         _held[root] = [fd, 1]
+        # Its holder keeps it private: tokens, keys, datasets, results and logs are the owner's alone.
+        from control.durable import make_private
+
+        make_private(root)
         return root
 
 

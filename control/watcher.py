@@ -163,6 +163,9 @@ class Watcher:
 
 def from_settings(settings, *, sink: str, client=None) -> Watcher:
     """The watcher `up` and `modelplane watch` run: the plane's bucket, its state file, its token."""
+    from control.gcs import storage_client
+
     return Watcher(bucket=settings.bucket_name, sink=sink, client=client, interval=settings.watch_interval,
-                   state_path=Path(settings.state_dir) / "watcher.json", token=settings.token)
+                   state_path=Path(settings.state_dir) / "watcher.json", token=settings.token,
+                   client_factory=lambda: storage_client(state_dir=settings.state_dir))  # the bucket's key too
 

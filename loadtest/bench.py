@@ -396,10 +396,11 @@ class Bench:
     # -- batch --------------------------------------------------------------------------------
     def _results_exist(self, uri: str) -> int:
         """Bytes of scores.csv under the job's results prefix (0 if absent), via google-cloud-storage."""
-        from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
-        client = storage.Client(project="modelplane-bench", credentials=AnonymousCredentials(),
+        from adapters.storage import emulator_credentials
+
+        client = storage.Client(project="modelplane-bench", credentials=emulator_credentials(self.plane.emulator.key),
                                 client_options={"api_endpoint": self.plane.emulator.endpoint})
         bucket, _, prefix = uri[len("gs://"):].partition("/")
         name = prefix if prefix.endswith(".csv") else prefix.rstrip("/") + "/scores.csv"
@@ -492,7 +493,8 @@ class Bench:
             t0 = time.monotonic()
             populate(state, size)
             populate_s = time.monotonic() - t0
-            env = {"STORAGE_EMULATOR_HOST": self.plane.emulator.endpoint} if self.plane.emulator else {}
+            env = {"STORAGE_EMULATOR_HOST": self.plane.emulator.endpoint,
+                   "MODELPLANE_STORAGE_KEY": self.plane.emulator.key} if self.plane.emulator else {}
             many = EmbeddedPlane(self.tmp / f"many-{size}", models_dir=self.tmp / f"many-{size}" / "no-models",
                                  state_dir=state, emulator=False, env=env)
             t0 = time.monotonic()

@@ -180,7 +180,8 @@ def bench_catalog(bench: "Bench") -> None:
     t0 = time.monotonic()
     populate(state, count)
     populate_s = time.monotonic() - t0
-    env = {"STORAGE_EMULATOR_HOST": bench.plane.emulator.endpoint} if bench.plane and bench.plane.emulator else {}
+    env = {"STORAGE_EMULATOR_HOST": bench.plane.emulator.endpoint, "MODELPLANE_STORAGE_KEY": bench.plane.emulator.key} \
+        if bench.plane and bench.plane.emulator else {}
     plane = EmbeddedPlane(work, models_dir=work / "no-models", state_dir=state, emulator=False, env=env)
     t0 = time.monotonic()
     plane.start(timeout=600)

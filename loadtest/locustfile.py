@@ -12,7 +12,8 @@ the CSV.) Configured by environment variables:
 - `LOADTEST_BATCH_MODEL`: the batch model the uploads go to (default: the first batch model).
 - `LOADTEST_BATCH_ROWS` (2000): rows per uploaded dataset; `LOADTEST_JOB_TIMEOUT` (180 s).
 - `LOADTEST_UPLOAD`: `api` (default; `POST /api/models/{name}/datasets`) or `gcs` (the
-  google-cloud-storage client writes `incoming/{model}/…` itself; needs `STORAGE_EMULATOR_HOST`
+  google-cloud-storage client writes `incoming/{model}/…` itself; needs `STORAGE_EMULATOR_HOST` with
+  `MODELPLANE_STORAGE_KEY` (the embedded bucket: the key in `.modelplane/storage-key`)
   or credentials, and `MODELPLANE_BUCKET`).
 - `LOADTEST_IDLE_WAIT` (90 s): how long BurstUser waits for its models to reach zero first.
 - `LOADTEST_WAIT` (0.05 s): pause between one user's requests.

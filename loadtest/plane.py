@@ -83,6 +83,7 @@ class EmbeddedPlane:
         env.pop("MODELPLANE_URL", None)
         if self.emulator is not None:
             env["STORAGE_EMULATOR_HOST"] = self.emulator.endpoint
+            env["MODELPLANE_STORAGE_KEY"] = self.emulator.key
         env.update(self.env)
         return env
 

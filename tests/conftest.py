@@ -24,27 +24,31 @@ requires_r = pytest.mark.skipif(not have_r(), reason="Rscript not installed (apt
 
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
-    """A real gcp-storage-emulator; STORAGE_EMULATOR_HOST points the google-cloud-storage client at it."""
+    """A real gcp-storage-emulator behind the plane's guard; STORAGE_EMULATOR_HOST points the
+    google-cloud-storage client at it and MODELPLANE_STORAGE_KEY gives it the key, as `up` does."""
     data = tmp_path_factory.mktemp("gcs")
     emu = Emulator(data, bucket="test-bucket").start()
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    old = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "MODELPLANE_STORAGE_KEY")}
     os.environ["STORAGE_EMULATOR_HOST"] = emu.endpoint
+    os.environ["MODELPLANE_STORAGE_KEY"] = emu.key
     try:
         yield emu
     finally:
         emu.stop()
-        if old is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
 def gcs_client(gcs):
-    from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    return storage.Client(project="test", credentials=AnonymousCredentials())
+    from adapters.storage import emulator_credentials
+
+    return storage.Client(project="test", credentials=emulator_credentials(gcs.key))
 
 
 @pytest.fixture

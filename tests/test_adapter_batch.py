@@ -22,6 +22,7 @@ SCORES = [2.0, 5.0, -2.0, 0.0, 20.0]
 
 def child_env(**extra: str) -> dict:
     env = dict(os.environ, **extra)
+    env["MODELPLANE_MODEL_ENV"] = "FIXTURE_MODE"   # a model gets nothing else of ours
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     for key in ("DATASET_URI", "RESULTS_URI", "JOB_ID", "K_EVENT_PATH"):
         if key not in extra:
@@ -176,6 +177,9 @@ def test_sigterm_stops_the_model_and_fails_the_job(tmp_path):
                 break
             time.sleep(0.05)
         assert m, err_path.read_text()
+        from model_procs import host_pid
+
+        pid = host_pid(int(m.group(1)), proc.pid)   # while the adapter still runs
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:
@@ -185,7 +189,6 @@ def test_sigterm_stops_the_model_and_fails_the_job(tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     assert result["status"] == "failed" and "SIGTERM" in result["error"]
     assert not (tmp_path / "results" / "t1" / "scores.csv").exists()
-    pid = int(m.group(1))
     for _ in range(100):
         try:
             os.kill(pid, 0)
@@ -526,6 +529,8 @@ def test_scores_stream_to_the_bucket_while_written_and_appear_only_when_the_job_
     go = tmp_path / "go"
     monkeypatch.setenv("STREAM_MODE", mode)
     monkeypatch.setenv("STREAM_GO", str(go))
+    monkeypatch.setenv("MODELPLANE_MODEL_ENV", "STREAM_MODE,STREAM_GO")
+    monkeypatch.setenv("MODELPLANE_SANDBOX", "off")   # the test and the model meet in its tmp_path
     manifest = load_manifest(stream_model(tmp_path))
     spec = batch.JobSpec(dataset_uri=f"gs://test-bucket/{name}", job=f"stream-{mode}",
                          results_prefix=f"gs://test-bucket/results/stream-model/stream-{mode}/")
@@ -623,6 +628,7 @@ def test_a_failed_job_stops_following_a_model_that_writes_without_end(gcs, gcs_c
     bucket.blob("incoming/stream-model/runaway.csv").upload_from_string("x\n" + "1\n" * 50_000 + "oops\n")
     monkeypatch.setenv("STREAM_MODE", "forever")
     monkeypatch.setenv("STREAM_GO", str(tmp_path / "go"))
+    monkeypatch.setenv("MODELPLANE_MODEL_ENV", "STREAM_MODE,STREAM_GO")
     manifest = load_manifest(stream_model(tmp_path))
     spec = batch.JobSpec(dataset_uri="gs://test-bucket/incoming/stream-model/runaway.csv", job="runaway",
                          results_prefix="gs://test-bucket/results/stream-model/runaway/")
@@ -635,5 +641,5 @@ def test_a_failed_job_stops_following_a_model_that_writes_without_end(gcs, gcs_c
     assert not runner.is_alive(), "the job did not end: still following a model that never stops"
     assert out["code"] == 1 and out["result"]["invalid_values"] == 1
     assert "Error" not in out["result"]["log_tail"], out["result"]["log_tail"]
-    assert (work / "scores.csv").stat().st_size > 1 << 20  # it was writing, and fast, when the job failed
+    assert (work / batch.MODEL_OUT / "scores.csv").stat().st_size > 1 << 20  # it was writing, and fast, when the job failed
     assert not bucket.blob("results/stream-model/runaway/scores.csv").exists()

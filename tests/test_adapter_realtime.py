@@ -22,6 +22,7 @@ MODEL = "fixture-realtime"
 def child_env(**extra: str) -> dict:
     """The test's env with this interpreter first on PATH, so the manifest's `python` is ours."""
     env = dict(os.environ, **extra)
+    env["MODELPLANE_MODEL_ENV"] = "FIXTURE_MODE,FIXTURE_CRASH_AFTER"   # a model gets nothing else of ours
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
 
@@ -333,9 +334,11 @@ def test_sidecar_model_down_is_503(tmp_path):
 
 
 def _model_pid(adapter: Adapter) -> int:
+    from model_procs import host_pid
+
     m = re.search(r"fixture model pid=(\d+)", adapter.stderr())
     assert m, adapter.stderr()
-    return int(m.group(1))
+    return host_pid(int(m.group(1)), adapter.proc.pid)
 
 
 def _gone(pid: int) -> bool:

@@ -158,11 +158,13 @@ def test_sigkill_mid_job_loses_nothing_and_leaves_no_partial_results(work, tmp_p
                 assert job["error"], job
         assert sum(j["status"] == "succeeded" for j in jobs) >= 2
 
-        from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
+        from adapters.storage import emulator_credentials
+        from control.gcs import storage_key
+
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", second.emulator())  # restored after the test
-        client = storage.Client(project="test", credentials=AnonymousCredentials())
+        client = storage.Client(project="test", credentials=emulator_credentials(storage_key(work / ".modelplane")))
         names = [b.name for b in client.list_blobs("modelplane", prefix="results/")]
         scored = {n.split("/")[2] for n in names if n.endswith("/scores.csv")}
         assert scored == {j["id"] for j in jobs if j["status"] == "succeeded"}, names

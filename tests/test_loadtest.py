@@ -118,7 +118,8 @@ def test_locust_scenario_makes_requests_and_none_fail(plane, tmp_path, scenario,
            "LOADTEST_BATCH_MODEL": plane.batch, "LOADTEST_BATCH_ROWS": "500", "LOADTEST_JOB_TIMEOUT": "90", "LOADTEST_IDLE_WAIT": "30",
            "MODELPLANE_TOKEN": plane.token}
     if upload == "gcs":
-        env.update(LOADTEST_UPLOAD="gcs", STORAGE_EMULATOR_HOST=plane.emulator.endpoint, MODELPLANE_BUCKET=plane.bucket)
+        env.update(LOADTEST_UPLOAD="gcs", STORAGE_EMULATOR_HOST=plane.emulator.endpoint,
+                   MODELPLANE_STORAGE_KEY=plane.emulator.key, MODELPLANE_BUCKET=plane.bucket)
     result = run_scenario(scenario, host=plane.url, out_dir=tmp_path, users=8, spawn_rate=8, duration="4s", env=env,
                           stop_timeout=60, timeout=180)
     detail = f"{[(r.type, r.name, r.requests, r.failures) for r in result.rows]}\n{result.failures}\n{result.stderr_tail}"

@@ -223,7 +223,7 @@ def test_killed_model_is_replaced_and_the_error_says_so(rt, tmp_path):
     rt.deploy(load_manifest(make_model(tmp_path, "echo")))
     assert scores(rt, "echo", [{"x": 1}]) == [1]
     [adapter] = replica_procs(rt, "echo")["1.0.0"]
-    [model_pid] = descendants(adapter.pid)
+    model_pid = descendants(adapter.pid)[-1]   # the model itself (sandboxed: below bwrap's two processes)
     os.kill(model_pid, signal.SIGKILL)
     info = wait_for(lambda: (m := rt.model("echo")).error and m, what="the crash to be reported")
     assert "exited with status" in info.error and "replaced" in info.error
@@ -501,7 +501,8 @@ def test_close_leaves_no_processes(settings, tmp_path):
     for procs in replica_procs(rt, "echo").values():
         for p in procs:
             pids += [p.pid, *descendants(p.pid)]
-    assert len(pids) == 4    # two adapters, two models
+    # two adapters, two models (sandboxed: each model below bwrap's two processes)
+    assert len(pids) == (8 if rt.sandbox.active else 4)
     rt.close()
     assert not [pid for pid in pids if alive(pid)]
 

@@ -67,6 +67,8 @@ def test_model_crashing_at_start_shows_its_stderr():
 def test_model_never_healthy_is_bounded_and_stopped(tmp_path, monkeypatch):
     pidfile = tmp_path / "model.pid"
     monkeypatch.setenv("VALIDATE_FIXTURE_PIDFILE", str(pidfile))
+    monkeypatch.setenv("MODELPLANE_MODEL_ENV", "VALIDATE_FIXTURE_PIDFILE")   # models get nothing else of ours
+    monkeypatch.setenv("MODELPLANE_SANDBOX", "off")   # the model writes its pid where the test reads it
     code, out = run_validate(BROKEN / "never-healthy", timeout=2)
     assert code == 1
     assert "✗ never became healthy within 2 s" in out

@@ -157,7 +157,7 @@ def test_modelplane_watch_is_the_standalone_bridge(gcs, gcs_client, tmp_path):
     name = f"incoming/m/{uuid.uuid4().hex[:8]}.csv"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPLANE_")}
     env.update(MODELPLANE_BUCKET="test-bucket", MODELPLANE_STATE_DIR=str(tmp_path / "state"),
-               MODELPLANE_WATCH_INTERVAL="0.2", STORAGE_EMULATOR_HOST=gcs.endpoint)
+               MODELPLANE_WATCH_INTERVAL="0.2", STORAGE_EMULATOR_HOST=gcs.endpoint, MODELPLANE_STORAGE_KEY=gcs.key)
     with Sink() as sink:
         proc = subprocess.Popen([sys.executable, "-m", "control.cli", "watch", "--sink", sink.url], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

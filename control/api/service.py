@@ -20,7 +20,9 @@ def routes(plane) -> Routes:
     @r(s.RouteSpec("GET", "/healthz", "Is the service up", [s.Answer(200, s.Health)], auth="none", tag="service"))
     def healthz():
         problems = list(getattr(runtime, "problems", lambda: [])())
-        return {"status": "degraded" if problems else "ok", "runtime": runtime.name, "problems": problems}
+        sandbox = getattr(runtime, "sandbox", None)   # the local runtime's model sandbox (adapters/sandbox.py)
+        return {"status": "degraded" if problems else "ok", "runtime": runtime.name, "problems": problems,
+                **({"sandbox": sandbox.describe()} if sandbox is not None else {})}
 
     @r(s.RouteSpec("GET", "/metrics", "Prometheus metrics",
                    [s.Answer(200, None, "text/plain", "the Prometheus text format")], tag="service"))

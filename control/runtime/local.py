@@ -75,6 +75,10 @@ class LocalRuntime(Runtime):
     def _init_state(self, adapter_command: Optional[list[str]]) -> None:
         settings = self.settings
         self._adapter = list(adapter_command or [sys.executable, "-m", "adapters"])
+        from adapters import sandbox
+
+        self.sandbox = sandbox.state({sandbox.MODE_ENV: settings.sandbox})  # probed once, handed to adapters
+        log.info("model sandbox: %s", self.sandbox.describe())
         self._admin = threading.RLock()     # deploy/rollback/remove: the store and the routing change together
         self._deploying: dict[str, threading.Lock] = {}   # one deploy (and its check) of a model at a time
         self._start_lock = threading.Lock()
@@ -507,6 +511,11 @@ class LocalRuntime(Runtime):
         env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
+        # what this runtime found (no probe per adapter); `on` when required makes each start refuse
+        env["MODELPLANE_SANDBOX"] = "on" if self.sandbox.active or self.sandbox.mode == "on" else "off"
+        env["MODELPLANE_SANDBOX_CHECKED"] = "1" if self.sandbox.active else "0"
+        env["MODELPLANE_SANDBOX_HIDE"] = os.pathsep.join(
+            str(p) for p in (self.state_dir, Path(self.settings.models_dir).resolve()))
         return env
 
     def _replica_env(self) -> dict:

@@ -28,7 +28,7 @@ from typing import Optional
 
 from adapters.manifest import Manifest, load_manifest, semver_key
 from control.runtime.base import made_live, rolled_back_to, walk_back
-from control.durable import fsync_dir, fsync_tree, move_aside, write_json_atomic
+from control.durable import fsync_dir, fsync_tree, move_aside, private_tree, write_json_atomic
 from control.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -266,6 +266,7 @@ class VersionStore:
             try:
                 shutil.copytree(source, tmp, ignore=lambda _d, names: [n for n in names if _ignored(n)],
                                 symlinks=False)
+                private_tree(tmp)   # copytree kept the source's modes; the state dir is the owner's alone
                 digest = folder_digest(tmp)
                 frozen = load_manifest(tmp, check_files=False)
                 fsync_tree(tmp)

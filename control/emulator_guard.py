@@ -1,0 +1,144 @@
+"""The embedded bucket, answering only the plane: gcp-storage-emulator's own request handler,
+run in this process behind a check of every request.
+
+A request reaches the emulator only if it carries `Authorization: Bearer <storage key>` (the
+plane's per-plane secret, env MODELPLANE_STORAGE_KEY, which this process removes from its
+environment), names a loopback-style Host (an IP literal or `localhost`, with any port: a DNS
+name is how a rebinding page would reach it) and comes from no browser page (no `Origin`,
+no `Sec-Fetch-Site: cross-site|same-site`). Anything else gets a 403 that says why, before a
+byte of its body is read or stored (403, not 401, for a missing key too: google-auth answers a
+401 by trying to refresh anonymous credentials, and its error would hide ours).
+
+Wrapping the handler class rather than proxying keeps one process and one hop: the emulator's
+http.server handler is subclassed, so its routes, storage and URLs are exactly as before.
+
+`python -m control.emulator_guard --host H --port P [--default-bucket B]`, data in $STORAGE_BASE.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from functools import partial
+from http import server as http_server
+
+KEY_ENV = "MODELPLANE_STORAGE_KEY"
+CROSS = ("cross-site", "same-site")
+
+
+def host_allowed(host: str | None) -> bool:
+    """`localhost` or an IP literal, with an optional port."""
+    if not host:
+        return False
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return False
+    else:
+        name, _, port = host.partition(":")
+        if port and not port.isdigit():
+            return False
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def refusal(headers, key: str) -> tuple[int, str] | None:
+    """(status, why) for a request the bucket must not answer; None to let it through."""
+    if not host_allowed(headers.get("Host")):
+        return 403, (f"Host {headers.get('Host')!r} refused: the embedded bucket answers only "
+                     "requests addressed to localhost or an IP address")
+    if headers.get("Origin") is not None:
+        return 403, "requests from web pages (an Origin header) are refused by the embedded bucket"
+    if (headers.get("Sec-Fetch-Site") or "").strip().lower() in CROSS:
+        return 403, "cross-site requests (Sec-Fetch-Site) are refused by the embedded bucket"
+    auth = headers.get("Authorization") or ""
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return 403, ("the embedded bucket needs Authorization: Bearer <storage key> "
+                     "(the key is in the state dir's storage-key file, or env MODELPLANE_STORAGE_KEY)")
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        return 403, "wrong storage key for the embedded bucket"
+    return None
+
+
+def guarded(handler_cls, key: str):
+    """A subclass of the emulator's handler that answers a refused request itself."""
+
+    class Guarded(handler_cls):
+        def _refused(self) -> bool:
+            verdict = refusal(self.headers, key)
+            if verdict is None:
+                return False
+            status, why = verdict
+            body = json.dumps({"error": {"code": status, "message": why}}).encode()
+            self.close_connection = True   # its body, if any, is never read
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            return True
+
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
+        inner = getattr(handler_cls, f"do_{method}", None)
+
+        def do(self, _inner=inner):
+            if self._refused():
+                return
+            if _inner is None:
+                self.send_error(501)
+                return
+            _inner(self)
+
+        setattr(Guarded, f"do_{method}", do)
+    return Guarded
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m control.emulator_guard", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--default-bucket")
+    args = p.parse_args(argv)
+    key = os.environ.pop(KEY_ENV, "").strip()
+    if not key:
+        print(f"emulator_guard: {KEY_ENV} is not set; the embedded bucket never runs without its key",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.CRITICAL)
+    from gcp_storage_emulator.handlers import buckets
+    from gcp_storage_emulator.server import RequestHandler
+    from gcp_storage_emulator.storage import Storage
+
+    storage = Storage(use_memory_fs=False)
+    if args.default_bucket:
+        buckets.create_bucket(args.default_bucket, storage)
+    httpd = http_server.HTTPServer((args.host, args.port), partial(guarded(RequestHandler, key), storage))
+
+    def stop(signum, frame):
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
