@@ -788,7 +788,8 @@ def cmd_render(args) -> int:
 
 
 def _console_command(settings, port: int) -> list[str]:
-    return [sys.executable, "-m", "streamlit", "run", str(CONSOLE_APP), "--server.port", str(port),
+    # console.serve: Streamlit with a Host and WebSocket-origin guard in front (DNS rebinding)
+    return [sys.executable, "-m", "console.serve", "run", str(CONSOLE_APP), "--server.port", str(port),
             "--server.address", "127.0.0.1" if settings.host in ("127.0.0.1", "localhost") else settings.host,
             "--server.headless", "true", "--browser.gatherUsageStats", "false"]
 
