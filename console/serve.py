@@ -13,14 +13,35 @@ Refused HTTP requests get 403; a refused socket is closed before its handshake c
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from urllib.parse import urlsplit
 
-from control.guard import _is_ip, _split_host
-
 REFUSED = b"refused: the Host (or the page's origin) does not name this console; add the name to " \
           b"MODELPLANE_ALLOWED_HOSTS if it is how people reach it\n"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%")[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _split_host(value: str) -> str:
+    """The host part of a Host header (`name:port`, `[::1]:8080`), lowercased; "" when malformed."""
+    value = value.lower()
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or value[end + 1:] and not (value[end + 1] == ":" and value[end + 2:].isdigit()):
+            return ""
+        return value[: end + 1]
+    name, sep, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    if sep and not port.isdigit():
+        return ""
+    return name
 
 
 class HostGuard:

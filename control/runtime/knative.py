@@ -156,6 +156,13 @@ class KnativeRuntime(Runtime):
                 self._api = _default_api_client()
             return self._api
 
+    def core_api(self):
+        """The core API (Secrets, ConfigMaps) as this runtime's account: the token store and the
+        audit trail's head live there (control/identity.py, control/audit.py)."""
+        from kubernetes import client
+
+        return client.CoreV1Api(self.api)
+
     def close(self) -> None:
         self._http.clear()
         if self._api is not None and hasattr(self._api, "close"):
