@@ -574,3 +574,59 @@ def test_beyond_loopback_a_named_token_signs_in_and_out(console, named):
     at.sidebar.button(key="sign-out").click().run()
     assert [t.value for t in at.title] == ["Sign in to modelplane"] and not at.dataframe
 
+
+def test_activity_shows_the_audit_trail_with_filters_and_its_chain_check(console, named, plane):
+    # a refused rollback, recorded as denied
+    r = requests.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={}, timeout=10,
+                      headers={"Authorization": f"Bearer {named['vera']}"})
+    assert r.status_code == 403, r.text
+    at = open_page(console(token=named["vera"]), "views/activity.py")
+    assert not at.exception, [e.value for e in at.exception]
+    trail = frame_with(at, "Request")
+    assert list(trail.columns[:8]) == ["When", "Who", "Role", "Action", "What", "Outcome", "Status", "Request"]
+    created = trail[trail["Action"] == "token.create"]
+    assert {"vera", "rui", "dana"} <= {w.split("→ ")[-1] for w in created["What"]}
+    assert set(created["Who"]) == {"admin"}
+    assert not trail["When"].str.contains("T").any()   # local time, not raw ISO
+    assert any("Audit chain intact" in s.value and "records" in s.value for s in at.success)
+    # filter: who and outcome
+    at.text_input(key="audit-who").input("vera").run()
+    at.selectbox(key="audit-outcome").select("denied").run()
+    trail = frame_with(at, "Request")
+    assert len(trail) >= 1 and set(trail["Who"]) == {"vera"} and set(trail["Outcome"]) == {"denied"}
+    row = trail.iloc[0]
+    assert (row["Action"], row["Status"], row["Role"]) == ("rollback", 403, "viewer")
+    assert row["What"].startswith(REALTIME) and row["Request"]
+    # filter: action and model, then nothing matches
+    at.text_input(key="audit-who").input("").run()
+    at.selectbox(key="audit-outcome").select("any").run()
+    at.selectbox(key="audit-action").select("token.revoke").run()
+    assert not [f for f in frames(at) if "Request" in f.columns]
+    assert "No audit records match." in texts(at)
+    # a viewer gets no tokens tab
+    assert "Tokens" not in [t.label for t in at.tabs]
+
+
+def test_an_admin_lists_creates_and_revokes_tokens(console, named, plane):
+    at = open_page(console(token=named["ada"]), "views/activity.py")
+    assert "Tokens" in [t.label for t in at.tabs]
+    listed = frame_with(at, "By").set_index("Name")
+    assert listed.loc["dana", "Owner"] == X_OWNER and listed.loc["vera", "Role"] == "viewer"
+    at.text_input(key="token-name").input("zoe")
+    at.selectbox(key="token-role").select("runner")
+    at.text_input(key="token-owner").input(Y_OWNER)
+    next(b for b in at.button if b.label == "Create token").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = [c.value for c in at.code if str(c.value).startswith("mp_")]
+    assert len(shown) == 1, [c.value for c in at.code]
+    me = requests.get(f"{plane.url}/api/whoami", headers={"Authorization": f"Bearer {shown[0]}"}, timeout=10)
+    assert me.json() == {**me.json(), "name": "zoe", "role": "runner", "owner": Y_OWNER}
+    assert any("copy it now" in s.value for s in at.success)
+    at.run()   # shown once only
+    assert not [c for c in at.code if str(c.value).startswith("mp_")]
+    at.selectbox(key="token-revoke-pick").select("zoe")
+    at.button(key="token-revoke").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "zoe" not in frame_with(at, "By")["Name"].tolist()
+    gone = requests.get(f"{plane.url}/api/whoami", headers={"Authorization": f"Bearer {shown[0]}"}, timeout=10)
+    assert gone.status_code == 401
