@@ -597,9 +597,20 @@ def test_activity_shows_the_audit_trail_with_filters_and_its_chain_check(console
     row = trail.iloc[0]
     assert (row["Action"], row["Status"], row["Role"]) == ("rollback", 403, "viewer")
     assert row["What"].startswith(REALTIME) and row["Request"]
+    # filter: since a day (local): today keeps them, tomorrow has none yet
+    import datetime as dt
+    today = dt.date.today()
+    at.date_input(key="audit-since").set_value(today).run()
+    assert set(frame_with(at, "Request")["Who"]) == {"vera"}
+    at.date_input(key="audit-since").set_value(today + dt.timedelta(days=1)).run()
+    assert "No audit records match." in texts(at)
+    at.date_input(key="audit-since").set_value(None).run()
     # filter: action and model, then nothing matches
     at.text_input(key="audit-who").input("").run()
     at.selectbox(key="audit-outcome").select("any").run()
+    at.selectbox(key="audit-action").select("rollback").run()
+    at.text_input(key="audit-model").input(REALTIME).run()
+    assert set(frame_with(at, "Request")["Action"]) == {"rollback"}
     at.selectbox(key="audit-action").select("token.revoke").run()
     assert not [f for f in frames(at) if "Request" in f.columns]
     assert "No audit records match." in texts(at)
