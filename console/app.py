@@ -1,7 +1,8 @@
 """The Streamlit console: `streamlit run console/app.py` (what `modelplane up` / `modelplane console` start).
 
-A thin shell: it names the pages and shows where the control service is; each page in
-`views/` talks to the control API through `console.client` and nothing else.
+A thin shell: it names the pages, signs the person in (their own token, or on loopback the
+machine's) and shows who they are; each page in `views/` talks to the control API through
+`console.client` and nothing else, and offers only what the signed-in role may do.
 """
 from __future__ import annotations
 
@@ -29,14 +30,11 @@ pages = [
 page = st.navigation(pages)
 
 client = common.client()
-if not common.sign_in(client):  # beyond loopback, nothing shows until this browser gives the token
+if not common.sign_in(client):  # no token to act with: nothing shows until this browser gives one
     st.stop()
+identity = common.identify(client)  # who the pages act as: they hide what its role may not do
 with st.sidebar:
-    st.caption(f"Control service: `{client.url}`")
-    st.caption("Token: " + ("given in this browser" if common.exposed() else "set") if client.token else "Token: not set")
-    if common.exposed() and st.button("Sign out", key="sign-out"):
-        st.session_state.pop(common.SESSION_TOKEN, None)
-        st.rerun()
-common.connection_banner(client)
+    common.sidebar(client, identity)
+common.connection_banner(client, identity)
 
 page.run()

@@ -40,7 +40,12 @@ class Unreachable(ControlError):
 
 
 class Unauthorized(ControlError):
-    """401/403: the token is missing or wrong."""
+    """401/403: the token is missing or wrong (401), or its role or owner does not allow the call (403)."""
+
+    @property
+    def forbidden(self) -> bool:
+        """403: the token is good, but its identity may not make this call."""
+        return self.status == 403
 
 
 class NotFound(ControlError):
@@ -176,6 +181,10 @@ class ControlClient:
                 raise
         return True
 
+    def whoami(self) -> dict:
+        """`{name, role, owner, may}` of this client's token; Unauthorized when it is refused."""
+        return self._json("GET", "/api/whoami", timeout=5)
+
     def models(self, *, label: Sequence[str] = (), owner: Optional[str] = None,
                q: Optional[str] = None) -> list[dict]:
         """Every model (matching the filters, as `models_page` takes them). With thousands of
@@ -275,6 +284,36 @@ class ControlClient:
         if isinstance(data, dict):
             data = data.get("events", [])
         return list(data)
+
+    # -- access: the audit trail and named tokens ------------------------------------------
+
+    def audit(self, *, who: Optional[str] = None, action: Optional[str] = None, model: Optional[str] = None,
+              outcome: Optional[str] = None, since: Optional[str] = None, limit: int = 100) -> list[dict]:
+        """The audit trail, newest first; `since` is an ISO 8601 UTC time."""
+        params: dict[str, Any] = {"limit": int(limit)}
+        for key, value in (("who", who), ("action", action), ("model", model), ("outcome", outcome),
+                           ("since", since)):
+            if value:
+                params[key] = value
+        return list(self._json("GET", "/api/audit", params=params))
+
+    def audit_verify(self) -> dict:
+        """`{ok, records, last, problem}`: the audit trail's hash chain checked from its first record."""
+        return self._json("GET", "/api/audit/verify", timeout=60)
+
+    def tokens(self) -> list[dict]:
+        """The named tokens (admin): name, role, owner, when and by whom created."""
+        return list(self._json("GET", "/api/tokens"))
+
+    def create_token(self, name: str, *, role: str, owner: Optional[str] = None) -> dict:
+        """A new named token (admin); the answer's `token` is shown this once."""
+        body: dict[str, Any] = {"name": name, "role": role}
+        if owner:
+            body["owner"] = owner
+        return self._json("POST", "/api/tokens", json=body)
+
+    def revoke_token(self, name: str) -> dict:
+        return self._json("DELETE", f"/api/tokens/{quote(name, safe='')}")
 
     # -- comparisons ----------------------------------------------------------------------
 

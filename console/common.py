@@ -41,51 +41,179 @@ PAGE_JOBS = "views/jobs.py"
 PAGE_ACTIVITY = "views/activity.py"
 
 
-SESSION_TOKEN = "modelplane_token"
+SESSION_TOKEN = "modelplane_token"          # the token this browser session signed in with
+SESSION_SIGNED_OUT = "modelplane_signed_out"  # on loopback: set aside the machine's token
+SESSION_IDENTITY = "modelplane_identity"      # whoami of the token in use, refreshed every run
+
+#: The roles, each with everything the one before it may do (control/identity.py).
+ROLES = ("viewer", "runner", "deployer", "admin")
+RANK = {role: i for i, role in enumerate(ROLES)}
 
 
 def exposed() -> bool:
     """Whether this console is reachable beyond loopback (Streamlit's `server.address`; unset
     means every interface). Then it must not act with the machine's token for whoever opens
-    it: each browser session signs in with the token itself."""
+    it: each browser session signs in with its own token."""
     address = st.get_option("server.address") or ""
     return not is_loopback_host(address)
 
 
 def client() -> ControlClient:
-    """The client for this run: on loopback, MODELPLANE_URL with the machine's token
-    (MODELPLANE_TOKEN or the state dir's file); beyond loopback, the token this browser
-    session signed in with, and no other."""
-    if exposed():
-        return ControlClient(os.environ.get("MODELPLANE_URL") or DEFAULT_URL,
-                             st.session_state.get(SESSION_TOKEN))
+    """The client for this run: the token this browser session signed in with, if any; else,
+    on loopback and unless the session signed out, MODELPLANE_URL with the machine's token
+    (MODELPLANE_TOKEN or the state dir's file); beyond loopback, no token at all."""
+    url = os.environ.get("MODELPLANE_URL") or DEFAULT_URL
+    token = st.session_state.get(SESSION_TOKEN)
+    if token:
+        return ControlClient(url, token)
+    if exposed() or st.session_state.get(SESSION_SIGNED_OUT):
+        return ControlClient(url, None)
+    return ControlClient.from_env()
+
+
+def signed_in_here() -> bool:
+    """Whether this browser session gave its own token (not the machine's)."""
+    return bool(st.session_state.get(SESSION_TOKEN))
+
+
+def _local_client() -> ControlClient:
     return ControlClient.from_env()
 
 
 def sign_in(client: ControlClient) -> bool:
-    """Beyond loopback: ask for the token until the service accepts one. False: stop the page."""
-    if not exposed():
-        return True
+    """Ask for a token when this session has none to act with: beyond loopback until one is
+    given, on loopback after "Sign in as someone else" or "Sign out". False: stop the page."""
     if client.token:
         return True
+    if not exposed() and not st.session_state.get(SESSION_SIGNED_OUT):
+        return True   # loopback without any token: the pages say where to find one
     st.title("Sign in to modelplane")
-    st.write("This console is reachable from other machines, so it acts only with a token you give it. "
-             "The token is `MODELPLANE_TOKEN` of the control service, or the `token` file in its state "
-             "directory (printed once by `modelplane up`).")
+    if exposed():
+        st.write("This console is reachable from other machines, so it acts only with a token you give it.")
+    st.write("Sign in with your token (from your admin, or `modelplane token create`). What you may do "
+             "here follows its role: a viewer sees, a runner also scores, a deployer also rolls out and "
+             "rolls back, an admin also manages tokens. The service's own token (`MODELPLANE_TOKEN`, or "
+             "the `token` file in its state directory, printed once by `modelplane up`) signs in as admin.")
     with st.form("sign-in"):
-        given = st.text_input("Token", type="password", key="sign-in-token")
+        given = st.text_input("Your token", type="password", key="sign-in-token")
         submitted = st.form_submit_button("Sign in")
     if submitted and given.strip():
         trial = ControlClient(client.url, given.strip())
         try:
-            accepted = trial.check_token()
-        except Unreachable as err:
+            me = trial.whoami()
+        except Unauthorized:
+            st.error("**Token rejected** by the control service (wrong, or revoked): check it and try again.",
+                     icon=":material/lock:")
+        except ControlError as err:
             show_error(err)
-            return False
-        if accepted:
+        else:
             st.session_state[SESSION_TOKEN] = given.strip()
+            st.session_state.pop(SESSION_SIGNED_OUT, None)
+            st.session_state[SESSION_IDENTITY] = me
             st.rerun()
-        st.error("**Token rejected** by the control service: check it and try again.", icon=":material/lock:")
+    if not exposed() and _local_client().token:
+        if st.button("Continue as the local admin", key="sign-in-local",
+                     help="Use this machine's token (MODELPLANE_TOKEN, or the state directory's token file)"):
+            st.session_state.pop(SESSION_SIGNED_OUT, None)
+            st.rerun()
+    return False
+
+
+def sign_out() -> None:
+    """Forget this session's token; on loopback also set the machine's token aside."""
+    st.session_state.pop(SESSION_TOKEN, None)
+    st.session_state.pop(SESSION_IDENTITY, None)
+    st.session_state[SESSION_SIGNED_OUT] = True
+
+
+def identify(client: ControlClient) -> Optional[dict]:
+    """Who the token in use is (`GET /api/whoami`), kept for the pages of this run; None when
+    there is no token, it is refused, or the service cannot say (then the service alone decides)."""
+    me: Optional[dict] = None
+    if client.token:
+        try:
+            me = client.whoami()
+        except ControlError:
+            me = None
+    if isinstance(me, dict) and me.get("role") in RANK:
+        st.session_state[SESSION_IDENTITY] = me
+    else:
+        st.session_state.pop(SESSION_IDENTITY, None)
+        me = None
+    return me
+
+
+def me() -> Optional[dict]:
+    """The identity the console acts as (set by `identify` at the top of each run), or None."""
+    return st.session_state.get(SESSION_IDENTITY)
+
+
+def identity_text(identity: dict) -> str:
+    """`alice — deployer, models of risk-team`."""
+    text = f"{identity.get('name')} — {identity.get('role')}"
+    if identity.get("owner"):
+        text += f", models of {identity['owner']}"
+    return text
+
+
+def sidebar(client: ControlClient, identity: Optional[dict]) -> None:
+    """Where the control service is, who this session is signed in as, and how to change it."""
+    st.caption(f"Control service: `{client.url}`")
+    if identity:
+        st.markdown(f"Signed in as **{identity_text(identity)}**")
+        if not signed_in_here() and not exposed():
+            st.caption("with this machine's token")
+    elif client.token:
+        st.caption("Token: not accepted")
+    else:
+        st.caption("Token: not set")
+    if signed_in_here() or exposed():
+        if st.button("Sign out", key="sign-out", icon=":material/logout:"):
+            sign_out()
+            st.rerun()
+    elif st.button("Sign in as someone else" if client.token else "Sign in", key="sign-in-other",
+                   icon=":material/login:", help="Sign in with your own token (from your admin, or "
+                                                  "`modelplane token create`)"):
+        sign_out()
+        st.rerun()
+
+
+def model_owner(detail: Optional[dict]) -> Optional[str]:
+    if not isinstance(detail, dict):
+        return None
+    return detail.get("owner") or (detail.get("manifest") or {}).get("owner") or None
+
+
+def _public(detail: Optional[dict]) -> bool:
+    return isinstance(detail, dict) and (detail.get("manifest") or {}).get("visibility") == "public"
+
+
+def refusal(need: str, detail: Optional[dict] = None, *, predict: bool = False) -> Optional[str]:
+    """Why the signed-in identity may not make a call that needs the role `need` (on the model
+    `detail`, if any), or None when it may — and when the identity is unknown, the service decides.
+    `predict`: a public model takes predictions from any token."""
+    identity = me()
+    if not identity:
+        return None
+    if predict and _public(detail):
+        return None
+    role = identity.get("role")
+    if RANK.get(role, -1) < RANK[need]:
+        return f"Needs the {need} role or above; you are {identity.get('name')} ({role})."
+    limit = identity.get("owner")
+    if detail is not None and limit and (model_owner(detail) or "") != limit:
+        return (f"{identity.get('name')} may change only models of {limit}; {detail.get('name', 'this model')} "
+                f"belongs to {model_owner(detail) or 'no owner'}.")
+    return None
+
+
+def allowed(need: str, detail: Optional[dict] = None, *, what: str = "", predict: bool = False,
+            where=st) -> bool:
+    """Whether to show a control that needs `need`; when not, one line says why instead."""
+    why = refusal(need, detail, predict=predict)
+    if why is None:
+        return True
+    where.caption(f":material/lock: {what + ': ' if what else ''}{why}")
     return False
 
 
@@ -97,10 +225,14 @@ def show_error(err: ControlError) -> None:
             "(or `modelplane serve`), or set `MODELPLANE_URL` to where it runs.",
             icon=":material/power_off:",
         )
+    elif isinstance(err, Unauthorized) and err.forbidden:
+        st.error(f"**Not allowed** (HTTP 403): {err.message}. Ask your admin for a token of a role that may, "
+                 "or sign in as someone who may.", icon=":material/block:")
     elif isinstance(err, Unauthorized):
         st.error(
             f"**Not authorised** by the control service at `{err.url}` (HTTP {err.status}: "
-            f"{err.message}). Check `MODELPLANE_TOKEN`: it must match the service's token.",
+            f"{err.message}). Sign in again with your token, or check `MODELPLANE_TOKEN`: it must be one "
+            "the service knows.",
             icon=":material/lock:",
         )
     else:
@@ -108,16 +240,25 @@ def show_error(err: ControlError) -> None:
         st.error(f"{status}{err.message}", icon=":material/warning:")
 
 
-def connection_banner(client: ControlClient) -> None:
+def connection_banner(client: ControlClient, identity: Optional[dict] = None) -> None:
     """Say up front, on every page, when the token is refused (every API call needs it).
     Unreachable is left to the page, which says so where its content would be."""
+    if identity:
+        return   # whoami answered: the token is good
     try:
         accepted = client.check_token()
     except Unreachable:
         return
     if accepted:
         return
-    if client.token:
+    if client.token and signed_in_here():
+        st.error(
+            f"**Token rejected** by the control service at `{client.url}` (HTTP 401): it was revoked, "
+            "or the service no longer knows it. Sign out and sign in with your token (from your admin, "
+            "or `modelplane token create`).",
+            icon=":material/lock:",
+        )
+    elif client.token:
         st.error(
             f"**Token rejected** by the control service at `{client.url}` (HTTP 401): check "
             "`MODELPLANE_TOKEN` — it must match the service's token (or the `token` file in its "

@@ -429,3 +429,215 @@ def test_beyond_loopback_the_console_asks_each_browser_for_the_token(console):
     other = console(address="0.0.0.0", token=TOKEN)
     other.run()
     assert [t.value for t in other.title] == ["Sign in to modelplane"]
+
+# -- Who is signed in, and what their role lets them do ---------------------------------------
+
+X_OWNER = "fundraising-analytics"    # owns donor-propensity (REALTIME) and major-gift
+Y_OWNER = "membership-analytics"     # owns churn-risk (BATCH) and member-retention
+
+
+@pytest.fixture(scope="module")
+def named(plane):
+    """Named tokens an admin created through the API: name -> token."""
+    made = {}
+    for name, role, owner in (("vera", "viewer", None), ("rui", "runner", None), ("dana", "deployer", X_OWNER),
+                              ("yan", "deployer", Y_OWNER), ("ada", "admin", None)):
+        body = {"name": name, "role": role, **({"owner": owner} if owner else {})}
+        r = API.post(f"{plane.url}/api/tokens", json=body, timeout=10)
+        assert r.status_code == 201, r.text
+        made[name] = r.json()["token"]
+    return made
+
+
+@pytest.fixture(scope="module")
+def two_versions(plane, tmp_path_factory):
+    """A second, not live, version of the realtime example: rollback and rollout have something to offer."""
+    deploy_version(plane, tmp_path_factory.mktemp("second-version"), "1.0.7", live=False)
+    return "1.0.7"
+
+
+def button_keys(at: AppTest) -> set:
+    return {b.key for b in at.button}
+
+
+def button_labels(at: AppTest) -> set:
+    return {b.label for b in at.button}
+
+
+def sidebar_text(at: AppTest) -> str:
+    return "\n".join(str(m.value) for m in list(at.sidebar.markdown) + list(at.sidebar.caption))
+
+
+def test_a_viewer_sees_no_scoring_rollback_or_rollout(console, named, two_versions):
+    at = open_page(console(token=named["vera"]), "views/model.py", model=REALTIME)
+    assert not at.error, [e.value for e in at.error]
+    assert "Signed in as **vera — viewer**" in sidebar_text(at)
+    keys, labels = button_keys(at), button_labels(at)
+    assert f"rollback-{REALTIME}" not in keys and "Score" not in labels and "Apply split" not in labels
+    assert not [u for u in at.get("file_uploader") if u.proto.id.endswith(f"csv-{REALTIME}")]
+    notes = texts(at)
+    assert "Scoring: Needs the runner role or above; you are vera (viewer)." in notes
+    assert "Rolling back: Needs the deployer role or above; you are vera (viewer)." in notes
+    # what a viewer may read still shows
+    assert "1.0.7" in frame_with(at, "Live")["Version"].tolist()
+    # no job submission either
+    jobs = open_page(console(token=named["vera"]), "views/jobs.py", batch=BATCH)
+    assert f"upload-{BATCH}" not in button_keys(jobs) and f"run-{BATCH}" not in button_keys(jobs)
+    assert "Needs the runner role or above" in texts(jobs)
+
+
+def test_a_runner_scores_but_does_not_roll_back(console, named, two_versions):
+    at = open_page(console(token=named["rui"]), "views/model.py", model=REALTIME)
+    assert "Signed in as **rui — runner**" in sidebar_text(at)
+    assert "Score" in button_labels(at)
+    assert f"rollback-{REALTIME}" not in button_keys(at) and "Apply split" not in button_labels(at)
+    assert "Rolling back: Needs the deployer role or above; you are rui (runner)." in texts(at)
+    next(b for b in at.button if b.label == "Score").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert metric(at, "propensity").value  # the runner's score came back
+    jobs = open_page(console(token=named["rui"]), "views/jobs.py", batch=BATCH)
+    assert f"run-{BATCH}" in button_keys(jobs)
+    cmp = open_page(console(token=named["rui"]), "views/compare.py", model=REALTIME)
+    assert f"cmp-run-{REALTIME}" not in button_keys(cmp)
+    assert "Starting a comparison: Needs the deployer role or above" in texts(cmp)
+
+
+def test_an_owner_limited_deployer_changes_only_its_owners_models(console, named, two_versions):
+    mine = open_page(console(token=named["dana"]), "views/model.py", model=REALTIME)
+    assert f"Signed in as **dana — deployer, models of {X_OWNER}**" in sidebar_text(mine)
+    assert f"rollback-{REALTIME}" in button_keys(mine) and "Apply split" in button_labels(mine)
+    assert "Score" in button_labels(mine)
+    # the same model, to a deployer of another owner: read only
+    theirs = open_page(console(token=named["yan"]), "views/model.py", model=REALTIME)
+    assert f"rollback-{REALTIME}" not in button_keys(theirs) and "Score" not in button_labels(theirs)
+    assert "Apply split" not in button_labels(theirs)
+    assert f"yan may change only models of {Y_OWNER}; {REALTIME} belongs to {X_OWNER}." in texts(theirs)
+    # and dana may not run jobs of membership-analytics' batch model, which yan may
+    jobs = open_page(console(token=named["dana"]), "views/jobs.py", batch=BATCH)
+    assert f"run-{BATCH}" not in button_keys(jobs)
+    assert f"dana may change only models of {X_OWNER}; {BATCH} belongs to {Y_OWNER}." in texts(jobs)
+    assert f"run-{BATCH}" in button_keys(open_page(console(token=named["yan"]), "views/jobs.py", batch=BATCH))
+
+
+def test_a_refusal_of_the_service_shows_its_message(console, named, two_versions, monkeypatch, plane):
+    """Should the console offer what the service refuses (here: it cannot tell who is signed in),
+    the 403 shows as the service's own words, not a stack trace."""
+    from console.client import ControlClient, ControlError
+
+    def unknown(self):
+        raise ControlError("no whoami here", status=404)
+
+    monkeypatch.setattr(ControlClient, "whoami", unknown)
+    at = open_page(console(token=named["vera"]), "views/model.py", model=REALTIME)
+    at.button(key=f"rollback-{REALTIME}").click().run()
+    at.button(key=f"rollback-yes-{REALTIME}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = [e.value for e in at.error]
+    assert any("Not allowed" in e and "vera holds the role viewer" in e and "needs deployer" in e
+               for e in errors), errors
+    assert API.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] != "1.0.7"
+
+
+def test_on_loopback_sign_in_as_someone_else_and_sign_out(console, named, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "token").write_text(TOKEN + "\n")
+    at = open_page(console(token=None, state_dir=state), "views/models.py")
+    assert "Signed in as **admin — admin**" in sidebar_text(at)
+    assert "with this machine's token" in sidebar_text(at)
+    at.sidebar.button(key="sign-in-other").click().run()
+    assert [t.value for t in at.title] == ["Sign in to modelplane"]
+    assert "your token (from your admin, or `modelplane token create`)" in "\n".join(m.value for m in at.markdown)
+    assert not at.dataframe
+    _sign_in(at, "not-a-token")
+    assert any("Token rejected" in e.value for e in at.error)
+    _sign_in(at, named["dana"])
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert f"Signed in as **dana — deployer, models of {X_OWNER}**" in sidebar_text(at)
+    assert REALTIME in frame_with(at, "Model")["Model"].tolist()
+    at.sidebar.button(key="sign-out").click().run()
+    assert [t.value for t in at.title] == ["Sign in to modelplane"] and not at.dataframe
+    # back to the machine's token, without typing it
+    at.button(key="sign-in-local").click().run()
+    assert "Signed in as **admin — admin**" in sidebar_text(at)
+
+
+def test_beyond_loopback_a_named_token_signs_in_and_out(console, named):
+    at = console(address="0.0.0.0", token=TOKEN)
+    at.run()
+    assert [t.value for t in at.title] == ["Sign in to modelplane"]
+    assert not [b for b in at.button if b.key == "sign-in-local"]   # never the machine's token here
+    _sign_in(at, named["vera"])
+    at.run()
+    assert "Signed in as **vera — viewer**" in sidebar_text(at)
+    at.sidebar.button(key="sign-out").click().run()
+    assert [t.value for t in at.title] == ["Sign in to modelplane"] and not at.dataframe
+
+
+def test_activity_shows_the_audit_trail_with_filters_and_its_chain_check(console, named, plane):
+    # a refused rollback, recorded as denied
+    r = requests.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={}, timeout=10,
+                      headers={"Authorization": f"Bearer {named['vera']}"})
+    assert r.status_code == 403, r.text
+    at = open_page(console(token=named["vera"]), "views/activity.py")
+    assert not at.exception, [e.value for e in at.exception]
+    trail = frame_with(at, "Request")
+    assert list(trail.columns[:8]) == ["When", "Who", "Role", "Action", "What", "Outcome", "Status", "Request"]
+    created = trail[trail["Action"] == "token.create"]
+    assert {"vera", "rui", "dana"} <= {w.split("→ ")[-1] for w in created["What"]}
+    assert set(created["Who"]) == {"admin"}
+    assert not trail["When"].str.contains("T").any()   # local time, not raw ISO
+    assert any("Audit chain intact" in s.value and "records" in s.value for s in at.success)
+    # filter: who and outcome
+    at.text_input(key="audit-who").input("vera").run()
+    at.selectbox(key="audit-outcome").select("denied").run()
+    trail = frame_with(at, "Request")
+    assert len(trail) >= 1 and set(trail["Who"]) == {"vera"} and set(trail["Outcome"]) == {"denied"}
+    row = trail.iloc[0]
+    assert (row["Action"], row["Status"], row["Role"]) == ("rollback", 403, "viewer")
+    assert row["What"].startswith(REALTIME) and row["Request"]
+    # filter: since a day (local): today keeps them, tomorrow has none yet
+    import datetime as dt
+    today = dt.date.today()
+    at.date_input(key="audit-since").set_value(today).run()
+    assert set(frame_with(at, "Request")["Who"]) == {"vera"}
+    at.date_input(key="audit-since").set_value(today + dt.timedelta(days=1)).run()
+    assert "No audit records match." in texts(at)
+    at.date_input(key="audit-since").set_value(None).run()
+    # filter: action and model, then nothing matches
+    at.text_input(key="audit-who").input("").run()
+    at.selectbox(key="audit-outcome").select("any").run()
+    at.selectbox(key="audit-action").select("rollback").run()
+    at.text_input(key="audit-model").input(REALTIME).run()
+    assert set(frame_with(at, "Request")["Action"]) == {"rollback"}
+    at.selectbox(key="audit-action").select("token.revoke").run()
+    assert not [f for f in frames(at) if "Request" in f.columns]
+    assert "No audit records match." in texts(at)
+    # a viewer gets no tokens tab
+    assert "Tokens" not in [t.label for t in at.tabs]
+
+
+def test_an_admin_lists_creates_and_revokes_tokens(console, named, plane):
+    at = open_page(console(token=named["ada"]), "views/activity.py")
+    assert "Tokens" in [t.label for t in at.tabs]
+    listed = frame_with(at, "By").set_index("Name")
+    assert listed.loc["dana", "Owner"] == X_OWNER and listed.loc["vera", "Role"] == "viewer"
+    at.text_input(key="token-name").input("zoe")
+    at.selectbox(key="token-role").select("runner")
+    at.text_input(key="token-owner").input(Y_OWNER)
+    next(b for b in at.button if b.label == "Create token").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = [c.value for c in at.code if str(c.value).startswith("mp_")]
+    assert len(shown) == 1, [c.value for c in at.code]
+    me = requests.get(f"{plane.url}/api/whoami", headers={"Authorization": f"Bearer {shown[0]}"}, timeout=10)
+    assert me.json() == {**me.json(), "name": "zoe", "role": "runner", "owner": Y_OWNER}
+    assert any("copy it now" in s.value for s in at.success)
+    at.run()   # shown once only
+    assert not [c for c in at.code if str(c.value).startswith("mp_")]
+    at.selectbox(key="token-revoke-pick").select("zoe")
+    at.button(key="token-revoke").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "zoe" not in frame_with(at, "By")["Name"].tolist()
+    gone = requests.get(f"{plane.url}/api/whoami", headers={"Authorization": f"Bearer {shown[0]}"}, timeout=10)
+    assert gone.status_code == 401

@@ -89,7 +89,7 @@ def servers(gcs, tmp_path_factory):
                              "from control.server import serve; serve(watch=True)"],
                             env=env, log=control_log))
         _wait_http(f"http://127.0.0.1:{control_port}/healthz", procs[-1], control_log)
-        procs.append(_start([sys.executable, "-m", "streamlit", "run", str(ROOT / "console" / "app.py"),
+        procs.append(_start([sys.executable, "-m", "console.serve", "run", str(ROOT / "console" / "app.py"),
                              "--server.headless", "true", "--server.port", str(console_port),
                              "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
                              "--server.fileWatcherType", "none"], env=env, log=console_log))
@@ -273,3 +273,50 @@ def test_a_running_job_shows_a_progress_bar(servers, browser, gcs, gcs_client):
         EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stProgress']")))
     assert job_id in bar.text or job_id in driver.find_element(By.TAG_NAME, "body").text
     _shot(driver, "07-job-progress.png")
+
+
+def test_a_viewer_signs_in_and_sees_no_rollback(servers, browser, tmp_path):
+    """On loopback the console starts as this machine's admin; a person signs in with their own
+    (viewer) token and the model page offers them no rollback, only a note of the role it needs."""
+    import io
+    import tarfile
+
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {TOKEN}"
+    made = api.post(f"{servers['control']}/api/tokens", json={"name": "browser-viewer", "role": "viewer"},
+                    timeout=10)
+    assert made.status_code == 201, made.text
+    folder = tmp_path / MODEL   # a second version, so there is something to roll back to
+    shutil.copytree(MODELS / MODEL, folder)
+    manifest = folder / "model.yaml"
+    manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.0.4"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=MODEL)
+    r = api.post(f"{servers['control']}/api/models", params={"live": "false"}, data=buf.getvalue(),
+                 headers={"Content-Type": "application/gzip"}, timeout=60)
+    assert r.status_code == 201, r.text
+
+    driver = browser
+    driver.get(servers["console"])
+    _text_appears(driver, "Signed in as admin — admin")
+    _click(driver, "//button[.//p[normalize-space()='Sign in as someone else']]")
+    _text_appears(driver, "Sign in to modelplane")
+    field = WebDriverWait(driver, 30).until(
+        EC.presence_of_element_located((By.XPATH, "//input[@aria-label='Your token']")))
+    field.click()
+    field.send_keys(made.json()["token"])
+    _click(driver, "//button[.//p[normalize-space()='Sign in']]")
+    _text_appears(driver, "Signed in as browser-viewer — viewer")
+    _shot(driver, "09-signed-in-viewer.png")
+    # in-app navigation keeps the session (a reload would start a new one)
+    _click(driver, f"//a[.//*[normalize-space()='Open {MODEL}'] or normalize-space()='Open {MODEL}']")
+    _text_appears(driver, "Scoring: Needs the runner role or above")
+    _click(driver, "//*[@role='tab'][contains(normalize-space(.), 'Versions')]")
+    _text_appears(driver, "Rolling back: Needs the deployer role or above; you are browser-viewer (viewer).")
+    assert not driver.find_elements(By.XPATH, "//button[.//p[starts-with(normalize-space(), 'Roll back to')]]")
+    assert not driver.find_elements(By.XPATH, "//button[.//p[normalize-space()='Score']]")
+    _shot(driver, "10-viewer-versions.png")
+    _click(driver, "//button[.//p[normalize-space()='Sign out']]")
+    _text_appears(driver, "Sign in to modelplane")
+    assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text

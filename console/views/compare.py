@@ -111,7 +111,7 @@ def page() -> None:
     versions = [v["version"] for v in detail.get("versions") or []]
     if len(versions) < 2:
         st.info(f"{model} has one version ({', '.join(versions) or 'none'}): deploy another to compare them.")
-    else:
+    elif common.allowed("deployer", detail, what="Starting a comparison"):
         run_form(model, versions, detail.get("version"))
     chosen = st.query_params.get("comparison") or st.session_state.get("comparison")
     if chosen:

@@ -75,7 +75,9 @@ def running_panel(jobs: list[dict]) -> None:
             st.progress(frac, text=f"`{job['id']}` · {label}")
 
 
-def submit_panel(model: str) -> None:
+def submit_panel(model: str, detail: Optional[dict] = None) -> None:
+    if not common.allowed("runner", detail, what=f"Running {model} on a dataset"):
+        return
     drop, uri = st.columns(2)
     with drop, st.container(border=True):
         st.markdown("**Drop a dataset**")
@@ -205,7 +207,7 @@ def page() -> None:
         st.info("No batch models are registered. A batch model's manifest says `kind: batch`.")
         return
     model = st.selectbox("Batch model", batch, key="batch", bind="query-params")
-    submit_panel(model)
+    submit_panel(model, common.client().model(model) if common.me() else None)
     st.subheader("Jobs")
     st.fragment(run_every=REFRESH_SECONDS)(common.guarded(lambda: jobs_view(model)))()
 

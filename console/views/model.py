@@ -112,6 +112,8 @@ def show_problems(err: Invalid, rows: Optional[pd.DataFrame] = None, *, what: st
 def predict_form(name: str, detail: dict) -> None:
     features = common.features_of(detail)
     score_name = (detail.get("manifest") or {}).get("score", {}).get("name", "score")
+    if not common.allowed("runner", detail, what="Scoring", predict=True):
+        return
     st.caption("Fields marked * are required; the others may be left empty.")
     with st.form(f"predict-{name}"):
         values = {}
@@ -202,6 +204,8 @@ def csv_scoring(name: str, detail: dict) -> None:
     score_name = (manifest.get("score") or {}).get("name", "score")
     max_rows = int((manifest.get("limits") or {}).get("max_rows") or DEFAULT_MAX_ROWS)
     names = [f["name"] for f in common.features_of(detail)]
+    if not common.allowed("runner", detail, what="Scoring", predict=True):
+        return
     st.caption(f"A CSV with a header row of the feature columns ({', '.join(names)}); "
                "empty cells are missing values.")
     upload = st.file_uploader("CSV to score", type=["csv"], key=f"csv-{name}")
@@ -274,6 +278,8 @@ def versions(name: str, detail: dict) -> None:
         st.caption("Only one version is deployed: nothing to roll back to. "
                    "`modelplane deploy` a new version and it appears here.")
         return
+    if not common.allowed("deployer", detail, what="Rolling back"):
+        return
     pending_key = f"rollback-pending-{name}"
     target = st.selectbox("Roll back to", others, key=f"rollback-target-{name}")
     if st.button(f"Roll back to {target}…", key=f"rollback-{name}", icon=":material/undo:"):
@@ -327,6 +333,12 @@ def traffic(name: str, detail: dict) -> None:
         st.caption("Only one version is deployed. `modelplane deploy DIR --no-live` puts a new version beside "
                    "the live one; roll it out here to a share of the requests.")
         return
+    if common.allowed("deployer", detail, what="Rolling out, promoting and withdrawing"):
+        rollout_controls(name, live, candidate, others, t)
+    shadow_report(name)
+
+
+def rollout_controls(name: str, live: Optional[str], candidate: Optional[str], others: list[str], t: dict) -> None:
     with st.form(f"rollout-{name}"):
         st.markdown(f"**Roll out a version** beside **{live}**")
         version = st.selectbox("Version", others, index=others.index(candidate) if candidate in others else 0,
@@ -346,7 +358,6 @@ def traffic(name: str, detail: dict) -> None:
         if cols[1].button("Withdraw the rollout", key=f"withdraw-{name}", icon=":material/undo:",
                           help=f"{live} takes every request again, at once"):
             _change(name, lambda c: c.rollback(name), f"Rollout withdrawn: {live} takes every request.")
-    shadow_report(name)
 
 
 def _change(name: str, call, done: str) -> None:
