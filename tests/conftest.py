@@ -56,6 +56,30 @@ def port():
     return free_port()
 
 
+@pytest.fixture
+def seen_by_models():
+    """A folder a sandboxed model can see (read-only): the system's, not this test's private /tmp
+    (a sandbox gives each model its own /tmp). Removed after the test."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="modelplane-test-", dir="/var/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _umask_restored():
+    """A plane started in this process makes the process umask 077 (control/durable.py), as
+    `modelplane up` does for itself; each test starts from the umask the session began with."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
+
+
 def pytest_collection_modifyitems(config, items):
     """The real-Knative tier runs last: its one cluster (a session fixture) then lives only while
     those tests run, not beside the rest of the suite."""

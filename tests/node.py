@@ -273,8 +273,10 @@ class Node:
     # -- pieces ---------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], env: Optional[dict] = None) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "wb")
+        # a node's own umask, whatever the test process's (a plane started in it makes its own 077):
+        # containerd unpacks image layers with it, and a 0700 /ko-app is no use to user 65532
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
+                                start_new_session=True, env=env, umask=0o022)
         log.close()
         self.procs.append((name, proc))
         return proc

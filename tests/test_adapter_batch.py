@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -441,7 +442,9 @@ def test_malformed_csv_fails_the_job_naming_where(tmp_path, text, needle):
     proc, result = run_adapter("batch", str(FIXTURE), "--dataset", str(dataset), "--job", "o")
     assert proc.returncode == 1 and result["status"] == "failed", result
     assert needle in result["error"], result["error"]
-    assert "Traceback" not in proc.stderr
+    # the adapter never raises on it (the model, racing the check, may fail on the row itself)
+    raised_in = re.findall(r'File "([^"]+)"', proc.stderr)
+    assert not [f for f in raised_in if "/adapters/" in f], proc.stderr[-2000:]
 
 
 def test_the_row_check_follows_the_feature_rules_cell_by_cell(tmp_path):

@@ -173,11 +173,11 @@ def test_the_cli_says_why_and_shows_the_log_tail(tmp_path, monkeypatch, capsys):
         assert re.search(r"^2\.0\.0\s+\S+\s+failed$", text, re.M) and re.search(r"^1\.0\.0\s+\S+\s+live$", text, re.M)
 
 
-def test_a_fixed_deploy_of_the_same_version_is_checked_again(tmp_path):
+def test_a_fixed_deploy_of_the_same_version_is_checked_again(tmp_path, seen_by_models):
     """The same content is checked again (the failure may have been the machine's), and made
     live when it passes; different content under a failed version number is still a Conflict."""
     settings = settings_for(tmp_path, deploy_check_timeout=3)
-    flag = tmp_path / "not-yet"
+    flag = seen_by_models / "not-yet"
     flag.touch()
     with running(settings) as server:
         assert post_deploy(server, echo(tmp_path, "1.0.0")).status_code == 201

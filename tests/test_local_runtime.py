@@ -248,10 +248,10 @@ def test_crash_mid_request_is_a_502_and_the_next_request_works(rt, tmp_path):
     assert rt.model("echo").metrics["errors"] == 1
 
 
-def test_model_that_keeps_crashing_ends_failed_with_its_stderr(rt, tmp_path):
+def test_model_that_keeps_crashing_ends_failed_with_its_stderr(rt, tmp_path, seen_by_models):
     # A version that cannot start is refused at deploy (tests/test_deploy_check.py); this one
     # passed its check and breaks afterwards (a file it needs changes under it, say).
-    flag = tmp_path / "break-it"
+    flag = seen_by_models / "break-it"
     rt.deploy(load_manifest(make_model(tmp_path, "echo", name="broken", params={"factor": 1,
                                                                                "crash_at_start_if": str(flag)})))
     flag.touch()

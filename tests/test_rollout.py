@@ -203,11 +203,11 @@ def test_a_slow_candidate_never_holds_the_live_answer(plane):
     assert [r["difference"] for r in report["comparison"]["largest"][:1]] == [18.0]   # 3 * 9 - 9
 
 
-def test_a_failing_candidate_never_fails_the_live_answer(plane):
+def test_a_failing_candidate_never_fails_the_live_answer(plane, seen_by_models):
     server, tmp_path = plane
     # 2.0.0 passes its deploy check, then cannot start any more (a crashing version is refused
     # at deploy: tests/test_deploy_check.py)
-    flag = tmp_path / "break-it"
+    flag = seen_by_models / "break-it"
     deploy(server, make_model(tmp_path, "echo", version="2.0.0", scaling=SCALING,
                               params={"factor": 2, "crash_at_start_if": str(flag)}), live=False)
     flag.touch()

@@ -341,21 +341,23 @@ def test_stale_resumable_partials_expire_and_fresh_ones_survive_a_restart(tmp_pa
     """A dataset upload to the embedded bucket killed mid-way leaves a resumable session and its
     partial bytes in the emulator's data: kept while a client may resume it, gone after a day."""
     import requests as plain
-    from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
+    from adapters.storage import emulator_credentials
     from control.emulator import Emulator
 
     data = tmp_path / "gcs"
     chunk = b"x" * (256 * 1024)
-    emu = Emulator(data, bucket="b").start()
+    key = "the-plane-s-storage-key"
+    auth = {"Authorization": f"Bearer {key}"}
+    emu = Emulator(data, bucket="b", key=key).start()
     try:
-        client = storage.Client(project="t", credentials=AnonymousCredentials(),
+        client = storage.Client(project="t", credentials=emulator_credentials(key),
                                 client_options={"api_endpoint": emu.endpoint})
         sessions = {}
         for name in ("old.csv", "fresh.csv"):
             url = client.bucket("b").blob(f"incoming/m/{name}").create_resumable_upload_session()
-            r = plain.put(url, data=chunk, headers={"Content-Range": f"bytes 0-{len(chunk) - 1}/*"}, timeout=30)
+            r = plain.put(url, data=chunk, headers={**auth, "Content-Range": f"bytes 0-{len(chunk) - 1}/*"}, timeout=30)
             assert r.status_code == 308, r.text[:200]
             sessions[name] = url
     finally:
@@ -364,7 +366,7 @@ def test_stale_resumable_partials_expire_and_fresh_ones_survive_a_restart(tmp_pa
     for file_id in meta["resumable"]:
         if "old.csv" in file_id:
             _age(data / ".cloudstorage" / "_resumable" / hashlib.sha256(file_id.encode()).hexdigest(), 2 * 86400)
-    emu = Emulator(data, bucket="b").start()
+    emu = Emulator(data, bucket="b", key=key).start()
     try:
         meta = json.loads((data / ".cloudstorage" / ".meta").read_text())
         assert [i for i in meta["resumable"] if "old.csv" in i] == []
@@ -373,9 +375,9 @@ def test_stale_resumable_partials_expire_and_fresh_ones_survive_a_restart(tmp_pa
         # the fresh one is resumed where it stopped, on the restarted emulator
         url = sessions["fresh.csv"].replace(sessions["fresh.csv"].split("/upload/")[0], emu.endpoint)
         end = len(chunk) + 3
-        r = plain.put(url, data=b"abc", headers={"Content-Range": f"bytes {len(chunk)}-{end - 1}/{end}"}, timeout=30)
+        r = plain.put(url, data=b"abc", headers={**auth, "Content-Range": f"bytes {len(chunk)}-{end - 1}/{end}"}, timeout=30)
         assert r.status_code in (200, 201), r.text[:200]
-        client = storage.Client(project="t", credentials=AnonymousCredentials(),
+        client = storage.Client(project="t", credentials=emulator_credentials(key),
                                 client_options={"api_endpoint": emu.endpoint})
         assert client.bucket("b").blob("incoming/m/fresh.csv").download_as_bytes() == chunk + b"abc"
     finally:
