@@ -794,8 +794,11 @@ def _console_command(settings, port: int) -> list[str]:
             "--server.headless", "true", "--browser.gatherUsageStats", "false"]
 
 
-def _console_env(settings) -> dict:
+def _console_env(settings, key: str = "") -> dict:
+    """The console's environment; `key`: the one its link carries (console/serve.py)."""
     env = dict(os.environ, MODELPLANE_URL=settings.control_url)
+    if key:
+        env["MODELPLANE_CONSOLE_KEY"] = key
     if settings.token:
         env["MODELPLANE_TOKEN"] = settings.token
     return env
@@ -805,7 +808,11 @@ def cmd_console(args) -> int:
     settings = load_settings(args)
     if not CONSOLE_APP.is_file():
         raise CLIError(f"the console is not installed ({CONSOLE_APP} is missing)")
-    return subprocess.call(_console_command(settings, settings.console_port), env=_console_env(settings))
+    import secrets
+
+    key = secrets.token_urlsafe(24)
+    out(f"console  http://127.0.0.1:{settings.console_port}/?key={key}   (a new key each start: open this link)")
+    return subprocess.call(_console_command(settings, settings.console_port), env=_console_env(settings, key))
 
 
 def cmd_watch(args) -> int:
@@ -851,17 +858,21 @@ def _port_free(port: int) -> bool:
 
 
 def _start_console(settings, state: Path, url: str, token: str):
-    """The console process once it answers its health check, or (None, why it did not start)."""
+    """(the console process once it answers its health check, the key its link carries), or
+    (None, why it did not start)."""
     from control.runtime.local_procs import stop_process, with_pdeathsig
 
     port = settings.console_port
     if not _port_free(port):
         return None, f"port {port} is taken by another process (set MODELPLANE_CONSOLE_PORT)"
+    import secrets
+
     console_settings = settings.model_copy(update={"url": url, "token": token})
+    key = secrets.token_urlsafe(24)
     log_path = state / "logs" / "console.log"
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(with_pdeathsig(_console_command(console_settings, port)),
-                                env=_console_env(console_settings), stdout=logf, stderr=subprocess.STDOUT,
+                                env=_console_env(console_settings, key), stdout=logf, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     session = requests.Session()
     session.trust_env = False
@@ -873,7 +884,7 @@ def _start_console(settings, state: Path, url: str, token: str):
             try:
                 if session.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).status_code == 200:
                     if proc.poll() is None:  # ours answered, not something else on the port
-                        return proc, ""
+                        return proc, key
             except requests.RequestException:
                 pass
             time.sleep(0.2)
@@ -951,13 +962,14 @@ def cmd_up(args) -> int:
             out(f"token    in {token_path(settings.state_dir)}")
 
         if settings.console and CONSOLE_APP.is_file():
-            proc, why = _start_console(settings, state, server.url, server.plane.token)
+            proc, why = _start_console(settings, state, server.url, server.plane.token)   # why: or its key
             if proc is None:  # never a URL for a part that is not running
                 print(f"console  not started: {why}", file=sys.stderr, flush=True)
             else:
                 started.append(("console", lambda: stop_process(proc, grace=10.0)))
                 record("console", proc.pid)
-                out(f"console  http://127.0.0.1:{settings.console_port}")
+                # the link carries the console's key (console/serve.py): without it the port answers 401
+                out(f"console  http://127.0.0.1:{settings.console_port}/?key={why}")
 
         models = server.runtime.models()
         failed = server.plane.failed

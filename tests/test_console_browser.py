@@ -82,6 +82,7 @@ def servers(gcs, tmp_path_factory):
            "MODELPLANE_BUCKET": gcs.bucket, "MODELPLANE_TOKEN": TOKEN,
            "MODELPLANE_URL": f"http://127.0.0.1:{control_port}",
            "STORAGE_EMULATOR_HOST": gcs.endpoint, "PYTHONUNBUFFERED": "1"}
+    console_env = {**env, "MODELPLANE_CONSOLE_KEY": CONSOLE_KEY}   # as `modelplane up` starts it
     control_log, console_log = tmp / "control.log", tmp / "console.log"
     procs = []
     try:
@@ -92,7 +93,7 @@ def servers(gcs, tmp_path_factory):
         procs.append(_start([sys.executable, "-m", "console.serve", "run", str(ROOT / "console" / "app.py"),
                              "--server.headless", "true", "--server.port", str(console_port),
                              "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-                             "--server.fileWatcherType", "none"], env=env, log=console_log))
+                             "--server.fileWatcherType", "none"], env=console_env, log=console_log))
         _wait_http(f"http://127.0.0.1:{console_port}/_stcore/health", procs[-1], console_log)
         yield {"control": f"http://127.0.0.1:{control_port}", "console": f"http://127.0.0.1:{console_port}",
                "logs": (control_log, console_log)}
@@ -119,6 +120,14 @@ def browser(tmp_path):
         yield driver
     finally:
         driver.quit()
+
+
+CONSOLE_KEY = "browser-test-console-key"
+
+
+def _open(driver, url: str) -> None:
+    """Open a console page through the link `modelplane up` prints: it carries the console's key."""
+    driver.get(url + ("&" if "?" in url else "?") + f"key={CONSOLE_KEY}")
 
 
 def _text_appears(driver, text: str, timeout: float = 60) -> None:
@@ -154,7 +163,7 @@ def _click(driver, xpath: str, timeout: float = 30):
 
 def test_browse_models_open_one_submit_the_form_and_see_a_score(servers, browser):
     driver = browser
-    driver.get(servers["console"])
+    _open(driver, servers["console"])
     _text_appears(driver, "Every model on the plane")
     for name in ("donor-propensity", "major-gift", "churn-risk", "member-retention"):
         _text_appears(driver, f"Open {name}")
@@ -205,10 +214,10 @@ def test_browse_models_open_one_submit_the_form_and_see_a_score(servers, browser
     _shot(driver, "04-csv-scores.png")
 
     # The other pages render against the live service too.
-    driver.get(servers["console"] + "/activity")
+    _open(driver, servers["console"] + "/activity")
     _text_appears(driver, "Requests per second")
     _shot(driver, "05-activity.png")
-    driver.get(servers["console"] + "/jobs")
+    _open(driver, servers["console"] + "/jobs")
     _text_appears(driver, "Drop a dataset")
     _shot(driver, "06-jobs.png")
     assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
@@ -232,7 +241,7 @@ def test_roll_out_a_version_with_the_slider_and_promote_it(servers, browser, tmp
     assert r.status_code == 201 and r.json()["live"] is False, r.text
     try:
         driver = browser
-        driver.get(f"{servers['console']}/model?model={MODEL}")
+        _open(driver, f"{servers['console']}/model?model={MODEL}")
         _text_appears(driver, "Fields marked * are required")
         _click(driver, "//*[@role='tab'][contains(normalize-space(.), 'Traffic')]")
         _text_appears(driver, "Roll out a version")
@@ -267,7 +276,7 @@ def test_a_running_job_shows_a_progress_bar(servers, browser, gcs, gcs_client):
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     driver = browser
-    driver.get(servers["console"] + f"/jobs?batch={SLOW_BATCH.name}")
+    _open(driver, servers["console"] + f"/jobs?batch={SLOW_BATCH.name}")
     _text_appears(driver, "/ 300 rows scored", timeout=90)
     bar = WebDriverWait(driver, 30).until(
         EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stProgress']")))
@@ -298,7 +307,7 @@ def test_a_viewer_signs_in_and_sees_no_rollback(servers, browser, tmp_path):
     assert r.status_code == 201, r.text
 
     driver = browser
-    driver.get(servers["console"])
+    _open(driver, servers["console"])
     _text_appears(driver, "Signed in as admin — admin")
     _click(driver, "//button[.//p[normalize-space()='Sign in as someone else']]")
     _text_appears(driver, "Sign in to modelplane")

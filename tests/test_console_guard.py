@@ -17,12 +17,14 @@ from control.emulator import free_port, wait_for_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def console(tmp_path_factory):
+KEY = "the-console-key-0123456789"
+
+
+def start_console(tmp_path_factory, **extra_env):
     port = free_port()
     log = tmp_path_factory.mktemp("console") / "console.log"
     env = {**os.environ, "MODELPLANE_URL": "http://127.0.0.1:9", "MODELPLANE_ALLOWED_HOSTS": "console.example.org",
-           "MODELPLANE_TOKEN": "not-used-here"}
+           "MODELPLANE_TOKEN": "not-used-here", **extra_env}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "console.serve", "run", str(ROOT / "console" / "app.py"),
                                  "--server.headless", "true", "--server.port", str(port), "--server.address",
@@ -41,11 +43,22 @@ def console(tmp_path_factory):
             proc.wait()
 
 
-def raw(port: int, head: str) -> bytes:
+@pytest.fixture(scope="module")
+def console(tmp_path_factory):
+    yield from start_console(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def keyed_console(tmp_path_factory):
+    """As `modelplane up` starts it: with the key its printed link carries."""
+    yield from start_console(tmp_path_factory, MODELPLANE_CONSOLE_KEY=KEY)
+
+
+def raw(port: int, head: str, *, until_closed: bool = False) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(head.encode("latin-1"))
         data = b""
-        while b"\r\n\r\n" not in data:
+        while until_closed or b"\r\n\r\n" not in data:
             chunk = s.recv(65536)
             if not chunk:
                 break
@@ -53,15 +66,15 @@ def raw(port: int, head: str) -> bytes:
         return data
 
 
-def get(port: int, path: str, host: str) -> bytes:
-    return raw(port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+def get(port: int, path: str, host: str, extra: str = "") -> bytes:
+    return raw(port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n", until_closed=True)
 
 
-def websocket(port: int, host: str, origin: str) -> bytes:
+def websocket(port: int, host: str, origin: str, extra: str = "") -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     return raw(port, f"GET /_stcore/stream HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n"
-                     f"Sec-WebSocket-Protocol: streamlit\r\n\r\n")
+                     f"Sec-WebSocket-Protocol: streamlit\r\n{extra}\r\n")
 
 
 def status(answer: bytes) -> int:
@@ -90,3 +103,27 @@ def test_a_session_socket_opened_from_another_site_is_refused(console):
         assert status(answer) != 101, (origin, answer[:300])
     answer = websocket(console, f"attacker.example:{console}", f"http://attacker.example:{console}")
     assert status(answer) != 101
+
+
+def test_another_user_of_the_machine_without_the_link_gets_nothing(keyed_console):
+    port, host = keyed_console, f"127.0.0.1:{keyed_console}"
+    assert status(get(port, "/_stcore/health", host)) == 200          # how `up` knows it started
+    for path in ("/", "/activity", "/?key=wrong", "/static/js/index.js"):
+        answer = get(port, path, host)
+        assert status(answer) == 401 and b"link" in answer, (path, answer[:300])
+    assert status(get(port, "/", host, f"Cookie: modelplane-console=wrong\r\n")) == 401
+    assert status(websocket(port, host, f"http://{host}")) != 101
+    assert status(websocket(port, host, f"http://{host}", "Cookie: modelplane-console=wrong\r\n")) != 101
+
+
+def test_the_printed_link_lets_its_browser_in(keyed_console):
+    port, host = keyed_console, f"127.0.0.1:{keyed_console}"
+    answer = get(port, f"/jobs?key={KEY}&batch=x", host)
+    assert status(answer) == 303, answer[:300]
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    assert "location: /jobs?batch=x" in head                     # the key leaves the address bar
+    assert f"set-cookie: modelplane-console={KEY.lower()}; path=/; httponly; samesite=strict" in head
+    cookie = f"Cookie: modelplane-console={KEY}\r\n"
+    assert status(get(port, "/", host, cookie)) == 200
+    assert status(websocket(port, host, f"http://{host}", cookie)) == 101
+    assert status(websocket(port, host, "http://attacker.example", cookie)) != 101   # the origin still counts

@@ -274,6 +274,12 @@ def test_up_prints_urls_serves_a_predict_and_sigterm_leaves_no_orphans(tmp_path)
         assert f"models   2 registered: {BATCH}, {REALTIME}" in output
         if (ROOT / "console" / "app.py").is_file():
             assert f"console  http://127.0.0.1:{console_port}" in output
+            # its port opens only through the printed link (the console acts as this plane's admin)
+            link = re.search(r"(?m)^console  (http://\S+/\?key=\S+)$", output).group(1)
+            assert requests.get(f"http://127.0.0.1:{console_port}/", timeout=30).status_code == 401
+            browser = requests.Session()
+            assert browser.get(link, timeout=30).status_code == 200       # 303 -> the page, with its cookie
+            assert browser.get(f"http://127.0.0.1:{console_port}/jobs", timeout=30).status_code == 200
         # authentication is on: a token was made, printed once and stored for the CLI (0600)
         token = re.search(r"(?m)^token    (\S+)$", output).group(1)
         stored = work / ".modelplane" / "token"
