@@ -28,6 +28,7 @@ import pytest
 import images
 import knative_cluster as kc
 import kube
+from control.runtime.knative_objects import STORAGE_KEY_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 NS = "modelplane"
@@ -93,6 +94,9 @@ class Plane:
         return self.call("POST", f"/models/{name}/predict", rows, {"Content-Type": "text/csv"}, timeout=timeout)
 
 
+STORAGE_KEY_ENV = {"name": "MODELPLANE_STORAGE_KEY",
+                   "valueFrom": {"secretKeyRef": {"name": STORAGE_KEY_SECRET, "key": "key"}}}
+
 @pytest.fixture(scope="session")
 def knative_builds():
     b = kc.Builds()
@@ -136,6 +140,7 @@ def knative(knative_builds, knative_images, gcs):
             # repository, so the model images go by a registry it recognises as one.
             n.ctr("images", "tag", "--force", entry["ref"], entry["ref"].replace("localhost/", f"{REGISTRY_HOST}/", 1))
         n.gcs = n.forward(gcs.port)  # the emulator, as pods reach it
+        n.gcs_key = gcs.key
         yield n
         ok = True
     finally:
@@ -160,6 +165,11 @@ def knative_plane(knative, knative_images):
                          "the default ServiceAccount")
             applier.apply({"apiVersion": "v1", "kind": "Secret",
                            "metadata": {"name": "modelplane-token", "namespace": NS}, "stringData": {"token": token}})
+            # the tests' bucket answers only its key: the control service, the bridge and each
+            # batch Job read it from this Secret (control/runtime/knative_objects.py)
+            applier.apply({"apiVersion": "v1", "kind": "Secret",
+                           "metadata": {"name": STORAGE_KEY_SECRET, "namespace": NS},
+                           "stringData": {"key": cluster.gcs_key}})
             continue
         if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "modelplane":
             doc["data"].update(bucket="test-bucket", registry=registry)
@@ -169,6 +179,7 @@ def knative_plane(knative, knative_images):
             container["image"] = knative_images["control"]["ref"]
             container["env"].append({"name": "STORAGE_EMULATOR_HOST",
                                      "value": f"http://{cluster.gcs[0]}:{cluster.gcs[1]}"})
+            container["env"].append(STORAGE_KEY_ENV)
         applier.apply(doc)
     path = f"/apis/apps/v1/namespaces/{NS}/deployments/modelplane-control"
     try:
@@ -206,7 +217,7 @@ def knative_bridge(knative, knative_plane, knative_images):
             # the tests' bucket, looked at every second
             container["env"] = [e for e in container["env"] if e["name"] != "MODELPLANE_WATCH_INTERVAL"] + [
                 {"name": "STORAGE_EMULATOR_HOST", "value": f"http://{cluster.gcs[0]}:{cluster.gcs[1]}"},
-                {"name": "MODELPLANE_WATCH_INTERVAL", "value": "1"}]
+                STORAGE_KEY_ENV, {"name": "MODELPLANE_WATCH_INTERVAL", "value": "1"}]
         cluster.applier.apply(doc)
 
     try:

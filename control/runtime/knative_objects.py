@@ -61,6 +61,8 @@ LABEL_VISIBILITY = "networking.knative.dev/visibility"
 ADAPTER_PORT = 8080  # the one port Knative routes to (the adapter)
 MODEL_PORT = 8081  # the model's loopback port inside the pod; not one Knative reserves
 MODEL_DIR = "/model"  # where knative/images/*-base put the model folder
+#: The Secret holding an emulator's storage key (tests and kind clusters; real GCS needs none).
+STORAGE_KEY_SECRET = "modelplane-storage-key"
 WORK_DIR = "/work"
 WORK_VOLUME = "work"
 TMP_VOLUME = "tmp"  # a writable /tmp: root filesystems are read-only (R needs a temp dir to start)
@@ -371,6 +373,10 @@ def job_sink(manifest: Manifest, settings) -> dict:
     ]
     if settings.storage_emulator_host:  # a GCS emulator instead of GCS (tests, kind clusters)
         adapter_env.append({"name": "STORAGE_EMULATOR_HOST", "value": settings.storage_emulator_host})
+        # an emulator that answers only its key (modelplane's, control/emulator_guard.py) is read
+        # with the key in this Secret, when there is one; the model itself never gets it
+        adapter_env.append({"name": "MODELPLANE_STORAGE_KEY", "valueFrom": {"secretKeyRef": {
+            "name": STORAGE_KEY_SECRET, "key": "key", "optional": True}}})
     mounts = [{"name": WORK_VOLUME, "mountPath": WORK_DIR}, {"name": TMP_VOLUME, "mountPath": "/tmp"}]
     score = score_step(manifest, WORK_DIR)
     pod_spec = {
