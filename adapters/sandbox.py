@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from adapters.procs import descendants
+
 MODE_ENV = "MODELPLANE_SANDBOX"
 HIDE_ENV = "MODELPLANE_SANDBOX_HIDE"  # os.pathsep-separated paths a model must not see (the runtime's)
 MODES = ("auto", "on", "off")
@@ -274,7 +276,7 @@ class ModelProcess(subprocess.Popen):
             except ProcessLookupError:
                 pass
             return
-        inside = _descendants(self.pid)
+        inside = descendants(self.pid)
         # bwrap forks its pid namespace's init, which forks the model: before that, nothing inside
         # could stop cleanly, and bwrap's death takes whatever it started with it (--die-with-parent)
         for pid in inside if len(inside) >= 2 else [self.pid]:
@@ -294,28 +296,6 @@ class ModelProcess(subprocess.Popen):
         if self.home:
             shutil.rmtree(self.home, ignore_errors=True)
             self.home = None
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-                children.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def start(command: list[str], folder: str | os.PathLike, contract: Mapping[str, str], *, read=(), write=(),

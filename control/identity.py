@@ -28,7 +28,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from control.durable import write_json_atomic
 from control.errors import BadRequest, Conflict, NotFound
 
 ROLES = ("viewer", "runner", "deployer", "admin")
@@ -242,21 +242,7 @@ class FileTokens(TokenStore):
         try:
             if self._stat() != version:
                 return False
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tokens-", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"tokens": records}, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, self.path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
+            write_json_atomic(self.path, {"tokens": records})   # mkstemp's file: 0600
             self._stamp = None   # re-read on the next lookup
             return True
         finally:

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from adapters.procs import descendants  # noqa: F401 (the runtime, its replicas and the tests use it from here)
+
 KILL_GRACE = 5.0     # seconds between SIGTERM and SIGKILL
 TAIL_CHARS = 4000
 # Started under `setpriv --pdeathsig KILL`, a child dies with the thread that started it, so
@@ -39,31 +41,6 @@ def tail(path: Path, chars: int = TAIL_CHARS) -> str:
             return f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def kill_pids(pids: list[int], sig: int) -> None:
