@@ -52,6 +52,10 @@ class PromoteRequest(_Closed):
     pass
 
 
+class PinRequest(_Closed):
+    version: str = Field(..., min_length=1, max_length=128, description="A deployed version to keep routed at 0 %.")
+
+
 class DeployQuery(_Closed):
     live: bool = Field(True, description="Make the new version live (false: deploy it beside the live one, "
                                          "to roll out to a share of requests).")
@@ -191,6 +195,7 @@ class TrafficAnswer(_Closed):
     percent: int
     shadow: int
     previous: Optional[str]
+    pinned: list[str] = Field(default_factory=list, description="Versions kept routed at 0 % (cluster runtime).")
     targets: list[dict[str, Any]]
 
 

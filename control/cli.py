@@ -381,6 +381,21 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def cmd_pin(args) -> int:
+    t = client_for(args).json("POST", f"/api/models/{quote(args.name)}/pins", json={"version": args.version})
+    out(f"{args.name} {args.version} is pinned: it keeps a route of its own at 0 % until "
+        f"`modelplane unpin {args.name} {args.version}`")
+    _print_traffic(t)
+    return 0
+
+
+def cmd_unpin(args) -> int:
+    t = client_for(args).json("DELETE", f"/api/models/{quote(args.name)}/pins/{quote(args.version)}")
+    out(f"{args.name} {args.version} is no longer pinned")
+    _print_traffic(t)
+    return 0
+
+
 def cmd_shadow(args) -> int:
     params = {"top": args.top}
     if args.threshold is not None:
@@ -1051,6 +1066,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="percent of the live version's requests also sent to it (answers recorded, never returned)")
     p = command("promote", cmd_promote, "make the version under rollout live")
     p.add_argument("name")
+    p = command("pin", cmd_pin, "keep a version routed at 0 %, with a URL of its own (cluster runtime)")
+    p.add_argument("name")
+    p.add_argument("version")
+    p = command("unpin", cmd_unpin, "take a pinned version's route away")
+    p.add_argument("name")
+    p.add_argument("version")
     p = command("rollback", cmd_rollback, "withdraw a rollout at once, or make an earlier version live")
     p.add_argument("name")
     p.add_argument("version", nargs="?", help="the version to make live (default: undo the last change)")

@@ -85,6 +85,13 @@ def crds_dir() -> Path:
     return ROOT.parent / "shared" / "knative" / "crds"
 
 
+def serving_crd(name: str) -> Optional[Path]:
+    """One of Knative Serving's own CRDs (`revision`, `configuration`, `route`) from its module's
+    config/, as scripts/cluster-build.sh keeps it (../shared/knative/crds holds the Service's)."""
+    path = cluster_cache() / f"serving-{pinned('KNATIVE_SERVING_VERSION')}" / "config" / "core" / "300-resources" / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
 def events_dir() -> Path:
     """Google's GCS event samples (../shared/knative/events beside the checkout, or MODELPLANE_KNATIVE_EVENTS)."""
     explicit = os.environ.get("MODELPLANE_KNATIVE_EVENTS")
@@ -162,7 +169,7 @@ class Kube:
 def has_condition(obj: dict, kind: str = "Ready") -> bool:
     """`status.conditions` holds `kind` with status True."""
     return any(c.get("type") == kind and c.get("status") == "True"
-               for c in (obj.get("status") or {}).get("conditions", []))
+               for c in (obj.get("status") or {}).get("conditions") or [])
 
 
 def wait_crds_served(admin: Kube, names: list[str], *, timeout: float = 60) -> None:
@@ -340,6 +347,14 @@ class Cluster:
                 names.append(crd["metadata"]["name"])
         wait_crds_served(self.admin, names, timeout=30)
         return names
+
+    def install_crd_file(self, path: Path) -> None:
+        names = []
+        for doc in load_docs(path):
+            if doc.get("kind") == "CustomResourceDefinition":
+                self.admin.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
+                names.append(doc["metadata"]["name"])
+        wait_crds_served(self.admin, names, timeout=30)
 
     def service_account_token(self, namespace: str, name: str, *, seconds: int = 3600) -> str:
         """A bound token from the TokenRequest API: minted and later verified by the API server

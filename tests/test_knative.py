@@ -51,20 +51,86 @@ def settings(**overrides) -> Settings:
     return Settings(**values)
 
 
+class RevisionMaker:
+    """Plays Knative's Configuration controller: a Revision for each Service's template, with
+    the template's labels and annotations and the labels Knative adds
+    (serving pkg/reconciler/configuration/resources/revision.go `MakeRevision`)."""
+
+    def __init__(self, admin):
+        self.admin = admin
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="revision-maker")
+        self.error = None
+
+    def start(self) -> "RevisionMaker":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.make_all()
+            except Exception as e:  # the API server stopping under it, at the end
+                self.error = e
+
+    def make_all(self) -> None:
+        revisions = self.admin.get(f"/apis/serving.knative.dev/v1/namespaces/{NS}/revisions")["items"]
+        existing = {r["metadata"]["name"] for r in revisions}
+        services = self.admin.get(f"/apis/serving.knative.dev/v1/namespaces/{NS}/services")["items"]
+        # and the garbage collector: a removed Service's Revisions go with it (ownerReferences)
+        names = {s["metadata"]["name"] for s in services}
+        for r in revisions:
+            if r["metadata"]["labels"].get("serving.knative.dev/service") not in names:
+                try:
+                    self.admin.request("DELETE", f"/apis/serving.knative.dev/v1/namespaces/{NS}/revisions/"
+                                                 f"{r['metadata']['name']}")
+                except kube.ApiError:
+                    pass
+        for svc in services:
+            template = svc["spec"]["template"]
+            name = template["metadata"].get("name")
+            if not name or name in existing:
+                continue
+            owner = svc["metadata"]["name"]
+            try:
+                self.admin.request("POST", f"/apis/serving.knative.dev/v1/namespaces/{NS}/revisions", {
+                    "apiVersion": "serving.knative.dev/v1", "kind": "Revision",
+                    "metadata": {"name": name, "labels": {**template["metadata"].get("labels", {}),
+                                                          "serving.knative.dev/service": owner,
+                                                          "serving.knative.dev/configuration": owner},
+                                 "annotations": template["metadata"].get("annotations", {})},
+                    "spec": template["spec"]})
+            except kube.ApiError as e:
+                if e.status != 409:
+                    raise
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if BINARY is None or not BINARY.is_file():
         pytest.skip(f"no kube-apiserver binary{f' at {BINARY}' if BINARY else ''}: run scripts/kube-apiserver.sh "
                     "(builds and caches it) or set MODELPLANE_KUBE_APISERVER")
+    revision_crd = kube.serving_crd("revision")
+    if revision_crd is None:
+        pytest.skip("Knative Serving's Revision CRD is not built: run scripts/cluster-build.sh serving")
     c = kube.Cluster(tmp_path_factory.mktemp("kube"), BINARY).start()
     try:
         c.install_crds(kube.crds_dir())
+        c.install_crd_file(revision_crd)  # the versions of a realtime model are its Revisions
         # Stands in for Knative's own install, which owns this namespace.
         c.admin.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "knative-serving"}})
         for path, doc in kube.iter_knative_docs():
             if path.name in ("namespace.yaml", "rbac.yaml"):
                 c.admin.apply(doc)
-        yield c
+        maker = RevisionMaker(c.admin).start()
+        try:
+            yield c
+        finally:
+            maker.stop()
     except Exception:
         print(c.log_tail())
         raise
@@ -195,7 +261,7 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     assert svc["spec"]["traffic"] == [{"revisionName": f"{name}-1-0-0", "percent": 100, "latestRevision": False,
                                        "tag": "v1-0-0"}]
     adapter, model = template["spec"]["containers"]
-    assert adapter["image"] == "registry.test/adapter:0.1.0" and adapter["args"] == ["serve", "--host", "0.0.0.0"]
+    assert adapter["image"] == "registry.test/adapter:0.1.0" and adapter["args"] == ["serve", "--host", "127.0.0.1"]
     [port] = adapter["ports"]  # the one port Knative routes to (the CRD defaults protocol: TCP)
     assert (port["name"], port["containerPort"]) == ("http1", 8080)
     assert adapter["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -249,8 +315,10 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     assert runtime.deploy(v2).live
     svc = admin.get(svc_path(name))
     assert svc["spec"]["template"]["metadata"]["name"] == f"{name}-1-1-0"
+    # only the live version is routed: 1.0.0 keeps its Revision (for rollback), not a route
     assert [(t["revisionName"], t["percent"], t["tag"]) for t in svc["spec"]["traffic"]] == [
-        (f"{name}-1-1-0", 100, "v1-1-0"), (f"{name}-1-0-0", 0, "v1-0-0")]
+        (f"{name}-1-1-0", 100, "v1-1-0")]
+    assert "modelplane.dev/versions" not in svc["metadata"]["annotations"]
     assert svc["spec"]["template"]["metadata"]["annotations"][
         "autoscaling.knative.dev/scale-to-zero-pod-retention-period"] == "120s"
     assert runtime.model(name).status == "starting"  # generation moved past observedGeneration
@@ -265,8 +333,10 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
     assert (back.version, back.live) == ("1.0.0", True)
     svc = admin.get(svc_path(name))
     assert [(t["revisionName"], t["percent"], t["tag"]) for t in svc["spec"]["traffic"]] == [
-        (f"{name}-1-0-0", 100, "v1-0-0"), (f"{name}-1-1-0", 0, "v1-1-0")]
+        (f"{name}-1-0-0", 100, "v1-0-0")]
     assert svc["spec"]["template"] == template_before
+    # the Service shows its live version's manifest
+    assert json.loads(svc["metadata"]["annotations"]["modelplane.dev/manifest"])["version"] == "1.0.0"
     with pytest.raises(NotFound, match="no version 9.9.9"):
         runtime.rollback(name, version="9.9.9")
 
@@ -284,6 +354,13 @@ def test_realtime_deploy_status_rollback_remove(cluster, runtime):
         assert resp.status == 200
         assert json.loads(resp.body) == {"path": "/predict?x=1", "host": f"127.0.0.1:{server.server_port}",
                                          "got": {"rows": [{"a": 1}]}}
+        # a version with no route is refused with what to do; pinned, it has one
+        with pytest.raises(Conflict, match="modelplane pin"):
+            runtime.forward(name, method="POST", path="/predict", headers={}, body=b"{}", version="1.1.0")
+        runtime.pin(name, "1.1.0")
+        assert [(t["revisionName"], t["percent"]) for t in admin.get(svc_path(name))["spec"]["traffic"]] == [
+            (f"{name}-1-0-0", 100), (f"{name}-1-1-0", 0)]
+        runtime._endpoints.clear()
         # one version, whatever the split: the same address, its traffic tag's Host
         resp = runtime.forward(name, method="POST", path="/predict", headers={"Content-Type": "application/json"},
                                body=b'{"rows": []}', version="1.1.0")
@@ -332,7 +409,7 @@ def test_realtime_rollout_writes_percents_and_a_tag_per_version(cluster, runtime
         assert rules.problems(svc) == []
         return [(t["revisionName"].removeprefix(name + "-"), t["percent"], t.get("tag")) for t in svc["spec"]["traffic"]]
 
-    assert traffic() == [("1-0-0", 100, "v1-0-0"), ("1-1-0", 0, "v1-1-0")]
+    assert traffic() == [("1-0-0", 100, "v1-0-0")]   # no route until it is rolled out (or pinned)
     assert runtime.version_manifest(name, "1.1.0")["version"] == "1.1.0"   # not live, still described
     state = runtime.rollout(name, version="1.1.0", percent=10, shadow=20)
     assert (state.live, state.candidate, state.percent, state.shadow) == ("1.0.0", "1.1.0", 10, 20)
@@ -343,9 +420,15 @@ def test_realtime_rollout_writes_percents_and_a_tag_per_version(cluster, runtime
     assert [(t["version"], t["percent"], t["url"]) for t in detail.traffic["targets"]] == [
         ("1.0.0", 90, f"http://v1-0-0-{name}.{NS}.example.com"), ("1.1.0", 10, f"http://v1-1-0-{name}.{NS}.example.com")]
     assert detail.traffic["shadow"] == 20
-    # a third version joins the list at 0 %, the split untouched
+    # a third version: deployed, the split untouched; pinned, it joins the list at 0 %
     runtime.deploy(bump(v1, "2.0.0-rc.1"), make_live=False)
+    assert traffic() == [("1-0-0", 90, "v1-0-0"), ("1-1-0", 10, "v1-1-0")]
+    assert runtime.pin(name, "2.0.0-rc.1").pinned == ["2.0.0-rc.1"]
     assert traffic() == [("1-0-0", 90, "v1-0-0"), ("1-1-0", 10, "v1-1-0"), ("2-0-0-rc-1", 0, "v2-0-0-rc-1")]
+    runtime.unpin(name, "2.0.0-rc.1")
+    assert traffic() == [("1-0-0", 90, "v1-0-0"), ("1-1-0", 10, "v1-1-0")]
+    with pytest.raises(NotFound, match="not pinned"):
+        runtime.unpin(name, "2.0.0-rc.1")
 
     with pytest.raises(Conflict, match="live version already"):
         runtime.rollout(name, version="1.0.0", percent=5)
@@ -353,7 +436,7 @@ def test_realtime_rollout_writes_percents_and_a_tag_per_version(cluster, runtime
         runtime.rollout(name, version="9.0.0", percent=5)
 
     assert runtime.promote(name).version == "1.1.0"
-    assert traffic() == [("1-1-0", 100, "v1-1-0"), ("1-0-0", 0, "v1-0-0"), ("2-0-0-rc-1", 0, "v2-0-0-rc-1")]
+    assert traffic() == [("1-1-0", 100, "v1-1-0")]
     t = runtime.traffic(name)
     assert (t.live, t.candidate, t.previous) == ("1.1.0", None, "1.0.0")
     with pytest.raises(Conflict, match="no rollout to promote"):
@@ -363,7 +446,7 @@ def test_realtime_rollout_writes_percents_and_a_tag_per_version(cluster, runtime
     assert traffic()[0] == ("1-0-0", 100, "v1-0-0")
     # and a rollout in progress is withdrawn at once
     runtime.rollout(name, version="2.0.0-rc.1", percent=100)
-    assert traffic()[:2] == [("1-0-0", 0, "v1-0-0"), ("2-0-0-rc-1", 100, "v2-0-0-rc-1")]
+    assert traffic() == [("1-0-0", 0, "v1-0-0"), ("2-0-0-rc-1", 100, "v2-0-0-rc-1")]
     assert runtime.rollback(name).version == "1.0.0"
     assert traffic()[0] == ("1-0-0", 100, "v1-0-0") and runtime.traffic(name).candidate is None
     # a second rollback does not swing back to 1.1.0, the version just rolled back from: there
@@ -696,8 +779,8 @@ def test_concurrent_deploys_lose_no_version(cluster, sa_token):
     second._patch = patch_after_a_rival
     assert second.deploy(bump(v1, "1.2.0")).live
     assert raced and raced[0].version == "1.1.0"
-    history = json.loads(cluster.admin.get(svc_path("race-model"))["metadata"]["annotations"]["modelplane.dev/versions"])
-    assert sorted(history) == ["1.0.0", "1.1.0", "1.2.0"]
+    # every version is a Revision of its own; the Service carries none of them
+    assert [v.version for v in second.model("race-model").versions] == ["1.0.0", "1.1.0", "1.2.0"]
     assert cluster.admin.get(svc_path("race-model"))["spec"]["traffic"][0]["revisionName"] == "race-model-1-2-0"
     first.remove("race-model")
 

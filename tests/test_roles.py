@@ -36,6 +36,8 @@ EXPECTED = {
     ("post", "/api/models/{name}/rollback"): "deployer",
     ("post", "/api/models/{name}/rollout"): "deployer",
     ("post", "/api/models/{name}/promote"): "deployer",
+    ("post", "/api/models/{name}/pins"): "deployer",
+    ("delete", "/api/models/{name}/pins/{version}"): "deployer",
     ("get", "/api/models/{name}/traffic"): "viewer",
     ("get", "/api/models/{name}/shadow"): "viewer",
     ("post", "/api/models/{name}/jobs"): "runner",

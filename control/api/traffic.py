@@ -39,6 +39,25 @@ def routes(plane) -> Routes:
         plane.policies.clear()
         return answer
 
+    pin_spec = s.RouteSpec("POST", "/api/models/<name>/pins",
+                           "Keep a deployed version routed at 0 %, with a URL of its own (on a cluster only the "
+                           "live version, a rollout's candidate and pinned versions have a route)",
+                           [s.Answer(200, s.TrafficAnswer)], body=s.PinRequest, errors=(400, 404, 409, 503),
+                           tag="models", role="deployer", audit="pin", owned=True)
+
+    @r(pin_spec)
+    def pin(name: str):
+        req = body_json(pin_spec)
+        return {"name": name, **runtime.pin(name, req.version).to_json()}
+
+    unpin_spec = s.RouteSpec("DELETE", "/api/models/<name>/pins/<version>", "Take a pinned version's route away",
+                             [s.Answer(200, s.TrafficAnswer)], errors=(400, 404, 409, 503), tag="models",
+                             role="deployer", audit="unpin", owned=True)
+
+    @r(unpin_spec)
+    def unpin(name: str, version: str):
+        return {"name": name, **runtime.unpin(name, version).to_json()}
+
     @r(s.RouteSpec("GET", "/api/models/<name>/traffic", "How a realtime model's requests are split",
                    [s.Answer(200, s.TrafficAnswer)], errors=(404,), tag="models"))
     def traffic(name: str):

@@ -77,9 +77,13 @@ class Traffic:
     shadow: int = 0
     previous: Optional[str] = None
     past: list = field(default_factory=list)
+    #: versions an operator (or a running comparison) keeps routed at 0 %, for their own URL
+    pinned: list = field(default_factory=list)
 
     def targets(self) -> list[dict]:
-        """The traffic list: each routed version, its share, and its tag (its own URL)."""
+        """The traffic list: each routed version, its share, and its tag (its own URL). Only these
+        versions have a route on a cluster; any other deployed version has none until it is
+        rolled out or pinned (`MAX_PINS` at most)."""
         if self.live is None:
             return []
         out = [{"version": self.live, "percent": 100 - self.percent if self.candidate else 100,
@@ -87,11 +91,18 @@ class Traffic:
         if self.candidate:
             out.append({"version": self.candidate, "percent": self.percent, "tag": version_tag(self.candidate),
                         "role": "candidate", "shadow": self.shadow})
+        for version in self.pinned:
+            if version not in (self.live, self.candidate):
+                out.append({"version": version, "percent": 0, "tag": version_tag(version), "role": "pinned"})
         return out
+
+    def routed(self) -> list[str]:
+        """The versions with a route: live, candidate, pinned."""
+        return [t["version"] for t in self.targets()]
 
     def to_json(self) -> dict:
         return {"live": self.live, "candidate": self.candidate, "percent": self.percent, "shadow": self.shadow,
-                "previous": self.previous, "targets": self.targets()}
+                "previous": self.previous, "pinned": list(self.pinned), "targets": self.targets()}
 
 
 class DeployCheckFailed(Invalid):
@@ -102,6 +113,9 @@ class DeployCheckFailed(Invalid):
 
 #: how many earlier live versions a model remembers for `rollback` to walk back through
 LIVE_HISTORY = 20
+#: how many versions besides the live one and a candidate may hold a route on a cluster: each
+#: routed version keeps its `scaling.min` pods and a Kubernetes Service of its own
+MAX_PINS = 5
 
 
 def made_live(past: list, live: Optional[str], version: str) -> list:
@@ -280,6 +294,18 @@ class Runtime(abc.ABC):
         from control.errors import BadRequest
 
         raise BadRequest(f"the {self.name} runtime cannot split traffic")
+
+    def pin(self, name: str, version: str) -> Traffic:
+        """Keep a deployed version of a realtime model routed at 0 % (a URL of its own) until
+        unpinned. A runtime that routes every version needs none: it says so."""
+        from control.errors import BadRequest
+
+        raise BadRequest(f"the {self.name} runtime routes every deployed version: nothing to pin")
+
+    def unpin(self, name: str, version: str) -> Traffic:
+        from control.errors import BadRequest
+
+        raise BadRequest(f"the {self.name} runtime routes every deployed version: nothing to unpin")
 
     def traffic(self, name: str) -> Traffic:
         """A realtime model's split; NotFound if unknown."""

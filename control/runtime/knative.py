@@ -37,14 +37,15 @@ from control.errors import (
 )
 from control.events import event_id as ce_event_id
 from control.runtime import knative_objects as ko
-from control.runtime.base import (Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, Traffic, VersionInfo, made_live,
-                                  rolled_back_to, version_tag, walk_back)
+from control.runtime.base import (MAX_PINS, Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, Traffic, VersionInfo,
+                                  made_live, rolled_back_to, version_tag, walk_back)
 
 log = logging.getLogger(__name__)
 
 # resource key -> (API group, version, plural, kind)
 RESOURCES = {
     "services": ("serving.knative.dev", "v1", "services", "Service"),
+    "revisions": ("serving.knative.dev", "v1", "revisions", "Revision"),
     "jobsinks": ("sinks.knative.dev", "v1alpha1", "jobsinks", "JobSink"),
     "triggers": ("eventing.knative.dev", "v1", "triggers", "Trigger"),
     "jobs": ("batch", "v1", "jobs", "Job"),
@@ -56,6 +57,8 @@ MANAGED = f"{ko.LABEL_MANAGED}={ko.MANAGED_BY}"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 ENDPOINT_TTL = 10.0  # seconds a model's URL is cached by `forward`
+REVISION_WAIT = 30.0  # seconds a deploy waits for Knative to create the new version's Revision
+READ_TIMEOUT_MARGIN = 30.0  # seconds past a revision's own timeout before `forward` gives up
 WRITE_ATTEMPTS = 5  # read-modify-write rounds before a concurrently changed object is given up on
 # On every create and patch: an unknown or duplicate field is refused (400), as `kubectl apply`
 # does, instead of the API server's default (Warn), which drops it with only a warning header.
@@ -147,6 +150,7 @@ class KnativeRuntime(Runtime):
         self._lock = threading.Lock()
         self._http = urllib3.PoolManager(num_pools=32, maxsize=64, block=False)
         self._endpoints: dict[str, tuple[str, float]] = {}
+        self._timeouts: dict[str, float] = {}
 
     # -- the Kubernetes API ------------------------------------------------------------------
     @property
@@ -273,50 +277,79 @@ class KnativeRuntime(Runtime):
         return self._deploy_batch(manifest, objects[0], objects[1], make_live=make_live)
 
     def _deploy_realtime(self, manifest: Manifest, svc: dict, *, make_live: bool) -> VersionInfo:
-        """The versions live in the Service's annotations, written by every control replica: each
-        write is conditional on the resourceVersion it was computed from, so none is lost."""
+        """A new version is a new template (Knative makes it a Revision, which keeps the version's
+        manifest in its annotations from then on); the Service carries only the live version's
+        manifest and the bounded split (`modelplane.dev/traffic`). Every write is conditional on
+        the resourceVersion it was computed from, so none made by another replica is lost."""
         name, version = manifest.name, manifest.version
-        entry = {"revision": ko.object_name(manifest), "deployed_at": _now(), "manifest": manifest.to_dict()}
+        revision = ko.object_name(manifest)
 
         def change() -> VersionInfo:
             existing = self._get_or_none("services", name)
             if existing is None:
                 body = json.loads(json.dumps(svc))
-                body["metadata"]["annotations"][ko.ANN_VERSIONS] = json.dumps({version: entry}, sort_keys=True)
                 body["metadata"]["annotations"][ko.ANN_TRAFFIC] = _traffic_json(Traffic(live=version))
                 try:
-                    self._create("services", body)
+                    created = self._create("services", body)
                 except Conflict:  # another replica created it a moment ago: add to theirs
                     raise _Stale(name) from None
                 log.info("deployed %s %s: new Knative Service", name, version)
-                return VersionInfo(version=version, deployed_at=entry["deployed_at"], live=True)
-            history = _history(existing)
+                return VersionInfo(version=version, deployed_at=created["metadata"].get("creationTimestamp") or _now(),
+                                   live=True)
+            history = self._history(existing)
             state = _traffic_state(existing, history)
             if version in history:
                 self._same_or_conflict(manifest, history[version].get("manifest"))
                 live = state.live == version
                 return VersionInfo(version=version, deployed_at=history[version].get("deployed_at", ""), live=live)
-            history[version] = entry
+            # The template moves on only once Knative has made the current one a Revision: a
+            # template replaced before that never becomes one, and its version would be lost.
+            self._await_revision(existing["spec"]["template"]["metadata"].get("name"))
+            history[version] = {"revision": revision, "deployed_at": _now(), "manifest": manifest.to_dict()}
+            meta: dict[str, Any] = {"annotations": {ko.ANN_VERSIONS: None, ko.ANN_TRAFFIC: None}}
             if make_live:
                 state = _made_live(state, version)
-            patch = {
-                "metadata": {
-                    "labels": svc["metadata"]["labels"],
-                    "annotations": {ko.ANN_MANIFEST: svc["metadata"]["annotations"][ko.ANN_MANIFEST],
-                                    ko.ANN_VERSIONS: json.dumps(history, sort_keys=True),
-                                    ko.ANN_TRAFFIC: _traffic_json(state)},
-                },
-                # every version in the list, tagged: a version deployed beside the live one has its own URL at once
-                "spec": {"template": svc["spec"]["template"], "traffic": _traffic_spec(name, history, state)},
-            }
+                meta = _live_metadata(svc)
+            meta["annotations"][ko.ANN_TRAFFIC] = _traffic_json(state)
+            patch = {"metadata": meta,
+                     "spec": {"template": svc["spec"]["template"], "traffic": _traffic_spec(name, history, state)}}
             self._patch("services", name, patch, resource_version=existing["metadata"]["resourceVersion"])
-            log.info("deployed %s %s: new revision %s%s", name, version, entry["revision"],
-                     " (live)" if make_live else "")
-            return VersionInfo(version=version, deployed_at=entry["deployed_at"], live=make_live)
+            log.info("deployed %s %s: new revision %s%s", name, version, revision, " (live)" if make_live else "")
+            return VersionInfo(version=version, deployed_at=history[version]["deployed_at"], live=make_live)
 
         info = self._read_modify_write(f"Service {name}", change)
+        self._await_revision(revision)
         self._endpoints.pop(name, None)
         return info
+
+    def _await_revision(self, revision: Optional[str]) -> None:
+        """Wait until Knative's Configuration controller has created `revision` (at most
+        REVISION_WAIT seconds)."""
+        if not revision:
+            return
+        deadline = time.monotonic() + REVISION_WAIT
+        delay = 0.02
+        while self._get_or_none("revisions", revision) is None:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"Knative has not created Revision {revision} within {REVISION_WAIT:.0f} s: is "
+                                  "Knative Serving's controller running? The version stays deployed; its "
+                                  "Revision appears when the controller catches up")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _history(self, svc: dict) -> dict[str, dict]:
+        """Versions of a realtime model: its Revisions (each holds its version's manifest in the
+        annotations Knative copies from the template), the template's version before Knative has
+        made it one, and versions an older Service recorded in its own annotation."""
+        name = svc["metadata"]["name"]
+        out: dict[str, dict] = {}
+        for rev in self._list("revisions", f"serving.knative.dev/service={name}"):
+            entry = _revision_entry(rev)
+            if entry is not None:
+                out.setdefault(entry["manifest"]["version"], entry)
+        for version, entry in _annotated_history(svc).items():
+            out.setdefault(version, entry)
+        return out
 
     def _deploy_batch(self, manifest: Manifest, sink: dict, trig: dict, *, make_live: bool) -> VersionInfo:
         name, version = manifest.name, manifest.version
@@ -380,7 +413,7 @@ class KnativeRuntime(Runtime):
             def change(history: dict, state: Traffic, svc: dict) -> Traffic:
                 target = version
                 if target is None and state.candidate:
-                    return _state(state.live, state.past, history, svc)   # withdraw the rollout
+                    return _state(state.live, state.past, history, svc, state.pinned)   # withdraw the rollout
                 if target is None:
                     # walk back through the live history, past versions that failed; the version
                     # left is forgotten, so the next rollback goes further back
@@ -389,12 +422,12 @@ class KnativeRuntime(Runtime):
                         raise Conflict(f"{name} has no rollout to withdraw and no earlier live version to return "
                                        f"to ({state.live} is the oldest in its history that can serve); name the "
                                        f"version to make live", details={"model": name})
-                    return _state(target, past, history, svc)
+                    return _state(target, past, history, svc, state.pinned)
                 _known(name, history, target)
-                if _failed_revision(svc) == history[target].get("revision"):
+                if not _usable(history, svc)(target):
                     raise Conflict(f"{name} {target} failed to become Ready, so it takes no traffic; deploy a "
                                    f"fixed version", details={"model": name, "version": target})
-                return _state(target, rolled_back_to(state.past, state.live, target), history, svc)
+                return _state(target, rolled_back_to(state.past, state.live, target), history, svc, state.pinned)
 
             history, state = self._change_traffic(name, change)
             live = state.live
@@ -426,14 +459,14 @@ class KnativeRuntime(Runtime):
 
         def change(history: dict, state: Traffic, svc: dict) -> Traffic:
             _known(name, history, version)
-            if _failed_revision(svc) == history[version].get("revision"):
+            if not _usable(history, svc)(version):
                 raise Conflict(f"{name} {version} failed to become Ready, so it takes no traffic; deploy a "
                                f"fixed version", details={"model": name, "version": version})
             if version == state.live:
                 raise Conflict(f"{name} {version} is the live version already; roll out another one",
                                details={"model": name, "version": version})
             return Traffic(live=state.live, candidate=version, percent=percent, shadow=shadow,
-                           previous=state.previous, past=state.past)
+                           previous=state.previous, past=state.past, pinned=state.pinned)
 
         return self._change_traffic(name, change)[1]
 
@@ -447,6 +480,31 @@ class KnativeRuntime(Runtime):
         history, state = self._change_traffic(name, change)
         return VersionInfo(version=state.live, deployed_at=history[state.live].get("deployed_at", ""), live=True)
 
+    def pin(self, name: str, version: str) -> Traffic:
+        """Give a deployed version a route of its own at 0 % (its tag's URL), MAX_PINS at most."""
+        def change(history: dict, state: Traffic, svc: dict) -> Traffic:
+            _known(name, history, version)
+            if version in state.routed():
+                return state
+            if len(state.pinned) >= MAX_PINS:
+                raise Conflict(f"{name} has {MAX_PINS} pinned versions already ({', '.join(state.pinned)}): each "
+                               f"keeps its scaling.min pods and a Service of its own; unpin one first",
+                               details={"model": name, "pinned": state.pinned})
+            state.pinned = [*state.pinned, version]
+            return state
+
+        return self._change_traffic(name, change)[1]
+
+    def unpin(self, name: str, version: str) -> Traffic:
+        """Take a pinned version's route away (the live version and a candidate keep theirs)."""
+        def change(history: dict, state: Traffic, svc: dict) -> Traffic:
+            if version not in state.pinned:
+                raise NotFound(f"{name} {version} is not pinned (pinned: {', '.join(state.pinned) or 'none'})")
+            state.pinned = [v for v in state.pinned if v != version]
+            return state
+
+        return self._change_traffic(name, change)[1]
+
     def _version_sink(self, name: str, version: str) -> dict:
         """The JobSink of one version of a batch model; NotFound naming the versions there are."""
         sinks = self._list("jobsinks", f"{ko.LABEL_MODEL}={name}")
@@ -459,7 +517,7 @@ class KnativeRuntime(Runtime):
     def version_manifest(self, name: str, version: str) -> dict:
         svc = self._get_or_none("services", name)
         if svc is not None:
-            history = _history(svc)
+            history = self._history(svc)
             _known(name, history, version)
             return dict(history[version].get("manifest") or {})
         if self._get_or_none("triggers", name) is None:
@@ -472,7 +530,7 @@ class KnativeRuntime(Runtime):
         svc = self._get_or_none("services", name)
         if svc is None:
             return super().traffic(name)
-        return _traffic_state(svc, _history(svc))
+        return _traffic_state(svc, self._history(svc))
 
     def _change_traffic(self, name: str, change) -> tuple[dict, Traffic]:
         """Read the Service, compute its new split with `change(history, state)`, write the
@@ -481,10 +539,17 @@ class KnativeRuntime(Runtime):
             svc = self._get_or_none("services", name)
             if svc is None:
                 raise NotFound(f"no realtime model named {name}")
-            history = _history(svc)
-            state = change(history, _traffic_state(svc, history), svc)
-            patch = {"metadata": {"annotations": {ko.ANN_TRAFFIC: _traffic_json(state)}},
-                     "spec": {"traffic": _traffic_spec(name, history, state)}}
+            history = self._history(svc)
+            before = _traffic_state(svc, history)
+            state = change(history, before, svc)
+            meta: dict[str, Any] = {"annotations": {}}
+            if state.live != before.live and (history.get(state.live) or {}).get("manifest"):
+                # the Service shows its live version: manifest, labels, visibility
+                live = Manifest.model_validate(history[state.live]["manifest"])
+                meta = _live_metadata(ko.realtime_service(live, self.settings))
+            meta["annotations"][ko.ANN_TRAFFIC] = _traffic_json(state)
+            meta["annotations"][ko.ANN_VERSIONS] = None
+            patch = {"metadata": meta, "spec": {"traffic": _traffic_spec(name, history, state)}}
             self._patch("services", name, patch, resource_version=svc["metadata"]["resourceVersion"])
             return history, state
 
@@ -528,12 +593,24 @@ class KnativeRuntime(Runtime):
 
     def _realtime_detail(self, svc: dict, pods: list[dict], *, brief: bool = False):
         name = svc["metadata"]["name"]
-        history = _history(svc)
-        state = _traffic_state(svc, history)
+        if brief:
+            # A row of the list: from the Service alone (its live version and that version's
+            # manifest), no request per model.
+            history, state = {}, _brief_state(svc)
+            manifest = _parse_manifest((svc["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
+            if manifest is not None and manifest.version != state.live:
+                manifest = None   # a Service written before it carried its live version's manifest
+            if manifest is None:
+                entry = _annotated_history(svc).get(state.live) or {}
+                manifest = _parse_manifest(json.dumps(entry["manifest"])) if entry.get("manifest") else None
+            revision = f"{name}-{ko.version_slug(state.live)}" if state.live else None
+        else:
+            history = self._history(svc)
+            state = _traffic_state(svc, history)
+            entry = history.get(state.live) or {}
+            revision = entry.get("revision")
+            manifest = _parse_manifest(json.dumps(entry["manifest"])) if entry.get("manifest") else None
         live_version = state.live
-        revision = (history.get(live_version) or {}).get("revision")
-        entry = history.get(live_version) or {}
-        manifest = _parse_manifest(json.dumps(entry["manifest"])) if entry.get("manifest") else None
         status_obj = svc.get("status") or {}
         replicas = sum(1 for p in pods if _pod_ready(p)
                        and (p["metadata"].get("labels") or {}).get("serving.knative.dev/revision") == revision)
@@ -554,7 +631,8 @@ class KnativeRuntime(Runtime):
                       owner=manifest.owner if manifest else "", labels=dict(manifest.labels) if manifest else {})
         if brief:
             return ModelInfo(**common)
-        versions = [VersionInfo(version=v, deployed_at=history[v].get("deployed_at", ""), live=v == live_version)
+        versions = [VersionInfo(version=v, deployed_at=history[v].get("deployed_at", ""), live=v == live_version,
+                                failed=bool(history[v].get("failed")), error=history[v].get("error"))
                     for v in _sorted(history)]
         cluster = {k: status_obj.get(k) for k in ("url", "latestReadyRevisionName", "latestCreatedRevisionName",
                                                    "traffic", "conditions", "observedGeneration")}
@@ -620,6 +698,7 @@ class KnativeRuntime(Runtime):
         if not url:
             raise Unavailable(f"{name} has no URL yet: Knative has not made it routable")
         self._endpoints[name] = (url.rstrip("/"), time.monotonic() + ENDPOINT_TTL)
+        self._timeouts[name] = _revision_timeout(svc, self.settings)
         return url.rstrip("/")
 
     def _version_host(self, name: str, version: str) -> str:
@@ -635,7 +714,15 @@ class KnativeRuntime(Runtime):
         svc = self._get_or_none("services", name)
         if svc is None:
             raise NotFound(f"no realtime model named {name}")
-        _known(name, _history(svc), version)
+        history = self._history(svc)
+        _known(name, history, version)
+        state = _traffic_state(svc, history)
+        if version not in state.routed():
+            raise Conflict(f"{name} {version} has no route: on a cluster only the live version, a rollout's "
+                           f"candidate and pinned versions have one (routed now: {', '.join(state.routed())}). "
+                           f"Give it one with `modelplane pin {name} {version}` (or roll it out), or compare it "
+                           f"with `modelplane compare`, which pins it while it runs",
+                           details={"model": name, "version": version, "routed": state.routed()})
         tag = version_tag(version)
         if not ko.tag_fits(name, tag):
             raise BadRequest(f"{name} {version} has no URL of its own: {tag}-{name} is longer than a Kubernetes "
@@ -667,7 +754,9 @@ class KnativeRuntime(Runtime):
         return ProxyResponse(status=resp.status, headers=resp_headers, body=resp.data)
 
     def _read_timeout(self, name: str) -> float:
-        return 330.0  # above Knative's default revision timeout (300 s): Knative answers first
+        """Past the longest its routed revisions may take (their `timeoutSeconds`, after which
+        Knative's queue-proxy answers 504 itself): Knative answers first."""
+        return self._timeouts.get(name, float(self.settings.max_revision_timeout)) + READ_TIMEOUT_MARGIN
 
     # -- jobs -------------------------------------------------------------------------------
     def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,
@@ -835,22 +924,69 @@ def _default_api_client():
     return client.ApiClient(cfg)
 
 
-def _history(svc: dict) -> dict[str, dict]:
-    """Versions of a realtime model, from the Service's annotations (or, for a Service applied
-    by hand from `modelplane render`, its one template)."""
+def _annotated_history(svc: dict) -> dict[str, dict]:
+    """Versions the Service itself names: its template's (the newest, perhaps not a Revision
+    yet), and those a Service written before versions were read from Revisions kept in its
+    `modelplane.dev/versions` annotation (dropped at its next write)."""
     ann = svc["metadata"].get("annotations") or {}
     try:
         history = json.loads(ann.get(ko.ANN_VERSIONS) or "{}")
     except ValueError:
         history = {}
-    if not history:
-        template = svc["spec"]["template"]
-        manifest = _parse_manifest((template["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
-        if manifest is not None:
-            history = {manifest.version: {"revision": template["metadata"].get("name"),
-                                          "deployed_at": svc["metadata"].get("creationTimestamp", ""),
-                                          "manifest": manifest.to_dict()}}
+    if not isinstance(history, dict):
+        history = {}
+    template = svc["spec"]["template"]
+    manifest = _parse_manifest((template["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
+    if manifest is not None and manifest.version not in history:
+        history[manifest.version] = {"revision": template["metadata"].get("name"),
+                                     "deployed_at": svc["metadata"].get("creationTimestamp", ""),
+                                     "manifest": manifest.to_dict()}
     return history
+
+
+def _revision_entry(rev: dict) -> Optional[dict]:
+    """One version from its Revision: the manifest in its annotations, when it was made, and
+    whether Knative could not make it Ready (with Knative's reason)."""
+    meta = rev.get("metadata") or {}
+    manifest = _parse_manifest((meta.get("annotations") or {}).get(ko.ANN_MANIFEST))
+    if manifest is None:
+        return None
+    ready = _condition(rev) or {}
+    failed = ready.get("status") == "False"
+    return {"revision": meta.get("name"), "deployed_at": meta.get("creationTimestamp", ""),
+            "manifest": manifest.to_dict(), "failed": failed,
+            "error": f"{ready.get('reason') or 'RevisionFailed'}: {_condition_text(ready)}" if failed else None}
+
+
+def _live_metadata(svc: dict) -> dict:
+    """The Service metadata that follows its live version: the manifest, the labels, and the
+    visibility label, removed (null in a merge patch, RFC 7386) when the version is public."""
+    labels = dict(svc["metadata"]["labels"])
+    labels.setdefault(ko.LABEL_VISIBILITY, None)
+    return {"labels": labels, "annotations": {ko.ANN_MANIFEST: svc["metadata"]["annotations"][ko.ANN_MANIFEST]}}
+
+
+def _revision_timeout(svc: dict, settings) -> float:
+    """The longest `timeoutSeconds` a request to the Service may meet: its template's, and the
+    live version's (from its manifest, as knative_objects renders it)."""
+    seconds = [float((svc["spec"]["template"].get("spec") or {}).get("timeoutSeconds") or 0)]
+    manifest = _parse_manifest((svc["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
+    if manifest is not None:
+        seconds.append(float(ko.revision_timeout(manifest)))
+    return max(seconds) or float(settings.max_revision_timeout)
+
+
+def _brief_state(svc: dict) -> Traffic:
+    """The split as the Service's annotation records it, without checking its versions against
+    the Revisions (a row of the model list)."""
+    try:
+        data = json.loads((svc["metadata"].get("annotations") or {}).get(ko.ANN_TRAFFIC) or "{}")
+    except ValueError:
+        data = {}
+    if isinstance(data, dict) and isinstance(data.get("live"), str):
+        return Traffic(live=data["live"], candidate=data.get("candidate"), percent=int(data.get("percent") or 0),
+                       shadow=int(data.get("shadow") or 0))
+    return _traffic_state(svc, _annotated_history(svc))
 
 
 def _live_revision(svc: dict) -> Optional[str]:
@@ -880,18 +1016,20 @@ def _traffic_state(svc: dict, history: dict) -> Traffic:
     past = data.get("past")
     if not isinstance(past, list):   # written before the history was kept: its one step back
         past = [data["previous"]] if data.get("previous") else []
-    state = _state(live, past, history, svc)
+    pinned = [v for v in data.get("pinned") or [] if v in history and v not in (live, candidate)][:MAX_PINS]
+    state = _state(live, past, history, svc, pinned)
     if candidate:
         state.candidate, state.percent, state.shadow = candidate, int(data.get("percent") or 0), \
             int(data.get("shadow") or 0)
     return state
 
 
-def _state(live: Optional[str], past: list, history: dict, svc: dict) -> Traffic:
+def _state(live: Optional[str], past: list, history: dict, svc: dict, pinned=()) -> Traffic:
     """`live` taking every request, with its history of earlier live versions (those still
-    deployed) and the version a rollback would return to."""
+    deployed), the version a rollback would return to, and the pinned versions."""
     past = [v for v in past if v in history]
-    return Traffic(live=live, past=past, previous=walk_back(past, live, _usable(history, svc))[0])
+    return Traffic(live=live, past=past, previous=walk_back(past, live, _usable(history, svc))[0],
+                   pinned=[v for v in pinned if v != live])
 
 
 def _failed_revision(svc: dict) -> Optional[str]:
@@ -905,12 +1043,14 @@ def _failed_revision(svc: dict) -> Optional[str]:
 def _usable(history: dict, svc: dict):
     """Whether a version can take traffic: still deployed, and not a revision that failed."""
     failed = _failed_revision(svc)
-    return lambda v: v in history and (failed is None or history[v].get("revision") != failed)
+    return lambda v: v in history and not history[v].get("failed") and (
+        failed is None or history[v].get("revision") != failed)
 
 
 def _traffic_json(state: Traffic) -> str:
     return json.dumps({"live": state.live, "candidate": state.candidate, "percent": state.percent,
-                       "shadow": state.shadow, "previous": state.previous, "past": state.past}, sort_keys=True)
+                       "shadow": state.shadow, "previous": state.previous, "past": state.past,
+                       "pinned": state.pinned}, sort_keys=True)
 
 
 def _traffic_spec(name: str, history: dict, state: Traffic) -> list[dict]:
@@ -921,7 +1061,8 @@ def _made_live(state: Traffic, version: str) -> Traffic:
     """`version` live and taking every request; a rollout in progress ends; the version it
     replaces joins the history a rollback walks back through."""
     past = made_live(state.past, state.live, version)
-    return Traffic(live=version, previous=past[-1] if past else None, past=past)
+    return Traffic(live=version, previous=past[-1] if past else None, past=past,
+                   pinned=[v for v in state.pinned if v != version])
 
 
 def _known(name: str, history: dict, version: str) -> None:

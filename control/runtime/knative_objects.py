@@ -34,8 +34,12 @@ LABEL_KIND = "modelplane.dev/kind"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGED_BY = "modelplane"
 ANN_MANIFEST = "modelplane.dev/manifest"
-ANN_VERSIONS = "modelplane.dev/versions"  # realtime: {version: {revision, deployed_at, manifest}}
-ANN_TRAFFIC = "modelplane.dev/traffic"    # realtime: {live, candidate, percent, shadow, previous} (base.Traffic)
+# realtime, written before versions were read from their revisions: {version: {revision,
+# deployed_at, manifest}}; read when present, removed at the next write
+ANN_VERSIONS = "modelplane.dev/versions"
+# realtime: {live, candidate, percent, shadow, previous, past, pinned} (base.Traffic): bounded
+# (LIVE_HISTORY earlier live versions, MAX_PINS pins), whatever the number of versions
+ANN_TRAFFIC = "modelplane.dev/traffic"
 ANN_DATASET = "modelplane.dev/dataset"
 ANN_VERSION = "modelplane.dev/version"  # exact version (labels cannot hold `+build`)
 ANN_EVENT_KEY = "modelplane.dev/event-key"
@@ -252,6 +256,12 @@ def _model_resources(manifest: Manifest) -> dict:
             "limits": {"memory": manifest.resources.memory}}
 
 
+def revision_timeout(manifest: Manifest) -> int:
+    """A realtime version's revision `timeoutSeconds`: the model's own limit and 5 s for the
+    adapter, 10 s at least."""
+    return max(int(math.ceil(manifest.limits.timeout_seconds)) + 5, 10)
+
+
 def realtime_service(manifest: Manifest, settings) -> dict:
     revision = object_name(manifest)
     mjson = manifest_json(manifest)
@@ -259,22 +269,28 @@ def realtime_service(manifest: Manifest, settings) -> dict:
     service_labels = dict(meta_labels)
     if manifest.visibility == "cluster":  # the adapter has no auth: reached through the control service
         service_labels[LABEL_VISIBILITY] = "cluster-local"
-    timeout = max(int(math.ceil(manifest.limits.timeout_seconds)) + 5, 10)
+    timeout = revision_timeout(manifest)
     tmp_mount = {"name": TMP_VOLUME, "mountPath": "/tmp"}
     adapter = {
         "name": "adapter",
         "image": settings.adapter_image_ref,
-        # All interfaces of the pod: Knative's queue-proxy reaches it on 127.0.0.1, kubelet on the pod IP.
-        "args": ["serve", "--host", "0.0.0.0"],
+        # Loopback only: queue-proxy is the pod's one way in. It forwards to 127.0.0.1:{port} and
+        # runs this container's readiness probe itself, on 127.0.0.1 (knative/serving
+        # pkg/reconciler/revision/resources/queue.go `applyReadinessProbeDefaults`, localAddress;
+        # deploy.go removes the probe from this container), so kubelet never reaches the adapter,
+        # and nothing else in the cluster can on the pod IP.
+        "args": ["serve", "--host", "127.0.0.1"],
         "ports": [{"name": "http1", "containerPort": ADAPTER_PORT}],
         "env": [
             {"name": "MODEL_URL", "value": f"http://127.0.0.1:{MODEL_PORT}"},
             {"name": "MODELPLANE_MANIFEST", "value": mjson},
         ],
+        # No periodSeconds: with 0, queue-proxy probes aggressively (every 25 ms, 100 ms timeout)
+        # until the adapter first answers, then as Kubernetes would (knative/serving
+        # pkg/queue/readiness/probe.go `shouldProbeAggressively`): the fastest cold start. A
+        # period of 1 s turns that off.
         "readinessProbe": {
             "httpGet": {"path": "/v2/health/ready"},
-            "periodSeconds": 1,
-            "failureThreshold": 3,
         },
         "resources": ADAPTER_RESOURCES,
         "securityContext": CONTAINER_SECURITY,
@@ -326,20 +342,29 @@ def realtime_service(manifest: Manifest, settings) -> dict:
 
 def traffic_list(name: str, revisions: Mapping[str, str], traffic: Traffic) -> list[dict]:
     """A Service's `spec.traffic`: the live version's revision with its share, the candidate's
-    with the rest, every other deployed version at 0 %; each pinned to its revision and tagged
+    with the rest, and each pinned version at 0 %; each pinned to its revision and tagged
     `version_tag(version)`, so it also has a URL of its own (Knative routes a tag at
     `{tag}-{name}`: knative/networking pkg/config/config.go DefaultTagTemplate; serving
     pkg/apis/serving/v1/route_validation.go requires tags to be unique DNS-1035 labels and the
     percents to sum to 100). A version whose tag would make that name longer than a label may
-    be has no tag, and no URL of its own."""
-    shares = {t["version"]: t["percent"] for t in traffic.targets()}
-    order = sorted(revisions, key=lambda v: (v not in shares, v != traffic.live, semver_key(v)))
+    be has no tag, and no URL of its own.
+
+    Every other deployed version is left out on purpose. Knative counts any revision named in a
+    Route as active (serving pkg/reconciler/labeler: routingState "active"), and an active
+    revision keeps its `min-scale` pods (pkg/apis/autoscaling/v1alpha1/pa_lifecycle.go
+    `ScaleBounds` honours min-scale unless the PodAutoscaler is Unreachable, which
+    pkg/reconciler/revision/resources/pa.go `reachability` sets for routingState "reserve").
+    Each tag also gets a Kubernetes Service carrying a copy of the Service's annotations
+    (pkg/reconciler/route/resources/service.go). So the list, and what it costs, is bounded by
+    the versions that need a route, not by how many were ever deployed."""
     out = []
-    for version in order:
-        target = {"revisionName": revisions[version], "percent": shares.get(version, 0), "latestRevision": False}
-        tag = version_tag(version)
-        if tag_fits(name, tag):
-            target["tag"] = tag
+    for t in traffic.targets():
+        revision = revisions.get(t["version"])
+        if revision is None:
+            continue
+        target = {"revisionName": revision, "percent": t["percent"], "latestRevision": False}
+        if tag_fits(name, t["tag"]):
+            target["tag"] = t["tag"]
         out.append(target)
     return out
 
