@@ -168,7 +168,7 @@ def _token_store(settings: Settings, runtime: Runtime, bootstrap: str):
     from control import identity
 
     if runtime.name == "knative":
-        return identity.SecretTokens(runtime.core_api(), settings.namespace, bootstrap)
+        return identity.SecretTokens(runtime.core_api(), settings.own_namespace, bootstrap)
     return identity.FileTokens(settings.state_dir, bootstrap)
 
 
@@ -176,7 +176,7 @@ def _audit_log(settings: Settings, runtime: Runtime, plane: "Plane"):
     from control import audit
 
     if runtime.name == "knative":
-        return audit.ClusterAudit(runtime.core_api(), settings.namespace, _LazyBucket(plane, settings.bucket_name))
+        return audit.ClusterAudit(runtime.core_api(), settings.own_namespace, _LazyBucket(plane, settings.bucket_name))
     return audit.FileAudit(settings.state_dir)
 
 

@@ -69,7 +69,12 @@ class Settings(BaseSettings):
     url: Optional[str] = None
     """Where the CLI and console find the control service (default http://{host}:{port})."""
     namespace: str = "modelplane"
-    """Kubernetes namespace of the cluster runtime."""
+    """Kubernetes namespace where the cluster runtime runs models and their Jobs."""
+    control_namespace: Optional[str] = None
+    """Kubernetes namespace of the control service itself: its named tokens (Secret
+    `modelplane-tokens`) and the audit trail's head (ConfigMap `modelplane-audit`). Unset: the
+    models' namespace. The install (knative/) keeps them apart, so that no Job the control
+    service may create can mount the control service's Secrets."""
     registry: str = "ghcr.io/modelplane"
     """Image registry; model images are `{registry}/{model}:{version}`, the adapter
     `{registry}/adapter:{modelplane version}` unless `adapter_image` says otherwise."""
@@ -131,6 +136,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, v: Optional[str]) -> Optional[str]:
         return v or None
+
+    @property
+    def own_namespace(self) -> str:
+        """Where the control service keeps its own objects (`control_namespace`, else `namespace`)."""
+        return self.control_namespace or self.namespace
 
     @property
     def adapter_image_ref(self) -> str:

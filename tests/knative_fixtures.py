@@ -31,7 +31,8 @@ import kube
 from control.runtime.knative_objects import STORAGE_KEY_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
-NS = "modelplane"
+NS = "modelplane-models"   # models, their Jobs, the Broker (knative/namespace.yaml)
+CONTROL_NS = "modelplane"  # the control service, the bridge, the control service's Secrets
 REQUIRED = os.environ.get("MODELPLANE_REQUIRE_KNATIVE") == "1"
 TIMEOUT = 300.0
 REGISTRY_HOST = "dev.local"  # one of Knative's registries-skipping-tag-resolving defaults
@@ -160,15 +161,19 @@ def knative_plane(knative, knative_images):
     for path, doc in sorted(docs, key=lambda pd: pd[0].name != "namespace.yaml"):  # the namespace first
         doc = copy.deepcopy(doc)
         if doc["kind"] == "Namespace":
+            ns = doc["metadata"]["name"]
             applier.apply(doc)
-            cluster.wait(lambda: cluster.admin.get(f"/api/v1/namespaces/{NS}/serviceaccounts/default"), 60,
+            cluster.wait(lambda: cluster.admin.get(f"/api/v1/namespaces/{ns}/serviceaccounts/default"), 60,
                          "the default ServiceAccount")
+            if ns == CONTROL_NS:
+                applier.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "modelplane-token",
+                                                                                  "namespace": ns},
+                               "stringData": {"token": token}})
+            # the tests' bucket answers only its key: the control service and the bridge (in
+            # modelplane) and each batch Job (in modelplane-models) read it from this Secret
+            # (control/runtime/knative_objects.py)
             applier.apply({"apiVersion": "v1", "kind": "Secret",
-                           "metadata": {"name": "modelplane-token", "namespace": NS}, "stringData": {"token": token}})
-            # the tests' bucket answers only its key: the control service, the bridge and each
-            # batch Job read it from this Secret (control/runtime/knative_objects.py)
-            applier.apply({"apiVersion": "v1", "kind": "Secret",
-                           "metadata": {"name": STORAGE_KEY_SECRET, "namespace": NS},
+                           "metadata": {"name": STORAGE_KEY_SECRET, "namespace": ns},
                            "stringData": {"key": cluster.gcs_key}})
             continue
         if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "modelplane":
@@ -181,13 +186,13 @@ def knative_plane(knative, knative_images):
                                      "value": f"http://{cluster.gcs[0]}:{cluster.gcs[1]}"})
             container["env"].append(STORAGE_KEY_ENV)
         applier.apply(doc)
-    path = f"/apis/apps/v1/namespaces/{NS}/deployments/modelplane-control"
+    path = f"/apis/apps/v1/namespaces/{CONTROL_NS}/deployments/modelplane-control"
     try:
         cluster.wait(lambda: (cluster.admin.get(path).get("status") or {}).get("availableReplicas") == 1,
                      TIMEOUT, "the control service available")
     except TimeoutError as e:
-        raise AssertionError(f"{e}\n{cluster.diagnose(NS, 'app.kubernetes.io/name=modelplane-control')}") from None
-    pods = cluster.admin.request("GET", f"/api/v1/namespaces/{NS}/pods",
+        raise AssertionError(f"{e}\n{cluster.diagnose(CONTROL_NS, 'app.kubernetes.io/name=modelplane-control')}") from None
+    pods = cluster.admin.request("GET", f"/api/v1/namespaces/{CONTROL_NS}/pods",
                                  query="labelSelector=app.kubernetes.io/name%3Dmodelplane-control")["items"]
     running = [p for p in pods if p["status"].get("phase") == "Running" and p["metadata"].get("deletionTimestamp") is None]
     return Plane(cluster, f"http://{running[0]['status']['podIP']}:8080", token, registry)
@@ -206,7 +211,7 @@ def knative_bridge(knative, knative_plane, knative_images):
         "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "modelplane-bridge-state"},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                  "persistentVolumeReclaimPolicy": "Delete", "hostPath": {"path": str(folder)},
-                 "claimRef": {"namespace": NS, "name": "modelplane-bridge-state"}}})
+                 "claimRef": {"namespace": CONTROL_NS, "name": "modelplane-bridge-state"}}})
     for path, doc in kube.iter_knative_docs():
         if path.name not in ("broker.yaml", "bridge.yaml"):
             continue
@@ -223,10 +228,10 @@ def knative_bridge(knative, knative_plane, knative_images):
     try:
         cluster.wait(lambda: kube.has_condition(cluster.admin.get(
             f"/apis/eventing.knative.dev/v1/namespaces/{NS}/brokers/default")), TIMEOUT, "the default Broker Ready")
-        cluster.wait(lambda: (cluster.admin.get(f"/apis/apps/v1/namespaces/{NS}/deployments/modelplane-bridge")
+        cluster.wait(lambda: (cluster.admin.get(f"/apis/apps/v1/namespaces/{CONTROL_NS}/deployments/modelplane-bridge")
                               .get("status") or {}).get("availableReplicas") == 1, TIMEOUT, "the bridge available")
     except TimeoutError as e:
         b = cluster.admin.get(f"/apis/eventing.knative.dev/v1/namespaces/{NS}/brokers/default")
         raise AssertionError(f"{e}\nbroker: {json.dumps(b.get('status'))[:2000]}\n"
-                             f"{cluster.diagnose(NS, 'app.kubernetes.io/name=modelplane-bridge')}") from None
+                             f"{cluster.diagnose(CONTROL_NS, 'app.kubernetes.io/name=modelplane-bridge')}") from None
     return cluster

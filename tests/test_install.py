@@ -47,6 +47,13 @@ KUSTOMIZE_FLAGS = ["--load-restrictor", "LoadRestrictionsNone"]
 # (knative/serving knative-v1.23.0 config/core/configmaps/{autoscaler,defaults,features}.yaml,
 # parsed by pkg/autoscaler/config/config.go, pkg/apis/config/defaults.go, features.go).
 KNATIVE_KEYS = {
+    # pkg/deployment/config.go
+    "config-deployment": {
+        "registries-skipping-tag-resolving", "digest-resolution-timeout", "progress-deadline",
+        "queue-sidecar-image", "queue-sidecar-cpu-request", "queue-sidecar-cpu-limit",
+        "queue-sidecar-memory-request", "queue-sidecar-memory-limit", "queue-sidecar-ephemeral-storage-request",
+        "queue-sidecar-ephemeral-storage-limit", "concurrency-state-endpoint", "queue-sidecar-token-audiences",
+        "queue-sidecar-rootca", "runtime-class-name", "pod-is-always-schedulable"},
     "config-autoscaler": {
         "activator-capacity", "allow-zero-initial-scale", "container-concurrency-target-default",
         "container-concurrency-target-percentage", "enable-scale-to-zero", "initial-scale", "max-scale",

@@ -34,18 +34,20 @@ from control.settings import Settings
 import kube
 
 ROOT = Path(__file__).resolve().parent.parent
-NS = "modelplane"
+NS = "modelplane-models"   # the models, their Jobs and the Broker (knative/namespace.yaml)
+CONTROL_NS = "modelplane"  # the control service, its ServiceAccount and its own Secrets
 SA = "modelplane-control"
 BINARY = kube.apiserver_binary()
 
 pytestmark = pytest.mark.cluster
 
 USED: set[tuple[str, str]] = set()  # (verb, resource) of every request the runtime made
+STATE_USED: set[tuple[str, str]] = set()  # the same, of the token store and the audit head
 COMPLETED: set[str] = set()  # lifecycle tests that ran to the end
 
 
 def settings(**overrides) -> Settings:
-    values = dict(runtime="knative", namespace=NS, bucket="test-bucket", registry="registry.test/models",
+    values = dict(runtime="knative", namespace=NS, control_namespace=CONTROL_NS, bucket="test-bucket", registry="registry.test/models",
                   adapter_image="registry.test/adapter:0.1.0", broker="default")
     values.update(overrides)
     return Settings(**values)
@@ -140,7 +142,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sa_token(cluster):
-    return cluster.service_account_token(NS, SA)
+    return cluster.service_account_token(CONTROL_NS, SA)
 
 
 def make_runtime(cluster, token, **overrides):
@@ -818,7 +820,7 @@ def test_named_tokens_live_in_a_secret_every_control_replica_reads(cluster, sa_t
     from control.identity import Identity, SecretTokens
 
     def replica():
-        return SecretTokens(client.CoreV1Api(cluster.api_client(sa_token)), NS, "bootstrap-secret", ttl=0.3)
+        return SecretTokens(client.CoreV1Api(cluster.api_client(sa_token)), CONTROL_NS, "bootstrap-secret", ttl=0.3)
 
     a, b = replica(), replica()
     token, record = a.create("alice", "deployer", "risk-team", by="admin")
@@ -846,14 +848,14 @@ def test_named_tokens_live_in_a_secret_every_control_replica_reads(cluster, sa_t
     while b.identify(token) is not None:
         assert time.monotonic() < deadline, "the other replica still accepts a revoked token"
         time.sleep(0.1)
-    stored = cluster.admin.get(f"/api/v1/namespaces/{NS}/secrets/modelplane-tokens")
+    stored = cluster.admin.get(f"/api/v1/namespaces/{CONTROL_NS}/secrets/modelplane-tokens")
     text = base64.b64decode(stored["data"]["tokens.json"]).decode()
     assert not any(t in text for t in made) and len(json.loads(text)["tokens"]) == 16
     core = client.CoreV1Api(cluster.api_client(sa_token))
     with pytest.raises(ApiException) as refused:
-        core.read_namespaced_secret("modelplane-token", NS)   # the bootstrap token: not this account's to read
+        core.read_namespaced_secret("modelplane-token", CONTROL_NS)   # the bootstrap token: not this account's to read
     assert refused.value.status == 403
-    USED.update({("get", "secrets"), ("update", "secrets")})
+    STATE_USED.update({("get", "secrets"), ("update", "secrets")})
 
 
 def test_the_audit_chain_is_shared_by_replicas_and_shows_edits(cluster, sa_token, gcs_client):
@@ -866,7 +868,7 @@ def test_the_audit_chain_is_shared_by_replicas_and_shows_edits(cluster, sa_token
     bucket = gcs_client.bucket("test-bucket")
 
     def replica():
-        return ClusterAudit(client.CoreV1Api(cluster.api_client(sa_token)), NS, bucket)
+        return ClusterAudit(client.CoreV1Api(cluster.api_client(sa_token)), CONTROL_NS, bucket)
 
     a, b = replica(), replica()
 
@@ -884,7 +886,7 @@ def test_the_audit_chain_is_shared_by_replicas_and_shows_edits(cluster, sa_token
     entries = b.entries(limit=100)
     assert [e["seq"] for e in entries] == list(range(20, 0, -1))
     assert len(b.entries(who="bob", limit=100)) == 10 and b.entries(model="m3", who="alice")[0]["version"] == "1.0.0"
-    head = cluster.admin.get(f"/api/v1/namespaces/{NS}/configmaps/modelplane-audit")["data"]
+    head = cluster.admin.get(f"/api/v1/namespaces/{CONTROL_NS}/configmaps/modelplane-audit")["data"]
     assert head["seq"] == "20" and head["hash"] == entries[0]["hash"]
 
     blob = bucket.blob(f"{PREFIX}{5:012d}.json")
@@ -898,7 +900,53 @@ def test_the_audit_chain_is_shared_by_replicas_and_shows_edits(cluster, sa_token
     bucket.blob(f"{PREFIX}{20:012d}.json").delete()
     check = a.verify()
     assert not check["ok"] and check["records"] == 19 and "missing" in check["problem"]
-    USED.update({("get", "configmaps"), ("update", "configmaps")})
+    STATE_USED.update({("get", "configmaps"), ("update", "configmaps")})
+
+
+def test_the_control_account_cannot_reach_the_control_services_secrets(cluster, sa_token):
+    """Least privilege, asked of the API server itself (SubjectAccessReview for the control
+    ServiceAccount): no route to a Secret's content in either namespace — not by reading it, not
+    through a Pod, exec or a token of another account, not by a Job in the control namespace. A
+    Job it may create (in the models' namespace) can only mount Secrets of that namespace, which
+    holds none of the control service's."""
+    user = f"system:serviceaccount:{CONTROL_NS}:{SA}"
+
+    def allowed(verb, resource, namespace, *, group="", subresource="", name=""):
+        review = cluster.admin.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": user, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{CONTROL_NS}"],
+                     "resourceAttributes": {"verb": verb, "resource": resource, "namespace": namespace,
+                                            "group": group, "subresource": subresource, "name": name}}})
+        return review["status"].get("allowed", False)
+
+    refused = [
+        *[(verb, "secrets", ns, "", "", name) for ns in (NS, CONTROL_NS) for verb in ("get", "list", "watch")
+          for name in ("", "modelplane-token")],
+        ("create", "pods", NS, "", "", ""), ("create", "pods", CONTROL_NS, "", "", ""),
+        ("create", "pods", NS, "", "exec", "x"), ("get", "pods", NS, "", "exec", "x"),
+        ("create", "serviceaccounts", NS, "", "token", "modelplane-job"),
+        ("create", "serviceaccounts", CONTROL_NS, "", "token", SA),
+        ("create", "jobs", CONTROL_NS, "batch", "", ""), ("create", "deployments", NS, "apps", "", ""),
+        ("create", "cronjobs", NS, "batch", "", ""), ("patch", "roles", NS, "rbac.authorization.k8s.io", "", ""),
+        ("create", "rolebindings", NS, "rbac.authorization.k8s.io", "", ""),
+        ("update", "secrets", CONTROL_NS, "", "", "modelplane-token"),
+    ]
+    wrongly = [r for r in refused if allowed(r[0], r[1], r[2], group=r[3], subresource=r[4], name=r[5])]
+    assert wrongly == []
+    assert allowed("create", "jobs", NS, group="batch")   # the one way it runs code: a Job in the models' namespace
+    assert allowed("get", "secrets", CONTROL_NS, name="modelplane-tokens")   # its own token hashes
+    # ... where no Secret of the control service is, and a volume cannot name another namespace's
+    for name in ("modelplane-token", "modelplane-tokens"):
+        with pytest.raises(kube.ApiError) as missing:
+            cluster.admin.get(f"/api/v1/namespaces/{NS}/secrets/{name}")
+        assert missing.value.status == 404
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "steal"},
+           "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [
+               {"name": "c", "image": "registry.test/x"}],
+               "volumes": [{"name": "s", "secret": {"secretName": "modelplane-token", "namespace": CONTROL_NS}}]}}}}
+    with pytest.raises(kube.ApiError) as strict:
+        cluster.admin.request("POST", f"/apis/batch/v1/namespaces/{NS}/jobs", job, query="fieldValidation=Strict&dryRun=All")
+    assert strict.value.status == 400 and "namespace" in strict.value.body
 
 
 def test_role_is_exactly_what_the_runtime_uses():
@@ -906,9 +954,14 @@ def test_role_is_exactly_what_the_runtime_uses():
     passed as the ServiceAccount), and the Role grants nothing they did not use."""
     if COMPLETED != {"realtime", "batch"}:
         pytest.skip("needs both lifecycle tests to have run in this session")
-    role = next(d for path, d in kube.iter_knative_docs() if d["kind"] == "Role")
-    granted = {(verb, resource) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
-    assert granted == USED
+    roles = {d["metadata"]["namespace"]: d for _, d in kube.iter_knative_docs() if d["kind"] == "Role"}
+    assert set(roles) == {NS, CONTROL_NS}
+
+    def granted(role):
+        return {(verb, resource) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+    assert granted(roles[NS]) == USED
+    assert granted(roles[CONTROL_NS]) == STATE_USED
 
 
 # -- offline checks -------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from conftest import MODELS, ROOT, requires_r
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.knative]
 
-from knative_fixtures import NS, TIMEOUT, http, record
+from knative_fixtures import CONTROL_NS, NS, TIMEOUT, http, record
 
 
 def local_realtime_scores(name: str) -> list[float]:
@@ -311,7 +311,7 @@ def new_job(cluster, sink: str, known: set[str]) -> dict:
                                          None), TIMEOUT, f"a Job of {sink} from the bucket event")
     except TimeoutError as e:
         raise AssertionError(f"{e}\n{cluster.log_tail('kubelet', 5)}\n"
-                             f"{cluster.diagnose(NS, 'app.kubernetes.io/name=modelplane-bridge')}\n"
+                             f"{cluster.diagnose(CONTROL_NS, 'app.kubernetes.io/name=modelplane-bridge')}\n"
                              f"{cluster.diagnose('knative-eventing', 'app=job-sink')}") from None
 
 
