@@ -774,6 +774,12 @@ def cmd_job(args) -> int:
     return 0
 
 
+def cmd_cancel(args) -> int:
+    job = client_for(args).json("DELETE", f"/api/jobs/{quote(args.id)}", timeout=60)
+    out(f"job {job['id']} ({job.get('model')}) is {job.get('status')}: {job.get('error') or ''}".rstrip(": "))
+    return 0
+
+
 # -- local commands ------------------------------------------------------------------------------
 
 def cmd_validate(args) -> int:
@@ -1100,7 +1106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("audit", cmd_audit, "who changed what, and how it ended (newest first)")
     p.add_argument("--who", help="only this token name's records")
     p.add_argument("--action", help="only this action (deploy, rollout, promote, rollback, remove, reference, "
-                                    "compare, job.run, dataset.upload, token.create, token.revoke)")
+                                    "compare, job.run, job.cancel, dataset.upload, token.create, token.revoke)")
     p.add_argument("--model", help="only this model's records")
     p.add_argument("--outcome", choices=["ok", "denied", "failed"])
     p.add_argument("--since", metavar="TIME", help="records at or after this UTC time (2026-12-01 or ISO 8601)")
@@ -1131,6 +1137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("job", cmd_job, "one job; --results prints its scores CSV")
     p.add_argument("id")
     p.add_argument("--results", action="store_true")
+    p = command("cancel", cmd_cancel, "cancel a queued or running job: it is stopped and ends failed "
+                                      "('cancelled by <you>'); cancelling it again changes nothing")
+    p.add_argument("id")
     p = command("validate", cmd_validate, "check model folders: manifest + a live contract test with sample.csv")
     p.add_argument("dirs", nargs="+", metavar="DIR")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per model (default 60)")

@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 
 from adapters.manifest import Manifest, semver_key
 from control.errors import Conflict, NotFound, Unavailable
-from control.runtime.base import Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, VersionInfo
+from control.runtime.base import CANCELLED_BY, Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, VersionInfo, cancel_too_late
 
 
 def _now() -> str:
@@ -133,6 +133,16 @@ class FakeRuntime(Runtime):
             if job_id not in self._jobs:
                 raise NotFound(f"no job {job_id!r}")
             return self._jobs[job_id]
+
+    def cancel_job(self, job_id: str, *, by: str) -> Job:
+        job = self.job(job_id)
+        with self._lock:
+            if job.cancelled:
+                return job
+            if job.status not in ("queued", "running"):
+                raise cancel_too_late(job)
+            job.status, job.error, job.finished_at = "failed", CANCELLED_BY + by, _now()
+            return job
 
     def finish(self, job_id: str, *, results_uri: str, rows: int) -> None:
         """Mark a job succeeded, as a runner would."""

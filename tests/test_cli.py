@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,51 @@ def test_bench_without_the_bench_extra_says_what_to_install(tmp_path):
     assert lines == ["error: the benchmark needs the [bench] extra (locust not installed): "
                      "pip install 'modelplane[bench]'"], done.stderr
     assert not (tmp_path / "out").exists()  # stopped before any work
+
+
+def test_cancel_a_running_job_over_http_with_the_local_runtime(gcs, gcs_client, tmp_path, monkeypatch, capsys):
+    """`modelplane cancel JOB` against a real service running the local runtime: the job's processes
+    stop, it reads failed ('cancelled by' the token's name); again: the same answer; the owner
+    of another team's token may not; an unknown job is 404; the audit trail has it."""
+    import shutil
+
+    import requests
+
+    for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    settings = settings_for(tmp_path, token=TOKEN, job_concurrency=1)
+    shutil.copytree(ROOT / "tests" / "fixtures" / "local" / "scorer", settings.models_dir / "scorer")
+    gcs_client.bucket("test-bucket").blob("incoming/scorer/cli-slow.csv").upload_from_string(
+        "x,sleep\n1,120\n", content_type="text/csv")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with running(settings) as server:
+        def api(method, path, headers=auth, **kw):
+            return requests.request(method, server.url + path, headers=headers, timeout=60, **kw)
+
+        r = api("POST", "/api/models/scorer/jobs", json={"dataset": "gs://test-bucket/incoming/scorer/cli-slow.csv"})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 30
+        while api("GET", f"/api/jobs/{job_id}").json()["status"] != "running":
+            assert time.monotonic() < deadline, "the job never ran"
+            time.sleep(0.05)
+        r = api("POST", "/api/tokens", json={"name": "other-team", "role": "runner", "owner": "team-b"})
+        other = {"Authorization": f"Bearer {r.json()['token']}"}
+        r = api("DELETE", f"/api/jobs/{job_id}", headers=other)
+        assert r.status_code == 403 and "team-b" in r.json()["error"]
+        assert api("GET", f"/api/jobs/{job_id}").json()["status"] == "running"
+
+        assert cli(server, "cancel", job_id) == 0
+        assert capsys.readouterr().out.strip() == f"job {job_id} (scorer) is failed: cancelled by admin"
+        job = api("GET", f"/api/jobs/{job_id}").json()
+        assert (job["status"], job["error"], job["results_uri"]) == ("failed", "cancelled by admin", None)
+        again = api("DELETE", f"/api/jobs/{job_id}")
+        assert again.status_code == 200 and again.json() == job
+        assert api("GET", "/api/jobs?status=failed").json()[0]["id"] == job_id
+        assert api("DELETE", "/api/jobs/no-such-job").status_code == 404
+        assert cli(server, "cancel", "no-such-job") == 1
+        assert "(404)" in capsys.readouterr().err
+        entries = api("GET", "/api/audit?action=job.cancel").json()
+        assert [(e["who"], e["outcome"], e["model"]) for e in entries if (e.get("detail") or {}).get("job") == job_id] \
+            == [("admin", "ok", "scorer"), ("admin", "ok", "scorer"), ("other-team", "denied", "scorer")]
+        assert [e["status"] for e in entries][:2] == [404, 404]

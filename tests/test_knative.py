@@ -480,7 +480,7 @@ def trigger_path(name):
     return f"/apis/eventing.knative.dev/v1/namespaces/{NS}/triggers/{name}"
 
 
-def test_batch_deploy_jobs_rollback_remove(cluster, runtime):
+def test_batch_deploy_jobs_rollback_remove(cluster, runtime, gcs):
     admin = cluster.admin
     v1 = example("churn-risk")
     name = v1.name
@@ -949,11 +949,110 @@ def test_the_control_account_cannot_reach_the_control_services_secrets(cluster, 
     assert strict.value.status == 400 and "namespace" in strict.value.body
 
 
+# -- cancel, and jobs whose Job is gone ----------------------------------------------------------
+
+def adapter_result(name, job_id, *, status, started, rows=None, error=None):
+    """result.json as the batch adapter writes it (adapters/batch.py `Job`)."""
+    doc = {"model": name, "version": "1.0.0", "job": job_id, "status": status,
+           "input": {"uri": f"gs://test-bucket/incoming/{name}/{job_id}.csv", "generation": "1", "md5": "x"},
+           "results_uri": f"gs://test-bucket/results/{name}/{job_id}/scores.csv" if status == "succeeded" else None,
+           "rows": rows, "started_at": started, "finished_at": started}
+    if status == "succeeded":
+        doc["score_summary"] = {"count": rows}
+    else:
+        doc.update(error=error, log_tail="the model was stopped")
+    return json.dumps(doc)
+
+
+def test_cancel_deletes_the_job_and_jobs_whose_job_is_gone_stay_listed(cluster, runtime, gcs, gcs_client):
+    admin = cluster.admin
+    name = "cancel-me"
+    manifest = bump(example("churn-risk"), "1.0.0", name=name)
+    runtime.deploy(manifest)
+    bucket = gcs_client.bucket("test-bucket")
+    jobs_path = f"/apis/batch/v1/namespaces/{NS}/jobs"
+
+    def submit(key):
+        job, created = runtime.submit_job(name, dataset=f"gs://test-bucket/incoming/{name}/{key}.csv",
+                                          event_key=f"test-bucket/{key}.csv#1")
+        assert created
+        return job
+
+    running_job, finished, gone = submit("a"), submit("b"), submit("c")
+    job_status(admin, running_job.id, {"active": 1, "startTime": "2024-01-01T00:00:00Z"})
+    kjob = admin.get(f"{jobs_path}/{running_job.id}")
+
+    # Cancelled as the control ServiceAccount: recorded in the bucket, the Job deleted.
+    cancelled = runtime.cancel_job(running_job.id, by="alice")
+    assert (cancelled.status, cancelled.error, cancelled.results_uri) == ("failed", "cancelled by alice", None)
+    with pytest.raises(kube.ApiError):
+        admin.get(f"{jobs_path}/{running_job.id}")
+    # No garbage collector runs here: in a cluster it deletes the pod and the event Secret, whose
+    # owner is the deleted Job.
+    secret = admin.get(f"/api/v1/namespaces/{NS}/secrets/{running_job.id}")
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == kjob["metadata"]["uid"]
+    marker = json.loads(bucket.blob(f"results/{name}/{running_job.id}/cancelled.json").download_as_bytes())
+    assert marker["error"] == "cancelled by alice" and marker["status"] == "failed"
+    got = runtime.job(running_job.id)
+    assert (got.status, got.error, got.model, got.version, got.dataset, got.created_at, got.started_at) == (
+        "failed", "cancelled by alice", name, "1.0.0", running_job.dataset, running_job.created_at,
+        "2024-01-01T00:00:00Z")
+    # The adapter, stopped, then writes its failed result: the job still reads cancelled, with its log.
+    bucket.blob(f"results/{name}/{running_job.id}/result.json").upload_from_string(adapter_result(
+        name, running_job.id, status="failed", started="2024-01-01T00:00:01.000Z",
+        error="the job was stopped (SIGTERM) before it finished"))
+    got = runtime.job(running_job.id)
+    assert (got.status, got.error, got.log_tail) == ("failed", "cancelled by alice", "the model was stopped")
+    # Again: the same job, nothing changes (and no second record).
+    assert runtime.cancel_job(running_job.id, by="bob").error == "cancelled by alice"
+
+    # A finished job: 409 naming its status, in the cluster or gone from it.
+    job_status(admin, finished.id, {"active": 0, "succeeded": 1, "startTime": "2024-01-01T00:00:00Z",
+                                    "completionTime": "2024-01-01T00:05:00Z",
+                                    "conditions": [{"type": "SuccessCriteriaMet", "status": "True",
+                                                    "lastTransitionTime": "2024-01-01T00:05:00Z"},
+                                                   {"type": "Complete", "status": "True",
+                                                    "lastTransitionTime": "2024-01-01T00:05:00Z"}]})
+    with pytest.raises(Conflict, match="it is succeeded"):
+        runtime.cancel_job(finished.id, by="alice")
+    assert admin.get(f"{jobs_path}/{finished.id}")
+    with pytest.raises(NotFound):
+        runtime.cancel_job(f"{name}-no-such-job", by="alice")
+
+    # A succeeded job whose Job's TTL passed: listed from its result.json, once.
+    bucket.blob(f"results/{name}/{gone.id}/result.json").upload_from_string(adapter_result(
+        name, gone.id, status="succeeded", started="2024-01-01T00:00:02.000Z", rows=3))
+    bucket.blob(f"results/{name}/{finished.id}/result.json").upload_from_string(adapter_result(
+        name, finished.id, status="succeeded", started="2024-01-01T00:00:01.500Z", rows=5))
+    admin.request("DELETE", f"{jobs_path}/{gone.id}",
+                  {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+    old = runtime.job(gone.id)
+    assert (old.status, old.rows, old.results_uri, old.version, old.score_summary) == (
+        "succeeded", 3, f"gs://test-bucket/results/{name}/{gone.id}/scores.csv", "1.0.0", {"count": 3})
+    assert old.dataset == f"gs://test-bucket/incoming/{name}/{gone.id}.csv" and old.error is None
+    with pytest.raises(Conflict, match="it is succeeded"):
+        runtime.cancel_job(gone.id, by="alice")
+
+    listed = runtime.jobs(model=name)
+    assert sorted((j.id, j.status) for j in listed) == sorted(
+        [(running_job.id, "failed"), (finished.id, "succeeded"), (gone.id, "succeeded")])
+    assert {j.id: j for j in listed}[running_job.id].cancelled
+    assert [j.id for j in listed] == [j.id for j in sorted(listed, key=lambda j: (j.created_at, j.id), reverse=True)]
+    assert {j.id for j in runtime.jobs()} >= {running_job.id, finished.id, gone.id}
+    assert len(runtime.jobs(model=name, limit=1)) == 1
+
+    runtime.remove(name)
+    for job_id in (finished.id,):
+        admin.request("DELETE", f"{jobs_path}/{job_id}",
+                      {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+    COMPLETED.add("cancel")
+
+
 def test_role_is_exactly_what_the_runtime_uses():
     """Run last: every (verb, resource) the tests above made the runtime use is granted (they
     passed as the ServiceAccount), and the Role grants nothing they did not use."""
-    if COMPLETED != {"realtime", "batch"}:
-        pytest.skip("needs both lifecycle tests to have run in this session")
+    if COMPLETED != {"realtime", "batch", "cancel"}:
+        pytest.skip("needs the lifecycle and cancel tests to have run in this session")
     roles = {d["metadata"]["namespace"]: d for _, d in kube.iter_knative_docs() if d["kind"] == "Role"}
     assert set(roles) == {NS, CONTROL_NS}
 

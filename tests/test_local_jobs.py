@@ -2,6 +2,7 @@
 the spare cannot take one. Real processes; every wait is a poll with a generous deadline."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -109,3 +110,63 @@ def test_a_spare_reports_the_adapters_exit_status_and_traceback(tmp_path, monkey
         assert "Traceback" in done.log_tail and "NOPE" in done.log_tail
     finally:
         rt.close()
+
+
+# -- cancel -------------------------------------------------------------------------------------
+
+def model_pids(adapter_pid: int) -> list[int]:
+    """The processes below a job's adapter that run the model's score.py."""
+    pids = []
+    for pid in descendants(adapter_pid):
+        try:
+            if b"score.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(rt, tmp_path, gcs, gcs_client):
+    from control.errors import Conflict, NotFound
+
+    rt = rt()
+    rt.deploy(load_manifest(make_model(tmp_path, "scorer")))
+    bucket = gcs_client.bucket("test-bucket")
+    bucket.blob("incoming/scorer/slow.csv").upload_from_string("x,sleep\n1,120\n2,\n", content_type="text/csv")
+    bucket.blob("incoming/scorer/fast.csv").upload_from_string("x,sleep\n1,\n", content_type="text/csv")
+    slow, _ = rt.submit_job("scorer", dataset="gs://test-bucket/incoming/scorer/slow.csv")
+    waiting, _ = rt.submit_job("scorer", dataset="gs://test-bucket/incoming/scorer/fast.csv")  # one worker: queued
+    adapter = wait_for(lambda: rt.runner._procs.get(slow.id), what="the slow job's adapter").pid
+    models = wait_for(lambda: model_pids(adapter), what="the slow job's model process")
+    tree = [adapter, *descendants(adapter)]
+    assert rt.job(waiting.id).status == "queued"
+
+    queued = rt.cancel_job(waiting.id, by="tester")
+    assert (queued.status, queued.error, queued.started_at) == ("failed", "cancelled by tester", None)
+    assert queued.finished_at
+
+    cancelled = rt.cancel_job(slow.id, by="tester")
+    assert (cancelled.status, cancelled.error) == ("failed", "cancelled by tester"), cancelled
+    assert cancelled.results_uri is None and cancelled.finished_at and cancelled.score_summary == {}
+    assert not alive(adapter) and not [p for p in models + tree if alive(p)], "a process of the job outlived it"
+    assert not bucket.blob(f"results/scorer/{slow.id}/scores.csv").exists()
+    # the adapter, stopped, wrote its result as failed
+    assert json.loads(bucket.blob(f"results/scorer/{slow.id}/result.json").download_as_bytes())["status"] == "failed"
+    assert rt.job(slow.id) == cancelled
+    assert rt.jobs(model="scorer")[0].cancelled
+
+    # again: changes nothing; the queued one never ran
+    assert rt.cancel_job(slow.id, by="someone-else") == cancelled
+    assert not Path(rt.state_dir, "logs", "jobs", f"{waiting.id}.out").exists()
+    assert rt.job(waiting.id).status == "failed"
+
+    # a job that ended is not cancelled (409 naming its status); an unknown one is 404
+    done, _ = rt.submit_job("scorer", dataset="gs://test-bucket/incoming/scorer/fast.csv")
+    done = wait_for(lambda: (j := rt.job(done.id)).status in ("succeeded", "failed") and j, what="the fast job")
+    assert done.status == "succeeded", (done.error, done.log_tail)
+    with pytest.raises(Conflict, match=f"job {done.id} has ended: it is succeeded") as err:
+        rt.cancel_job(done.id, by="tester")
+    assert err.value.details == {"job": done.id, "status": "succeeded"}
+    assert rt.job(done.id).status == "succeeded"
+    with pytest.raises(NotFound):
+        rt.cancel_job("20990101-000000-abcdef", by="tester")

@@ -44,6 +44,7 @@ EXPECTED = {
     ("post", "/api/models/{name}/datasets"): "runner",
     ("get", "/api/jobs"): "viewer",
     ("get", "/api/jobs/{job_id}"): "viewer",
+    ("delete", "/api/jobs/{job_id}"): "runner",
     ("get", "/api/jobs/{job_id}/results"): "viewer",
     ("post", "/api/models/{name}/comparisons"): "deployer",
     ("get", "/api/models/{name}/comparisons"): "viewer",

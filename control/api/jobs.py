@@ -1,5 +1,5 @@
 """Batch jobs: submit on a dataset in a bucket, upload a dataset (which starts its job at
-once), list, one job, its results."""
+once), list, one job, cancel one, its results."""
 from __future__ import annotations
 
 import logging
@@ -99,6 +99,19 @@ def routes(plane) -> Routes:
                    path_patterns=job_path, tag="jobs"))
     def get_job(job_id: str):
         return jsonify(runtime.job(job_id).to_json())
+
+    @r(s.RouteSpec("DELETE", "/api/jobs/<job_id>",
+                   "Cancel a queued or running job: it never starts, or its processes are stopped; it ends "
+                   "failed with the error 'cancelled by <token name>'. A job already cancelled is answered "
+                   "as it is (200); one that has ended otherwise is 409", [s.Answer(200, s.JobAnswer)],
+                   errors=(404, 409), path_patterns=job_path, tag="jobs", role="runner", audit="job.cancel",
+                   owned=True))
+    def cancel_job(job_id: str):
+        job = runtime.job(job_id)
+        g.audit = {"model": job.model, "job": job_id}
+        if g.identity.owner is not None:  # the route has no model name in its path: checked here
+            guard.require_owner(g.identity, plane.policy(job.model).owner, job.model)
+        return jsonify(runtime.cancel_job(job_id, by=g.identity.name).to_json())
 
     @r(s.RouteSpec("GET", "/api/jobs/<job_id>/results", "A succeeded job's scores (CSV)",
                    [s.Answer(200, None, "text/csv", "the scores, one row per input row")], errors=(404, 409),

@@ -14,10 +14,13 @@ from datetime import datetime, timezone
 from typing import Hashable, Any, ClassVar, Mapping, Optional
 
 from adapters.manifest import Manifest
-from control.errors import Invalid
+from control.errors import Conflict, Invalid
 
 MODEL_STATUSES = ("ready", "idle", "starting", "failed")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+#: A cancelled job ends `failed` with the error `cancelled by <who>` (no status of its own: every
+#: client that waits for a job to end waits for succeeded or failed).
+CANCELLED_BY = "cancelled by "
 ETA_MIN_SECONDS = 0.5  # a job's scoring must have run this long before its ETA is estimated
 
 
@@ -208,6 +211,11 @@ class Job:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether the job was stopped by `cancel_job` (it is `failed`, its error says by whom)."""
+        return self.status == "failed" and (self.error or "").startswith(CANCELLED_BY)
+
     def apply_progress(self, doc: Mapping[str, Any], now: Optional[float] = None) -> None:
         """Take the adapter's progress document (adapters/batch.py `Progress`): the counts, and for
         a running job the ETA. A malformed document changes nothing."""
@@ -242,6 +250,13 @@ class Job:
     def from_json(cls, data: Mapping[str, Any]) -> "Job":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def cancel_too_late(job: Job) -> Conflict:
+    """The answer to cancelling a job that has ended: 409 naming its status."""
+    how = f" ({job.error[:200]})" if job.status == "failed" and job.error else ""
+    return Conflict(f"job {job.id} has ended: it is {job.status}{how}; only a queued or running job can be cancelled",
+                    details={"job": job.id, "status": job.status})
 
 
 @dataclass
@@ -367,6 +382,16 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def job(self, job_id: str) -> Job:
         """One job; NotFound if unknown."""
+
+    @abc.abstractmethod
+    def cancel_job(self, job_id: str, *, by: str) -> Job:
+        """Stop a queued or running job: it never starts, or its processes are stopped (SIGTERM,
+        then SIGKILL after a grace), nothing of it is published as succeeded, and it ends
+        `failed` with the error `cancelled by <by>` (`CANCELLED_BY`). Returns the job.
+
+        NotFound if unknown; Conflict naming its status if it had already ended (or ended on its
+        own before it could be stopped). A job already cancelled is returned as it is, so a
+        second cancel (a retry) changes nothing."""
 
     def job_for_upload(self, name: str, *, bucket: str, obj: str, generation: str) -> Optional[str]:
         """The id of the job the bucket event of this upload will start, where the runtime can

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
 from urllib.parse import quote
@@ -39,6 +40,7 @@ from control.events import event_id as ce_event_id
 from control.runtime import knative_objects as ko
 from control.runtime.base import (MAX_PINS, Job, ModelDetail, ModelInfo, ProxyResponse, Runtime, Traffic, VersionInfo,
                                   made_live, rolled_back_to, version_tag, walk_back)
+from control.runtime.base import CANCELLED_BY, cancel_too_late
 
 log = logging.getLogger(__name__)
 
@@ -825,17 +827,189 @@ class KnativeRuntime(Runtime):
         return ko.job_name(_trigger_sink(trig), ko.bucket_source(bucket), ce_event_id(obj, generation))
 
     def jobs(self, *, model: Optional[str] = None, limit: int = 200) -> list[Job]:
+        """The Jobs in the cluster, and the jobs whose Job is gone (its TTL passed, or it was
+        cancelled) from what they left in the bucket: newest first."""
         selector = ko.JOBSINK_NAME_LABEL + (f",{ko.LABEL_MODEL}={model}" if model else f",{ko.LABEL_MODEL}")
         items = self._list("jobs", selector)
         items.sort(key=lambda j: j["metadata"].get("creationTimestamp", ""), reverse=True)
-        return [self._to_job(j) for j in items[:limit]]
+        out = [self._to_job(j) for j in items[:limit]]
+        in_cluster = {j["metadata"]["name"] for j in items}
+        models = [model] if model else [t["metadata"]["name"] for t in self._list("triggers", MANAGED)]
+        # a job whose files were written before the oldest Job listed here cannot be newer than it
+        since = out[-1].created_at[:19] if len(items) >= limit and out else ""
+        try:
+            gone = self._jobs_in_bucket(models, skip=in_cluster, limit=limit, since=since)
+        except PlaneError as e:  # the cluster's jobs are still worth listing
+            log.warning("jobs whose Job is gone are left out: %s", e.message)
+            gone = []
+        out += gone
+        out.sort(key=lambda j: (j.created_at, j.id), reverse=True)
+        return out[:limit]
 
     def job(self, job_id: str) -> Job:
         obj = self._get_or_none("jobs", job_id)
-        if obj is None or ko.JOBSINK_NAME_LABEL not in (obj["metadata"].get("labels") or {}):
+        if obj is None:
+            found = self._job_in_bucket(job_id)
+            if found is None:
+                raise NotFound(f"no job {job_id}")
+            return found
+        if ko.JOBSINK_NAME_LABEL not in (obj["metadata"].get("labels") or {}):
             raise NotFound(f"no job {job_id}")
         job = self._to_job(obj)
         self._add_result(job)
+        return job
+
+    def cancel_job(self, job_id: str, *, by: str) -> Job:
+        """Record the cancellation in the bucket (`CANCEL_FILE` in the job's results folder, written
+        only if absent), then delete the Job, Background: the Job goes at once; the garbage
+        collector deletes its pod (SIGTERM to both containers: the adapter stops the model and
+        records the job failed, publishing no scores) and its event Secret (owned by the Job).
+        From then on the job is listed from the bucket, as cancelled."""
+        job = self.job(job_id)
+        if job.cancelled:
+            return job
+        if job.status not in ("queued", "running"):
+            raise cancel_too_late(job)
+        job.status, job.error, job.finished_at = "failed", CANCELLED_BY + (by or "someone"), _now()
+        job.results_uri, job.eta_seconds = None, None
+        doc = {**job.to_json(), "log_tail": "", "cancelled_at": job.finished_at}
+        name = f"results/{job.model}/{job.id}/{self.CANCEL_FILE}"
+        try:
+            from google.api_core import exceptions as gexc
+
+            blob = self._bucket().blob(name)
+            try:
+                blob.upload_from_string(json.dumps(doc, indent=2) + "\n", content_type="application/json",
+                                        if_generation_match=0)
+            except gexc.PreconditionFailed:  # cancelled before, the Job left behind (a retry): delete it
+                pass
+        except Exception as e:  # noqa: BLE001 - any storage failure: the job is left running
+            raise _storage_error(f"cannot record the cancellation of job {job_id} in "
+                                 f"gs://{self.settings.bucket_name}/{name}, so the job was left running", e) from e
+        self._delete("jobs", job_id)
+        log.info("job %s: cancelled by %s", job_id, by)
+        return job
+
+    # -- jobs whose Job is gone: what they left in the bucket -------------------------------------
+    #: in a job's results folder: the adapter's result (adapters/batch.py) and our cancellation
+    RESULT_FILE, CANCEL_FILE = "result.json", "cancelled.json"
+    RESULTS_CACHE = 4096  # parsed files kept (they never change: each is written once)
+
+    def _bucket(self):
+        """The plane's bucket, through a storage client made on first use (control/gcs.py)."""
+        with self._lock:
+            if getattr(self, "_storage_client", None) is None:
+                from control.gcs import storage_client
+
+                self._storage_client = storage_client(state_dir=self.settings.state_dir)
+                self._results_cache: "OrderedDict[tuple, dict]" = OrderedDict()
+            return self._storage_client.bucket(self.settings.bucket_name)
+
+    def _read_result(self, blob) -> Optional[dict]:
+        """A job's result.json or cancellation, parsed; cached by name and generation (written once)."""
+        key = (blob.name, blob.generation)
+        with self._lock:
+            cached = self._results_cache.get(key)
+            if cached is not None:
+                self._results_cache.move_to_end(key)
+                return cached
+        from google.api_core import exceptions as gexc
+
+        try:
+            doc = json.loads(blob.download_as_bytes())
+        except gexc.NotFound:
+            return None
+        except ValueError:
+            log.warning("gs://%s/%s is not JSON: left out", self.settings.bucket_name, blob.name)
+            doc = {}
+        if not isinstance(doc, dict):
+            doc = {}
+        with self._lock:
+            self._results_cache[key] = doc
+            while len(self._results_cache) > self.RESULTS_CACHE:
+                self._results_cache.popitem(last=False)
+        return doc
+
+    def _bucket_entries(self, model: str, job_id: Optional[str] = None) -> dict[str, dict[str, Any]]:
+        """job id -> {RESULT_FILE: blob, CANCEL_FILE: blob, "time": the newest one's} under
+        results/{model}/ (or one job's folder)."""
+        prefix = f"results/{model}/" + (f"{job_id}/" if job_id else "")
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            for blob in self._bucket().list_blobs(prefix=prefix):
+                parts = blob.name[len(f"results/{model}/"):].split("/")
+                if len(parts) != 2 or parts[1] not in (self.RESULT_FILE, self.CANCEL_FILE):
+                    continue
+                entry = out.setdefault(parts[0], {"time": ""})
+                entry[parts[1]] = blob
+                when = blob.time_created.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace(
+                    "+00:00", "Z") if blob.time_created else ""
+                entry["time"] = max(entry["time"], when)
+        except Exception as e:  # noqa: BLE001 - storage, auth or transport: one error for all
+            raise _storage_error(f"cannot list gs://{self.settings.bucket_name}/{prefix}", e) from e
+        return out
+
+    def _jobs_in_bucket(self, models: list[str], *, skip: set[str], limit: int, since: str = "") -> list[Job]:
+        """The newest `limit` jobs of `models` that left a result or a cancellation in the bucket
+        (newest by the files' time, at or after `since`) and are not in `skip`; only their files are read."""
+        entries = [(entry["time"], model, job_id, entry) for model in models
+                   for job_id, entry in self._bucket_entries(model).items()
+                   if job_id not in skip and entry["time"][:19] >= since]
+        entries.sort(key=lambda e: (e[0], e[2]), reverse=True)
+        out = []
+        for _, model, job_id, entry in entries[:limit]:
+            job = self._job_from_bucket(model, job_id, entry)
+            if job is not None:
+                out.append(job)
+        return out
+
+    def _job_in_bucket(self, job_id: str, models: Optional[list[str]] = None) -> Optional[Job]:
+        """A job whose Job is gone, found in the folder of the batch model it belongs to (the Job's
+        name starts with its JobSink's, `{model}-{version}`: those models are tried first)."""
+        if models is None:
+            names = [t["metadata"]["name"] for t in self._list("triggers", MANAGED)]
+            models = sorted(names, key=lambda m: (not job_id.startswith(m + "-"), -len(m)))
+        for model in models:
+            entry = self._bucket_entries(model, job_id).get(job_id)
+            if entry is not None:
+                job = self._job_from_bucket(model, job_id, entry)
+                if job is not None:
+                    return job
+        return None
+
+    def _job_from_bucket(self, model: str, job_id: str, entry: Mapping[str, Any]) -> Optional[Job]:
+        """The job as its files tell it: the adapter's result.json, and the cancellation this
+        runtime recorded, which stands unless the result is of a later run or says the job had
+        published its scores (it succeeded before it could be stopped)."""
+        result = self._read_result(entry[self.RESULT_FILE]) if self.RESULT_FILE in entry else None
+        cancel = self._read_result(entry[self.CANCEL_FILE]) if self.CANCEL_FILE in entry else None
+        if not result and not cancel:
+            return None
+        job = Job(id=job_id, model=model, version="", status="failed", dataset="", created_at="", trigger="unknown")
+        if cancel:
+            job = Job.from_json({**cancel, "id": job_id, "model": model})
+        if result:
+            later = cancel and str(result.get("started_at") or "") > str(cancel.get("cancelled_at") or "")
+            if not cancel or later or result.get("status") == "succeeded":
+                job.status = result.get("status") if result.get("status") in ("succeeded", "failed") else "failed"
+                job.error = result.get("error")
+                job.results_uri = result.get("results_uri") if job.status == "succeeded" else None
+                if isinstance(result.get("score_summary"), dict) and job.status == "succeeded":
+                    job.score_summary = result["score_summary"]
+                job.finished_at = result.get("finished_at") or job.finished_at
+            job.version = job.version or str(result.get("version") or "")
+            inp = result.get("input") if isinstance(result.get("input"), dict) else {}
+            job.input = {**inp, **job.input}
+            job.dataset = job.dataset or str(inp.get("uri") or "")
+            job.started_at = job.started_at or result.get("started_at")
+            job.created_at = job.created_at or str(result.get("started_at") or entry.get("time") or "")
+            job.rows = result.get("rows") if isinstance(result.get("rows"), int) else job.rows
+            job.problems = (result.get("problems") or [])[:100] if isinstance(result.get("problems"), list) else []
+            job.invalid_values = result.get("invalid_values")
+            job.log_tail = str(result.get("log_tail") or "")[-4000:]
+            if job.status == "succeeded" and isinstance(job.rows, int):
+                job.rows_scored = job.rows_total = job.rows
+        job.created_at = job.created_at or str(entry.get("time") or "")
         return job
 
     def _to_job(self, obj: dict) -> Job:
@@ -905,6 +1079,16 @@ class KnativeRuntime(Runtime):
                 if job.status == "succeeded" and isinstance(job.rows, int):
                     job.rows_scored = job.rows_total = job.rows
                 break
+
+
+def _storage_error(what: str, e: Exception) -> PlaneError:
+    """A bucket failure as the API tells it: 403 naming the missing permission, else try again."""
+    from google.api_core import exceptions as gexc
+
+    if isinstance(e, gexc.Forbidden):
+        return Forbidden(f"{what}: the control service's identity lacks that permission on the bucket "
+                         f"(README: Identities and bucket access): {e}")
+    return Unavailable(f"{what}: {e}")
 
 
 # -- helpers over cluster objects ---------------------------------------------------------------

@@ -489,6 +489,9 @@ class LocalRuntime(Runtime):
     def job(self, job_id: str) -> Job:
         return dataclasses.replace(self.job_store.get(job_id))
 
+    def cancel_job(self, job_id: str, *, by: str) -> Job:
+        return dataclasses.replace(self.runner.cancel_job(job_id, by))
+
     def results_prefix(self, job: Job) -> str:
         """Where a job's scores.csv and result.json go (DESIGN.md, "Bucket layout and events")."""
         if job.dataset.startswith("gs://"):

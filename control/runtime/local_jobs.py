@@ -34,13 +34,14 @@ import secrets
 import shutil
 import subprocess
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
 from adapters.batch import PROGRESS_FILE, wait_exit
 from control.errors import NotFound
-from control.runtime.base import Job
+from control.runtime.base import CANCELLED_BY, Job, cancel_too_late
 from control.runtime.local_procs import KILL_GRACE, TAIL_CHARS, Spare, stop_process, tail, with_pdeathsig
 from control.durable import fsync_dir, move_aside, write_json_atomic
 from control.runtime.local_store import utcnow
@@ -240,15 +241,40 @@ class JobRunner:
         return self._running.get(model, 0)
 
     def cancel(self, job_id: str, reason: str) -> None:
-        """Fail a queued job now, or stop a running one (it is marked failed with `reason`)."""
-        with self._lock:
-            self._cancelled[job_id] = reason
-            proc = self._procs.get(job_id)
+        """Fail a queued job now, or stop a running one (it is marked failed with `reason` once its
+        adapter has exited: see `_run`)."""
         job = self.store.get(job_id)
-        if job.status == "queued":
-            self.store.update(job, status="failed", error=reason, finished_at=utcnow())
-        if proc is not None:
-            stop_process(proc)
+        with self._lock:
+            proc = self._procs.get(job_id)
+            if proc is None and job.status == "queued":
+                # `_run` reads the status under this lock before it launches anything: never started
+                self.store.update(job, status="failed", error=reason, finished_at=utcnow())
+                return
+            if proc is None:
+                return
+            self._cancelled[job_id] = reason
+        stop_process(proc)
+
+    def cancel_job(self, job_id: str, by: str, *, wait: float = KILL_GRACE + 10) -> Job:
+        """`Runtime.cancel_job`: the job stopped and recorded, or Conflict if it had ended. Waits
+        (up to `wait` seconds) until the worker has recorded how the stopped job ended."""
+        job = self.store.get(job_id)
+        with self.store.lock:
+            if job.cancelled:
+                return job
+            if job.status not in ("queued", "running"):
+                raise cancel_too_late(job)
+        self.cancel(job_id, CANCELLED_BY + (by or "someone"))
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._lock:
+                gone = job_id not in self._procs
+            if gone and job.status not in ("queued", "running"):
+                break
+            time.sleep(0.02)
+        if job.status not in ("queued", "running") and not job.cancelled:
+            raise cancel_too_late(job)  # it ended on its own first (a succeeded one had published its scores)
+        return job
 
     def close(self) -> None:
         """Stop the workers; a running job's adapter is stopped and the job marked interrupted."""
@@ -304,8 +330,8 @@ class JobRunner:
         argv, timeout = self._command(job)
         out_path, err_path = self.logs / f"{job.id}.out", self.logs / f"{job.id}.err"
         with self._lock:
-            if job.id in self._cancelled or self._closing.is_set():
-                return
+            if job.status != "queued" or self._closing.is_set():
+                return  # cancelled while it waited (`cancel`)
             open(out_path, "wb").close()
             open(err_path, "wb").close()
             proc = self._launch(job, argv, out_path, err_path)
@@ -344,13 +370,16 @@ class JobRunner:
                 changes["invalid_values"] = result.get("invalid_values")
             if isinstance(result.get("score_summary"), dict) and result.get("status") != "failed":
                 changes["score_summary"] = result["score_summary"]
-        if cancelled:
-            changes.update(status="failed", error=cancelled, log_tail=stderr_tail)
+        succeeded = (not timed_out and proc.returncode == 0 and bool(result)
+                     and result.get("status", "succeeded") != "failed")
+        if cancelled and not succeeded:  # (a job that published its scores before the stop stays succeeded)
+            changes.update(status="failed", error=cancelled, log_tail=stderr_tail, results_uri=None,
+                           score_summary={})
         elif timed_out:
             changes.update(status="failed", log_tail=stderr_tail,
                            error=f"timed out: still running {timeout + TIMEOUT_GRACE:.0f}s after it started "
                                  f"(batch.timeout {timeout:.0f}s); stopped")
-        elif proc.returncode == 0 and result and result.get("status", "succeeded") != "failed":
+        elif succeeded:
             changes.update(status="succeeded", error=None,
                            log_tail=(result.get("log_tail") or stderr_tail)[-TAIL_CHARS:])
         else:
