@@ -764,6 +764,35 @@ def test_jobsink_jobs_pass_the_dry_run_knatives_webhook_makes(cluster):
     assert refused.value.status == 422 and "jobsink-event" in refused.value.body
 
 
+def test_a_failed_version_is_explained_by_its_revision_and_events(cluster, runtime):
+    """A version whose Revision Knative could not make Ready shows as failed on that version,
+    with Knative's reason and the Warning events of its Revision; the model itself still serves
+    its live version, and a rollback skips it."""
+    admin = cluster.admin
+    v1 = bump(example("donor-propensity"), "1.0.0", name="broken-later")
+    runtime.deploy(v1)
+    runtime.deploy(bump(v1, "2.0.0"), make_live=False)
+    rev_path = f"/apis/serving.knative.dev/v1/namespaces/{NS}/revisions/broken-later-2-0-0"
+    admin.merge_patch(rev_path + "/status", {"status": {"conditions": [
+        {"type": "Ready", "status": "False", "reason": "ContainerMissing", "lastTransitionTime": "2024-01-01T00:00:00Z",
+         "message": "Unable to fetch image \"registry.test/models/broken-later:2.0.0\""}]}})
+    admin.request("POST", f"/api/v1/namespaces/{NS}/events", {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"name": "broken-later-2-0-0.1"}, "type": "Warning",
+        "reason": "InternalError", "message": "failed to resolve image to digest: 401 Unauthorized",
+        "involvedObject": {"kind": "Revision", "name": "broken-later-2-0-0", "namespace": NS,
+                           "apiVersion": "serving.knative.dev/v1"},
+        "lastTimestamp": "2024-01-01T00:00:00Z"})
+    detail = runtime.model("broken-later")
+    by_version = {v.version: v for v in detail.versions}
+    assert by_version["1.0.0"].live and not by_version["1.0.0"].failed
+    assert by_version["2.0.0"].failed and "ContainerMissing" in by_version["2.0.0"].error
+    assert "401 Unauthorized" in by_version["2.0.0"].error
+    assert detail.status != "failed"
+    with pytest.raises(Conflict, match="failed to become Ready"):
+        runtime.rollout("broken-later", version="2.0.0", percent=10)
+    runtime.remove("broken-later")
+
+
 def test_concurrent_deploys_lose_no_version(cluster, sa_token):
     """The control Deployment runs two replicas; the versions of a realtime model live in one
     annotation. A write computed from a stale read must not drop a version the other wrote."""

@@ -54,6 +54,7 @@ RESOURCES = {
     "pods": ("", "v1", "pods", "Pod"),
     "pods/log": ("", "v1", "pods", "Pod log"),
     "secrets": ("", "v1", "secrets", "Secret"),
+    "events": ("", "v1", "events", "Event"),
 }
 MANAGED = f"{ko.LABEL_MANAGED}={ko.MANAGED_BY}"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -338,6 +339,28 @@ class KnativeRuntime(Runtime):
                                   "Revision appears when the controller catches up")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    def _explained(self, entry: dict) -> Optional[str]:
+        """A failed version's reason, with the warnings Kubernetes recorded for its Revision."""
+        if not entry.get("failed"):
+            return None
+        warnings = self._warnings(entry.get("revision") or "")
+        return entry.get("error") + (" (events: " + "; ".join(warnings) + ")" if warnings else "")
+
+    def _warnings(self, name: str, limit: int = 5) -> list[str]:
+        """The last Warning events of the object `name` (reason: message), oldest first; none when
+        the events cannot be read (they explain, they are never needed)."""
+        if not name:
+            return []
+        try:
+            items = self._request("GET", "events", verb="list",
+                                  query={"fieldSelector": f"involvedObject.name={name}"}).get("items") or []
+        except PlaneError:
+            return []
+        items = [e for e in items if e.get("type") == "Warning"]
+        items.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or
+                   (e.get("metadata") or {}).get("creationTimestamp") or "")
+        return [f"{e.get('reason') or 'Warning'}: {(e.get('message') or '').strip()}"[:300] for e in items[-limit:]]
 
     def _history(self, svc: dict) -> dict[str, dict]:
         """Versions of a realtime model: its Revisions (each holds its version's manifest in the
@@ -634,7 +657,7 @@ class KnativeRuntime(Runtime):
         if brief:
             return ModelInfo(**common)
         versions = [VersionInfo(version=v, deployed_at=history[v].get("deployed_at", ""), live=v == live_version,
-                                failed=bool(history[v].get("failed")), error=history[v].get("error"))
+                                failed=bool(history[v].get("failed")), error=self._explained(history[v]))
                     for v in _sorted(history)]
         cluster = {k: status_obj.get(k) for k in ("url", "latestReadyRevisionName", "latestCreatedRevisionName",
                                                    "traffic", "conditions", "observedGeneration")}
@@ -857,6 +880,14 @@ class KnativeRuntime(Runtime):
             raise NotFound(f"no job {job_id}")
         job = self._to_job(obj)
         self._add_result(job)
+        if job.status == "failed" or (job.status in ("queued", "running") and not job.log_tail):
+            # why it failed, or why no container runs yet (a pod not admitted, an image not pulled)
+            warnings = self._warnings(job_id)
+            for pod in self._job_pods(job_id):
+                warnings += self._warnings(pod)
+            if warnings:
+                job.log_tail = (job.log_tail + "\n" if job.log_tail else "") + "Kubernetes events:\n" + \
+                    "\n".join(warnings[-10:])
         return job
 
     def cancel_job(self, job_id: str, *, by: str) -> Job:
@@ -1039,6 +1070,12 @@ class KnativeRuntime(Runtime):
                    started_at=status.get("startTime"), finished_at=finished, results_uri=results_uri,
                    error=error, trigger=labels_.get(ko.LABEL_TRIGGER, "bucket"),
                    input={"event_key": ann.get(ko.ANN_EVENT_KEY)} if ann.get(ko.ANN_EVENT_KEY) else {})
+
+    def _job_pods(self, job_id: str) -> list[str]:
+        try:
+            return [p["metadata"]["name"] for p in self._list("pods", f"job-name={job_id}")]
+        except PlaneError:
+            return []
 
     def _add_result(self, job: Job) -> None:
         """The Job's adapter container prints the result JSON as its last line: read it from its log."""
