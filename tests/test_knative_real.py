@@ -13,6 +13,7 @@ import concurrent.futures
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import time
@@ -283,6 +284,97 @@ def test_rollout_splits_the_routes_traffic_and_each_version_has_its_own_url(knat
     assert status in (200, 204), body
     cluster.wait(lambda: not model_pods(cluster, model) and not _exists(cluster, model), TIMEOUT,
                  f"{model}'s objects gone")
+
+
+def wide_model(tmp_path: Path, version: str, features: int) -> Path:
+    """donor-propensity with `features` optional features in all (a manifest of tens of KiB),
+    `scaling.min: 1`, and this version number."""
+    model = "donor-propensity"
+    folder = tmp_path / f"wide-{version}" / "wide-model"
+    shutil.copytree(MODELS / model, folder)
+    text = (folder / "model.yaml").read_text().replace("name: donor-propensity", "name: wide-model", 1)
+    text = text.replace("version: 1.0.0\n", f"version: {version}\n", 1)
+    text = re.sub(r"scaling: \{[^}]*\}", "scaling: {min: 1, max: 2, target_concurrency: 8, idle_timeout: 0s}", text)
+    extra = "".join(f"  - {{name: extra_feature_{i:03d}, type: number, required: false, "
+                    f"description: Extra input {i} of a wide model (optional; the model ignores it)}}\n"
+                    for i in range(features - 5))
+    text = text.replace("score:", extra + "score:", 1)
+    (folder / "model.yaml").write_text(text)
+    assert len(load_manifest(folder).features) == features
+    return folder
+
+
+def test_versions_cost_nothing_once_they_are_not_routed(knative, knative_plane, tmp_path):
+    """Version after version of a 200-feature model with `scaling.min: 1`: the Service's
+    annotations do not grow with the number of versions (the manifests live in the Revisions), no
+    object Knative writes for it reaches the 256 KiB annotation limit, the Route names only the
+    live version, and only the live version holds a pod (Knative scales unrouted revisions to
+    zero whatever their min-scale). MODELPLANE_PROOF_VERSIONS sets how many (default 8)."""
+    cluster, plane = knative, knative_plane
+    count = int(os.environ.get("MODELPLANE_PROOF_VERSIONS", "8"))
+    image = f"{plane.registry}/donor-propensity:1.0.0"
+    sizes: dict[str, int] = {}
+    annotation_bytes = {}
+    t0 = time.monotonic()
+    for n in range(1, count + 1):
+        version = f"1.0.{n}"
+        cluster.ctr("images", "tag", "--force", image, f"{plane.registry}/wide-model:{version}")
+        plane.deploy(wide_model(tmp_path, version, 200))
+        svc = ksvc(cluster, "wide-model")
+        annotation_bytes[n] = sum(len(k) + len(v) for k, v in svc["metadata"]["annotations"].items())
+        if n in (1, 3, count):
+            cluster.wait(lambda: kube.has_condition(ksvc(cluster, "wide-model")), TIMEOUT, f"{version} Ready")
+            for what, obj in knative_objects(cluster, "wide-model"):
+                size = len(json.dumps(obj["metadata"].get("annotations") or {}))
+                sizes[what] = max(sizes.get(what, 0), size)
+                assert size < 256 * 1024, (what, size)
+    record(f"{count} versions of a 200-feature model deployed one after another (s)", round(time.monotonic() - t0, 1))
+    record("Service annotation bytes at versions 1, 3, last", [annotation_bytes[1], annotation_bytes[3], annotation_bytes[count]])
+    record("largest annotations per object kind (bytes)", sizes)
+    manifest_bytes = len(json.dumps(load_manifest(wide_model(tmp_path, "9.9.9", 200)).to_dict()))
+    # One manifest is on the Service (the live version's); the others never are: the growth
+    # from version 3 to the last is the history of live versions (20 at most) and version strings.
+    assert annotation_bytes[count] - annotation_bytes[3] < 512 < manifest_bytes
+    svc = ksvc(cluster, "wide-model")
+    assert [t["revisionName"] for t in svc["spec"]["traffic"]] == [f"wide-model-1-0-{count}"]
+
+    def pods_by_revision():
+        out: dict[str, int] = {}
+        for p in model_pods(cluster, "wide-model"):
+            if p["metadata"].get("deletionTimestamp") is None:
+                rev = p["metadata"]["labels"].get("serving.knative.dev/revision")
+                out[rev] = out.get(rev, 0) + 1
+        return out
+
+    t1 = time.monotonic()
+    try:
+        cluster.wait(lambda: pods_by_revision() == {f"wide-model-1-0-{count}": 1}, TIMEOUT,
+                     "only the live version holding a pod", interval=1)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: {pods_by_revision()}") from None
+    record("only the live version holds pods, after the last deploy (s)", round(time.monotonic() - t1, 1))
+    status, body = plane.call("GET", "/api/models/wide-model")
+    assert status == 200, body
+    assert [v["version"] for v in json.loads(body)["versions"]] == [f"1.0.{n}" for n in range(1, count + 1)]
+    status, body = plane.call("DELETE", "/api/models/wide-model")
+    assert status in (200, 204), body
+    cluster.wait(lambda: not model_pods(cluster, "wide-model") and not _exists(cluster, "wide-model"), TIMEOUT,
+                 "wide-model's objects gone")
+
+
+def knative_objects(cluster, name: str):
+    """Every object Knative writes for a Service, with what it is."""
+    base = f"/apis/serving.knative.dev/v1/namespaces/{NS}"
+    yield "Service", ksvc(cluster, name)
+    yield "Configuration", cluster.admin.get(f"{base}/configurations/{name}")
+    yield "Route", cluster.admin.get(f"{base}/routes/{name}")
+    yield "KIngress", cluster.admin.get(f"/apis/networking.internal.knative.dev/v1alpha1/namespaces/{NS}/ingresses/{name}")
+    for rev in cluster.admin.request("GET", f"{base}/revisions",
+                                     query=f"labelSelector=serving.knative.dev/service%3D{name}")["items"]:
+        yield "Revision", rev
+    for svc in cluster.admin.request("GET", f"/api/v1/namespaces/{NS}/services",
+                                     query=f"labelSelector=serving.knative.dev/route%3D{name}")["items"]:
+        yield "Kubernetes Service (route, tag)", svc
 
 
 # -- batch: bucket -> bridge -> Broker -> Trigger -> JobSink -> Job ---------------------------
