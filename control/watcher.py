@@ -22,11 +22,13 @@ on how many objects the bucket holds.
 
 The margin is how much later than a newer object an object may first appear in a listing.
 GCS lists strongly consistently and stamps `timeFinalized` when the object becomes readable, so
-for GCS a few seconds would do. The embedded emulator stamps `timeCreated` (and the generation)
-when a resumable upload *starts* and lists the object only when it ends, so there an object
-appears as old as its upload took (the google-cloud-storage client uploads files over 8 MiB
-that way). The default margin (6 hours) covers uploads that long; an upload that takes longer,
-on a store that stamps the start, while newer objects arrive, would not be announced.
+there a few seconds would do. The embedded emulator sends no `timeFinalized` and stamps
+`timeCreated` (and the generation) when a resumable upload *starts*, listing the object only
+when it ends (the google-cloud-storage client uploads files over 8 MiB that way): there an
+object appears as old as its upload took. The default margin, an hour, covers uploads that
+long; an upload that takes longer, to a store that stamps its start, while newer objects arrive
+and are announced, would be taken as announced (tests/test_watcher.py pins this down). A bigger
+margin only costs entries: the state holds the objects stamped within the margin of the newest.
 
 Nothing lost: an object whose delivery fails (network error, 5xx, 429) stays pending, is retried
 with its own exponential backoff (others are not held up by it) and is dropped only when
@@ -88,7 +90,7 @@ class Watcher:
                  state_path: Optional[Path] = None, token: Optional[str] = None,
                  prefix: str = INCOMING, timeout: float = 10.0, max_backoff: float = 30.0,
                  client_factory: Optional[Callable[[], object]] = None,
-                 margin: float = 6 * 3600.0, max_duty: float = 0.1):
+                 margin: float = 3600.0, max_duty: float = 0.1):
         if not 0 < max_duty <= 1:
             raise ValueError("max_duty is a share of the time: 0 < max_duty <= 1")
         self.bucket = bucket
