@@ -156,6 +156,13 @@ def make_runtime(cluster, token, **overrides):
         return inner(method, resource, name, verb=verb, **kw)
 
     rt._request = recording
+    watch_request = rt._watch_request
+
+    def recording_watch(resource):
+        USED.update({("list", resource), ("watch", resource)})
+        return watch_request(resource)
+
+    rt._watch_request = recording_watch
     return rt
 
 
@@ -791,6 +798,56 @@ def test_a_failed_version_is_explained_by_its_revision_and_events(cluster, runti
     with pytest.raises(Conflict, match="failed to become Ready"):
         runtime.rollout("broken-later", version="2.0.0", percent=10)
     runtime.remove("broken-later")
+
+
+def test_reads_come_from_the_watch_cache_and_list_nothing_per_request(cluster, sa_token):
+    """Started as the control service starts it, the runtime lists each kind once and then
+    watches: `models()` and `jobs()` make no request; its own writes show at once; the cluster's
+    changes show when the watch delivers them; a second replica's cache agrees."""
+    first, second = make_runtime(cluster, sa_token), make_runtime(cluster, sa_token)
+    first.start()
+    second.start()
+    try:
+        assert first.problems() or first.ready()   # not ready until listed
+        deadline = time.monotonic() + 30
+        while not (first.ready() and second.ready()):
+            assert time.monotonic() < deadline, (first.problems(), second.problems())
+            time.sleep(0.05)
+        assert first.problems() == []
+        requests = []
+        inner = first._request
+        first._request = lambda *a, **kw: (requests.append((a, kw.get("verb"))), inner(*a, **kw))[1]
+        name = "cached-" + secrets.token_hex(3)
+        v1 = bump(example("donor-propensity"), "1.0.0", name=name)
+        first.deploy(v1)
+        requests.clear()
+        [row] = [m for m in first.models() if m.name == name]   # its own write, at once
+        assert (row.version, row.status, row.language, row.owner) == ("1.0.0", "starting", "python",
+                                                                      v1.owner)
+        first.jobs(limit=10)
+        assert requests == []   # answered from memory
+        generation = first.models_generation()
+        reconcile_service(cluster.admin, name)   # Knative's controller, elsewhere
+
+        def row_of(rt):
+            return next((m for m in rt.models() if m.name == name), None)
+
+        deadline = time.monotonic() + 10
+        while (row_of(first) or row_of(second)) is None or row_of(first).status != "idle" or \
+                (row_of(second) is None or row_of(second).status != "idle"):
+            assert time.monotonic() < deadline, (row_of(first), row_of(second))
+            time.sleep(0.05)
+        assert first.models_generation() != generation
+        assert row_of(second).to_json() == row_of(first).to_json()
+        first.remove(name)
+        assert row_of(first) is None   # forgotten at once
+        deadline = time.monotonic() + 10
+        while row_of(second) is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        first.close()
+        second.close()
 
 
 def test_concurrent_deploys_lose_no_version(cluster, sa_token):

@@ -27,6 +27,7 @@ ROLES = ("viewer", "runner", "deployer", "admin")
 #: (method, OpenAPI path) -> the least role that may call it; None: no token needed.
 EXPECTED = {
     ("get", "/healthz"): None,
+    ("get", "/readyz"): None,
     ("get", "/openapi.json"): None,
     ("get", "/metrics"): "viewer",
     ("get", "/api/models"): "viewer",

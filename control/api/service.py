@@ -24,6 +24,14 @@ def routes(plane) -> Routes:
         return {"status": "degraded" if problems else "ok", "runtime": runtime.name, "problems": problems,
                 **({"sandbox": sandbox.describe()} if sandbox is not None else {})}
 
+    @r(s.RouteSpec("GET", "/readyz", "Is the service ready to answer (on a cluster: its watch cache listed)",
+                   [s.Answer(200, s.Health)], errors=(503,), auth="none", tag="service"))
+    def readyz():
+        ready = getattr(runtime, "ready", lambda: True)()
+        problems = list(getattr(runtime, "problems", lambda: [])())
+        body = {"status": "ok" if ready else "degraded", "runtime": runtime.name, "problems": problems}
+        return (body, 200) if ready else (body, 503)
+
     @r(s.RouteSpec("GET", "/metrics", "Prometheus metrics",
                    [s.Answer(200, None, "text/plain", "the Prometheus text format")], tag="service"))
     def metrics():

@@ -154,6 +154,7 @@ class KnativeRuntime(Runtime):
         self._http = urllib3.PoolManager(num_pools=32, maxsize=64, block=False)
         self._endpoints: dict[str, tuple[str, float]] = {}
         self._timeouts: dict[str, float] = {}
+        self._informers: Optional[dict] = None
 
     # -- the Kubernetes API ------------------------------------------------------------------
     @property
@@ -170,7 +171,69 @@ class KnativeRuntime(Runtime):
 
         return client.CoreV1Api(self.api)
 
+    # -- the watch cache -----------------------------------------------------------------------
+    #: what the cache watches: resource -> (label selector, transform, index label)
+    WATCHED = {
+        "services": (MANAGED, "_lean_service", ko.LABEL_MODEL),
+        "triggers": (MANAGED, "_lean_trigger", None),
+        "jobsinks": (MANAGED, "_lean_sink", ko.LABEL_MODEL),
+        "jobs": (f"{ko.JOBSINK_NAME_LABEL},{ko.LABEL_MODEL}", "_lean_job", ko.LABEL_MODEL),
+        "pods": (f"{ko.LABEL_MODEL},serving.knative.dev/revision", "_lean_pod", ko.LABEL_MODEL),
+    }
+
+    def start(self) -> None:
+        """List, then watch, what `models()` and `jobs()` read (control/runtime/knative_cache.py):
+        from then on they answer from memory, not from a list of the world per request."""
+        from control.runtime.knative_cache import Informer, by_label
+
+        with self._lock:
+            if self._informers is not None:
+                return
+            informers = {}
+            for resource, (selector, transform, index) in self.WATCHED.items():
+                informers[resource] = Informer(self._watch_request(resource), kind=resource, selector=selector,
+                                               transform=globals()[transform],
+                                               index=by_label(index) if index else None)
+            self._informers = informers
+        for informer in informers.values():
+            informer.start()
+
+    def _watch_request(self, resource: str):
+        from control.runtime.knative_cache import api_request
+
+        return api_request(lambda: self.api, self._path(resource))
+
+    def ready(self) -> bool:
+        """Whether reads are answered from a complete cache (every kind listed once)."""
+        return self._informers is not None and all(i.synced for i in self._informers.values())
+
+    def problems(self) -> list[str]:
+        if self._informers is None or self.ready():
+            return []
+        waiting = [k for k, i in self._informers.items() if not i.synced]
+        errors = [f"{k}: {i.last_error}" for k, i in self._informers.items() if not i.synced and i.last_error]
+        return [f"the watch cache is still listing {', '.join(waiting)}" + (f" ({'; '.join(errors)})" if errors else "")]
+
+    def _cache(self) -> Optional[dict]:
+        return self._informers if self.ready() else None
+
+    def models_generation(self):
+        cache = self._cache()
+        return None if cache is None else tuple(i.generation for i in cache.values())
+
+    def _note(self, resource: str, obj: Any) -> None:
+        informer = (self._informers or {}).get(resource)
+        if informer is not None and isinstance(obj, dict) and obj.get("metadata"):
+            informer.note(obj)
+
+    def _forget(self, resource: str, name: str) -> None:
+        informer = (self._informers or {}).get(resource)
+        if informer is not None:
+            informer.forget(name)
+
     def close(self) -> None:
+        for informer in (self._informers or {}).values():
+            informer.stop()
         self._http.clear()
         if self._api is not None and hasattr(self._api, "close"):
             try:
@@ -227,8 +290,10 @@ class KnativeRuntime(Runtime):
         return self._request("GET", resource, verb="list", query={"labelSelector": selector}).get("items") or []
 
     def _create(self, resource: str, body: dict) -> dict:
-        return self._request("POST", resource, verb="create", body=body, query=STRICT,
-                             subject=(body.get("metadata") or {}).get("name"))
+        created = self._request("POST", resource, verb="create", body=body, query=STRICT,
+                                subject=(body.get("metadata") or {}).get("name"))
+        self._note(resource, created)
+        return created
 
     def _patch(self, resource: str, name: str, patch: dict, *, resource_version: Optional[str] = None) -> dict:
         """A merge patch; with `resource_version`, only if the object is still that version
@@ -236,8 +301,10 @@ class KnativeRuntime(Runtime):
         if resource_version is not None:
             patch = {**patch, "metadata": {**patch.get("metadata", {}), "resourceVersion": resource_version}}
         try:
-            return self._request("PATCH", resource, name, verb="patch", body=patch, query=STRICT,
-                                 content_type="application/merge-patch+json")
+            patched = self._request("PATCH", resource, name, verb="patch", body=patch, query=STRICT,
+                                    content_type="application/merge-patch+json")
+            self._note(resource, patched)
+            return patched
         except Conflict:
             if resource_version is None:
                 raise
@@ -258,6 +325,7 @@ class KnativeRuntime(Runtime):
         try:
             self._request("DELETE", resource, name, verb="delete",
                           body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+            self._forget(resource, name)
             return True
         except NotFound:
             return False
@@ -594,9 +662,18 @@ class KnativeRuntime(Runtime):
 
     # -- status -----------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
-        services = self._list("services", MANAGED)
+        cache = self._cache()
+        if cache is not None:   # from the watch cache: no request at all
+            pods, jobs = cache["pods"], cache["jobs"]
+            by_name = dict(cache["jobsinks"].items())
+            out = [self._realtime_detail(s, pods.by_index(s["metadata"]["name"]), brief=True)
+                   for s in cache["services"].values()]
+            out += [self._batch_detail(t, by_name, jobs.by_index(t["metadata"]["name"]), brief=True)
+                    for t in cache["triggers"].values()]
+            return sorted(out, key=lambda m: m.name)
+        services = [_lean_service(s) for s in self._list("services", MANAGED)]
         triggers = self._list("triggers", MANAGED)
-        sinks = self._list("jobsinks", MANAGED) if triggers else []
+        sinks = [_lean_sink(s) for s in self._list("jobsinks", MANAGED)] if triggers else []
         pods = self._list("pods", f"{ko.LABEL_MODEL},serving.knative.dev/revision") if services else []
         jobs = self._list("jobs", f"{ko.JOBSINK_NAME_LABEL},{ko.LABEL_MODEL}") if triggers else []
         out = [self._realtime_detail(s, pods, brief=True) for s in services]
@@ -622,12 +699,7 @@ class KnativeRuntime(Runtime):
             # A row of the list: from the Service alone (its live version and that version's
             # manifest), no request per model.
             history, state = {}, _brief_state(svc)
-            manifest = _parse_manifest((svc["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
-            if manifest is not None and manifest.version != state.live:
-                manifest = None   # a Service written before it carried its live version's manifest
-            if manifest is None:
-                entry = _annotated_history(svc).get(state.live) or {}
-                manifest = _parse_manifest(json.dumps(entry["manifest"])) if entry.get("manifest") else None
+            manifest = _Brief.of(svc.get(_BRIEF) if _BRIEF in svc else _live_summary(svc, state.live))
             revision = f"{name}-{ko.version_slug(state.live)}" if state.live else None
         else:
             history = self._history(svc)
@@ -675,8 +747,13 @@ class KnativeRuntime(Runtime):
     def _batch_detail(self, trig: dict, sinks: Mapping[str, dict], jobs: list[dict], *, brief: bool = False):
         name = trig["metadata"]["name"]
         live_sink = sinks.get(_trigger_sink(trig))
-        manifest = _parse_manifest((live_sink["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST)) \
-            if live_sink else None
+        if live_sink is None:
+            manifest = None
+        elif brief:
+            manifest = _Brief.of(live_sink.get(_BRIEF) if _BRIEF in live_sink else _summary(
+                (live_sink["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST)))
+        else:
+            manifest = _parse_manifest((live_sink["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
         active = sum(1 for j in jobs if (j["metadata"].get("labels") or {}).get(ko.LABEL_MODEL) == name
                      and (j.get("status") or {}).get("active"))
         conds = [("Trigger", _condition(trig))] + ([("JobSink", _condition(live_sink))] if live_sink else [])
@@ -690,7 +767,7 @@ class KnativeRuntime(Runtime):
             status = "ready" if active else "idle"
         else:
             status = "starting"
-        endpoint = ((live_sink or {}).get("status") or {}).get("address", {}).get("url") if live_sink else None
+        endpoint = (((live_sink or {}).get("status") or {}).get("address") or {}).get("url") if live_sink else None
         common = dict(name=name, kind="batch", language=manifest.language if manifest else "other",
                       version=manifest.version if manifest else None, status=status, replicas=active,
                       endpoint=endpoint, error=error, description=manifest.description if manifest else "",
@@ -852,12 +929,18 @@ class KnativeRuntime(Runtime):
     def jobs(self, *, model: Optional[str] = None, limit: int = 200) -> list[Job]:
         """The Jobs in the cluster, and the jobs whose Job is gone (its TTL passed, or it was
         cancelled) from what they left in the bucket: newest first."""
-        selector = ko.JOBSINK_NAME_LABEL + (f",{ko.LABEL_MODEL}={model}" if model else f",{ko.LABEL_MODEL}")
-        items = self._list("jobs", selector)
-        items.sort(key=lambda j: j["metadata"].get("creationTimestamp", ""), reverse=True)
+        cache = self._cache()
+        if cache is not None:
+            items = cache["jobs"].by_index(model) if model else cache["jobs"].values()
+            triggers = cache["triggers"].values()
+        else:
+            selector = ko.JOBSINK_NAME_LABEL + (f",{ko.LABEL_MODEL}={model}" if model else f",{ko.LABEL_MODEL}")
+            items = self._list("jobs", selector)
+            triggers = None if model else self._list("triggers", MANAGED)
+        items = sorted(items, key=lambda j: j["metadata"].get("creationTimestamp", ""), reverse=True)
         out = [self._to_job(j) for j in items[:limit]]
         in_cluster = {j["metadata"]["name"] for j in items}
-        models = [model] if model else [t["metadata"]["name"] for t in self._list("triggers", MANAGED)]
+        models = [model] if model else [t["metadata"]["name"] for t in triggers or []]
         # a job whose files were written before the oldest Job listed here cannot be newer than it
         since = out[-1].created_at[:19] if len(items) >= limit and out else ""
         try:
@@ -1195,6 +1278,100 @@ def _revision_timeout(svc: dict, settings) -> float:
     if manifest is not None:
         seconds.append(float(ko.revision_timeout(manifest)))
     return max(seconds) or float(settings.max_revision_timeout)
+
+
+_BRIEF = "_brief"   # what a cached object carries of its manifest: the fields a row of the model list shows
+
+
+def _summary(text: Optional[str]) -> Optional[dict]:
+    """The fields of a manifest annotation a row of the list shows, without validating it whole
+    (it was validated when deployed; a hand-edited one shows what it can)."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    labels = data.get("labels") if isinstance(data.get("labels"), dict) else {}
+    return {"version": str(data.get("version") or ""), "language": str(data.get("language") or "other"),
+            "description": str(data.get("description") or ""), "owner": str(data.get("owner") or ""),
+            "labels": {str(k): str(v) for k, v in labels.items()}}
+
+
+class _Brief:
+    """A manifest summary with the attributes a row reads (language, description, owner, labels)."""
+
+    __slots__ = ("version", "language", "description", "owner", "labels")
+
+    def __init__(self, data: dict):
+        for key in self.__slots__:
+            setattr(self, key, data[key])
+
+    @classmethod
+    def of(cls, data: Optional[dict]) -> Optional["_Brief"]:
+        return cls(data) if data else None
+
+
+def _live_summary(svc: dict, live: Optional[str]) -> Optional[dict]:
+    """The live version's summary from the Service itself: its manifest annotation (the live
+    version's), else the template's or an older Service's recorded versions."""
+    summary = _summary((svc["metadata"].get("annotations") or {}).get(ko.ANN_MANIFEST))
+    if summary is not None and summary["version"] == live:
+        return summary
+    entry = _annotated_history(svc).get(live) or {}
+    return _summary(json.dumps(entry["manifest"])) if entry.get("manifest") else None
+
+
+def _lean_service(obj: dict) -> dict:
+    """A Service as the cache keeps it: what a row of the list reads, with the live version's
+    manifest summarised (10,000 Services fit in a control pod whatever their manifests)."""
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    ann = meta.get("annotations") or {}
+    template_meta = (spec.get("template") or {}).get("metadata") or {}
+    out = {"metadata": {**{k: meta.get(k) for k in ("name", "namespace", "labels", "resourceVersion", "generation",
+                                                    "creationTimestamp", "deletionTimestamp", "uid")},
+                        "annotations": {ko.ANN_TRAFFIC: ann.get(ko.ANN_TRAFFIC)} if ann.get(ko.ANN_TRAFFIC) else {}},
+           "spec": {"traffic": spec.get("traffic") or [],
+                    "template": {"metadata": {"name": template_meta.get("name")}}},
+           "status": {k: status.get(k) for k in ("conditions", "observedGeneration", "url", "address",
+                                                 "latestReadyRevisionName", "latestCreatedRevisionName", "traffic")
+                      if k in status}}
+    out[_BRIEF] = _live_summary(obj, _brief_state(obj).live)
+    return out
+
+
+def _lean_trigger(obj: dict) -> dict:
+    meta = obj.get("metadata") or {}
+    return {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "resourceVersion", "uid")},
+            "spec": {"subscriber": (obj.get("spec") or {}).get("subscriber") or {}},
+            "status": {"conditions": (obj.get("status") or {}).get("conditions")}}
+
+
+def _lean_sink(obj: dict) -> dict:
+    """A JobSink without its Job template (which carries the manifest twice)."""
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    return {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "resourceVersion", "uid",
+                                                  "creationTimestamp")},
+            "status": {"conditions": status.get("conditions"), "address": status.get("address")},
+            _BRIEF: _summary((meta.get("annotations") or {}).get(ko.ANN_MANIFEST))}
+
+
+def _lean_job(obj: dict) -> dict:
+    """A Job without its pod template (the manifest in its environment)."""
+    meta = obj.get("metadata") or {}
+    return {"metadata": {k: meta.get(k) for k in ("name", "namespace", "labels", "annotations", "resourceVersion",
+                                                  "uid", "creationTimestamp")},
+            "status": obj.get("status") or {}}
+
+
+def _lean_pod(obj: dict) -> dict:
+    meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+    return {"metadata": {k: meta.get(k) for k in ("name", "labels", "resourceVersion", "uid", "deletionTimestamp")},
+            "status": {"phase": status.get("phase"), "conditions": [c for c in status.get("conditions") or []
+                                                                     if c.get("type") == "Ready"]}}
 
 
 def _brief_state(svc: dict) -> Traffic:
