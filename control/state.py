@@ -288,7 +288,11 @@ class BucketState(StateStore):
         self.replica = replica or replica_id()
 
     def _where(self, key: str) -> str:
-        return f"gs://{getattr(self.bucket, 'name', '?')}/{self.prefix}{key}"
+        try:
+            bucket = self.bucket.name
+        except Exception:  # noqa: BLE001 — a lazy bucket whose client cannot be made
+            bucket = "?"
+        return f"gs://{bucket}/{self.prefix}{key}"
 
     def _failed(self, what: str, key: str, e: Exception) -> StateUnavailable:
         return StateUnavailable(f"cannot {what} {self._where(key)}: {type(e).__name__}: {str(e)[:200]}")
@@ -316,9 +320,10 @@ class BucketState(StateStore):
     def put(self, key, data, *, expect=None):
         from google.api_core import exceptions as gexc
 
-        blob = self.bucket.blob(self.prefix + check_key(key))
+        name = self.prefix + check_key(key)
         match = None if expect is None else 0 if expect == ABSENT else int(expect)
         try:
+            blob = self.bucket.blob(name)   # in the try: a lazy bucket makes its client here
             blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=match)
         except gexc.PreconditionFailed:
             raise StateConflict(f"{key} {'exists' if match == 0 else 'changed meanwhile'}") from None
@@ -339,10 +344,10 @@ class BucketState(StateStore):
     def delete(self, key, *, expect=None):
         from google.api_core import exceptions as gexc
 
-        blob = self.bucket.blob(self.prefix + check_key(key))
+        name = self.prefix + check_key(key)
         match = None if expect is None else 0 if expect == ABSENT else int(expect)
         try:
-            blob.delete(if_generation_match=match)
+            self.bucket.blob(name).delete(if_generation_match=match)
         except gexc.NotFound:
             return False
         except gexc.PreconditionFailed:
