@@ -10,9 +10,33 @@ A reference job scores a dataset with one version the same way and hands the sco
 monitor (`plane.monitor.set_reference`).
 
 The work runs in background threads of the control service (at most `WORKERS` at once, the rest
-queued, at most `MAX_QUEUED` waiting); each record is persisted to
-`{state_dir}/comparisons/{id}.json`, so a finished report survives a restart and one that was
-running when the service stopped is marked failed on the next start.
+queued, at most `MAX_QUEUED` waiting). Each record is kept in the plane's state store
+(control/state.py) as `comparisons/{id}.json`: a file in the state dir on the local runtime, an
+object in the bucket on a cluster, where every replica of the control service reads the same
+records — a comparison started on one is listed and fetched on any other.
+
+Who runs a record: the replica that accepted it (its `owner`, control/state.py `replica`). While
+a record is queued or running there, its owner rewrites it every `HEARTBEAT_EVERY` seconds
+(`heartbeat_at`, wall-clock seconds, and its progress), each time only if nobody else changed it
+(compare-and-swap on the store's token). When the store is shared:
+
+- **takeover** — a queued or running record whose heartbeat is older than `STALE_AFTER` seconds
+  belongs to a replica that died: another replica takes it over with a compare-and-swap write
+  (owner: itself, status queued, `attempts` + 1, the takeover listed in `takeovers`) and runs it
+  again from the start. Only one of several replicas trying wins the swap. A record whose owners
+  died `MAX_ATTEMPTS` times is marked failed with the reason instead (it may be what kills them).
+  Replicas look for stale records when they answer a read (`get` of that record; `list`) and
+  every `HEARTBEAT_EVERY` seconds in the heartbeat thread (which lists the records), so a dead
+  replica's comparison is resumed within `STALE_AFTER` + `HEARTBEAT_EVERY` seconds even if
+  nobody asks.
+- **lost ownership** — a replica whose heartbeat write finds the record owned by another (it was
+  presumed dead: a long pause) stops working on it and writes nothing more to it.
+- **handover** — a replica that stops (`close`) puts its queued and running records back as
+  queued with no owner and no heartbeat, so another replica takes them over at once, without
+  counting an attempt.
+
+With a state dir (one control service, nothing shared) a record that was queued or running when
+the service stopped is marked failed on the next start, saying so.
 """
 from __future__ import annotations
 
@@ -30,11 +54,11 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from control import stats
-from control.durable import write_json_atomic
 from control.errors import BadRequest, Invalid, NotFound, PlaneError, Unavailable
+from control.state import ABSENT, Every, FileState, StateConflict, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +76,16 @@ DEFAULT_MAX_ROWS = 10_000
 JOB_WAIT = 24 * 3600.0
 #: how often a realtime call answering 503 (a replica starting) is tried
 RETRIES = 5
+#: seconds between an owner's heartbeats (shared store)
+HEARTBEAT_EVERY = 5.0
+#: a queued or running record whose heartbeat is older than this is taken over (shared store)
+STALE_AFTER = 30.0
+#: runs whose replica died before a record is marked failed instead of run again
+MAX_ATTEMPTS = 3
 ID_PATTERN = r"^cmp-[0-9a-f]{16}$"
 _ID = re.compile(ID_PATTERN)
 STATUSES = ("queued", "running", "succeeded", "failed")
+ACTIVE = ("queued", "running")
 
 
 def utcnow() -> str:
@@ -70,49 +101,124 @@ class ComparisonFailed(Exception):
         self.details = details
 
 
-class Comparisons:
-    """The comparisons (and reference jobs) of one control service."""
+class _Lost(Exception):
+    """This replica no longer owns the record (another took it over): stop, write nothing."""
 
-    def __init__(self, plane, root: Path, *, workers: int = WORKERS, max_queued: int = MAX_QUEUED):
+
+class _Handover(Exception):
+    """This replica is stopping: the record goes back to the queue for another replica."""
+
+
+class Comparisons:
+    """The comparisons (and reference jobs) of the control service; see the module's docstring.
+
+    `store` is the plane's state store scoped to the comparisons (or a folder: a state dir's
+    `comparisons/`)."""
+
+    def __init__(self, plane, store: Union[StateStore, Path], *, workers: int = WORKERS,
+                 max_queued: int = MAX_QUEUED, heartbeat_every: Optional[float] = None,
+                 stale_after: Optional[float] = None):
         self.plane = plane
-        self.root = Path(root)
+        self.store: StateStore = store if isinstance(store, StateStore) else FileState(Path(store))
+        self.shared = self.store.shared
+        self.replica = self.store.replica
+        self.heartbeat_every = HEARTBEAT_EVERY if heartbeat_every is None else heartbeat_every
+        self.stale_after = STALE_AFTER if stale_after is None else stale_after
         self._lock = threading.Lock()
-        self._records: dict[str, dict] = {}
+        self._write_lock = threading.Lock()   # one write of this replica's records at a time
+        self._records: dict[str, dict] = {}   # every record known: this replica's own are the freshest
+        self._tokens: dict[str, str] = {}     # record id -> its store token as last read or written
+        self._mine: set[str] = set()          # queued or running here
+        self._lost: set[str] = set()          # taken over by another replica while running here
         self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
         self._workers: list[threading.Thread] = []
         self._n_workers = workers
         self._max_queued = max_queued
         self._closed = threading.Event()
+        self._keeper: Optional[Every] = None
         self._load()
+        if self.shared:
+            self._keeper = Every(self.heartbeat_every, self._keep, f"comparisons-{self.replica}").start()
 
     # -- persistence ----------------------------------------------------------------------------
     def _load(self) -> None:
-        if not self.root.is_dir():
+        self._refresh()
+        if self.shared:
             return
-        for path in sorted(self.root.glob("cmp-*.json")):
-            if not _ID.match(path.stem):
-                continue
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(record, dict) or record.get("id") != path.stem:
-                    raise ValueError("not a comparison record")
-            except (OSError, ValueError) as e:
-                log.warning("comparison record %s is unreadable (%s); ignored", path, e)
-                continue
-            if record.get("status") in ("queued", "running"):
-                was = record.get("status")
-                record["status"] = "failed"
-                record["error"] = (f"the control service stopped while this {record.get('kind', 'comparison')} was "
-                                   f"{was}; start it again")
-                record["finished_at"] = utcnow()
-                self._write(record)
-            self._records[record["id"]] = record
+        with self._lock:
+            stopped = [r for r in self._records.values() if r.get("status") in ACTIVE]
+        for record in stopped:   # one service per state dir: whoever ran these has stopped
+            was = record.get("status")
+            record = dict(record, status="failed", finished_at=utcnow(),
+                          error=(f"the control service stopped while this {record.get('kind', 'comparison')} was "
+                                 f"{was}; start it again"))
+            self._put(record)
 
-    def _write(self, record: dict) -> None:
+    def _refresh(self) -> None:
+        """Read what changed in the store since the last look (new, changed and removed records)."""
         try:
-            write_json_atomic(self.root / f"{record['id']}.json", record)
-        except OSError as e:
-            log.error("could not persist comparison %s: %s", record.get("id"), e)
+            listing = {k[:-len(".json")]: t for k, t in self.store.list("cmp-").items()
+                       if k.endswith(".json") and _ID.match(k[:-len(".json")])}
+        except PlaneError as e:
+            log.warning("comparisons: cannot list the state store: %s", e.message)
+            return
+        with self._lock:
+            for cid in [c for c in self._records if c not in listing and c not in self._mine]:
+                self._records.pop(cid, None)
+                self._tokens.pop(cid, None)
+            changed = [c for c, t in listing.items() if self._tokens.get(c) != t]
+        for cid in changed:
+            self._fetch(cid)
+
+    def _fetch(self, cid: str) -> Optional[dict]:
+        """The record as the store has it (cached), None if there is none or it is unreadable."""
+        try:
+            got = self.store.get_json(f"{cid}.json")
+        except ValueError as e:
+            log.warning("comparison record %s is unreadable (%s); ignored", cid, e)
+            return None
+        except PlaneError as e:
+            log.warning("comparisons: cannot read %s: %s", cid, e.message)
+            with self._lock:
+                return self._records.get(cid)
+        if got is None:
+            with self._lock:
+                if cid not in self._mine:
+                    self._records.pop(cid, None)
+                    self._tokens.pop(cid, None)
+            return None
+        record, token = got
+        if not isinstance(record, dict) or record.get("id") != cid:
+            log.warning("comparison record %s is not a comparison record; ignored", cid)
+            return None
+        with self._lock:
+            if cid in self._mine:
+                if record.get("owner") != self.replica:
+                    self._lose(cid)   # another replica took it over: it is theirs now
+                else:
+                    self._tokens[cid] = token
+                    return self._records[cid]   # this replica's own copy is the freshest
+            self._records[cid] = record
+            self._tokens[cid] = token
+            return record
+
+    def _put(self, record: dict, *, create: bool = False) -> None:
+        """Write a record: create-only, or only if unchanged since this replica last read or wrote
+        it (a record that vanished meanwhile, e.g. pruned, is written afresh). StateConflict when
+        another replica changed it."""
+        cid = record["id"]
+        with self._lock:
+            expect = ABSENT if create or cid not in self._tokens else self._tokens[cid]
+        token = self.store.put_json(f"{cid}.json", record, expect=expect)
+        with self._lock:
+            self._tokens[cid] = token
+            self._records[cid] = record
+
+    def _lose(self, cid: str) -> None:
+        """(under the lock) Another replica owns `cid` now."""
+        self._mine.discard(cid)
+        self._lost.add(cid)
+        log.warning("comparison %s was taken over by another replica; this one stops working on it", cid)
 
     def _prune(self) -> None:
         """Keep the newest MAX_KEPT records (never one that is queued or running)."""
@@ -124,16 +230,24 @@ class Comparisons:
             extra = done[:len(self._records) - MAX_KEPT]
             for r in extra:
                 self._records.pop(r["id"], None)
+                self._tokens.pop(r["id"], None)
         for r in extra:
             try:
-                (self.root / f"{r['id']}.json").unlink()
-            except OSError:
+                self.store.delete(f"{r['id']}.json")
+            except PlaneError:
                 pass
 
     # -- the API's side -------------------------------------------------------------------------
     def get(self, comparison_id: str) -> dict:
         if not _ID.match(comparison_id or ""):
             raise NotFound(f"no comparison {comparison_id!r}")
+        if self.shared:
+            with self._lock:
+                mine = comparison_id in self._mine
+            if not mine:
+                record = self._fetch(comparison_id)
+                if record is not None and self._stale(record):
+                    self._take(record)
         with self._lock:
             record = self._records.get(comparison_id)
             if record is None:
@@ -141,6 +255,9 @@ class Comparisons:
             return json.loads(json.dumps(record))
 
     def list(self, *, model: Optional[str] = None, limit: int = 100) -> list[dict]:
+        if self.shared:
+            self._refresh()
+            self._take_stale()
         with self._lock:
             records = [r for r in self._records.values() if model is None or r["model"] == model]
             records.sort(key=lambda r: (r["created_at"], r["id"]), reverse=True)
@@ -170,16 +287,28 @@ class Comparisons:
     def _new(self, kind: str, name: str, model_kind: str, dataset: str, size: Optional[int], **fields) -> dict:
         return {"id": "cmp-" + uuid.uuid4().hex[:16], "kind": kind, "model": name, "model_kind": model_kind,
                 **fields, "dataset": dataset, "dataset_size": size, "status": "queued", "created_at": utcnow(),
-                "started_at": None, "finished_at": None, "progress": {"stage": "queued"}, "error": None}
+                "started_at": None, "finished_at": None, "progress": {"stage": "queued"}, "error": None,
+                "owner": self.replica, "heartbeat_at": time.time(), "attempts": 1}
 
     def _enqueue(self, record: dict) -> dict:
+        if self.shared:
+            self._refresh()
         with self._lock:
+            if self._closed.is_set():
+                raise Unavailable("the control service is stopping")
             waiting = sum(1 for r in self._records.values() if r["status"] == "queued")
             if waiting >= self._max_queued:
                 raise Unavailable(f"{waiting} comparisons are already waiting to run; try again when they are done")
-            self._records[record["id"]] = record
-            self._write(record)
-            snapshot = json.loads(json.dumps(record))
+            self._mine.add(record["id"])
+        try:
+            with self._write_lock:
+                self._put(record, create=True)
+        except PlaneError as e:
+            with self._lock:
+                self._mine.discard(record["id"])
+            log.error("could not persist comparison %s: %s", record["id"], e.message)
+            raise
+        snapshot = json.loads(json.dumps(record))
         self._start_workers()
         self._queue.put(record["id"])
         self._prune()
@@ -222,6 +351,84 @@ class Comparisons:
             raise Invalid(f"dataset {dataset} does not exist (upload it first, e.g. with `modelplane compare … FILE`)")
         return blob.size
 
+    # -- takeover (shared store) ---------------------------------------------------------------
+    def _stale(self, record: dict) -> bool:
+        return (record.get("status") in ACTIVE and record.get("owner") != self.replica
+                and time.time() - float(record.get("heartbeat_at") or 0) > self.stale_after)
+
+    def _take_stale(self) -> None:
+        if self._closed.is_set():
+            return
+        with self._lock:
+            stale = [dict(r) for r in self._records.values() if r["id"] not in self._mine and self._stale(r)]
+        for record in sorted(stale, key=lambda r: (r["created_at"], r["id"])):
+            self._take(record)
+
+    def _take(self, record: dict) -> bool:
+        """Take over a record whose owner stopped beating: run it again here (or, past
+        MAX_ATTEMPTS, mark it failed). False when another replica got there first."""
+        if self._closed.is_set():
+            return False
+        cid, was, owner = record["id"], record.get("status"), record.get("owner")
+        attempts = int(record.get("attempts") or 1) + (1 if owner else 0)   # a handover is no failed attempt
+        takeovers = list(record.get("takeovers") or [])[-20:]
+        takeovers.append({"at": utcnow(), "by": self.replica, "from": owner, "was": was,
+                          "stage": (record.get("progress") or {}).get("stage")})
+        kind = record.get("kind", "comparison")
+        if attempts > MAX_ATTEMPTS:
+            new = dict(record, status="failed", finished_at=utcnow(), takeovers=takeovers, owner=None,
+                       error=(f"the control service replica running this {kind} stopped {attempts - 1} times "
+                              f"(last {owner}, while {was}); it is not run again: start it again if the "
+                              f"model and dataset are sound"))
+        else:
+            new = dict(record, status="queued", owner=self.replica, heartbeat_at=time.time(), attempts=attempts,
+                       takeovers=takeovers, started_at=None, finished_at=None, error=None,
+                       progress={"stage": "queued",
+                                 "resumed": f"taken over from {owner or 'a stopped replica'}, which stopped while "
+                                            f"it was {was}; run again from the start"})
+        with self._write_lock:
+            try:
+                self._put(new)
+            except StateConflict:
+                self._fetch(cid)   # another replica took it (or its owner beat after all)
+                return False
+            except PlaneError as e:
+                log.warning("comparisons: cannot take over %s: %s", cid, e.message)
+                return False
+        log.warning("comparison %s: %s (owner %s stopped beating while it was %s)",
+                    cid, "marked failed" if new["status"] == "failed" else "taken over", owner, was)
+        if new["status"] == "queued":
+            with self._lock:
+                self._mine.add(cid)
+                self._lost.discard(cid)
+            self._start_workers()
+            self._queue.put(cid)
+        return True
+
+    def _keep(self) -> None:
+        """The heartbeat thread: this replica's records beat; dead replicas' records are taken over."""
+        if self._closed.is_set():
+            return
+        with self._lock:
+            mine = sorted(self._mine)
+        for cid in mine:
+            self._beat(cid)
+        self._refresh()
+        self._take_stale()
+
+    def _beat(self, cid: str) -> None:
+        with self._write_lock:
+            with self._lock:
+                if cid not in self._mine:
+                    return
+                record = dict(self._records[cid], heartbeat_at=time.time())
+            try:
+                self._put(record)
+            except StateConflict:
+                self._fetch(cid)   # taken over, or its token moved: _fetch tells which
+            except PlaneError as e:
+                log.warning("comparison %s: heartbeat not written: %s", cid, e.message)
+
     # -- workers -------------------------------------------------------------------------------
     def _start_workers(self) -> None:
         with self._lock:
@@ -234,9 +441,44 @@ class Comparisons:
                 self._workers.append(t)
 
     def close(self) -> None:
+        """Stop taking work. On a shared store this replica's queued records are handed over at
+        once (its running ones when their worker notices, within one chunk or job poll)."""
         self._closed.set()
+        if self._keeper is not None:
+            self._keeper.stop()
         for _ in self._workers:
             self._queue.put(None)
+        if self.shared:
+            with self._lock:
+                waiting = [cid for cid in self._mine if self._records[cid]["status"] == "queued"]
+            for cid in waiting:
+                self._handover(cid)
+
+    def _handover(self, cid: str) -> None:
+        with self._write_lock:
+            with self._lock:
+                if cid not in self._mine:
+                    return
+                record = dict(self._records[cid], status="queued", owner=None, heartbeat_at=0, started_at=None,
+                              progress={"stage": "queued", "resumed": f"handed over: {self.replica} stopped"})
+            try:
+                self._put(record)
+            except PlaneError as e:   # StateConflict included: it is someone else's already
+                log.info("comparison %s not handed over: %s", cid, getattr(e, "message", e))
+            finally:
+                with self._lock:
+                    self._mine.discard(cid)
+
+    def _going_on(self, cid: str, stopped: str) -> None:
+        """Raise if this replica must stop working on `cid`: taken over elsewhere, or stopping
+        (handed over on a shared store; failed, saying `stopped`, in a state dir)."""
+        with self._lock:
+            if cid in self._lost:
+                raise _Lost()
+        if self._closed.is_set():
+            if self.shared:
+                raise _Handover()
+            raise ComparisonFailed(stopped)
 
     def _work(self) -> None:
         while not self._closed.is_set():
@@ -249,45 +491,79 @@ class Comparisons:
                 log.exception("comparison %s failed unexpectedly", comparison_id)
 
     def _update(self, comparison_id: str, *, persist: bool = False, **fields) -> None:
-        with self._lock:
-            record = self._records.get(comparison_id)
-            if record is None:
+        """Change a record this replica runs; `persist` writes it (compare-and-swap): _Lost if
+        another replica took it over meanwhile."""
+        with self._write_lock:
+            with self._lock:
+                if comparison_id in self._lost:
+                    raise _Lost()
+                record = self._records.get(comparison_id)
+                if record is None:
+                    return
+                record = dict(record, **fields)
+                if persist and record.get("status") not in ACTIVE:
+                    self._mine.discard(comparison_id)
+                self._records[comparison_id] = record
+            if not persist:
                 return
-            record.update(fields)
-            if persist:
-                self._write(record)
+            if self.shared:
+                record["heartbeat_at"] = time.time()
+            try:
+                self._put(record)
+            except StateConflict:
+                self._fetch(comparison_id)
+                with self._lock:
+                    lost = comparison_id in self._lost or self._records[comparison_id].get("owner") != self.replica
+                    if lost:
+                        self._mine.discard(comparison_id)
+                if lost:
+                    raise _Lost() from None
+                self._put(record)   # the same owner: only its token moved (this replica's own beat)
+            except PlaneError as e:
+                log.error("could not persist comparison %s: %s", comparison_id, e.message)
 
     def _progress(self, comparison_id: str, **fields) -> None:
         with self._lock:
             record = self._records.get(comparison_id)
-            if record is not None:
-                record["progress"] = {**record.get("progress", {}), **fields}
+            if record is not None and comparison_id in self._mine:
+                self._records[comparison_id] = dict(record, progress={**record.get("progress", {}), **fields})
 
     def _run(self, comparison_id: str) -> None:
         with self._lock:
+            if comparison_id not in self._mine:
+                return   # handed over or taken over while it waited
             record = dict(self._records[comparison_id])
-        self._update(comparison_id, persist=True, status="running", started_at=utcnow(),
-                     progress={"stage": "starting"})
         try:
-            if record["kind"] == "reference":
-                result = self._run_reference(record)
-            else:
-                result = self._run_comparison(record)
-        except ComparisonFailed as e:
-            log.info("%s %s failed: %s", record["kind"], comparison_id, e.message)
-            self._update(comparison_id, persist=True, status="failed", finished_at=utcnow(), error=e.message,
-                         **e.details)
-            return
-        except PlaneError as e:
-            self._update(comparison_id, persist=True, status="failed", finished_at=utcnow(), error=e.message,
-                         **{k: v for k, v in e.details.items() if k != "error"})
-            return
-        except Exception as e:  # noqa: BLE001 — a bug or an unexpected client error: say what, keep the trace
-            log.exception("%s %s failed", record["kind"], comparison_id)
-            self._update(comparison_id, persist=True, status="failed", finished_at=utcnow(),
-                         error=f"internal error: {type(e).__name__}: {str(e)[:300]}")
-            return
-        self._update(comparison_id, persist=True, status="succeeded", finished_at=utcnow(), **result)
+            self._update(comparison_id, persist=True, status="running", started_at=utcnow(),
+                         progress={**{k: v for k, v in record.get("progress", {}).items() if k == "resumed"},
+                                   "stage": "starting"})
+            try:
+                if record["kind"] == "reference":
+                    result = self._run_reference(record)
+                else:
+                    result = self._run_comparison(record)
+            except ComparisonFailed as e:
+                log.info("%s %s failed: %s", record["kind"], comparison_id, e.message)
+                self._update(comparison_id, persist=True, status="failed", finished_at=utcnow(), error=e.message,
+                             **e.details)
+                return
+            except PlaneError as e:
+                self._update(comparison_id, persist=True, status="failed", finished_at=utcnow(), error=e.message,
+                             **{k: v for k, v in e.details.items() if k != "error"})
+                return
+            except (_Lost, _Handover):
+                raise
+            except Exception as e:  # noqa: BLE001 — a bug or an unexpected client error: say what, keep the trace
+                log.exception("%s %s failed", record["kind"], comparison_id)
+                self._update(comparison_id, persist=True, status="failed", finished_at=utcnow(),
+                             error=f"internal error: {type(e).__name__}: {str(e)[:300]}")
+                return
+            self._update(comparison_id, persist=True, status="succeeded", finished_at=utcnow(), **result)
+        except _Lost:
+            log.info("%s %s: another replica runs it now; this run's result is dropped", record["kind"],
+                     comparison_id)
+        except _Handover:
+            self._handover(comparison_id)
 
     # -- the work ------------------------------------------------------------------------------
     def _run_comparison(self, record: dict) -> dict:
@@ -374,8 +650,7 @@ class Comparisons:
         deadline = time.monotonic() + JOB_WAIT
         done: dict[str, Any] = {}
         while len(done) < len(jobs):
-            if self._closed.is_set():
-                raise ComparisonFailed("the control service stopped while the jobs ran")
+            self._going_on(cid, "the control service stopped while the jobs ran")
             for v, job_id in jobs.items():
                 if v in done:
                     continue
@@ -502,8 +777,7 @@ class Comparisons:
                     done += len(chunk)
                     self._progress(cid, rows=done)
                     chunk, size = [], 0
-                    if self._closed.is_set():
-                        raise ComparisonFailed("the control service stopped while the rows were being scored")
+                    self._going_on(cid, "the control service stopped while the rows were being scored")
             if chunk:
                 self._score_chunk(name, versions, header, chunk, done, scores)
                 done += len(chunk)

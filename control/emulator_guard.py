@@ -12,6 +12,14 @@ byte of its body is read or stored (403, not 401, for a missing key too: google-
 Wrapping the handler class rather than proxying keeps one process and one hop: the emulator's
 http.server handler is subclassed, so its routes, storage and URLs are exactly as before.
 
+Preconditions, as GCS honours them: a write or delete of an object with `ifGenerationMatch`,
+`ifGenerationNotMatch`, `ifMetagenerationMatch` or `ifMetagenerationNotMatch` in its query
+(what the google-cloud-storage client sends for `if_generation_match=` and friends) answers
+412 conditionNotMet when the object's current generation does not satisfy it;
+`ifGenerationMatch=0` means "only if there is no such object". The emulator itself ignores
+them, and the plane's shared state (control/state.py) rests on them for compare-and-swap.
+Reads are not checked. The server handles one request at a time, so check and write are one step.
+
 `python -m control.emulator_guard --host H --port P [--default-bucket B]`, data in $STORAGE_BASE.
 """
 from __future__ import annotations
@@ -27,9 +35,67 @@ import sys
 import threading
 from functools import partial
 from http import server as http_server
+from urllib.parse import parse_qs, urlparse
 
 KEY_ENV = "MODELPLANE_STORAGE_KEY"
 CROSS = ("cross-site", "same-site")
+PRECONDITIONS = ("ifGenerationMatch", "ifGenerationNotMatch", "ifMetagenerationMatch", "ifMetagenerationNotMatch")
+UNMET = "At least one of the pre-conditions you specified did not hold."
+
+
+class PreconditionFailed(Exception):
+    """A write's or delete's precondition does not hold for the object as it is."""
+
+
+def preconditions(path: str) -> dict[str, int]:
+    """The object preconditions in a request's query: {name: value}; ValueError for a non-integer one."""
+    query = parse_qs(urlparse(path).query)
+    out = {}
+    for name in PRECONDITIONS:
+        if name in query:
+            out[name] = int(query[name][-1])
+    return out
+
+
+def unmet(current: dict | None, conditions: dict[str, int]) -> bool:
+    """True when `current` (the live object's resource, None if there is none) fails `conditions`."""
+    generation = int(current["generation"]) if current else 0
+    metageneration = int(current.get("metageneration") or 1) if current else None
+    for name, value in conditions.items():
+        if name == "ifGenerationMatch" and generation != value:
+            return True
+        if name == "ifGenerationNotMatch" and current is not None and generation == value:
+            return True
+        if name == "ifMetagenerationMatch" and metageneration != value:
+            return True
+        if name == "ifMetagenerationNotMatch" and metageneration is not None and metageneration == value:
+            return True
+    return False
+
+
+def with_preconditions(storage_cls):
+    """A subclass of the emulator's storage whose writes and deletes check the current request's
+    preconditions (set by the handler in `conditions`) against the object as it is."""
+
+    class Checked(storage_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.conditions = threading.local()
+
+        def _check(self, bucket_name, file_name):
+            wanted = getattr(self.conditions, "value", None)
+            if wanted and unmet(self.objects.get(bucket_name, {}).get(file_name), wanted):
+                raise PreconditionFailed(f"{bucket_name}/{file_name}: {wanted}")
+
+        def create_file(self, bucket_name, file_name, content, file_obj, file_id=None):
+            self._check(bucket_name, file_name)
+            return super().create_file(bucket_name, file_name, content, file_obj, file_id)
+
+        def delete_file(self, bucket_name, file_name):
+            self._check(bucket_name, file_name)
+            return super().delete_file(bucket_name, file_name)
+
+    return Checked
 
 
 def host_allowed(host: str | None) -> bool:
@@ -82,15 +148,41 @@ def guarded(handler_cls, key: str):
             if verdict is None:
                 return False
             status, why = verdict
-            body = json.dumps({"error": {"code": status, "message": why}}).encode()
             self.close_connection = True   # its body, if any, is never read
+            self._answer(status, {"error": {"code": status, "message": why}}, close=True)
+            return True
+
+        def _answer(self, status: int, doc: dict, *, close: bool = False) -> None:
+            body = json.dumps(doc).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
+            if close:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
-            return True
+
+        def _conditioned(self, inner) -> None:
+            """Run the emulator's handler with this request's preconditions in force."""
+            try:
+                wanted = preconditions(self.path)
+            except ValueError:
+                self.close_connection = True
+                self._answer(400, {"error": {"code": 400, "message": "a precondition is not an integer"}},
+                             close=True)
+                return
+            holder = getattr(self.storage, "conditions", None)
+            if holder is None or not wanted:
+                inner(self)
+                return
+            holder.value = wanted
+            try:
+                inner(self)
+            except PreconditionFailed:
+                self._answer(412, {"error": {"code": 412, "message": UNMET, "errors": [
+                    {"domain": "global", "reason": "conditionNotMet", "message": UNMET}]}})
+            finally:
+                holder.value = None
 
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
         inner = getattr(handler_cls, f"do_{method}", None)
@@ -101,7 +193,7 @@ def guarded(handler_cls, key: str):
             if _inner is None:
                 self.send_error(501)
                 return
-            _inner(self)
+            self._conditioned(_inner)
 
         setattr(Guarded, f"do_{method}", do)
     return Guarded
@@ -123,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     from gcp_storage_emulator.server import RequestHandler
     from gcp_storage_emulator.storage import Storage
 
-    storage = Storage(use_memory_fs=False)
+    storage = with_preconditions(Storage)(use_memory_fs=False)
     if args.default_bucket:
         buckets.create_bucket(args.default_bucket, storage)
     httpd = http_server.HTTPServer((args.host, args.port), partial(guarded(RequestHandler, key), storage))

@@ -8,13 +8,22 @@ mode, `to_binary` writes binary mode. The event is Google's own
 and anything a cluster forwards.
 
 Exactly once: the job key is `{bucket}/{object}#{generation}`; the runtime stores it durably
-and a second event with the same key returns the first job (action `duplicate`).
+and a second event with the same key returns the first job (action `duplicate`). Nothing here
+remembers keys: the local runtime keeps them in its job store, and the cluster runtime names
+the Job after the event, so a second replica's create of it is refused by the cluster (409)
+— exactly once holds across the control service's replicas without the event log.
+
+The event log (`GET /api/events`, the events counters in `/metrics`) lives in the plane's state
+store when it is given one (control/state.py): each replica writes its last `size` entries and
+its counters as `{replica}.json` every `FLUSH_EVERY` seconds while they change (and on close),
+and a reader merges every replica's: the newest `size` entries by time, the counters summed.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
 
@@ -24,7 +33,8 @@ from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from control.errors import BadRequest, NotFound
+from control.errors import BadRequest, NotFound, PlaneError
+from control.state import Every, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,7 @@ INCOMING = "incoming/"
 REQUIRED = ("specversion", "id", "source", "type")
 STRUCTURED_TYPES = ("application/cloudevents+json",)
 ACTIONS = ("started", "duplicate", "ignored", "rejected")
+FLUSH_EVERY = 2.0   # seconds between writes of this replica's log while it changes
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -131,27 +142,44 @@ def event_key(bucket: str, name: str, generation: str) -> str:
 # -- what happened to each event -----------------------------------------------------------
 
 class EventLog:
-    """The last `size` events with what they did, and counters by action (thread-safe)."""
+    """The last `size` events with what they did, and counters by action (thread-safe); with a
+    `store`, every replica's together (see the module's docstring)."""
 
-    def __init__(self, size: int = 1000):
+    def __init__(self, size: int = 1000, *, store: Optional[StateStore] = None, flush_every: float = FLUSH_EVERY):
+        self.size = size
         self._entries: collections.deque[dict] = collections.deque(maxlen=size)
         self._counts: collections.Counter[str] = collections.Counter({a: 0 for a in ACTIONS})
         self._lock = threading.Lock()
+        self.store = store
+        self._dirty = False
+        self._others: dict[str, dict] = {}   # replica -> {"entries", "counts"} as last read
+        self._tokens: dict[str, str] = {}
+        self._flusher: Optional[Every] = None
+        if store is not None:
+            self.replica = store.replica
+            self._load_own()
+            self._flusher = Every(flush_every, self.flush, "event-log").start()
 
     def record(self, action: str, reason: str = "", **fields: Any) -> dict:
-        entry = {"at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        entry = {"at": datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z"),
                  "action": action, "reason": reason, **fields}
         with self._lock:
             self._entries.append(entry)
             self._counts[action] += 1
+            self._dirty = True
         log.info("event %s: %s%s", fields.get("id", "?"), action, f" ({reason})" if reason else "")
         return entry
 
     def entries(self, *, limit: int = 200, action: Optional[str] = None, key: Optional[str] = None,
                 model: Optional[str] = None) -> list[dict]:
         """Newest first."""
+        self._read_others()
         with self._lock:
             items = list(self._entries)
+            for other in self._others.values():
+                items.extend(other["entries"])
+        items.sort(key=lambda e: e.get("at") or "")
+        items = items[-self.size:]
         out = []
         for entry in reversed(items):
             if action and entry["action"] != action:
@@ -166,8 +194,75 @@ class EventLog:
         return out
 
     def counts(self) -> dict[str, int]:
+        self._read_others()
         with self._lock:
-            return dict(self._counts)
+            total = collections.Counter(self._counts)
+            for other in self._others.values():
+                total.update(other["counts"])
+            return dict(total)
+
+    # -- in the store -----------------------------------------------------------------------------
+    def _load_own(self) -> None:
+        """What this replica wrote before a restart (a state dir's one replica)."""
+        try:
+            got = self.store.get_json(f"{self.replica}.json")
+        except (PlaneError, ValueError) as e:
+            log.warning("event log: cannot read this replica's earlier log: %s", getattr(e, "message", e))
+            return
+        if got and isinstance(got[0], dict):
+            self._entries.extend(e for e in got[0].get("entries") or [] if isinstance(e, dict))
+            self._counts.update({k: int(v) for k, v in (got[0].get("counts") or {}).items()})
+
+    def flush(self) -> None:
+        """Write this replica's log if it changed."""
+        if self.store is None:
+            return
+        with self._lock:
+            if not self._dirty:
+                return
+            doc = {"replica": self.replica, "written_at": time.time(), "entries": list(self._entries),
+                   "counts": dict(self._counts)}
+            self._dirty = False
+        try:
+            self.store.put_json(f"{self.replica}.json", doc)
+        except PlaneError as e:
+            log.warning("event log not written: %s", e.message)
+            with self._lock:
+                self._dirty = True
+
+    def _read_others(self) -> None:
+        if self.store is None or not self.store.shared:
+            return
+        try:
+            listing = {k[:-len(".json")]: t for k, t in self.store.list().items()
+                       if k.endswith(".json") and "/" not in k and k[:-len(".json")] != self.replica}
+        except PlaneError as e:
+            log.warning("event log: other replicas' logs not read: %s", e.message)
+            return
+        with self._lock:
+            for gone in [r for r in self._others if r not in listing]:
+                self._others.pop(gone, None)
+                self._tokens.pop(gone, None)
+            changed = [r for r, t in listing.items() if self._tokens.get(r) != t]
+        for replica in changed:
+            try:
+                got = self.store.get_json(f"{replica}.json")
+            except (PlaneError, ValueError) as e:
+                log.warning("event log of %s not read: %s", replica, getattr(e, "message", e))
+                continue
+            if not got or not isinstance(got[0], dict):
+                continue
+            doc, token = got
+            with self._lock:
+                self._others[replica] = {
+                    "entries": [e for e in doc.get("entries") or [] if isinstance(e, dict)],
+                    "counts": {k: int(v) for k, v in (doc.get("counts") or {}).items()}}
+                self._tokens[replica] = token
+
+    def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.stop()
+        self.flush()
 
 
 # -- the sink -----------------------------------------------------------------------------

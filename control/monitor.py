@@ -19,26 +19,42 @@ out of it — predict's JSON `scores` and
 `version`, its CSV with `X-Model-Version`, the Open Inference Protocol's JSON `outputs` and
 `model_version` (binary tensor answers are skipped and counted) — and updates the state.
 
-State survives a restart: each version's reference, window and job summaries are written
-atomically to `{state_dir}/monitor/{model}/{version}.json` when its reference is complete or
-replaced, when a job is observed, every `PERSIST_EVERY` seconds while it changes, and on close.
+State lives in the plane's state store (control/state.py: the state dir on the local runtime,
+the bucket on a cluster), so it survives a restart and every replica of the control service
+sees the same:
+
+- `{model}/{version}.json` — what the replicas share: the reference, the kind, a batch
+  version's job summaries. Written with compare-and-swap (read, change, write only if nobody
+  wrote meanwhile, else again) when a reference is complete or replaced and when a job is
+  observed; a realtime reference is the first replica's to complete, and the others adopt it.
+  So the drift baseline is the same on every replica.
+- `{model}/{version}/windows/{replica}.json` — one replica's share of the rolling window (its
+  scores, each with the time it was taken, and how many it observed), written by that replica
+  alone every `PERSIST_EVERY` seconds while it changes (`SHARED_PERSIST_EVERY` on a shared
+  store) and on close. A reader merges every replica's shard: the window is the newest
+  `monitoring.window` scores of them all, as if one replica had seen all the traffic, and a
+  stopped replica's scores age out of it as newer ones arrive (its shard is removed once it
+  has not been written for `SHARD_TTL` seconds and holds none of the window).
+
+On a shared store each replica reads the others' changes every `SHARED_PERSIST_EVERY` seconds
+and before every report.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import shutil
 import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import orjson
 
 from control import stats
-from control.durable import write_json_atomic
+from control.errors import PlaneError
+from control.state import ABSENT, FileState, StateConflict, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +65,12 @@ QUEUE_MAX = 10_000
 SAMPLE_RATE = 100   # answers taken per model per second; the rest are counted in `sampled_out`
 _clock = time.monotonic   # the sample rate's seconds
 QUEUE_MAX_BYTES = 64 * 2**20
-#: seconds between writes of a version that keeps changing
+#: seconds between writes of a version that keeps changing (state dir)
 PERSIST_EVERY = 30.0
+#: seconds between writes of this replica's windows, and reads of the others', on a shared store
+SHARED_PERSIST_EVERY = 5.0
+#: a replica's window shard not written for this long, holding none of the window, is removed
+SHARD_TTL = 3600.0
 #: seconds between looks at the runtime's finished jobs (and at a model's manifest)
 JOBS_EVERY = 10.0
 SETTINGS_TTL = 5.0
@@ -136,7 +156,13 @@ class _Version:
         self.reference_complete = False
         self.reference_histogram: Optional[dict] = None  # batch: the first job's exact histogram
         self.window: deque = deque(maxlen=self.settings["window"])
-        self.observed = 0
+        self.times: deque = deque(maxlen=self.settings["window"])   # when each window score was taken
+        self.observed = 0                  # realtime scores this replica observed
+        self.batch_observed = 0            # scores of the batch jobs observed (shared)
+        self.retired_observed = 0          # what removed replicas' shards had observed (shared)
+        self.others: dict[str, dict] = {}  # other replicas' window shards: replica -> {"window", "times", "observed"}
+        self.shared_token: Optional[str] = None   # the shared record's store token, as last read or written
+        self.shard_tokens: dict[str, str] = {}    # replica -> its shard's token, as last read
         self.jobs: deque = deque(maxlen=JOBS_KEPT)      # batch: each job's summary, oldest first
         self.seen_jobs: list[str] = []
         self.changed = True                # since the last flag computation
@@ -158,6 +184,7 @@ class _Version:
             if len(self.reference) >= self.settings["reference_size"]:
                 self.reference_complete = completed = True
         self.window.extend(scores)
+        self.times.extend([time.time()] * len(scores))
         self.changed = self.dirty = True
         return completed
 
@@ -165,9 +192,13 @@ class _Version:
         self.settings, self.provisional = dict(settings), False
         if self.window.maxlen != settings["window"]:
             self.window = deque(self.window, maxlen=settings["window"])
+            self.times = deque(self.times, maxlen=settings["window"])
         if not self.reference_complete and self.kind == "realtime" \
                 and len(self.reference) >= settings["reference_size"]:
-            self.window.extendleft(reversed(self.reference[settings["reference_size"]:]))
+            extra = self.reference[settings["reference_size"]:]
+            self.window.extendleft(reversed(extra))
+            first = self.times[0] if self.times else time.time()
+            self.times.extendleft([first] * len(extra))
             del self.reference[settings["reference_size"]:]
             self.reference_count = len(self.reference)
             self.reference_complete = True
@@ -181,7 +212,22 @@ class _Version:
                 return [], 0
             latest = self.jobs[-1]
             return latest.get("percentiles") or [], int(latest.get("count") or 0)
-        return list(self.window), len(self.window)
+        if not any(o["window"] for o in self.others.values()):
+            return list(self.window), len(self.window)
+        merged = self.merged()
+        return [score for _, score in merged], len(merged)
+
+    def merged(self) -> list[tuple[float, float]]:
+        """(time, score) of the newest `window` scores of every replica's window, oldest first."""
+        pairs = list(zip(self.times, self.window))
+        for other in self.others.values():
+            pairs.extend(zip(other["times"], other["window"]))
+        pairs.sort(key=lambda p: p[0])
+        return pairs[-self.settings["window"]:]
+
+    def total_observed(self) -> int:
+        return (self.observed + self.batch_observed + self.retired_observed
+                + sum(int(o.get("observed") or 0) for o in self.others.values()))
 
     def compute(self) -> None:
         current, count = self.current()
@@ -237,7 +283,7 @@ class _Version:
             "drift": dict(self.drift),
             "threshold": self.settings["drift_threshold"],
             "drifted": self.drifted,
-            "observed": self.observed,
+            "observed": self.total_observed(),
             "settings": dict(self.settings),
         }
         if self.kind == "batch":
@@ -247,29 +293,70 @@ class _Version:
                 out["recent"]["job"] = self.jobs[-1].get("job")
         return out
 
-    # -- on disk ----------------------------------------------------------------------------
-    def to_json(self) -> dict:
-        return {"name": self.name, "version": self.version, "kind": self.kind, "settings": self.settings,
-                "provisional": self.provisional, "reference": self.reference,
-                "reference_count": self.reference_count, "reference_source": self.reference_source,
-                "reference_complete": self.reference_complete, "reference_histogram": self.reference_histogram,
-                "window": list(self.window), "observed": self.observed, "jobs": list(self.jobs),
-                "seen_jobs": self.seen_jobs[-SEEN_KEPT:]}
+    # -- in the store -------------------------------------------------------------------------
+    def shared_json(self) -> dict:
+        """What every replica shares: the reference, the kind, the batch jobs."""
+        out = {"name": self.name, "version": self.version, "kind": self.kind, "settings": self.settings,
+               "provisional": self.provisional, "reference_complete": self.reference_complete,
+               "jobs": list(self.jobs), "seen_jobs": self.seen_jobs[-SEEN_KEPT:],
+               "observed": self.batch_observed, "retired_observed": self.retired_observed}
+        if self.reference_complete:
+            out.update(reference=self.reference, reference_count=self.reference_count,
+                       reference_source=self.reference_source, reference_histogram=self.reference_histogram)
+        return out
+
+    def shard_json(self, replica: str) -> dict:
+        """This replica's own part: its window (with times), its count, a reference it is collecting."""
+        return {"name": self.name, "version": self.version, "replica": replica, "kind": self.kind,
+                "settings": self.settings, "provisional": self.provisional, "written_at": time.time(),
+                "window": list(self.window), "times": [round(t, 3) for t in self.times], "observed": self.observed,
+                "collecting": [] if self.reference_complete else self.reference}
+
+    def adopt_shared(self, data: dict) -> None:
+        """Take what the replicas share from the store (a reference this replica is still
+        collecting stays unless the shared one is complete)."""
+        self.kind = data.get("kind") or self.kind
+        if data.get("reference_complete"):
+            self.reference = [float(x) for x in data.get("reference") or []]
+            self.reference_count = int(data.get("reference_count") or len(self.reference))
+            self.reference_source = data.get("reference_source") or "first scores"
+            self.reference_histogram = data.get("reference_histogram")
+            self.reference_complete = True
+        self.jobs = deque(data.get("jobs") or [], maxlen=JOBS_KEPT)
+        self.seen_jobs = list(data.get("seen_jobs") or [])
+        self.batch_observed = int(data.get("observed") or 0) if self.kind == "batch" else 0
+        self.retired_observed = int(data.get("retired_observed") or 0)
+        self.changed = True
+
+    def adopt_own(self, data: dict) -> None:
+        """This replica's shard as it was written before a restart (a state dir's one replica)."""
+        window = [float(x) for x in data.get("window") or []]
+        times = [float(t) for t in data.get("times") or []]
+        if len(times) != len(window):
+            times = [float(data.get("written_at") or time.time())] * len(window)
+        self.window.extend(window)
+        self.times.extend(times)
+        self.observed = int(data.get("observed") or 0)
+        if not self.reference_complete and data.get("collecting"):
+            self.reference = [float(x) for x in data["collecting"]]
+            self.reference_count = len(self.reference)
+        self.changed = True
+
+    def adopt_other(self, replica: str, data: dict) -> None:
+        window = [float(x) for x in data.get("window") or []]
+        times = [float(t) for t in data.get("times") or []]
+        if len(times) != len(window):
+            times = [float(data.get("written_at") or 0)] * len(window)
+        self.others[replica] = {"window": window, "times": times, "observed": int(data.get("observed") or 0),
+                                "written_at": float(data.get("written_at") or 0)}
+        self.changed = True
 
     @classmethod
     def from_json(cls, data: dict) -> "_Version":
+        """A version from its shared record (or from a shard, when only a shard is known)."""
         settings = {**DEFAULTS, **(data.get("settings") or {})}
         v = cls(str(data["name"]), str(data["version"]), settings, bool(data.get("provisional")))
-        v.kind = data.get("kind") or "realtime"
-        v.reference = [float(x) for x in data.get("reference") or []]
-        v.reference_count = int(data.get("reference_count") or len(v.reference))
-        v.reference_source = data.get("reference_source") or "first scores"
-        v.reference_complete = bool(data.get("reference_complete"))
-        v.reference_histogram = data.get("reference_histogram")
-        v.window.extend(float(x) for x in data.get("window") or [])
-        v.observed = int(data.get("observed") or 0)
-        v.jobs.extend(data.get("jobs") or [])
-        v.seen_jobs = list(data.get("seen_jobs") or [])
+        v.adopt_shared(data)
         return v
 
 
@@ -285,10 +372,16 @@ class ScoreMonitor:
     its `monitoring:` settings from it, caching them per version. `runtime`, if given, is
     asked for finished jobs (`jobs(model=…)`, and `job(id)` when a listing has no summary)."""
 
-    def __init__(self, root: Path, *, manifest_of: Callable[[str, str], Optional[dict]] = lambda name, version: None,
+    def __init__(self, store: Union[StateStore, Path], *,
+                 manifest_of: Callable[[str, str], Optional[dict]] = lambda name, version: None,
                  runtime=None, queue_max: int = QUEUE_MAX, queue_max_bytes: int = QUEUE_MAX_BYTES,
-                 start: bool = True):
-        self.root = Path(root)
+                 start: bool = True, persist_every: Optional[float] = None):
+        self.store: StateStore = store if isinstance(store, StateStore) else FileState(Path(store))
+        self.shared = self.store.shared
+        self.replica = self.store.replica
+        self.persist_every = (persist_every if persist_every is not None
+                              else SHARED_PERSIST_EVERY if self.shared else PERSIST_EVERY)
+        self._synced_at = time.monotonic()
         self.manifest_of = manifest_of
         self.runtime = runtime
         self.queue_max, self.queue_max_bytes = queue_max, queue_max_bytes
@@ -354,6 +447,8 @@ class ScoreMonitor:
                     self._jobs_at = now
                     self.sync_jobs()
                 self._persist(force=False)
+                if self.shared and now - self._synced_at >= self.persist_every:
+                    self.sync()
             except Exception:  # noqa: BLE001 — monitoring must never stop for one bad answer
                 log.exception("score monitor")
             if self._queue:
@@ -366,10 +461,13 @@ class ScoreMonitor:
 
     def _drain(self) -> int:
         taken = 0
+        completed: list[tuple[str, str]] = []
         while True:
             try:
                 name, _status, headers, body = self._queue.popleft()
             except IndexError:
+                for name, version in completed:
+                    self._publish_reference(name, version)
                 return taken
             taken += 1
             self._bytes_out += len(body)
@@ -385,7 +483,53 @@ class ScoreMonitor:
                     continue
                 self.observed += len(scores)
                 if v.add(scores):
-                    self._write(v)
+                    completed.append((name, str(version)))
+
+    def _publish_reference(self, name: str, version: str) -> None:
+        """A realtime reference this replica completed becomes the shared one, unless another
+        replica's came first (then that one is adopted)."""
+        self._mutate(name, version, lambda v, shared_complete: not shared_complete)
+        with self._lock:
+            v = self._versions.get((name, version))
+            if v is not None:
+                self._write_shard(v)
+
+    def _mutate(self, name: str, version: str, change: Callable[["_Version", bool], bool]) -> bool:
+        """Change a version's shared record: read it, adopt it, `change(v, shared_reference_complete)`
+        (False: nothing to write), write it only if nobody wrote meanwhile — else all again.
+        True when a change was written."""
+        key = f"{name}/{version}.json"
+        settings, provisional = self._settings_for(name, version)
+        for _ in range(20):
+            try:
+                got = self.store.get_json(key)
+            except (PlaneError, ValueError) as e:
+                log.error("score monitor: cannot read %s: %s", key, getattr(e, "message", e))
+                return False
+            with self._lock:
+                v = self._version(name, version, settings, provisional)
+                complete = False
+                if got is not None and isinstance(got[0], dict):
+                    v.adopt_shared(got[0])
+                    v.shared_token = got[1]
+                    complete = bool(got[0].get("reference_complete"))
+                if not change(v, complete):
+                    return False
+                doc = v.shared_json()
+                expect = got[1] if got is not None else ABSENT
+            try:
+                token = self.store.put_json(key, doc, expect=expect)
+            except StateConflict:
+                continue   # another replica wrote first: read theirs, change that
+            except PlaneError as e:
+                log.error("score monitor: cannot write %s: %s", key, e.message)
+                return False
+            with self._lock:
+                v.shared_token = token
+                v.changed = True
+            return True
+        log.error("score monitor: %s kept changing under 20 attempts to write it; this change is dropped", key)
+        return False
 
     def _version(self, name: str, version: str, settings: dict, provisional: bool) -> _Version:
         v = self._versions.get((name, version))
@@ -447,11 +591,10 @@ class ScoreMonitor:
         if not points:
             return
         count = int(summary["count"])
-        settings, provisional = self._settings_for(name, version)
-        with self._lock:
-            v = self._version(name, version, settings, provisional)
+
+        def change(v: _Version, _complete: bool) -> bool:
             if job and job in v.seen_jobs:
-                return
+                return False   # this replica or another observed it already
             v.kind = "batch"
             if job:
                 v.seen_jobs = (v.seen_jobs + [job])[-SEEN_KEPT:]
@@ -464,10 +607,12 @@ class ScoreMonitor:
             v.jobs.append({"job": job, "finished_at": finished_at, "count": count, "psi": d["psi"], "ks": d["ks"],
                            "quantiles": summary.get("quantiles") or {}, "histogram": summary.get("histogram") or {},
                            "percentiles": points})
-            v.observed += count
-            self.observed += count
+            v.batch_observed += count
             v.changed = True
-            self._write(v)
+            return True
+
+        if self._mutate(name, version, change):
+            self.observed += count
 
     def sync_jobs(self, name: Optional[str] = None) -> None:
         """Observe the runtime's succeeded jobs not seen yet (of one model, or all)."""
@@ -498,16 +643,18 @@ class ScoreMonitor:
         values = _finite_numbers(list(scores))
         if not values:
             raise ValueError("a reference needs at least one finite score")
-        settings, provisional = self._settings_for(name, version)
-        with self._lock:
-            v = self._version(name, version, settings, provisional)
-            v.reference = _quantile_points(values, MAX_REFERENCE)
+        points = _quantile_points(values, MAX_REFERENCE)
+
+        def change(v: _Version, _complete: bool) -> bool:
+            v.reference = list(points)
             v.reference_count = len(values)
             v.reference_source = source
             v.reference_complete = True
             v.reference_histogram = None
             v.changed = True
-            self._write(v)
+            return True
+
+        self._mutate(name, version, change)
         self._refresh_flags([name])
 
     # -- what the API shows -----------------------------------------------------------------
@@ -515,6 +662,8 @@ class ScoreMonitor:
         """`{"versions": {version: {...}}, "drifted": [...]}` for one model, computed now (queued
         answers included; its finished jobs looked up too unless `batch` is False)."""
         self.drain()
+        if self.shared:
+            self.sync(name)
         if batch is not False:
             self.sync_jobs(name)
         self._refresh_flags([name])
@@ -533,7 +682,10 @@ class ScoreMonitor:
                 for key in [k for k in table if k[0] == name]:
                     del table[key]
             self._rates.pop(name, None)
-        shutil.rmtree(self.root / name, ignore_errors=True)
+        try:
+            self.store.delete_prefix(f"{name}/")
+        except PlaneError as e:
+            log.error("score monitor: cannot remove the state of %s: %s", name, e.message)
         self._refresh_flags()
 
     def flags(self) -> dict[str, list[str]]:
@@ -547,40 +699,173 @@ class ScoreMonitor:
         self._refresh_flags()
         with self._lock:
             return [{"model": n, "version": version, "psi": v.drift.get("psi"), "ks": v.drift.get("ks"),
-                     "drifted": v.drifted, "observed": v.observed}
+                     "drifted": v.drifted, "observed": v.total_observed()}
                     for (n, version), v in sorted(self._versions.items())]
 
-    # -- on disk --------------------------------------------------------------------------------
-    def _path(self, v: _Version) -> Path:
-        return self.root / v.name / f"{v.version}.json"
+    # -- in the store -----------------------------------------------------------------------------
+    def _shard_key(self, v: _Version) -> str:
+        return f"{v.name}/{v.version}/windows/{self.replica}.json"
 
-    def _write(self, v: _Version) -> None:
+    def _write_shard(self, v: _Version) -> None:
+        """(under the lock) This replica's window of `v` to the store."""
         try:
-            write_json_atomic(self._path(v), v.to_json())
+            self.store.put_json(self._shard_key(v), v.shard_json(self.replica))
             v.dirty, v.written_at = False, time.monotonic()
-        except OSError as e:
-            log.error("score monitor: cannot write %s: %s", self._path(v), e)
+        except PlaneError as e:
+            log.error("score monitor: cannot write %s: %s", self._shard_key(v), e.message)
 
     def _persist(self, *, force: bool) -> None:
         now = time.monotonic()
         with self._lock:
             for v in self._versions.values():
-                if v.dirty and (force or now - v.written_at >= PERSIST_EVERY):
-                    self._write(v)
+                if v.dirty and (force or now - v.written_at >= self.persist_every):
+                    self._write_shard(v)
+
+    def flush(self) -> None:
+        """Parse what is queued and write every changed window now."""
+        self.drain()
+        self._persist(force=True)
+
+    def sync(self, name: Optional[str] = None) -> None:
+        """Read what changed in the store (every model's, or one's): shared records, and the other
+        replicas' windows; versions known only elsewhere appear here too."""
+        self._synced_at = time.monotonic()
+        try:
+            listing = self.store.list(f"{name}/" if name else "")
+        except PlaneError as e:
+            log.warning("score monitor: cannot list the state store: %s", e.message)
+            return
+        shared: dict[tuple[str, str], str] = {}
+        shards: dict[tuple[str, str], dict[str, str]] = {}
+        for key, token in listing.items():
+            parts = key.split("/")
+            if len(parts) == 2 and parts[1].endswith(".json"):
+                shared[(parts[0], parts[1][:-len(".json")])] = token
+            elif len(parts) == 4 and parts[2] == "windows" and parts[3].endswith(".json"):
+                replica = parts[3][:-len(".json")]
+                if replica != self.replica:
+                    shards.setdefault((parts[0], parts[1]), {})[replica] = token
+        with self._lock:
+            known = {k: v for k, v in self._versions.items() if name is None or k[0] == name}
+        for key, v in known.items():   # removed elsewhere (a model removed on another replica)
+            if key not in shared and key not in shards and v.shared_token is not None:
+                with self._lock:
+                    self._versions.pop(key, None)
+                try:
+                    self.store.delete_prefix(f"{key[0]}/{key[1]}/")
+                except PlaneError:
+                    pass
+        for key in sorted(set(shared) | set(shards)):
+            with self._lock:
+                v = self._versions.get(key)
+            if v is not None and key in shared and v.shared_token != shared[key]:
+                self._read_shared(key, v)
+            for replica, token in shards.get(key, {}).items():
+                if v is None or v.shard_tokens.get(replica) != token:
+                    v = self._read_shard(key, replica) or v
+            if v is not None:
+                with self._lock:
+                    for gone in [r for r in v.others if r not in shards.get(key, {})]:
+                        v.others.pop(gone, None)
+                        v.shard_tokens.pop(gone, None)
+                        v.changed = True
+                self._retire_shards(v)
+
+    def _read_shared(self, key: tuple[str, str], v: Optional["_Version"]) -> Optional["_Version"]:
+        try:
+            got = self.store.get_json(f"{key[0]}/{key[1]}.json")
+        except (PlaneError, ValueError) as e:
+            log.error("score monitor: ignoring unreadable %s/%s.json: %s", *key, getattr(e, "message", e))
+            return v
+        if got is None or not isinstance(got[0], dict):
+            return v
+        with self._lock:
+            v = self._versions.get(key)
+            if v is None:
+                v = self._versions[key] = _Version.from_json({**got[0], "name": key[0], "version": key[1]})
+                if not v.provisional:
+                    self._settings.setdefault(key, v.settings)
+            else:
+                v.adopt_shared(got[0])
+            v.shared_token = got[1]
+            return v
+
+    def _read_shard(self, key: tuple[str, str], replica: str) -> Optional["_Version"]:
+        try:
+            got = self.store.get_json(f"{key[0]}/{key[1]}/windows/{replica}.json")
+        except (PlaneError, ValueError) as e:
+            log.error("score monitor: ignoring the unreadable window of %s in %s/%s: %s", replica, *key,
+                      getattr(e, "message", e))
+            return None
+        if got is None or not isinstance(got[0], dict):
+            return None
+        with self._lock:
+            v = self._versions.get(key)
+            if v is None:
+                v = self._versions[key] = _Version.from_json({**got[0], "name": key[0], "version": key[1]})
+                v.shared_token = None
+            if replica == self.replica:
+                v.adopt_own(got[0])
+            else:
+                v.adopt_other(replica, got[0])
+            v.shard_tokens[replica] = got[1]
+            return v
+
+    def _retire_shards(self, v: "_Version") -> None:
+        """Remove other replicas' shards that have not been written for SHARD_TTL seconds and hold
+        none of the window; what they observed is kept in the shared record."""
+        with self._lock:
+            if v.kind != "realtime" or not v.others:
+                return
+            merged = v.merged()
+            oldest = merged[0][0] if len(merged) >= v.settings["window"] else -math.inf
+            now = time.time()
+            dead = {r: o for r, o in v.others.items()
+                    if now - o["written_at"] > SHARD_TTL and (not o["times"] or max(o["times"]) < oldest)}
+        for replica, other in dead.items():
+            def fold(x: _Version, _complete: bool, n=int(other.get("observed") or 0)) -> bool:
+                x.retired_observed += n
+                return True
+
+            try:
+                self.store.delete(f"{v.name}/{v.version}/windows/{replica}.json", expect=v.shard_tokens.get(replica))
+            except (StateConflict, PlaneError):
+                continue   # written again meanwhile, or another replica removed it
+            with self._lock:
+                v.others.pop(replica, None)
+                v.shard_tokens.pop(replica, None)
+            self._mutate(v.name, v.version, fold)
 
     def _load(self) -> None:
-        if not self.root.is_dir():
+        """Every version in the store: shared records, this replica's windows (a state dir's one
+        replica restarting), the other replicas' windows."""
+        try:
+            listing = self.store.list("")
+        except PlaneError as e:
+            log.error("score monitor: cannot list the state store: %s", e.message)
             return
-        for path in sorted(self.root.glob("*/*.json")):
-            try:
-                v = _Version.from_json(json.loads(path.read_text()))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.error("score monitor: ignoring unreadable %s: %s", path, e)
-                continue
-            v.written_at = time.monotonic()
-            self._versions[(v.name, v.version)] = v
-            if not v.provisional:
-                self._settings[(v.name, v.version)] = v.settings
+        for key in sorted(listing):
+            parts = key.split("/")
+            if len(parts) == 2 and parts[1].endswith(".json"):
+                v = self._read_shared((parts[0], parts[1][:-len(".json")]), None)
+                if v is None:
+                    continue
+                try:   # a record written before windows had shards of their own: its window is this replica's
+                    legacy = self.store.get_json(key)
+                except (PlaneError, ValueError):
+                    legacy = None
+                own = f"{parts[0]}/{parts[1][:-len('.json')]}/windows/{self.replica}.json"
+                if legacy and isinstance(legacy[0], dict) and "window" in legacy[0] and own not in listing:
+                    old = legacy[0]
+                    with self._lock:
+                        v.adopt_own({"window": old.get("window"), "collecting": old.get("reference"),
+                                     "observed": old.get("observed") if v.kind == "realtime" else 0})
+                        v.dirty = True
+            elif len(parts) == 4 and parts[2] == "windows" and parts[3].endswith(".json"):
+                self._read_shard((parts[0], parts[1]), parts[3][:-len(".json")])
+        with self._lock:
+            for v in self._versions.values():
+                v.written_at = time.monotonic()
         self._refresh_flags()
 
     def close(self) -> None:

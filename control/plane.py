@@ -2,6 +2,11 @@
 metrics, registration failures, and each model's serving policy (who may call it, how large
 a body it takes). The Flask app (control API) and the asyncio front door (the models'
 traffic) both hold the one `Plane`.
+
+Records the parts keep — comparisons, score monitoring, shadow records, the event log — are in
+one state store (control/state.py): the state dir on the local runtime, the bucket
+(`gs://{bucket}/state/…`) on a cluster, where the control service runs as several replicas
+with nothing of their own kept in the pod (the state dir there is cache and scratch only).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from control.monitor import ScoreMonitor
 from control.runtime.base import ModelInfo, Runtime
 from control.settings import Settings
 from control.shadow import ShadowLog
+from control.state import BucketState, FileState, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +70,27 @@ class Plane:
     """What the routes share: settings, the runtime, the event sink, metrics, registration failures."""
 
     def __init__(self, settings: Settings, runtime: Runtime, *, owns_runtime: bool, token: str = "",
-                 token_created: bool = False):
+                 token_created: bool = False, state: Optional[StateStore] = None):
         self.settings = settings
         self.runtime = runtime
         self.owns_runtime = owns_runtime
-        self.events = ce.EventLog()
+        self._storage = None
+        self._storage_lock = threading.Lock()
+        self.state = state if state is not None else _state_store(settings, runtime, self)
+        self.events = ce.EventLog(store=self.state.scoped("events/"))
         self.sink = ce.EventSink(runtime, bucket=settings.bucket_name, log_=self.events)
         self.metrics = Metrics()
         self.failed: dict[str, dict] = {}  # folder name -> {"name", "error", "path"}
-        self._storage = None
-        self._storage_lock = threading.Lock()
         self.token = token
         self.token_created = token_created
         self.tokens = _token_store(settings, runtime, token)
         self.audit = _audit_log(settings, runtime, self)
         self.guard = Guard(settings, self.tokens)
         self.policies = TTLCache(ttl=2.0)
-        self.shadow = ShadowLog(runtime, Path(settings.state_dir) / "shadow")
-        self.monitor = ScoreMonitor(Path(settings.state_dir) / "monitor", runtime=runtime,
+        self.shadow = ShadowLog(runtime, self.state.scoped("shadow/"))
+        self.monitor = ScoreMonitor(self.state.scoped("monitor/"), runtime=runtime,
                                     manifest_of=runtime.version_manifest)
-        self.comparisons = Comparisons(self, Path(settings.state_dir) / "comparisons")
+        self.comparisons = Comparisons(self, self.state.scoped("comparisons/"))
         self.openapi: Optional[dict] = None
         self.routes: list = []
 
@@ -108,6 +115,8 @@ class Plane:
         try:
             self.comparisons.close()
             self.monitor.close()
+            self.shadow.close()
+            self.events.close()
         finally:
             if self.owns_runtime:
                 self.runtime.close()
@@ -170,6 +179,13 @@ def _token_store(settings: Settings, runtime: Runtime, bootstrap: str):
     if runtime.name == "knative":
         return identity.SecretTokens(runtime.core_api(), settings.own_namespace, bootstrap)
     return identity.FileTokens(settings.state_dir, bootstrap)
+
+
+def _state_store(settings: Settings, runtime: Runtime, plane: "Plane") -> StateStore:
+    """Where the parts keep their records: the bucket when replicas share them (a cluster), else the state dir."""
+    if runtime.name == "knative":
+        return BucketState(_LazyBucket(plane, settings.bucket_name), prefix="state/")
+    return FileState(Path(settings.state_dir))
 
 
 def _audit_log(settings: Settings, runtime: Runtime, plane: "Plane"):

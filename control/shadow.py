@@ -2,9 +2,19 @@
 
 The front door calls `mirror` after the live answer is in hand; the copy goes to the candidate
 in a task of its own, so the caller's answer never waits for it and never sees it. What the
-candidate answered is recorded beside what the live version answered (scores, status, time),
-bounded in memory and in a JSON-lines file per model under `{state_dir}/shadow/`, and compared
-with the same statistics as `modelplane compare` (control/stats.py).
+candidate answered is recorded beside what the live version answered (scores, status, time)
+and compared with the same statistics as `modelplane compare` (control/stats.py).
+
+The records are kept in the plane's state store (control/state.py: the state dir locally, the
+bucket on a cluster), so every replica of the control service reports the same: each replica
+writes what it recorded as JSON-lines chunks `{model}/{replica}/{time}.jsonl`, a new chunk at
+most every `FLUSH_EVERY` seconds (and on close), never rewriting one; a reader merges every
+replica's chunks (cached: a chunk never changes) with what this replica has not written yet,
+newest `KEEP` by time. A replica with more than `COMPACT_AT` chunks of a model rewrites them as
+one (each record carries an id, `seq`, so a reader that catches both sees each once); chunks
+wholly older than the newest `KEEP` records are removed by the next replica that writes one
+once there are twice as many records. A state dir's older single file per model
+(`{model}.jsonl`) is read as one more chunk.
 
 At most `MAX_INFLIGHT` copies per model are in flight; past that a copy is dropped and counted
 rather than queued, so a slow candidate cannot pile work up behind the live traffic.
@@ -14,24 +24,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import threading
 import time
-from collections import deque
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import orjson
 
 from control import stats
 from control.errors import PlaneError
 from control.runtime.base import ProxyResponse
+from control.state import Every, FileState, StateStore
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 32          # copies in flight per model; more are dropped and counted
-KEEP = 5000                # records kept per model (memory and file)
+KEEP = 5000                # records kept per model (all replicas together)
+FLUSH_EVERY = 2.0          # seconds between this replica's chunks of a model
+COMPACT_AT = 64            # this replica's chunks of a model before they are rewritten as one
 TIMEOUT = 60.0             # a copy still unanswered after this long is recorded as timed out
 
 
@@ -57,15 +68,21 @@ def scores_of(response: ProxyResponse) -> tuple[Optional[str], Optional[list[flo
 class ShadowLog:
     """Mirrors and records shadow requests, per model."""
 
-    def __init__(self, runtime, root: Path):
+    def __init__(self, runtime, store: Union[StateStore, Path], *, flush_every: float = FLUSH_EVERY):
         self.runtime = runtime
-        self.root = Path(root)
+        self.store: StateStore = store if isinstance(store, StateStore) else FileState(Path(store))
+        self.replica = self.store.replica
+        self.flush_every = flush_every
         self._lock = threading.Lock()
-        self._records: dict[str, deque] = {}
+        self._io_lock = threading.Lock()           # one chunk write or read-through at a time
+        self._pending: dict[str, list[dict]] = {}  # recorded here, not written yet
+        self._chunks: dict[str, dict[str, list[dict]]] = {}   # model -> chunk key -> its records (as read)
+        self._flushed_at: dict[str, float] = {}
+        self._seq = 0
         self._inflight: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
-        self._written: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._flusher = Every(flush_every, self.flush, "shadow-records").start()
 
     # -- the front door's side -------------------------------------------------------------
     def mirror(self, name: str, candidate: str, percent: int, *, method: str, path: str, headers: dict,
@@ -124,59 +141,148 @@ class ShadowLog:
 
     # -- records ---------------------------------------------------------------------------
     def record(self, name: str, rec: dict) -> None:
-        line = json.dumps(rec, separators=(",", ":")) + "\n"
+        """Keep one record (written with the next chunk: at once if none was written lately)."""
         with self._lock:
-            records = self._load_locked(name)
-            records.append(rec)
-            path = self._file(name)
+            self._seq += 1
+            rec = {**rec, "seq": f"{self.replica}:{time.time_ns()}:{self._seq}"}
+            self._pending.setdefault(name, []).append(rec)
+            due = time.monotonic() - self._flushed_at.get(name, -1e9) >= self.flush_every
+        if due:
+            self.flush(name)
+
+    def flush(self, name: Optional[str] = None) -> None:
+        """Write what this replica recorded and has not written (of one model, or all) as a chunk each."""
+        with self._io_lock:
+            with self._lock:
+                names = [name] if name is not None else list(self._pending)
+                batches = {n: self._pending.pop(n) for n in names if self._pending.get(n)}
+                for n in names:
+                    self._flushed_at[n] = time.monotonic()
+            for n, batch in batches.items():
+                if n not in self._chunks:
+                    self._read_chunks(n)   # what earlier runs of this replica wrote, for compaction
+                if not self._write_chunk(n, batch):
+                    with self._lock:   # kept for the next try
+                        self._pending[n] = (batch + self._pending.get(n, []))[-KEEP:]
+                    continue
+                self._compact(n)
+                self._trim(n)
+
+    def _write_chunk(self, name: str, batch: list[dict]) -> bool:
+        key = f"{name}/{self.replica}/{time.time_ns():020d}.jsonl"
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in batch).encode()
+        try:
+            self.store.put(key, data)
+        except PlaneError as e:
+            log.warning("shadow records of %s not written: %s", name, e.message)
+            return False
+        with self._lock:
+            self._chunks.setdefault(name, {})[key] = batch
+        return True
+
+    def _compact(self, name: str) -> None:
+        """This replica's chunks of `name`, past COMPACT_AT, rewritten as one (its newest KEEP records)."""
+        mine = f"{name}/{self.replica}/"
+        with self._lock:
+            own = {k: v for k, v in (self._chunks.get(name) or {}).items() if k.startswith(mine)}
+        if len(own) <= COMPACT_AT:
+            return
+        records = sorted((r for recs in own.values() for r in recs), key=lambda r: r.get("at") or 0)[-KEEP:]
+        if not self._write_chunk(name, records):
+            return
+        for key in own:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                if self._written.get(name, 0) >= 2 * KEEP:   # keep the file bounded: rewrite the last KEEP
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
-                    os.replace(tmp, path)
-                    self._written[name] = len(records)
-                else:
-                    with open(path, "a", encoding="utf-8") as f:
-                        f.write(line)
-                    self._written[name] = self._written.get(name, 0) + 1
-            except OSError as e:
-                log.warning("shadow records of %s not written: %s", name, e)
+                self.store.delete(key)
+            except PlaneError:
+                continue
+            with self._lock:
+                (self._chunks.get(name) or {}).pop(key, None)
+
+    def _trim(self, name: str) -> None:
+        """Remove chunks wholly older than the newest KEEP records, once there are 2 × KEEP."""
+        with self._lock:
+            chunks = dict(self._chunks.get(name) or {})
+        if sum(len(c) for c in chunks.values()) < 2 * KEEP:
+            return
+        newest = sorted(((max((r.get("at") or 0) for r in recs), key, len(recs)) for key, recs in chunks.items()
+                         if recs), reverse=True)
+        kept = 0
+        for _at, key, n in newest:
+            if kept >= KEEP:
+                try:
+                    self.store.delete(key)
+                except PlaneError:
+                    continue
+                with self._lock:
+                    (self._chunks.get(name) or {}).pop(key, None)
+            kept += n
 
     def records(self, name: str) -> list[dict]:
+        """Every replica's records of `name`, oldest first, the newest KEEP."""
+        with self._io_lock:
+            self._read_chunks(name)
         with self._lock:
-            return list(self._load_locked(name))
+            chunks = [r for recs in (self._chunks.get(name) or {}).values() for r in recs]
+            chunks.extend(self._pending.get(name) or [])
+        seen: set = set()
+        merged = []
+        for r in chunks:   # a compaction caught half-way shows a record twice: once is enough
+            seq = r.get("seq")
+            if seq is not None:
+                if seq in seen:
+                    continue
+                seen.add(seq)
+            merged.append(r)
+        merged.sort(key=lambda r: r.get("at") or 0)
+        return merged[-KEEP:]
+
+    def _read_chunks(self, name: str) -> None:
+        try:
+            listing = self.store.list(f"{name}/")
+        except PlaneError as e:
+            log.warning("shadow records of %s not read: %s", name, e.message)
+            return
+        wanted = [k for k in listing if k.endswith(".jsonl")]
+        legacy = f"{name}.jsonl"
+        with self._lock:
+            known = self._chunks.setdefault(name, {})
+            for key in [k for k in known if k not in listing and k != legacy]:
+                known.pop(key, None)   # removed by a replica that trimmed them
+            missing = [k for k in wanted if k not in known]
+            check_legacy = legacy not in known
+        if check_legacy:
+            missing.append(legacy)
+        for key in missing:
+            try:
+                got = self.store.get(key)
+            except PlaneError as e:
+                log.warning("shadow records %s not read: %s", key, e.message)
+                continue
+            records = []
+            for line in (got[0] if got else b"").decode("utf-8", "replace").splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:   # a line cut short by a crash: skipped
+                    continue
+            with self._lock:
+                self._chunks.setdefault(name, {})[key] = records
 
     def forget(self, name: str) -> None:
-        with self._lock:
-            self._records.pop(name, None)
-            self._written.pop(name, None)
-            self.dropped.pop(name, None)
+        with self._io_lock:
+            with self._lock:
+                self._pending.pop(name, None)
+                self._chunks.pop(name, None)
+                self.dropped.pop(name, None)
             try:
-                self._file(name).unlink()
-            except OSError:
-                pass
+                self.store.delete_prefix(f"{name}/")
+                self.store.delete(f"{name}.jsonl")
+            except PlaneError as e:
+                log.warning("shadow records of %s not removed: %s", name, e.message)
 
-    def _file(self, name: str) -> Path:
-        return self.root / f"{name}.jsonl"
-
-    def _load_locked(self, name: str) -> deque:
-        records = self._records.get(name)
-        if records is None:
-            records = deque(maxlen=KEEP)
-            path = self._file(name)
-            if path.is_file():
-                count = 0
-                with open(path, encoding="utf-8") as f:
-                    for line in f:
-                        count += 1
-                        try:
-                            records.append(json.loads(line))
-                        except ValueError:   # a line cut short by a crash: skipped
-                            continue
-                self._written[name] = count
-            self._records[name] = records
-        return records
+    def close(self) -> None:
+        """Write what is not written yet."""
+        self._flusher.stop()
+        self.flush()
 
     # -- the comparison ----------------------------------------------------------------------
     def report(self, name: str, *, live: Optional[str], candidate: Optional[str],
