@@ -40,6 +40,7 @@ the service stopped is marked failed on the next start, saying so.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -68,6 +69,7 @@ MAX_QUEUED = 20
 MAX_KEPT = 500
 #: rows one comparison may score (each side's scores are held in memory)
 MAX_ROWS = 2_000_000
+ROUTE_WAIT = 120.0  # seconds a comparison waits for Knative to route a version it pinned
 MAX_TOP = 1000
 #: a realtime chunk's body stays under this (and under the version's own max_body)
 CHUNK_BYTES = 4 * 2**20
@@ -576,7 +578,8 @@ class Comparisons:
         if record["model_kind"] == "batch":
             scores = self._score_batch(record, [a, b])
         else:
-            scores = self._score_realtime(record, [a, b])
+            with self._routed(record["model"], [a, b]):
+                scores = self._score_realtime(record, [a, b])
         sa, sb = scores[a], scores[b]
         if len(sa) != len(sb):
             raise ComparisonFailed(f"{a} scored {len(sa)} rows and {b} scored {len(sb)} rows of the same dataset; "
@@ -595,7 +598,8 @@ class Comparisons:
         if record["model_kind"] == "batch":
             scores = self._score_batch(record, [version])[version]
         else:
-            scores = self._score_realtime(record, [version])[version]
+            with self._routed(record["model"], [version]):
+                scores = self._score_realtime(record, [version])[version]
         if not scores:
             raise ComparisonFailed(f"the dataset {record['dataset']} has no rows: a reference needs scores")
         try:
@@ -738,6 +742,40 @@ class Comparisons:
             return int(limits.get("max_rows") or DEFAULT_MAX_ROWS)
         except (PlaneError, TypeError, ValueError):
             return DEFAULT_MAX_ROWS
+
+    @contextlib.contextmanager
+    def _routed(self, name: str, versions: list[str]):
+        """Each version with a route while the comparison scores through it: on a cluster only the
+        live version, a candidate and pinned versions have one (base.Traffic.targets), so the others
+        are pinned for the comparison and unpinned after it, and scoring waits until Knative
+        reports their route."""
+        runtime = self.plane.runtime
+        if getattr(runtime, "routes_every_version", True):
+            yield
+            return
+        routed = runtime.traffic(name).routed()
+        pinned = []
+        try:
+            for version in versions:
+                if version not in routed:
+                    runtime.pin(name, version)
+                    pinned.append(version)
+            deadline = time.monotonic() + ROUTE_WAIT
+            while pinned:
+                targets = {t["version"]: t for t in runtime.model(name).traffic.get("targets") or []}
+                if all((targets.get(v) or {}).get("url") for v in pinned):
+                    break
+                if time.monotonic() > deadline:
+                    raise ComparisonFailed(f"Knative did not route {', '.join(pinned)} of {name} within "
+                                           f"{ROUTE_WAIT:.0f} s of pinning them for this comparison")
+                time.sleep(0.5)
+            yield
+        finally:
+            for version in pinned:
+                try:
+                    runtime.unpin(name, version)
+                except Exception as e:  # noqa: BLE001 - the comparison's result stands; the pin is said
+                    log.warning("could not unpin %s %s after a comparison: %s", name, version, e)
 
     def _score_realtime(self, record: dict, versions: list[str]) -> dict[str, list[float]]:
         from control.gcs import split_gs_uri

@@ -452,7 +452,7 @@ def test_knative_runs_a_job_of_the_version_asked_for(tmp_path_factory):
         for path, doc in kube.iter_knative_docs():
             if path.name in ("namespace.yaml", "rbac.yaml"):
                 cluster.admin.apply(doc)
-        runtime = tk.make_runtime(cluster, cluster.service_account_token(tk.NS, tk.SA))
+        runtime = tk.make_runtime(cluster, cluster.service_account_token(tk.CONTROL_NS, tk.SA))
         try:
             v1 = tk.example("churn-risk")
             runtime.deploy(v1)

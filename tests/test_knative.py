@@ -850,6 +850,45 @@ def test_reads_come_from_the_watch_cache_and_list_nothing_per_request(cluster, s
         second.close()
 
 
+def test_a_comparison_pins_the_versions_it_scores_and_unpins_them_after(cluster, runtime):
+    """A version with no route is pinned while a comparison scores through it (then unpinned),
+    and the comparison waits until Knative reports the pinned version's URL."""
+    import types
+
+    from control.compare import Comparisons
+
+    name = "compared-" + secrets.token_hex(3)
+    v1 = bump(example("donor-propensity"), "1.0.0", name=name)
+    runtime.deploy(v1)
+    runtime.deploy(bump(v1, "2.0.0"), make_live=False)
+    assert runtime.traffic(name).routed() == ["1.0.0"]
+    stop = threading.Event()
+
+    def knative_routes():   # the Route controller, reporting each target's URL
+        while not stop.wait(0.2):
+            try:
+                reconcile_service(cluster.admin, name)
+            except kube.ApiError:
+                pass
+
+    routes = threading.Thread(target=knative_routes, daemon=True)
+    routes.start()
+    comparisons = Comparisons.__new__(Comparisons)
+    comparisons.plane = types.SimpleNamespace(runtime=runtime)
+    try:
+        with comparisons._routed(name, ["1.0.0", "2.0.0"]):
+            state = runtime.traffic(name)
+            assert (state.live, state.pinned) == ("1.0.0", ["2.0.0"])
+            targets = {t["version"]: t for t in runtime.model(name).traffic["targets"]}
+            assert targets["2.0.0"]["url"] == f"http://v2-0-0-{name}.{NS}.example.com"
+        assert runtime.traffic(name).pinned == []
+        assert runtime.traffic(name).routed() == ["1.0.0"]
+    finally:
+        stop.set()
+        routes.join()
+        runtime.remove(name)
+
+
 def test_concurrent_deploys_lose_no_version(cluster, sa_token):
     """The control Deployment runs two replicas; the versions of a realtime model live in one
     annotation. A write computed from a stale read must not drop a version the other wrote."""

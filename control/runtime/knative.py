@@ -144,6 +144,8 @@ class KnativeRuntime(Runtime):
     """Models on a Knative cluster, in `settings.namespace`, reached through the Kubernetes API."""
 
     name = "knative"
+    #: only the live version, a candidate and pinned versions have a route (knative_objects.traffic_list)
+    routes_every_version = False
 
     def __init__(self, settings, *, api_client=None, request_timeout: float = 30.0):
         self.settings = settings
