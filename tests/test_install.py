@@ -217,9 +217,29 @@ def test_no_workload_gets_a_variable_per_service(rendered):
             f"{where}: enableServiceLinks: false (Knative makes three Services per model version)"
 
 
-def test_the_namespace_enforces_the_restricted_pod_security_profile():
-    [ns] = by_kind(manifest_docs(), "Namespace").values()
-    assert ns["metadata"]["labels"].get("pod-security.kubernetes.io/enforce") == "restricted"
+def test_both_namespaces_enforce_the_restricted_pod_security_profile():
+    namespaces = by_kind(manifest_docs(), "Namespace")
+    assert set(namespaces) == {"modelplane", "modelplane-models"}
+    for ns in namespaces.values():
+        assert ns["metadata"]["labels"].get("pod-security.kubernetes.io/enforce") == "restricted"
+
+
+def test_models_and_jobs_live_where_no_secret_of_the_control_service_is():
+    """Every object the control service makes (per knative/control.yaml's MODELPLANE_NAMESPACE),
+    the Broker and the Jobs' ServiceAccount are in modelplane-models; the Secrets the control
+    service reads are in modelplane, with the control service."""
+    docs = manifest_docs()
+    control = next(d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "modelplane-control")
+    env = {e["name"]: e for e in control["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MODELPLANE_NAMESPACE"]["value"] == "modelplane-models"
+    assert env["MODELPLANE_CONTROL_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert control["metadata"]["namespace"] == "modelplane"
+    assert by_kind(docs, "Broker")["default"]["metadata"]["namespace"] == "modelplane-models"
+    assert by_kind(docs, "ServiceAccount")["modelplane-job"]["metadata"]["namespace"] == "modelplane-models"
+    for name, secret in by_kind(docs, "Secret").items():
+        assert secret["metadata"]["namespace"] == "modelplane", name
+    bridge = next(d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "modelplane-bridge")
+    assert bridge["spec"]["template"]["spec"]["containers"][0]["args"][2].endswith("/modelplane-models/default")
 
 
 # -- pods: volumes ----------------------------------------------------------------------------

@@ -60,26 +60,38 @@ class Filter:
         return out
 
 
+class Row(tuple):
+    """One model of the list, encoded once: (name, owner, kind, labels, search text, JSON bytes).
+    A row whose model did not change is reused by the next snapshot as it is."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, m: dict) -> "Row":
+        return cls((m["name"], m.get("owner") or "", m.get("kind"), m.get("labels") or {},
+                    "\0".join((m["name"], m.get("description") or "", m.get("owner") or "",
+                               *(m.get("labels") or {}).values())).lower(), orjson.dumps(m)))
+
+
 class Snapshot:
     """The encoded list, each model's byte span in it (a page is a slice, never a re-encoding),
     each row's owner, labels and lowercase search text (a filter never re-reads the rows), and
     an ETag of the whole. Never changed once built, but for its small cache of answers."""
 
-    def __init__(self, infos: list[dict]):
-        parts, spans, at = [], [], 1
-        for info in infos:
-            encoded = orjson.dumps(info)
-            spans.append((at, at + len(encoded)))
-            parts.append(encoded)
-            at += len(encoded) + 1
-        self.body = b"[" + b",".join(parts) + b"]"
+    def __init__(self, infos: Optional[list[dict]] = None, *, rows: Optional[list[Row]] = None):
+        rows = rows if rows is not None else [Row.of(m) for m in infos or []]
+        spans, at = [], 1
+        for row in rows:
+            end = at + len(row[5])
+            spans.append((at, end))
+            at = end + 1
+        self.body = b"[" + b",".join([row[5] for row in rows]) + b"]"
         self.spans = spans
-        self.names = [m["name"] for m in infos]
-        self.owners = [m.get("owner") or "" for m in infos]
-        self.kinds = [m.get("kind") for m in infos]
-        self.labels = [m.get("labels") or {} for m in infos]
-        self.texts = ["\0".join((m["name"], m.get("description") or "", m.get("owner") or "",
-                                  *(m.get("labels") or {}).values())).lower() for m in infos]
+        self.names = [row[0] for row in rows]
+        self.owners = [row[1] for row in rows]
+        self.kinds = [row[2] for row in rows]
+        self.labels = [row[3] for row in rows]
+        self.texts = [row[4] for row in rows]
         self.etag = _etag(self.body)
         self._lock = threading.Lock()
         self._answers: OrderedDict = OrderedDict()
@@ -174,6 +186,10 @@ class ModelList:
         self._lock = threading.Lock()
         self._key: object = object()
         self._snapshot: Optional[Snapshot] = None
+        #: id(ModelInfo) -> (the ModelInfo, what was added to it, its Row): a runtime that hands
+        #: back the same ModelInfo for a model that did not change (the cluster runtime's watch
+        #: cache) has its row reused, not encoded again
+        self._rows: dict[int, tuple] = {}
 
     def current(self) -> Snapshot:
         gen = self.plane.runtime.models_generation()
@@ -181,23 +197,35 @@ class ModelList:
         key = (gen, failed, self.plane.monitor.generation) if gen is not None else object()
         with self._lock:
             if key != self._key or self._snapshot is None:
-                self._snapshot = Snapshot(self._infos())
+                self._snapshot = Snapshot(rows=self._make_rows())
                 self._key = key
             return self._snapshot
 
-    def _infos(self) -> list[dict]:
-        infos = [m.to_json() for m in self.plane.runtime.models()]
-        known = {m["name"]: m for m in infos}
-        for entry in self.plane.failed.values():
-            if entry["name"] in known:
-                known[entry["name"]]["error"] = entry["error"]
-            else:
-                infos.append(self.plane.failed_info(entry))
+    def _make_rows(self) -> list[Row]:
+        failed = {e["name"]: e for e in self.plane.failed.values()}
         flags = self.plane.monitor.flags()
-        for info in infos:
+        rows, memo = [], {}
+        for m in self.plane.runtime.models():
+            extra = (tuple(flags.get(m.name, [])), (failed.pop(m.name, None) or {}).get("error"))
+            hit = self._rows.get(id(m))
+            if hit is not None and hit[0] is m and hit[1] == extra:
+                row = hit[2]
+            else:
+                info = m.to_json()
+                if extra[1] is not None:
+                    info["error"] = extra[1]
+                info["drifted"] = list(extra[0])
+                row = Row.of(info)
+            memo[id(m)] = (m, extra, row)
+            rows.append(row)
+        self._rows = memo
+        for entry in failed.values():   # a folder that never registered
+            info = self.plane.failed_info(entry)
             info["drifted"] = flags.get(info["name"], [])
-        infos.sort(key=lambda m: m["name"])
-        return infos
+            rows.append(Row.of(info))
+        if failed or any(rows[i][0] > rows[i + 1][0] for i in range(len(rows) - 1)):
+            rows.sort(key=lambda r: r[0])
+        return rows
 
 
 def routes(plane) -> Routes:

@@ -157,6 +157,7 @@ class KnativeRuntime(Runtime):
         self._endpoints: dict[str, tuple[str, float]] = {}
         self._timeouts: dict[str, float] = {}
         self._informers: Optional[dict] = None
+        self._rows: dict = {}   # (kind, name) -> (the resourceVersions it was built from, ModelInfo)
 
     # -- the Kubernetes API ------------------------------------------------------------------
     @property
@@ -668,10 +669,27 @@ class KnativeRuntime(Runtime):
         if cache is not None:   # from the watch cache: no request at all
             pods, jobs = cache["pods"], cache["jobs"]
             by_name = dict(cache["jobsinks"].items())
-            out = [self._realtime_detail(s, pods.by_index(s["metadata"]["name"]), brief=True)
-                   for s in cache["services"].values()]
-            out += [self._batch_detail(t, by_name, jobs.by_index(t["metadata"]["name"]), brief=True)
-                    for t in cache["triggers"].values()]
+            rows, out = {}, []
+
+            def row(key, deps, build):
+                # a model whose objects did not change keeps its ModelInfo (the API keeps its encoding)
+                hit = self._rows.get(key)
+                info = hit[1] if hit is not None and hit[0] == deps else build()
+                rows[key] = (deps, info)
+                out.append(info)
+
+            for svc in cache["services"].values():
+                name = svc["metadata"]["name"]
+                its_pods = pods.by_index(name)
+                row(("realtime", name), (_rv(svc), tuple(sorted(_rv(p) for p in its_pods))),
+                    lambda: self._realtime_detail(svc, its_pods, brief=True))
+            for trig in cache["triggers"].values():
+                name = trig["metadata"]["name"]
+                its_jobs = jobs.by_index(name)
+                row(("batch", name), (_rv(trig), _rv(by_name.get(_trigger_sink(trig)) or {}),
+                                      tuple(sorted(_rv(j) for j in its_jobs))),
+                    lambda: self._batch_detail(trig, by_name, its_jobs, brief=True))
+            self._rows = rows
             return sorted(out, key=lambda m: m.name)
         services = [_lean_service(s) for s in self._list("services", MANAGED)]
         triggers = self._list("triggers", MANAGED)
@@ -1280,6 +1298,10 @@ def _revision_timeout(svc: dict, settings) -> float:
     if manifest is not None:
         seconds.append(float(ko.revision_timeout(manifest)))
     return max(seconds) or float(settings.max_revision_timeout)
+
+
+def _rv(obj: Mapping) -> Optional[str]:
+    return (obj.get("metadata") or {}).get("resourceVersion")
 
 
 _BRIEF = "_brief"   # what a cached object carries of its manifest: the fields a row of the model list shows
