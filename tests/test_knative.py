@@ -889,105 +889,6 @@ def test_a_comparison_pins_the_versions_it_scores_and_unpins_them_after(cluster,
         runtime.remove(name)
 
 
-def test_two_control_replicas_agree_on_every_read_after_writes_to_either(cluster, sa_token, gcs, gcs_client,
-                                                                          tmp_path):
-    """Two control services (as knative/control.yaml runs them: the cluster runtime, the token
-    Secret, the audit head, the bucket's state/), each written to in turn, read the same from
-    the other: models, versions, the split, pins, tokens, the audit trail, comparisons."""
-    import io
-    import tarfile
-
-    import requests
-
-    from control_helpers import TOKEN, running, settings_for
-
-    name = "replicated-" + secrets.token_hex(3)
-    folder = tmp_path / "src" / name
-    folder.parent.mkdir()
-    import shutil as _shutil
-    _shutil.copytree(ROOT / "models" / "donor-propensity", folder)
-    text = (folder / "model.yaml").read_text().replace("name: donor-propensity", f"name: {name}", 1)
-    (folder / "model.yaml").write_text(text)
-
-    def tarball(version):
-        (folder / "model.yaml").write_text(re.sub(r"^version: .*$", f"version: {version}", text, flags=re.M))
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            tar.add(folder, arcname=name)
-        return buf.getvalue()
-
-    def plane(label):
-        (tmp_path / label).mkdir()
-        s = settings_for(tmp_path / label, runtime="knative", namespace=NS, control_namespace=CONTROL_NS,
-                         registry="registry.test/models", adapter_image="registry.test/adapter:0.1.0",
-                         broker="default", token=TOKEN, deploy_check_timeout=5)
-        rt = make_runtime(cluster, sa_token)
-        rt.start()   # as `serve` starts the runtime it builds (a runtime passed in is the caller's to start)
-        runtimes.append(rt)
-        return running(s, runtime=rt)
-
-    runtimes: list = []
-
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-
-    def call(server, method, path, **kw):
-        return requests.request(method, server.url + path, headers={**auth, **kw.pop("headers", {})}, timeout=60, **kw)
-
-    def same(path, a, b, key=lambda d: d, timeout=10):
-        """`path` answers the same on both (after the other's watch has caught up)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ra, rb = call(a, "GET", path), call(b, "GET", path)
-            if ra.status_code == rb.status_code == 200 and key(ra.json()) == key(rb.json()):
-                return ra.json()
-            assert time.monotonic() < deadline, (path, ra.status_code, ra.text[:500], rb.status_code, rb.text[:500])
-            time.sleep(0.1)
-
-    with plane("a") as a, plane("b") as b:
-        for server in (a, b):
-            wait = time.monotonic() + 30
-            while requests.get(server.url + "/readyz", timeout=5).status_code != 200:
-                assert time.monotonic() < wait
-                time.sleep(0.1)
-        r = call(a, "POST", "/api/models", data=tarball("1.0.0"), headers={"Content-Type": "application/gzip"})
-        assert r.status_code == 201, r.text
-        r = call(b, "POST", "/api/models?live=false", data=tarball("1.1.0"), headers={"Content-Type": "application/gzip"})
-        assert r.status_code == 201, r.text
-        listed = same("/api/models", a, b, key=lambda rows: [m for m in rows if m["name"] == name])
-        assert [(m["version"], m["owner"]) for m in listed if m["name"] == name] == [("1.0.0", "fundraising-analytics")]
-        detail = same(f"/api/models/{name}", a, b, key=lambda d: (d["version"], [v["version"] for v in d["versions"]]))
-        assert [v["version"] for v in detail["versions"]] == ["1.0.0", "1.1.0"]
-        assert call(a, "POST", f"/api/models/{name}/rollout", json={"version": "1.1.0", "percent": 20}).status_code == 200
-        assert call(b, "POST", f"/api/models/{name}/pins", json={"version": "1.1.0"}).status_code == 200
-        traffic = same(f"/api/models/{name}/traffic", a, b)
-        assert (traffic["live"], traffic["candidate"], traffic["percent"]) == ("1.0.0", "1.1.0", 20)
-        made = call(b, "POST", "/api/tokens", json={"name": "carol-" + secrets.token_hex(2), "role": "viewer"})
-        assert made.status_code == 201, made.text
-        wait = time.monotonic() + 10
-        while requests.get(a.url + "/api/whoami", headers={"Authorization": f"Bearer {made.json()['token']}"},
-                           timeout=10).status_code != 200:
-            assert time.monotonic() < wait, "a token made on b is not accepted by a"
-            time.sleep(0.1)
-        trail = same(f"/api/audit?model={name}", a, b)
-        assert {e["action"] for e in trail} >= {"deploy", "rollout", "pin"}
-        gcs_client.bucket("test-bucket").blob(f"comparisons/{name}/rows.csv").upload_from_string(
-            (ROOT / "models" / "donor-propensity" / "sample.csv").read_bytes())
-        started = call(a, "POST", f"/api/models/{name}/comparisons",
-                       json={"a": "1.0.0", "b": "1.1.0", "dataset": f"gs://test-bucket/comparisons/{name}/rows.csv"})
-        assert started.status_code == 202, started.text
-        cid = started.json()["id"]
-        seen = same(f"/api/comparisons/{cid}", a, b, key=lambda d: (d["id"], d["status"], d.get("error")), timeout=60)
-        assert seen["model"] == name
-        assert [c["id"] for c in same(f"/api/models/{name}/comparisons", a, b)] == [cid]
-        assert call(a, "DELETE", f"/api/models/{name}", params={"yes": "1"}).status_code in (200, 204)
-        wait = time.monotonic() + 10
-        while call(b, "GET", f"/api/models/{name}").status_code != 404:
-            assert time.monotonic() < wait
-            time.sleep(0.1)
-    for rt in runtimes:
-        rt.close()
-
-
 def test_concurrent_deploys_lose_no_version(cluster, sa_token):
     """The control Deployment runs two replicas; the versions of a realtime model live in one
     annotation. A write computed from a stale read must not drop a version the other wrote."""
@@ -1270,6 +1171,106 @@ def test_cancel_deletes_the_job_and_jobs_whose_job_is_gone_stay_listed(cluster, 
         admin.request("DELETE", f"{jobs_path}/{job_id}",
                       {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
     COMPLETED.add("cancel")
+
+
+def test_two_control_replicas_agree_on_every_read_after_writes_to_either(cluster, sa_token, gcs, gcs_client,
+                                                                          tmp_path):
+    """(After the audit test, which counts the chain from its start.) Two control services (as knative/control.yaml runs them: the cluster runtime, the token
+    Secret, the audit head, the bucket's state/), each written to in turn, read the same from
+    the other: models, versions, the split, pins, tokens, the audit trail, comparisons."""
+    import io
+    import tarfile
+
+    import requests
+
+    from control_helpers import TOKEN, running, settings_for
+
+    name = "replicated-" + secrets.token_hex(3)
+    folder = tmp_path / "src" / name
+    folder.parent.mkdir()
+    import shutil as _shutil
+    _shutil.copytree(ROOT / "models" / "donor-propensity", folder)
+    text = (folder / "model.yaml").read_text().replace("name: donor-propensity", f"name: {name}", 1)
+    (folder / "model.yaml").write_text(text)
+
+    def tarball(version):
+        (folder / "model.yaml").write_text(re.sub(r"^version: .*$", f"version: {version}", text, flags=re.M))
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            tar.add(folder, arcname=name)
+        return buf.getvalue()
+
+    def plane(label):
+        (tmp_path / label).mkdir()
+        s = settings_for(tmp_path / label, runtime="knative", namespace=NS, control_namespace=CONTROL_NS,
+                         registry="registry.test/models", adapter_image="registry.test/adapter:0.1.0",
+                         broker="default", token=TOKEN, deploy_check_timeout=5)
+        rt = make_runtime(cluster, sa_token)
+        rt.start()   # as `serve` starts the runtime it builds (a runtime passed in is the caller's to start)
+        runtimes.append(rt)
+        return running(s, runtime=rt)
+
+    runtimes: list = []
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def call(server, method, path, **kw):
+        return requests.request(method, server.url + path, headers={**auth, **kw.pop("headers", {})}, timeout=60, **kw)
+
+    def same(path, a, b, key=lambda d: d, timeout=10):
+        """`path` answers the same on both (after the other's watch has caught up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ra, rb = call(a, "GET", path), call(b, "GET", path)
+            if ra.status_code == rb.status_code == 200 and key(ra.json()) == key(rb.json()):
+                return ra.json()
+            assert time.monotonic() < deadline, (path, ra.status_code, ra.text[:500], rb.status_code, rb.text[:500])
+            time.sleep(0.1)
+
+    with plane("a") as a, plane("b") as b:
+        for server in (a, b):
+            wait = time.monotonic() + 30
+            while requests.get(server.url + "/readyz", timeout=5).status_code != 200:
+                assert time.monotonic() < wait
+                time.sleep(0.1)
+        r = call(a, "POST", "/api/models", data=tarball("1.0.0"), headers={"Content-Type": "application/gzip"})
+        assert r.status_code == 201, r.text
+        r = call(b, "POST", "/api/models?live=false", data=tarball("1.1.0"), headers={"Content-Type": "application/gzip"})
+        assert r.status_code == 201, r.text
+        listed = same("/api/models", a, b, key=lambda rows: [m for m in rows if m["name"] == name])
+        assert [(m["version"], m["owner"]) for m in listed if m["name"] == name] == [("1.0.0", "fundraising-analytics")]
+        detail = same(f"/api/models/{name}", a, b, key=lambda d: (d["version"], [v["version"] for v in d["versions"]]))
+        assert [v["version"] for v in detail["versions"]] == ["1.0.0", "1.1.0"]
+        assert call(a, "POST", f"/api/models/{name}/rollout", json={"version": "1.1.0", "percent": 20}).status_code == 200
+        assert call(b, "POST", f"/api/models/{name}/pins", json={"version": "1.1.0"}).status_code == 200
+        traffic = same(f"/api/models/{name}/traffic", a, b)
+        assert (traffic["live"], traffic["candidate"], traffic["percent"]) == ("1.0.0", "1.1.0", 20)
+        made = call(b, "POST", "/api/tokens", json={"name": "carol-" + secrets.token_hex(2), "role": "viewer"})
+        assert made.status_code == 201, made.text
+        wait = time.monotonic() + 10
+        while requests.get(a.url + "/api/whoami", headers={"Authorization": f"Bearer {made.json()['token']}"},
+                           timeout=10).status_code != 200:
+            assert time.monotonic() < wait, "a token made on b is not accepted by a"
+            time.sleep(0.1)
+        assert call(a, "DELETE", f"/api/tokens/{made.json()['name']}").status_code in (200, 204)
+        trail = same(f"/api/audit?model={name}", a, b)
+        assert {e["action"] for e in trail} >= {"deploy", "rollout", "pin"}
+        gcs_client.bucket("test-bucket").blob(f"comparisons/{name}/rows.csv").upload_from_string(
+            (ROOT / "models" / "donor-propensity" / "sample.csv").read_bytes())
+        started = call(a, "POST", f"/api/models/{name}/comparisons",
+                       json={"a": "1.0.0", "b": "1.1.0", "dataset": f"gs://test-bucket/comparisons/{name}/rows.csv"})
+        assert started.status_code == 202, started.text
+        cid = started.json()["id"]
+        seen = same(f"/api/comparisons/{cid}", a, b, key=lambda d: (d["id"], d["status"], d.get("error")), timeout=60)
+        assert seen["model"] == name
+        assert [c["id"] for c in same(f"/api/models/{name}/comparisons", a, b)] == [cid]
+        assert call(a, "DELETE", f"/api/models/{name}", params={"yes": "1"}).status_code in (200, 204)
+        wait = time.monotonic() + 10
+        while call(b, "GET", f"/api/models/{name}").status_code != 404:
+            assert time.monotonic() < wait
+            time.sleep(0.1)
+    for rt in runtimes:
+        rt.close()
 
 
 def test_role_is_exactly_what_the_runtime_uses():
