@@ -216,13 +216,14 @@ def measure(mode: str, samples: int) -> dict:
     changed_all, changed_filtered, cached_all, cached_filtered = [], [], [], []
     teams = ("fundraising", "membership", "marketing", "finance", "events")
     for k in range(samples):
-        for timings, wanted in ((changed_all, Filter()),
-                                (changed_filtered, Filter(selectors=(("team", "=", teams[k % len(teams)]),)))):
+        for which, (timings, wanted) in enumerate(((changed_all, Filter()),
+                                                   (changed_filtered,
+                                                    Filter(selectors=(("team", "=", teams[k % len(teams)]),))))):
             generation = rt.models_generation()
-            name = names[(k * 7919 + len(timings)) % len(names)]
+            name = names[(k * 7919 + which * 104729) % len(names)]
             admin.merge_patch(f"{SERVICES}/{name}/status", {"status": {"conditions": [
                 {"type": "Ready", "status": "True", "lastTransitionTime": f"2024-01-01T00:{k % 60:02d}:00Z",
-                 "message": f"sample {k}"}]}})
+                 "message": f"sample {k}.{which}"}]}})
             wait_until = time.monotonic() + 30
             while rt.models_generation() == generation:
                 if time.monotonic() > wait_until:

@@ -291,6 +291,32 @@ def test_read_your_writes_through_note_and_forget(cluster):
         net.close()
 
 
+def test_touched_since_names_what_changed_and_says_when_it_cannot(cluster):
+    """The change log a list reader rebuilds from: the names and index keys each change touched
+    (watch events, notes, forgets), nothing when nothing changed, and None when it cannot tell
+    (a generation older than the last list, or one it never had)."""
+    inf = informer(cluster, index=by_label(LABEL)).start()
+    try:
+        assert inf.wait_synced(30), inf.last_error
+        start, nothing = inf.touched_since(inf.generation)
+        assert nothing == set()
+        created = create(cluster, service("touched-a", model="model-a"))
+        inf.note(created)
+        create(cluster, service("touched-b", model="model-b"))
+        until(lambda: inf.get("touched-b") is not None, what="ADDED")
+        now, touched = inf.touched_since(start)
+        assert now > start and {"touched-a", "model-a", "touched-b", "model-b"} <= touched
+        cluster.admin.merge_patch(f"{SERVICES}/touched-b", {"metadata": {"labels": {LABEL: "model-c"}}})
+        until(lambda: [v["metadata"]["name"] for v in inf.by_index("model-c")] == ["touched-b"], what="a move")
+        _, moved = inf.touched_since(now)
+        assert {"touched-b", "model-b", "model-c"} <= moved and "model-a" not in moved   # from and to
+        assert inf.touched_since(-1)[1] is None and inf.touched_since(10**9)[1] is None
+        for name in ("touched-a", "touched-b"):
+            cluster.admin.request("DELETE", f"{SERVICES}/{name}")
+    finally:
+        stopped(inf)
+
+
 def test_a_note_the_watch_never_confirms_expires(cluster):
     net = Cuttable(cluster.port)
     inf = informer(cluster, port=net.port, min_backoff=0.05, max_backoff=0.3, note_ttl=0.5).start()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import shutil
 import tempfile
 import threading
@@ -61,16 +62,18 @@ class Filter:
 
 
 class Row(tuple):
-    """One model of the list, encoded once: (name, owner, kind, labels, search text, JSON bytes).
-    A row whose model did not change is reused by the next snapshot as it is."""
+    """One model of the list, encoded once: (name, owner, kind, labels, search text, JSON bytes,
+    digest of the bytes). A row whose model did not change is reused by the next snapshot."""
 
     __slots__ = ()
 
     @classmethod
     def of(cls, m: dict) -> "Row":
+        encoded = orjson.dumps(m)
         return cls((m["name"], m.get("owner") or "", m.get("kind"), m.get("labels") or {},
                     "\0".join((m["name"], m.get("description") or "", m.get("owner") or "",
-                               *(m.get("labels") or {}).values())).lower(), orjson.dumps(m)))
+                               *(m.get("labels") or {}).values())).lower(), encoded,
+                    hashlib.blake2b(encoded, digest_size=12).digest()))
 
 
 class Snapshot:
@@ -80,19 +83,16 @@ class Snapshot:
 
     def __init__(self, infos: Optional[list[dict]] = None, *, rows: Optional[list[Row]] = None):
         rows = rows if rows is not None else [Row.of(m) for m in infos or []]
-        spans, at = [], 1
-        for row in rows:
-            end = at + len(row[5])
-            spans.append((at, end))
-            at = end + 1
-        self.body = b"[" + b",".join([row[5] for row in rows]) + b"]"
-        self.spans = spans
-        self.names = [row[0] for row in rows]
-        self.owners = [row[1] for row in rows]
-        self.kinds = [row[2] for row in rows]
-        self.labels = [row[3] for row in rows]
-        self.texts = [row[4] for row in rows]
-        self.etag = _etag(self.body)
+        if rows:
+            self.names, self.owners, self.kinds, self.labels, self.texts, encoded, digests = map(list, zip(*rows))
+        else:
+            self.names, self.owners, self.kinds, self.labels, self.texts, encoded, digests = [], [], [], [], [], [], []
+        # row i spans [ends[i] - len(row i), ends[i]) of the body: "[" + rows joined by "," + "]"
+        ends = list(itertools.accumulate(len(e) + 1 for e in encoded))
+        self.spans = [(end - len(e), end) for end, e in zip(ends, encoded)]
+        self.body = b"[" + b",".join(encoded) + b"]"
+        # the ETag: a digest of the rows' digests (each made once, with its row)
+        self.etag = _etag(b"".join(digests))
         self._lock = threading.Lock()
         self._answers: OrderedDict = OrderedDict()
         self._answer_bytes = 0
@@ -204,10 +204,13 @@ class ModelList:
     def _make_rows(self) -> list[Row]:
         failed = {e["name"]: e for e in self.plane.failed.values()}
         flags = self.plane.monitor.flags()
-        rows, memo = [], {}
+        special = set(failed) | {n for n, f in flags.items() if f}
+        plain = ((), None)
+        rows, memo, previous = [], {}, self._rows
         for m in self.plane.runtime.models():
-            extra = (tuple(flags.get(m.name, [])), (failed.pop(m.name, None) or {}).get("error"))
-            hit = self._rows.get(id(m))
+            extra = plain if m.name not in special else (tuple(flags.get(m.name, [])),
+                                                         (failed.pop(m.name, None) or {}).get("error"))
+            hit = previous.get(id(m))
             if hit is not None and hit[0] is m and hit[1] == extra:
                 row = hit[2]
             else:
@@ -223,7 +226,8 @@ class ModelList:
             info = self.plane.failed_info(entry)
             info["drifted"] = flags.get(info["name"], [])
             rows.append(Row.of(info))
-        if failed or any(rows[i][0] > rows[i + 1][0] for i in range(len(rows) - 1)):
+        names = [r[0] for r in rows]
+        if failed or names != sorted(names):
             rows.sort(key=lambda r: r[0])
         return rows
 

@@ -157,7 +157,8 @@ class KnativeRuntime(Runtime):
         self._endpoints: dict[str, tuple[str, float]] = {}
         self._timeouts: dict[str, float] = {}
         self._informers: Optional[dict] = None
-        self._rows: dict = {}   # (kind, name) -> (the resourceVersions it was built from, ModelInfo)
+        self._rows: Optional[dict] = None   # the last list from the cache (`_models_from`)
+        self._rows_lock = threading.Lock()
 
     # -- the Kubernetes API ------------------------------------------------------------------
     @property
@@ -667,30 +668,7 @@ class KnativeRuntime(Runtime):
     def models(self) -> list[ModelInfo]:
         cache = self._cache()
         if cache is not None:   # from the watch cache: no request at all
-            pods, jobs = cache["pods"], cache["jobs"]
-            by_name = dict(cache["jobsinks"].items())
-            rows, out = {}, []
-
-            def row(key, deps, build):
-                # a model whose objects did not change keeps its ModelInfo (the API keeps its encoding)
-                hit = self._rows.get(key)
-                info = hit[1] if hit is not None and hit[0] == deps else build()
-                rows[key] = (deps, info)
-                out.append(info)
-
-            for svc in cache["services"].values():
-                name = svc["metadata"]["name"]
-                its_pods = pods.by_index(name)
-                row(("realtime", name), (_rv(svc), tuple(sorted(_rv(p) for p in its_pods))),
-                    lambda: self._realtime_detail(svc, its_pods, brief=True))
-            for trig in cache["triggers"].values():
-                name = trig["metadata"]["name"]
-                its_jobs = jobs.by_index(name)
-                row(("batch", name), (_rv(trig), _rv(by_name.get(_trigger_sink(trig)) or {}),
-                                      tuple(sorted(_rv(j) for j in its_jobs))),
-                    lambda: self._batch_detail(trig, by_name, its_jobs, brief=True))
-            self._rows = rows
-            return sorted(out, key=lambda m: m.name)
+            return self._models_from(cache)
         services = [_lean_service(s) for s in self._list("services", MANAGED)]
         triggers = self._list("triggers", MANAGED)
         sinks = [_lean_sink(s) for s in self._list("jobsinks", MANAGED)] if triggers else []
@@ -700,6 +678,45 @@ class KnativeRuntime(Runtime):
         by_name = {s["metadata"]["name"]: s for s in sinks}
         out += [self._batch_detail(t, by_name, jobs, brief=True) for t in triggers]
         return sorted(out, key=lambda m: m.name)
+
+    def _models_from(self, cache: dict) -> list[ModelInfo]:
+        """The list from the watch cache, rebuilt only for the models whose objects changed since
+        the last call (the informers' change logs), so a list after one change costs one row."""
+        with self._rows_lock:
+            state = self._rows
+            gens, touched = {}, set()
+            for resource, informer in cache.items():
+                since = state["gens"].get(resource, -1) if state else -1
+                gens[resource], changed = informer.touched_since(since)
+                if changed is None:
+                    touched = None
+                elif touched is not None:
+                    touched |= changed
+            if state is not None and touched is not None and not touched:
+                return state["list"]
+            rows: dict = {} if touched is None else state["rows"]
+            names = set(cache["services"].snapshot()[1]) | set(cache["triggers"].snapshot()[1]) \
+                if touched is None else touched
+            reordered = touched is None
+            for name in names:
+                svc, trig = cache["services"].get(name), cache["triggers"].get(name)
+                existed = name in rows
+                if svc is not None:
+                    rows[name] = self._realtime_detail(svc, cache["pods"].by_index(name), brief=True)
+                elif trig is not None:
+                    sink = cache["jobsinks"].get(_trigger_sink(trig))
+                    rows[name] = self._batch_detail(trig, {_trigger_sink(trig): sink} if sink else {},
+                                                    cache["jobs"].by_index(name), brief=True)
+                else:
+                    rows.pop(name, None)
+                reordered = reordered or existed != (name in rows)
+            if reordered or state is None:
+                order = sorted(rows)
+            else:
+                order = state["order"]
+            listed = [rows[n] for n in order]
+            self._rows = {"gens": gens, "rows": rows, "order": order, "list": listed}
+            return listed
 
     def model(self, name: str) -> ModelDetail:
         svc = self._get_or_none("services", name)

@@ -50,7 +50,7 @@ import logging
 import random
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 from urllib.parse import quote
 
@@ -60,6 +60,7 @@ PAGE_SIZE = 500          # objects a list page
 WATCH_SECONDS = 300      # the server ends each watch after this long (it is then resumed)
 NOTE_TTL = 30.0          # seconds at most a noted write shows over the watch's view
 SEEN_WINDOW = 4096       # (name, resourceVersion) of the latest events, to ignore a note the watch passed
+CHANGE_LOG = 16384       # changes remembered for `touched_since` (older: the caller rebuilds all)
 
 
 class Gone(Exception):
@@ -204,6 +205,9 @@ class Informer:
         self._overlay: dict[str, _Overlay] = {}
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._generation = 0
+        # (generation, the names and index keys it touched), one per generation since the last list
+        self._changes: deque = deque(maxlen=CHANGE_LOG)
+        self._listed_at = 0   # the generation of the last complete list
         self._seq = 0  # counts notes and list starts, to tell which came first
         self._rv: Optional[str] = None
         self._resp = None
@@ -314,9 +318,10 @@ class Informer:
             if (entry is not None and entry[1] == rv) or (name, rv) in self._seen:
                 return  # the watch has delivered this version already (and maybe newer ones)
             self._seq += 1
-            self._overlay[name] = _Overlay(self._transform(obj), rv, meta.get("uid"), self._keys(obj),
+            keys = self._keys(obj)
+            self._overlay[name] = _Overlay(self._transform(obj), rv, meta.get("uid"), keys,
                                            time.monotonic() + self.note_ttl, self._seq)
-            self._generation += 1
+            self._changed(name, keys, entry[3] if entry is not None else ())
 
     def forget(self, obj: Any) -> None:
         """An object the runtime deleted: hidden at once. `obj` is what the DELETE answered (the
@@ -334,12 +339,14 @@ class Informer:
         with self._lock:
             entry = self._entries.get(name)
             if entry is None or (uid is not None and entry[2] != uid):
-                if self._overlay.pop(name, None) is not None:  # already gone from the watch's view
-                    self._generation += 1
+                over = self._overlay.pop(name, None)
+                if over is not None:  # already gone from the watch's view
+                    self._changed(name, over.keys)
                 return
             self._seq += 1
+            over = self._overlay.get(name)
             self._overlay[name] = _Overlay(None, None, entry[2], (), time.monotonic() + self.note_ttl, self._seq)
-            self._generation += 1
+            self._changed(name, entry[3], over.keys if over is not None else ())
 
     # -- inside (lock held) -----------------------------------------------------------------
     def _expire(self) -> None:
@@ -348,9 +355,36 @@ class Informer:
         now = time.monotonic()
         late = [name for name, over in self._overlay.items() if over.deadline <= now]
         for name in late:
-            del self._overlay[name]
-        if late:
-            self._generation += 1
+            over = self._overlay.pop(name)
+            entry = self._entries.get(name)
+            self._changed(name, over.keys, entry[3] if entry is not None else ())
+
+    def _changed(self, name: str, *keysets) -> None:
+        """One more generation, and what it touched (lock held)."""
+        self._generation += 1
+        touched = {name}
+        for keys in keysets:
+            touched.update(keys)
+        self._changes.append((self._generation, touched))
+
+    def touched_since(self, generation: int) -> tuple[int, Optional[set]]:
+        """(the generation now, the names and index keys changed since `generation`), or with
+        None for the set when that is not known (a list replaced everything since, or more
+        changes than the log keeps): then everything may have changed."""
+        with self._lock:
+            self._expire()
+            now = self._generation
+            if generation == now:
+                return now, set()
+            if generation < self._listed_at or generation > now or not self._changes \
+                    or self._changes[0][0] > generation + 1:
+                return now, None
+            out: set = set()
+            for gen, touched in reversed(self._changes):
+                if gen <= generation:
+                    break
+                out |= touched
+            return now, out
 
     def _keys(self, obj: dict) -> tuple:
         return tuple(self._index_of(obj)) if self._index_of is not None else ()
@@ -377,8 +411,9 @@ class Informer:
         value = self._transform(obj) if kind != "DELETED" else None
         keys = self._keys(obj)
         with self._lock:
+            old = self._entries.get(name)
             if kind == "DELETED":
-                old = self._entries.pop(name, None)
+                self._entries.pop(name, None)
                 if old is not None:
                     self._unindex(name, old[3])
             else:
@@ -391,7 +426,7 @@ class Informer:
                     (over.value is not None and over.rv == rv)
                     or (over.value is None and kind == "DELETED" and (over.uid is None or over.uid == uid))):
                 del self._overlay[name]  # the watch has caught up with the runtime's write
-            self._generation += 1
+            self._changed(name, keys, old[3] if old is not None else (), over.keys if over is not None else ())
             self.events += 1
 
     # -- the thread -------------------------------------------------------------------------
@@ -481,6 +516,8 @@ class Informer:
             self._seen.clear()
             self._rv = rv
             self._generation += 1
+            self._listed_at = self._generation
+            self._changes.clear()
             self.lists += 1
         self._synced.set()
         log.info("%s: listed %d in %d page(s) at resourceVersion %s", self.kind, len(entries), self.pages, rv)
