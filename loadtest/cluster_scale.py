@@ -212,6 +212,12 @@ def measure(mode: str, samples: int) -> dict:
     # A change (a Service's status moves, as Knative's controllers write it): wait until the
     # watch delivered it, then time the answer, which must rebuild.
     admin = _admin()
+    profiler = None
+    if os.environ.get("MODELPLANE_PROFILE"):   # where a profile of the answers after a change goes
+        import cProfile
+
+        profiler = cProfile.Profile()
+    run = os.urandom(4).hex()   # the API server is kept between runs: each run's changes are new
     names = sorted(services.snapshot()[1])
     changed_all, changed_filtered, cached_all, cached_filtered = [], [], [], []
     teams = ("fundraising", "membership", "marketing", "finance", "events")
@@ -223,21 +229,30 @@ def measure(mode: str, samples: int) -> dict:
             name = names[(k * 7919 + which * 104729) % len(names)]
             admin.merge_patch(f"{SERVICES}/{name}/status", {"status": {"conditions": [
                 {"type": "Ready", "status": "True", "lastTransitionTime": f"2024-01-01T00:{k % 60:02d}:00Z",
-                 "message": f"sample {k}.{which}"}]}})
+                 "message": f"run {run} sample {k}.{which}"}]}})
             wait_until = time.monotonic() + 30
             while rt.models_generation() == generation:
                 if time.monotonic() > wait_until:
                     raise RuntimeError("the watch did not deliver a status change within 30 s")
                 time.sleep(0.002)
+            if profiler is not None:
+                profiler.enable()
             t = time.perf_counter()
             answer(wanted)
             timings.append((time.perf_counter() - t) * 1000)
+            if profiler is not None:
+                profiler.disable()
         for timings, wanted in ((cached_all, Filter()),
                                 (cached_filtered, Filter(selectors=(("customer", "=", f"c{k:04d}"),)))):
             t = time.perf_counter()
             answer(wanted)
             timings.append((time.perf_counter() - t) * 1000)
     rss2 = rss_mib()
+    if profiler is not None:
+        import pstats
+
+        with open(os.environ["MODELPLANE_PROFILE"], "w") as out:
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
     rt.close()
     return {"mode": mode, "objects": len(services), "pages": services.pages, "list_s": round(list_s, 2),
             "ready_s_in_process": round(ready_s, 2), "rss_before_mib": round(rss0, 1),

@@ -361,3 +361,43 @@ def test_kind_filters_the_list_and_travels_in_the_next_link(catalog):
     assert f"kind={kind}" in r.headers["Link"]
     r = api.get(f"{server.url}/api/models", params={"kind": "streaming"})
     assert r.status_code == 400 and "kind" in r.json()["error"]
+
+
+def test_a_list_rebuilt_for_the_models_that_changed_answers_as_one_built_whole():
+    """ModelList patches its last snapshot where the runtime handed back new ModelInfo objects
+    (the cluster runtime's watch cache keeps the others): the body, the ETag, pages and every
+    filter (those asked before the change too) answer exactly as a snapshot built from scratch."""
+    import types
+
+    from control.api.models import Filter, ModelList, Snapshot
+    from control.runtime.base import ModelInfo
+
+    rng = random.Random(7)
+
+    def info(i, status="idle"):
+        return ModelInfo(name=f"m-{i:04d}", kind="realtime" if i % 3 else "batch", language="python", version="1.0.0",
+                         status=status, owner=f"team-{i % 4}", labels={"team": f"t{i % 5}", "tier": "gold" if i % 7 else "x"},
+                         description=f"model {i}")
+
+    models = [info(i) for i in range(300)]
+    runtime = types.SimpleNamespace(models=lambda: list(models), models_generation=lambda: generation[0])
+    generation = [0]
+    plane = types.SimpleNamespace(runtime=runtime, failed={}, monitor=types.SimpleNamespace(generation=0, flags=dict),
+                                  failed_info=None)
+    listing = ModelList(plane)
+    filters = [Filter(), Filter(selectors=(("team", "=", "t1"),)), Filter(owner="team-2"), Filter(q="model 1"),
+               Filter(kind="batch", selectors=(("tier", "!=", "x"),))]
+    for wanted in filters:   # asked before the changes: their matches are carried over
+        listing.current().answer(wanted, None, 50)
+    for round_ in range(5):
+        for i in rng.sample(range(len(models)), 7):
+            models[i] = info(i, status=rng.choice(["ready", "starting", "failed-and-longer"]))
+            if rng.random() < 0.3:
+                models[i].labels = {"team": "t1", "tier": "x"}
+        generation[0] += 1
+        patched = listing.current()
+        whole = Snapshot([m.to_json() | {"drifted": []} for m in models])
+        assert (patched.body, patched.etag, patched.spans) == (whole.body, whole.etag, whole.spans)
+        for wanted in filters:
+            for after, limit in ((None, None), (None, 50), ("m-0100", 20)):
+                assert patched.answer(wanted, after, limit) == whole.answer(wanted, after, limit), (round_, wanted)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import operator
 import shutil
 import tempfile
 import threading
@@ -81,15 +82,34 @@ class Snapshot:
     each row's owner, labels and lowercase search text (a filter never re-reads the rows), and
     an ETag of the whole. Never changed once built, but for its small cache of answers."""
 
-    def __init__(self, infos: Optional[list[dict]] = None, *, rows: Optional[list[Row]] = None):
+    def __init__(self, infos: Optional[list[dict]] = None, *, rows: Optional[list[Row]] = None,
+                 base: Optional["Snapshot"] = None, changed: Optional[list[int]] = None):
+        """From `rows` (or dicts, `infos`); or from `base` with the rows at the positions
+        `changed` replaced by those of `rows` (the same models in the same order otherwise)."""
         rows = rows if rows is not None else [Row.of(m) for m in infos or []]
-        if rows:
+        if base is not None and changed is not None:
+            self.names, self.owners, self.kinds, self.labels, self.texts = (
+                list(base.names), list(base.owners), list(base.kinds), list(base.labels), list(base.texts))
+            encoded, digests = list(base._encoded), list(base._digests)
+            resized = False
+            for i in changed:
+                row = rows[i]
+                self.owners[i], self.kinds[i], self.labels[i], self.texts[i] = row[1], row[2], row[3], row[4]
+                resized = resized or len(row[5]) != len(encoded[i])
+                encoded[i], digests[i] = row[5], row[6]
+            spans = base.spans if not resized else None
+        elif rows:
             self.names, self.owners, self.kinds, self.labels, self.texts, encoded, digests = map(list, zip(*rows))
+            spans = None
         else:
             self.names, self.owners, self.kinds, self.labels, self.texts, encoded, digests = [], [], [], [], [], [], []
-        # row i spans [ends[i] - len(row i), ends[i]) of the body: "[" + rows joined by "," + "]"
-        ends = list(itertools.accumulate(len(e) + 1 for e in encoded))
-        self.spans = [(end - len(e), end) for end, e in zip(ends, encoded)]
+            spans = None
+        if spans is None:
+            # row i spans [ends[i] - len(row i), ends[i]) of the body: "[" + rows joined by "," + "]"
+            ends = list(itertools.accumulate(len(e) + 1 for e in encoded))
+            spans = [(end - len(e), end) for end, e in zip(ends, encoded)]
+        self.spans = spans
+        self._encoded, self._digests = encoded, digests
         self.body = b"[" + b",".join(encoded) + b"]"
         # the ETag: a digest of the rows' digests (each made once, with its row)
         self.etag = _etag(b"".join(digests))
@@ -97,6 +117,8 @@ class Snapshot:
         self._answers: OrderedDict = OrderedDict()
         self._answer_bytes = 0
         self._matches: OrderedDict = OrderedDict()
+        if base is not None and changed is not None:
+            self._carry_matches(base, changed)
 
     def page(self, after: Optional[str], limit: Optional[int]) -> tuple[bytes, str, Optional[str]]:
         """(the JSON list of the page, its ETag, the name to page after for the next one or None)."""
@@ -142,6 +164,41 @@ class Snapshot:
             if hit is not None:
                 self._matches.move_to_end(wanted)
                 return hit
+        hit = self._scan(wanted)
+        with self._lock:
+            self._matches[wanted] = hit
+            while len(self._matches) > ANSWERS_CACHED:
+                self._matches.popitem(last=False)
+        return hit
+
+    def _matches_row(self, wanted: Filter, i: int) -> bool:
+        labels = self.labels[i]
+        if (wanted.kind is not None and self.kinds[i] != wanted.kind) or \
+                (wanted.owner is not None and self.owners[i] != wanted.owner):
+            return False
+        for key, op, value in wanted.selectors:
+            if op == "exists":
+                if key not in labels:
+                    return False
+            elif (labels.get(key) == value) != (op == "="):
+                return False
+        return not wanted.q or wanted.q in self.texts[i]
+
+    def _carry_matches(self, base: "Snapshot", changed: list[int]) -> None:
+        """The filters `base` answered, answered for this snapshot by looking again at the
+        changed rows only (the others are the same rows in the same places)."""
+        with base._lock:
+            cached = list(base._matches.items())
+        changed_set = set(changed)
+        for wanted, (rows, names) in cached:
+            now = {i for i in changed if self._matches_row(wanted, i)}
+            if now == changed_set.intersection(rows):
+                self._matches[wanted] = (rows, names)
+                continue
+            rows = sorted([i for i in rows if i not in changed_set] + list(now))
+            self._matches[wanted] = (rows, [self.names[i] for i in rows])
+
+    def _scan(self, wanted: Filter) -> tuple[list[int], list[str]]:
         rows = range(len(self.names))
         if wanted.kind is not None:
             kind, kinds = wanted.kind, self.kinds
@@ -161,12 +218,7 @@ class Snapshot:
             q, texts = wanted.q, self.texts
             rows = [i for i in rows if q in texts[i]]
         rows = list(rows)
-        hit = (rows, [self.names[i] for i in rows])
-        with self._lock:
-            self._matches[wanted] = hit
-            while len(self._matches) > ANSWERS_CACHED:
-                self._matches.popitem(last=False)
-        return hit
+        return rows, [self.names[i] for i in rows]
 
 
 def _etag(body: bytes) -> str:
@@ -186,10 +238,9 @@ class ModelList:
         self._lock = threading.Lock()
         self._key: object = object()
         self._snapshot: Optional[Snapshot] = None
-        #: id(ModelInfo) -> (the ModelInfo, what was added to it, its Row): a runtime that hands
-        #: back the same ModelInfo for a model that did not change (the cluster runtime's watch
-        #: cache) has its row reused, not encoded again
-        self._rows: dict[int, tuple] = {}
+        #: the last call's models (the objects), rows, and the names shown with something added
+        #: (drift flags, a registration failure)
+        self._prev: Optional[tuple] = None
 
     def current(self) -> Snapshot:
         gen = self.plane.runtime.models_generation()
@@ -197,39 +248,51 @@ class ModelList:
         key = (gen, failed, self.plane.monitor.generation) if gen is not None else object()
         with self._lock:
             if key != self._key or self._snapshot is None:
-                self._snapshot = Snapshot(rows=self._make_rows())
+                rows, changed = self._make_rows()
+                base = self._snapshot if changed is not None else None
+                self._snapshot = Snapshot(rows=rows, base=base, changed=changed)
                 self._key = key
             return self._snapshot
 
-    def _make_rows(self) -> list[Row]:
+    def _make_rows(self) -> tuple[list[Row], Optional[list[int]]]:
+        """The rows, and the positions that changed since the last call (None: build it all).
+        A runtime that hands back the same ModelInfo objects for the models that did not change
+        (the cluster runtime's watch cache) has only the others encoded again."""
         failed = {e["name"]: e for e in self.plane.failed.values()}
         flags = self.plane.monitor.flags()
-        special = set(failed) | {n for n, f in flags.items() if f}
-        plain = ((), None)
-        rows, memo, previous = [], {}, self._rows
-        for m in self.plane.runtime.models():
-            extra = plain if m.name not in special else (tuple(flags.get(m.name, [])),
-                                                         (failed.pop(m.name, None) or {}).get("error"))
-            hit = previous.get(id(m))
-            if hit is not None and hit[0] is m and hit[1] == extra:
-                row = hit[2]
-            else:
-                info = m.to_json()
-                if extra[1] is not None:
-                    info["error"] = extra[1]
-                info["drifted"] = list(extra[0])
-                row = Row.of(info)
-            memo[id(m)] = (m, extra, row)
-            rows.append(row)
-        self._rows = memo
-        for entry in failed.values():   # a folder that never registered
-            info = self.plane.failed_info(entry)
-            info["drifted"] = flags.get(info["name"], [])
-            rows.append(Row.of(info))
+        special = frozenset(failed) | frozenset(n for n, f in flags.items() if f)
+        models = self.plane.runtime.models()
+        prev = self._prev
+        if prev is not None and not failed and prev[2] == special and len(prev[0]) == len(models):
+            before, rows = prev[0], list(prev[1])
+            changed = list(itertools.compress(range(len(models)), map(operator.is_not, models, before)))
+            if special:
+                changed = sorted(set(changed) | {i for i, m in enumerate(models) if m.name in special})
+            if all(models[i].name == before[i].name for i in changed):
+                for i in changed:
+                    rows[i] = self._row(models[i], flags, failed)
+                self._prev = (list(models), rows, special)
+                return rows, changed
+        rows = [self._row(m, flags, failed) for m in models]
+        self._prev = (list(models), list(rows), special)
+        for entry in failed.values():   # a folder that never registered (or whose model failed)
+            if not any(r[0] == entry["name"] for r in rows):
+                info = self.plane.failed_info(entry)
+                info["drifted"] = flags.get(info["name"], [])
+                rows.append(Row.of(info))
         names = [r[0] for r in rows]
         if failed or names != sorted(names):
             rows.sort(key=lambda r: r[0])
-        return rows
+            self._prev = None
+        return rows, None
+
+    @staticmethod
+    def _row(m, flags: dict, failed: dict) -> Row:
+        info = m.to_json()
+        if m.name in failed:
+            info["error"] = failed[m.name]["error"]
+        info["drifted"] = flags.get(m.name, [])
+        return Row.of(info)
 
 
 def routes(plane) -> Routes:
