@@ -63,6 +63,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 ENDPOINT_TTL = 10.0  # seconds a model's URL is cached by `forward`
 REVISION_WAIT = 30.0  # seconds a deploy waits for Knative to create the new version's Revision
 READ_TIMEOUT_MARGIN = 30.0  # seconds past a revision's own timeout before `forward` gives up
+BUCKET_LIST_TTL = 30.0  # seconds a batch model's results/ listing answers GET /api/jobs before it is listed again
 WRITE_ATTEMPTS = 5  # read-modify-write rounds before a concurrently changed object is given up on
 # On every create and patch: an unknown or duplicate field is refused (400), as `kubectl apply`
 # does, instead of the API server's default (Warn), which drops it with only a warning header.
@@ -158,6 +159,7 @@ class KnativeRuntime(Runtime):
         self._endpoints: dict[str, tuple[str, float]] = {}
         self._timeouts: dict[str, float] = {}
         self._informers: Optional[dict] = None
+        self._bucket_listings: dict[str, tuple[float, dict]] = {}
         self._ready = False
         self._rows: Optional[dict] = None   # the last list from the cache (`_models_from`)
         self._rows_lock = threading.Lock()
@@ -1054,6 +1056,7 @@ class KnativeRuntime(Runtime):
             raise _storage_error(f"cannot record the cancellation of job {job_id} in "
                                  f"gs://{self.settings.bucket_name}/{name}, so the job was left running", e) from e
         self._delete("jobs", job_id)
+        self._bucket_listings.pop(job.model, None)   # listed from the bucket from now on: at once
         log.info("job %s: cancelled by %s", job_id, by)
         return job
 
@@ -1099,7 +1102,21 @@ class KnativeRuntime(Runtime):
 
     def _bucket_entries(self, model: str, job_id: Optional[str] = None) -> dict[str, dict[str, Any]]:
         """job id -> {RESULT_FILE: blob, CANCEL_FILE: blob, "time": the newest one's} under
-        results/{model}/ (or one job's folder)."""
+        results/{model}/ (or one job's folder). A model's whole folder is listed at most once every
+        BUCKET_LIST_TTL seconds (the jobs found there are finished and their files immutable; the
+        ones still running are the cluster's, from the watch cache), not on every request."""
+        if job_id is None:
+            hit = self._bucket_listings.get(model)
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+            out = self._list_bucket_entries(model, None)
+            self._bucket_listings[model] = (time.monotonic() + BUCKET_LIST_TTL, out)
+            while len(self._bucket_listings) > 1024:
+                self._bucket_listings.pop(next(iter(self._bucket_listings)))
+            return out
+        return self._list_bucket_entries(model, job_id)
+
+    def _list_bucket_entries(self, model: str, job_id: Optional[str]) -> dict[str, dict[str, Any]]:
         prefix = f"results/{model}/" + (f"{job_id}/" if job_id else "")
         out: dict[str, dict[str, Any]] = {}
         try:
