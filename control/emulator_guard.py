@@ -20,6 +20,11 @@ Preconditions, as GCS honours them: a write or delete of an object with `ifGener
 them, and the plane's shared state (control/state.py) rests on them for compare-and-swap.
 Reads are not checked. The server handles one request at a time, so check and write are one step.
 
+Listing pages as GCS does: at most `maxResults` (1,000 by default and at most) objects a page,
+by name, with `nextPageToken`; and `fields=items(a,b,…),nextPageToken` keeps only those fields
+of each object (a partial response). The emulator answers every object, whole, in one page: a
+client listing a large bucket here would otherwise measure memory real GCS never makes it use.
+
 `python -m control.emulator_guard --host H --port P [--default-bucket B]`, data in $STORAGE_BASE.
 """
 from __future__ import annotations
@@ -96,6 +101,69 @@ def with_preconditions(storage_cls):
             return super().delete_file(bucket_name, file_name)
 
     return Checked
+
+
+PAGE_MAX = 1000
+
+
+def _item_fields(fields: str | None) -> set[str] | None:
+    """`items(name,generation),nextPageToken` -> {"name", "generation"}; None: every field."""
+    if not fields or "items(" not in fields:
+        return None
+    inner = fields.split("items(", 1)[1].split(")", 1)[0]
+    return {f.strip() for f in inner.split(",") if f.strip()}
+
+
+def paged_ls(request, response, storage, *args, **kwargs):
+    """objects.list with GCS's paging and partial responses (the emulator's own `ls` has neither)."""
+    import base64
+
+    from gcp_storage_emulator.exceptions import BadRequest, NotFound
+
+    def one(name):
+        values = request.query.get(name)
+        return values[0] if values else None
+
+    try:
+        size = max(1, min(int(one("maxResults") or PAGE_MAX), PAGE_MAX))
+        after = base64.urlsafe_b64decode((one("pageToken") or "").encode()).decode() if one("pageToken") else None
+    except ValueError:
+        response.status = 400
+        return
+    try:
+        files, prefixes = storage.get_file_list(request.params["bucket_name"], one("prefix"), one("delimiter"),
+                                                one("matchGlob"),
+                                                soft_deleted=(one("softDeleted") or "").lower() in ("1", "true", "yes"))
+    except NotFound:
+        response.status = 404
+        return
+    except BadRequest:
+        response.status = 400
+        return
+    files = sorted(files, key=lambda f: f["name"])
+    if after is not None:
+        files = [f for f in files if f["name"] > after]
+    page = files[:size]
+    keep = _item_fields(one("fields"))
+    if keep is not None:
+        page = [{k: v for k, v in f.items() if k in keep} for f in page]
+    out = {"kind": "storage#objects", "items": page}
+    if after is None:
+        out["prefixes"] = prefixes
+    if len(files) > size:
+        out["nextPageToken"] = base64.urlsafe_b64encode(files[size - 1]["name"].encode()).decode()
+    response.json(out)
+
+
+def with_paging() -> None:
+    """The emulator's objects.list route answered by `paged_ls`."""
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    for _, handlers in server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler is objects.ls:
+                handlers[method] = paged_ls
 
 
 def host_allowed(host: str | None) -> bool:
@@ -215,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     from gcp_storage_emulator.server import RequestHandler
     from gcp_storage_emulator.storage import Storage
 
+    with_paging()
     storage = with_preconditions(Storage)(use_memory_fs=False)
     if args.default_bucket:
         buckets.create_bucket(args.default_bucket, storage)

@@ -144,3 +144,25 @@ def test_the_emulators_data_is_the_owners_alone(tmp_path, monkeypatch):
     loose = [f"{oct(stat.S_IMODE(p.stat().st_mode))} {p}" for p in [data, *data.rglob("*")]
              if stat.S_IMODE(p.stat().st_mode) & 0o077]
     assert loose == []
+
+
+def test_listing_pages_and_keeps_only_the_fields_asked_for(bucket, monkeypatch):
+    """As GCS lists: pages of at most maxResults objects with nextPageToken (the client follows
+    them), and `fields=items(…)` answers only those fields of each object."""
+    from google.cloud import storage
+
+    from adapters.storage import emulator_credentials
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", bucket.endpoint)
+    client = storage.Client(project="test", credentials=emulator_credentials(bucket.key))
+    names = sorted(f"paged/{i:03d}.csv" for i in range(25))
+    for name in names:
+        client.bucket(bucket.bucket).blob(name).upload_from_string("x\n1\n")
+    listing = client.list_blobs(bucket.bucket, prefix="paged/", page_size=10)
+    pages = [[b.name for b in page] for page in listing.pages]
+    assert [len(p) for p in pages] == [10, 10, 5] and sum(pages, []) == names
+    status, body = send(bucket, "GET", f"/storage/v1/b/{bucket.bucket}/o?prefix=paged/&maxResults=3"
+                                       "&fields=items(name,generation),nextPageToken",
+                        headers={"Authorization": f"Bearer {bucket.key}"})
+    doc = json.loads(body)
+    assert status == 200 and [set(i) for i in doc["items"]] == [{"name", "generation"}] * 3 and doc["nextPageToken"]
