@@ -702,6 +702,43 @@ def test_visibility_public_leaves_the_route_external():
         bump(example("churn-risk"), "1.0.0", visibility="public")
 
 
+def test_visibility_follows_the_live_version_both_ways(cluster, runtime):
+    """A model made public later loses the cluster-local label (a merge patch removes a label only
+    with null), and one made cluster-local again gets it back; a rollback brings its version's."""
+    admin = cluster.admin
+    name = "visible-" + secrets.token_hex(3)
+    v1 = bump(example("donor-propensity"), "1.0.0", name=name)
+    label = "networking.knative.dev/visibility"
+    runtime.deploy(v1)
+    assert admin.get(svc_path(name))["metadata"]["labels"][label] == "cluster-local"
+    runtime.deploy(bump(v1, "2.0.0", visibility="public"))
+    assert label not in admin.get(svc_path(name))["metadata"]["labels"]
+    runtime.rollback(name, version="1.0.0")
+    assert admin.get(svc_path(name))["metadata"]["labels"][label] == "cluster-local"
+    runtime.rollback(name, version="2.0.0")
+    assert label not in admin.get(svc_path(name))["metadata"]["labels"]
+    runtime.remove(name)
+
+
+def test_the_adapter_is_probed_and_reached_as_queue_proxy_does_and_waited_for_as_long_as_its_revision():
+    """Loopback only (queue-proxy forwards and probes on 127.0.0.1); a probe without a period
+    (queue-proxy's aggressive start-up probing); `forward` waits past the revision's timeout."""
+    from control.runtime import knative
+    from control.runtime.knative_objects import render_objects
+
+    slow = bump(example("donor-propensity"), "1.0.0", limits={"timeout": "400s"})
+    [svc] = render_objects(slow, settings(max_revision_timeout=600))
+    adapter = svc["spec"]["template"]["spec"]["containers"][0]
+    assert adapter["args"] == ["serve", "--host", "127.0.0.1"]
+    assert adapter["readinessProbe"] == {"httpGet": {"path": "/v2/health/ready"}}
+    assert svc["spec"]["template"]["spec"]["timeoutSeconds"] == 405
+    assert knative._revision_timeout(svc, settings()) == 405
+    runtime = knative.KnativeRuntime(settings(max_revision_timeout=600))
+    runtime._timeouts["slow"] = knative._revision_timeout(svc, settings())
+    assert runtime._read_timeout("slow") == 405 + knative.READ_TIMEOUT_MARGIN
+    assert runtime._read_timeout("unknown") == 600 + knative.READ_TIMEOUT_MARGIN
+
+
 def test_api_errors_are_mapped(cluster, sa_token, runtime):
     # Outside the RoleBinding's namespace: 403, naming verb, resource and namespace.
     elsewhere = make_runtime(cluster, sa_token, namespace="default")
