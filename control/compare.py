@@ -46,7 +46,6 @@ import io
 import json
 import logging
 import math
-import os
 import queue
 import re
 import tempfile

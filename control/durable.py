@@ -29,11 +29,16 @@ def fsync_dir(path: Path) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Replace `path` with `data` as JSON: readers see the old file or the new one, never a mix;
     the file and then its directory are fsynced, so the new one is what a crash leaves."""
+    write_bytes_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, as `write_json_atomic` does."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

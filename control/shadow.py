@@ -191,12 +191,7 @@ class ShadowLog:
         if not self._write_chunk(name, records):
             return
         for key in own:
-            try:
-                self.store.delete(key)
-            except PlaneError:
-                continue
-            with self._lock:
-                (self._chunks.get(name) or {}).pop(key, None)
+            self._drop(name, key)
 
     def _trim(self, name: str) -> None:
         """Remove chunks wholly older than the newest KEEP records, once there are 2 × KEEP."""
@@ -209,13 +204,17 @@ class ShadowLog:
         kept = 0
         for _at, key, n in newest:
             if kept >= KEEP:
-                try:
-                    self.store.delete(key)
-                except PlaneError:
-                    continue
-                with self._lock:
-                    (self._chunks.get(name) or {}).pop(key, None)
+                self._drop(name, key)
             kept += n
+
+    def _drop(self, name: str, key: str) -> None:
+        """Delete one chunk of `name`'s records (kept, to try again later, if the store fails)."""
+        try:
+            self.store.delete(key)
+        except PlaneError:
+            return
+        with self._lock:
+            (self._chunks.get(name) or {}).pop(key, None)
 
     def records(self, name: str) -> list[dict]:
         """Every replica's records of `name`, oldest first, the newest KEEP."""

@@ -31,12 +31,11 @@ import json
 import os
 import secrets
 import socket
-import tempfile
 import threading
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-from control.durable import fsync_dir, write_json_atomic
+from control.durable import write_bytes_atomic, write_json_atomic
 from control.errors import Unavailable
 
 #: `put(…, expect=ABSENT)`: create only
@@ -196,7 +195,7 @@ class FileState(StateStore):
         with self._lock:
             self._check(key, path, expect)
             try:
-                _write_bytes_atomic(path, data)
+                write_bytes_atomic(path, data)
                 return _token(os.stat(path))
             except OSError as e:
                 raise StateUnavailable(f"cannot write {path}: {e}") from e
@@ -252,24 +251,6 @@ class FileState(StateStore):
             except OSError:
                 return
             folder = folder.parent
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
 
 
 # -- a bucket ---------------------------------------------------------------------------------------
