@@ -17,6 +17,7 @@ import hashlib
 import http.server
 import json
 import secrets
+import os
 import re
 import subprocess
 import sys
@@ -924,6 +925,47 @@ def test_a_comparison_pins_the_versions_it_scores_and_unpins_them_after(cluster,
         stop.set()
         routes.join()
         runtime.remove(name)
+
+
+def test_three_hundred_versions_leave_the_service_the_size_of_one(cluster, runtime):
+    """Versions of a 200-feature model (40; 300 with MODELPLANE_PROOF_VERSIONS=300), deployed one after another, each made live, on the
+    real API server: no object ever over 256 KiB, the Service's annotations as large at the last
+    version as from the 21st on (the 20 earlier live versions a rollback walks back through, and
+    version strings, are all that changes), the Route names only the live version, and every
+    version is still there to roll back to. (tests/test_knative_real.py runs versions on real
+    Knative, with the objects Knative writes and the pods.)"""
+    from control.runtime.knative_objects import render_objects
+
+    count = int(os.environ.get("MODELPLANE_PROOF_VERSIONS", "40"))
+    base = example("donor-propensity").model_dump(mode="python")
+    base["name"] = "wide-" + secrets.token_hex(3)
+    base["features"] = base["features"] + [
+        {"name": f"extra_feature_{i:03d}", "type": "number", "required": False,
+         "description": f"Extra input {i} of a wide model (optional; the model ignores it)"} for i in range(195)]
+    base["scaling"] = {"min": 1, "max": 2, "target_concurrency": 8, "idle_timeout": "0s"}
+    wide = type(example("donor-propensity")).model_validate(base)
+    manifest_bytes = len(json.dumps(render_objects(wide, settings())[0]["metadata"]["annotations"]))
+    sizes, largest = {}, 0
+    t0 = time.monotonic()
+    for n in range(1, count + 1):
+        runtime.deploy(bump(wide, f"1.0.{n}"))
+        svc = cluster.admin.get(svc_path(wide.name))
+        largest = max(largest, len(json.dumps(svc)))
+        sizes[n] = sum(len(k) + len(v) for k, v in svc["metadata"]["annotations"].items())
+        assert [t["revisionName"] for t in svc["spec"]["traffic"]] == [f"{wide.name}-1-0-{n}"]
+    seconds = time.monotonic() - t0
+    picks = {n: sizes[n] for n in (1, 3, 21, count) if n in sizes}
+    print(f"figure: {count} versions of a 200-feature model: Service annotation bytes {picks}, largest Service "
+          f"{largest} bytes, one manifest {manifest_bytes} bytes, {seconds:.1f} s")
+    assert largest < 256 * 1024
+    if count >= 21:
+        # from the 21st version on, only version strings change (1.0.21 -> 1.0.300: 20 history entries + live)
+        assert sizes[count] - sizes[21] <= 21 * (len(str(count)) - 2) + 64
+    assert sizes[count] - sizes[1] < manifest_bytes / 10
+    versions = [v.version for v in runtime.model(wide.name).versions]
+    assert len(versions) == count and versions[0] == "1.0.1"
+    assert runtime.rollback(wide.name, version="1.0.1").version == "1.0.1"
+    runtime.remove(wide.name)
 
 
 def test_concurrent_deploys_lose_no_version(cluster, sa_token):
