@@ -927,13 +927,14 @@ def test_a_comparison_pins_the_versions_it_scores_and_unpins_them_after(cluster,
         runtime.remove(name)
 
 
-def test_three_hundred_versions_leave_the_service_the_size_of_one(cluster, runtime):
-    """Versions of a 200-feature model (40; 300 with MODELPLANE_PROOF_VERSIONS=300), deployed one after another, each made live, on the
-    real API server: no object ever over 256 KiB, the Service's annotations as large at the last
-    version as from the 21st on (the 20 earlier live versions a rollback walks back through, and
-    version strings, are all that changes), the Route names only the live version, and every
-    version is still there to roll back to. (tests/test_knative_real.py runs versions on real
-    Knative, with the objects Knative writes and the pods.)"""
+def test_versions_of_a_wide_model_leave_the_service_the_size_of_one(cluster, runtime):
+    """Versions of a 200-feature model deployed one after another, each made live, on the real
+    API server (40 here; MODELPLANE_PROOF_VERSIONS=300 for the figure): no object ever over
+    256 KiB, the Service's annotations as large at the last version as from the 21st on (the 20
+    earlier live versions a rollback walks back through, and version strings, are all that
+    changes), the Route names only the live version, and every version is still there to roll
+    back to. (tests/test_knative_real.py runs versions on real Knative, with the objects Knative
+    writes and the pods.)"""
     from control.runtime.knative_objects import render_objects
 
     count = int(os.environ.get("MODELPLANE_PROOF_VERSIONS", "40"))
