@@ -309,9 +309,9 @@ def test_versions_cost_nothing_once_they_are_not_routed(knative, knative_plane, 
     annotations do not grow with the number of versions (the manifests live in the Revisions), no
     object Knative writes for it reaches the 256 KiB annotation limit, the Route names only the
     live version, and only the live version holds a pod (Knative scales unrouted revisions to
-    zero whatever their min-scale). MODELPLANE_PROOF_VERSIONS sets how many (default 8)."""
+    zero whatever their min-scale). MODELPLANE_PROOF_VERSIONS sets how many (default 5)."""
     cluster, plane = knative, knative_plane
-    count = int(os.environ.get("MODELPLANE_PROOF_VERSIONS", "8"))
+    count = int(os.environ.get("MODELPLANE_PROOF_VERSIONS", "5"))
     image = f"{plane.registry}/donor-propensity:1.0.0"
     sizes: dict[str, int] = {}
     annotation_bytes = {}
