@@ -1,6 +1,6 @@
 """The bucket bridge at scale (issue 20): the watcher's memory, state file and one scan's time with
 N objects under `incoming/`, today's watcher (bounded state) beside the previous one (a set of
-every key ever sent, `git show main:control/watcher.py` when that still has it).
+every key ever sent, `git show 9cbe97c:control/watcher.py`, the last commit that had it).
 
     python -m loadtest.bridge_scale --objects 100000 [--json out.json]
 
@@ -125,18 +125,22 @@ class CountingSink:
 
 # -- one watcher, in a child process ----------------------------------------------------------
 
+#: the last commit whose watcher kept a set of every key it sent (the baseline measured beside today's)
+PREVIOUS = "9cbe97c"
+
+
 def previous_watcher_module():
-    """The previous watcher (every key in a set), from git's main branch, or None when main's
-    watcher is already the bounded one or git cannot say."""
+    """The previous watcher (every key in a set), from git at PREVIOUS, or None when git cannot
+    say (a checkout without that history)."""
     try:
-        source = subprocess.run(["git", "show", "main:control/watcher.py"], cwd=ROOT, capture_output=True,
+        source = subprocess.run(["git", "show", f"{PREVIOUS}:control/watcher.py"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     if "_sent" not in source:
         return None
     module = types.ModuleType("previous_watcher")
-    exec(compile(source, "main:control/watcher.py", "exec"), module.__dict__)
+    exec(compile(source, f"{PREVIOUS}:control/watcher.py", "exec"), module.__dict__)
     return module
 
 
@@ -151,7 +155,7 @@ def child(args) -> int:
     if args.child == "previous":
         module = previous_watcher_module()
         if module is None:
-            print(json.dumps({"skipped": "main's control/watcher.py is not the previous watcher"}))
+            print(json.dumps({"skipped": f"no previous watcher at {PREVIOUS} (a checkout without that history)"}))
             return 0
         Watcher = module.Watcher
     else:

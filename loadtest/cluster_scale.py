@@ -181,8 +181,10 @@ def measure(mode: str, samples: int) -> dict:
     from control.api.models import Filter, ModelList
     from control.runtime.knative import KnativeRuntime
 
+    if mode == "listing":
+        return measure_listing(samples)
     if mode != "runtime":
-        raise SystemExit(f"unknown mode {mode!r}: the runtime's own cache is measured")
+        raise SystemExit(f"unknown mode {mode!r}: runtime (the watch cache) or listing (no cache)")
     rt = KnativeRuntime(settings())
     rt.api  # the client, from KUBECONFIG as in a pod  # noqa: B018
     gc.collect()
@@ -266,6 +268,32 @@ def measure(mode: str, samples: int) -> dict:
             "unchanged_filtered_p50_ms": round(percentile(cached_filtered, 50), 2)}
 
 
+def measure_listing(samples: int) -> dict:
+    """Before the watch cache: the runtime not started, so every `GET /api/models` lists every
+    Service, Trigger, JobSink, Pod and Job from the API server (how the control service answered
+    before); a few samples (each takes seconds)."""
+    import types
+
+    from control.api.models import Filter, ModelList
+    from control.runtime.knative import KnativeRuntime
+
+    rt = KnativeRuntime(settings())
+    plane = types.SimpleNamespace(runtime=rt, failed={}, monitor=types.SimpleNamespace(generation=0, flags=dict),
+                                  failed_info=None)
+    listing = ModelList(plane)
+    rss0 = rss_mib()
+    timings = []
+    for _ in range(max(1, min(samples, 5))):
+        t = time.perf_counter()
+        body, _, _, total = listing.current().answer(Filter(), None, None)
+        timings.append((time.perf_counter() - t) * 1000)
+    rss = rss_mib()
+    rt.close()
+    return {"mode": "listing", "models_total": total, "answer_bytes": len(body),
+            "every_request_p50_ms": round(percentile(timings, 50), 1), "samples": len(timings),
+            "rss_before_mib": round(rss0, 1), "rss_mib": round(rss, 1)}
+
+
 def _admin():
     """The admin client in the child (the KUBECONFIG token), for the status changes."""
     kube = _kube()
@@ -294,7 +322,8 @@ def run_child(config: Path, mode: str, samples: int) -> dict:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["process_s"] = round(time.monotonic() - t0, 2)
     # from exec to synced: the in-process figure plus the interpreter's start before `measure` ran
-    result["ready_s"] = result["ready_s_in_process"] + result.pop("startup_s", 0.0)
+    if "ready_s_in_process" in result:
+        result["ready_s"] = result["ready_s_in_process"] + result.pop("startup_s", 0.0)
     return result
 
 
@@ -306,7 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     / "modelplane" / "cluster-scale", help="the API server's folder, kept between runs")
     ap.add_argument("--create-budget", type=float, default=1200.0, help="seconds at most spent creating")
     ap.add_argument("--samples", type=int, default=30)
-    ap.add_argument("--transforms", default="runtime", help=argparse.SUPPRESS)
+    ap.add_argument("--modes", default="listing,runtime",
+                    help="listing (no cache: how GET /api/models answered before), runtime (the watch cache)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -338,7 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         made = create_services(cluster, args.services, workers=args.workers, budget_s=args.create_budget)
         print(json.dumps({"services": made}), flush=True)
         config = kubeconfig(cluster, args.workdir / "kubeconfig")
-        for mode in args.transforms.split(","):
+        for mode in args.modes.split(","):
             print(json.dumps(run_child(config, mode.strip(), args.samples)), flush=True)
     finally:
         cluster.stop()

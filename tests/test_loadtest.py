@@ -187,3 +187,38 @@ def test_body_flood_prints_its_figures_and_the_budget_turns_the_excess_away():
     assert sum(figures["statuses"].values()) == 8 and set(figures["statuses"]) <= {"200", "503"}
     assert figures["statuses"].get("200", 0) >= 2
     assert all(finite(figures[k]) and figures[k] > 0 for k in ("rss_before_mib", "rss_peak_mib", "rss_after_mib"))
+
+
+def test_cluster_scale_measures_the_list_with_and_without_the_watch_cache(tmp_path):
+    """`python -m loadtest.cluster_scale`, small: a real API server with 60 Services; the list
+    answered per request from the API server (before) and from the watch cache (after), with
+    each figure the full run reports."""
+    import kube
+
+    if kube.apiserver_binary() is None or not kube.apiserver_binary().is_file():
+        pytest.skip("no kube-apiserver binary (scripts/cluster-build.sh)")
+    out = subprocess.run([sys.executable, "-m", "loadtest.cluster_scale", "--services", "60", "--samples", "3",
+                          "--workdir", str(tmp_path / "api")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    by_mode = {r.get("mode"): r for r in rows if "mode" in r}
+    assert by_mode["listing"]["models_total"] == by_mode["runtime"]["models_total"] == 60
+    runtime = by_mode["runtime"]
+    for key in ("ready_s", "cache_rss_mib", "after_a_change_all_p50_ms", "after_a_change_filtered_p50_ms",
+                "unchanged_filtered_p50_ms"):
+        assert finite(runtime[key]) and runtime[key] >= 0, key
+    assert finite(by_mode["listing"]["every_request_p50_ms"])
+
+
+def test_bridge_scale_measures_the_previous_and_the_current_watcher(tmp_path):
+    """`python -m loadtest.bridge_scale`, small: both watchers over the same bucket, each figure."""
+    out = subprocess.run([sys.executable, "-m", "loadtest.bridge_scale", "--objects", "300", "--interval", "0.2",
+                          "--timeout", "120", "--json", str(tmp_path / "figures.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["objects"] == 300 and figures["events_at_sink"] == 1   # nothing resent, the upload announced
+    current = figures["current"]
+    assert finite(current["scan_s"]) and current["peak_rss_kib"] > 0 and current["state_entries_after"] <= 2
+    if "skipped" not in figures["previous"]:   # the baseline comes from git history (absent in a shallow clone)
+        assert figures["previous"]["state_entries"] == 300 and finite(figures["previous"]["scan_s"])
