@@ -110,6 +110,14 @@ class RevisionMaker:
             except kube.ApiError as e:
                 if e.status != 409:
                     raise
+                continue
+            # and the Revision controller: Ready, unless the version says it is broken
+            failing = "ContainerMissing" if "-broken" in name else None
+            self.admin.merge_patch(f"/apis/serving.knative.dev/v1/namespaces/{NS}/revisions/{name}/status", {
+                "status": {"conditions": [
+                    {"type": "Ready", "status": "False" if failing else "True", "reason": failing or "",
+                     "message": "the container exited with 1" if failing else "",
+                     "lastTransitionTime": "2024-01-01T00:00:00Z"}]}})
 
 
 @pytest.fixture(scope="module")
@@ -967,6 +975,27 @@ def test_versions_of_a_wide_model_leave_the_service_the_size_of_one(cluster, run
     assert len(versions) == count and versions[0] == "1.0.1"
     assert runtime.rollback(wide.name, version="1.0.1").version == "1.0.1"
     runtime.remove(wide.name)
+
+
+def test_a_version_knative_cannot_make_ready_fails_its_deploy_and_the_live_one_stays(cluster, runtime):
+    """The deploy check on a cluster: a new version whose Revision Knative reports failed is a
+    422 naming Knative's reason; the version live before stays live (its traffic entry back, as
+    if the deploy had not moved it), the failed one stays deployed and marked failed."""
+    from control.runtime.base import DeployCheckFailed
+
+    name = "checked-" + secrets.token_hex(3)
+    v1 = bump(example("donor-propensity"), "1.0.0", name=name)
+    runtime.deploy(v1)
+    with pytest.raises(DeployCheckFailed, match="ContainerMissing") as failed:
+        runtime.deploy(bump(v1, "2.0.0-broken"))
+    assert "1.0.0 stays live" in failed.value.message
+    state = runtime.traffic(name)
+    assert (state.live, state.routed()) == ("1.0.0", ["1.0.0"])
+    assert [t["revisionName"] for t in cluster.admin.get(svc_path(name))["spec"]["traffic"]] == [f"{name}-1-0-0"]
+    versions = {v.version: v for v in runtime.model(name).versions}
+    assert versions["2.0.0-broken"].failed and not versions["1.0.0"].failed
+    assert runtime.deploy(bump(v1, "2.0.0")).live   # a fixed version goes live
+    runtime.remove(name)
 
 
 def test_concurrent_deploys_lose_no_version(cluster, sa_token):

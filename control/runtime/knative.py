@@ -405,10 +405,47 @@ class KnativeRuntime(Runtime):
             log.info("deployed %s %s: new revision %s%s", name, version, revision, " (live)" if make_live else "")
             return VersionInfo(version=version, deployed_at=history[version]["deployed_at"], live=make_live)
 
+        before = self.traffic(name).live if self._get_or_none("services", name) is not None else None
         info = self._read_modify_write(f"Service {name}", change)
         self._await_revision(revision)
         self._endpoints.pop(name, None)
+        if info.deployed_at and before != version:
+            self._await_ready(name, version, revision, previous=before if info.live else None)
         return info
+
+    def _await_ready(self, name: str, version: str, revision: str, *, previous: Optional[str]) -> None:
+        """The deploy check on a cluster: wait (settings.deploy_check_timeout, else start_timeout)
+        until Knative reports the new Revision Ready, or that it failed. Failed: the version stays
+        deployed, marked failed with Knative's reason and the Revision's Warning events; the
+        live version it would have replaced stays live (Knative kept routing to it: a Route
+        moves to a revision only once it is Ready); 422. Neither within the time: it goes on
+        starting, and the deploy answers (`GET /api/models/{name}` shows how it ends).
+
+        Waiting also keeps a series of deploys from replacing a version while Knative is still
+        activating it: an activating revision keeps its pods until it activates or its progress
+        deadline passes, routed or not (serving pkg/reconciler/autoscaling/kpa/kpa.go
+        `computeActiveCondition`)."""
+        from control.runtime.base import DeployCheckFailed
+
+        deadline = time.monotonic() + (self.settings.deploy_check_timeout or self.settings.start_timeout)
+        while time.monotonic() < deadline:
+            rev = self._get_or_none("revisions", revision)
+            ready = _condition(rev or {}) or {}
+            if ready.get("status") == "True":
+                return
+            if ready.get("status") == "False":
+                entry = _revision_entry(rev) or {"failed": True, "revision": revision,
+                                                 "error": f"{ready.get('reason')}: {_condition_text(ready)}"}
+                reason = self._explained(entry) or "Knative could not make it Ready"
+                if previous is not None:
+                    self.rollback(name, version=previous)
+                kept = f"{previous} stays live" if previous else "it takes no traffic"
+                message = f"{name} {version} failed its deploy check, so {kept}: {reason}"
+                log.warning("%s", message)
+                raise DeployCheckFailed(message, details={"model": name, "version": version, "reason": reason,
+                                                          "log_tail": "", "error_text": reason})
+            time.sleep(0.25)
+        log.info("%s %s: not Ready within the deploy check's time; Knative goes on starting it", name, version)
 
     def _await_revision(self, revision: Optional[str]) -> None:
         """Wait until Knative's Configuration controller has created `revision` (at most
