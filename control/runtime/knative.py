@@ -63,6 +63,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 ENDPOINT_TTL = 10.0  # seconds a model's URL is cached by `forward`
 REVISION_WAIT = 30.0  # seconds a deploy waits for Knative to create the new version's Revision
 READ_TIMEOUT_MARGIN = 30.0  # seconds past a revision's own timeout before `forward` gives up
+#: Revision Ready=False reasons no wait mends (the image cannot be resolved): the deploy check fails at once
+PERMANENT_REVISION_FAILURES = {"ContainerMissing"}
 BUCKET_LIST_TTL = 30.0  # seconds a batch model's results/ listing answers GET /api/jobs before it is listed again
 WRITE_ATTEMPTS = 5  # read-modify-write rounds before a concurrently changed object is given up on
 # On every create and patch: an unknown or duplicate field is refused (400), as `kubectl apply`
@@ -428,23 +430,30 @@ class KnativeRuntime(Runtime):
         from control.runtime.base import DeployCheckFailed
 
         deadline = time.monotonic() + (self.settings.deploy_check_timeout or self.settings.start_timeout)
-        while time.monotonic() < deadline:
+        rev, ready = None, {}
+        while True:
             rev = self._get_or_none("revisions", revision)
             ready = _condition(rev or {}) or {}
             if ready.get("status") == "True":
                 return
-            if ready.get("status") == "False":
-                entry = _revision_entry(rev) or {"failed": True, "revision": revision,
-                                                 "error": f"{ready.get('reason')}: {_condition_text(ready)}"}
-                reason = self._explained(entry) or "Knative could not make it Ready"
-                if previous is not None:
-                    self.rollback(name, version=previous)
-                kept = f"{previous} stays live" if previous else "it takes no traffic"
-                message = f"{name} {version} failed its deploy check, so {kept}: {reason}"
-                log.warning("%s", message)
-                raise DeployCheckFailed(message, details={"model": name, "version": version, "reason": reason,
-                                                          "log_tail": "", "error_text": reason})
+            # False can pass (a pod not scheduled yet, while the version it replaces frees the
+            # node): it is final at once only for an image Knative cannot resolve, else when
+            # it is still False when the time is up
+            permanent = ready.get("status") == "False" and ready.get("reason") in PERMANENT_REVISION_FAILURES
+            if permanent or time.monotonic() >= deadline:
+                break
             time.sleep(0.25)
+        if ready.get("status") == "False":
+            entry = _revision_entry(rev) or {"failed": True, "revision": revision,
+                                             "error": f"{ready.get('reason')}: {_condition_text(ready)}"}
+            reason = self._explained(entry) or "Knative could not make it Ready"
+            if previous is not None:
+                self.rollback(name, version=previous)
+            kept = f"{previous} stays live" if previous else "it takes no traffic"
+            message = f"{name} {version} failed its deploy check, so {kept}: {reason}"
+            log.warning("%s", message)
+            raise DeployCheckFailed(message, details={"model": name, "version": version, "reason": reason,
+                                                      "log_tail": "", "error_text": reason})
         log.info("%s %s: not Ready within the deploy check's time; Knative goes on starting it", name, version)
 
     def _await_revision(self, revision: Optional[str]) -> None:
