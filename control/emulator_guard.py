@@ -30,6 +30,7 @@ client listing a large bucket here would otherwise measure memory real GCS never
 from __future__ import annotations
 
 import argparse
+import bisect
 import hmac
 import ipaddress
 import json
@@ -86,6 +87,10 @@ def with_preconditions(storage_cls):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.conditions = threading.local()
+            # a listing's later pages come from the sorted list its first page made, kept until
+            # an object is written, patched or deleted
+            self.changes = 0
+            self.listings: dict = {}
 
         def _check(self, bucket_name, file_name):
             wanted = getattr(self.conditions, "value", None)
@@ -94,11 +99,23 @@ def with_preconditions(storage_cls):
 
         def create_file(self, bucket_name, file_name, content, file_obj, file_id=None):
             self._check(bucket_name, file_name)
-            return super().create_file(bucket_name, file_name, content, file_obj, file_id)
+            self.changes += 1
+            try:
+                return super().create_file(bucket_name, file_name, content, file_obj, file_id)
+            finally:
+                self.changes += 1
 
         def delete_file(self, bucket_name, file_name):
             self._check(bucket_name, file_name)
-            return super().delete_file(bucket_name, file_name)
+            self.changes += 1
+            try:
+                return super().delete_file(bucket_name, file_name)
+            finally:
+                self.changes += 1
+
+        def patch_object(self, bucket_name, file_name, file_obj):
+            self.changes += 1
+            return super().patch_object(bucket_name, file_name, file_obj)
 
     return Checked
 
@@ -130,28 +147,36 @@ def paged_ls(request, response, storage, *args, **kwargs):
     except ValueError:
         response.status = 400
         return
-    try:
-        files, prefixes = storage.get_file_list(request.params["bucket_name"], one("prefix"), one("delimiter"),
-                                                one("matchGlob"),
-                                                soft_deleted=(one("softDeleted") or "").lower() in ("1", "true", "yes"))
-    except NotFound:
-        response.status = 404
-        return
-    except BadRequest:
-        response.status = 400
-        return
-    files = sorted(files, key=lambda f: f["name"])
-    if after is not None:
-        files = [f for f in files if f["name"] > after]
-    page = files[:size]
+    query = (request.params["bucket_name"], one("prefix"), one("delimiter"), one("matchGlob"),
+             (one("softDeleted") or "").lower() in ("1", "true", "yes"))
+    listings = getattr(storage, "listings", None)
+    hit = listings.get(query) if listings is not None and after is not None else None
+    if hit is not None and hit[0] == storage.changes:
+        _, files, names, prefixes = hit
+    else:
+        try:
+            files, prefixes = storage.get_file_list(*query[:4], soft_deleted=query[4])
+        except NotFound:
+            response.status = 404
+            return
+        except BadRequest:
+            response.status = 400
+            return
+        files = sorted(files, key=lambda f: f["name"])
+        names = [f["name"] for f in files]
+        if listings is not None:
+            listings.clear()   # one listing at a time is what a paging client needs
+            listings[query] = (storage.changes, files, names, prefixes)
+    start = bisect.bisect_right(names, after) if after is not None else 0
+    page = files[start:start + size]
     keep = _item_fields(one("fields"))
     if keep is not None:
         page = [{k: v for k, v in f.items() if k in keep} for f in page]
     out = {"kind": "storage#objects", "items": page}
     if after is None:
         out["prefixes"] = prefixes
-    if len(files) > size:
-        out["nextPageToken"] = base64.urlsafe_b64encode(files[size - 1]["name"].encode()).decode()
+    if start + size < len(files):
+        out["nextPageToken"] = base64.urlsafe_b64encode(files[start + size - 1]["name"].encode()).decode()
     response.json(out)
 
 
