@@ -1073,7 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="percent of the live version's requests also sent to it (answers recorded, never returned)")
     p = command("promote", cmd_promote, "make the version under rollout live")
     p.add_argument("name")
-    p = command("pin", cmd_pin, "keep a version routed at 0 %, with a URL of its own (cluster runtime)")
+    p = command("pin", cmd_pin, "keep a version routed at 0 %%, with a URL of its own (cluster runtime)")
     p.add_argument("name")
     p.add_argument("version")
     p = command("unpin", cmd_unpin, "take a pinned version's route away")

@@ -37,6 +37,9 @@ REQUIRED = os.environ.get("MODELPLANE_REQUIRE_KNATIVE") == "1"
 TIMEOUT = 300.0
 REGISTRY_HOST = "dev.local"  # one of Knative's registries-skipping-tag-resolving defaults
 FIGURES = ROOT / "artifacts" / "knative-figures.json"
+#: The cluster's bucket: one of its own in the tests' emulator, so the plane on the cluster starts
+#: from an empty state/ rather than the records the session's other tests left in test-bucket
+BUCKET = "knative-bucket"
 
 
 def unavailable(reason: str):
@@ -140,6 +143,13 @@ def knative(knative_builds, knative_images, gcs):
             # (go-containerregistry name.ParseReference) takes `localhost/...` for a Docker Hub
             # repository, so the model images go by a registry it recognises as one.
             n.ctr("images", "tag", "--force", entry["ref"], entry["ref"].replace("localhost/", f"{REGISTRY_HOST}/", 1))
+        from google.cloud import storage
+
+        from adapters.storage import emulator_credentials
+
+        client = storage.Client(project="test", credentials=emulator_credentials(gcs.key))
+        if client.lookup_bucket(BUCKET) is None:
+            client.create_bucket(BUCKET)
         n.gcs = n.forward(gcs.port)  # the emulator, as pods reach it
         n.gcs_key = gcs.key
         yield n
@@ -177,7 +187,7 @@ def knative_plane(knative, knative_images):
                            "stringData": {"key": cluster.gcs_key}})
             continue
         if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "modelplane":
-            doc["data"].update(bucket="test-bucket", registry=registry)
+            doc["data"].update(bucket=BUCKET, registry=registry)
         if doc["kind"] == "Deployment":
             doc["spec"]["replicas"] = 1
             [container] = doc["spec"]["template"]["spec"]["containers"]

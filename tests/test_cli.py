@@ -310,3 +310,14 @@ def test_cancel_a_running_job_over_http_with_the_local_runtime(gcs, gcs_client, 
         assert [(e["who"], e["outcome"], e["model"]) for e in entries if (e.get("detail") or {}).get("job") == job_id] \
             == [("admin", "ok", "scorer"), ("admin", "ok", "scorer"), ("other-team", "denied", "scorer")]
         assert [e["status"] for e in entries][:2] == [404, 404]
+
+
+def test_every_commands_help_renders(capsys):
+    """argparse formats each help text with %: a bare % in one breaks `modelplane --help`."""
+    from control.cli import build_parser
+
+    parser = build_parser()
+    parser.format_help()
+    for action in parser._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            assert sub.format_help(), name

@@ -27,7 +27,7 @@ from conftest import MODELS, ROOT, requires_r
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.knative]
 
-from knative_fixtures import CONTROL_NS, NS, TIMEOUT, http, record
+from knative_fixtures import BUCKET, CONTROL_NS, NS, TIMEOUT, http, record
 
 
 def local_realtime_scores(name: str) -> list[float]:
@@ -430,7 +430,7 @@ def test_batch_dataset_dropped_in_the_bucket_is_scored_by_a_job_from_the_jobsink
     cluster.wait(lambda: kube.has_condition(cluster.admin.get(f"/apis/sinks.knative.dev/v1alpha1/namespaces/{NS}/jobsinks/{sink}")),
                  TIMEOUT, f"JobSink {sink} Ready")
 
-    bucket = gcs_client.bucket("test-bucket")
+    bucket = gcs_client.bucket(BUCKET)
     sample = (MODELS / model / "sample.csv").read_bytes()
     known = {j["metadata"]["name"] for j in jobs_of(cluster, sink)}
     blob = bucket.blob(f"incoming/{model}/knative-march.csv")
@@ -444,7 +444,7 @@ def test_batch_dataset_dropped_in_the_bucket_is_scored_by_a_job_from_the_jobsink
     assert scores == pytest.approx(local_batch_scores(model, sample, tmp_path), rel=1e-9)
     result = json.loads(bucket.blob(f"{prefix}/result.json").download_as_text())
     assert (result["status"], result["rows"], result["job"]) == ("succeeded", len(scores), name)
-    assert result["input"] == {"uri": f"gs://test-bucket/{blob.name}", "generation": str(blob.generation),
+    assert result["input"] == {"uri": f"gs://{BUCKET}/{blob.name}", "generation": str(blob.generation),
                                "md5": hashlib.md5(sample).hexdigest()}
     # The control service reads the same from the cluster: the Job, and the result from its log.
     status, body = plane.call("GET", f"/api/jobs/{name}")
