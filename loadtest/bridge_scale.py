@@ -220,8 +220,9 @@ def latency(watcher, client, args) -> dict:
 
 
 def run_child(kind: str, emu, sink: CountingSink, state: Path, args, *, latency: bool = False) -> dict:
+    # --key=: a key may start with "-", which argparse would take for an option
     cmd = [sys.executable, "-m", "loadtest.bridge_scale", "--child", kind, "--endpoint", emu.endpoint,
-           f"--key={emu.key}", "--sink", sink.url,   # "=": a key may start with "-" "--state", str(state), "--interval", str(args.interval)]
+           f"--key={emu.key}", "--sink", sink.url, "--state", str(state), "--interval", str(args.interval)]
     if latency:
         cmd.append("--latency")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
