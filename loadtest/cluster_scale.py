@@ -352,9 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("no kube-apiserver binary: run scripts/cluster-build.sh or set MODELPLANE_KUBE_APISERVER",
               file=sys.stderr)
         return 2
-    crds = kube.crds_dir()
-    if not crds.is_dir():
-        crds = Path("/work/shared/knative/crds") if Path("/work/shared/knative/crds").is_dir() else crds
+    crds = kube.crds_dir()   # ../shared/knative/crds beside the checkout, or MODELPLANE_KNATIVE_CRDS
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"$ python -m loadtest.cluster_scale --services {args.services} (API server in {args.workdir})",
           flush=True)

@@ -374,8 +374,11 @@ class KnativeRuntime(Runtime):
         name, version = manifest.name, manifest.version
         revision = ko.object_name(manifest)
 
+        before: list = [None]   # the live version the write replaced (read in `change`)
+
         def change() -> VersionInfo:
             existing = self._get_or_none("services", name)
+            before[0] = None
             if existing is None:
                 body = json.loads(json.dumps(svc))
                 body["metadata"]["annotations"][ko.ANN_TRAFFIC] = _traffic_json(Traffic(live=version))
@@ -388,6 +391,7 @@ class KnativeRuntime(Runtime):
                                    live=True)
             history = self._history(existing)
             state = _traffic_state(existing, history)
+            before[0] = state.live
             if version in history:
                 self._same_or_conflict(manifest, history[version].get("manifest"))
                 live = state.live == version
@@ -407,12 +411,11 @@ class KnativeRuntime(Runtime):
             log.info("deployed %s %s: new revision %s%s", name, version, revision, " (live)" if make_live else "")
             return VersionInfo(version=version, deployed_at=history[version]["deployed_at"], live=make_live)
 
-        before = self.traffic(name).live if self._get_or_none("services", name) is not None else None
         info = self._read_modify_write(f"Service {name}", change)
         self._await_revision(revision)
         self._endpoints.pop(name, None)
-        if info.deployed_at and before != version:
-            self._await_ready(name, version, revision, previous=before if info.live else None)
+        if info.deployed_at and before[0] != version:
+            self._await_ready(name, version, revision, previous=before[0] if info.live else None)
         return info
 
     def _await_ready(self, name: str, version: str, revision: str, *, previous: Optional[str]) -> None:
