@@ -553,43 +553,700 @@ def cmd_remove(args) -> int:
     return 0
 
 
-def _read_input(args) -> tuple[bytes, str]:
-    if args.csv:
-        return Path(args.csv).read_bytes(), "text/csv"
-    if args.json:
-        raw = Path(args.json).read_bytes()
-    elif args.stdin == "-":
-        raw = sys.stdin.buffer.read()
-        if not raw.lstrip()[:1] in (b"{", b"["):
-            return raw, "text/csv"
-    else:
-        raise CLIError("give the rows: --csv FILE, --json FILE, or - to read CSV or JSON from stdin")
+#: requests in flight at once for a split file: the model's most replicas, within these bounds
+PREDICT_MAX_PARALLEL = 8
+#: a chunk answered 503/429 or whose connection broke is tried again this many times more
+PREDICT_RETRIES = 4
+PREDICT_RETRY_MAX_WAIT = 10.0       # seconds: the longest wait before a retry (Retry-After is capped at it)
+#: chunks read ahead of the first one not yet written: bounds what is held of the input and the answers
+PREDICT_WINDOW_PER_REQUEST = 2
+DEFAULT_MAX_ROWS = 10_000           # the manifest's defaults, used when the model cannot be read
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+JSON_READ_BLOCK = 1 << 20
+_WS = b" \t\r\n"
+
+
+class _Chunk:
+    __slots__ = ("index", "offset", "rows", "body", "end")
+
+    def __init__(self, index: int, offset: int, rows: int, body: bytes, end: int):
+        self.index = index      # 0, 1, … in the file
+        self.offset = offset    # rows of the file before this chunk: its row k is the file's row k + offset
+        self.rows = rows
+        self.body = body
+        self.end = end          # bytes of the input read once this chunk was complete
+
+
+class _Input:
+    """A binary stream with a few bytes already read from it put back in front."""
+
+    def __init__(self, stream, prefix: bytes = b""):
+        self.stream = stream
+        self.prefix = prefix
+        self.pos = 0            # bytes handed out so far
+
+    def read(self, n: int) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix[:n], self.prefix[n:]
+            if len(data) < n:
+                data += self.stream.read(n - len(data))
+        else:
+            data = self.stream.read(n)
+        self.pos += len(data)
+        return data
+
+    def readline(self) -> bytes:
+        if self.prefix:
+            cut = self.prefix.find(b"\n")
+            if cut >= 0:
+                data, self.prefix = self.prefix[:cut + 1], self.prefix[cut + 1:]
+            else:
+                data, self.prefix = self.prefix + self.stream.readline(), b""
+        else:
+            data = self.stream.readline()
+        self.pos += len(data)
+        return data
+
+
+def _sniff(stream) -> tuple[_Input, str]:
+    """The stream with its first bytes put back, and "json" when it starts (after a BOM and
+    whitespace) with { or [, else "csv"."""
+    bom = b"\xef\xbb\xbf"
+    head = rest = b""
+    while len(head) < 4096:
+        b = stream.read(1)
+        if not b:
+            break
+        head += b
+        rest = head[3:] if head.startswith(bom) else b"" if bom.startswith(head) else head
+        if rest.strip(_WS):
+            break
+    first = rest.lstrip(_WS)[:1]
+    return _Input(stream, head), "json" if first in (b"{", b"[") else "csv"
+
+
+def _too_big(row: int, max_body: int) -> CLIError:
+    return CLIError(f"row {row:,} alone is larger than the model's max_body ({max_body:,} bytes): "
+                    "it cannot be sent in any request")
+
+
+def _csv_records(src: _Input, room: int, max_body: int):
+    """The CSV's records as bytes, each with its line end: a record spans lines while a quoted
+    field is open (its count of double quotes is odd). Blank lines are skipped, as the model's
+    adapter skips them. A record over `room` bytes (max_body less the header) is refused."""
+    row = 1
+    parts: list[bytes] = []
+    size = quotes = 0
+    while True:
+        line = src.readline()
+        if not line:
+            break
+        parts.append(line)
+        size += len(line)
+        quotes += line.count(b'"')
+        if size > room:
+            raise _too_big(row, max_body)
+        if quotes % 2:
+            continue
+        record = b"".join(parts) if len(parts) > 1 else parts[0]
+        parts, size, quotes = [], 0, 0
+        if not record.rstrip(b"\r\n"):
+            continue
+        yield record if record.endswith(b"\n") else record + b"\n"
+        row += 1
+    if parts:  # an unterminated quote: sent as it is, the adapter names the fault
+        yield b"".join(parts) + b"\n"
+
+
+def _csv_chunks(src: _Input, max_rows: int, max_body: int):
+    header = src.readline()
+    if not header.endswith(b"\n"):
+        header += b"\n"
+    index = offset = 0
+    rows: list[bytes] = []
+    size = len(header)
+    for record in _csv_records(src, max_body - len(header), max_body):
+        if rows and (len(rows) >= max_rows or size + len(record) > max_body):
+            yield _Chunk(index, offset, len(rows), header + b"".join(rows), src.pos)
+            index, offset = index + 1, offset + len(rows)
+            rows, size = [], len(header)
+        rows.append(record)
+        size += len(record)
+    yield _Chunk(index, offset, len(rows), header + b"".join(rows), src.pos)
+
+
+class _JSONRows:
+    """The rows of a JSON document read a block at a time: `{"rows": [...]}` (other keys are
+    ignored, as the adapter ignores them), a list of rows, or one row (an object without
+    "rows"). Each row comes out as its own text, never re-encoded."""
+
+    def __init__(self, src: _Input, max_body: int):
+        import codecs
+
+        self.src = src
+        self.max_body = max_body
+        self.decoder = json.JSONDecoder()
+        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf = ""
+        self.i = 0
+        self.eof = False
+        self.row = 1
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        data = self.src.read(JSON_READ_BLOCK)
+        try:
+            text = self.utf8.decode(data, final=not data)
+        except UnicodeDecodeError as e:
+            raise CLIError(f"the JSON is not UTF-8 text (byte {self.src.pos - len(data) + e.start:,})") from None
+        self.eof = not data
+        self.buf = self.buf[self.i:] + text
+        self.i = 0
+        return True
+
+    def _skip_ws(self) -> str:
+        """The next character that is not whitespace ('' at the end)."""
+        while True:
+            while self.i < len(self.buf) and self.buf[self.i] in " \t\r\n":
+                self.i += 1
+            if self.i < len(self.buf):
+                return self.buf[self.i]
+            if not self._more():
+                return ""
+
+    def _value(self, what: str) -> tuple[Any, str]:
+        """The next JSON value and its text; reads on while it may be cut off by the block's end."""
+        self._skip_ws()
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.buf, self.i)
+            except json.JSONDecodeError as e:
+                if self.eof:
+                    raise CLIError(f"not JSON: {e.msg} in {what}") from None
+                if len(self.buf) - self.i > self.max_body:
+                    raise CLIError(f"not JSON ({e.msg}) in {what}, or it is larger than the model's max_body "
+                                   f"({self.max_body:,} bytes)") from None
+                self._more()
+                continue
+            if end >= len(self.buf) and not self.eof:  # a number may go on in the next block
+                self._more()
+                continue
+            text = self.buf[self.i:end]
+            self.i = end
+            return value, text
+
+    def _expect(self, chars: str, what: str) -> str:
+        c = self._skip_ws()
+        if c == "" or c not in chars:
+            found = "the end of the input" if c == "" else repr(c)
+            raise CLIError(f"not JSON rows: expected {' or '.join(map(repr, chars))} {what}; found {found}")
+        self.i += 1
+        return c
+
+    def rows(self):
+        """Yields each row's text."""
+        c = self._skip_ws()
+        if c == "[":
+            self.i += 1
+            yield from self._array()
+        elif c == "{":
+            yield from self._object()
+        else:
+            raise CLIError('not JSON rows: expected {"rows": [...]}, a list of rows or one row')
+        if self._skip_ws() != "":
+            raise CLIError("not JSON: more after the end of the document")
+
+    def _array(self):
+        if self._skip_ws() == "]":
+            self.i += 1
+            return
+        while True:
+            _, text = self._value(f"row {self.row:,}")
+            yield text
+            self.row += 1
+            if self._expect(",]", f"after row {self.row - 1:,}") == "]":
+                return
+
+    def _object(self):
+        self.i += 1
+        keys_text = []
+        found = False
+        if self._skip_ws() == "}":
+            self.i += 1
+            yield "{}"
+            return
+        while True:
+            key, _ = self._value("a key")
+            self._expect(":", f"after the key {key!r}")
+            if key == "rows" and not found and self._skip_ws() == "[":
+                found = True
+                self.i += 1
+                yield from self._array()
+            else:
+                _, text = self._value(f"the value of {key!r}")
+                keys_text.append((key, text))
+            if self._expect(",}", "between an object's members") == "}":
+                break
+        if not found:  # one row: its members as they were written
+            yield "{" + ",".join(f"{json.dumps(k)}:{t}" for k, t in keys_text) + "}"
+
+
+def _json_chunks(src: _Input, max_rows: int, max_body: int):
+    head, tail = b'{"rows": [', b"]}"
+    index = offset = 0
+    rows: list[bytes] = []
+    size = len(head) + len(tail)
+    reader = _JSONRows(src, max_body)
+    for text in reader.rows():
+        row = text.encode()
+        if len(row) + len(head) + len(tail) > max_body:
+            raise _too_big(offset + len(rows) + 1, max_body)
+        if rows and (len(rows) >= max_rows or size + len(row) + 1 > max_body):
+            yield _Chunk(index, offset, len(rows), head + b",".join(rows) + tail, src.pos)
+            index, offset = index + 1, offset + len(rows)
+            rows, size = [], len(head) + len(tail)
+        rows.append(row)
+        size += len(row) + 1
+    yield _Chunk(index, offset, len(rows), head + b",".join(rows) + tail, src.pos)
+
+
+class _ChunkFailed(Exception):
+    def __init__(self, chunk: _Chunk, status: Optional[int], body: dict):
+        super().__init__(body.get("error"))
+        self.chunk, self.status, self.body = chunk, status, body
+
+
+class _Sender:
+    """POSTs chunks, one requests session per thread, tried again on 503/429/a broken connection."""
+
+    def __init__(self, client: Client, accept: str, content_type: str, timeout: float):
+        self.url = client.url
+        self.headers = dict(client.session.headers)
+        self.headers.update({"Content-Type": content_type, "Accept": accept})
+        self.timeout = timeout
+        self.local = threading.local()
+        self.sessions: list[requests.Session] = []
+        self.stop = threading.Event()
+
+    def _session(self) -> requests.Session:
+        s = getattr(self.local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.trust_env = False
+            self.local.session = s
+            self.sessions.append(s)
+        return s
+
+    def close(self) -> None:
+        for s in self.sessions:
+            s.close()
+
+    def send(self, path: str, chunk: _Chunk) -> requests.Response:
+        session = self._session()
+        for attempt in range(PREDICT_RETRIES + 1):
+            last = attempt == PREDICT_RETRIES
+            wait = min(0.5 * 2 ** attempt, PREDICT_RETRY_MAX_WAIT)
+            try:
+                resp = session.post(self.url + path, data=chunk.body, headers=self.headers, timeout=self.timeout)
+            except requests.Timeout:
+                raise _ChunkFailed(chunk, None, {"error": f"no answer within {self.timeout:.0f}s"}) from None
+            except requests.ConnectionError:
+                if last or self.stop.is_set():
+                    raise _ChunkFailed(chunk, None, {"error": f"cannot reach the control service at {self.url}"}) \
+                        from None
+                self.stop.wait(wait)
+                continue
+            if resp.status_code in (429, 503) and not last and not self.stop.is_set():
+                try:
+                    wait = min(max(float(resp.headers.get("Retry-After", "")), 0.0), PREDICT_RETRY_MAX_WAIT)
+                except ValueError:
+                    pass
+                self.stop.wait(wait)
+                continue
+            if resp.status_code >= 400:
+                try:
+                    body = resp.json()
+                except ValueError:
+                    body = {"error": resp.text.strip()[:300] or resp.reason}
+                raise _ChunkFailed(chunk, resp.status_code, body if isinstance(body, dict) else {"error": str(body)})
+            return resp
+        raise AssertionError("unreachable")
+
+
+def _chunk_error(failed: _ChunkFailed, split: bool) -> CLIError:
+    """The failure of one request, its rows numbered in the whole file (chunk offset + the row the
+    answer names)."""
+    c, body = failed.chunk, failed.body
+    error = str(body.get("error") or "").splitlines()
+    message = error[0] if error else f"HTTP {failed.status}"
+    if failed.status is not None:
+        message += f" ({failed.status})"
+    if split:
+        message = f"rows {c.offset + 1:,}–{c.offset + c.rows:,} of the file (request {c.index + 1}): {message}"
+    details = []
+    for p in body.get("problems") or []:
+        if not isinstance(p, dict):
+            continue
+        text = p.get("error") or p.get("message")
+        row = p.get("row")
+        if isinstance(row, int) and not isinstance(row, bool):
+            details.append(f"  row {row + c.offset}: {p.get('field')}: {text}")
+        elif p.get("field"):
+            details.append(f"  column {p.get('field')}: {text}")
+        else:
+            details.append(f"  {text}")
+    if body.get("truncated"):
+        details.append(f"  … and {body['truncated']} more")
+    if split:
+        details.append("nothing was written: no request after it was sent")
+    return CLIError(message, details=details, status=failed.status)
+
+
+class _PredictProgress:
+    """Rows scored of a split file on stderr: a bar redrawn in place on a terminal (or with
+    --progress), else one line at the end."""
+
+    def __init__(self, total_bytes: Optional[int], *, force: bool, stream=None, clock=time.monotonic):
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        self.bar = tty or force
+        self.total_bytes = total_bytes
+        self.clock = clock
+        self.start = clock()
+        self._shown = 0.0
+        self._drawn = False
+
+    def text(self, done: int, done_bytes: int, total: Optional[int]) -> str:
+        exact = total is not None
+        if total is None and self.total_bytes and done_bytes:
+            total = max(done, round(done * self.total_bytes / done_bytes))
+        if not total:
+            return f"{done:,} rows scored"
+        frac = min(done / total, 1.0)
+        fill = int(frac * PROGRESS_BAR_WIDTH)
+        elapsed = self.clock() - self.start
+        eta = elapsed * (total - done) / done if done else None
+        return (f"[{'#' * fill}{'-' * (PROGRESS_BAR_WIDTH - fill)}] {done:,}/{'' if exact else '~'}{total:,} rows "
+                f"{frac * 100:3.0f}% · {_eta_text(eta if done < total else 0)}")
+
+    def show(self, done: int, done_bytes: int, total: Optional[int]) -> None:
+        if not self.bar:
+            return
+        now = self.clock()
+        if self._drawn and now - self._shown < 0.1 and done != total:
+            return
+        self._shown = now
+        try:
+            self.stream.write("\r" + self.text(done, done_bytes, total) + "\x1b[K")
+            self.stream.flush()
+            self._drawn = True
+        except (OSError, ValueError):
+            pass
+
+    def finish(self, rows: int, requests_: int, parallel: int) -> None:
+        self.close()
+        took = self.clock() - self.start
+        try:
+            self.stream.write(f"scored {rows:,} rows in {requests_:,} requests ({parallel} at once) "
+                              f"in {took:.1f}s\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self._drawn:
+            try:
+                self.stream.write("\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+            self._drawn = False
+
+
+def _join_json(joined: Optional[dict], answer: dict) -> dict:
+    """One answer from two: lists (scores) end to end, objects of lists (passthrough columns)
+    column by column; anything else as the first answer has it."""
+    if joined is None:
+        return {k: (list(v) if isinstance(v, list) else
+                    {c: list(x) for c, x in v.items()} if isinstance(v, dict) else v) for k, v in answer.items()}
+    for k, v in answer.items():
+        have = joined.get(k)
+        if isinstance(v, list) and isinstance(have, list):
+            have.extend(v)
+        elif isinstance(v, dict) and isinstance(have, dict):
+            for c, x in v.items():
+                if isinstance(x, list) and isinstance(have.get(c), list):
+                    have[c].extend(x)
+        elif k not in joined:
+            joined[k] = v
+    return joined
+
+
+def _first_record(data: bytes) -> int:
+    """Where the first CSV record of `data` ends (quotes taken into account)."""
+    quotes = 0
+    start = 0
+    while True:
+        cut = data.find(b"\n", start)
+        if cut < 0:
+            return len(data)
+        quotes += data.count(b'"', start, cut)
+        start = cut + 1
+        if quotes % 2 == 0:
+            return start
+
+
+def _model_limits(client: Client, name: str) -> dict:
+    """max_rows, max_body, the most replicas, the score's and passthrough columns' names and the
+    live version (when no rollout splits the traffic) of `name`, or the manifest's defaults when
+    the token may not read the model."""
     try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise CLIError(f"not JSON: {e}") from None
-    if isinstance(data, dict) and "rows" not in data:
-        data = {"rows": [data]}
-    elif isinstance(data, list):
-        data = {"rows": data}
-    return json.dumps(data).encode(), "application/json"
+        detail = client.json("GET", f"/api/models/{quote(name)}")
+    except CLIError as e:
+        if e.status not in (401, 403):
+            raise
+        detail = {}
+    manifest = detail.get("manifest") or {}
+    limits = manifest.get("limits") or {}
+    try:
+        from adapters.manifest import parse_bytes
+
+        max_body = parse_bytes(limits.get("max_body") or DEFAULT_MAX_BODY)
+    except (ValueError, ImportError):
+        max_body = DEFAULT_MAX_BODY
+    traffic = detail.get("traffic") or {}
+    steady = traffic.get("live") and not traffic.get("candidate") and not traffic.get("percent")
+    return {
+        "max_rows": max(int(limits.get("max_rows") or DEFAULT_MAX_ROWS), 1),
+        "max_body": max(max_body, 1024),
+        "replicas": int((manifest.get("scaling") or {}).get("max") or 1),
+        "score": (manifest.get("score") or {}).get("name") or "score",
+        "passthrough": [p if isinstance(p, str) else (p or {}).get("name")
+                        for p in manifest.get("passthrough") or []],
+        "live": traffic.get("live") if steady else None,
+    }
+
+
+def _open_input(args):
+    """(binary stream, its size or None, "csv" | "json") of the rows the command names."""
+    given = [(flag, v) for flag, v in (("--csv", args.csv), ("--json", args.json),
+                                        ("-", args.stdin), ("--raw", args.raw if isinstance(args.raw, str) else None))
+             if v is not None]
+    if len(given) > 1:
+        raise CLIError(f"give the rows once: {' and '.join(f for f, _ in given)} both name them")
+    if not given:
+        raise CLIError("give the rows: --csv FILE, --json FILE, or - (or --raw -) to read CSV or JSON from stdin")
+    flag, value = given[0]
+    if value == "-":
+        src, kind = _sniff(sys.stdin.buffer)
+        return src, None, kind
+    try:
+        f = open(value, "rb")
+        size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise CLIError(f"cannot read the input: {e.strerror}: {value}") from None
+    if flag == "--raw":
+        src, kind = _sniff(f)
+        return src, size, kind
+    return _Input(f), size, "csv" if flag == "--csv" else "json"
 
 
 def cmd_predict(args) -> int:
+    for flag, value in (("--parallel", args.parallel), ("--rows-per-request", args.max_rows)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be 1 or more; got {value}")
+    client = client_for(args)
+    src, size, kind = _open_input(args)
     try:
-        body, content_type = _read_input(args)
-    except OSError as e:
-        raise CLIError(f"cannot read the input: {e.strerror}: {e.filename}") from None
-    path = f"/models/{quote(args.name)}/versions/{quote(args.version)}/predict" if args.version \
-        else f"/models/{quote(args.name)}/predict"
-    result = client_for(args).json("POST", path, data=body,
-                                   headers={"Content-Type": content_type, "Accept": "application/json"},
-                                   timeout=args.timeout)
-    if args.raw:
-        out(json.dumps(result, indent=2))
-        return 0
-    for score in result.get("scores", []):
-        out(str(score))
+        return _predict(client, args, src, size, kind)
+    finally:
+        if src.stream is not sys.stdin.buffer:
+            src.stream.close()
+
+
+def _predict(client: Client, args, src: _Input, size: Optional[int], kind: str) -> int:
+    model = _model_limits(client, args.name)
+    max_rows = min(model["max_rows"], args.max_rows) if args.max_rows else model["max_rows"]
+    chunks = (_csv_chunks if kind == "csv" else _json_chunks)(src, max_rows, model["max_body"])
+    raw = args.raw is not None and args.raw is not False
+    out_json = raw or (args.out is not None and args.out.lower().endswith(".json"))
+    csv_mode = not out_json and (args.out is not None or bool(model["passthrough"]))
+    accept = "text/csv" if csv_mode else "application/json"
+    content_type = "text/csv" if kind == "csv" else "application/json"
+    name = quote(args.name)
+    model_path = f"/models/{name}/predict"
+
+    def version_path(v: str) -> str:
+        return f"/models/{name}/versions/{quote(v)}/predict"
+
+    first = next(chunks)
+    second = next(chunks, None)
+    split = second is not None
+    parallel = max(1, min(model["replicas"], PREDICT_MAX_PARALLEL, args.parallel or PREDICT_MAX_PARALLEL))
+    pinned = args.version or (model["live"] if split else None)
+
+    # where the answers go: a file beside --out (renamed over it at the end), or stdout at the end
+    import tempfile
+
+    if args.out:
+        target = Path(args.out)
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
+                                            dir=str(target.parent.resolve()))
+        except OSError as e:
+            raise CLIError(f"cannot write {args.out}: {e.strerror}") from None
+        spool = os.fdopen(fd, "w+b")
+    else:
+        target, tmp_name = None, None
+        spool = tempfile.TemporaryFile()
+    joined: Optional[dict] = None
+    header: Optional[bytes] = None
+    rows_done = 0
+    sender = _Sender(client, accept, content_type, args.timeout)
+    progress = _PredictProgress(size, force=args.progress) if split else None
+    ok = False
+
+    def emit(chunk: _Chunk, resp: requests.Response) -> None:
+        nonlocal joined, header, rows_done
+        if csv_mode:
+            data = resp.content
+            cut = _first_record(data)
+            if header is None:
+                header = data[:cut]
+                spool.write(data)
+            elif data[:cut] != header:
+                raise CLIError(f"rows {chunk.offset + 1:,}–{chunk.offset + chunk.rows:,} of the file were answered "
+                               f"with other columns ({data[:cut].decode(errors='replace').strip()!r}, "
+                               f"not {header.decode(errors='replace').strip()!r})")
+            else:
+                spool.write(data[cut:])
+        else:
+            try:
+                answer = resp.json()
+            except ValueError:
+                raise CLIError(f"POST {model_path} answered something that is not JSON") from None
+            joined = _join_json(joined, answer if isinstance(answer, dict) else {"scores": answer})
+        rows_done += chunk.rows
+        if progress is not None:
+            progress.show(rows_done, chunk.end, total)
+
+    total: Optional[int] = None
+    try:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        if not split:
+            path = version_path(args.version) if args.version else model_path
+            try:
+                emit(first, sender.send(path, first))
+            except _ChunkFailed as e:
+                raise _chunk_error(e, False) from None
+        else:
+            if pinned is None:  # a rollout splits the traffic: the first request picks the version for all
+                try:
+                    resp = sender.send(model_path, first)
+                except _ChunkFailed as e:
+                    raise _chunk_error(e, True) from None
+                pinned = resp.headers.get("X-Model-Version") or (resp.json() or {}).get("version")
+                if not pinned:
+                    raise CLIError(f"{args.name} did not say which version answered: cannot send the rest to it")
+                emit(first, resp)
+                upcoming = [second]
+                next_write = 1
+            else:
+                upcoming = [first, second]
+                next_write = 0
+            path = version_path(pinned)
+            window = parallel * PREDICT_WINDOW_PER_REQUEST
+            pending: dict = {}
+            answered: dict[int, tuple[_Chunk, requests.Response]] = {}
+            failures: list[_ChunkFailed] = []
+            seen = upcoming[-1].index + 1
+            with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="predict") as pool:
+                try:
+                    while True:
+                        while not failures and upcoming and len(pending) < parallel \
+                                and upcoming[0].index < next_write + window:
+                            chunk = upcoming.pop(0)
+                            pending[pool.submit(sender.send, path, chunk)] = chunk
+                            if not upcoming and total is None:
+                                nxt = next(chunks, None)
+                                if nxt is None:
+                                    total = chunk.offset + chunk.rows
+                                else:
+                                    upcoming.append(nxt)
+                                    seen = nxt.index + 1
+                        if not pending:
+                            break
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            chunk = pending.pop(fut)
+                            try:
+                                answered[chunk.index] = (chunk, fut.result())
+                            except _ChunkFailed as e:
+                                failures.append(e)
+                                sender.stop.set()
+                        while not failures and next_write in answered:
+                            emit(*answered.pop(next_write))
+                            next_write += 1
+                    if failures:
+                        raise _chunk_error(min(failures, key=lambda f: f.chunk.index), True)
+                except BaseException:
+                    sender.stop.set()
+                    for fut in pending:
+                        fut.cancel()
+                    raise
+            progress.finish(rows_done, seen, parallel)
+        # the answer, whole: to --out, or printed
+        if csv_mode:
+            pass
+        elif raw or args.out:
+            spool.write(json.dumps(joined or {}, indent=2 if raw and not args.out else None).encode() + b"\n")
+        else:
+            answer = joined or {}
+            passthrough = answer.get("passthrough") if isinstance(answer.get("passthrough"), dict) else {}
+            if passthrough:
+                import csv as csvlib
+
+                text = io.StringIO()
+                writer = csvlib.writer(text, lineterminator="\n")
+                cols = list(passthrough)
+                writer.writerow([*cols, model["score"]])
+                for i, score in enumerate(answer.get("scores") or []):
+                    writer.writerow([*(passthrough[c][i] if i < len(passthrough[c]) else "" for c in cols), score])
+                spool.write(text.getvalue().encode())
+            else:
+                spool.write("".join(f"{s}\n" for s in answer.get("scores") or []).encode())
+        spool.flush()
+        if target is not None:
+            os.fsync(spool.fileno())
+            spool.close()
+            os.replace(tmp_name, target)
+            ok = True
+            out(f"wrote {rows_done:,} scores to {target}")
+        else:
+            spool.seek(0)
+            sys.stdout.flush()
+            import shutil
+
+            shutil.copyfileobj(spool, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            ok = True
+    finally:
+        sender.stop.set()
+        sender.close()
+        if progress is not None and not ok:
+            progress.close()
+        if not spool.closed:
+            spool.close()
+        if tmp_name is not None and not ok:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
     return 0
 
 
@@ -1117,15 +1774,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("remove", cmd_remove, "delete a model and all its versions (asks first)")
     p.add_argument("name")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask: remove it and every version")
-    p = command("predict", cmd_predict, "score rows with a realtime model")
+    p = command("predict", cmd_predict, "score rows with a realtime model (a file over the model's "
+                                        "max_rows is sent in parallel requests, the scores joined in order)")
     p.add_argument("name")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--csv", metavar="FILE", help="rows as CSV (header = feature names)")
     src.add_argument("--json", metavar="FILE", help='rows as JSON: {"rows": [...]}, a list of rows, or one row')
     src.add_argument("stdin", nargs="?", choices=["-"], help="read CSV or JSON from stdin")
+    p.add_argument("--raw", nargs="?", const=True, metavar="FILE|-",
+                   help="print the whole JSON answer; with FILE (or - for stdin) the rows are read from it, "
+                        "CSV or JSON as it starts")
+    p.add_argument("--out", metavar="FILE", help="write the answer to FILE (whole, or not at all): JSON for "
+                   "*.json, else CSV (the passthrough columns, then the score)")
     p.add_argument("--version", help="score with this deployed version, whatever the traffic split")
-    p.add_argument("--raw", action="store_true", help="print the whole JSON answer")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    p.add_argument("--progress", action="store_true",
+                   help="draw the progress bar of a split file on stderr even when it is not a terminal")
+    p.add_argument("--parallel", type=int, metavar="N",
+                   help=f"at most N requests at once (default: the model's scaling.max, at most {PREDICT_MAX_PARALLEL})")
+    p.add_argument("--rows-per-request", dest="max_rows", type=int, metavar="N",
+                   help="rows in one request (default and most: the model's limits.max_rows)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one request (default 120)")
     p = command("run", cmd_run, "run a batch model on a dataset (gs:// URI, or a local CSV uploaded to the bucket)")
     p.add_argument("name")
     p.add_argument("dataset", metavar="gs://URI|FILE")
@@ -1177,7 +1845,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra == ["-"] and getattr(args, "command", None) == "predict" and getattr(args, "stdin", "") is None:
+        args.stdin = "-"   # `predict NAME --version V -`: argparse gave the positional away before the option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in ("up", "serve", "watch") and not getattr(args, "verbose", False):

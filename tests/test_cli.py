@@ -321,3 +321,230 @@ def test_every_commands_help_renders(capsys):
     for action in parser._subparsers._group_actions:
         for name, sub in action.choices.items():
             assert sub.format_help(), name
+
+
+# -- predict: a file over the model's max_rows, split into parallel requests -------------------
+
+SPLIT_MAX_ROWS = 50
+
+
+@pytest.fixture
+def split_plane(tmp_path, monkeypatch):
+    """A real control service with the local runtime, serving `echo` (score = x) with
+    limits.max_rows 50 and up to 3 replicas."""
+    import shutil
+
+    import yaml
+
+    for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN", "MODELPLANE_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    settings = settings_for(tmp_path, token=TOKEN)
+    folder = Path(shutil.copytree(ROOT / "tests" / "fixtures" / "local" / "echo", settings.models_dir / "echo"))
+    manifest = yaml.safe_load((folder / "model.yaml").read_text())
+    manifest["limits"] = {"max_rows": SPLIT_MAX_ROWS}
+    (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    with running(settings) as server:
+        yield server
+
+
+def _by_hand(server, body_rows: list[str], header: str = "x", *, accept: str = "application/json"):
+    """The answers of the file's rows sent max_rows at a time, one request after the other."""
+    import requests
+
+    answers = []
+    for start in range(0, len(body_rows), SPLIT_MAX_ROWS):
+        body = header + "\n" + "".join(r + "\n" for r in body_rows[start:start + SPLIT_MAX_ROWS])
+        r = requests.post(f"{server.url}/models/echo/predict", data=body.encode(), timeout=60,
+                          headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/csv", "Accept": accept})
+        assert r.status_code == 200, r.text
+        answers.append(r)
+    return answers
+
+
+def test_predict_splits_a_csv_over_max_rows_and_joins_the_scores_in_order(split_plane, tmp_path, capsys):
+    """3.2 × max_rows: one request would be refused (413); the CLI sends four, in parallel, and
+    prints every score in input order, as the chunks scored one by one answer."""
+    server = split_plane
+    values = [f"{(i * 7919) % 1000 / 8}" for i in range(3 * SPLIT_MAX_ROWS + 10)]
+    data = tmp_path / "big.csv"
+    data.write_text("x\n" + "".join(v + "\n" for v in values))
+    assert cli(server, "predict", "echo", "--csv", str(data)) == 0
+    captured = capsys.readouterr()
+    expected = [s for r in _by_hand(server, values) for s in r.json()["scores"]]
+    assert captured.out.splitlines() == [str(s) for s in expected]
+    assert [float(s) for s in captured.out.splitlines()] == [float(v) for v in values]
+    # not a terminal: no bar, one plain line at the end
+    assert captured.err == f"scored {len(values)} rows in 4 requests (3 at once) in " + \
+        captured.err.split(" in ")[-1]
+    assert "\r" not in captured.err
+
+
+def test_predict_out_file_is_the_single_answer_joined(split_plane, tmp_path, capsys):
+    """--out F.csv holds exactly what one request's CSV answer would (its header once);
+    --out F.json the JSON answer with every score; --progress draws the bar."""
+    server = split_plane
+    values = [str(i) for i in range(1, 2 * SPLIT_MAX_ROWS + 2)]
+    data = tmp_path / "rows.csv"
+    data.write_text("x\r\n" + "".join(v + "\r\n" for v in values) + "\r\n")  # CRLF and a blank last line
+    out_csv = tmp_path / "scores.csv"
+    assert cli(server, "predict", "echo", "--csv", str(data), "--out", str(out_csv), "--progress") == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"wrote {len(values)} scores to {out_csv}"
+    assert "\r[" in captured.err and f"{len(values)}/{len(values)} rows 100%" in captured.err
+    answers = _by_hand(server, values, accept="text/csv")
+    header = answers[0].text.splitlines()[0]
+    assert out_csv.read_text() == header + "\n" + "".join(a.text.split("\n", 1)[1] for a in answers)
+    assert out_csv.read_text().splitlines()[1:] == [f"{float(v)!r}" for v in values]
+
+    out_json = tmp_path / "scores.json"
+    assert cli(server, "predict", "echo", "--csv", str(data), "--out", str(out_json)) == 0
+    joined = json.loads(out_json.read_text())
+    assert joined == {"model": "echo", "version": "1.0.0", "scores": [float(v) for v in values]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "rows.csv", "scores.csv", "scores.json", "state"]
+
+
+def test_predict_splits_json_rows(split_plane, tmp_path, capsys):
+    """JSON input (a list, or {"rows": [...]}) is split the same way; --raw prints the whole answer."""
+    server = split_plane
+    rows = [{"x": i / 4, **({"delay": 0} if i % 3 else {})} for i in range(SPLIT_MAX_ROWS * 3 + 1)]
+    for doc in (rows, {"note": "ignored", "rows": rows}):
+        data = tmp_path / "rows.json"
+        data.write_text(json.dumps(doc, indent=1))
+        assert cli(server, "predict", "echo", "--json", str(data), "--raw") == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert answer == {"model": "echo", "version": "1.0.0", "scores": [r["x"] for r in rows]}
+
+
+def test_predict_failure_names_the_row_in_the_whole_file_and_writes_nothing(split_plane, tmp_path, capsys):
+    """A bad value in the third request: the error names the row as numbered in the whole file;
+    --out is neither created nor left half-written, and no temporary file stays behind."""
+    server = split_plane
+    values = [str(i) for i in range(4 * SPLIT_MAX_ROWS)]
+    bad_at = 2 * SPLIT_MAX_ROWS + 17           # 0-based index in the file: in the third request
+    values[bad_at] = "lots"
+    data = tmp_path / "rows.csv"
+    data.write_text("x\n" + "".join(v + "\n" for v in values))
+    # what the adapter names for that row when it is sent alone in its chunk
+    import requests
+
+    chunk = "x\n" + "".join(v + "\n" for v in values[2 * SPLIT_MAX_ROWS:3 * SPLIT_MAX_ROWS])
+    r = requests.post(f"{server.url}/models/echo/predict", data=chunk.encode(), timeout=60,
+                      headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/csv"})
+    assert r.status_code == 422
+    row_in_chunk = r.json()["problems"][0]["row"]
+    out_file = tmp_path / "scores.csv"
+    out_file.write_text("earlier results\n")
+    assert cli(server, "predict", "echo", "--csv", str(data), "--out", str(out_file)) == 1
+    err = capsys.readouterr().err
+    assert f"error: rows {2 * SPLIT_MAX_ROWS + 1}–{3 * SPLIT_MAX_ROWS} of the file (request 3): " in err
+    assert "(422)" in err
+    assert f"  row {row_in_chunk + 2 * SPLIT_MAX_ROWS}: x: expected a number; got 'lots'" in err
+    assert out_file.read_text() == "earlier results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "rows.csv", "scores.csv", "state"]
+    new_file = tmp_path / "new.csv"
+    assert cli(server, "predict", "echo", "--csv", str(data), "--out", str(new_file)) == 1
+    assert not new_file.exists()
+
+
+def test_predict_raw_dash_reads_the_body_from_stdin(split_plane, tmp_path, capsys, monkeypatch):
+    """`predict NAME --raw -` (and `--version V -`) read the rows from stdin, CSV or JSON."""
+    import io
+
+    server = split_plane
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'\xef\xbb\xbf {"rows": [{"x": 2}, {"x": 3}]}')))
+    assert cli(server, "predict", "echo", "--raw", "-") == 0
+    assert json.loads(capsys.readouterr().out) == {"model": "echo", "version": "1.0.0", "scores": [2.0, 3.0]}
+    big = "x\n" + "".join(f"{i}\n" for i in range(SPLIT_MAX_ROWS + 5))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(big.encode())))
+    assert cli(server, "predict", "echo", "--version", "1.0.0", "-") == 0
+    assert capsys.readouterr().out.splitlines() == [str(float(i)) for i in range(SPLIT_MAX_ROWS + 5)]
+    raw_file = tmp_path / "rows.txt"
+    raw_file.write_text("x\n4\n")
+    assert cli(server, "predict", "echo", "--raw", str(raw_file)) == 0
+    assert json.loads(capsys.readouterr().out)["scores"] == [4.0]
+    assert cli(server, "predict", "echo", "--raw", str(raw_file), "--csv", str(raw_file)) == 1
+    assert "give the rows once" in capsys.readouterr().err
+
+
+def test_csv_chunks_keep_quoted_newlines_and_bound_each_body():
+    """Records split on their quotes, not on lines; blank lines skipped as the adapter skips
+    them; no body over max_body or max_rows; every chunk carries the header; a row larger than
+    max_body alone is refused naming it."""
+    import csv
+    import io
+
+    from control.cli import CLIError, _csv_chunks, _Input
+
+    rows = [[f"id-{i}", f'line one\nline "two" of {i}' if i % 3 == 0 else str(i)] for i in range(40)]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([["id", "note"], *rows[:20]])
+    text = buf.getvalue() + "\n\n"
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows[20:])
+    data = (text + buf.getvalue()).encode()
+    for max_rows, max_body in ((7, 10_000), (100, 200), (1, 64)):
+        chunks = list(_csv_chunks(_Input(io.BytesIO(data)), max_rows, max_body))
+        got = []
+        for i, c in enumerate(chunks):
+            assert c.index == i and c.offset == len(got)
+            assert len(c.body) <= max_body and 1 <= c.rows <= max_rows
+            parsed = list(csv.reader(io.StringIO(c.body.decode())))
+            assert parsed[0] == ["id", "note"] and len(parsed) - 1 == c.rows
+            got += parsed[1:]
+        assert got == rows
+    with pytest.raises(CLIError, match=r"row 4 alone is larger than the model's max_body \(40 bytes\)"):
+        list(_csv_chunks(_Input(io.BytesIO(b"id,note\n1,a\n2,b\n3,c\n4," + b"x" * 40 + b"\n")), 10, 40))
+    # only a header: one chunk of no rows (the adapter answers it as one request would)
+    [only] = _csv_chunks(_Input(io.BytesIO(b"x\n")), 10, 100)
+    assert (only.rows, only.body) == (0, b"x\n")
+
+
+@pytest.mark.parametrize("doc", [
+    [{"x": 1.5, "s": "a ] } , \" \\u00e9 é"}, {"x": 12345678901234567890}, {"x": -0.5e-3, "n": None}, {}],
+    {"meta": {"rows": [9]}, "rows": [{"x": 1}, {"x": 2}], "after": [1, 2]},
+    {"x": 123456789, "s": "one row"},
+    [],
+])
+def test_json_rows_are_read_a_block_at_a_time(doc, monkeypatch):
+    """The rows of any accepted JSON shape, read in blocks cut anywhere (7 bytes here),
+    come out as the JSON parser reads the whole document."""
+    import io
+
+    from control import cli
+
+    monkeypatch.setattr(cli, "JSON_READ_BLOCK", 7)
+    data = json.dumps(doc, ensure_ascii=False, indent=2).encode()
+    rows = [json.loads(t) for t in cli._JSONRows(cli._Input(io.BytesIO(data)), 10_000).rows()]
+    expected = doc if isinstance(doc, list) else doc["rows"] if "rows" in doc else [doc]
+    assert rows == expected
+    chunks = list(cli._json_chunks(cli._Input(io.BytesIO(data)), 2, 10_000))
+    assert [r for c in chunks for r in json.loads(c.body)["rows"]] == expected
+
+
+@pytest.mark.parametrize("data, message", [
+    (b'[{"x": 1}, {"x": 2]', "not JSON: Expecting ',' delimiter in row 2"),
+    (b'[{"x": 1} {"x": 2}]', "expected ',' or ']' after row 1; found '{'"),
+    (b'[{"x": 1}] [', "more after the end of the document"),
+    (b'"rows"', "expected {\"rows\": [...]}"),
+])
+def test_json_rows_errors_say_where(data, message, monkeypatch):
+    import io
+
+    from control import cli
+
+    monkeypatch.setattr(cli, "JSON_READ_BLOCK", 5)
+    with pytest.raises(cli.CLIError) as e:
+        list(cli._JSONRows(cli._Input(io.BytesIO(data)), 10_000).rows())
+    assert message in e.value.message
+
+
+def test_join_keeps_whatever_columns_the_answers_carry():
+    """Passthrough columns (COMMON decision 1) are joined column by column beside the scores."""
+    from control.cli import _join_json
+
+    a = {"model": "m", "version": "1", "scores": [0.1, 0.2], "passthrough": {"id": ["a", "b"], "n": [1, 2]}}
+    b = {"model": "m", "version": "1", "scores": [0.3], "passthrough": {"id": ["c"], "n": [3]}}
+    joined = _join_json(_join_json(None, a), b)
+    assert joined == {"model": "m", "version": "1", "scores": [0.1, 0.2, 0.3],
+                      "passthrough": {"id": ["a", "b", "c"], "n": [1, 2, 3]}}
+    assert a["scores"] == [0.1, 0.2]  # the first answer is not changed under the caller
