@@ -855,6 +855,8 @@ class _Sender:
                 if last or self.stop.is_set():
                     raise _ChunkFailed(chunk, None, {"error": f"cannot reach the control service at {self.url}"}) \
                         from None
+                log.debug("rows %d–%d: the connection broke; trying again in %.1fs",
+                          chunk.offset + 1, chunk.offset + chunk.rows, wait)
                 self.stop.wait(wait)
                 continue
             if resp.status_code in (429, 503) and not last and not self.stop.is_set():
@@ -862,6 +864,8 @@ class _Sender:
                     wait = min(max(float(resp.headers.get("Retry-After", "")), 0.0), PREDICT_RETRY_MAX_WAIT)
                 except ValueError:
                     pass
+                log.debug("rows %d–%d: answered %d; trying again in %.1fs",
+                          chunk.offset + 1, chunk.offset + chunk.rows, resp.status_code, wait)
                 self.stop.wait(wait)
                 continue
             if resp.status_code >= 400:

@@ -548,3 +548,30 @@ def test_join_keeps_whatever_columns_the_answers_carry():
     assert joined == {"model": "m", "version": "1", "scores": [0.1, 0.2, 0.3],
                       "passthrough": {"id": ["a", "b", "c"], "n": [1, 2, 3]}}
     assert a["scores"] == [0.1, 0.2]  # the first answer is not changed under the caller
+
+
+def test_predict_tries_a_chunk_again_when_the_front_door_answers_503(tmp_path, monkeypatch, capsys, caplog):
+    """The front door holds at most MAX_BODIES_IN_FLIGHT bytes of bodies and answers 503 with
+    Retry-After past them: three slow requests of ~700 bytes against a budget of 1,024 are
+    refused in part, tried again, and every score still comes back in order."""
+    import logging
+    import shutil
+
+    import yaml
+
+    for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN", "MODELPLANE_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    settings = settings_for(tmp_path, token=TOKEN, max_bodies_in_flight=1024)
+    folder = Path(shutil.copytree(ROOT / "tests" / "fixtures" / "local" / "echo", settings.models_dir / "echo"))
+    manifest = yaml.safe_load((folder / "model.yaml").read_text())
+    manifest["limits"] = {"max_rows": SPLIT_MAX_ROWS}
+    (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    values = [f"{100000 + i}.125" for i in range(3 * SPLIT_MAX_ROWS)]
+    data = tmp_path / "slow.csv"
+    data.write_text("x,delay\n" + "".join(f"{v},{0.4 if i % SPLIT_MAX_ROWS == 0 else ''}\n"
+                                          for i, v in enumerate(values)))
+    caplog.set_level(logging.DEBUG, logger="modelplane")
+    with running(settings) as server:
+        assert cli(server, "predict", "echo", "--csv", str(data)) == 0
+    assert capsys.readouterr().out.splitlines() == [str(float(v)) for v in values]
+    assert any("answered 503; trying again" in r.getMessage() for r in caplog.records)
