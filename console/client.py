@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 from urllib.parse import parse_qs, quote, urlsplit
@@ -96,6 +97,91 @@ def _list_params(label: Sequence[str], owner: Optional[str], q: Optional[str]) -
     if q:
         params.append(("q", q))
     return params
+
+
+# -- a CSV over a model's max_rows: split, scored in parallel, joined back in order -------------
+
+#: requests in flight at once for a split file: the model's most replicas, within these bounds
+MAX_PARALLEL = 8
+#: a chunk answered 503/429, or whose connection broke, is tried again this many times more
+CHUNK_RETRIES = 4
+_SIZE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+               "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
+
+
+def parse_size(text: Any, default: int = 16 * 1024**2) -> int:
+    """A manifest size (`16Mi`, `512Ki`, `1000`) in bytes; `default` when it is not one."""
+    import re
+
+    m = re.match(r"^(\d+)(Ki|Mi|Gi|Ti|K|M|G|T)?$", str(text or "").strip())
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2) or ""] if m else default
+
+
+def split_csv(data: bytes, max_rows: int, max_body: int) -> list[tuple[int, int, bytes]]:
+    """A CSV as `(offset, rows, body)` requests of at most `max_rows` data rows and `max_body`
+    bytes, each with the header; row k of a body is row k + offset of the file. Records are
+    split on their quotes, not on lines (a quoted field may hold newlines), their bytes kept;
+    blank lines are skipped, as the model's adapter skips them. A row too large for any
+    request raises ValueError naming it."""
+    import io
+
+    lines = io.BytesIO(data).readlines()   # on "\n" only, as the CSV reader ends records
+    if not lines:
+        return [(0, 0, data)]
+    header = lines[0] if lines[0].endswith(b"\n") else lines[0] + b"\n"
+    out: list[tuple[int, int, bytes]] = []
+    rows: list[bytes] = []
+    size = len(header)
+    offset = 0
+    parts: list[bytes] = []
+    quotes = 0
+
+    def record_done(record: bytes) -> None:
+        nonlocal rows, size, offset
+        if not record.endswith(b"\n"):
+            record += b"\n"
+        if len(header) + len(record) > max_body:
+            raise ValueError(f"row {offset + len(rows) + 1:,} alone is larger than the model's max_body "
+                             f"({max_body:,} bytes)")
+        if rows and (len(rows) >= max_rows or size + len(record) > max_body):
+            out.append((offset, len(rows), header + b"".join(rows)))
+            offset += len(rows)
+            rows, size = [], len(header)
+        rows.append(record)
+        size += len(record)
+
+    for line in lines[1:]:
+        parts.append(line)
+        quotes += line.count(b'"')
+        if quotes % 2:
+            continue
+        record = b"".join(parts)
+        parts, quotes = [], 0
+        if record.strip(b"\r\n"):
+            record_done(record)
+    if parts:
+        record_done(b"".join(parts))
+    out.append((offset, len(rows), header + b"".join(rows)))
+    return out
+
+
+def join_answers(answers: Sequence[dict]) -> dict:
+    """One answer from the answers of consecutive chunks: lists (`scores`) end to end, objects
+    of lists (`passthrough` columns) column by column, anything else as the first has it."""
+    joined: dict = {}
+    for answer in answers:
+        for k, v in answer.items():
+            have = joined.get(k)
+            if k not in joined:
+                joined[k] = list(v) if isinstance(v, list) else \
+                    {c: list(x) if isinstance(x, list) else x for c, x in v.items()} if isinstance(v, dict) else v
+            elif isinstance(v, list) and isinstance(have, list):
+                have.extend(v)
+            elif isinstance(v, dict) and isinstance(have, dict):
+                for c, x in v.items():
+                    if isinstance(x, list) and isinstance(have.get(c), list):
+                        have[c].extend(x)
+    return joined
 
 
 class ControlClient:
@@ -257,6 +343,135 @@ class ControlClient:
                               headers={"Content-Type": "text/csv"}, timeout=timeout)
         return self._json("POST", f"/models/{quote(name)}/predict", json={"rows": rows or []},
                           timeout=timeout)
+
+    def predict_csv(self, name: str, data: bytes, *, max_rows: int, max_body: int = 16 * 1024**2,
+                    parallel: int = 1, live: Optional[str] = None, timeout: float = 120.0,
+                    on_progress: Optional[Any] = None) -> dict:
+        """Score a CSV of any length: split (`split_csv`) into requests sent `parallel` at once
+        (at most MAX_PARALLEL), each tried again on 503/429 or a broken connection, and the
+        answers joined in the file's order (`join_answers`), as one request would answer. Every
+        request goes to one version: `live` when given (no rollout splitting the traffic), else
+        the one that answered the first. `on_progress(rows_done, rows_total)` is called from
+        the caller's thread. A failure stops the sending and raises the ControlError of the
+        earliest failed request, its problems' rows numbered in the whole file (`row` + offset)."""
+        import time
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        try:
+            chunks = split_csv(data, max(int(max_rows), 1), max(int(max_body), 1024))
+        except ValueError as e:
+            raise ControlError(str(e), status=413) from None
+        total = sum(rows for _, rows, _ in chunks)
+        model_path = f"/models/{quote(name)}/predict"
+
+        def send(path: str, chunk: tuple[int, int, bytes], session: requests.Session) -> dict:
+            offset, rows, body = chunk
+            for attempt in range(CHUNK_RETRIES + 1):
+                try:
+                    resp = session.post(self.url + path, data=body, timeout=timeout, headers={
+                        "Content-Type": "text/csv", "Accept": "application/json",
+                        **({"Authorization": f"Bearer {self.token}"} if self.token else {})})
+                except requests.Timeout as e:
+                    raise Unreachable(f"rows {offset + 1:,}–{offset + rows:,}: no answer within {timeout:.0f}s",
+                                      url=self.url) from e
+                except requests.RequestException as e:
+                    if attempt == CHUNK_RETRIES:
+                        raise Unreachable(f"the control service at {self.url} is unreachable ({type(e).__name__})",
+                                          url=self.url) from e
+                    time.sleep(min(0.5 * 2 ** attempt, 10))
+                    continue
+                if resp.status_code in (429, 503) and attempt < CHUNK_RETRIES:
+                    try:
+                        pause = min(max(float(resp.headers.get("Retry-After", "")), 0.0), 10.0)
+                    except ValueError:
+                        pause = min(0.5 * 2 ** attempt, 10)
+                    time.sleep(pause)
+                    continue
+                if resp.status_code >= 400:
+                    try:
+                        parsed = resp.json()
+                        err_body = parsed if isinstance(parsed, dict) else {"error": str(parsed)}
+                    except ValueError:
+                        err_body = {"error": resp.text.strip()[:500] or resp.reason}
+                    for p in err_body.get("problems") or []:   # rows of the whole file
+                        if isinstance(p, dict) and isinstance(p.get("row"), int) and not isinstance(p["row"], bool):
+                            p["row"] += offset
+                    message = str(err_body.get("error") or resp.reason or f"HTTP {resp.status_code}")
+                    if len(chunks) > 1:
+                        message = f"rows {offset + 1:,}–{offset + rows:,} of the file: {message}"
+                    err_body["offset"] = offset
+                    raise _error_class(resp.status_code)(message, status=resp.status_code, url=self.url, body=err_body)
+                try:
+                    answer = resp.json()
+                except ValueError as e:
+                    raise ControlError(f"POST {path} answered something that is not JSON",
+                                       status=resp.status_code, url=self.url) from e
+                return answer if isinstance(answer, dict) else {"scores": answer}
+            raise AssertionError("unreachable")
+
+        sessions: list[requests.Session] = []
+
+        def session() -> requests.Session:
+            s = requests.Session()
+            s.trust_env = False
+            sessions.append(s)
+            return s
+
+        try:
+            if len(chunks) == 1:
+                answer = send(model_path, chunks[0], self.session)
+                if on_progress:
+                    on_progress(total, total)
+                return answer
+            answers: dict[int, dict] = {}
+            done_rows = 0
+            start = 0
+            if live is None:   # a rollout splits the traffic: the first request picks the version for all
+                answers[0] = send(model_path, chunks[0], self.session)
+                live = str(answers[0].get("version") or "")
+                if not live:
+                    raise ControlError(f"{name} did not say which version answered", url=self.url)
+                start = 1
+                done_rows = chunks[0][1]
+                if on_progress:
+                    on_progress(done_rows, total)
+            path = f"/models/{quote(name)}/versions/{quote(live)}/predict"
+            workers = max(1, min(int(parallel), MAX_PARALLEL))
+            local = threading.local()
+
+            def work(i: int) -> dict:
+                if getattr(local, "session", None) is None:
+                    local.session = session()
+                return send(path, chunks[i], local.session)
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="console-predict") as pool:
+                todo = list(range(start, len(chunks)))
+                pending: dict = {}
+                failures: list[tuple[int, ControlError]] = []
+                while todo or pending:
+                    while todo and not failures and len(pending) < workers:
+                        i = todo.pop(0)
+                        pending[pool.submit(work, i)] = i
+                    if not pending:
+                        break
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        i = pending.pop(fut)
+                        try:
+                            answers[i] = fut.result()
+                        except ControlError as err:
+                            failures.append((i, err))
+                            todo.clear()
+                            continue
+                        done_rows += chunks[i][1]
+                    if on_progress and not failures:
+                        on_progress(done_rows, total)
+                if failures:
+                    raise min(failures, key=lambda f: f[0])[1]
+            return join_answers([answers[i] for i in range(len(chunks))])
+        finally:
+            for s in sessions:
+                s.close()
 
     def submit_job(self, name: str, *, dataset: str) -> dict:
         return self._json("POST", f"/api/models/{quote(name)}/jobs", json={"dataset": dataset})

@@ -641,3 +641,93 @@ def test_an_admin_lists_creates_and_revokes_tokens(console, named, plane):
     assert "zoe" not in frame_with(at, "By")["Name"].tolist()
     gone = requests.get(f"{plane.url}/api/whoami", headers={"Authorization": f"Bearer {shown[0]}"}, timeout=10)
     assert gone.status_code == 401
+
+
+# -- a CSV over the model's max_rows ----------------------------------------------------------
+
+SPLIT_MODEL = "echo-split"
+
+
+@pytest.fixture(scope="module")
+def split_model(plane, tmp_path_factory):
+    """The local runtime's echo fixture (score = x) as `echo-split`, limits.max_rows 20, up to 3 replicas."""
+    import shutil
+    import tarfile
+
+    import yaml
+
+    folder = tmp_path_factory.mktemp("split") / SPLIT_MODEL
+    shutil.copytree(ROOT / "tests" / "fixtures" / "local" / "echo", folder)
+    manifest = yaml.safe_load((folder / "model.yaml").read_text())
+    manifest.update(name=SPLIT_MODEL, limits={"max_rows": 20})
+    (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=SPLIT_MODEL)
+    r = API.post(f"{plane.url}/api/models", data=buf.getvalue(), timeout=120, headers={"Content-Type": "application/gzip"})
+    assert r.status_code == 201, r.text
+    yield SPLIT_MODEL
+    API.delete(f"{plane.url}/api/models/{SPLIT_MODEL}", timeout=60)
+
+
+def test_csv_over_max_rows_is_scored_in_chunks_with_progress(console, split_model):
+    """70 rows against max_rows 20: four requests (one would be refused, 413), a progress bar,
+    every score beside its row in the file's order, and the whole result to download."""
+    values = [(i * 37) % 101 / 4 for i in range(70)]
+    data = ("x\n" + "".join(f"{v}\n" for v in values)).encode()
+    at = open_page(console(), "views/model.py", model=split_model)
+    at.file_uploader(key=f"csv-{split_model}").set_value(("big.csv", data, "text/csv"))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    scored = frame_with(at, "y")
+    assert list(scored["x"].astype(float)) == values
+    assert list(scored["y"].astype(float)) == values
+    bars = at.get("progress")
+    assert bars and "Scored 70 rows in 4 requests" in bars[-1].proto.text
+    assert bars[-1].proto.value == 100
+    assert "Scored 70 rows of big.csv." in texts(at)
+    assert [b for b in at.get("download_button") if "Download scores" in b.proto.label]
+
+
+def test_csv_over_max_rows_names_the_bad_row_of_the_whole_file(console, split_model):
+    values = [str(i) for i in range(70)]
+    values[47] = "lots"                          # in the third request
+    data = ("x\n" + "".join(f"{v}\n" for v in values)).encode()
+    at = open_page(console(), "views/model.py", model=split_model)
+    at.file_uploader(key=f"csv-{split_model}").set_value(("bad.csv", data, "text/csv"))
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("The model rejected bad.csv" in e.value and "rows 41–60 of the file" in e.value for e in at.error)
+    problems = frame_with(at, "Error")
+    assert list(problems["Value"]) == ["lots"]   # the value found at the row the problem names, in the whole file
+
+
+def test_split_csv_and_join_keep_rows_and_passthrough_columns_in_order():
+    """The console's split keeps quoted newlines inside one row and bounds each body; the join
+    keeps the answers' passthrough columns (COMMON decision 1), shown before the score."""
+    import csv
+
+    from console.client import join_answers, split_csv
+    from console.views.model import scored_table
+
+    rows = [[f"c{i}", f'two\nlines "{i}"' if i % 4 == 0 else str(i)] for i in range(30)]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerows([["customer_id", "note"], *rows])
+    chunks = split_csv(buf.getvalue().encode() + b"\r\n", 7, 120)
+    got = []
+    for offset, n, body in chunks:
+        assert offset == len(got) and 1 <= n <= 7 and len(body) <= 120
+        got += list(csv.reader(io.StringIO(body.decode(), newline="")))[1:]
+    assert got == rows
+    with pytest.raises(ValueError, match="row 2 alone is larger"):
+        split_csv(b"x\n1\n" + b"9" * 200 + b"\n", 10, 100)
+
+    answers = [{"model": "m", "version": "1", "scores": [0.5, 0.25], "passthrough": {"customer_id": ["c0", "c1"]}},
+               {"model": "m", "version": "1", "scores": [0.75], "passthrough": {"customer_id": ["c2"]}}]
+    joined = join_answers(answers)
+    assert joined == {"model": "m", "version": "1", "scores": [0.5, 0.25, 0.75],
+                      "passthrough": {"customer_id": ["c0", "c1", "c2"]}}
+    table = scored_table(pd.DataFrame({"customer_id": ["c0", "c1", "c2"], "x": ["1", "2", "3"]}), joined, "y")
+    assert list(table.columns) == ["customer_id", "y", "x"]
+    assert table.values.tolist() == [["c0", 0.5, "1"], ["c1", 0.25, "2"], ["c2", 0.75, "3"]]

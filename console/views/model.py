@@ -1,7 +1,6 @@
 """One model: its feature schema, a form generated from the features, CSV scoring, versions and rollback."""
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import math
@@ -13,7 +12,7 @@ import streamlit as st
 
 from console import common
 from console.views import monitoring
-from console.client import ControlError, Invalid
+from console.client import ControlError, Invalid, parse_size
 from console.comparison import show_report
 
 DEFAULT_MAX_ROWS = 10_000
@@ -155,37 +154,37 @@ def predict_form(name: str, detail: dict) -> None:
 
 # -- CSV scoring --------------------------------------------------------------------------
 
-def _chunks(data: bytes, size: int) -> list[bytes]:
-    """Split a CSV into bodies of at most `size` data rows, each with the header (quotes kept intact)."""
-    text = data.decode("utf-8-sig")
-    records = list(csv.reader(io.StringIO(text)))
-    if len(records) <= size + 1:
-        return [data]
-    header, body = records[0], records[1:]
-    out = []
-    for start in range(0, len(body), size):
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(body[start:start + size])
-        out.append(buf.getvalue().encode())
-    return out
+def score_csv(name: str, detail: dict, data: bytes, *, on_progress=None) -> dict:
+    """The whole file's answer (`scores`, and `passthrough` columns when the model declares
+    some): a file over the model's max_rows (or max_body) goes in requests sent in parallel, up
+    to its most replicas, pinned to one version, and the answers are joined in order."""
+    manifest = detail.get("manifest") or {}
+    limits = manifest.get("limits") or {}
+    traffic = detail.get("traffic") or {}
+    steady = traffic.get("live") and not traffic.get("candidate") and not traffic.get("percent")
+    return common.client().predict_csv(
+        name, data,
+        max_rows=int(limits.get("max_rows") or DEFAULT_MAX_ROWS),
+        max_body=parse_size(limits.get("max_body")),
+        parallel=int((manifest.get("scaling") or {}).get("max") or 1),
+        live=traffic.get("live") if steady else None,
+        on_progress=on_progress)
 
 
-def score_csv(name: str, data: bytes, max_rows: int) -> list[float]:
-    scores: list[float] = []
-    for chunk in _chunks(data, max_rows):
-        try:
-            answer = common.client().predict(name, csv=chunk)
-        except Invalid as err:
-            offset = len(scores)
-            if offset:  # renumber rows of a later chunk to the whole file
-                for p in err.problems:
-                    if isinstance(p.get("row"), int):
-                        p["row"] += offset
-            raise
-        scores.extend(answer.get("scores") or [])
-    return scores
+def scored_table(rows: pd.DataFrame, answer: dict, score_name: str) -> pd.DataFrame:
+    """The scores beside the rows: the answer's passthrough columns first (as it gives them),
+    then the score, then the other input columns."""
+    scores = answer.get("scores") or []
+    passthrough = answer.get("passthrough") if isinstance(answer.get("passthrough"), dict) else {}
+    if not passthrough:
+        result = rows.copy()
+        result[score_name] = scores
+        return result
+    front = pd.DataFrame({c: list(v) for c, v in passthrough.items()})
+    front[score_name] = scores
+    rest = rows.drop(columns=[c for c in passthrough if c in rows.columns] + (
+        [score_name] if score_name in rows.columns else []))
+    return pd.concat([front.reset_index(drop=True), rest.reset_index(drop=True)], axis=1)
 
 
 def histogram(scores: list[float], bins: int = 20) -> pd.DataFrame:
@@ -221,11 +220,21 @@ def csv_scoring(name: str, detail: dict) -> None:
     digest = hashlib.sha256(data).hexdigest()
     cached = st.session_state.get(key)
     if not cached or cached["digest"] != digest:
+        requests_ = max(1, math.ceil(len(rows) / max_rows))
+        label = f"Scoring {len(rows):,} rows" + (f" in {requests_:,} requests…" if requests_ > 1 else "…")
+        bar = st.progress(0.0, text=label)
+
+        def progress(done: int, total: int) -> None:
+            bar.progress(min(done / total, 1.0) if total else 1.0, text=f"{label} {done:,} of {total:,} scored")
+
         try:
-            with st.spinner(f"Scoring {len(rows):,} rows…"):
-                cached = {"digest": digest, "scores": score_csv(name, data, max_rows), "error": None}
+            with st.spinner(label):
+                cached = {"digest": digest, "answer": score_csv(name, detail, data, on_progress=progress),
+                          "error": None}
+            bar.progress(1.0, text=f"Scored {len(rows):,} rows" + (f" in {requests_:,} requests" if requests_ > 1 else ""))
         except ControlError as err:
-            cached = {"digest": digest, "scores": None, "error": err}
+            bar.empty()
+            cached = {"digest": digest, "answer": None, "error": err}
         st.session_state[key] = cached
     if cached["error"] is not None:
         err = cached["error"]
@@ -235,9 +244,12 @@ def csv_scoring(name: str, detail: dict) -> None:
             common.show_error(err)
         return
 
-    scores = cached["scores"]
-    result = rows.copy()
-    result[score_name] = scores
+    scores = cached["answer"].get("scores") or []
+    if len(scores) != len(rows):
+        st.error(f"**{upload.name}**: {len(rows):,} rows were read but {len(scores):,} scores came back.",
+                 icon=":material/block:")
+        return
+    result = scored_table(rows, cached["answer"], score_name)
     st.success(f"Scored {len(scores):,} rows of {upload.name}.", icon=":material/check_circle:")
     left, right = st.columns([3, 2])
     with left:
