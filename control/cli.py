@@ -1154,7 +1154,12 @@ def _predict(client: Client, args, src: _Input, size: Optional[int], kind: str) 
                     resp = sender.send(model_path, first)
                 except _ChunkFailed as e:
                     raise _chunk_error(e, True) from None
-                pinned = resp.headers.get("X-Model-Version") or (resp.json() or {}).get("version")
+                pinned = resp.headers.get("X-Model-Version")
+                if not pinned and not csv_mode:
+                    try:
+                        pinned = (resp.json() or {}).get("version")
+                    except (ValueError, AttributeError):
+                        pinned = None
                 if not pinned:
                     raise CLIError(f"{args.name} did not say which version answered: cannot send the rest to it")
                 emit(first, resp)

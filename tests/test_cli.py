@@ -575,3 +575,31 @@ def test_predict_tries_a_chunk_again_when_the_front_door_answers_503(tmp_path, m
         assert cli(server, "predict", "echo", "--csv", str(data)) == 0
     assert capsys.readouterr().out.splitlines() == [str(float(v)) for v in values]
     assert any("answered 503; trying again" in r.getMessage() for r in caplog.records)
+
+
+def test_predict_sends_a_split_file_to_one_version_during_a_rollout(split_plane, tmp_path, capsys):
+    """With 50 % of requests going to 2.0.0 (score = 2x), every request of a file goes to the
+    version the first one reached: never scores of two versions in one result."""
+    import shutil
+
+    import yaml
+
+    server = split_plane
+    folder = Path(shutil.copytree(ROOT / "tests" / "fixtures" / "local" / "echo", tmp_path / "echo2"))
+    manifest = yaml.safe_load((folder / "model.yaml").read_text())
+    manifest.update(version="2.0.0", limits={"max_rows": SPLIT_MAX_ROWS})
+    (folder / "model.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    (folder / "params.json").write_text(json.dumps({"factor": 2}))
+    assert cli(server, "deploy", str(folder), "--no-live") == 0
+    assert cli(server, "rollout", "echo", "2.0.0", "--percent", "50") == 0
+    capsys.readouterr()
+    values = list(range(1, 4 * SPLIT_MAX_ROWS + 1))
+    data = tmp_path / "rows.csv"
+    data.write_text("x\n" + "".join(f"{v}\n" for v in values))
+    for _ in range(6):   # split at random, four requests would reach both versions almost every time
+        out_file = tmp_path / "answer.json"
+        assert cli(server, "predict", "echo", "--csv", str(data), "--out", str(out_file)) == 0
+        answer = json.loads(out_file.read_text())
+        factor = {"1.0.0": 1, "2.0.0": 2}[answer["version"]]
+        assert answer["scores"] == [float(v * factor) for v in values]
+    capsys.readouterr()
