@@ -603,3 +603,23 @@ def test_predict_sends_a_split_file_to_one_version_during_a_rollout(split_plane,
         factor = {"1.0.0": 1, "2.0.0": 2}[answer["version"]]
         assert answer["scores"] == [float(v * factor) for v in values]
     capsys.readouterr()
+
+
+def test_predict_without_a_token_on_an_open_plane_splits_by_the_manifests_defaults(tmp_path, monkeypatch, capsys):
+    """MODELPLANE_OPEN_PREDICT: scoring needs no token, reading the model does (401): the CLI
+    falls back on the manifest's defaults (max_rows 10,000, one request at a time) and scores."""
+    import shutil
+
+    for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN", "MODELPLANE_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    settings = settings_for(tmp_path, token=TOKEN, open_predict=True)
+    shutil.copytree(ROOT / "tests" / "fixtures" / "local" / "echo", settings.models_dir / "echo")
+    data = tmp_path / "rows.csv"
+    data.write_text("x\n" + "".join(f"{i}\n" for i in range(10_005)))
+    with running(settings) as server:
+        code = main(["predict", "echo", "--csv", str(data), "--url", server.url,
+                     "--state-dir", str(tmp_path / "no-token-here")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.splitlines() == [str(float(i)) for i in range(10_005)]
+    assert captured.err.startswith("scored 10,005 rows in 2 requests (1 at once)")
