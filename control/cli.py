@@ -1104,6 +1104,13 @@ def _predict(client: Client, args, src: _Input, size: Optional[int], kind: str) 
         except OSError as e:
             raise CLIError(f"cannot write {args.out}: {e.strerror}") from None
         spool = os.fdopen(fd, "w+b")
+        try:  # the mode the file would have had (mkstemp makes it 0600)
+            mode = target.stat().st_mode & 0o777
+        except OSError:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
     else:
         target, tmp_name = None, None
         spool = tempfile.TemporaryFile()

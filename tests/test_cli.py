@@ -379,6 +379,12 @@ def test_predict_splits_a_csv_over_max_rows_and_joins_the_scores_in_order(split_
     assert "\r" not in captured.err
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_predict_out_file_is_the_single_answer_joined(split_plane, tmp_path, capsys):
     """--out F.csv holds exactly what one request's CSV answer would (its header once);
     --out F.json the JSON answer with every score; --progress draws the bar."""
@@ -395,6 +401,7 @@ def test_predict_out_file_is_the_single_answer_joined(split_plane, tmp_path, cap
     header = answers[0].text.splitlines()[0]
     assert out_csv.read_text() == header + "\n" + "".join(a.text.split("\n", 1)[1] for a in answers)
     assert out_csv.read_text().splitlines()[1:] == [f"{float(v)!r}" for v in values]
+    assert out_csv.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
     out_json = tmp_path / "scores.json"
     assert cli(server, "predict", "echo", "--csv", str(data), "--out", str(out_json)) == 0
