@@ -289,7 +289,8 @@ class FrontDoor:
             body = b""
             if method in MUTATING:
                 guard.check_origin(request.headers)
-                guard.check_content_type(types, given=request.headers.get("Content-Type", "").split(";")[0].strip())
+                given = serving.body_type(types, request.headers)
+                guard.check_content_type(types, given=given)
                 encoding = body_encoding(request.headers.getall("Content-Encoding", []))
                 if request.content_length is not None and request.content_length > limit:
                     raise TooLarge(f"the body is {request.content_length} bytes; {name} takes at most {limit} "
@@ -301,6 +302,8 @@ class FrontDoor:
                 body = await _read_capped(request.content, limit, encoding=encoding, budget=self.budget, held=held)
             headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
             headers["x-request-id"] = rid   # one id in the caller's answer, this log and the adapter's
+            if method in MUTATING and "content-type" not in headers:
+                headers["content-type"] = given   # an inference request sent without one: what it is
             version, rest = serving.pinned(after)
             adapter_path = "/" + "/".join(rest)
             t1 = time.perf_counter()
@@ -343,7 +346,12 @@ class FrontDoor:
     async def wsgi(self, request: web.BaseRequest, path: str, query: str) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         response = web.StreamResponse()
-        await loop.run_in_executor(self.pool, self._run_wsgi, request, response, path, query, loop)
+        try:
+            await loop.run_in_executor(self.pool, self._run_wsgi, request, response, path, query, loop)
+        except ConnectionError:
+            # the client hung up before the answer was all written (tritonclient reads a health
+            # check's status and drops the connection): nothing is left to answer, nor a bug to log
+            return response
         await response.write_eof()
         return response
 

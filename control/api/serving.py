@@ -100,6 +100,18 @@ def routes(plane) -> Routes:
     return r
 
 
+def body_type(types: tuple[str, ...], headers) -> str:
+    """The media type of a request's body: its Content-Type without parameters. Stock Open
+    Inference Protocol clients (tritonclient) send an inference request with none: on the
+    inference routes that is a binary request when it carries the binary tensor extension's
+    `Inference-Header-Content-Length`, else JSON. (No Content-Type refuses no defence: a browser's
+    cross-site call is refused by its Origin, and a token is never sent by a browser on its own.)"""
+    given = headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if given or types != INFER_TYPES:
+        return given
+    return "application/octet-stream" if "Inference-Header-Content-Length" in headers else "application/json"
+
+
 def pinned(segments: list[str]) -> tuple[Optional[str], list[str]]:
     """(the version a matched path names, the path the adapter serves it under): `versions/V/…`
     right after the model's name is that version's own URL, served by the adapter as `/…`; the
