@@ -39,7 +39,7 @@ from aiohttp.web_protocol import RequestHandler
 from control.api import serving
 from control.app import MUTATING, request_id
 from control.bodies import BodyBudget, Busy, Decoder, body_encoding, trim_memory
-from control.errors import NotFound, PlaneError, TooLarge
+from control.errors import NotFound, PlaneError, TooLarge, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,12 @@ class FrontDoor:
             except PlaneError as e:
                 plane.metrics.observe_model(name, e.status)
                 raise
+            if result.status == 401:
+                # an adapter checks only the plane's own secret: the caller's token was right, and a
+                # 401 here would tell them to send another (every 401 of this service is its own)
+                plane.metrics.observe_model(name, 502)
+                raise UpstreamError(f"{name}'s adapter refused the control service's secret "
+                                    "(MODELPLANE_ADAPTER_SECRET): the plane is misconfigured, not your token")
             plane.metrics.observe_model(name, result.status)
             plane.monitor.observe(name, result)
             if policy.shadow_percent and version is None and rest == ["predict"]:

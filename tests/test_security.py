@@ -257,6 +257,15 @@ def test_every_401_names_the_bearer_scheme(plane):
         assert r.status_code == 401, (method, path, r.status_code)
         assert r.headers["WWW-Authenticate"] == 'Bearer realm="modelplane", error="invalid_token"', path
     assert runtime.forwarded == []
+    # an adapter that refuses the plane's own secret is the plane's fault, never a 401 to the caller
+    from control.runtime.base import ProxyResponse
+
+    runtime.forward = lambda *a, **k: ProxyResponse(401, {"Content-Type": "application/json"},
+                                                    b'{"error": "X-Modelplane-Secret does not match"}')
+    for path in ("/models/echo-rt/predict", "/v2/models/echo-rt/infer"):
+        r = api.post(server.url + path, json={"rows": [{"x": 1}]})
+        assert r.status_code == 502 and "refused the control service's secret" in r.json()["error"], path
+        assert "WWW-Authenticate" not in r.headers
 
 
 def test_the_open_inference_protocol_at_the_root_passes_the_same_checks(plane, tmp_path):
