@@ -2,9 +2,9 @@
 
 - **The models' traffic** (`/models/{name}/…`: predict and the Open Inference Protocol; and
   the protocol's `/v2/models/{name}/…` at the root, where KServe and Triton clients look, the
-  same request as `/models/{name}/v2/models/{name}/…`) is served here, in the event loop: the same checks as the API (Host, the token unless the model
-  is public or predict is opened, cross-site calls, the body's type), the body read from the
-  socket within the model's `limits.max_body` (decoded if it came gzip or deflate, and within the
+  same request as `/models/{name}/v2/models/{name}/…`) is served here, in the event loop: the
+  same checks as the API (Host, the token unless the model is public or predict is opened,
+  cross-site calls, the body's type), the body read from the socket within the model's `limits.max_body` (decoded if it came gzip or deflate, and within the
   service's budget of bodies in flight: control/bodies.py), then the runtime's `aforward`. For the local
   runtime that is the replica manager itself: it holds a request while a replica starts
   (a future, not a thread), balances over ready replicas and forwards on pooled connections.
@@ -310,15 +310,14 @@ class FrontDoor:
             try:
                 result = await plane.runtime.aforward(name, method=request.method, path=adapter_path,
                                                       headers=headers, body=body, query=query, version=version)
+                if result.status == 401:
+                    # an adapter checks only the plane's own secret: the caller's token was right, and
+                    # a 401 would tell them to send another (every 401 of this service is its own)
+                    raise UpstreamError(f"{name}'s adapter refused the control service's secret "
+                                        "(MODELPLANE_ADAPTER_SECRET): the plane is misconfigured, not your token")
             except PlaneError as e:
                 plane.metrics.observe_model(name, e.status)
                 raise
-            if result.status == 401:
-                # an adapter checks only the plane's own secret: the caller's token was right, and a
-                # 401 here would tell them to send another (every 401 of this service is its own)
-                plane.metrics.observe_model(name, 502)
-                raise UpstreamError(f"{name}'s adapter refused the control service's secret "
-                                    "(MODELPLANE_ADAPTER_SECRET): the plane is misconfigured, not your token")
             plane.metrics.observe_model(name, result.status)
             plane.monitor.observe(name, result)
             if policy.shadow_percent and version is None and rest == ["predict"]:
