@@ -1,14 +1,15 @@
 """The control service's front door: one asyncio (aiohttp) server on the service's address.
 
-- **The models' traffic** (`/models/{name}/…`: predict and the Open Inference Protocol; and
-  the protocol's `/v2/models/{name}/…` at the root, where KServe and Triton clients look, the
-  same request as `/models/{name}/v2/models/{name}/…`) is served here, in the event loop: the
-  same checks as the API (Host, the token unless the model is public or predict is opened,
-  cross-site calls, the body's type), the body read from the socket within the model's `limits.max_body` (decoded if it came gzip or deflate, and within the
-  service's budget of bodies in flight: control/bodies.py), then the runtime's `aforward`. For the local
-  runtime that is the replica manager itself: it holds a request while a replica starts
-  (a future, not a thread), balances over ready replicas and forwards on pooled connections.
-  Each request is forwarded once, from here; Flask never sees it.
+- **The models' traffic** (`/models/{name}/…`: predict and the Open Inference Protocol; and the
+  protocol's `/v2/models/{name}/…` at the root, where KServe and Triton clients look, the same
+  request as `/models/{name}/v2/models/{name}/…`) is served here, in the event loop: the same
+  checks as the API (Host, the token unless the model is public or predict is opened, cross-site
+  calls, the body's type), the body read from the socket within the model's `limits.max_body`
+  (decoded if it came gzip or deflate, and within the service's budget of bodies in flight:
+  control/bodies.py), then the runtime's `aforward`. For the local runtime that is the replica
+  manager itself: it holds a request while a replica starts (a future, not a thread), balances
+  over ready replicas and forwards on pooled connections. Each request is forwarded once, from
+  here; Flask never sees it.
 - **Everything else** is the Flask control API (control/app.py), run on a thread pool through
   a small WSGI bridge that streams the request body from the socket only as the route reads
   it (so each route's own cap applies before anything is spooled) and streams the answer back.

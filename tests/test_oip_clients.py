@@ -61,7 +61,7 @@ def auth() -> dict:
     return dict(AUTH)
 
 
-def test_tritonclient_given_the_base_url(served):
+def test_tritonclient_given_the_base_url(served, caplog):
     httpclient = pytest.importorskip("tritonclient.http")
     from tritonclient.utils import InferenceServerException
 
@@ -114,6 +114,8 @@ def test_tritonclient_given_the_base_url(served):
             client.infer(MODEL, inputs(True))
         with pytest.raises(InferenceServerException, match="bearer token is not one this service knows"):
             client.get_model_metadata(MODEL, headers={"Authorization": "Bearer wrong"})
+        # the client drops a connection once it has read a health check's status: no error for the service
+        assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
 
         # the shape the rows were sent in is the shape of the scores
         result = client.infer(MODEL, inputs(True), headers=auth())
