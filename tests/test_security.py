@@ -228,10 +228,14 @@ def test_predict_needs_the_token_unless_opened(tmp_path):
         assert requests.post(f"{server.url}/models/echo-rt/predict", json=rows).status_code == 401
         assert requests.get(f"{server.url}/models/echo-rt/v2/models/echo-rt").status_code == 401
         assert requests.post(f"{server.url}/models/open-rt/predict", json=rows).status_code == 200
+        assert requests.get(f"{server.url}/v2/models/echo-rt").status_code == 401
+        assert requests.get(f"{server.url}/v2/models/open-rt").status_code == 200   # public: the root's too
+        assert requests.get(f"{server.url}/v2/models/open-rt", headers={"Authorization": "Bearer x"}).status_code == 200
         assert requests.post(f"{server.url}/models/nope/predict", json=rows).status_code == 401  # no probing
         assert requests.get(f"{server.url}/api/models/open-rt").status_code == 401  # the API stays closed
     with running(settings.model_copy(update={"open_predict": True}), runtime=FakeRuntime()) as server:
         assert requests.post(f"{server.url}/models/echo-rt/predict", json=rows).status_code == 200
+        assert requests.get(f"{server.url}/v2/models/echo-rt/ready").status_code == 200
         assert requests.get(f"{server.url}/api/models").status_code == 401
 
 
