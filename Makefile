@@ -15,7 +15,16 @@ $(BIN)/modelplane: pyproject.toml
 up: $(BIN)/modelplane
 	$(BIN)/modelplane up
 
-test: $(BIN)/modelplane
+# The kserve Python client, for tests/test_oip_clients.py, in a virtualenv of its own: kserve pins
+# cloudevents below 2, and the project needs 2.
+KSERVE_VENV ?= .venv-kserve
+$(KSERVE_VENV)/.installed:
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet --upgrade pip
+	$(KSERVE_VENV)/bin/pip install --quiet 'kserve>=0.14,<1'
+	@touch $@
+
+test: $(BIN)/modelplane $(KSERVE_VENV)/.installed
 	$(BIN)/pytest -q
 
 # The real-Knative tier alone: builds (once, cached) Kubernetes, Knative and the ingress from their
@@ -34,4 +43,4 @@ lint: $(BIN)/modelplane
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) .modelplane .pytest_cache artifacts
+	rm -rf $(VENV) $(KSERVE_VENV) .modelplane .pytest_cache artifacts

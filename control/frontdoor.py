@@ -1,13 +1,15 @@
 """The control service's front door: one asyncio (aiohttp) server on the service's address.
 
-- **The models' traffic** (`/models/{name}/…`: predict and the Open Inference Protocol) is
-  served here, in the event loop: the same checks as the API (Host, the token unless the model
-  is public or predict is opened, cross-site calls, the body's type), the body read from the
-  socket within the model's `limits.max_body` (decoded if it came gzip or deflate, and within the
-  service's budget of bodies in flight: control/bodies.py), then the runtime's `aforward`. For the local
-  runtime that is the replica manager itself: it holds a request while a replica starts
-  (a future, not a thread), balances over ready replicas and forwards on pooled connections.
-  Each request is forwarded once, from here; Flask never sees it.
+- **The models' traffic** (`/models/{name}/…`: predict and the Open Inference Protocol; and the
+  protocol's `/v2/models/{name}/…` at the root, where KServe and Triton clients look, the same
+  request as `/models/{name}/v2/models/{name}/…`) is served here, in the event loop: the same
+  checks as the API (Host, the token unless the model is public or predict is opened, cross-site
+  calls, the body's type), the body read from the socket within the model's `limits.max_body`
+  (decoded if it came gzip or deflate, and within the service's budget of bodies in flight:
+  control/bodies.py), then the runtime's `aforward`. For the local runtime that is the replica
+  manager itself: it holds a request while a replica starts (a future, not a thread), balances
+  over ready replicas and forwards on pooled connections. Each request is forwarded once, from
+  here; Flask never sees it.
 - **Everything else** is the Flask control API (control/app.py), run on a thread pool through
   a small WSGI bridge that streams the request body from the socket only as the route reads
   it (so each route's own cap applies before anything is spooled) and streams the answer back.
@@ -38,7 +40,7 @@ from aiohttp.web_protocol import RequestHandler
 from control.api import serving
 from control.app import MUTATING, request_id
 from control.bodies import BodyBudget, Busy, Decoder, body_encoding, trim_memory
-from control.errors import NotFound, PlaneError, TooLarge
+from control.errors import NotFound, PlaneError, TooLarge, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -243,21 +245,34 @@ class FrontDoor:
         path, _, query = raw.partition("?")
         if path.startswith("/models/"):
             return await self.model_route(request, path, query)
+        if path.startswith("/v2/models/"):   # the Open Inference Protocol at the root, as KServe serves it
+            return await self.model_route(request, path, query, root=True)
         return await self.wsgi(request, path, query)
 
     # -- the models' routes ------------------------------------------------------------------
-    async def model_route(self, request: web.BaseRequest, path: str, query: str) -> web.StreamResponse:
+    async def model_route(self, request: web.BaseRequest, path: str, query: str, *,
+                          root: bool = False) -> web.StreamResponse:
+        """A model's route: `/models/{name}/…`, or (`root`) the Open Inference Protocol's
+        `/v2/models/{name}/…`, which is the same request as `/models/{name}/v2/models/{name}/…`:
+        one code path, its checks, hand-offs and answers."""
         t0 = time.perf_counter()
         plane, guard = self.plane, self.plane.guard
         rid = request_id(request.headers.get("X-Request-Id", ""))
-        rule, name = "unmatched", None
+        rule, name, routes = "unmatched", None, None
         held = [0]   # bytes of this request's body taken from the budget of bodies in flight
         try:
             guard.check_host(request.headers)
-            segments = path[len("/models/"):].split("/")
-            name = segments[0]
+            if root:
+                segments = path[1:].split("/")   # v2, models, the name, …: the adapter's own path
+                name = segments[2]
+                after = segments
+            else:
+                segments = path[len("/models/"):].split("/")
+                name = segments[0]
+                after = segments[1:]
             # a percent-encoded name is never decoded and re-targeted: route only what was sent
-            routes = serving.match(segments[1:]) if name and "%" not in name else None
+            if name and "%" not in name:
+                routes = serving.match_root(after) if root else serving.match(after)
             if routes is None:
                 raise NotFound(f"Not Found: no route for {path[:200]!r}")
             method = "GET" if request.method == "HEAD" else request.method
@@ -275,7 +290,8 @@ class FrontDoor:
             body = b""
             if method in MUTATING:
                 guard.check_origin(request.headers)
-                guard.check_content_type(types, given=request.headers.get("Content-Type", "").split(";")[0].strip())
+                given = serving.body_type(types, request.headers)
+                guard.check_content_type(types, given=given)
                 encoding = body_encoding(request.headers.getall("Content-Encoding", []))
                 if request.content_length is not None and request.content_length > limit:
                     raise TooLarge(f"the body is {request.content_length} bytes; {name} takes at most {limit} "
@@ -287,12 +303,19 @@ class FrontDoor:
                 body = await _read_capped(request.content, limit, encoding=encoding, budget=self.budget, held=held)
             headers = {h: request.headers[h] for h in FORWARD_HEADERS if h in request.headers}
             headers["x-request-id"] = rid   # one id in the caller's answer, this log and the adapter's
-            version, rest = serving.pinned(segments[1:])
+            if method in MUTATING and "content-type" not in headers:
+                headers["content-type"] = given   # an inference request sent without one: what it is
+            version, rest = serving.pinned(after)
             adapter_path = "/" + "/".join(rest)
             t1 = time.perf_counter()
             try:
                 result = await plane.runtime.aforward(name, method=request.method, path=adapter_path,
                                                       headers=headers, body=body, query=query, version=version)
+                if result.status == 401:
+                    # an adapter checks only the plane's own secret: the caller's token was right, and
+                    # a 401 would tell them to send another (every 401 of this service is its own)
+                    raise UpstreamError(f"{name}'s adapter refused the control service's secret "
+                                        "(MODELPLANE_ADAPTER_SECRET): the plane is misconfigured, not your token")
             except PlaneError as e:
                 plane.metrics.observe_model(name, e.status)
                 raise
@@ -311,7 +334,7 @@ class FrontDoor:
             if isinstance(e, Busy):
                 response.headers["Retry-After"] = str(e.retry_after)
             if isinstance(e, MethodNotAllowed):
-                response.headers["Allow"] = ", ".join(sorted(serving.match(path.split("/")[3:]) or ()))
+                response.headers["Allow"] = ", ".join(sorted(routes or ()))
         except Exception as e:  # noqa: BLE001 — a bug answers a request id, never a traceback
             log.error("%s %s failed [request id %s]", request.method, path[:200], rid, exc_info=e)
             response = _json({"error": f"internal error: the control service's log has the details under "
@@ -329,7 +352,12 @@ class FrontDoor:
     async def wsgi(self, request: web.BaseRequest, path: str, query: str) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         response = web.StreamResponse()
-        await loop.run_in_executor(self.pool, self._run_wsgi, request, response, path, query, loop)
+        try:
+            await loop.run_in_executor(self.pool, self._run_wsgi, request, response, path, query, loop)
+        except ConnectionError:
+            # the client hung up before the answer was all written (tritonclient reads a health
+            # check's status and drops the connection): nothing is left to answer, nor a bug to log
+            return response
         await response.write_eof()
         return response
 

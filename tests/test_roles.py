@@ -29,6 +29,9 @@ EXPECTED = {
     ("get", "/healthz"): None,
     ("get", "/readyz"): None,
     ("get", "/openapi.json"): None,
+    ("get", "/v2"): None,
+    ("get", "/v2/health/live"): None,
+    ("get", "/v2/health/ready"): None,
     ("get", "/metrics"): "viewer",
     ("get", "/api/models"): "viewer",
     ("post", "/api/models"): "deployer",
@@ -62,7 +65,7 @@ EXPECTED = {
     ("get", "/api/audit/verify"): "viewer",
 }
 #: The models' own routes (served by the front door): a runner's, unless the model is public.
-PREDICT_PATHS = re.compile(r"^/models/\{name\}/")
+PREDICT_PATHS = re.compile(r"^/(v2/)?models/\{name\}")
 PARAMS = {"name": "echo-rt", "version": "1.0.0", "model": "echo-rt", "job_id": "job-0001",
           "comparison_id": "cmp-0123456789abcdef", "token_name": "nobody"}
 

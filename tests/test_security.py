@@ -3,6 +3,7 @@ form, a path to the server's own files, oversized bodies, paths that try to re-t
 from __future__ import annotations
 
 import http.client
+import json
 import io
 import shutil
 import tarfile
@@ -227,11 +228,88 @@ def test_predict_needs_the_token_unless_opened(tmp_path):
         assert requests.post(f"{server.url}/models/echo-rt/predict", json=rows).status_code == 401
         assert requests.get(f"{server.url}/models/echo-rt/v2/models/echo-rt").status_code == 401
         assert requests.post(f"{server.url}/models/open-rt/predict", json=rows).status_code == 200
+        assert requests.get(f"{server.url}/v2/models/echo-rt").status_code == 401
+        assert requests.get(f"{server.url}/v2/models/open-rt").status_code == 200   # public: the root's too
+        assert requests.get(f"{server.url}/v2/models/open-rt", headers={"Authorization": "Bearer x"}).status_code == 200
         assert requests.post(f"{server.url}/models/nope/predict", json=rows).status_code == 401  # no probing
         assert requests.get(f"{server.url}/api/models/open-rt").status_code == 401  # the API stays closed
     with running(settings.model_copy(update={"open_predict": True}), runtime=FakeRuntime()) as server:
         assert requests.post(f"{server.url}/models/echo-rt/predict", json=rows).status_code == 200
+        assert requests.get(f"{server.url}/v2/models/echo-rt/ready").status_code == 200
         assert requests.get(f"{server.url}/api/models").status_code == 401
+
+
+def test_every_401_names_the_bearer_scheme(plane):
+    """RFC 6750: a 401 says how to authenticate (`WWW-Authenticate: Bearer`), and with a token that
+    was sent but is wrong, `error="invalid_token"`; on the API's routes and the models' alike."""
+    server, runtime = plane
+    v2 = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": [1.0]}]}
+    calls = [("GET", "/api/models", None), ("GET", "/metrics", None), ("GET", "/api/models/echo-rt", None),
+             ("POST", "/api/models/sum-batch/jobs", {"dataset": "gs://test-bucket/a.csv"}),
+             ("POST", "/models/echo-rt/predict", {"rows": [{"x": 1}]}),
+             ("GET", "/models/echo-rt/v2/models/echo-rt", None),
+             ("GET", "/v2/models/echo-rt", None), ("GET", "/v2/models/echo-rt/ready", None),
+             ("POST", "/v2/models/echo-rt/infer", v2), ("POST", "/v2/models/echo-rt/versions/1.0.0/infer", v2),
+             ("POST", "/v2/models/nope/infer", v2)]   # no probing for which models exist
+    for method, path, body in calls:
+        r = requests.request(method, server.url + path, json=body, timeout=10)
+        assert r.status_code == 401, (method, path, r.status_code, r.text)
+        assert r.headers["WWW-Authenticate"] == 'Bearer realm="modelplane"', path
+        assert r.headers["Content-Type"] == "application/json" and "Authorization: Bearer" in r.json()["error"]
+        r = requests.request(method, server.url + path, json=body, timeout=10,
+                             headers={"Authorization": "Bearer not-a-token"})
+        assert r.status_code == 401, (method, path, r.status_code)
+        assert r.headers["WWW-Authenticate"] == 'Bearer realm="modelplane", error="invalid_token"', path
+    assert runtime.forwarded == []
+    # an adapter that refuses the plane's own secret is the plane's fault, never a 401 to the caller
+    from control.runtime.base import ProxyResponse
+
+    runtime.forward = lambda *a, **k: ProxyResponse(401, {"Content-Type": "application/json"},
+                                                    b'{"error": "X-Modelplane-Secret does not match"}')
+    for path in ("/models/echo-rt/predict", "/v2/models/echo-rt/infer"):
+        r = api.post(server.url + path, json={"rows": [{"x": 1}]})
+        assert r.status_code == 502 and "refused the control service's secret" in r.json()["error"], path
+        assert "WWW-Authenticate" not in r.headers
+
+
+def test_the_open_inference_protocol_at_the_root_passes_the_same_checks(plane, tmp_path):
+    """`/v2/models/{name}/…` at the root is guarded as the model's other routes: Host, cross-site
+    calls, the body's type and size, an owner-limited token; it reaches the runtime as the
+    adapter's own path (the version its URL names, when it names one)."""
+    server, runtime = plane
+    url = f"{server.url}/v2/models/echo-rt/infer"
+    v2 = json.dumps({"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": [1.0]}]})
+    r = api.post(url, data=v2, headers={"Content-Type": "application/json", "Host": "attacker.example"})
+    assert r.status_code == 403 and "Host" in r.json()["error"]
+    r = api.post(url, data=v2, headers={"Content-Type": "application/json", "Origin": "https://evil.example"})
+    assert r.status_code == 403 and "cross-site" in r.json()["error"]
+    r = api.post(url, data=v2, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415
+    r = api.post(url, data=b"{" + b" " * (16 * 2**20) + b"}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "limits.max_body" in r.json()["error"]   # the model's default, 16Mi
+    assert runtime.forwarded == []
+    # a token limited to another owner's models
+    made = api.post(f"{server.url}/api/tokens", json={"name": "other", "role": "runner", "owner": "other-team"})
+    assert made.status_code == 201, made.text
+    r = requests.post(url, data=v2, headers={"Content-Type": "application/json",
+                                             "Authorization": f"Bearer {made.json()['token']}"})
+    assert r.status_code == 403 and "may act only on models owned by 'other-team'" in r.json()["error"]
+    assert runtime.forwarded == []
+    # forwarded as the adapter serves it; a request without Content-Type (tritonclient sends none) is
+    # JSON, or binary when it says how long its JSON header is
+    r = api.post(url, data=v2, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and runtime.forwarded[-1]["path"] == "/v2/models/echo-rt/infer"
+    assert runtime.forwarded[-1]["body"] == v2.encode()
+    r = api.post(f"{server.url}/v2/models/echo-rt/versions/1.0.0/infer?x=1", data=v2.encode())
+    assert r.status_code == 200 and runtime.forwarded[-1]["path"] == "/v2/models/echo-rt/versions/1.0.0/infer"
+    assert runtime.forwarded[-1]["headers"]["content-type"] == "application/json"
+    assert runtime.forwarded[-1]["query"] == "x=1"
+    r = api.post(url, data=v2.encode() + b"\0\0", headers={"Inference-Header-Content-Length": str(len(v2))})
+    assert r.status_code == 200 and runtime.forwarded[-1]["headers"]["content-type"] == "application/octet-stream"
+    assert runtime.forwarded[-1]["headers"]["inference-header-content-length"] == str(len(v2))
+    # predict still needs its Content-Type: only inference requests are typed by the protocol's rules
+    r = api.post(f"{server.url}/models/echo-rt/predict", data=b'{"rows": [{"x": 1}]}')
+    assert r.status_code == 415
 
 
 # -- routing --------------------------------------------------------------------------------------
@@ -278,7 +356,7 @@ def test_the_openapi_document_describes_every_route(plane):
     documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
     import re
 
-    from control.api.serving import FORWARDED
+    from control.api.serving import FORWARDED, ROOT
 
     def braces(rule):
         return re.sub(r"<(?:[a-z]+:)?([A-Za-z_]+)>", r"{\1}", rule)
@@ -288,8 +366,14 @@ def test_the_openapi_document_describes_every_route(plane):
         if rule.endpoint == "static":
             continue
         served |= {(braces(rule.rule), m) for m in rule.methods - {"HEAD", "OPTIONS"}}
-    front = {(braces(rule), method) for method, rule, _, _ in FORWARDED}
-    assert not served & front and len(front) == 11
+    front = {(braces(rule), method) for method, rule, _, _ in FORWARDED + ROOT}
+    assert not served & front and len(front) == 17
+    # the Open Inference Protocol at the root: the server's own routes open, a model's as its other routes
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+        assert "security" not in doc["paths"][path]["get"], path
+    for path, method in (("/v2/models/{name}", "get"), ("/v2/models/{name}/versions/{version}/infer", "post")):
+        op = doc["paths"][path][method]
+        assert op["x-modelplane-role"] == "runner" and op["security"] == [{"bearer": []}, {}], path
     assert served | front == documented
     job = doc["paths"]["/api/models/{name}/jobs"]["post"]
     assert job["requestBody"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/JobRequest"

@@ -49,8 +49,8 @@ def openapi_doc(plane) -> dict:
     if plane.openapi is None:
         plane.openapi = s.openapi_document(
             plane.routes, version=modelplane_version(),
-            security_note="Every route but /healthz and /openapi.json needs `Authorization: Bearer <token>`; "
-                          "the models' routes too unless predict is opened.")
+            security_note="Every route but /healthz, /readyz, /openapi.json, /v2 and /v2/health/* needs "
+                          "`Authorization: Bearer <token>`; the models' routes too unless predict is opened.")
     return plane.openapi
 
 
