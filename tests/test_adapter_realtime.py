@@ -108,7 +108,7 @@ def test_predict_csv_body_and_csv_answer(adapter):
 
 
 @pytest.mark.parametrize("bad_row, field, fragment", [
-    ({"x": 1.0}, "region", "required value is missing"),
+    ({"x": 1.0, "region": None}, "region", "required value is missing"),
     ({"x": "ten", "region": "west"}, "x", "expected a number"),
     ({"x": 1.0, "region": "north"}, "region", "not allowed"),
     ({"x": 1.0, "region": "west", "colour": "red"}, "colour", "unknown column"),
@@ -120,7 +120,8 @@ def test_invalid_rows_are_422_naming_row_and_field(adapter, bad_row, field, frag
     assert r.status_code == 422
     body = r.json()
     assert "error" in body
-    assert any(p["row"] == 1 and p["field"] == field and fragment in p["error"] for p in body["problems"]), body
+    # rows are numbered from 1: the bad row is the second
+    assert any(p["row"] == 2 and p["field"] == field and fragment in p["error"] for p in body["problems"]), body
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
@@ -128,7 +129,7 @@ def test_non_finite_json_values_are_422(adapter, literal):
     body = '{"rows": [{"x": ' + literal + ', "region": "west"}]}'
     r = requests.post(adapter.url + "/predict", data=body, headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 422, r.text
-    assert r.json()["problems"] == [{"row": 0, "field": "x", "error": r.json()["problems"][0]["error"]}]
+    assert r.json()["problems"] == [{"row": 1, "field": "x", "error": r.json()["problems"][0]["error"]}]
     assert "finite" in r.json()["problems"][0]["error"]
 
 
@@ -260,7 +261,7 @@ def test_v2_infer_invalid_values_are_the_protocols_400_naming_the_input(adapter)
     assert "input 'colour'" in r.json()["error"]
     request["inputs"] = request["inputs"][:2]
     r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", json=request, timeout=10)
-    assert r.status_code == 400 and "input 'region' row 1" in r.json()["error"] and "mars" in r.json()["error"]
+    assert r.status_code == 400 and "input 'region' row 2" in r.json()["error"] and "mars" in r.json()["error"]
 
 
 # -- metrics ------------------------------------------------------------------------------
