@@ -146,8 +146,7 @@ class RowValidator:
         self.names = [f.name for f in self.features]
         self.passthrough_names = [p.name for p in self.passthrough]
         columns = self.features + self.passthrough
-        self._kind = {f.name: "feature" for f in self.features} | {p.name: "passthrough" for p in self.passthrough}
-        self._known = set(self._kind)
+        self._known = {f.name for f in columns}
         self._checks = [(f.name, f.required, _checker(f)) for f in columns]
         self._required = [f.name for f in columns if f.required]
         self._parsers = {f.name: _text_parser(f) for f in columns}
@@ -228,18 +227,22 @@ class RowValidator:
         total = 0
         clean: list[dict] = []
         passthrough: Optional[dict[str, list]] = {n: [] for n in self.passthrough_names} if self.passthrough else None
-        checks, known, kind = self._checks, self._known, self._kind
-        # a required column no row has (or the CSV header lacks) is one problem, not one per row
-        if header is not None:
-            absent = {n for n in self._required if n not in header}
-        else:
-            objects = [row for row in rows if isinstance(row, dict)]
-            absent = {n for n in self._required if objects and not any(n in row for row in objects)}
-        for name in self._required:
-            if name in absent:
-                total += 1
-                if len(problems) < MAX_REPORTED_PROBLEMS:
-                    problems.append(RowProblem(None, name, MISSING_COLUMN))
+        checks, known = self._checks, self._known
+        # a required column no row has (or the CSV header lacks) is one problem, not one per row;
+        # looked for only once a required value is missing (the common case never pays for it)
+        absent: dict[str, bool] = {}
+
+        def column_absent(name: str) -> bool:
+            if name not in absent:
+                if header is not None:
+                    absent[name] = name not in header
+                else:
+                    absent[name] = not any(name in row for row in rows if isinstance(row, dict))
+                if absent[name]:
+                    column_problems.append(RowProblem(None, name, MISSING_COLUMN))
+            return absent[name]
+
+        column_problems: list[RowProblem] = []
         for i, row in enumerate(rows, 1):
             if not isinstance(row, dict):
                 total += 1
@@ -250,7 +253,7 @@ class RowValidator:
             for name, required, check in checks:
                 v = row.get(name)
                 if v is None:
-                    if required and name not in absent:
+                    if required and not column_absent(name):
                         total += 1
                         if len(problems) < MAX_REPORTED_PROBLEMS:
                             problems.append(RowProblem(i, name, "required value is missing"))
@@ -272,7 +275,12 @@ class RowValidator:
                 for name in passthrough:
                     passthrough[name].append(out.pop(name, None))
             clean.append(out)
-        if total:
+        if total or column_problems:
+            total += len(column_problems)
+            # the missing columns first, in the manifest's order
+            order = {name: k for k, name in enumerate(self._required)}
+            column_problems.sort(key=lambda p: order[p["field"]])
+            problems = (column_problems + problems)[:MAX_REPORTED_PROBLEMS]
             raise RowsInvalid(problems, total)
         return clean, passthrough
 
