@@ -106,7 +106,7 @@ def split_dataset(manifest: Manifest, header: list[str], source: Path, features:
             return tuple(rec[i] if i is not None else "" for i in given)
     else:
         pick = _picker(given)
-    width, rows, first, batch = len(header), 0, 1, []
+    rows, first, batch = 0, 1, []
     try:
         with open(source, newline="", encoding="utf-8-sig") as src, \
                 open(features, "w", newline="", encoding="utf-8") as fo, \
@@ -122,10 +122,10 @@ def split_dataset(manifest: Manifest, header: list[str], source: Path, features:
                 rows += 1
                 batch.append(rec)
                 if len(batch) >= 10_000:
-                    _split_block(batch, first, checker, width, keep, pick, to_model, kept)
+                    _split_block(batch, first, checker, keep, pick, to_model, kept)
                     first += len(batch)
                     batch = []
-            _split_block(batch, first, checker, width, keep, pick, to_model, kept)
+            _split_block(batch, first, checker, keep, pick, to_model, kept)
     except UnicodeDecodeError:
         raise BatchFailure("the dataset is not UTF-8 text; save it as UTF-8 CSV") from None
     except csv.Error as e:
@@ -145,8 +145,7 @@ def _picker(indexes: list[int]):
     return operator.itemgetter(*indexes)
 
 
-def _split_block(batch: list[list[str]], first: int, checker: TextRowChecker, width: int, keep, pick,
-                 to_model, kept) -> None:
+def _split_block(batch: list[list[str]], first: int, checker: TextRowChecker, keep, pick, to_model, kept) -> None:
     if not batch:
         return
     checker.check(batch, first)

@@ -426,8 +426,12 @@ class Manifest(_Strict):
         return f"{self.name}@{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest as plain data, defaults included (what the API shows)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The manifest as plain data, defaults included (what the API shows); `passthrough` only
+        when some are declared (so an adapter from before them still reads every other manifest)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not data.get("passthrough"):
+            data.pop("passthrough", None)
+        return data
 
 
 class ManifestProblem(BaseModel):

@@ -322,6 +322,7 @@ def test_passthrough_bare_names_and_items():
     assert m.to_dict()["passthrough"] == [{"name": "customer_id", "type": "string", "required": True},
                                           {"name": "batch_no", "type": "integer", "required": False}]
     assert parse_manifest(GOOD, check_files=False).passthrough == []
+    assert "passthrough" not in parse_manifest(GOOD, check_files=False).to_dict()  # as before them
 
 
 @pytest.mark.parametrize("items, field, line, words", [
