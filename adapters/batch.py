@@ -91,21 +91,79 @@ def split_dataset(manifest: Manifest, header: list[str], source: Path, features:
     the bad ones), written as two files in one streamed pass: `features`, what the model reads
     (the header and the cells of every other column, in the dataset's order, as they were), and
     `passthrough`, the passthrough columns in the manifest's order (empty cells for an optional
-    one the dataset lacks), row for row. Blank lines are not rows."""
-    h = hashlib.md5()
-    with open(source, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    checker = TextRowChecker(manifest, header)
+    one the dataset lacks), row for row. Blank lines are not rows.
+
+    A plain file (no quotes, blank lines or bare carriage returns) is split a block at a time
+    with C-level splits and joins; otherwise the csv module reads it (a second pass)."""
     names = manifest.passthrough_names
-    keep = _picker([i for i, name in enumerate(header) if name not in names])
+    keep = [i for i, name in enumerate(header) if name not in names]
     index = {name: i for i, name in enumerate(header)}
     given = [index.get(name) for name in names]
+    checker = TextRowChecker(manifest, header)
+    plain = _split_plain(source, header, names, keep, given, checker, features, passthrough)
+    if plain is None:
+        checker = TextRowChecker(manifest, header)  # this pass sees every row: the first one's findings go
+        h = hashlib.md5()
+        with open(source, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        plain = h.hexdigest(), _split_csv(source, header, names, keep, given, checker, features, passthrough)
+    if checker.total:
+        raise RowsFailure(checker)
+    return plain
+
+
+def _split_plain(source: Path, header: list[str], names: list[str], keep: list[int], given: list[int | None],
+                 checker: TextRowChecker, features: Path, passthrough: Path) -> tuple[str, int] | None:
+    """`split_dataset` on a plain file, or None as soon as the file needs the csv module."""
+    h = hashlib.md5()
+    width, rows, carry, header_seen = len(header), 0, b"", False
+    with open(source, "rb") as f, open(features, "w", newline="", encoding="utf-8") as fo, \
+            open(passthrough, "w", newline="", encoding="utf-8") as po:
+        fo.write(",".join(header[i] for i in keep) + "\n")
+        po.write(",".join(names) + "\n")
+        while True:
+            chunk = f.read(CHUNK)
+            h.update(chunk)
+            block = carry + chunk
+            if chunk:
+                cut = block.rfind(b"\n") + 1
+                block, carry = block[:cut], block[cut:]
+            elif block and not block.endswith(b"\n"):
+                block += b"\n"
+            if block:
+                if b'"' in block or block.count(b"\r") != block.count(b"\r\n"):
+                    return None
+                try:
+                    text = block.decode("utf-8" if header_seen else "utf-8-sig")
+                except UnicodeDecodeError as e:
+                    line = block[:e.start].count(b"\n") + rows + (1 if header_seen else 0) + 1
+                    raise BatchFailure(f"the dataset is not UTF-8 text (line {line}); save it as UTF-8 CSV") from None
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n")
+                if not header_seen:
+                    text, header_seen = text[text.index("\n") + 1:], True
+                if "\n\n" in text or text.startswith("\n"):
+                    return None
+                n, flat = checker.check_cells(text, rows + 1)
+                if n and flat is not None and not checker.total:  # a failing job writes nothing more
+                    fo.write("\n".join(map(",".join, zip(*(flat[i::width] for i in keep)))) + "\n")
+                    columns = [flat[i::width] if i is not None else [""] * n for i in given]
+                    po.write("\n".join(map(",".join, zip(*columns))) + "\n")
+                rows += n
+            if not chunk:
+                return h.hexdigest(), rows
+
+
+def _split_csv(source: Path, header: list[str], names: list[str], keep: list[int], given: list[int | None],
+               checker: TextRowChecker, features: Path, passthrough: Path) -> int:
+    """`split_dataset` on any CSV, through the csv module; returns the rows."""
     if None in given:  # an optional column the dataset lacks: its cells are empty
         def pick(rec: list[str], given=given) -> tuple:
             return tuple(rec[i] if i is not None else "" for i in given)
     else:
         pick = _picker(given)
+    keep_cells = _picker(keep)
     rows, first, batch = 0, 1, []
     try:
         with open(source, newline="", encoding="utf-8-sig") as src, \
@@ -114,7 +172,7 @@ def split_dataset(manifest: Manifest, header: list[str], source: Path, features:
             reader = csv.reader(src)
             to_model, kept = csv.writer(fo, lineterminator="\n"), csv.writer(po, lineterminator="\n")
             next(reader, None)
-            to_model.writerow(keep(header))
+            to_model.writerow(keep_cells(header))
             kept.writerow(names)
             for rec in reader:
                 if not rec:
@@ -122,17 +180,15 @@ def split_dataset(manifest: Manifest, header: list[str], source: Path, features:
                 rows += 1
                 batch.append(rec)
                 if len(batch) >= 10_000:
-                    _split_block(batch, first, checker, keep, pick, to_model, kept)
+                    _split_block(batch, first, checker, keep_cells, pick, to_model, kept)
                     first += len(batch)
                     batch = []
-            _split_block(batch, first, checker, keep, pick, to_model, kept)
+            _split_block(batch, first, checker, keep_cells, pick, to_model, kept)
     except UnicodeDecodeError:
         raise BatchFailure("the dataset is not UTF-8 text; save it as UTF-8 CSV") from None
     except csv.Error as e:
         raise BatchFailure(f"the dataset is not valid CSV at line {reader.line_num}: {e}") from None
-    if checker.total:
-        raise RowsFailure(checker)
-    return h.hexdigest(), rows
+    return rows
 
 
 def _picker(indexes: list[int]):

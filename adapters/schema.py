@@ -418,18 +418,23 @@ class TextRowChecker:
     def check_text(self, text: str, first_row: int) -> int:
         """Check the rows in `text` (lines ending in "\\n", cells split by commas, no quotes);
         returns how many rows it held. The fast path splits the whole block at once."""
+        return self.check_cells(text, first_row)[0]
+
+    def check_cells(self, text: str, first_row: int) -> tuple[int, Optional[list[str]]]:
+        """`check_text`, also giving the block's cells, row after row (None when a row has
+        another width than the header)."""
         n = text.count("\n")
         if not n:
-            return 0
+            return 0, []
         width = self.width
         flat = text[:-1].replace("\n", ",").split(",")
         if len(flat) != n * width:
             self.check([line.split(",") for line in text[:-1].split("\n")], first_row)
-            return n
+            return n, None
         slow = [i for i, feature in self.columns if not self._column_ok(flat[i::width], feature)]
         if slow:
             self._check_slow([flat[k * width:(k + 1) * width] for k in range(n)], first_row, slow)
-        return n
+        return n, flat
 
     def _column_ok(self, column, feature: Feature) -> bool:
         t = feature.type

@@ -778,3 +778,37 @@ def test_passthrough_with_the_r_batch_example(tmp_path):
     column = sample[0].index("member_id")
     assert [r[0] for r in scores[1:]] == [r[column] for r in sample[1:] if r]
     assert all(0 < float(r[1]) < 1 for r in scores[1:])
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_plain_file_is_split_as_the_csv_module_splits_it(tmp_path, monkeypatch, newline):
+    """The block-at-a-time split of a plain file (no quotes) writes what the csv module's does."""
+    monkeypatch.setattr(batch, "CHUNK", 4096)  # many blocks, rows cut across them
+    manifest = load_manifest(passthrough_fixture(tmp_path))
+    header = ["x", "region", "customer_id"]   # batch_no (optional) absent: empty cells
+    source = tmp_path / "in.csv"
+    source.write_bytes(newline.join(["x,region,customer_id"] + [f"{i},{'west' if i % 3 else 'east'},id-{i}"
+                                                               for i in range(3000)]).encode())  # no final newline
+    plain = batch.split_dataset(manifest, header, source, tmp_path / "f1.csv", tmp_path / "p1.csv")
+    monkeypatch.setattr(batch, "_split_plain", lambda *a: None)
+    slow = batch.split_dataset(manifest, header, source, tmp_path / "f2.csv", tmp_path / "p2.csv")
+    assert plain == slow and plain[1] == 3000
+    assert (tmp_path / "f1.csv").read_bytes() == (tmp_path / "f2.csv").read_bytes()
+    assert (tmp_path / "p1.csv").read_bytes() == (tmp_path / "p2.csv").read_bytes()
+    assert (tmp_path / "p1.csv").read_text().splitlines()[:2] == ["customer_id,batch_no", "id-0,"]
+    assert (tmp_path / "f1.csv").read_text().splitlines()[:2] == ["x,region", "0,east"]
+
+
+def test_a_bad_row_in_a_plain_file_is_named_and_nothing_more_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "CHUNK", 1024)
+    manifest = load_manifest(passthrough_fixture(tmp_path))
+    lines = [f"{i},west,id-{i},{i}" for i in range(2000)]
+    lines[1499] = "1,west,id,x"          # row 1500: batch_no not an integer
+    lines[1799] = "1,west"               # row 1800: two cells
+    source = tmp_path / "in.csv"
+    source.write_text("x,region,customer_id,batch_no\n" + "\n".join(lines) + "\n")
+    with pytest.raises(batch.RowsFailure) as info:
+        batch.split_dataset(manifest, ["x", "region", "customer_id", "batch_no"], source, tmp_path / "f.csv",
+                            tmp_path / "p.csv")
+    assert [(p["row"], p["field"]) for p in info.value.problems] == [(1500, "batch_no"), (1800, None)]
+    assert len((tmp_path / "f.csv").read_text().splitlines()) < 1500
