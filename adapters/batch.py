@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import re
 import secrets
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 SCORES_FILE = "scores.csv"
+DATASET_FILE = "dataset.csv"  # in the work folder: what the model reads as DATASET (when fetched or copied)
+INPUT_FILE = "input.csv"  # in the work folder: a dataset with passthrough columns as fetched, before the split
+PASSTHROUGH_FILE = "passthrough.csv"  # in the work folder: the passthrough columns, row for row
+PUBLISHED_FILE = "published.csv"  # in the work folder: the passthrough columns joined to the model's scores
 MODEL_OUT = "out"  # run_batch: the folder in the work folder where the model writes RESULTS
 RESULT_FILE = "result.json"
 KILL_GRACE_SECONDS = 5.0
@@ -78,6 +83,153 @@ def check_rows(manifest: Manifest, header: list[str], dataset: Path) -> tuple[st
     if checker.total:
         raise RowsFailure(checker)
     return md5, rows
+
+
+def split_dataset(manifest: Manifest, header: list[str], source: Path, features: Path,
+                  passthrough: Path) -> tuple[str, int]:
+    """(md5, rows) of a dataset with passthrough columns, every row checked (RowsFailure naming
+    the bad ones), written as two files in one streamed pass: `features`, what the model reads
+    (the header and the cells of every other column, in the dataset's order, as they were), and
+    `passthrough`, the passthrough columns in the manifest's order (empty cells for an optional
+    one the dataset lacks), row for row. Blank lines are not rows.
+
+    A plain file (no quotes, blank lines or bare carriage returns) is split a block at a time
+    with C-level splits and joins; otherwise the csv module reads it (a second pass)."""
+    names = manifest.passthrough_names
+    keep = [i for i, name in enumerate(header) if name not in names]
+    index = {name: i for i, name in enumerate(header)}
+    given = [index.get(name) for name in names]
+    checker = TextRowChecker(manifest, header)
+    plain = _split_plain(source, header, names, keep, given, checker, features, passthrough)
+    if plain is None:
+        checker = TextRowChecker(manifest, header)  # this pass sees every row: the first one's findings go
+        h = hashlib.md5()
+        with open(source, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        plain = h.hexdigest(), _split_csv(source, header, names, keep, given, checker, features, passthrough)
+    if checker.total:
+        raise RowsFailure(checker)
+    return plain
+
+
+def _split_plain(source: Path, header: list[str], names: list[str], keep: list[int], given: list[int | None],
+                 checker: TextRowChecker, features: Path, passthrough: Path) -> tuple[str, int] | None:
+    """`split_dataset` on a plain file, or None as soon as the file needs the csv module."""
+    h = hashlib.md5()
+    width, rows, carry, header_seen = len(header), 0, b"", False
+    with open(source, "rb") as f, open(features, "w", newline="", encoding="utf-8") as fo, \
+            open(passthrough, "w", newline="", encoding="utf-8") as po:
+        fo.write(",".join(header[i] for i in keep) + "\n")
+        po.write(",".join(names) + "\n")
+        while True:
+            chunk = f.read(CHUNK)
+            h.update(chunk)
+            block = carry + chunk
+            if chunk:
+                cut = block.rfind(b"\n") + 1
+                block, carry = block[:cut], block[cut:]
+            elif block and not block.endswith(b"\n"):
+                block += b"\n"
+            if block:
+                if b'"' in block or block.count(b"\r") != block.count(b"\r\n"):
+                    return None
+                try:
+                    text = block.decode("utf-8" if header_seen else "utf-8-sig")
+                except UnicodeDecodeError as e:
+                    line = block[:e.start].count(b"\n") + rows + (1 if header_seen else 0) + 1
+                    raise BatchFailure(f"the dataset is not UTF-8 text (line {line}); save it as UTF-8 CSV") from None
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n")
+                if not header_seen:
+                    text, header_seen = text[text.index("\n") + 1:], True
+                if "\n\n" in text or text.startswith("\n"):
+                    return None
+                n, flat = checker.check_cells(text, rows + 1)
+                if n and flat is not None and not checker.total:  # a failing job writes nothing more
+                    fo.write("\n".join(map(",".join, zip(*(flat[i::width] for i in keep)))) + "\n")
+                    columns = [flat[i::width] if i is not None else [""] * n for i in given]
+                    po.write("\n".join(map(",".join, zip(*columns))) + "\n")
+                rows += n
+            if not chunk:
+                return h.hexdigest(), rows
+
+
+def _split_csv(source: Path, header: list[str], names: list[str], keep: list[int], given: list[int | None],
+               checker: TextRowChecker, features: Path, passthrough: Path) -> int:
+    """`split_dataset` on any CSV, through the csv module; returns the rows."""
+    if None in given:  # an optional column the dataset lacks: its cells are empty
+        def pick(rec: list[str], given=given) -> tuple:
+            return tuple(rec[i] if i is not None else "" for i in given)
+    else:
+        pick = _picker(given)
+    keep_cells = _picker(keep)
+    rows, first, batch = 0, 1, []
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as src, \
+                open(features, "w", newline="", encoding="utf-8") as fo, \
+                open(passthrough, "w", newline="", encoding="utf-8") as po:
+            reader = csv.reader(src)
+            to_model, kept = csv.writer(fo, lineterminator="\n"), csv.writer(po, lineterminator="\n")
+            next(reader, None)
+            to_model.writerow(keep_cells(header))
+            kept.writerow(names)
+            for rec in reader:
+                if not rec:
+                    continue
+                rows += 1
+                batch.append(rec)
+                if len(batch) >= 10_000:
+                    _split_block(batch, first, checker, keep_cells, pick, to_model, kept)
+                    first += len(batch)
+                    batch = []
+            _split_block(batch, first, checker, keep_cells, pick, to_model, kept)
+    except UnicodeDecodeError:
+        raise BatchFailure("the dataset is not UTF-8 text; save it as UTF-8 CSV") from None
+    except csv.Error as e:
+        raise BatchFailure(f"the dataset is not valid CSV at line {reader.line_num}: {e}") from None
+    return rows
+
+
+def _picker(indexes: list[int]):
+    """A function giving a record's cells at `indexes`, as a tuple."""
+    if len(indexes) == 1:
+        i = indexes[0]
+        return lambda rec: (rec[i],)
+    if not indexes:
+        return lambda rec: ()
+    return operator.itemgetter(*indexes)
+
+
+def _split_block(batch: list[list[str]], first: int, checker: TextRowChecker, keep, pick, to_model, kept) -> None:
+    if not batch:
+        return
+    checker.check(batch, first)
+    if checker.total:
+        return  # the job fails: nothing more to write
+    to_model.writerows(map(keep, batch))
+    kept.writerows(map(pick, batch))
+
+
+def join_scores(manifest: Manifest, passthrough: Path, results: Path, out: Path) -> None:
+    """`out`: the passthrough columns, then the score column, row for row, from the passthrough
+    file `split_dataset` wrote and the model's checked results (one score column, or a column
+    named as the score among others). Streamed."""
+    score = manifest.score.name
+    with open(passthrough, newline="", encoding="utf-8") as pf, open(results, "rb") as rf, \
+            open(out, "w", newline="", encoding="utf-8") as of:
+        ids = csv.reader(pf)
+        writer = csv.writer(of, lineterminator="\n")
+        writer.writerow([*next(ids), score])
+        header = _parse_results_header(rf.readline())
+        if len(header) == 1:
+            scores = (line.strip().strip(b'"').decode("ascii") for line in rf if line.strip())
+        else:
+            column = header.index(score)
+            text = io.TextIOWrapper(rf, encoding="utf-8", newline="")
+            scores = (rec[column].strip().strip('"') for rec in csv.reader(text) if rec and any(rec))
+        for rec, value in zip(ids, scores):
+            writer.writerow([*rec, value])
 
 
 def now_iso() -> str:
@@ -840,19 +992,30 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
     # rows scored so far, for the runtime that asked for this work folder (none for a temporary one)
     progress = Progress(None if own_work else work / PROGRESS_FILE)
     (work / PROGRESS_FILE).unlink(missing_ok=True)
+    passthrough = bool(manifest.passthrough)
     try:
-        dataset = _fetch(spec, work, job)
+        dataset = _fetch(spec, work, job, name=INPUT_FILE if passthrough else DATASET_FILE)
         job.mark("fetched")
         header = check_header(manifest, dataset)
+        model_input = dataset
+        if passthrough:
+            # the model reads a copy without the passthrough columns, made (and every row
+            # checked) before it starts; the published scores.csv is a join, uploaded whole
+            model_input = work / DATASET_FILE
+            md5, n_rows = split_dataset(manifest, header, dataset, model_input, work / PASSTHROUGH_FILE)
+            job.mark("rows_checked")
+            job.result["input"]["md5"] = md5
+            job.result["rows"] = n_rows
+            progress.update(total=n_rows)
         # the model's only writable place (sandboxed): a folder of its own, not the work folder
         results = work / MODEL_OUT / SCORES_FILE
         results.parent.mkdir(exist_ok=True)
         if results.exists():
             results.unlink()
         scores_uri = storage.join(spec.results_prefix, SCORES_FILE)
-        if storage.is_gcs(scores_uri):
+        if storage.is_gcs(scores_uri) and not passthrough:
             upload = storage.ScoresUpload(scores_uri)
-        proc = start_model(manifest, dataset, results)
+        proc = start_model(manifest, model_input, results)
         job.mark("model_started")
         deadline = time.monotonic() + manifest.batch.timeout_seconds
         tail = OutputTail(proc.stdout)
@@ -861,11 +1024,12 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
         try:
             # both overlap with the model's own run: count and check the input rows here (a bad
             # one stops the model), check (and upload) scores as they are written in `following`
-            md5, n_rows = check_rows(manifest, header, dataset)
-            job.mark("rows_checked")
-            job.result["input"]["md5"] = md5
-            job.result["rows"] = n_rows
-            progress.update(total=n_rows)
+            if not passthrough:
+                md5, n_rows = check_rows(manifest, header, dataset)
+                job.mark("rows_checked")
+                job.result["input"]["md5"] = md5
+                job.result["rows"] = n_rows
+                progress.update(total=n_rows)
             status = wait_exit(proc, deadline - time.monotonic())
             if status is None:
                 raise subprocess.TimeoutExpired(manifest.command, manifest.batch.timeout_seconds)
@@ -891,7 +1055,11 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
         rows = check_results(results, n_rows, manifest, follower)
         job.mark("results_checked")
         job.summarize(results, follower)
-        _publish_scores(results, scores_uri, upload, streamed=follower.trusted)
+        if passthrough:
+            join_scores(manifest, work / PASSTHROUGH_FILE, results, work / PUBLISHED_FILE)
+            storage.put_file(work / PUBLISHED_FILE, scores_uri)
+        else:
+            _publish_scores(results, scores_uri, upload, streamed=follower.trusted)
         upload = None
         job.mark("scores_published")
         job.succeed(rows, scores_uri)
@@ -933,10 +1101,10 @@ def _publish_scores(results: Path, uri: str, upload: storage.ScoresUpload | None
     storage.put_file(results, uri)
 
 
-def _fetch(spec: JobSpec, work: Path, job: Job, *, copy_local: bool = False) -> Path:
-    """The dataset as a local file: downloaded into `work` for gs://, used in place (or copied) otherwise."""
+def _fetch(spec: JobSpec, work: Path, job: Job, *, copy_local: bool = False, name: str = DATASET_FILE) -> Path:
+    """The dataset as a local file: downloaded into `work/name` for gs://, used in place (or copied) otherwise."""
     if storage.is_gcs(spec.dataset_uri):
-        dest = work / "dataset.csv"
+        dest = work / name
         info = storage.fetch(spec.dataset_uri, dest, generation=spec.generation)
         job.result["input"]["generation"] = info.generation
         return dest
@@ -944,7 +1112,7 @@ def _fetch(spec: JobSpec, work: Path, job: Job, *, copy_local: bool = False) -> 
     if not path.is_file():
         raise BatchFailure(f"the dataset {spec.dataset_uri} does not exist")
     if copy_local:
-        dest = work / "dataset.csv"
+        dest = work / name
         shutil.copyfile(path, dest)
         return dest
     return path
@@ -987,12 +1155,18 @@ def fetch_step(manifest: Manifest, spec: JobSpec, work: Path) -> tuple[dict, int
     """Dataset -> work/dataset.csv, header checked, rows counted; state in work/job.json."""
     job = Job(manifest, spec)
     work.mkdir(parents=True, exist_ok=True)
-    for stale in (SCORES_FILE, MODEL_STATUS, MODEL_LOG, JOB_STATE):
+    for stale in (SCORES_FILE, MODEL_STATUS, MODEL_LOG, JOB_STATE, INPUT_FILE, PASSTHROUGH_FILE, PUBLISHED_FILE):
         (work / stale).unlink(missing_ok=True)
     try:
-        dataset = _fetch(spec, work, job, copy_local=True)
-        header = check_header(manifest, dataset)
-        md5, rows = check_rows(manifest, header, dataset)  # before the model container may start
+        if manifest.passthrough:  # the model container reads dataset.csv: the features only
+            dataset = _fetch(spec, work, job, copy_local=True, name=INPUT_FILE)
+            header = check_header(manifest, dataset)
+            md5, rows = split_dataset(manifest, header, dataset, work / DATASET_FILE, work / PASSTHROUGH_FILE)
+            dataset.unlink()
+        else:
+            dataset = _fetch(spec, work, job, copy_local=True)
+            header = check_header(manifest, dataset)
+            md5, rows = check_rows(manifest, header, dataset)  # before the model container may start
         job.result["input"]["md5"] = md5
         job.result["rows"] = rows
     except (BatchFailure, StorageError) as e:
@@ -1087,7 +1261,7 @@ def score_step(manifest: Manifest, work: str = "/work") -> dict:
         f" | tee {work}/{MODEL_LOG}; mv {status}.tmp {status}; exit 0"
     )
     return {"command": ["sh", "-c", script, "sh", *manifest.command],
-            "env": {"DATASET": f"{work}/dataset.csv", "RESULTS": f"{work}/{SCORES_FILE}"}}
+            "env": {"DATASET": f"{work}/{DATASET_FILE}", "RESULTS": f"{work}/{SCORES_FILE}"}}
 
 
 def publish_step(manifest: Manifest, work: Path) -> tuple[dict, int]:
@@ -1125,7 +1299,11 @@ def publish_step(manifest: Manifest, work: Path) -> tuple[dict, int]:
         rows = check_results(work / SCORES_FILE, job.result["rows"], manifest)
         job.summarize(work / SCORES_FILE)
         scores_uri = storage.join(spec.results_prefix, SCORES_FILE)
-        storage.put_file(work / SCORES_FILE, scores_uri)
+        published = work / SCORES_FILE
+        if manifest.passthrough:  # the passthrough columns first, then the score
+            published = work / PUBLISHED_FILE
+            join_scores(manifest, work / PASSTHROUGH_FILE, work / SCORES_FILE, published)
+        storage.put_file(published, scores_uri)
         job.succeed(rows, scores_uri)
     except (BatchFailure, StorageError) as e:
         job.fail(str(e), log_tail)

@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -95,10 +96,7 @@ class Feature(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not FEATURE_NAME.match(v):
-            raise ValueError(
-                f"expected a column name of letters, digits, '_' or '.', not starting with a digit; got {_short(v)}")
-        return v
+        return _column_name(v)
 
     @model_validator(mode="after")
     def _allowed_match_type(self) -> "Feature":
@@ -110,6 +108,41 @@ class Feature(_Strict):
             if not value_has_type(value, self.type):
                 raise ValueError(f"allowed: value {value!r} is not of type {self.type}")
         return self
+
+
+#: Most passthrough columns a manifest may declare.
+MAX_PASSTHROUGH = 16
+
+
+class Passthrough(_Strict):
+    """A column that identifies a row (a customer's id): accepted and checked like a feature, never
+    sent to the model, and given back beside each score."""
+
+    name: str = Field(description="Column name, as it appears in rows and CSV headers.")
+    type: FeatureType = Field("string", description="number | integer | string | boolean")
+    required: bool = Field(True, description="A missing or null value is an error when true.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _column_name(v)
+
+    @property
+    def allowed(self) -> None:
+        """Passthrough columns take any value of their type (what `adapters.schema` asks of a column)."""
+        return None
+
+
+def _column_name(v: str) -> str:
+    if not FEATURE_NAME.match(v):
+        raise ValueError(
+            f"expected a column name of letters, digits, '_' or '.', not starting with a digit; got {_short(v)}")
+    return v
 
 
 def value_has_type(value: Any, type_: str) -> bool:
@@ -238,6 +271,9 @@ class Manifest(_Strict):
     command: list[str] = Field(min_length=1, description="How the model starts, run inside its folder.")
     features: list[Feature] = Field(min_length=1)
     score: Score = Score()
+    passthrough: list[Passthrough] = Field(
+        default_factory=list, description="Columns that identify a row (e.g. [customer_id]): checked like "
+                                          "features, never sent to the model, given back beside each score.")
     sample: Optional[str] = Field(None, description="A few real rows, relative to the manifest.")
     description: str = ""
     owner: str = Field("", description="Who answers for the model (a team or a person); searchable.")
@@ -295,6 +331,32 @@ class Manifest(_Strict):
                                f"and ending alphanumeric) or empty; got {_short(value)}")
             if problem is not None:
                 raise ValueError(problem)
+        return v
+
+    @field_validator("passthrough", mode="before")
+    @classmethod
+    def _passthrough_count(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, list) and len(v) > MAX_PASSTHROUGH:
+            raise ValueError(f"expected at most {MAX_PASSTHROUGH} passthrough columns; got {len(v)}")
+        return v
+
+    @field_validator("passthrough")
+    @classmethod
+    def _passthrough_names(cls, v: list[Passthrough], info: ValidationInfo) -> list[Passthrough]:
+        features = {f.name for f in info.data.get("features") or []}
+        score = info.data.get("score")
+        seen: set[str] = set()
+        for i, p in enumerate(v):
+            if p.name in features:
+                raise ValueError(f"[{i}] {p.name!r} is also a feature: a passthrough column is never sent to "
+                                 "the model, so it cannot be one of its features")
+            if score is not None and p.name == score.name:
+                raise ValueError(f"[{i}] {p.name!r} is the score's name: the answer could not hold both")
+            if p.name in seen:
+                raise ValueError(f"[{i}] {p.name!r} is declared twice")
+            seen.add(p.name)
         return v
 
     @field_validator("sample")
@@ -356,12 +418,20 @@ class Manifest(_Strict):
         return [f.name for f in self.features]
 
     @property
+    def passthrough_names(self) -> list[str]:
+        return [p.name for p in self.passthrough]
+
+    @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest as plain data, defaults included (what the API shows)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The manifest as plain data, defaults included (what the API shows); `passthrough` only
+        when some are declared (so an adapter from before them still reads every other manifest)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not data.get("passthrough"):
+            data.pop("passthrough", None)
+        return data
 
 
 class ManifestProblem(BaseModel):
@@ -574,6 +644,9 @@ def read_manifest_text(path: Path | str) -> str:
             field="", line=line, message=f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it as UTF-8")]) from None
 
 
+_ITEM = re.compile(r"^\[(\d+)\] ")
+
+
 def parse_manifest(text: str, *, file: Path | str = MANIFEST_FILE, folder: Path | None = None,
                    check_files: bool = True) -> Manifest:
     """Parse and validate manifest text; raise ManifestError naming file, line and field."""
@@ -600,7 +673,11 @@ def parse_manifest(text: str, *, file: Path | str = MANIFEST_FILE, folder: Path 
         problems = []
         for err in e.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-            problems.append(ManifestProblem(field=_field_path(loc), line=_line_of(node, loc), message=_message(err)))
+            message = _message(err)
+            item = _ITEM.match(message) if loc == ("passthrough",) else None
+            if item:  # a list check naming the item at fault: its own field path and line
+                loc, message = loc + (int(item.group(1)),), message[item.end():]
+            problems.append(ManifestProblem(field=_field_path(loc), line=_line_of(node, loc), message=message))
         raise ManifestError(file, problems) from None
     manifest._folder = (folder if folder is not None else file.parent).resolve()
     manifest._file = file

@@ -251,14 +251,17 @@ def _flatten(data: Any) -> list:
     return data
 
 
-def rows_from_v2(body: Any, manifest: Manifest) -> list[dict]:
-    """Rows from a v2 inference request: one input per feature column, shape [n] or [n, 1]."""
+def rows_from_v2(body: Any, manifest: Manifest) -> tuple[list[dict], int]:
+    """Rows from a v2 inference request: one input per feature (or passthrough) column, shape
+    [n] or [n, 1]; and the rank the inputs had (1 or 2), which the outputs keep."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
         raise AdapterError(400, 'expected a v2 inference request: {"inputs": [{"name", "shape", "datatype", "data"}, ...]}')
     known = {f.name: f for f in manifest.features}
+    known.update((p.name, p) for p in getattr(manifest, "passthrough", None) or [])
     columns: dict[str, list] = {}
     problems = []
     n_rows: int | None = None
+    rank = 1
     for i, inp in enumerate(body["inputs"]):
         if not isinstance(inp, dict) or not isinstance(inp.get("name"), str) or not isinstance(inp.get("data"), list):
             raise AdapterError(400, f"inputs[{i}]: expected an object with name, shape, datatype and data")
@@ -271,8 +274,12 @@ def rows_from_v2(body: Any, manifest: Manifest) -> list[dict]:
         if len(data) != shape[0]:
             raise AdapterError(400, f"input {name!r}: shape {shape} says {shape[0]} value(s) but data holds {len(data)}")
         if name not in known:
-            problems.append(RowProblem(None, name, "unknown input (not a declared feature)"))
+            what = "a declared feature or passthrough column" if len(known) > len(manifest.features) \
+                else "a declared feature"
+            problems.append(RowProblem(None, name, f"unknown input (not {what})"))
             continue
+        if i == 0 or not columns:
+            rank = len(shape)
         if inp.get("datatype") == "BOOL" and known[name].type == "boolean":
             data = [bool(v) if v in (0, 1) and not isinstance(v, float) else v for v in data]
         if n_rows is None:
@@ -287,7 +294,7 @@ def rows_from_v2(body: Any, manifest: Manifest) -> list[dict]:
     for name, data in columns.items():
         for row, value in zip(rows, data):
             row[name] = value
-    return rows
+    return rows, rank
 
 
 # -- the application ----------------------------------------------------------------------
@@ -311,22 +318,29 @@ class RealtimeAdapter:
         self.metrics = Metrics(manifest.name)
         self.upstream = Upstream(manifest, model_url, self.metrics)
         self.score_name = manifest.score.name
+        self.passthrough = list(getattr(manifest, "passthrough", None) or [])
+        self._outputs = [self.score_name] + [p.name for p in self.passthrough]
         self._static, self._model_routes = self._routes()
 
     # the one place the rules are applied, whatever the protocol
-    async def score(self, rows: Any) -> list:
+    async def score(self, rows: Any, header: list[str] | None = None) -> list:
+        return (await self.score_rows(rows, header))[0]
+
+    async def score_rows(self, rows: Any, header: list[str] | None = None) -> tuple[list, dict[str, list] | None]:
+        """(scores, the passthrough columns' values `{name: [per row]}` or None when the manifest
+        declares none). The model gets the feature values only."""
         if isinstance(rows, list) and len(rows) > self.max_rows:
             raise AdapterError(413, f"{len(rows)} rows in one request; model {self.name} takes at most "
                                     f"{self.max_rows} (manifest limits.max_rows)")
         try:
-            clean = self.validator.validate(rows)
+            clean, passthrough = self.validator.split(rows, header)
         except RowsInvalid as e:
             raise AdapterError(422, **_invalid(e)) from None
         if not self.upstream.ready:
             raise AdapterError(503, f"model {self.name} is not ready (starting, or its /health does not answer 200)")
         if not clean:
-            return []  # nothing to score: no need to bother the model
-        return await self.upstream.predict(clean)
+            return [], passthrough  # nothing to score: no need to bother the model
+        return await self.upstream.predict(clean), passthrough
 
     def _body(self, request: Request) -> bytes:
         """The body as sent, inflated when it has a Content-Encoding. The server refused one over
@@ -344,7 +358,9 @@ class RealtimeAdapter:
         except (ValueError, UnicodeDecodeError) as e:
             raise AdapterError(400, f"request body is not valid JSON: {str(e)[:200]}") from None
 
-    def _csv_rows(self, body: bytes) -> list[dict]:
+    def _csv_rows(self, body: bytes) -> tuple[list[str], list[dict]]:
+        """(header, rows) of a CSV body; a header that lacks a required column, or names one
+        that is unknown or repeated, is refused at once: one problem per column, not per row."""
         try:
             text = body.decode("utf-8-sig")
         except UnicodeDecodeError as e:
@@ -355,27 +371,37 @@ class RealtimeAdapter:
             if not header:
                 raise AdapterError(400, "CSV body is empty: expected a header row naming the feature columns")
             header = [h.strip() for h in header]
-            return self.validator.rows_from_csv(header, (rec for rec in reader if rec))
+            problems = self.validator.header_problems(header)
+            if problems:
+                raise AdapterError(422, **_invalid(RowsInvalid(problems, len(problems))))
+            return header, self.validator.rows_from_csv(header, (rec for rec in reader if rec))
         except csv.Error as e:
             raise AdapterError(400, f"CSV body is not valid CSV at line {reader.line_num}: {e}") from None
 
     # routes
     async def predict(self, request: Request) -> Response:
         body = self._body(request)
+        header = None
         if request.content_type == "text/csv":
-            rows = self._csv_rows(body)
+            header, rows = self._csv_rows(body)
         else:
             doc = self._json(body)
             if not isinstance(doc, dict) or "rows" not in doc:
                 raise AdapterError(422, 'expected a JSON object {"rows": [{feature: value, ...}, ...]}',
                                    problems=[RowProblem(None, None, 'the body has no "rows" list')])
             rows = doc["rows"]
-        scores = await self.score(rows)
+        scores, passthrough = await self.score_rows(rows, header)
         if "text/csv" in request.headers.get("accept", ""):
-            text = self.score_name + "\n" + "".join(f"{s!r}\n" for s in scores)
+            if passthrough is None:
+                text = self.score_name + "\n" + "".join(f"{s!r}\n" for s in scores)
+            else:
+                text = _csv_answer(passthrough, self.score_name, scores)
             return Response(200, text.encode(), "text/csv; charset=utf-8",
                             {"X-Model": self.name, "X-Model-Version": self.version})
-        return Response(200, _dumps({"model": self.name, "version": self.version, "scores": scores}))
+        answer = {"model": self.name, "version": self.version, "scores": scores}
+        if passthrough is not None:
+            answer["passthrough"] = passthrough
+        return Response(200, _dumps(answer))
 
     async def live(self, request: Request) -> Response:
         return Response(200, b'{"live":true}')
@@ -404,8 +430,12 @@ class RealtimeAdapter:
             "inputs": [{"name": f.name, "datatype": V2_DATATYPES[f.type], "shape": [-1],
                         "parameters": {"required": f.required,
                                        **({"allowed": f.allowed} if f.allowed is not None else {})}}
-                       for f in self.manifest.features],
-            "outputs": [{"name": self.score_name, "datatype": "FP64", "shape": [-1]}],
+                       for f in self.manifest.features]
+                      + [{"name": p.name, "datatype": V2_DATATYPES[p.type], "shape": [-1],
+                          "parameters": {"required": p.required, "passthrough": True}} for p in self.passthrough],
+            "outputs": [{"name": self.score_name, "datatype": "FP64", "shape": [-1]}]
+                       + [{"name": p.name, "datatype": V2_DATATYPES[p.type], "shape": [-1],
+                           "parameters": {"passthrough": True}} for p in self.passthrough],
         }
 
     async def v2_model_ready(self, request: Request) -> Response:
@@ -434,19 +464,23 @@ class RealtimeAdapter:
             if request_id is not None and not isinstance(request_id, str):
                 raise AdapterError(400, f"id: expected a string; got {type(request_id).__name__}")
             outputs = doc.get("outputs")
+            wanted = self._outputs
             if outputs is not None:
                 names = [o.get("name") if isinstance(o, dict) else None for o in outputs] \
                     if isinstance(outputs, list) else [None]
-                unknown = [n for n in names if n != self.score_name]
+                unknown = [n for n in names if n not in self._outputs]
                 if unknown:
-                    raise AdapterError(400, f"outputs: unknown output {str(unknown[0])[:100]!r}; "
-                                            f"this model has one, {self.score_name!r}")
+                    have = (f"this model has one, {self.score_name!r}" if len(self._outputs) == 1 else
+                            f"this model has {', '.join(map(repr, self._outputs))}")
+                    raise AdapterError(400, f"outputs: unknown output {str(unknown[0])[:100]!r}; {have}")
+                if names:
+                    wanted = list(dict.fromkeys(names))
             try:
-                rows = rows_from_v2(doc, self.manifest)
+                rows, rank = rows_from_v2(doc, self.manifest)
             except RowsInvalid as e:
                 raise AdapterError(400, _v2_message(e)) from None
             try:
-                scores = await self.score(rows)
+                scores, passthrough = await self.score_rows(rows)
             except AdapterError as e:
                 if e.status == 422:  # a row check: in v2 terms, an input holds a bad value
                     raise AdapterError(400, _v2_message(e.body)) from None
@@ -457,17 +491,32 @@ class RealtimeAdapter:
             if e.status in (400, 422):
                 e.status, e.body = 400, {"error": e.body["error"]}
             raise
-        values = [float(s) for s in scores]
-        output: dict[str, Any] = {"name": self.score_name, "shape": [len(values), 1], "datatype": "FP64"}
+        n = len(scores)
+        shape = [n] if rank == 1 else [n, 1]  # as the inputs came: [n] stays [n]
+        tensors = {self.score_name: ("FP64", [float(s) for s in scores])}
+        sent = {inp.get("name") for inp in doc["inputs"] if isinstance(inp, dict)}
+        for p in self.passthrough:
+            if passthrough is not None and p.name in sent:  # an optional one left out: no tensor
+                tensors[p.name] = (V2_DATATYPES[p.type], passthrough[p.name])
         answer: dict[str, Any] = {"model_name": self.name, "model_version": self.version,
-                                  "id": request_id or str(uuid.uuid4()), "parameters": {}, "outputs": [output]}
-        if not v2binary.wants_binary(doc, self.score_name):
-            output["data"] = values
+                                  "id": request_id or str(uuid.uuid4()), "parameters": {}, "outputs": []}
+        binary = []
+        for name in wanted:
+            if name not in tensors:
+                continue  # an optional passthrough column the request did not send
+            datatype, values = tensors[name]
+            output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+            raw = v2binary.encode(values, datatype) if v2binary.wants_binary(doc, name) else None
+            if raw is None:
+                output["data"] = values
+            else:
+                output["parameters"] = {"binary_data_size": len(raw)}
+                binary.append(raw)
+            answer["outputs"].append(output)
+        if not binary:
             return Response(200, _dumps(answer))
-        raw = v2binary.encode_fp64(values)
-        output["parameters"] = {"binary_data_size": len(raw)}
         head = _dumps(answer)
-        return Response(200, head + raw, "application/octet-stream", {v2binary.HEADER: str(len(head))})
+        return Response(200, head + b"".join(binary), "application/octet-stream", {v2binary.HEADER: str(len(head))})
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(200, self.metrics.render().encode(), "text/plain; charset=utf-8",
@@ -688,6 +737,24 @@ def _loopback_host(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _csv_answer(passthrough: dict[str, list], score_name: str, scores: list) -> str:
+    """The CSV answer of a model with passthrough columns: those columns, then the score."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*passthrough, score_name])
+    columns = [[_csv_cell(v) for v in values] for values in passthrough.values()]
+    writer.writerows(zip(*columns, (repr(s) for s in scores)))
+    return out.getvalue()
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if value is True or value is False:
+        return "true" if value else "false"
+    return value if isinstance(value, str) else repr(value)
 
 
 def _invalid(e: RowsInvalid) -> dict:

@@ -130,30 +130,50 @@ _FAST_TYPES = {"number": frozenset({float, int}), "integer": frozenset({int}), "
                "string": frozenset({str})}
 
 
+MISSING_COLUMN = "required column is missing"
+
+
 class RowValidator:
-    """Validates rows (dicts) for one manifest; compiled once, used for every request."""
+    """Validates rows (dicts) for one manifest; compiled once, used for every request.
+
+    A row holds the features and the manifest's passthrough columns: both are checked, and
+    `split` gives them back apart (the model only ever gets the features). Problems number
+    rows from 1; a required column absent from every row is one problem (`row` None)."""
 
     def __init__(self, manifest: Manifest):
         self.features = manifest.features
+        self.passthrough = list(getattr(manifest, "passthrough", None) or [])
         self.names = [f.name for f in self.features]
-        self._known = set(self.names)
-        self._checks = [(f.name, f.required, _checker(f)) for f in self.features]
-        self._parsers = {f.name: _text_parser(f) for f in self.features}
+        self.passthrough_names = [p.name for p in self.passthrough]
+        columns = self.features + self.passthrough
+        self._known = {f.name for f in columns}
+        self._checks = [(f.name, f.required, _checker(f)) for f in columns]
+        self._required = [f.name for f in columns if f.required]
+        self._parsers = {f.name: _text_parser(f) for f in columns}
         self._fast = [(f.name, f.required, _FAST_TYPES[f.type],
-                       frozenset(f.allowed) if f.allowed is not None else None, f.type) for f in self.features]
+                       frozenset(f.allowed) if f.allowed is not None else None, f.type) for f in columns]
+        self._optional_features = [f.name for f in self.features if not f.required]
+        self._width = len(columns)
 
-    def validate(self, rows: Any) -> list[dict]:
-        """Return clean rows (declared columns only, typed, None for a missing optional value).
+    def validate(self, rows: Any, header: Optional[list[str]] = None) -> list[dict]:
+        """The clean feature rows (see `split`); the passthrough values are dropped."""
+        return self.split(rows, header)[0]
 
+    def split(self, rows: Any, header: Optional[list[str]] = None) -> tuple[list[dict], Optional[dict[str, list]]]:
+        """(clean rows: the features only, typed, None for a missing optional value;
+        `{passthrough column: [value per row]}`, or None when the manifest declares none).
+
+        `header`: the columns of a CSV the rows came from, which say which columns are missing.
         Many rows of good values are checked a column at a time and returned as they came, each
-        completed in place with None for its missing optional values (so the caller's `rows`)."""
+        completed in place with None for its missing optional values (so the caller's `rows`),
+        its passthrough values taken out."""
         if type(rows) is list and len(rows) >= FAST_PATH_ROWS:
             clean = self._validate_fast(rows)
             if clean is not None:
                 return clean
-        return self._validate(rows)
+        return self._validate(rows, header)
 
-    def _validate_fast(self, rows: list) -> Optional[list[dict]]:
+    def _validate_fast(self, rows: list) -> Optional[tuple[list[dict], Optional[dict[str, list]]]]:
         """Column at a time, the common case: every value already of its declared type (no
         conversion), within its range and allowed list. None whenever a row might need a word
         said about it or a value converted: `_validate` then decides, row by row, as always."""
@@ -161,7 +181,6 @@ class RowValidator:
         for row in rows:
             if type(row) is not dict or not known.issuperset(row):
                 return None
-        optional = []
         for name, required, types, allowed, t in self._fast:
             column = [row.get(name) for row in rows]
             present = column
@@ -189,24 +208,42 @@ class RowValidator:
                         return None
                 if allowed is not None and not allowed.issuperset(present):
                     return None
-            if not required:
-                optional.append(name)
-        width = len(self._fast)
+        width = self._width
+        optional = self._optional_features
         for row in rows:
             if len(row) != width:  # no unknown keys: so some optional value is missing
                 for name in optional:
                     if name not in row:
                         row[name] = None
-        return rows
+        if not self.passthrough_names:
+            return rows, None
+        return rows, {name: [row.pop(name, None) for row in rows] for name in self.passthrough_names}
 
-    def _validate(self, rows: Any) -> list[dict]:
+    def _validate(self, rows: Any, header: Optional[list[str]] = None
+                  ) -> tuple[list[dict], Optional[dict[str, list]]]:
         if not isinstance(rows, list):
             raise RowsInvalid([RowProblem(None, None, 'expected "rows" to be a list of objects')], 1)
         problems: list[RowProblem] = []
         total = 0
         clean: list[dict] = []
+        passthrough: Optional[dict[str, list]] = {n: [] for n in self.passthrough_names} if self.passthrough else None
         checks, known = self._checks, self._known
-        for i, row in enumerate(rows):
+        # a required column no row has (or the CSV header lacks) is one problem, not one per row;
+        # looked for only once a required value is missing (the common case never pays for it)
+        absent: dict[str, bool] = {}
+
+        def column_absent(name: str) -> bool:
+            if name not in absent:
+                if header is not None:
+                    absent[name] = name not in header
+                else:
+                    absent[name] = not any(name in row for row in rows if isinstance(row, dict))
+                if absent[name]:
+                    column_problems.append(RowProblem(None, name, MISSING_COLUMN))
+            return absent[name]
+
+        column_problems: list[RowProblem] = []
+        for i, row in enumerate(rows, 1):
             if not isinstance(row, dict):
                 total += 1
                 if len(problems) < MAX_REPORTED_PROBLEMS:
@@ -216,7 +253,7 @@ class RowValidator:
             for name, required, check in checks:
                 v = row.get(name)
                 if v is None:
-                    if required:
+                    if required and not column_absent(name):
                         total += 1
                         if len(problems) < MAX_REPORTED_PROBLEMS:
                             problems.append(RowProblem(i, name, "required value is missing"))
@@ -233,11 +270,24 @@ class RowValidator:
                     if key not in known:
                         total += 1
                         if len(problems) < MAX_REPORTED_PROBLEMS:
-                            problems.append(RowProblem(i, key, "unknown column (not a declared feature)"))
+                            problems.append(RowProblem(i, key, self._unknown()))
+            if passthrough is not None:
+                for name in passthrough:
+                    passthrough[name].append(out.pop(name, None))
             clean.append(out)
-        if total:
+        if total or column_problems:
+            total += len(column_problems)
+            # the missing columns first, in the manifest's order
+            order = {name: k for k, name in enumerate(self._required)}
+            column_problems.sort(key=lambda p: order[p["field"]])
+            problems = (column_problems + problems)[:MAX_REPORTED_PROBLEMS]
             raise RowsInvalid(problems, total)
-        return clean
+        return clean, passthrough
+
+    def _unknown(self) -> str:
+        if self.passthrough:
+            return "unknown column (not a declared feature or passthrough column)"
+        return "unknown column (not a declared feature)"
 
     def rows_from_csv(self, header: list[str], records: Iterable[list[str]]) -> list[dict]:
         """Typed row dicts from CSV records; empty cells are missing values."""
@@ -252,8 +302,25 @@ class RowValidator:
             rows.append(row)
         return rows
 
+    def header_problems(self, header: list[str]) -> list[RowProblem]:
+        """A CSV header's problems as row problems (`row` None), one per column: a required
+        column missing, an unknown or a repeated one."""
+        problems = []
+        seen: set[str] = set()
+        for h in header:
+            if h in seen:
+                problems.append(RowProblem(None, h, "column appears more than once"))
+            seen.add(h)
+        for name in self._required:
+            if name not in seen:
+                problems.append(RowProblem(None, name, MISSING_COLUMN))
+        for h in header:
+            if h not in self._known:
+                problems.append(RowProblem(None, h, self._unknown()))
+        return problems
+
     def check_header(self, header: list[str]) -> list[str]:
-        """Problems with a CSV header: required features missing, unknown or repeated columns."""
+        """Problems with a CSV header: required columns missing, unknown or repeated columns."""
         problems = []
         seen = set()
         for h in header:
@@ -263,9 +330,15 @@ class RowValidator:
         for f in self.features:
             if f.required and f.name not in seen:
                 problems.append(f"required feature column {f.name!r} is missing")
+        for p in self.passthrough:
+            if p.required and p.name not in seen:
+                problems.append(f"required passthrough column {p.name!r} is missing")
         for h in header:
             if h not in self._known:
-                problems.append(f"unknown column {h!r} (declared features: {', '.join(self.names)})")
+                declared = f"declared features: {', '.join(self.names)}"
+                if self.passthrough:
+                    declared += f"; passthrough columns: {', '.join(self.passthrough_names)}"
+                problems.append(f"unknown column {h!r} ({declared})")
         return problems
 
 
@@ -287,7 +360,7 @@ def check_scores(model: str, answer: Any, n_rows: int) -> list[float]:
                 return scores
         except OverflowError:
             pass
-    for i, s in enumerate(scores):
+    for i, s in enumerate(scores, 1):
         if isinstance(s, bool) or not isinstance(s, (int, float)):
             raise ValueError(f"model {model} answered a non-numeric score at row {i}: {_describe(s)}")
         try:
@@ -300,7 +373,8 @@ def check_scores(model: str, answer: Any, n_rows: int) -> list[float]:
 
 
 class TextRowChecker:
-    """Checks CSV data rows (lists of text cells, in `header` order) against the features.
+    """Checks CSV data rows (lists of text cells, in `header` order) against the features and
+    the passthrough columns.
 
     Made for whole datasets: a block of rows is checked column by column with one C-level
     conversion per column (`map(float, column)`); only a column that fails is gone through
@@ -311,13 +385,14 @@ class TextRowChecker:
 
     def __init__(self, manifest: Manifest, header: list[str]):
         self.width = len(header)
-        by_name = {f.name: f for f in manifest.features}
+        declared = list(manifest.features) + list(getattr(manifest, "passthrough", None) or [])
+        by_name = {f.name: f for f in declared}
         self.columns = [(i, by_name[h]) for i, h in enumerate(header) if h in by_name]
-        self._parse = {f.name: _text_parser(f) for f in manifest.features}
-        self._check = {f.name: _checker(f) for f in manifest.features}
+        self._parse = {f.name: _text_parser(f) for f in declared}
+        self._check = {f.name: _checker(f) for f in declared}
         self._allowed = {f.name: ({str(a) for a in f.allowed} if f.allowed is not None else None)
-                         for f in manifest.features}
-        missing = [f for f in manifest.features if f.required and f.name not in by_name]
+                         for f in declared}
+        missing = [f for f in declared if f.required and f.name not in by_name]
         self.missing_required = [f.name for f in missing]
         self.problems: list[RowProblem] = []
         self.total = 0
@@ -343,18 +418,23 @@ class TextRowChecker:
     def check_text(self, text: str, first_row: int) -> int:
         """Check the rows in `text` (lines ending in "\\n", cells split by commas, no quotes);
         returns how many rows it held. The fast path splits the whole block at once."""
+        return self.check_cells(text, first_row)[0]
+
+    def check_cells(self, text: str, first_row: int) -> tuple[int, Optional[list[str]]]:
+        """`check_text`, also giving the block's cells, row after row (None when a row has
+        another width than the header)."""
         n = text.count("\n")
         if not n:
-            return 0
+            return 0, []
         width = self.width
         flat = text[:-1].replace("\n", ",").split(",")
         if len(flat) != n * width:
             self.check([line.split(",") for line in text[:-1].split("\n")], first_row)
-            return n
+            return n, None
         slow = [i for i, feature in self.columns if not self._column_ok(flat[i::width], feature)]
         if slow:
             self._check_slow([flat[k * width:(k + 1) * width] for k in range(n)], first_row, slow)
-        return n
+        return n, flat
 
     def _column_ok(self, column, feature: Feature) -> bool:
         t = feature.type

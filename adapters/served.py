@@ -47,6 +47,8 @@ class ServedManifest:
         self.command: list[str] = m["command"]
         self.features = [Feature(f) for f in m["features"]]
         self.score = _Section(m["score"])
+        # checked like features (no `allowed`), never sent to the model
+        self.passthrough = [Feature(p) for p in m.get("passthrough") or []]
         self.limits = _Section(dict(m["limits"], timeout_seconds=doc["timeout_seconds"],
                                     max_body_bytes=doc["max_body_bytes"]))
         self.folder = Path(doc["folder"])
@@ -59,6 +61,10 @@ class ServedManifest:
     @property
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
+
+    @property
+    def passthrough_names(self) -> list[str]:
+        return [p.name for p in self.passthrough]
 
     def to_dict(self) -> dict[str, Any]:
         return self.data

@@ -123,3 +123,18 @@ def wants_binary(doc: dict, output: str) -> bool:
 
 def encode_fp64(values: list[float]) -> bytes:
     return struct.pack(f"<{len(values)}d", *values)
+
+
+def encode(values: list, datatype: str) -> bytes | None:
+    """`values` as the raw tensor of `datatype` (FP64, INT64, BOOL or BYTES); None when a value
+    is missing (None), which only the JSON form can say."""
+    if any(v is None for v in values):
+        return None
+    if datatype == "BYTES":
+        out = bytearray()
+        for v in values:
+            raw = v.encode("utf-8")
+            out += struct.pack("<I", len(raw)) + raw
+        return bytes(out)
+    code = _FIXED[datatype]
+    return struct.pack(f"<{len(values)}{code}", *values)

@@ -122,7 +122,20 @@ def check_scores(scores: Any, n_rows: int, where: str) -> None:
         raise CheckFailed(f"{where}: {len(scores)} score(s) for {n_rows} row(s)")
     for i, s in enumerate(scores):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise CheckFailed(f"{where}: row {i} got {s!r}, expected a finite number")
+            raise CheckFailed(f"{where}: row {i + 1} got {s!r}, expected a finite number")  # rows from 1
+
+
+def check_passthrough(manifest: Manifest, carried: Any, n_rows: int, where: str) -> None:
+    """The passthrough columns (the sample's ids) come back beside the scores, one value per row."""
+    names = manifest.passthrough_names
+    if not names:
+        return
+    if not isinstance(carried, dict) or any(not isinstance(carried.get(p.name), list) for p in manifest.passthrough
+                                            if p.required):
+        raise CheckFailed(f"{where}: the passthrough columns {', '.join(names)} did not come back beside the scores")
+    for name, values in carried.items():
+        if isinstance(values, list) and len(values) != n_rows:
+            raise CheckFailed(f"{where}: {len(values)} value(s) of passthrough column {name} for {n_rows} row(s)")
 
 
 def _adapter_env() -> dict[str, str]:
@@ -226,6 +239,7 @@ def test_realtime(manifest: Manifest, sample: bytes, header: list[str], records:
                 if status != 200:
                     raise CheckFailed(f"POST /predict {_answer_error(status, answer)}")
                 check_scores(answer.get("scores") if isinstance(answer, dict) else answer, n, "POST /predict")
+                check_passthrough(manifest, answer.get("passthrough"), n, "POST /predict")
                 report.check(True, f"POST /predict (sample.csv as CSV): {n} rows → {n} finite scores", time.monotonic() - t)
             except (CheckFailed, OSError) as e:
                 report.check(False, "POST /predict (sample.csv as CSV)", time.monotonic() - t, _explain(e, log_path))
@@ -241,6 +255,8 @@ def test_realtime(manifest: Manifest, sample: bytes, header: list[str], records:
                 if not outputs or not isinstance(outputs[0], dict):
                     raise CheckFailed(f"POST {path}: no outputs in the answer: {str(answer)[:300]}")
                 check_scores(outputs[0].get("data"), n, f"POST {path}")
+                check_passthrough(manifest, {o.get("name"): o.get("data") for o in outputs[1:] if isinstance(o, dict)},
+                                  n, f"POST {path}")
                 report.check(True, f"POST {path} (Open Inference Protocol): {n} finite scores", time.monotonic() - t)
             except (CheckFailed, OSError) as e:
                 report.check(False, f"POST {path} (Open Inference Protocol)", time.monotonic() - t, _explain(e, log_path))
@@ -284,10 +300,11 @@ def _wait_ready(proc: subprocess.Popen, port: int, log_path: Path, report: Repor
 
 
 def infer_body(manifest: Manifest, header: list[str], records: list[list[str]]) -> dict:
-    """The sample as an Open Inference Protocol request: one input per feature column, null where empty."""
+    """The sample as an Open Inference Protocol request: one input per feature (and passthrough)
+    column, null where empty."""
     rows = RowValidator(manifest).rows_from_csv(header, records)
     inputs = []
-    for f in manifest.features:
+    for f in [*manifest.features, *manifest.passthrough]:
         if f.name not in header:
             continue
         data = [row.get(f.name) for row in rows]
@@ -346,6 +363,10 @@ def test_batch(manifest: Manifest, n_rows: int, report: Report, *, timeout: floa
                 recs = [r for r in csv.reader(f) if r]
             values = [float(r[-1]) for r in recs[1:]]
             check_scores(values, n_rows, "scores.csv")
+            names = manifest.passthrough_names
+            if names and recs[0][:len(names)] != names:
+                raise CheckFailed(f"expected the passthrough columns {', '.join(names)} first; the header is "
+                                  f"{','.join(recs[0])}")
             report.check(True, f"scores.csv: a header and {n_rows} finite scores", time.monotonic() - t)
         except (OSError, ValueError, IndexError, CheckFailed) as e:
             report.check(False, "scores.csv", time.monotonic() - t, f"{scores_path}: {e}")

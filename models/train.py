@@ -328,10 +328,10 @@ SPECS = {
                        label="churned"),
     "major-gift": dict(seed=3303, rows=major_gift_rows, train="r",
                        features=["age", "wealth_rating", "events_attended", "last_gift_amount", "volunteer"],
-                       label="major_gift"),
+                       label="major_gift", id=("donor_id", "D-")),
     "member-retention": dict(seed=4404, rows=retention_rows, train="r",
                              features=["years_member", "visits_last_year", "tier", "auto_renew", "distance_km"],
-                             label="renewed"),
+                             label="renewed", id=("member_id", "M-")),
 }
 
 
@@ -342,7 +342,12 @@ def build(name: str, out_root: Path) -> None:
     train, sample = rows[:TRAIN_ROWS], rows[TRAIN_ROWS:]
     out = out_root / name
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "sample.csv", spec["features"], sample)
+    columns = spec["features"]
+    if "id" in spec:  # a passthrough column (model.yaml): an id per row, first, never a feature
+        column, prefix = spec["id"]
+        sample = [{column: f"{prefix}{TRAIN_ROWS + k:05d}", **row} for k, row in enumerate(sample)]
+        columns = [column, *columns]
+    write_csv(out / "sample.csv", columns, sample)
     if spec["train"] == "r":
         train_with_r(name, train, [*spec["features"], spec["label"]], out)
     else:

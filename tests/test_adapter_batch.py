@@ -1,8 +1,11 @@
 """The batch adapter as a real process: local files, the real GCS emulator, JobSink event files."""
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import shutil
 import re
 import os
 import subprocess
@@ -415,7 +418,7 @@ def test_bad_rows_fail_the_job_naming_row_and_field_before_the_model_scores_them
     assert result["invalid_values"] == 2
     assert {"row": 7, "field": names[1], "error": result["problems"][0]["error"]} == result["problems"][0]
     assert "lots" in result["problems"][0]["error"]
-    assert result["problems"][1]["row"] == 1501 and "the header has 5" in result["problems"][1]["error"]
+    assert result["problems"][1]["row"] == 1501 and f"the header has {len(names)}" in result["problems"][1]["error"]
     assert result["error"].startswith("2 value(s) in the dataset do not match the model's features (first: row 7")
     assert not (tmp_path / "results" / "bad" / "scores.csv").exists()
     stored = json.loads((tmp_path / "results" / "bad" / "result.json").read_text())
@@ -646,3 +649,166 @@ def test_a_failed_job_stops_following_a_model_that_writes_without_end(gcs, gcs_c
     assert "Error" not in out["result"]["log_tail"], out["result"]["log_tail"]
     assert (work / batch.MODEL_OUT / "scores.csv").stat().st_size > 1 << 20  # it was writing, and fast, when the job failed
     assert not bucket.blob("results/stream-model/runaway/scores.csv").exists()
+
+
+# -- passthrough columns: checked, never the model's, first in scores.csv ---------------------------
+
+PT_MANIFEST = """
+passthrough:
+  - customer_id
+  - {name: batch_no, type: integer, required: false}
+"""
+PT_DATA = 'customer_id,x,batch_no,region\n"Smith, J.",1,3,west\n007,2.5,,east\nC-3,-1,5,west\n'
+
+
+def passthrough_fixture(tmp_path: Path) -> Path:
+    """The fixture batch model with passthrough columns declared; the model refuses a column it
+    does not know (so a job that succeeds proves it never saw them)."""
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURE, folder)
+    (folder / "model.yaml").write_text((FIXTURE / "model.yaml").read_text() + PT_MANIFEST)
+    return folder
+
+
+def read_csv(text: str) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(text)))
+
+
+def test_passthrough_columns_come_first_in_scores_csv(tmp_path):
+    folder = passthrough_fixture(tmp_path)
+    dataset = tmp_path / "customers.csv"
+    dataset.write_text(PT_DATA)
+    proc, result = run_adapter("batch", str(folder), "--dataset", str(dataset), "--job", "p1")
+    assert proc.returncode == 0, proc.stderr
+    assert result["status"] == "succeeded" and result["rows"] == 3
+    assert result["input"]["md5"] == hashlib.md5(PT_DATA.encode()).hexdigest()  # of the dataset as given
+    assert read_csv((tmp_path / "results" / "p1" / "scores.csv").read_text()) == [
+        ["customer_id", "batch_no", "score"], ["Smith, J.", "3", "2.0"], ["007", "", "5.0"], ["C-3", "5", "-2.0"]]
+    assert "dataset_summary" not in result or result  # (another part of the result, not this test's)
+
+
+def test_without_passthrough_the_model_reads_the_dataset_itself(tmp_path):
+    dataset = tmp_path / "donors.csv"
+    dataset.write_text(DATA)
+    proc, result = run_adapter("batch", str(FIXTURE), "--dataset", str(dataset), "--job", "n1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"dataset={dataset}" in proc.stderr  # no copy made
+
+
+def test_split_dataset_streams_many_rows_and_keeps_cells_as_they_were(tmp_path, monkeypatch):
+    manifest = load_manifest(passthrough_fixture(tmp_path))
+    lines = [f'{"id-" + str(i) if i % 7 else chr(34) + "a,b" + str(i) + chr(34)},{i * 0.5},{i if i % 3 else ""},'
+             f'{"west" if i % 2 else "east"}' for i in range(25_000)]   # past the 10,000-row blocks
+    source = tmp_path / "in.csv"
+    source.write_text("customer_id,x,batch_no,region\n" + "\n".join(lines) + "\n\n")
+    md5, rows = batch.split_dataset(manifest, ["customer_id", "x", "batch_no", "region"], source,
+                                    tmp_path / "features.csv", tmp_path / "ids.csv")
+    assert rows == 25_000 and md5 == hashlib.md5(source.read_bytes()).hexdigest()
+    features = read_csv((tmp_path / "features.csv").read_text())
+    ids = read_csv((tmp_path / "ids.csv").read_text())
+    original = read_csv(source.read_text())
+    assert features == [[r[1], r[3]] for r in original if r]
+    assert ids == [["customer_id", "batch_no"]] + [[r[0], r[2]] for r in original[1:] if r]
+    scores = tmp_path / "scores.csv"
+    scores.write_text("score\n" + "".join(f"{i}.5\n" for i in range(25_000)))
+    batch.join_scores(manifest, tmp_path / "ids.csv", scores, tmp_path / "out.csv")
+    joined = read_csv((tmp_path / "out.csv").read_text())
+    assert joined[0] == ["customer_id", "batch_no", "score"]
+    assert joined[1:] == [[r[0], r[2], f"{i}.5"] for i, r in enumerate(original[1:-1])]
+
+
+def test_passthrough_values_are_checked_naming_row_and_field(tmp_path):
+    folder = passthrough_fixture(tmp_path)
+    dataset = tmp_path / "bad.csv"
+    dataset.write_text("customer_id,x,batch_no,region\na,1,1,west\nb,2,2,west\nc,3,three,west\n")
+    proc, result = run_adapter("batch", str(folder), "--dataset", str(dataset), "--job", "pb")
+    assert proc.returncode == 1 and result["status"] == "failed"
+    assert result["problems"] == [{"row": 3, "field": "batch_no", "error": "expected an integer; got 'three'"}]
+    assert "fixture batch model" not in proc.stderr  # checked before the model starts
+    dataset.write_text("x,region\n1,west\n")
+    proc, result = run_adapter("batch", str(folder), "--dataset", str(dataset), "--job", "pc")
+    assert result["status"] == "failed" and "required passthrough column 'customer_id' is missing" in result["error"]
+
+
+def test_passthrough_in_the_job_containers_and_gcs(gcs, gcs_client, tmp_path):
+    """The Knative Job's two containers: the model container reads dataset.csv, the features only;
+    the adapter publishes the join."""
+    folder = passthrough_fixture(tmp_path)
+    bucket = gcs_client.bucket("test-bucket")
+    name = "incoming/fixture-batch/pt.csv"
+    blob = bucket.blob(name)
+    blob.upload_from_string(PT_DATA)
+    work, events = tmp_path / "work", tmp_path / "event"
+    write_event(events, "test-bucket", name, blob.generation)
+    step = batch.score_step(load_manifest(folder), str(work))
+    model = subprocess.Popen(step["command"], cwd=folder, env=child_env(**step["env"]),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, result = run_adapter("job", "--work", str(work), MODELPLANE_MANIFEST=json.dumps(load_manifest(folder).to_dict()),
+                               K_EVENT_PATH=str(events), JOB_ID="pt",
+                               RESULTS_URI="gs://test-bucket/results/fixture-batch/pt/")
+    assert model.wait(timeout=30) == 0
+    assert proc.returncode == 0, (proc.stderr, model.stdout.read())
+    assert (work / "dataset.csv").read_text() == "x,region\n1,west\n2.5,east\n-1,west\n"
+    assert result["rows"] == 3 and result["input"]["md5"] == hashlib.md5(PT_DATA.encode()).hexdigest()
+    assert read_csv(bucket.blob("results/fixture-batch/pt/scores.csv").download_as_text()) == [
+        ["customer_id", "batch_no", "score"], ["Smith, J.", "3", "2.0"], ["007", "", "5.0"], ["C-3", "5", "-2.0"]]
+
+
+def test_passthrough_to_gcs_from_run_batch(gcs, gcs_client, tmp_path):
+    folder = passthrough_fixture(tmp_path)
+    gcs_client.bucket("test-bucket").blob("incoming/fixture-batch/ptg.csv").upload_from_string(PT_DATA)
+    proc, result = run_adapter("batch", str(folder), DATASET_URI="gs://test-bucket/incoming/fixture-batch/ptg.csv",
+                               JOB_ID="ptg")
+    assert proc.returncode == 0, proc.stderr
+    text = gcs_client.bucket("test-bucket").blob("results/fixture-batch/ptg/scores.csv").download_as_text()
+    assert read_csv(text)[0] == ["customer_id", "batch_no", "score"] and len(read_csv(text)) == 4
+
+
+@pytest.mark.skipif(not __import__("shutil").which("Rscript"), reason="Rscript not installed")
+def test_passthrough_with_the_r_batch_example(tmp_path):
+    """member-retention (R) declares member_id: its sample scores with the ids first, row for row."""
+    folder = ROOT / "models" / "member-retention"
+    sample = read_csv((folder / "sample.csv").read_text())
+    assert "member_id" in sample[0]
+    proc, result = run_adapter("batch", str(folder), "--dataset", str(folder / "sample.csv"), "--results",
+                               str(tmp_path / "out") + os.sep, "--job", "r")
+    assert proc.returncode == 0, proc.stderr
+    scores = read_csv((tmp_path / "out" / "scores.csv").read_text())
+    assert scores[0] == ["member_id", "renewal_probability"]
+    column = sample[0].index("member_id")
+    assert [r[0] for r in scores[1:]] == [r[column] for r in sample[1:] if r]
+    assert all(0 < float(r[1]) < 1 for r in scores[1:])
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_plain_file_is_split_as_the_csv_module_splits_it(tmp_path, monkeypatch, newline):
+    """The block-at-a-time split of a plain file (no quotes) writes what the csv module's does."""
+    monkeypatch.setattr(batch, "CHUNK", 4096)  # many blocks, rows cut across them
+    manifest = load_manifest(passthrough_fixture(tmp_path))
+    header = ["x", "region", "customer_id"]   # batch_no (optional) absent: empty cells
+    source = tmp_path / "in.csv"
+    source.write_bytes(newline.join(["x,region,customer_id"] + [f"{i},{'west' if i % 3 else 'east'},id-{i}"
+                                                               for i in range(3000)]).encode())  # no final newline
+    plain = batch.split_dataset(manifest, header, source, tmp_path / "f1.csv", tmp_path / "p1.csv")
+    monkeypatch.setattr(batch, "_split_plain", lambda *a: None)
+    slow = batch.split_dataset(manifest, header, source, tmp_path / "f2.csv", tmp_path / "p2.csv")
+    assert plain == slow and plain[1] == 3000
+    assert (tmp_path / "f1.csv").read_bytes() == (tmp_path / "f2.csv").read_bytes()
+    assert (tmp_path / "p1.csv").read_bytes() == (tmp_path / "p2.csv").read_bytes()
+    assert (tmp_path / "p1.csv").read_text().splitlines()[:2] == ["customer_id,batch_no", "id-0,"]
+    assert (tmp_path / "f1.csv").read_text().splitlines()[:2] == ["x,region", "0,east"]
+
+
+def test_a_bad_row_in_a_plain_file_is_named_and_nothing_more_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "CHUNK", 1024)
+    manifest = load_manifest(passthrough_fixture(tmp_path))
+    lines = [f"{i},west,id-{i},{i}" for i in range(2000)]
+    lines[1499] = "1,west,id,x"          # row 1500: batch_no not an integer
+    lines[1799] = "1,west"               # row 1800: two cells
+    source = tmp_path / "in.csv"
+    source.write_text("x,region,customer_id,batch_no\n" + "\n".join(lines) + "\n")
+    with pytest.raises(batch.RowsFailure) as info:
+        batch.split_dataset(manifest, ["x", "region", "customer_id", "batch_no"], source, tmp_path / "f.csv",
+                            tmp_path / "p.csv")
+    assert [(p["row"], p["field"]) for p in info.value.problems] == [(1500, "batch_no"), (1800, None)]
+    assert len((tmp_path / "f.csv").read_text().splitlines()) < 1500

@@ -78,7 +78,7 @@ def test_an_integer_past_floats_range_is_a_422_not_a_500(adapter):
     rows = ", ".join(['{"x": 1, "region": "west"}'] * 20 + ['{"x": ' + huge + ', "region": "east"}'])
     r = post(adapter, "/predict", '{"rows": [' + rows + ']}')  # many rows: the column-at-a-time path first
     json_error(r, 422)
-    assert r.json()["problems"] == [{"row": 20, "field": "x", "error": r.json()["problems"][0]["error"]}]
+    assert r.json()["problems"] == [{"row": 21, "field": "x", "error": r.json()["problems"][0]["error"]}]
     r = post(adapter, INFER, '{"inputs": [{"name": "x", "shape": [1], "datatype": "FP64", "data": [' + huge + ']},'
                              ' {"name": "region", "shape": [1], "datatype": "BYTES", "data": ["west"]}]}')
     assert "'x'" in json_error(r, 400)
@@ -228,7 +228,7 @@ def test_tritonclient_with_its_default_binary_tensors(adapter):
         bad.set_data_from_numpy(np.array([b"west", b"mars", b"west"], dtype=np.object_))
         with pytest.raises(InferenceServerException) as info:
             client.infer(MODEL, [x, bad])
-        assert "input 'region' row 1" in str(info.value)
+        assert "input 'region' row 2" in str(info.value)
         with pytest.raises(InferenceServerException) as info:
             client.get_model_config(MODEL)
         assert "no route" in str(info.value)
@@ -360,7 +360,7 @@ def test_a_bug_answers_a_request_id_and_logs_the_traceback_under_it(caplog):
     from adapters.realtime import RealtimeAdapter
 
     class Broken:
-        def validate(self, rows):
+        def split(self, rows, header=None):
             raise ZeroDivisionError("secret detail /srv/model/weights.bin")
 
     async def run():

@@ -1,9 +1,14 @@
 """The realtime adapter as a real process in front of a real fixture model, over real HTTP."""
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -52,13 +57,13 @@ def stop(proc: subprocess.Popen) -> int:
 
 
 class Adapter:
-    def __init__(self, tmp: Path, *args: str, ready: bool = True, **env: str):
+    def __init__(self, tmp: Path, *args: str, ready: bool = True, folder: Path = FIXTURE, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = tmp / f"adapter-{self.port}.stderr"
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "adapters", "serve", str(FIXTURE), "--port", str(self.port), *args],
+                [sys.executable, "-m", "adapters", "serve", str(folder), "--port", str(self.port), *args],
                 cwd=ROOT, env=child_env(**env), stdout=subprocess.DEVNULL, stderr=err)
         try:
             wait_http(self.url + ("/v2/health/ready" if ready else "/v2/health/live"), proc=self.proc)
@@ -108,7 +113,7 @@ def test_predict_csv_body_and_csv_answer(adapter):
 
 
 @pytest.mark.parametrize("bad_row, field, fragment", [
-    ({"x": 1.0}, "region", "required value is missing"),
+    ({"x": 1.0, "region": None}, "region", "required value is missing"),
     ({"x": "ten", "region": "west"}, "x", "expected a number"),
     ({"x": 1.0, "region": "north"}, "region", "not allowed"),
     ({"x": 1.0, "region": "west", "colour": "red"}, "colour", "unknown column"),
@@ -120,7 +125,8 @@ def test_invalid_rows_are_422_naming_row_and_field(adapter, bad_row, field, frag
     assert r.status_code == 422
     body = r.json()
     assert "error" in body
-    assert any(p["row"] == 1 and p["field"] == field and fragment in p["error"] for p in body["problems"]), body
+    # rows are numbered from 1: the bad row is the second
+    assert any(p["row"] == 2 and p["field"] == field and fragment in p["error"] for p in body["problems"]), body
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
@@ -128,7 +134,7 @@ def test_non_finite_json_values_are_422(adapter, literal):
     body = '{"rows": [{"x": ' + literal + ', "region": "west"}]}'
     r = requests.post(adapter.url + "/predict", data=body, headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 422, r.text
-    assert r.json()["problems"] == [{"row": 0, "field": "x", "error": r.json()["problems"][0]["error"]}]
+    assert r.json()["problems"] == [{"row": 1, "field": "x", "error": r.json()["problems"][0]["error"]}]
     assert "finite" in r.json()["problems"][0]["error"]
 
 
@@ -260,7 +266,166 @@ def test_v2_infer_invalid_values_are_the_protocols_400_naming_the_input(adapter)
     assert "input 'colour'" in r.json()["error"]
     request["inputs"] = request["inputs"][:2]
     r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", json=request, timeout=10)
-    assert r.status_code == 400 and "input 'region' row 1" in r.json()["error"] and "mars" in r.json()["error"]
+    assert r.status_code == 400 and "input 'region' row 2" in r.json()["error"] and "mars" in r.json()["error"]
+
+
+def test_v2_outputs_keep_the_inputs_shape(adapter):
+    """An input of shape [n] is answered [n] (KServe and Triton clients reshape by it); [n, 1] stays [n, 1]."""
+    for shape in ([2], [2, 1]):
+        request = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP64", "data": [0.25, 4.0]},
+                              {"name": "region", "shape": shape, "datatype": "BYTES", "data": ["east", "west"]}]}
+        r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", json=request, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["shape"] == shape and r.json()["outputs"][0]["data"] == [0.5, 8.0]
+        # the binary extension answers the same shape
+        r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", json={**request, "parameters": {
+            "binary_data_output": True}}, timeout=10)
+        head = json.loads(r.content[:int(r.headers["Inference-Header-Content-Length"])])
+        assert head["outputs"][0]["shape"] == shape
+        raw = r.content[int(r.headers["Inference-Header-Content-Length"]):]
+        assert struct.unpack("<2d", raw) == (0.5, 8.0)
+        # a binary request of shape [2]: answered [2]
+        x, region = struct.pack("<2d", 0.25, 4.0), b"".join(struct.pack("<I", 4) + s for s in (b"east", b"west"))
+        head = json.dumps({"inputs": [
+            {"name": "x", "shape": shape, "datatype": "FP64", "parameters": {"binary_data_size": len(x)}},
+            {"name": "region", "shape": shape, "datatype": "BYTES", "parameters": {"binary_data_size": len(region)}}],
+            "outputs": [{"name": "score", "parameters": {"binary_data": False}}]}).encode()
+        r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", data=head + x + region, timeout=10,
+                          headers={"Inference-Header-Content-Length": str(len(head)),
+                                   "Content-Type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"] == [{"name": "score", "datatype": "FP64", "shape": shape, "data": [0.5, 8.0]}]
+
+
+# -- a column missing from every row: one problem ------------------------------------------
+
+def test_a_csv_header_without_a_required_column_is_one_problem(adapter):
+    body = "x,n\n" + "1,2\n" * 40
+    r = requests.post(adapter.url + "/predict", data=body, headers={"Content-Type": "text/csv"}, timeout=10)
+    assert r.status_code == 422, r.text
+    assert r.json()["problems"] == [{"row": None, "field": "region", "error": "required column is missing"}]
+    # an unknown column too: named once, not per row
+    body = "x,region,colour\n" + "1,west,red\n" * 40
+    r = requests.post(adapter.url + "/predict", data=body, headers={"Content-Type": "text/csv"}, timeout=10)
+    assert r.status_code == 422 and r.json()["problems"] == [
+        {"row": None, "field": "colour", "error": "unknown column (not a declared feature)"}]
+    # the column is there, some of its cells are empty: named per row, from 1
+    body = "x,region\n1,west\n2,\n3,east\n"
+    r = requests.post(adapter.url + "/predict", data=body, headers={"Content-Type": "text/csv"}, timeout=10)
+    assert r.json()["problems"] == [{"row": 2, "field": "region", "error": "required value is missing"}]
+
+
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_json_rows_none_of_which_has_a_required_field_is_one_problem(adapter, n):
+    r = adapter.predict([{"x": 1.0}] * n)
+    assert r.status_code == 422, r.text
+    assert r.json() == {"error": "1 invalid value(s) in the request",
+                        "problems": [{"row": None, "field": "region", "error": "required column is missing"}]}
+    r = requests.post(adapter.url + f"/v2/models/{MODEL}/infer", timeout=10, json={
+        "inputs": [{"name": "x", "shape": [n], "datatype": "FP64", "data": [1.0] * n}]})
+    assert r.status_code == 400 and r.json()["error"] == (
+        "1 invalid value(s) in the request: input 'region': required column is missing")
+
+
+# -- passthrough columns -------------------------------------------------------------------
+
+PASSTHROUGH = """
+passthrough:
+  - customer_id
+  - {name: batch_no, type: integer, required: false}
+  - {name: vip, type: boolean, required: false}
+"""
+
+
+@pytest.fixture(scope="module")
+def pt_adapter(tmp_path_factory):
+    """The fixture model with passthrough columns declared; the model refuses any column it does
+    not know (so a 200 proves it never saw them)."""
+    folder = tmp_path_factory.mktemp("passthrough") / "model"
+    shutil.copytree(FIXTURE, folder)
+    (folder / "model.yaml").write_text((FIXTURE / "model.yaml").read_text() + PASSTHROUGH)
+    a = Adapter(folder.parent, folder=folder)
+    yield a
+    a.stop()
+
+
+@pytest.mark.parametrize("n", [2, 12])  # the row-by-row and the column-at-a-time checks
+def test_passthrough_json_comes_back_beside_the_scores(pt_adapter, n):
+    rows = [row(float(i), customer_id=f"C-{i:04d}", **({"batch_no": i} if i % 2 else {})) for i in range(n)]
+    r = pt_adapter.predict(rows)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"model": MODEL, "version": "1.0.0", "scores": [2.0 * i for i in range(n)],
+                        "passthrough": {"customer_id": [f"C-{i:04d}" for i in range(n)],
+                                        "batch_no": [i if i % 2 else None for i in range(n)],
+                                        "vip": [None] * n}}
+    assert pt_adapter.predict([]).json()["passthrough"] == {"customer_id": [], "batch_no": [], "vip": []}
+
+
+def test_passthrough_csv_in_and_out(pt_adapter):
+    body = 'region,customer_id,x,vip\nwest,"Smith, J.",1,true\neast,007,2.5,\n'
+    r = requests.post(pt_adapter.url + "/predict", data=body, timeout=10,
+                      headers={"Content-Type": "text/csv", "Accept": "text/csv"})
+    assert r.status_code == 200, r.text
+    assert list(csv.reader(io.StringIO(r.text))) == [
+        ["customer_id", "batch_no", "vip", "score"], ["Smith, J.", "", "true", "2.0"], ["007", "", "", "5.0"]]
+    r = requests.post(pt_adapter.url + "/predict", data=body, headers={"Content-Type": "text/csv"}, timeout=10)
+    assert r.json()["passthrough"] == {"customer_id": ["Smith, J.", "007"], "batch_no": [None, None],
+                                       "vip": [True, None]}
+
+
+def test_passthrough_values_are_checked_naming_row_and_field(pt_adapter):
+    r = pt_adapter.predict([row(customer_id="a"), row(customer_id=7, batch_no="two")])
+    assert r.status_code == 422
+    assert r.json()["problems"] == [{"row": 2, "field": "customer_id", "error": "expected a string; got 7"},
+                                    {"row": 2, "field": "batch_no", "error": "expected an integer; got 'two'"}]
+    body = "x,region,customer_id,batch_no\n" + "1,west,a,1\n" * 9 + "1,west,b,1.5\n"
+    r = requests.post(pt_adapter.url + "/predict", data=body, headers={"Content-Type": "text/csv"}, timeout=10)
+    assert r.json()["problems"] == [{"row": 10, "field": "batch_no", "error": "expected an integer; got 1.5"}]
+    r = pt_adapter.predict([row()] * 30)
+    assert r.json()["problems"] == [{"row": None, "field": "customer_id", "error": "required column is missing"}]
+    r = pt_adapter.predict([row(customer_id="a", id=1)])
+    assert r.json()["problems"] == [{"row": 1, "field": "id", "error": "unknown column (not a declared feature or "
+                                                                       "passthrough column)"}]
+
+
+def test_passthrough_v2_inputs_answer_tensors_beside_the_score(pt_adapter):
+    url = pt_adapter.url + f"/v2/models/{MODEL}/infer"
+    meta = requests.get(pt_adapter.url + f"/v2/models/{MODEL}", timeout=5).json()
+    assert [o["name"] for o in meta["outputs"]] == ["score", "customer_id", "batch_no", "vip"]
+    assert {"name": "customer_id", "datatype": "BYTES", "shape": [-1],
+            "parameters": {"required": True, "passthrough": True}} in meta["inputs"]
+    for shape in ([3], [3, 1]):
+        request = {"inputs": [
+            {"name": "x", "shape": shape, "datatype": "FP64", "data": [1.0, 2.0, 3.0]},
+            {"name": "region", "shape": shape, "datatype": "BYTES", "data": ["west", "east", "west"]},
+            {"name": "customer_id", "shape": shape, "datatype": "BYTES", "data": ["a", "b", "c"]},
+            {"name": "batch_no", "shape": shape, "datatype": "INT64", "data": [7, 8, 9]}]}
+        r = requests.post(url, json=request, timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"] == [  # vip was not sent: no tensor for it
+            {"name": "score", "datatype": "FP64", "shape": shape, "data": [2.0, 4.0, 6.0]},
+            {"name": "customer_id", "datatype": "BYTES", "shape": shape, "data": ["a", "b", "c"]},
+            {"name": "batch_no", "datatype": "INT64", "shape": shape, "data": [7, 8, 9]}]
+    # an outputs filter may name the passthrough columns; binary answers hold them too
+    request["outputs"] = [{"name": "customer_id", "parameters": {"binary_data": True}},
+                          {"name": "score", "parameters": {"binary_data": True}}, {"name": "batch_no"}]
+    r = requests.post(url, json=request, timeout=10)
+    assert r.status_code == 200, r.text
+    n = int(r.headers["Inference-Header-Content-Length"])
+    head, raw = json.loads(r.content[:n]), r.content[n:]
+    assert [(o["name"], o["shape"]) for o in head["outputs"]] == [("customer_id", [3, 1]), ("score", [3, 1]),
+                                                                  ("batch_no", [3, 1])]
+    assert head["outputs"][2]["data"] == [7, 8, 9]
+    ids_size = head["outputs"][0]["parameters"]["binary_data_size"]
+    assert raw[:ids_size] == b"".join(struct.pack("<I", 1) + c for c in (b"a", b"b", b"c"))
+    assert struct.unpack("<3d", raw[ids_size:]) == (2.0, 4.0, 6.0)
+    # a bad passthrough value: the protocol's 400 naming the input and row
+    request = {"inputs": request["inputs"][:2] + [
+        {"name": "customer_id", "shape": [3], "datatype": "INT64", "data": [1, 2, 3]}]}
+    r = requests.post(url, json=request, timeout=10)
+    assert r.status_code == 400 and "input 'customer_id' row 1: expected a string" in r.json()["error"]
+    r = requests.post(url, json={**request, "outputs": [{"name": "id"}]}, timeout=10)
+    assert r.status_code == 400 and "'score', 'customer_id', 'batch_no', 'vip'" in r.json()["error"]
 
 
 # -- metrics ------------------------------------------------------------------------------

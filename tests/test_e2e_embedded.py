@@ -54,7 +54,7 @@ def sample_rows(name: str) -> list[dict]:
             for key, text in raw.items():
                 if text == "":
                     continue
-                kind = features[key]["type"]
+                kind = features[key]["type"] if key in features else "string"  # a passthrough id
                 row[key] = (float(text) if kind == "number" else int(text) if kind == "integer"
                             else text.lower() == "true" if kind == "boolean" else text)
             rows.append(row)

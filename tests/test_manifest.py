@@ -309,3 +309,36 @@ def test_an_alias_used_as_a_key_cannot_smuggle_a_duplicate():
     text = "k: &k version\n" + GOOD + "*k : 9.9.9\n"
     found = problems(text)
     assert any("duplicate key 'version'" in message for _, _, message in found), found
+
+
+# -- passthrough columns ------------------------------------------------------------------
+
+def test_passthrough_bare_names_and_items():
+    m = parse_manifest(GOOD + "passthrough:\n  - customer_id\n  - {name: batch_no, type: integer, required: false}\n",
+                       check_files=False)
+    assert m.passthrough_names == ["customer_id", "batch_no"]
+    assert (m.passthrough[0].type, m.passthrough[0].required) == ("string", True)   # a bare name's defaults
+    assert (m.passthrough[1].type, m.passthrough[1].required) == ("integer", False)
+    assert m.to_dict()["passthrough"] == [{"name": "customer_id", "type": "string", "required": True},
+                                          {"name": "batch_no", "type": "integer", "required": False}]
+    assert parse_manifest(GOOD, check_files=False).passthrough == []
+    assert "passthrough" not in parse_manifest(GOOD, check_files=False).to_dict()  # as before them
+
+
+@pytest.mark.parametrize("items, field, line, words", [
+    ("  - customer_id\n  - net_worth\n", "passthrough[1]", 15, "'net_worth' is also a feature"),
+    ("  - {name: propensity}\n", "passthrough[0]", 14, "'propensity' is the score's name"),
+    ("  - id\n  - id\n", "passthrough[1]", 15, "'id' is declared twice"),
+    ("  - {name: id, type: text}\n", "passthrough[0].type", 14, "got 'text'"),
+    ("  - {name: id, allowed: [a]}\n", "passthrough[0].allowed", 14, "unknown key"),
+    ("  - 1id\n", "passthrough[0].name", 14, "expected a column name"),
+    ("".join(f"  - c{i}\n" for i in range(17)), "passthrough", 13, "at most 16 passthrough columns; got 17"),
+])
+def test_passthrough_problems_name_field_and_line(items, field, line, words):
+    found = one(GOOD + "passthrough:\n" + items)
+    assert found[0] == field and found[1] == line and words in found[2], found
+
+
+def test_sixteen_passthrough_columns_are_fine():
+    m = parse_manifest(GOOD + "passthrough: [" + ", ".join(f"c{i}" for i in range(16)) + "]\n", check_files=False)
+    assert len(m.passthrough) == 16

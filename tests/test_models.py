@@ -34,11 +34,14 @@ def load_train():
 
 
 def sample_rows(name: str) -> list[dict]:
-    """The sample as the adapter would send it: typed values, empty optional cells left out."""
+    """The sample as the adapter would send it: typed values, empty optional cells left out, the
+    features only (a passthrough column, such as major-gift's donor_id, never reaches the model)."""
     manifest = load_manifest(MODELS / name)
     with open(manifest.sample_path, newline="") as f:
         records = list(csv.reader(f))
-    return RowValidator(manifest).rows_from_csv(records[0], records[1:])
+    features = set(manifest.feature_names)
+    return [{k: v for k, v in row.items() if k in features}
+            for row in RowValidator(manifest).rows_from_csv(records[0], records[1:])]
 
 
 def post(port: int, rows: list, conn: http.client.HTTPConnection | None = None) -> tuple[int, dict]:

@@ -125,3 +125,43 @@ def test_shell_glob_of_models_checks_only_model_folders(tmp_path):
     assert code == 1
     assert "README.md" not in text and "train.py" not in text
     assert "1 of 1 model(s) failed" in text
+
+
+def test_a_sample_without_the_passthrough_column_is_named(tmp_path):
+    import shutil
+
+    folder = tmp_path / "donor-propensity"
+    shutil.copytree(MODELS / "donor-propensity", folder)
+    with open(folder / "model.yaml", "a") as f:
+        f.write("passthrough: [contact_id]\n")
+    code, out = run_validate(folder)
+    assert code == 1
+    assert "required passthrough column 'contact_id' is missing" in out
+    assert "started" not in out
+
+
+def test_the_passthrough_columns_come_back_in_every_answer(tmp_path):
+    """A realtime example with an id column: validate checks the ids come back beside the scores
+    (JSON and v2), and a batch one's scores.csv starts with them."""
+    import shutil
+
+    folder = tmp_path / "donor-propensity"
+    shutil.copytree(MODELS / "donor-propensity", folder)
+    with open(folder / "model.yaml", "a") as f:
+        f.write("passthrough: [{name: contact_id, type: integer}]\n")
+    lines = (folder / "sample.csv").read_text().splitlines()
+    (folder / "sample.csv").write_text("\n".join([f"contact_id,{lines[0]}"] + [f"{i},{line}" for i, line in
+                                                                               enumerate(lines[1:], 1)]) + "\n")
+    code, out = run_validate(folder)
+    assert code == 0, out
+    assert "POST /v2/models/donor-propensity/infer (Open Inference Protocol): 20 finite scores" in out
+    folder = tmp_path / "churn-risk"
+    shutil.copytree(MODELS / "churn-risk", folder)
+    with open(folder / "model.yaml", "a") as f:
+        f.write("passthrough: [customer]\n")
+    lines = (folder / "sample.csv").read_text().splitlines()
+    (folder / "sample.csv").write_text("\n".join([f"customer,{lines[0]}"] + [f"c{i},{line}" for i, line in
+                                                                             enumerate(lines[1:], 1)]) + "\n")
+    code, out = run_validate(folder)
+    assert code == 0, out
+    assert "scores.csv: a header and 20 finite scores" in out
