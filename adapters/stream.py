@@ -10,7 +10,9 @@ any, then the score), checked (one finite score per row) and summarised with the
 `ScoreSummary`; `result.json` is the batch job's document (adapters/batch.py `Job`).
 
 A chunk answered 503 or 429, or whose connection failed, is sent again, up to `RETRIES` times
-with a growing pause; any other answer but 200 fails the job naming the chunk's rows. A failed
+with a growing pause; one answered 502 (the model broke off: it crashed, say) is sent again
+alone, with no other chunk in flight (`Gate`), so a crash is blamed on the rows that cause it;
+any other answer but 200 fails the job naming the chunk's rows. A failed
 job publishes no scores: a gs:// destination is a resumable upload committed only at the end,
 a local one a file renamed into place at the end.
 
@@ -61,6 +63,10 @@ Sender = Callable[[bytes], "tuple[int, Mapping[str, str], bytes]"]
 
 class StreamFailure(BatchFailure):
     """The job cannot go on; the message names the rows."""
+
+    def __init__(self, message: str, *, broke_off: Optional[tuple[int, int, str]] = None):
+        super().__init__(message)
+        self.broke_off = broke_off   # (first row, rows, the answer) when the model broke off on the chunk
 
 
 def _rows(first: int, n: int) -> str:
@@ -265,25 +271,89 @@ class Joiner:
 
 # -- sending ---------------------------------------------------------------------------------
 
-def send_chunk(send: Sender, chunk: Chunk, stop: threading.Event, *, retries: int = RETRIES) -> bytes:
-    """The model's answer to one chunk (200), sent again on 503/429/connection errors; StreamFailure else."""
+class Gate:
+    """Chunks go out side by side (shared); a chunk whose model broke off goes out again alone
+    (exclusive: once the chunks in flight are answered, and none beside it), so a model that
+    crashes on some rows is blamed on those rows, not on the chunks that were in flight with them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting = 0
+
+    def shared(self) -> "_Hold":
+        with self._cond:
+            while self._alone or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        return _Hold(self, alone=False)
+
+    def alone(self) -> "_Hold":
+        with self._cond:
+            self._waiting += 1
+            while self._alone or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._alone = True
+        return _Hold(self, alone=True)
+
+    def _release(self, alone: bool) -> None:
+        with self._cond:
+            if alone:
+                self._alone = False
+            else:
+                self._shared -= 1
+            self._cond.notify_all()
+
+
+class _Hold:
+    def __init__(self, gate: Gate, *, alone: bool):
+        self.gate, self.alone = gate, alone
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        self.gate._release(self.alone)
+
+
+BROKE_OFF = (502,)   # the model broke off (crashed, closed the connection): sent again alone, once
+
+
+def send_chunk(send: Sender, chunk: Chunk, stop: threading.Event, *, retries: int = RETRIES,
+               gate: Optional[Gate] = None, alone: bool = True) -> bytes:
+    """The model's answer to one chunk (200), sent again on 503/429/connection errors, and once
+    alone on a 502 (`Gate`; not with `alone=False`); StreamFailure else, naming the chunk's rows."""
     where = _rows(chunk.first, chunk.n)
+    gate = gate or Gate()
     last = ""
+    solo = False
     for attempt in range(retries + 1):
         if stop.is_set():
             raise JobStopped("stopped")
+        broke = False
         try:
-            status, headers, data = send(chunk.body)
+            with gate.alone() if solo else gate.shared():
+                status, headers, data = send(chunk.body)
         except (OSError, http.client.HTTPException) as e:
             last = f"the connection failed ({type(e).__name__}: {e})"
-            pause = None
+            pause, broke = None, True
         else:
             if status == 200:
                 return data
-            if status not in RETRY_STATUSES:
+            if status in BROKE_OFF:
+                if solo or not alone:
+                    raise StreamFailure(f"the model could not score {where}: {_answer_error(status, data)}"
+                                        + (" (again when they were sent alone)" if solo else ""),
+                                        broke_off=(chunk.first, chunk.n, _answer_error(status, data)))
+                last, pause, broke = _answer_error(status, data), None, True
+            elif status not in RETRY_STATUSES:
                 raise StreamFailure(f"the model could not score {where}: {_answer_error(status, data)}")
-            last = _answer_error(status, data)
-            pause = _retry_after(headers)
+            else:
+                last = _answer_error(status, data)
+                pause = _retry_after(headers)
+        solo = solo or (broke and alone)
         if attempt == retries:
             break
         wait = pause if pause is not None else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** attempt)
@@ -333,12 +403,36 @@ def http_sender(url: str, *, timeout: float, headers: Optional[Mapping[str, str]
     return send
 
 
+def _broke_off(first: StreamFailure, pending, stop: threading.Event) -> StreamFailure:
+    """The model broke off on a chunk: the chunks in flight with it are waited for, and every one it
+    broke off on is named (whichever of them made it crash, it is among them)."""
+    ranges = [first.broke_off]
+    for future, _ in list(pending):
+        while not wait([future], timeout=0.1).done:
+            if stop.is_set():
+                return first
+        error = future.exception()
+        if isinstance(error, StreamFailure) and error.broke_off is not None:
+            ranges.append(error.broke_off)
+    if len(ranges) == 1:
+        return first
+    ranges.sort()
+    names = ", ".join(_rows(a, n).removeprefix("rows ").removeprefix("row ") for a, n, _ in ranges)
+    return StreamFailure(f"the model broke off while scoring rows {names} (one of them made it fail): "
+                         f"{ranges[0][2]}", broke_off=ranges[0])
+
+
 # -- the whole job ---------------------------------------------------------------------------
 
 def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: Optional[int] = None,
                work: Optional[Path] = None, stop: Optional[threading.Event] = None,
-               retries: int = RETRIES) -> tuple[dict, int]:
-    """Run one job end to end; (result JSON, exit status). Never raises for a job failure."""
+               retries: int = RETRIES, alone: bool = True) -> tuple[dict, int]:
+    """Run one job end to end; (result JSON, exit status). Never raises for a job failure.
+
+    `alone=False`: a chunk the model broke off on (502) is not sent again alone, for a `send` that
+    already sends a broken-off request once more elsewhere (the local runtime's forwarding: one
+    more try would crash one more replica, and enough crashes stop the model for live traffic
+    too). The job then fails naming every chunk in flight the model broke off on."""
     if manifest.kind != "realtime":
         raise ValueError(f"{manifest.ref} is a {manifest.kind} model; streaming is for realtime models")
     stop = stop or threading.Event()
@@ -374,6 +468,7 @@ def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: 
         summary = ScoreSummary()
         checker = TextRowChecker(manifest, header)
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"stream-{manifest.name}")
+        gate = Gate()
         pending: deque[tuple[Future, Chunk]] = deque()
         with open(out_path, "wb") as out:
             joiner = Joiner(manifest, out, upload, summary)
@@ -384,7 +479,13 @@ def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: 
                     if stop.is_set():
                         raise JobStopped("stopped")
                 pending.popleft()
-                joiner.take(chunk, future.result())
+                try:
+                    answer = future.result()
+                except StreamFailure as e:
+                    if e.broke_off is None:
+                        raise
+                    raise _broke_off(e, pending, stop) from None
+                joiner.take(chunk, answer)
                 progress.update(scored=joiner.rows)
 
             for chunk in read_chunks(dataset, header_line, plain, checker, max_rows=max_rows, max_bytes=max_bytes):
@@ -392,7 +493,8 @@ def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: 
                     raise JobStopped("stopped")
                 if checker.total:
                     continue  # a bad row: nothing more is sent, every row is still checked (all named)
-                pending.append((pool.submit(send_chunk, send, chunk, stop, retries=retries), chunk))
+                pending.append((pool.submit(send_chunk, send, chunk, stop, retries=retries, gate=gate,
+                                            alone=alone), chunk))
                 while pending and (len(pending) >= concurrency or pending[0][0].done()):
                     take_oldest()
             if checker.total:

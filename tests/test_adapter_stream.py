@@ -141,8 +141,46 @@ def test_another_answer_fails_at_once_naming_the_rows(manifest, tmp_path):
     result, _ = run(m, dataset(tmp_path, 40), crash_on_third, tmp_path, concurrency=1)
     assert result["status"] == "failed"
     assert result["error"] == ("the model could not score rows 21–30: HTTP 502: model echo closed the connection "
-                               "without answering")
-    assert n["calls"] == 3   # nothing after it was sent
+                               "without answering (again when they were sent alone)")
+    assert n["calls"] == 4   # sent again alone once; nothing after it was sent
+
+    def refused(body):
+        return 422, {}, b'{"error": "rows refused"}'
+    result, _ = run(m, dataset(tmp_path, 5), refused, tmp_path)
+    assert result["error"] == "the model could not score rows 1–5: HTTP 422: rows refused"
+
+
+def test_a_crash_is_blamed_on_the_rows_that_cause_it_not_on_the_chunks_in_flight_with_them(manifest, tmp_path):
+    """Every chunk in flight when the model dies is answered 502; sent again alone, only the
+    chunk that kills it fails again."""
+    m = manifest(limits={"max_rows": 5})
+    inner = echo_sender()
+    lock = threading.Lock()
+    state = {"in_flight": 0, "dying": False}
+
+    def send(body):
+        with lock:
+            state["in_flight"] += 1
+        try:
+            if b"\n23," in body:   # this chunk crashes the model, and with it every request it was serving
+                with lock:
+                    state["dying"] = True
+                time.sleep(0.02)
+                with lock:
+                    state["dying"] = False
+                return 502, {}, b'{"error": "model echo closed the connection without answering"}'
+            time.sleep(0.01)
+            with lock:
+                if state["dying"]:
+                    return 502, {}, b'{"error": "model echo closed the connection without answering"}'
+            return inner(body)
+        finally:
+            with lock:
+                state["in_flight"] -= 1
+    for _ in range(5):
+        result, _ = run(m, dataset(tmp_path, 60), send, tmp_path, concurrency=4)
+        assert result["status"] == "failed"
+        assert result["error"].startswith("the model could not score rows 21–25: HTTP 502"), result["error"]
     assert not (tmp_path / "out" / "scores.csv").exists()
 
 

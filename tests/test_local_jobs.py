@@ -180,6 +180,7 @@ def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(rt, tmp_path, 
 # dataset of a few dozen rows is many chunks, up to scaling.max (3) of them in flight.
 
 STREAM = "echo"
+CRASHER = "crasher"
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +198,10 @@ def stream_plane(gcs, tmp_path_factory):
     data["limits"] = {"max_rows": 7}
     (dest / "model.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     (dest / "params.json").write_text(json.dumps({"factor": 3}))
+    # the crash test's own model, one replica: a crash never takes the other tests' model down
+    crasher = Path(shutil.copytree(dest, settings.models_dir / CRASHER))
+    data.update(name=CRASHER, scaling={"min": 0, "max": 1, "target_concurrency": 4, "idle_timeout": "60s"})
+    (crasher / "model.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     with running(settings, watch=True) as server:
         yield server
 
@@ -217,11 +222,11 @@ def stream_job(server, job_id: str) -> dict:
     return r.json()
 
 
-def submit_stream(server, gcs_client, name: str, body: str) -> str:
+def submit_stream(server, gcs_client, name: str, body: str, model: str = STREAM) -> str:
     from control_helpers import api
 
     gcs_client.bucket("test-bucket").blob(f"data/{name}").upload_from_string(body, content_type="text/csv")
-    r = api.post(f"{server.url}/api/models/{STREAM}/jobs", json={"dataset": f"gs://test-bucket/data/{name}"})
+    r = api.post(f"{server.url}/api/models/{model}/jobs", json={"dataset": f"gs://test-bucket/data/{name}"})
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -316,12 +321,16 @@ def test_a_bad_row_fails_the_job_naming_its_row_in_the_whole_file_and_publishes_
 
 
 def test_a_model_crash_mid_job_fails_it_naming_the_rows(stream_plane, gcs_client):
-    job_id = submit_stream(stream_plane, gcs_client, "crash.csv", echo_csv(range(30), crash_at=17))
+    job_id = submit_stream(stream_plane, gcs_client, "crash.csv", echo_csv(range(30), crash_at=17), CRASHER)
     done = ended(stream_plane, job_id)
     assert done["status"] == "failed", done
-    assert "rows 15–21" in done["error"] and "could not score" in done["error"], done["error"]
-    assert done["results_uri"] is None
-    assert not gcs_client.bucket("test-bucket").blob(f"results/{STREAM}/{job_id}/scores.csv").exists()
+    assert done["error"].startswith("the model could not score rows 15–21: HTTP 502"), done["error"]
+    assert done["results_uri"] is None and done["rows_scored"] == 14
+    assert not gcs_client.bucket("test-bucket").blob(f"results/{CRASHER}/{job_id}/scores.csv").exists()
+    # the model is restarted: the next job runs
+    again = ended(stream_plane, submit_stream(stream_plane, gcs_client, "after-crash.csv", echo_csv(range(10)),
+                                              CRASHER))
+    assert again["status"] == "succeeded", again
 
 
 def test_a_streamed_job_reports_progress_and_can_be_cancelled(stream_plane, gcs_client, capsys, monkeypatch):

@@ -539,7 +539,8 @@ class LocalRuntime(Runtime):
         def call(work: Optional[Path], stop: threading.Event):
             spec = batch.JobSpec(dataset_uri=job.dataset, job=job.id, results_prefix=self.results_prefix(job))
             try:
-                return stream.run_stream(manifest, spec, send, work=work, stop=stop)
+                # the forwarding sends a request whose replica broke off once more elsewhere itself
+                return stream.run_stream(manifest, spec, send, work=work, stop=stop, alone=False)
             finally:
                 with lock:
                     for loop in loops:
