@@ -501,6 +501,8 @@ def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: 
                 raise RowsFailure(checker)
             while pending:
                 take_oldest()
+            if joiner.header is None:   # a dataset of no rows: its scores, a header alone
+                joiner._write(manifest.score.name.encode() + b"\n")
         job.mark("scored")
         if joiner.rows != total:
             raise StreamFailure(f"{joiner.rows} row(s) were scored of the dataset's {total}")

@@ -208,6 +208,13 @@ def test_bad_rows_are_all_named_by_their_row_in_the_whole_file_and_nothing_is_se
     assert not (tmp_path / "out" / "scores.csv").exists()
 
 
+def test_a_dataset_of_no_rows_succeeds_with_a_header_alone(manifest, tmp_path):
+    send = echo_sender()
+    result, _ = run(manifest(), dataset(tmp_path, 0), send, tmp_path)
+    assert result["status"] == "succeeded" and result["rows"] == 0 and send.calls == []
+    assert (tmp_path / "out" / "scores.csv").read_text() == "y\n"
+
+
 def test_a_missing_column_is_one_error_naming_it(manifest, tmp_path):
     m = manifest()
     result, _ = run(m, dataset(tmp_path, 5, header="delay,crash", row=lambda i: ","), echo_sender(), tmp_path)
