@@ -217,7 +217,8 @@ def _stream(args: argparse.Namespace, manifest: Manifest) -> int:
         result, code = batch.Job(manifest, None).fail(str(e)), 1
     else:
         result, code = stream.run_stream(manifest, spec, send, concurrency=args.concurrency,
-                                         work=Path(args.work) if args.work else None)
+                                         work=Path(args.work) if args.work else None,
+                                         log_progress=bool(os.environ.get("K_EVENT_PATH")))  # a cluster Job
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return code

@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional
 
 from . import storage
-from .batch import (PROGRESS_FILE, SCORES_FILE, BatchFailure, Job, JobSpec, JobStopped, Progress, RowsFailure,
-                    _fetch, _publish_scores, check_header)
+from .batch import (PROGRESS_FILE, SCORES_FILE, BatchFailure, Job, JobSpec, JobStopped, Progress, ProgressLog,
+                    RowsFailure, _fetch, _publish_scores, check_header)
 from .batch import ScoreSummary
 from .manifest import Manifest
 from .schema import TextRowChecker
@@ -426,13 +426,16 @@ def _broke_off(first: StreamFailure, pending, stop: threading.Event) -> StreamFa
 
 def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: Optional[int] = None,
                work: Optional[Path] = None, stop: Optional[threading.Event] = None,
-               retries: int = RETRIES, alone: bool = True) -> tuple[dict, int]:
+               retries: int = RETRIES, alone: bool = True, log_progress: bool = False) -> tuple[dict, int]:
     """Run one job end to end; (result JSON, exit status). Never raises for a job failure.
 
     `alone=False`: a chunk the model broke off on (502) is not sent again alone, for a `send` that
     already sends a broken-off request once more elsewhere (the local runtime's forwarding: one
     more try would crash one more replica, and enough crashes stop the model for live traffic
-    too). The job then fails naming every chunk in flight the model broke off on."""
+    too). The job then fails naming every chunk in flight the model broke off on.
+
+    `log_progress`: progress lines on stderr as well (adapters/batch.py `ProgressLog`), which the
+    cluster runtime reads from a Job's log."""
     if manifest.kind != "realtime":
         raise ValueError(f"{manifest.ref} is a {manifest.kind} model; streaming is for realtime models")
     stop = stop or threading.Event()
@@ -447,6 +450,7 @@ def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: 
     (work / PROGRESS_FILE).unlink(missing_ok=True)
     upload: Optional[storage.ScoresUpload] = None
     pool: Optional[ThreadPoolExecutor] = None
+    progress_log: Optional[ProgressLog] = None
     try:
         dataset = _fetch(spec, work, job)
         job.mark("fetched")
@@ -458,6 +462,9 @@ def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: 
         _, total = scan_input(dataset)  # C-speed for a plain file: the total, for progress and ETA
         job.result["rows"] = total
         progress.update(total=total)
+        if log_progress:
+            progress_log = ProgressLog(total)
+            progress_log.update(0)
         with open(dataset, "rb") as f:
             header_line = f.readline().rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf")
         scores_uri = storage.join(spec.results_prefix, SCORES_FILE)
@@ -487,6 +494,8 @@ def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: 
                     raise _broke_off(e, pending, stop) from None
                 joiner.take(chunk, answer)
                 progress.update(scored=joiner.rows)
+                if progress_log is not None:
+                    progress_log.update(joiner.rows)
 
             for chunk in read_chunks(dataset, header_line, plain, checker, max_rows=max_rows, max_bytes=max_bytes):
                 if stop.is_set():
@@ -511,11 +520,15 @@ def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: 
         upload = None
         job.succeed(joiner.rows, scores_uri)
         progress.update(scored=joiner.rows, final=True)
+        if progress_log is not None:
+            progress_log.update(joiner.rows, final=True)
         job.store_result()
     except (BatchFailure, StorageError, OSError) as e:
         stop.set()  # chunks still waiting to be sent are not
         job.fail(str(e), "", cause=e)
         progress.update(final=True)
+        if progress_log is not None:
+            progress_log.update(progress.scored, final=True)
         job.store_result()
     finally:
         if pool is not None:

@@ -208,6 +208,14 @@ def test_bad_rows_are_all_named_by_their_row_in_the_whole_file_and_nothing_is_se
     assert not (tmp_path / "out" / "scores.csv").exists()
 
 
+def test_a_cluster_job_logs_its_progress_for_the_runtime_that_reads_its_log(manifest, tmp_path, capsys):
+    result, _ = run(manifest(limits={"max_rows": 4}), dataset(tmp_path, 10), echo_sender(), tmp_path,
+                    log_progress=True)
+    assert result["status"] == "succeeded"
+    lines = [json.loads(line)["progress"] for line in capsys.readouterr().err.splitlines() if "progress" in line]
+    assert lines[0]["rows_total"] == 10 and lines[-1]["rows_scored"] == 10 and lines[-1]["done"] is True
+
+
 def test_a_dataset_of_no_rows_succeeds_with_a_header_alone(manifest, tmp_path):
     send = echo_sender()
     result, _ = run(manifest(), dataset(tmp_path, 0), send, tmp_path)
