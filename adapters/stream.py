@@ -35,7 +35,6 @@ import math
 import shutil
 import tempfile
 import threading
-import time
 import urllib.parse
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
