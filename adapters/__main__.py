@@ -1,4 +1,4 @@
-"""`python -m adapters {serve,batch,job}` (also `modelplane-adapter`): the sidecar's command line."""
+"""`python -m adapters {serve,batch,job,stream}` (also `modelplane-adapter`): the sidecar's command line."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
             b.add_argument("--work", default=None,
                            help="work folder for the dataset copy and the scores (default: a temporary one, "
                                 "removed at the end; a given one is left for its owner to remove)")
+    st = sub.add_parser("stream", help="run a realtime model as a job: stream a dataset through its replicas at --url")
+    st.add_argument("model_dir", nargs="?", metavar="MODEL_DIR")
+    st.add_argument("--url", default=os.environ.get("MODEL_PREDICT_URL"),
+                    help="the model's predict URL, e.g. http://NAME.NAMESPACE.svc.cluster.local/predict "
+                         "(env MODEL_PREDICT_URL); env MODELPLANE_STREAM_TOKEN, when set, is sent as its bearer token")
+    st.add_argument("--dataset", help="gs://… or a path (env DATASET_URI, or $K_EVENT_PATH/event)")
+    st.add_argument("--results", help="prefix for scores.csv and result.json (env RESULTS_URI)")
+    st.add_argument("--job", help="job id (env JOB_ID)")
+    st.add_argument("--work", default=None, help="work folder for the dataset copy and the scores "
+                                                  "(default: a temporary one, removed at the end)")
+    st.add_argument("--concurrency", type=int, default=None,
+                    help="chunks in flight (default: the manifest's scaling.max)")
     return p
 
 
@@ -165,6 +177,8 @@ def _run(args: argparse.Namespace) -> int:
     from . import batch
 
     batch.stop_on_sigterm()
+    if args.command == "stream":
+        return _stream(args, manifest)
     if manifest.kind != "batch":
         print(f"modelplane-adapter: {manifest.ref} is a {manifest.kind} model; `{args.command}` is for batch models",
               file=sys.stderr)
@@ -179,6 +193,32 @@ def _run(args: argparse.Namespace) -> int:
         result, code = batch.Job(manifest, None).fail(error), 1
     else:
         result, code = batch.run_batch(manifest, spec, work=Path(args.work) if args.work else None)
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+def _stream(args: argparse.Namespace, manifest: Manifest) -> int:
+    from . import batch, stream
+
+    if manifest.kind != "realtime":
+        print(f"modelplane-adapter: {manifest.ref} is a {manifest.kind} model; `stream` is for realtime models",
+              file=sys.stderr)
+        return 2
+    if not args.url:
+        print("modelplane-adapter: give --url (the model's predict URL) or set MODEL_PREDICT_URL", file=sys.stderr)
+        return 2
+    token = os.environ.pop("MODELPLANE_STREAM_TOKEN", None)
+    try:
+        spec = batch.resolve_job(manifest, dataset=args.dataset, results=args.results, job=args.job)
+        send = stream.http_sender(args.url, timeout=manifest.limits.timeout_seconds + 30,
+                                  headers={"Authorization": f"Bearer {token}"} if token else None)
+    except batch.BatchFailure as e:
+        result, code = batch.Job(manifest, None).fail(str(e)), 1
+    else:
+        result, code = stream.run_stream(manifest, spec, send, concurrency=args.concurrency,
+                                         work=Path(args.work) if args.work else None,
+                                         log_progress=bool(os.environ.get("K_EVENT_PATH")))  # a cluster Job
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return code

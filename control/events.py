@@ -330,8 +330,8 @@ class EventSink:
             detail = self.runtime.model(model)
         except NotFound:
             return ignore(f"no model named {model!r}")
-        if detail.kind != "batch":
-            return ignore(f"{model!r} is a {detail.kind} model; only batch models run on uploads")
+        if detail.kind not in ("batch", "realtime"):
+            return ignore(f"{model!r} is a {detail.kind} model; only batch and realtime models run on uploads")
         key = event_key(bucket, name, str(generation))
         info["key"] = key
         # The runtime dedupes durably; the lock keeps two deliveries of one event in this

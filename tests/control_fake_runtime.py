@@ -110,9 +110,7 @@ class FakeRuntime(Runtime):
 
     def submit_job(self, name: str, *, dataset: str, event_key: Optional[str] = None,
                    trigger: str = "api") -> tuple[Job, bool]:
-        detail = self.model(name)
-        if detail.kind != "batch":
-            raise Conflict(f"{name} is a realtime model")
+        detail = self.model(name)   # a realtime model's job streams its dataset through its replicas
         with self._lock:
             if event_key and event_key in self._keys:
                 return self._jobs[self._keys[event_key]], False

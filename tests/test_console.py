@@ -325,6 +325,23 @@ def test_dropped_dataset_runs_through_the_bucket_and_offers_results(console, pla
     assert [b for b in at.get("download_button") if "Download scores" in b.proto.label]
 
 
+def test_a_realtime_model_runs_on_a_dropped_file_from_the_jobs_page(console, plane):
+    """The Jobs page offers realtime models too: the file's job streams it through the replicas."""
+    at = open_page(console(), "views/jobs.py", batch=REALTIME)
+    assert REALTIME in at.selectbox(key="batch").options and BATCH in at.selectbox(key="batch").options
+    assert at.selectbox(key="batch").value == REALTIME
+    at.file_uploader(key=f"dataset-{REALTIME}").set_value(("console-rt.csv", sample(REALTIME), "text/csv"))
+    at.run()
+    at.button(key=f"upload-{REALTIME}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    job = _wait_for_job(at, f"incoming/{REALTIME}/console-rt.csv")
+    assert job["Status"] == "● succeeded", job.to_dict()
+    at.run()
+    results = frame_with(at, "propensity")
+    assert len(results) == len(pd.read_csv(io.BytesIO(sample(REALTIME))))
+
+
 def test_gs_uri_job_that_fails_shows_reason_and_log_tail(console, plane, gcs_client, gcs):
     blob = gcs_client.bucket(gcs.bucket).blob("datasets/console-broken.csv")
     blob.upload_from_string("not,the,right,columns\n1,2,3,4\n", content_type="text/csv")

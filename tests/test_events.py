@@ -134,7 +134,6 @@ def test_parse_reads_both_modes():
 
 @pytest.mark.parametrize("resource,event_type,reason", [
     (obj("incoming/nosuch/a.csv"), FINALIZED, "no model named 'nosuch'"),
-    (obj("incoming/echo-rt/a.csv"), FINALIZED, "'echo-rt' is a realtime model"),
     (obj("incoming/sum-batch/a.parquet"), FINALIZED, "is not a CSV file"),
     (obj("results/sum-batch/a.csv"), FINALIZED, "is not under incoming/"),
     (obj("incoming/a.csv"), FINALIZED, "is not at incoming/{model}/{file}.csv"),
@@ -154,6 +153,18 @@ def test_ignored_events_answer_200_with_the_reason(plane, resource, event_type, 
     assert logged[0]["action"] == "ignored" and reason in logged[0]["reason"]
     assert logged[0]["id"] == event.get_id()
     assert 'modelplane_events_total{action="ignored"} 1' in api.get(f"{server.url}/metrics").text
+
+
+def test_a_realtime_models_upload_starts_its_job_once(plane):
+    """A realtime model runs on a dataset too: its job streams the file through its replicas."""
+    server, runtime = plane
+    r = post_binary(server.url, obj("incoming/echo-rt/a.csv"))
+    assert r.status_code == 202 and r.json()["action"] == "started", r.text
+    assert [(j.model, j.dataset, j.trigger) for j in runtime.jobs()] == [
+        ("echo-rt", "gs://test-bucket/incoming/echo-rt/a.csv", "event")]
+    again = post_binary(server.url, obj("incoming/echo-rt/a.csv"))
+    assert again.status_code == 200 and again.json()["action"] == "duplicate"
+    assert len(runtime.jobs()) == 1
 
 
 def test_event_log_is_newest_first_and_filterable(plane):

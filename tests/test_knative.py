@@ -1414,6 +1414,61 @@ def test_render_needs_no_kubernetes_client():
     assert docs[0]["kind"] == "Service" and "&id" not in out.stdout
 
 
+def test_a_realtime_model_renders_a_stream_jobsink_and_its_own_trigger():
+    """A realtime model's dataset runs as a Job of one container, the adapter's `stream` command
+    against the model's Service inside the cluster; Knative's dispatcher gives it the event as it
+    gives a batch Job (cmd/jobsink/main.go: the Secret volume and K_EVENT_PATH in main containers)."""
+    from control.runtime import knative_objects as ko
+
+    m = example("donor-propensity")
+    sink, trig = ko.stream_objects(m, settings())
+    assert sink["kind"] == "JobSink" and sink["metadata"]["name"] == "donor-propensity-1-0-0"
+    job = sink["spec"]["job"]["spec"]
+    assert job["backoffLimit"] == 0 and job["activeDeadlineSeconds"] == ko.STREAM_DEADLINE_SECONDS
+    pod = job["template"]["spec"]
+    [adapter] = pod["containers"]   # no model container: the model's replicas score the rows
+    assert (adapter["name"], adapter["image"]) == ("adapter", "registry.test/adapter:0.1.0")
+    assert adapter["args"] == ["stream", "--url", f"http://donor-propensity.{NS}.svc.cluster.local/predict",
+                               "--work", "/work"]
+    env = {e["name"]: e.get("value") for e in adapter["env"]}
+    assert json.loads(env["MODELPLANE_MANIFEST"])["kind"] == "realtime"
+    assert env["RESULTS_URI"] == "gs://test-bucket/results/donor-propensity/$(JOB_ID)/"
+    assert pod["serviceAccountName"] == "modelplane-job" and pod["securityContext"]["runAsNonRoot"]
+    assert (trig["kind"], trig["metadata"]["name"]) == ("Trigger", "donor-propensity-stream")
+    assert trig["metadata"]["labels"]["modelplane.dev/kind"] == "realtime"
+    assert {"prefix": {"subject": "objects/incoming/donor-propensity/"}} in trig["spec"]["filters"]
+    assert trig["spec"]["subscriber"]["ref"]["name"] == sink["metadata"]["name"]
+    made = ko.job_for_event(sink, name="donor-propensity-1-0-0-abc", event_id="e1", source="s",
+                            dataset="gs://test-bucket/incoming/donor-propensity/a.csv", event_key=None,
+                            trigger_label="event")
+    [c] = made["spec"]["template"]["spec"]["containers"]
+    assert {"name": "K_EVENT_PATH", "value": "/etc/jobsink-event"} in c["env"]
+    docs = list(yaml.safe_load_all(ko.render_yaml(m, settings())))
+    assert [d["kind"] for d in docs] == ["Service", "JobSink", "Trigger"]
+
+
+@pytest.mark.skipif(BINARY is None, reason="no kube-apiserver binary (scripts/cluster-build.sh)")
+def test_a_realtime_models_stream_jobsink_is_deployed_run_and_removed(cluster, runtime):
+    admin = cluster.admin
+    m = bump(example("donor-propensity"), "1.0.0", name="stream-rt")
+    assert runtime.deploy(m).live
+    sink = admin.get(jobsink_path("stream-rt-1-0-0"))
+    assert sink["spec"]["job"]["spec"]["template"]["spec"]["containers"][0]["args"][0] == "stream"
+    trig = admin.get(trigger_path("stream-rt-stream"))
+    assert trig["spec"]["subscriber"]["ref"]["name"] == "stream-rt-1-0-0"
+    assert [(r.name, r.kind) for r in runtime.models() if r.name.startswith("stream-rt")] == [("stream-rt", "realtime")]
+    job, created = runtime.submit_job("stream-rt", dataset="gs://test-bucket/incoming/stream-rt/a.csv")
+    assert created and job.model == "stream-rt"
+    kjob = admin.get(f"/apis/batch/v1/namespaces/{NS}/jobs/{job.id}")
+    assert [c["args"][0] for c in kjob["spec"]["template"]["spec"]["containers"]] == ["stream"]
+    assert job.id in [j.id for j in runtime.jobs(model="stream-rt")]
+    admin.request("DELETE", f"/apis/batch/v1/namespaces/{NS}/jobs/{job.id}",
+                  {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+    runtime.remove("stream-rt")
+    with pytest.raises(kube.ApiError):
+        admin.get(trigger_path("stream-rt-stream"))
+
+
 def test_names_labels_and_tags_from_any_version():
     from control.runtime import knative_objects as ko
 

@@ -189,6 +189,19 @@ def test_body_flood_prints_its_figures_and_the_budget_turns_the_excess_away():
     assert all(finite(figures[k]) and figures[k] > 0 for k in ("rss_before_mib", "rss_peak_mib", "rss_after_mib"))
 
 
+def test_stream_bench_runs_a_realtime_model_as_a_job_beside_the_model_alone():
+    """`python -m loadtest.stream_bench`, small: both runs scored every row alike, each figure measured."""
+    out = subprocess.run([sys.executable, "-m", "loadtest.stream_bench", "--rows", "3000", "--timeout", "120"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["rows"] == 3000 and figures["same_scores"] is True
+    for key in ("plane_wall_s", "plane_rows_per_s", "model_alone_wall_s", "model_alone_rows_per_s",
+                "ratio_plane_over_alone", "plane_peak_rss_mib"):
+        assert finite(figures[key]) and figures[key] > 0, (key, figures)
+    assert figures["plane_max_replicas"] >= 1
+
+
 def test_cluster_scale_measures_the_list_with_and_without_the_watch_cache(tmp_path):
     """`python -m loadtest.cluster_scale`, small: a real API server with 60 Services; the list
     answered per request from the API server (before) and from the watch cache (after), with

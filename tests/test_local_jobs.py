@@ -170,3 +170,185 @@ def test_cancel_stops_a_running_job_and_a_queued_one_never_starts(rt, tmp_path, 
     assert rt.job(done.id).status == "succeeded"
     with pytest.raises(NotFound):
         rt.cancel_job("20990101-000000-abcdef", by="tester")
+
+
+# -- a realtime model run as a job: its dataset streamed through its replicas ------------------
+#
+# A real control service (front door, API, watcher, local runtime, real adapter replicas), the
+# GCS emulator, and the fixture model tests/fixtures/local/echo (score = x * factor; a row's
+# `delay` holds its request, `crash: true` kills the model process) with limits.max_rows 7, so a
+# dataset of a few dozen rows is many chunks, up to scaling.max (3) of them in flight.
+
+STREAM = "echo"
+CRASHER = "crasher"
+
+
+@pytest.fixture(scope="module")
+def stream_plane(gcs, tmp_path_factory):
+    import shutil
+
+    import yaml
+
+    from control_helpers import running, settings_for
+
+    tmp = tmp_path_factory.mktemp("streamjob")
+    settings = settings_for(tmp, start_timeout=30, job_concurrency=2)
+    dest = Path(shutil.copytree(Path(__file__).parent / "fixtures" / "local" / STREAM, settings.models_dir / STREAM))
+    data = yaml.safe_load((dest / "model.yaml").read_text())
+    data["limits"] = {"max_rows": 7}
+    (dest / "model.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (dest / "params.json").write_text(json.dumps({"factor": 3}))
+    # the crash test's own model, one replica: a crash never takes the other tests' model down
+    crasher = Path(shutil.copytree(dest, settings.models_dir / CRASHER))
+    data.update(name=CRASHER, scaling={"min": 0, "max": 1, "target_concurrency": 4, "idle_timeout": "60s"})
+    (crasher / "model.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    with running(settings, watch=True) as server:
+        yield server
+
+
+def echo_csv(xs, *, delay=None, crash_at=None, bad_at=None) -> str:
+    lines = ["x,delay,crash"]
+    for i, x in enumerate(xs, start=1):
+        cell = "abc" if i == bad_at else f"{x}"
+        lines.append(f"{cell},{'' if delay is None else delay},{'true' if i == crash_at else ''}")
+    return "\n".join(lines) + "\n"
+
+
+def stream_job(server, job_id: str) -> dict:
+    from control_helpers import api
+
+    r = api.get(f"{server.url}/api/jobs/{job_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def submit_stream(server, gcs_client, name: str, body: str, model: str = STREAM) -> str:
+    from control_helpers import api
+
+    gcs_client.bucket("test-bucket").blob(f"data/{name}").upload_from_string(body, content_type="text/csv")
+    r = api.post(f"{server.url}/api/models/{model}/jobs", json={"dataset": f"gs://test-bucket/data/{name}"})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def ended(server, job_id: str) -> dict:
+    from control_helpers import wait_until
+
+    return wait_until(lambda: (j := stream_job(server, job_id))["status"] in ("succeeded", "failed") and j, 120,
+                      interval=0.1, what=f"job {job_id}")
+
+
+def test_run_wait_on_a_realtime_model_streams_the_file_and_scores_match_predict(stream_plane, gcs_client, tmp_path,
+                                                                                capsys, monkeypatch):
+    from control.cli import main
+    from control_helpers import AUTH, TOKEN, api, token_file
+
+    for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    xs = [round(i * 0.37 - 5, 2) for i in range(60)]   # 60 rows: 9 chunks of at most 7
+    data = tmp_path / "people.csv"
+    data.write_text(echo_csv(xs))
+    code = main(["run", STREAM, str(data), "--wait", "--timeout", "120", "--url", stream_plane.url,
+                 "--token-file", token_file(TOKEN)])
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    assert "status       succeeded" in captured.out and "rows         60" in captured.out, captured.out
+    job_id = next(line.split()[1] for line in captured.out.splitlines() if line.startswith("job "))
+    job = stream_job(stream_plane, job_id)
+    assert (job["status"], job["rows"], job["rows_scored"], job["rows_total"]) == ("succeeded", 60, 60, 60)
+    assert job["trigger"] == "event" and job["version"] == "1.0.0"
+    bucket = gcs_client.bucket("test-bucket")
+    scores = bucket.blob(f"results/{STREAM}/{job_id}/scores.csv").download_as_text().splitlines()
+    # what the model answers for the same rows on /predict (7 at a time: its max_rows), in the same order
+    lines = data.read_text().splitlines()
+    predicted = []
+    for i in range(1, len(lines), 7):
+        answer = api.post(f"{stream_plane.url}/models/{STREAM}/predict", headers={**AUTH, "Content-Type": "text/csv"},
+                          data="\n".join([lines[0], *lines[i:i + 7]]) + "\n")
+        assert answer.status_code == 200, answer.text
+        predicted += answer.json()["scores"]
+    assert scores[0] == "y" and [float(s) for s in scores[1:]] == predicted
+    assert [float(s) for s in scores[1:]] == [x * 3 for x in xs]
+    result = json.loads(bucket.blob(f"results/{STREAM}/{job_id}/result.json").download_as_bytes())
+    assert result["status"] == "succeeded" and result["rows"] == 60 and result["job"] == job_id
+    assert result["results_uri"] == f"gs://test-bucket/results/{STREAM}/{job_id}/scores.csv"
+    assert result["input"]["md5"] and result["input"]["uri"].startswith(f"gs://test-bucket/incoming/{STREAM}/")
+    summary = result["score_summary"]
+    assert summary["count"] == 60 and summary["quantiles"]["min"] == min(xs) * 3
+    assert summary["quantiles"]["max"] == max(xs) * 3
+    assert job["score_summary"]["count"] == 60
+    listed = api.get(f"{stream_plane.url}/api/jobs", params={"model": STREAM}, headers=AUTH).json()
+    assert job_id in [j["id"] for j in listed]
+
+
+def test_a_dataset_dropped_into_the_bucket_starts_the_realtime_models_job_once(stream_plane, gcs_client):
+    from control_helpers import AUTH, api, wait_until
+
+    blob = gcs_client.bucket("test-bucket").blob(f"incoming/{STREAM}/dropped.csv")
+    blob.upload_from_string(echo_csv([1, 2, 3, 4, 5, 6, 7, 8]), content_type="text/csv")
+    uri = f"gs://test-bucket/incoming/{STREAM}/dropped.csv"
+
+    def started():
+        jobs = api.get(f"{stream_plane.url}/api/jobs", params={"model": STREAM}, headers=AUTH).json()
+        return [j for j in jobs if j["dataset"] == uri]
+
+    job = wait_until(started, 60, interval=0.1, what="the watcher's job for the dropped file")[0]
+    assert job["trigger"] == "event"
+    done = ended(stream_plane, job["id"])
+    assert done["status"] == "succeeded", done
+    scores = gcs_client.bucket("test-bucket").blob(f"results/{STREAM}/{job['id']}/scores.csv").download_as_text()
+    assert scores.split() == ["y", *[str(float(x * 3)) for x in range(1, 9)]]
+    # the watcher's later looks deliver the same event again: still one job
+    wait_until(lambda: api.get(f"{stream_plane.url}/api/events", params={"model": STREAM}, headers=AUTH).json(), 10,
+               what="the event log")
+    import time as _time
+
+    _time.sleep(1.0)   # several watcher polls (0.2 s apart)
+    assert len(started()) == 1
+
+
+def test_a_bad_row_fails_the_job_naming_its_row_in_the_whole_file_and_publishes_nothing(stream_plane, gcs_client):
+    job_id = submit_stream(stream_plane, gcs_client, "bad.csv", echo_csv(range(40), bad_at=23))
+    done = ended(stream_plane, job_id)
+    assert done["status"] == "failed", done
+    assert done["problems"] == [{"row": 23, "field": "x", "error": done["problems"][0]["error"]}], done["problems"]
+    assert "number" in done["problems"][0]["error"]
+    assert "23" in done["error"] or "x" in done["error"], done["error"]
+    bucket = gcs_client.bucket("test-bucket")
+    assert not bucket.blob(f"results/{STREAM}/{job_id}/scores.csv").exists()
+    result = json.loads(bucket.blob(f"results/{STREAM}/{job_id}/result.json").download_as_bytes())
+    assert result["status"] == "failed" and result["results_uri"] is None and result["problems"][0]["row"] == 23
+
+
+def test_a_model_crash_mid_job_fails_it_naming_the_rows(stream_plane, gcs_client):
+    job_id = submit_stream(stream_plane, gcs_client, "crash.csv", echo_csv(range(30), crash_at=17), CRASHER)
+    done = ended(stream_plane, job_id)
+    assert done["status"] == "failed", done
+    assert done["error"].startswith("the model could not score rows 15–21: HTTP 502"), done["error"]
+    assert done["results_uri"] is None and done["rows_scored"] == 14
+    assert not gcs_client.bucket("test-bucket").blob(f"results/{CRASHER}/{job_id}/scores.csv").exists()
+    # the model is restarted: the next job runs
+    again = ended(stream_plane, submit_stream(stream_plane, gcs_client, "after-crash.csv", echo_csv(range(10)),
+                                              CRASHER))
+    assert again["status"] == "succeeded", again
+
+
+def test_a_streamed_job_reports_progress_and_can_be_cancelled(stream_plane, gcs_client, capsys, monkeypatch):
+    from control.cli import main
+    from control_helpers import TOKEN, token_file, wait_until
+
+    # 70 rows of 0.3 s each, 7 rows a chunk, 3 chunks in flight: a few seconds at least
+    job_id = submit_stream(stream_plane, gcs_client, "slow.csv", echo_csv(range(70), delay=0.3))
+    seen = wait_until(lambda: (j := stream_job(stream_plane, job_id))["rows_scored"] and j, 60, interval=0.05,
+                      what="the job's progress")
+    assert seen["status"] == "running" and seen["rows_total"] == 70 and 0 < seen["rows_scored"] < 70, seen
+    later = wait_until(lambda: (j := stream_job(stream_plane, job_id))["eta_seconds"] is not None and j
+                       or j["status"] != "running" and j, 60, interval=0.05, what="an ETA")
+    assert later["status"] == "running" and later["eta_seconds"] > 0, later
+    for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["cancel", job_id, "--url", stream_plane.url, "--token-file", token_file(TOKEN)]) == 0
+    assert "is failed: cancelled by" in capsys.readouterr().out
+    done = stream_job(stream_plane, job_id)
+    assert done["status"] == "failed" and done["error"].startswith("cancelled by") and done["rows_scored"] < 70
+    assert not gcs_client.bucket("test-bucket").blob(f"results/{STREAM}/{job_id}/scores.csv").exists()

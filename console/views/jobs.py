@@ -201,12 +201,14 @@ def jobs_view(model: str) -> None:
 
 def page() -> None:
     st.title("Jobs")
-    batch = common.client().model_names(kind="batch",
-                                        include=st.session_state.get("batch") or st.query_params.get("batch"))
+    # a realtime model runs on a file too: the job streams it through the model's replicas
+    include = st.session_state.get("batch") or st.query_params.get("batch")
+    batch = sorted({*common.client().model_names(kind="batch", include=include),
+                    *common.client().model_names(kind="realtime", include=include)})
     if not batch:
-        st.info("No batch models are registered. A batch model's manifest says `kind: batch`.")
+        st.info("No models are registered yet.")
         return
-    model = st.selectbox("Batch model", batch, key="batch", bind="query-params")
+    model = st.selectbox("Model", batch, key="batch", bind="query-params")
     submit_panel(model, common.client().model(model) if common.me() else None)
     st.subheader("Jobs")
     st.fragment(run_every=REFRESH_SECONDS)(common.guarded(lambda: jobs_view(model)))()

@@ -25,7 +25,7 @@ def _results_location(uri: str) -> str:
 def routes(plane) -> Routes:
     r = Routes("jobs")
     settings, runtime, guard = plane.settings, plane.runtime, plane.guard
-    job_spec = s.RouteSpec("POST", "/api/models/<name>/jobs", "Run a batch model on a dataset in a bucket",
+    job_spec = s.RouteSpec("POST", "/api/models/<name>/jobs", "Run a model on a dataset in a bucket (a realtime one streams it through its replicas)",
                            [s.Answer(202, s.JobAnswer)], body=s.JobRequest, errors=(404, 409, 422, 503),
                            tag="jobs", role="runner", audit="job.run", owned=True)
     allowed_buckets = {settings.bucket_name} | {b.strip() for b in settings.dataset_buckets.split(",") if b.strip()}
@@ -50,9 +50,7 @@ def routes(plane) -> Routes:
     @r(dataset_spec)
     def upload_dataset(name: str):
         filename = query(dataset_spec).filename
-        detail = runtime.model(name)
-        if detail.kind != "batch":
-            raise Conflict(f"{name!r} is a {detail.kind} model; only batch models take datasets")
+        runtime.model(name)   # a batch model runs on it; a realtime one streams it through its replicas
         object_name = f"incoming/{name}/{filename}"
         bucket = settings.bucket_name
         with tempfile.TemporaryFile() as spool:

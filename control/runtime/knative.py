@@ -360,7 +360,11 @@ class KnativeRuntime(Runtime):
             if self._get_or_none("triggers", manifest.name) is not None:
                 raise Conflict(f"{manifest.name} is deployed as a batch model; remove it before "
                                "deploying it as realtime")
-            return self._deploy_realtime(manifest, objects[0], make_live=make_live)
+            info = self._deploy_realtime(manifest, objects[0], make_live=make_live)
+            # a dataset for it runs as a job streamed through its Service (adapters/stream.py)
+            sink, trig = ko.stream_objects(manifest, self.settings)
+            self._deploy_batch(manifest, sink, trig, make_live=info.live)
+            return info
         if self._get_or_none("services", manifest.name) is not None:
             raise Conflict(f"{manifest.name} is deployed as a realtime model; remove it before "
                            "deploying it as batch")
@@ -511,7 +515,10 @@ class KnativeRuntime(Runtime):
         return out
 
     def _deploy_batch(self, manifest: Manifest, sink: dict, trig: dict, *, make_live: bool) -> VersionInfo:
-        name, version = manifest.name, manifest.version
+        """A batch version's JobSink and the model's Trigger (for a realtime version: its stream
+        JobSink and `{model}-stream` Trigger)."""
+        version = manifest.version
+        name = trig["metadata"]["name"]
         sink_name = sink["metadata"]["name"]
         existing_sink = self._get_or_none("jobsinks", sink_name)
         new_sink = False
@@ -534,6 +541,9 @@ class KnativeRuntime(Runtime):
                 except Conflict:
                     raise _Stale(name) from None
                 return True
+            if _trigger_model(existing_trigger) != manifest.name:
+                raise Conflict(f"the Trigger {name} belongs to the model {_trigger_model(existing_trigger)}; "
+                               f"give {manifest.name} another name", details={"model": manifest.name})
             if _trigger_sink(existing_trigger) == sink_name:
                 return True
             if make_live and new_sink:
@@ -719,6 +729,7 @@ class KnativeRuntime(Runtime):
     def remove(self, name: str) -> None:
         removed = self._delete("services", name)
         removed = self._delete("triggers", name) or removed
+        self._delete("triggers", ko.stream_trigger_name(name))
         for sink in self._list("jobsinks", f"{ko.LABEL_MODEL}={name}"):
             removed = self._delete("jobsinks", sink["metadata"]["name"]) or removed
         self._endpoints.pop(name, None)
@@ -732,7 +743,7 @@ class KnativeRuntime(Runtime):
         if cache is not None:   # from the watch cache: no request at all
             return self._models_from(cache)
         services = [_lean_service(s) for s in self._list("services", MANAGED)]
-        triggers = self._list("triggers", MANAGED)
+        triggers = [t for t in self._list("triggers", MANAGED) if not _streams(t)]
         sinks = [_lean_sink(s) for s in self._list("jobsinks", MANAGED)] if triggers else []
         pods = self._list("pods", f"{ko.LABEL_MODEL},serving.knative.dev/revision") if services else []
         jobs = self._list("jobs", f"{ko.JOBSINK_NAME_LABEL},{ko.LABEL_MODEL}") if triggers else []
@@ -762,6 +773,8 @@ class KnativeRuntime(Runtime):
             reordered = touched is None
             for name in names:
                 svc, trig = cache["services"].get(name), cache["triggers"].get(name)
+                if trig is not None and _streams(trig):
+                    trig = None   # a realtime model's `{model}-stream` Trigger: no model of its own
                 existed = name in rows
                 if svc is not None:
                     rows[name] = self._realtime_detail(svc, cache["pods"].by_index(name), brief=True)
@@ -977,9 +990,12 @@ class KnativeRuntime(Runtime):
         bucket, obj = dataset[5:].split("/", 1)
         trig = self._get_or_none("triggers", name)
         if trig is None:
-            if self._get_or_none("services", name) is not None:
-                raise BadRequest(f"{name} is a realtime model: send rows to /models/{name}/predict")
-            raise NotFound(f"no model named {name}")
+            if self._get_or_none("services", name) is None:
+                raise NotFound(f"no model named {name}")
+            trig = self._get_or_none("triggers", ko.stream_trigger_name(name))
+            if trig is None:
+                raise Conflict(f"{name} was deployed before realtime models took datasets: deploy it again "
+                               "to give it its stream JobSink", details={"model": name})
         if version is None:
             sink = self._get("jobsinks", _trigger_sink(trig))
         else:
@@ -1025,7 +1041,7 @@ class KnativeRuntime(Runtime):
         create is named from the live JobSink and the event's source and id — the id the bridge
         (`modelplane watch`) gives, `{object}#{generation}` (control/events.py). Eventarc gives
         ids of its own: then the job is found with `modelplane jobs`."""
-        trig = self._get_or_none("triggers", name)
+        trig = self._get_or_none("triggers", name) or self._get_or_none("triggers", ko.stream_trigger_name(name))
         if trig is None:
             return None
         return ko.job_name(_trigger_sink(trig), ko.bucket_source(bucket), ce_event_id(obj, generation))
@@ -1044,7 +1060,7 @@ class KnativeRuntime(Runtime):
         items = sorted(items, key=lambda j: j["metadata"].get("creationTimestamp", ""), reverse=True)
         out = [self._to_job(j) for j in items[:limit]]
         in_cluster = {j["metadata"]["name"] for j in items}
-        models = [model] if model else [t["metadata"]["name"] for t in triggers or []]
+        models = [model] if model else [_trigger_model(t) for t in triggers or []]
         # a job whose files were written before the oldest Job listed here cannot be newer than it
         since = out[-1].created_at[:19] if len(items) >= limit and out else ""
         try:
@@ -1200,7 +1216,7 @@ class KnativeRuntime(Runtime):
         """A job whose Job is gone, found in the folder of the batch model it belongs to (the Job's
         name starts with its JobSink's, `{model}-{version}`: those models are tried first)."""
         if models is None:
-            names = [t["metadata"]["name"] for t in self._list("triggers", MANAGED)]
+            names = [_trigger_model(t) for t in self._list("triggers", MANAGED)]
             models = sorted(names, key=lambda m: (not job_id.startswith(m + "-"), -len(m)))
         for model in models:
             entry = self._bucket_entries(model, job_id).get(job_id)
@@ -1463,6 +1479,16 @@ def _lean_service(obj: dict) -> dict:
                       if k in status}}
     out[_BRIEF] = _live_summary(obj, _brief_state(obj).live)
     return out
+
+
+def _streams(trig: dict) -> bool:
+    """A realtime model's `{model}-stream` Trigger (knative_objects.stream_objects)."""
+    return ((trig.get("metadata") or {}).get("labels") or {}).get(ko.LABEL_KIND) == "realtime"
+
+
+def _trigger_model(trig: dict) -> str:
+    meta = trig.get("metadata") or {}
+    return (meta.get("labels") or {}).get(ko.LABEL_MODEL) or meta.get("name", "")
 
 
 def _lean_trigger(obj: dict) -> dict:

@@ -215,8 +215,12 @@ def _refused(manifest: Manifest, problems: list, settings) -> Invalid:
 
 
 def render_yaml(manifest: Manifest, settings) -> str:
-    """`render_objects` as a multi-document YAML stream, ready for `kubectl apply -f -`."""
-    return yaml.dump_all(render_objects(manifest, settings), Dumper=_PlainDumper, sort_keys=False,
+    """`render_objects` (and a realtime model's `stream_objects`) as a multi-document YAML stream,
+    ready for `kubectl apply -f -`."""
+    objects = render_objects(manifest, settings)
+    if manifest.kind == "realtime":  # and what runs it as a job on a dataset dropped for it
+        objects += stream_objects(manifest, settings)
+    return yaml.dump_all(objects, Dumper=_PlainDumper, sort_keys=False,
                          default_flow_style=False, width=120)
 
 
@@ -385,23 +389,7 @@ def job_sink(manifest: Manifest, settings) -> dict:
     """One version's JobSink. Its Job runs two main containers over a shared emptyDir (the
     hand-over is in adapters/batch.py): Knative's dispatcher gives the event file to main
     containers only, and the model image needs no Python."""
-    name = object_name(manifest)
-    mjson = manifest_json(manifest)
-    meta_labels = labels(manifest)
-    adapter_env = [
-        {"name": "MODELPLANE_MANIFEST", "value": mjson},
-        {"name": "MODELPLANE_BUCKET", "value": settings.bucket_name},
-        # The Job controller labels each pod with its Job's name: that is the job id.
-        {"name": "JOB_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}}},
-        # Results go to the plane's bucket, whichever bucket the dataset came from.
-        {"name": "RESULTS_URI", "value": results_prefix(settings, manifest.name, "$(JOB_ID)")},
-    ]
-    if settings.storage_emulator_host:  # a GCS emulator instead of GCS (tests, kind clusters)
-        adapter_env.append({"name": "STORAGE_EMULATOR_HOST", "value": settings.storage_emulator_host})
-        # an emulator that answers only its key (modelplane's, control/emulator_guard.py) is read
-        # with the key in this Secret, when there is one; the model itself never gets it
-        adapter_env.append({"name": "MODELPLANE_STORAGE_KEY", "valueFrom": {"secretKeyRef": {
-            "name": STORAGE_KEY_SECRET, "key": "key", "optional": True}}})
+    adapter_env = _job_adapter_env(manifest, settings, manifest_json(manifest))
     mounts = [{"name": WORK_VOLUME, "mountPath": WORK_DIR}, {"name": TMP_VOLUME, "mountPath": "/tmp"}]
     score = score_step(manifest, WORK_DIR)
     pod_spec = {
@@ -432,6 +420,32 @@ def job_sink(manifest: Manifest, settings) -> dict:
         "volumes": [{"name": WORK_VOLUME, "emptyDir": {}}, {"name": TMP_VOLUME, "emptyDir": {}}],
         **_pull_secrets(settings),
     }
+    # the model enforces batch.timeout itself; this bounds the fetch and the publish too
+    return _job_sink_object(manifest, settings, pod_spec, int(math.ceil(manifest.batch.timeout_seconds)) + 300)
+
+
+def _job_adapter_env(manifest: Manifest, settings, mjson: str) -> list[dict]:
+    adapter_env = [
+        {"name": "MODELPLANE_MANIFEST", "value": mjson},
+        {"name": "MODELPLANE_BUCKET", "value": settings.bucket_name},
+        # The Job controller labels each pod with its Job's name: that is the job id.
+        {"name": "JOB_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}}},
+        # Results go to the plane's bucket, whichever bucket the dataset came from.
+        {"name": "RESULTS_URI", "value": results_prefix(settings, manifest.name, "$(JOB_ID)")},
+    ]
+    if settings.storage_emulator_host:  # a GCS emulator instead of GCS (tests, kind clusters)
+        adapter_env.append({"name": "STORAGE_EMULATOR_HOST", "value": settings.storage_emulator_host})
+        # an emulator that answers only its key (modelplane's, control/emulator_guard.py) is read
+        # with the key in this Secret, when there is one; the model itself never gets it
+        adapter_env.append({"name": "MODELPLANE_STORAGE_KEY", "valueFrom": {"secretKeyRef": {
+            "name": STORAGE_KEY_SECRET, "key": "key", "optional": True}}})
+    return adapter_env
+
+
+def _job_sink_object(manifest: Manifest, settings, pod_spec: dict, deadline_seconds: int) -> dict:
+    name = object_name(manifest)
+    mjson = manifest_json(manifest)
+    meta_labels = labels(manifest)
     return {
         "apiVersion": JOBSINK_API,
         "kind": "JobSink",
@@ -448,14 +462,71 @@ def job_sink(manifest: Manifest, settings) -> dict:
                 "metadata": {"labels": meta_labels, "annotations": {ANN_VERSION: manifest.version}},
                 "spec": {
                     "backoffLimit": 0,  # a failed model run is reported, not retried
-                    # the model enforces batch.timeout itself; this bounds the fetch and the publish too
-                    "activeDeadlineSeconds": int(math.ceil(manifest.batch.timeout_seconds)) + 300,
+                    "activeDeadlineSeconds": deadline_seconds,
                     "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
                     "template": {"metadata": {"labels": meta_labels}, "spec": pod_spec},
                 },
             },
         },
     }
+
+
+STREAM_SUFFIX = "-stream"   # a realtime model's Trigger: `{model}-stream` (a batch model's is `{model}`)
+STREAM_DEADLINE_SECONDS = 24 * 3600   # a streamed job's Job: whatever the dataset, it ends within a day
+
+
+def stream_trigger_name(model: str) -> str:
+    return model + STREAM_SUFFIX
+
+
+def predict_url(manifest: Manifest, settings) -> str:
+    """The model's Knative Service inside the cluster (its cluster-local address, which Knative's
+    ingress routes to the live revisions whatever the Service's visibility)."""
+    return f"http://{manifest.name}.{settings.namespace}.svc.cluster.local/predict"
+
+
+def stream_job_sink(manifest: Manifest, settings) -> dict:
+    """A realtime version's JobSink: its Job runs one container, the adapter's `stream` command
+    (adapters/stream.py), which reads the dataset named by the JobSink's event and sends it in
+    chunks of limits.max_rows to the model's Service — the same replicas as live traffic, scaled
+    by Knative as for it. What the Job gets from Knative's JobSink dispatcher is the batch
+    Job's (knative/eventing cmd/jobsink/main.go `ServeHTTP`): the event as a Secret volume in the
+    main containers with K_EVENT_PATH, K_EXECUTION_MODE from the JobSink's defaults; the adapter
+    reads $K_EVENT_PATH/event (adapters/batch.py `resolve_job`)."""
+    mounts = [{"name": WORK_VOLUME, "mountPath": WORK_DIR}, {"name": TMP_VOLUME, "mountPath": "/tmp"}]
+    pod_spec = {
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.job_service_account,
+        "securityContext": POD_SECURITY,
+        "containers": [{
+            "name": "adapter",
+            "image": settings.adapter_image_ref,
+            "args": ["stream", "--url", predict_url(manifest, settings), "--work", WORK_DIR],
+            "env": _job_adapter_env(manifest, settings, manifest_json(manifest)),
+            "volumeMounts": mounts,
+            "resources": ADAPTER_RESOURCES,
+            "securityContext": CONTAINER_SECURITY,
+        }],
+        "volumes": [{"name": WORK_VOLUME, "emptyDir": {}}, {"name": TMP_VOLUME, "emptyDir": {}}],
+        **_pull_secrets(settings),
+    }
+    return _job_sink_object(manifest, settings, pod_spec, STREAM_DEADLINE_SECONDS)
+
+
+def stream_objects(manifest: Manifest, settings) -> list[dict]:
+    """A realtime version's JobSink and the model's `{model}-stream` Trigger (its incoming/ prefix):
+    a dataset dropped for a realtime model runs as a job streamed through its replicas."""
+    manifest = revalidate(manifest)
+    sink = stream_job_sink(manifest, settings)
+    trig = trigger(manifest, settings, job_sink_name=sink["metadata"]["name"])
+    trig["metadata"]["name"] = stream_trigger_name(manifest.name)
+    objects = [sink, trig]
+    _check_job_sink_name(manifest, sink["metadata"]["name"])
+    config = rules.ClusterConfig(max_revision_timeout_seconds=settings.max_revision_timeout)
+    problems = [(obj, p) for obj in objects for p in rules.problems(obj, config)]
+    if problems:
+        raise _refused(manifest, problems, settings)
+    return json.loads(json.dumps(objects))
 
 
 def trigger(manifest: Manifest, settings, *, job_sink_name: str) -> dict:

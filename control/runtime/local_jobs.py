@@ -1,4 +1,8 @@
-"""Batch jobs of the local runtime: durable records, a bounded worker pool, `python -m adapters batch`.
+"""Jobs of the local runtime: durable records, a bounded worker pool, `python -m adapters batch`.
+
+A realtime model's job (its dataset streamed through its replicas, adapters/stream.py) takes the
+same queue, records, progress and cancel; it runs in the worker thread itself (`_run_inline`),
+its chunks sent through the runtime's own forwarding (local.py `_stream_call`).
 
 Each job is one JSON file `state_dir/jobs/{id}.json`, rewritten atomically on every state
 change; the adapter's stdout and stderr go to `state_dir/logs/jobs/{id}.{out,err}`.
@@ -205,6 +209,7 @@ class JobRunner:
         self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._procs: dict[str, subprocess.Popen] = {}
+        self._stops: dict[str, threading.Event] = {}   # jobs run in a worker thread (`_run_inline`)
         self._cancelled: dict[str, str] = {}
         self._running: dict[str, int] = {}
         self._closing = threading.Event()
@@ -246,6 +251,11 @@ class JobRunner:
         job = self.store.get(job_id)
         with self._lock:
             proc = self._procs.get(job_id)
+            stop = self._stops.get(job_id)
+            if stop is not None:
+                self._cancelled[job_id] = reason
+                stop.set()
+                return
             if proc is None and job.status == "queued":
                 # `_run` reads the status under this lock before it launches anything: never started
                 self.store.update(job, status="failed", error=reason, finished_at=utcnow())
@@ -268,7 +278,7 @@ class JobRunner:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             with self._lock:
-                gone = job_id not in self._procs
+                gone = job_id not in self._procs and job_id not in self._stops
             if gone and job.status not in ("queued", "running"):
                 break
             time.sleep(0.02)
@@ -283,6 +293,9 @@ class JobRunner:
             procs = list(self._procs.items())
             for job_id, _ in procs:
                 self._cancelled.setdefault(job_id, INTERRUPTED)
+            for job_id, stop in self._stops.items():
+                self._cancelled.setdefault(job_id, INTERRUPTED)
+                stop.set()
         for _, proc in procs:
             stop_process(proc)
         self.spare.close()
@@ -328,6 +341,9 @@ class JobRunner:
 
     def _run(self, job: Job) -> None:
         argv, timeout = self._command(job)
+        if callable(argv):
+            self._run_inline(job, argv)
+            return
         out_path, err_path = self.logs / f"{job.id}.out", self.logs / f"{job.id}.err"
         with self._lock:
             if job.status != "queued" or self._closing.is_set():
@@ -345,15 +361,56 @@ class JobRunner:
             timed_out = wait_exit(proc, timeout + TIMEOUT_GRACE) is None
         finally:
             stop_process(proc)    # also reaps anything the model left behind in the group
-            progress = read_progress(self._work_of(job) / PROGRESS_FILE) if self._work_of is not None else None
-            if self._work_of is not None:  # the dataset copy and any partial scores
-                shutil.rmtree(self._work_of(job), ignore_errors=True)
+            progress = self._take_progress(job)
             with self._lock:
                 self._procs.pop(job.id, None)
                 self._running[job.model] -= 1
                 cancelled = self._cancelled.pop(job.id, None)
         result = _last_json_line(out_path)
-        stderr_tail = tail(err_path)
+        self._finish(job, result, returncode=proc.returncode, stderr_tail=tail(err_path), progress=progress,
+                     cancelled=cancelled, timed_out=timed_out, timeout=timeout)
+
+    def _run_inline(self, job: Job, call: Callable[[Optional[Path], threading.Event], tuple[dict, int]]) -> None:
+        """A job run in this worker thread (a realtime model's streamed job: local.py `_stream_call`),
+        stopped by its event; recorded exactly as an adapter process's job."""
+        stop = threading.Event()
+        with self._lock:
+            if job.status != "queued" or self._closing.is_set():
+                return
+            self._stops[job.id] = stop
+            self._running[job.model] = self._running.get(job.model, 0) + 1
+        self.store.update(job, status="running", started_at=utcnow())
+        log.info("job %s: streaming %s through %s", job.id, job.dataset, job.model)
+        result: Optional[dict] = None
+        code, error_tail = 1, ""
+        try:
+            result, code = call(self._work_of(job) if self._work_of is not None else None, stop)
+        except Exception as e:  # noqa: BLE001 - recorded as the job's failure
+            log.exception("job %s: stream error", job.id)
+            error_tail = f"{type(e).__name__}: {e}"
+        finally:
+            progress = self._take_progress(job)
+            with self._lock:
+                self._stops.pop(job.id, None)
+                self._running[job.model] -= 1
+                cancelled = self._cancelled.pop(job.id, None)
+        if result is not None:  # as an adapter process prints it: plain JSON values only
+            text = json.dumps(result)
+            result = json.loads(text)
+            (self.logs / f"{job.id}.out").write_text(text + "\n", encoding="utf-8")
+        self._finish(job, result, returncode=code, stderr_tail=error_tail, progress=progress, cancelled=cancelled,
+                     timed_out=False, timeout=0.0)
+
+    def _take_progress(self, job: Job) -> Optional[dict]:
+        """The job's last progress document; its work folder (the dataset copy, partial scores) removed."""
+        if self._work_of is None:
+            return None
+        progress = read_progress(self._work_of(job) / PROGRESS_FILE)
+        shutil.rmtree(self._work_of(job), ignore_errors=True)
+        return progress
+
+    def _finish(self, job: Job, result: Optional[dict], *, returncode: Optional[int], stderr_tail: str,
+                progress: Optional[dict], cancelled: Optional[str], timed_out: bool, timeout: float) -> None:
         changes: dict = {"finished_at": utcnow(), "eta_seconds": None}
         if progress is not None:  # what it reached, kept
             done = Job(id=job.id, model=job.model, version=job.version, status="finished", dataset="", created_at="")
@@ -370,7 +427,7 @@ class JobRunner:
                 changes["invalid_values"] = result.get("invalid_values")
             if isinstance(result.get("score_summary"), dict) and result.get("status") != "failed":
                 changes["score_summary"] = result["score_summary"]
-        succeeded = (not timed_out and proc.returncode == 0 and bool(result)
+        succeeded = (not timed_out and returncode == 0 and bool(result)
                      and result.get("status", "succeeded") != "failed")
         if cancelled and not succeeded:  # (a job that published its scores before the stop stays succeeded)
             changes.update(status="failed", error=cancelled, log_tail=stderr_tail, results_uri=None,
@@ -384,7 +441,7 @@ class JobRunner:
                            log_tail=(result.get("log_tail") or stderr_tail)[-TAIL_CHARS:])
         else:
             error = (result or {}).get("error") or (
-                f"the batch adapter exited with status {proc.returncode}"
+                f"the batch adapter exited with status {returncode}"
                 + ("" if result else " without printing a result"))
             changes.update(status="failed", error=error,
                            log_tail=((result or {}).get("log_tail") or stderr_tail)[-TAIL_CHARS:])
