@@ -367,3 +367,117 @@ def test_each_version_is_watched_with_its_own_manifest_settings_live_or_not(tmp_
     monitor.drain()
     report = monitor.report("m", batch=False)["versions"]
     assert {v: report[v]["threshold"] for v in report} == thresholds
+
+
+# -- input drift, per feature; a reference's stated minimum ------------------------------------------
+
+FEAT_RT, FEAT_BATCH = "drift-feat-rt", "drift-feat-batch"
+
+
+def feature_rows(n: int, *, seed: int, y_shift: float = 0.0, south: float = 0.3) -> list[dict]:
+    """Rows of four features; only x moves the score. `y_shift` moves y, `south` the share of
+    region "south" (the rest "north"); member is true for about half."""
+    r = random.Random(seed)
+    return [{"x": r.gauss(0, 1), "y": r.gauss(y_shift, 1), "region": "south" if r.random() < south else "north",
+             "member": r.random() < 0.5} for _ in range(n)]
+
+
+@pytest.fixture
+def feat_plane(tmp_path, gcs):
+    settings = settings_for(tmp_path, start_timeout=30)
+    for name in (FEAT_RT, FEAT_BATCH, BATCH):
+        copy_model(name, settings.models_dir)
+    with running(settings) as server:
+        yield server
+
+
+def test_realtime_a_single_shifted_feature_is_named_json_and_csv_through_the_front_door(feat_plane):
+    server = feat_plane
+    url = f"{server.url}/models/{FEAT_RT}/predict"
+    r = api.post(url, json={"rows": feature_rows(N, seed=1)}, timeout=60)   # the reference's rows
+    assert r.status_code == 200, r.text
+    r = api.post(url, json={"rows": feature_rows(N, seed=2)}, timeout=60)   # the same population
+    assert r.status_code == 200, r.text
+    v = version(server, FEAT_RT)
+    assert set(v["inputs"]["features"]) == {"x", "y", "region", "member"}
+    assert v["inputs"]["drifted"] == [] and v["drifted"] is False
+    calm = {f: d["psi"] for f, d in v["inputs"]["features"].items()}
+    assert all(p is not None and p < 0.25 for p in calm.values()), calm
+
+    # y alone moves, sent as CSV: the scores (logistic(x)) do not, and y is the one feature named
+    shifted = feature_rows(N, seed=3, y_shift=2.0)
+    body = "x,y,region,member\n" + "\n".join(
+        f"{row['x']},{row['y']},{row['region']},{str(row['member']).lower()}" for row in shifted) + "\n"
+    r = api.post(url, data=body, headers={"Content-Type": "text/csv"}, timeout=60)
+    assert r.status_code == 200, r.text
+    v = version(server, FEAT_RT)
+    assert v["inputs"]["drifted"] == ["y"], v["inputs"]
+    y = v["inputs"]["features"]["y"]
+    assert y["type"] == "number" and y["psi"] > 0.25 and y["drifted"] is True
+    assert len(y["bins"]["reference"]) == len(y["bins"]["edges"]) + 1
+    assert v["drifted"] is False   # the scores' drift is the scores' alone
+    assert v["inputs"]["features"]["member"]["type"] == "category"
+    assert set(v["inputs"]["features"]["member"]["recent"]["shares"]) == {"true", "false"}
+    text = api.get(f"{server.url}/metrics").text
+    assert f'modelplane_model_feature_drifted{{model="{FEAT_RT}",version="1.0.0",feature="y"}} 1' in text
+    assert f'modelplane_model_feature_drifted{{model="{FEAT_RT}",version="1.0.0",feature="x"}} 0' in text
+    assert f'modelplane_model_feature_psi{{model="{FEAT_RT}",version="1.0.0",feature="y"}} ' in text
+
+
+def _feat_job(server, gcs_client, name: str, rows: list[dict]) -> dict:
+    gcs_client.bucket("test-bucket").blob(f"data/{name}").upload_from_string(
+        "x,y,region,member\n" + "\n".join(f"{r['x']!r},{r['y']!r},{r['region']},{str(r['member']).lower()}"
+                                          for r in rows) + "\n", content_type="text/csv")
+    got = api.post(f"{server.url}/api/models/{FEAT_BATCH}/jobs", json={"dataset": f"gs://test-bucket/data/{name}"})
+    assert got.status_code == 202, got.text
+    job_id = got.json()["id"]
+    job = wait_until(lambda: (j := api.get(f"{server.url}/api/jobs/{job_id}").json())["status"]
+                     in ("succeeded", "failed") and j, 60, what=f"job {job_id}")
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def test_batch_a_single_shifted_category_is_named_from_real_jobs(feat_plane, gcs_client):
+    server = feat_plane
+    base = _feat_job(server, gcs_client, "base.csv", feature_rows(600, seed=1))
+    inputs = base["score_summary"]["inputs"]
+    assert inputs["rows"] == 600 and inputs["sampled"] == 600
+    assert inputs["features"]["region"]["type"] == "category"
+    assert set(inputs["features"]["region"]["shares"]) == {"north", "south"}
+    assert len(inputs["features"]["y"]["percentiles"]) == 101
+
+    _feat_job(server, gcs_client, "same.csv", feature_rows(600, seed=2))
+    v = version(server, FEAT_BATCH)
+    assert v["reference"]["complete"] and v["inputs"]["drifted"] == [], v["inputs"]
+
+    _feat_job(server, gcs_client, "south.csv", feature_rows(600, seed=3, south=0.8))
+    v = version(server, FEAT_BATCH)
+    assert v["inputs"]["drifted"] == ["region"], v["inputs"]
+    region = v["inputs"]["features"]["region"]
+    assert region["psi"] > 0.25 and region["recent"]["shares"]["south"] > 0.7
+    assert region["reference"]["shares"]["south"] < 0.4
+    assert v["drifted"] is False
+    text = api.get(f"{server.url}/metrics").text
+    assert f'modelplane_model_feature_drifted{{model="{FEAT_BATCH}",version="1.0.0",feature="region"}} 1' in text
+
+
+def test_a_small_first_job_does_not_become_the_reference_and_the_api_says_what_is_needed(feat_plane, gcs_client):
+    server = feat_plane
+    r = random.Random(5)
+    small = _job(server, gcs_client, "small.csv", [r.gauss(0, 1) for _ in range(20)])
+    v = version(server, BATCH)
+    ref = v["reference"]
+    assert (ref["count"], ref["needed"], ref["missing"], ref["complete"]) == (20, 500, 480, False)
+    assert ref["source"] == f"job {small['id']}" and ref["jobs"] == [small["id"]]
+    assert "20 of 500 scores" in v["drift"]["reason"] and v["drift"]["psi"] is None
+
+    big = _job(server, gcs_client, "big.csv", [r.gauss(0, 1) for _ in range(600)])
+    v = version(server, BATCH)
+    ref = v["reference"]
+    assert (ref["count"], ref["missing"], ref["complete"]) == (620, 0, True)
+    assert ref["jobs"] == [small["id"], big["id"]] and ref["source"] == f"jobs {small['id']}, {big['id']}"
+    assert v["drift"]["psi"] is not None and v["drift"]["psi"] < 0.25 and v["drifted"] is False
+
+    later = _job(server, gcs_client, "later.csv", [r.gauss(0, 1) for _ in range(20)])   # complete: stays
+    v = version(server, BATCH)
+    assert v["reference"]["count"] == 620 and later["id"] not in v["reference"]["jobs"]
