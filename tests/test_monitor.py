@@ -481,3 +481,32 @@ def test_a_small_first_job_does_not_become_the_reference_and_the_api_says_what_i
     later = _job(server, gcs_client, "later.csv", [r.gauss(0, 1) for _ in range(20)])   # complete: stays
     v = version(server, BATCH)
     assert v["reference"]["count"] == 620 and later["id"] not in v["reference"]["jobs"]
+
+
+def test_console_names_the_drifted_feature_with_a_table_and_a_chart_each(feat_plane, monkeypatch, tmp_path):
+    pytest.importorskip("streamlit")
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    server = feat_plane
+    url = f"{server.url}/models/{FEAT_RT}/predict"
+    for batch in (feature_rows(N, seed=1), feature_rows(N, seed=3, y_shift=2.0)):
+        assert api.post(url, json={"rows": batch}, timeout=60).status_code == 200
+    monkeypatch.setenv("MODELPLANE_URL", server.url)
+    monkeypatch.setenv("MODELPLANE_TOKEN", AUTH["Authorization"].split()[-1])
+    monkeypatch.setenv("MODELPLANE_STATE_DIR", str(tmp_path / "no-state"))
+    config.set_option("server.address", "127.0.0.1")
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "console" / "app.py"), default_timeout=90)
+    at.run()
+    at.switch_page("views/model.py")
+    at.query_params.update({"model": FEAT_RT})
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    warnings = [w.value for w in at.warning]
+    assert any("inputs have drifted" in w and "y (PSI" in w for w in warnings), warnings
+    assert not any("inputs have drifted" in w and ("x (PSI" in w or "region" in w) for w in warnings), warnings
+    table = next(d.value for d in at.dataframe if "feature" in d.value.columns)
+    assert list(table["feature"])[0] == "y" and list(table["drifted"]) == ["yes", "no", "no", "no"]
+    titles = [c.proto.spec for c in at.get("vega_lite_chart")]
+    assert sum(": reference vs recent" in t and "score" not in t.split("reference vs recent")[1][:10]
+               for t in titles) >= 4, "a chart per feature"
