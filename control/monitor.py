@@ -85,6 +85,9 @@ SEEN_KEPT = 1000
 #: a predict request's body is kept (for its rows' input drift) only up to this size; larger ones
 #: are scored and their scores observed, their rows left out (and counted in `inputs_skipped`)
 MAX_REQUEST_BYTES = 1 << 20
+#: rows kept for input drift: a realtime reference's first rows, and each replica's window of rows
+#: (the last min(monitoring.window, this)); a complete reference keeps only their summary
+INPUT_ROWS_MAX = 5000
 #: `monitoring:` defaults (adapters.manifest.Monitoring), for a version whose manifest is not known yet
 DEFAULTS = {"reference_size": 1000, "window": 1000, "drift_threshold": 0.25}
 
@@ -201,11 +204,11 @@ class _Version:
         # input drift: per feature, beside the scores'
         self.kinds: dict[str, str] = {}             # feature -> "number" | "category" (adapters/inputs.py)
         self.reference_jobs: list[str] = []         # batch: the jobs the reference was filled from
-        self.in_reference: list[dict] = []          # realtime: the rows of the reference's answers
-        self.in_reference_summary: dict = {}        # batch: {feature: summary}, merged from those jobs
-        self._in_ref_cache: Optional[dict] = None   # realtime: the summary of `in_reference`
-        self.in_window: deque = deque(maxlen=self.settings["window"])   # realtime: recent rows
-        self.in_times: deque = deque(maxlen=self.settings["window"])
+        self.in_reference: list[dict] = []          # realtime: the rows of the reference's answers, collecting
+        self.in_reference_summary: dict = {}        # {feature: summary}: a complete realtime reference's
+                                                    # rows summarized, or a batch one's jobs' merged
+        self.in_window: deque = deque(maxlen=min(self.settings["window"], INPUT_ROWS_MAX))   # recent rows
+        self.in_times: deque = deque(maxlen=min(self.settings["window"], INPUT_ROWS_MAX))
         self.inputs: dict = {}                      # what compute() found, per feature
 
     # -- realtime ---------------------------------------------------------------------------
@@ -222,11 +225,11 @@ class _Version:
             self.reference_count = len(self.reference)
             scores = scores[need:]
             if rows is not None:
-                self.in_reference.extend(rows[:need])
-                self._in_ref_cache = None
+                self.in_reference.extend(rows[:max(0, min(need, INPUT_ROWS_MAX - len(self.in_reference)))])
                 rows = rows[need:]
             if len(self.reference) >= self.settings["reference_size"]:
                 self.reference_complete = completed = True
+                self.seal_inputs()
         now = time.time()
         self.window.extend(scores)
         self.times.extend([now] * len(scores))
@@ -236,13 +239,19 @@ class _Version:
         self.changed = self.dirty = True
         return completed
 
+    def seal_inputs(self) -> None:
+        """A realtime reference just completed: its rows are kept as their summary only."""
+        if self.kind == "realtime" and self.in_reference and self.kinds:
+            self.in_reference_summary = feature_inputs.summarize_rows(self.kinds, self.in_reference)
+            self.in_reference = []
+
     def apply_settings(self, settings: dict) -> None:
         self.settings, self.provisional = dict(settings), False
         if self.window.maxlen != settings["window"]:
             self.window = deque(self.window, maxlen=settings["window"])
             self.times = deque(self.times, maxlen=settings["window"])
-            self.in_window = deque(self.in_window, maxlen=settings["window"])
-            self.in_times = deque(self.in_times, maxlen=settings["window"])
+            self.in_window = deque(self.in_window, maxlen=min(settings["window"], INPUT_ROWS_MAX))
+            self.in_times = deque(self.in_times, maxlen=min(settings["window"], INPUT_ROWS_MAX))
         if not self.reference_complete and self.kind == "realtime" \
                 and len(self.reference) >= settings["reference_size"]:
             extra = self.reference[settings["reference_size"]:]
@@ -254,9 +263,9 @@ class _Version:
             self.in_window.extendleft(reversed(extra_rows))
             self.in_times.extendleft([first] * len(extra_rows))
             del self.in_reference[settings["reference_size"]:]
-            self._in_ref_cache = None
             self.reference_count = len(self.reference)
             self.reference_complete = True
+            self.seal_inputs()
         self.changed = self.dirty = True
 
     # -- the figures ------------------------------------------------------------------------
@@ -299,9 +308,7 @@ class _Version:
         if self.kind == "batch":
             latest = (self.jobs[-1].get("inputs") or {}) if self.jobs else {}
             return self.in_reference_summary, (latest.get("features") or {})
-        if self._in_ref_cache is None:
-            self._in_ref_cache = feature_inputs.summarize_rows(self.kinds, self.in_reference)
-        return self._in_ref_cache, feature_inputs.summarize_rows(self.kinds, self.merged_rows())
+        return self.in_reference_summary, feature_inputs.summarize_rows(self.kinds, self.merged_rows())
 
     def compute_inputs(self) -> None:
         """Per feature: PSI of the recent inputs against the reference's, and whether it drifted."""
@@ -410,8 +417,6 @@ class _Version:
             out.update(reference=self.reference, reference_count=self.reference_count,
                        reference_source=self.reference_source, reference_histogram=self.reference_histogram,
                        reference_jobs=self.reference_jobs, in_reference_summary=self.in_reference_summary)
-        if self.reference_complete and self.kind == "realtime":
-            out["in_reference"] = self.in_reference
         return out
 
     def shard_json(self, replica: str) -> dict:
@@ -437,9 +442,8 @@ class _Version:
             self.reference_complete = bool(data.get("reference_complete"))
             self.reference_jobs = list(data.get("reference_jobs") or [])
             self.in_reference_summary = dict(data.get("in_reference_summary") or {})
-            if isinstance(data.get("in_reference"), list):
-                self.in_reference = [r for r in data["in_reference"] if isinstance(r, dict)]
-                self._in_ref_cache = None
+            if self.reference_complete:
+                self.in_reference = []
         self.jobs = deque(data.get("jobs") or [], maxlen=JOBS_KEPT)
         self.seen_jobs = list(data.get("seen_jobs") or [])
         self.batch_observed = int(data.get("observed") or 0) if self.kind == "batch" else 0
@@ -464,8 +468,7 @@ class _Version:
             self.in_window.extend(rows)
             self.in_times.extend(row_times)
         if not self.reference_complete and data.get("in_collecting"):
-            self.in_reference = [r for r in data["in_collecting"] if isinstance(r, dict)]
-            self._in_ref_cache = None
+            self.in_reference = [r for r in data["in_collecting"] if isinstance(r, dict)][:INPUT_ROWS_MAX]
         self.changed = True
 
     def adopt_other(self, replica: str, data: dict) -> None:
@@ -847,6 +850,7 @@ class ScoreMonitor:
             v.reference_complete = True
             v.reference_histogram = None
             v.reference_jobs = []
+            v.seal_inputs()   # the input reference stays the traffic's (a dataset gives scores only)
             v.changed = True
             return True
 
