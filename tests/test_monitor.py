@@ -510,3 +510,83 @@ def test_console_names_the_drifted_feature_with_a_table_and_a_chart_each(feat_pl
     titles = [c.proto.spec for c in at.get("vega_lite_chart")]
     assert sum(": reference vs recent" in t and "score" not in t.split("reference vs recent")[1][:10]
                for t in titles) >= 4, "a chart per feature"
+
+
+# -- input drift: shared across replicas, and bounded against hostile bodies --------------------------
+
+FEATURES = [{"name": "x", "type": "number"}, {"name": "y", "type": "number"},
+            {"name": "region", "type": "string"}, {"name": "member", "type": "boolean"}]
+
+
+def _answer_with_rows(version: str, batch: list[dict]) -> tuple[ProxyResponse, tuple[str, bytes]]:
+    import json as _json
+    body = _json.dumps({"model": "m", "version": version, "scores": [logistic(r["x"]) for r in batch]}).encode()
+    return ProxyResponse(status=200, headers={}, body=body), ("application/json", _json.dumps({"rows": batch}).encode())
+
+
+def test_input_drift_is_shared_by_replicas_reference_once_windows_merged(gcs_client):
+    import uuid
+
+    from control.state import BucketState
+
+    prefix = f"state-{uuid.uuid4().hex[:8]}/"
+    manifest = {"features": FEATURES, "monitoring": {"reference_size": 200, "window": 400, "drift_threshold": 0.25}}
+    a, b = (ScoreMonitor(BucketState(gcs_client.bucket("test-bucket"), prefix=prefix, replica=f"replica-{n}")
+                         .scoped("monitor/"), start=False, manifest_of=lambda name, version: manifest) for n in "ab")
+    try:
+        a.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=1)))   # A's rows are the reference
+        a.drain()
+        b.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=9, south=0.9)))   # B only saw others
+        b.drain()
+        a.observe("m", *_answer_with_rows("1.0.0", feature_rows(100, seed=2)))
+        b.observe("m", *_answer_with_rows("1.0.0", feature_rows(150, seed=3, y_shift=2.0)))
+        a.flush()
+        b.flush()
+        ra, rb = a.report("m")["versions"]["1.0.0"], b.report("m")["versions"]["1.0.0"]
+        assert ra["inputs"] == rb["inputs"]   # one reference, one merged window of 250 rows
+        assert ra["inputs"]["features"]["y"]["recent"]["count"] == 250
+        assert ra["inputs"]["features"]["region"]["reference"]["shares"]["south"] < 0.5   # A's, not B's
+        assert ra["inputs"]["drifted"] == ["y"], ra["inputs"]
+        # what is stored is bounded: the reference as its summary, not its rows
+        shared, _ = a.store.get_json("m/1.0.0.json")
+        assert "in_reference" not in shared and set(shared["in_reference_summary"]) == {"x", "y", "region", "member"}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_hostile_request_bodies_are_left_out_counted_and_never_stop_the_scores(tmp_path):
+    import control.monitor as cm
+
+    monitor = ScoreMonitor(tmp_path / "monitor", start=False, manifest_of=lambda n, v: {
+        "features": FEATURES, "monitoring": {"reference_size": 100, "window": 100}})
+    answer, _ = _answer_with_rows("1.0.0", feature_rows(2, seed=1))
+    bodies = [("application/json", b"x" * (cm.MAX_REQUEST_BYTES + 1)),        # too large: not even queued
+              ("application/json", b'{"rows": [1, 2]}'),                      # rows that are not objects
+              ("application/json", b'{"rows": [{"x": 1}]}'),                  # one row for two scores
+              ("text/csv", b"\xff\xfe not utf-8"),
+              ("application/json", b'{"rows": [{"x": "NaN", "region": {"a": 1}}, {"y": "1e999"}]}')]
+    for body in bodies:
+        monitor.observe("m", answer, body)
+    monitor.drain()
+    assert monitor.inputs_skipped == 4 and monitor.observed == 10   # every answer's scores still taken
+    v = monitor._versions[("m", "1.0.0")]
+    assert len(v.in_reference) == 2 and v.in_reference[0]["x"] is None and v.in_reference[1]["y"] is None
+    assert v.in_reference[0]["region"].startswith("{")   # an object read as a (short) category value
+
+
+def test_csv_answers_with_passthrough_columns_read_the_score_column():
+    headers = {"Content-Type": "text/csv", "X-Model-Version": "1.0.0"}
+    assert parse_scores(headers, b"customer_id,p\nc1,0.25\n\"c,2\",0.75\n") == ("1.0.0", [0.25, 0.75], False)
+
+
+def test_input_drift_survives_a_restart(tmp_path):
+    manifest = {"features": FEATURES, "monitoring": {"reference_size": 200, "window": 200}}
+    first = ScoreMonitor(tmp_path / "monitor", start=False, manifest_of=lambda n, v: manifest)
+    first.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=1)))
+    first.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=3, y_shift=2.0)))
+    before = first.report("m", batch=False)["versions"]["1.0.0"]["inputs"]
+    first.close()
+    assert before["drifted"] == ["y"]
+    again = ScoreMonitor(tmp_path / "monitor", start=False, manifest_of=lambda n, v: manifest)
+    assert again.report("m", batch=False)["versions"]["1.0.0"]["inputs"] == before
