@@ -2,20 +2,29 @@
 
 Per (model, version):
 
-- **the reference** — a realtime version's first `monitoring.reference_size` scores, a batch
-  version's first job, or what `set_reference` was given (the scores of a dataset the user names);
+- **the reference** — it needs `monitoring.reference_size` scores (the stated minimum): a
+  realtime version's first that many, a batch version's jobs merged until they hold that many
+  (a small first job never becomes the whole reference), or what `set_reference` was given (the
+  scores of a dataset the user names); the report says what it holds, needs and came from;
 - **the recent scores** — a realtime version's last `monitoring.window` scores (a rolling
   window), a batch version's latest job (each job's own summary is kept too);
 - **drift** — PSI and KS of the recent scores against the reference (control/stats.py), once
   both hold at least `MIN_COUNT` scores; the version is `drifted` when the PSI is above its
-  manifest's `monitoring.drift_threshold`.
+  manifest's `monitoring.drift_threshold`;
+- **input drift** — the same per feature (`inputs`): a realtime version's request rows (the
+  front door hands over a predict request's body with its answer, parsed here, in the monitor's
+  thread; rows kept beside the reference's and the window's scores, at most `INPUT_ROWS_MAX`,
+  the reference's summarized once complete), a batch version's jobs' `score_summary.inputs`
+  (adapters/inputs.py); a number's PSI over the reference's deciles, a category's over its
+  value shares.
 
 Observing never slows the models' traffic: the front door only appends a 200 answer
 `(name, status, headers, body)` to a bounded queue (when full the answer is dropped and
 counted), at most `SAMPLE_RATE` answers a second per model (past that they are left out and
 counted: at a model's full throughput the window is a sample of its answers, and parsing
-every one would take the CPU the traffic needs), and a background thread parses the scores
-out of it — predict's JSON `scores` and
+every one would take the CPU the traffic needs; each answer is taken with the chance that took
+`SAMPLE_RATE` of the previous second's, so the sample is spread over the whole second), and a
+background thread parses the scores out of it — predict's JSON `scores` and
 `version`, its CSV with `X-Model-Version`, the Open Inference Protocol's JSON `outputs` and
 `model_version` (binary tensor answers are skipped and counted) — and updates the state.
 
@@ -44,6 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -64,6 +74,7 @@ MIN_COUNT = 100
 #: answers (and their bytes) waiting to be parsed; more are dropped (and counted), never waited for
 QUEUE_MAX = 10_000
 SAMPLE_RATE = 100   # answers taken per model per second; the rest are counted in `sampled_out`
+SAMPLE_SEED = 21
 _clock = time.monotonic   # the sample rate's seconds
 QUEUE_MAX_BYTES = 64 * 2**20
 #: seconds between writes of a version that keeps changing (state dir)
@@ -580,7 +591,9 @@ class ScoreMonitor:
         self.sampled_out = 0   # answers left out: the model answered more than SAMPLE_RATE a second
         self.inputs_skipped = 0   # requests whose rows were not read (over MAX_REQUEST_BYTES, or unreadable)
         self._kinds: dict[tuple[str, str], dict[str, str]] = {}   # a version's features, from its manifest
-        self._rates: dict[str, list] = {}   # model -> [second it counts, answers taken in it]
+        # model -> [second it counts, answers taken in it, answers seen in it, the chance each is taken]
+        self._rates: dict[str, list] = {}
+        self._sample_rng = random.Random(SAMPLE_SEED)
         self._jobs_at = 0.0
         self._flags_at = 0.0
         self._load()
@@ -599,8 +612,13 @@ class ScoreMonitor:
         now = int(_clock())
         rate = self._rates.get(name)
         if rate is None or rate[0] != now:
-            self._rates[name] = rate = [now, 0]
-        if rate[1] >= SAMPLE_RATE:
+            # each answer is taken with the chance that takes SAMPLE_RATE of the last second's: a
+            # uniform sample of the second, not its first answers (traffic sent in a repeating
+            # order would otherwise be seen by its first part only)
+            chance = 1.0 if rate is None or rate[0] != now - 1 else min(1.0, SAMPLE_RATE / max(rate[2], 1))
+            self._rates[name] = rate = [now, 0, 0, chance]
+        rate[2] += 1
+        if rate[1] >= SAMPLE_RATE or (rate[3] < 1.0 and self._sample_rng.random() >= rate[3]):
             self.sampled_out += 1
             return
         rate[1] += 1

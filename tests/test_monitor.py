@@ -350,9 +350,31 @@ def test_past_its_sample_rate_a_model_s_answers_are_left_out_and_counted(tmp_pat
         monitor.observe("m", answer)
         monitor.observe("other", answer)      # each model has its own rate
     assert monitor.sampled_out == 6 and len(monitor._queue) == 10
-    now[0] += 1.0                             # the next second takes answers again
+    now[0] += 5.0                             # a later second takes answers again
     monitor.observe("m", answer)
     assert monitor.sampled_out == 6 and len(monitor._queue) == 11
+
+
+def test_past_its_sample_rate_answers_are_sampled_over_the_whole_second_not_its_first(tmp_path, monkeypatch):
+    """Traffic sent in a repeating order each second (100 answers of 0.1, then 900 of 0.9): the
+    sample holds both as they are sent, not only what comes first in each second."""
+    import control.monitor as cm
+
+    now = [1000.0]
+    monkeypatch.setattr(cm, "_clock", lambda: now[0])
+    monitor = ScoreMonitor(tmp_path / "monitor", start=False, queue_max=100_000,
+                           manifest_of=lambda n, v: {"monitoring": {"reference_size": 100, "window": 1000}})
+    low = ProxyResponse(status=200, headers={}, body=b'{"model":"m","version":"1.0.0","scores":[0.1]}')
+    high = ProxyResponse(status=200, headers={}, body=b'{"model":"m","version":"1.0.0","scores":[0.9]}')
+    for _ in range(20):
+        for answer in [low] * 100 + [high] * 900:
+            monitor.observe("m", answer)
+        now[0] += 1.0
+    monitor.drain()
+    window = list(monitor._versions[("m", "1.0.0")].window)
+    assert len(window) == 1000
+    share = window.count(0.9) / len(window)
+    assert 0.8 < share < 0.97, share   # 0.9 of what was sent; the first answers of each second alone: 0
 
 
 def test_each_version_is_watched_with_its_own_manifest_settings_live_or_not(tmp_path):
