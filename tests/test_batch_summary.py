@@ -116,3 +116,31 @@ def test_input_summary_of_a_dataset_per_feature_bounded(tmp_path):
     m = inputs.summarize_file(features, missing)
     assert m["rows"] == 2 and m["features"]["city"]["missing"] == 2 and m["features"]["city"]["shares"] == {}
     assert inputs.summarize_file(features, tmp_path / "absent.csv") is None   # never the job's failure
+
+
+def _dataset(path: Path, rows: list[tuple]) -> Path:
+    path.write_text("x,y,region\n" + "".join(f"{x!r},{y!r},{g}\n" for x, y, g in rows))
+    return path
+
+
+def test_periodic_inputs_of_one_distribution_are_not_flagged_a_single_shifted_feature_is_named(tmp_path):
+    from adapters import inputs
+
+    features = [{"name": "x", "type": "number"}, {"name": "y", "type": "number"},
+                {"name": "region", "type": "string"}]
+    r = random.Random(BLOCK_SEED)
+    rows = [(r.gauss(0, 1), r.gauss(0, 1), "south" if i % 4 == 0 else "north") for i in range(20)]
+    small = score_summary(results_file(tmp_path / "s.csv", block() * 100), manifest())
+    small["inputs"] = inputs.summarize_file(features, _dataset(tmp_path / "small.csv", rows * 100))
+
+    def against_small(name: str, data: list[tuple]) -> dict:
+        big = score_summary(results_file(tmp_path / f"{name}-scores.csv", block() * 10_000), manifest())
+        big["inputs"] = inputs.summarize_file(features, _dataset(tmp_path / f"{name}.csv", data))
+        return monitor_psi(tmp_path / name, small, big)
+
+    v = against_small("same", rows * 10_000)
+    assert v["inputs"]["drifted"] == [], v["inputs"]
+    assert all(f["psi"] < 0.1 for f in v["inputs"]["features"].values()), v["inputs"]
+    shifted = [(x, y + 1.5, g) for x, y, g in rows]
+    v = against_small("shifted", shifted * 10_000)
+    assert v["inputs"]["drifted"] == ["y"] and v["inputs"]["features"]["y"]["psi"] > 1.0, v["inputs"]
