@@ -437,7 +437,7 @@ class _Version:
                 "window": list(self.window), "times": [round(t, 3) for t in self.times], "observed": self.observed,
                 "collecting": [] if self.reference_complete else self.reference,
                 "in_window": list(self.in_window), "in_times": [round(t, 3) for t in self.in_times],
-                "in_collecting": [] if self.reference_complete else self.in_reference}
+                "in_collecting": [] if self.reference_complete else self.in_reference, "kinds": self.kinds}
 
     def adopt_shared(self, data: dict) -> None:
         """Take what the replicas share from the store (a reference this replica is still
@@ -591,6 +591,7 @@ class ScoreMonitor:
         self.sampled_out = 0   # answers left out: the model answered more than SAMPLE_RATE a second
         self.inputs_skipped = 0   # requests whose rows were not read (over MAX_REQUEST_BYTES, or unreadable)
         self._kinds: dict[tuple[str, str], dict[str, str]] = {}   # a version's features, from its manifest
+        self._kinds_looked_up: dict[tuple[str, str], float] = {}
         # model -> [second it counts, answers taken in it, answers seen in it, the chance each is taken]
         self._rates: dict[str, list] = {}
         self._sample_rng = random.Random(SAMPLE_SEED)
@@ -680,7 +681,7 @@ class ScoreMonitor:
             if not version or not scores:
                 continue
             settings, provisional = self._settings_for(name, str(version))
-            kinds = self._kinds.get((name, str(version))) or {}
+            kinds = self._kinds_for(name, str(version)) if request is not None else {}
             rows = None
             if request is not None and kinds:
                 rows = parse_rows(request[0], request[1], kinds)
@@ -773,6 +774,28 @@ class ScoreMonitor:
                 return known, False
         return dict(DEFAULTS), True
 
+    def _kinds_for(self, name: str, version: str) -> dict[str, str]:
+        """A version's features (`{name: kind}`): from its manifest, else as stored, else looked up
+        (at most every SETTINGS_TTL seconds); {} while unknown."""
+        kinds = self._kinds.get((name, version))
+        if kinds:
+            return kinds
+        with self._lock:
+            v = self._versions.get((name, version))
+            if v is not None and v.kinds:
+                return v.kinds
+        now = time.monotonic()
+        if now - self._kinds_looked_up.get((name, version), -math.inf) >= SETTINGS_TTL:
+            self._kinds_looked_up[(name, version)] = now
+            try:
+                manifest = self.manifest_of(name, version) or {}
+            except Exception:  # noqa: BLE001 — unknown for now: asked again later
+                manifest = {}
+            if manifest.get("features"):
+                kinds = self._kinds[(name, version)] = feature_inputs.feature_kinds(manifest["features"])
+                return kinds
+        return {}
+
     def _refresh_flags(self, names: Optional[Iterable[str]] = None) -> None:
         with self._lock:
             versions = [v for (n, _), v in self._versions.items() if names is None or n in names]
@@ -815,6 +838,10 @@ class ScoreMonitor:
                 v.seen_jobs = (v.seen_jobs + [job])[-SEEN_KEPT:]
             job_inputs = summary.get("inputs") if isinstance(summary.get("inputs"), dict) else {}
             features = job_inputs.get("features") if isinstance(job_inputs.get("features"), dict) else {}
+            features = {str(f): x for f, x in list(features.items())[:feature_inputs.MAX_FEATURES]   # bounded
+                        if isinstance(x, dict) and x.get("type") in ("number", "category")
+                        and len(x.get("percentiles") or []) <= 101
+                        and len(x.get("shares") or {}) <= feature_inputs.MAX_CATEGORIES + 1}
             if not v.kinds and features:
                 v.kinds = {f: str(s.get("type")) for f, s in features.items() if isinstance(s, dict)}
             if not v.reference_complete:
@@ -896,7 +923,7 @@ class ScoreMonitor:
         again under the name starts afresh)."""
         self.drain()
         with self._lock:
-            for table in (self._versions, self._settings, self._looked_up):
+            for table in (self._versions, self._settings, self._looked_up, self._kinds, self._kinds_looked_up):
                 for key in [k for k in table if k[0] == name]:
                     del table[key]
             self._rates.pop(name, None)

@@ -612,3 +612,5 @@ def test_input_drift_survives_a_restart(tmp_path):
     assert before["drifted"] == ["y"]
     again = ScoreMonitor(tmp_path / "monitor", start=False, manifest_of=lambda n, v: manifest)
     assert again.report("m", batch=False)["versions"]["1.0.0"]["inputs"] == before
+    again.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=4)))   # still read after it
+    assert again.report("m", batch=False)["versions"]["1.0.0"]["inputs"]["drifted"] == []
