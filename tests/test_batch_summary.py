@@ -144,3 +144,14 @@ def test_periodic_inputs_of_one_distribution_are_not_flagged_a_single_shifted_fe
     shifted = [(x, y + 1.5, g) for x, y, g in rows]
     v = against_small("shifted", shifted * 10_000)
     assert v["inputs"]["drifted"] == ["y"] and v["inputs"]["features"]["y"]["psi"] > 1.0, v["inputs"]
+
+
+def test_features_watched_are_bounded_by_the_manifest_and_capped():
+    from adapters import inputs
+
+    many = [{"name": f"f{i}", "type": "number" if i % 2 else "boolean"} for i in range(100)]
+    kinds = inputs.feature_kinds(many)
+    assert len(kinds) == inputs.MAX_FEATURES and list(kinds)[:2] == ["f0", "f1"]
+    assert kinds["f0"] == "category" and kinds["f1"] == "number"
+    assert inputs.value_of("number", True) is None and inputs.value_of("number", "1e999") is None
+    assert inputs.value_of("category", "TRUE") == "true" and len(inputs.value_of("category", "z" * 500)) == 100
