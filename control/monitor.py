@@ -505,18 +505,19 @@ class _Version:
         return v
 
 
-def _merge_feature(a: Optional[dict], b: dict) -> dict:
-    """Two summaries of one feature's inputs (adapters/inputs.py) as one, weighted by their counts."""
+def _merge_feature(a: Optional[dict], b: dict, wa: int, wb: int) -> dict:
+    """Two summaries of one feature's inputs (adapters/inputs.py) as one, weighted by the rows
+    they stand for (`wa`, `wb`: a summary is of a sample of its job's rows)."""
     if not a or a.get("type") != b.get("type"):
         return dict(b)
     na, nb = int(a.get("count") or 0), int(b.get("count") or 0)
     out = {"type": a["type"], "count": na + nb, "missing": int(a.get("missing") or 0) + int(b.get("missing") or 0)}
     if a["type"] == "number":
         out["percentiles"] = [round(x, 9) for x in stats.merge_points(
-            [(a.get("percentiles") or [], na), (b.get("percentiles") or [], nb)])]
+            [(a.get("percentiles") or [], wa if na else 0), (b.get("percentiles") or [], wb if nb else 0)])]
     else:
         counts: dict[str, float] = {}
-        for summary, n in ((a, na), (b, nb)):
+        for summary, n in ((a, wa if na else 0), (b, wb if nb else 0)):
             for k, share in (summary.get("shares") or {}).items():
                 counts[k] = counts.get(k, 0.0) + float(share) * n
         total = math.fsum(counts.values())
@@ -536,7 +537,7 @@ def _fill_reference(v: "_Version", points: list[float], count: int, histogram: O
         v.reference_histogram = None   # the merged points are charted instead
         for f, s in features.items():
             if isinstance(s, dict):
-                v.in_reference_summary[f] = _merge_feature(v.in_reference_summary.get(f), s)
+                v.in_reference_summary[f] = _merge_feature(v.in_reference_summary.get(f), s, v.reference_count, count)
     v.reference_count += count
     name = job or "a job"
     v.reference_jobs = (v.reference_jobs + [name])[-JOBS_KEPT:]

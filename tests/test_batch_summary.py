@@ -155,3 +155,23 @@ def test_features_watched_are_bounded_by_the_manifest_and_capped():
     assert kinds["f0"] == "category" and kinds["f1"] == "number"
     assert inputs.value_of("number", True) is None and inputs.value_of("number", "1e999") is None
     assert inputs.value_of("category", "TRUE") == "true" and len(inputs.value_of("category", "z" * 500)) == 100
+
+
+def test_a_reference_filled_from_jobs_weighs_each_by_its_rows(tmp_path):
+    monitor = ScoreMonitor(tmp_path / "monitor", start=False,
+                           manifest_of=lambda n, v: {"monitoring": {"reference_size": 500}})
+
+    def summary(rows: int, south: float, p50: float) -> dict:
+        return {"count": rows, "percentiles": [p50 + (i - 50) / 100 for i in range(101)],
+                "inputs": {"rows": rows, "sampled": min(rows, 4096), "features": {
+                    "region": {"type": "category", "count": min(rows, 4096), "missing": 0,
+                               "shares": {"south": south, "north": round(1 - south, 6)}}}}}
+
+    monitor.observe_job("m", "1.0.0", summary(20, 1.0, 5.0), job="small")
+    assert not monitor.report("m", batch=False)["versions"]["1.0.0"]["reference"]["complete"]
+    monitor.observe_job("m", "1.0.0", summary(100_000, 0.3, 0.5), job="big")
+    v = monitor.report("m", batch=False)["versions"]["1.0.0"]
+    assert v["reference"]["count"] == 100_020 and v["reference"]["complete"]
+    assert v["reference"]["quantiles"]["p50"] == pytest.approx(0.5, abs=0.02)   # the big job's, nearly
+    region = v["inputs"]["features"]["region"]["reference"]["shares"]
+    assert region["south"] == pytest.approx((20 + 100_000 * 0.3) / 100_020, abs=1e-4)
