@@ -65,9 +65,15 @@ class Reservoir:
             if len(self.items) == self.k:
                 self._next = self.k - 1
                 self._draw()
-        while len(self.items) == self.k and self._next < start + n:
-            self.items[self._rng.randrange(self.k)] = values[self._next - start]
-            self._draw()
+        if len(self.items) == self.k and self._next < start + n:
+            items, k, end = self.items, self.k, start + n
+            rnd, log, exp = self._rng.random, math.log, math.exp
+            w, nxt = self._w, self._next
+            while nxt < end:   # the draws of `_draw`, inlined: this loop is the reservoir's cost
+                items[int(rnd() * k)] = values[nxt - start]
+                w *= exp(log(1.0 - rnd()) / k)
+                nxt += int(log(1.0 - rnd()) / log(1.0 - w)) + 1 if w < 1.0 else 1
+            self._w, self._next = w, nxt
         self.seen = start + n
 
 
