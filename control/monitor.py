@@ -98,7 +98,7 @@ SEEN_KEPT = 1000
 MAX_REQUEST_BYTES = 1 << 20
 #: rows kept for input drift: a realtime reference's first rows, and each replica's window of rows
 #: (the last min(monitoring.window, this)); a complete reference keeps only their summary
-INPUT_ROWS_MAX = 5000
+INPUT_ROWS_MAX = 2000
 #: `monitoring:` defaults (adapters.manifest.Monitoring), for a version whose manifest is not known yet
 DEFAULTS = {"reference_size": 1000, "window": 1000, "drift_threshold": 0.25}
 
