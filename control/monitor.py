@@ -593,6 +593,7 @@ class ScoreMonitor:
         self.inputs_skipped = 0   # requests whose rows were not read (over MAX_REQUEST_BYTES, or unreadable)
         self._kinds: dict[tuple[str, str], dict[str, str]] = {}   # a version's features, from its manifest
         self._kinds_looked_up: dict[tuple[str, str], float] = {}
+        self._model_kind: dict[tuple[str, str], Optional[str]] = {}   # the manifest's kind: realtime | batch
         # model -> [second it counts, answers taken in it, answers seen in it, the chance each is taken]
         self._rates: dict[str, list] = {}
         self._sample_rng = random.Random(SAMPLE_SEED)
@@ -771,6 +772,7 @@ class ScoreMonitor:
                 manifest = {}
             if manifest:
                 known = self._settings[(name, version)] = {**DEFAULTS, **(manifest.get("monitoring") or {})}
+                self._model_kind[(name, version)] = manifest.get("kind")
                 self._kinds[(name, version)] = feature_inputs.feature_kinds(manifest.get("features"))
                 return known, False
         return dict(DEFAULTS), True
@@ -872,6 +874,12 @@ class ScoreMonitor:
         for job in reversed(jobs):   # oldest first: the first job is the reference
             if job.status != "succeeded" or job.id in seen or job.trigger == "compare":
                 continue   # a comparison's or a reference's job scores the user's chosen rows, not traffic
+            self._settings_for(job.model, job.version)
+            with self._lock:
+                known = self._versions.get((job.model, job.version))
+                serving = known is not None and known.kind == "realtime" and known.total_observed() > 0
+            if serving or self._model_kind.get((job.model, job.version)) == "realtime":
+                continue   # a dataset run through a realtime version: its monitoring is its traffic
             summary = job.score_summary
             if not summary:
                 try:
@@ -924,7 +932,8 @@ class ScoreMonitor:
         again under the name starts afresh)."""
         self.drain()
         with self._lock:
-            for table in (self._versions, self._settings, self._looked_up, self._kinds, self._kinds_looked_up):
+            for table in (self._versions, self._settings, self._looked_up, self._kinds, self._kinds_looked_up,
+                          self._model_kind):
                 for key in [k for k in table if k[0] == name]:
                     del table[key]
             self._rates.pop(name, None)

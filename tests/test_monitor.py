@@ -614,3 +614,17 @@ def test_input_drift_survives_a_restart(tmp_path):
     assert again.report("m", batch=False)["versions"]["1.0.0"]["inputs"] == before
     again.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=4)))   # still read after it
     assert again.report("m", batch=False)["versions"]["1.0.0"]["inputs"]["drifted"] == []
+
+
+def test_a_dataset_run_through_a_realtime_version_does_not_turn_its_monitoring_into_a_batch_one(tmp_path):
+    from types import SimpleNamespace
+
+    summary = {"count": 500, "percentiles": [i / 100 for i in range(101)]}
+    jobs = [SimpleNamespace(id=f"j{k}", model=k, version="1.0.0", status="succeeded", trigger="api",
+                            score_summary=summary, finished_at=None) for k in ("rt", "batch")]
+    runtime = SimpleNamespace(jobs=lambda model=None, limit=200: [j for j in jobs if model in (None, j.model)])
+    monitor = ScoreMonitor(tmp_path / "monitor", start=False, runtime=runtime,
+                           manifest_of=lambda n, v: {"kind": "realtime" if n == "rt" else "batch"})
+    monitor.sync_jobs()
+    assert ("rt", "1.0.0") not in monitor._versions
+    assert monitor._versions[("batch", "1.0.0")].kind == "batch"
