@@ -150,14 +150,18 @@ def parse_scores(headers: dict, body: bytes) -> tuple[Optional[str], Optional[li
 
 
 def parse_rows(content_type: str, body: bytes, kinds: dict[str, str]) -> Optional[list[dict]]:
-    """The feature values of a predict request's rows (JSON `{"rows": [...]}` or CSV with a
-    header), each through adapters/inputs.py `value_of`; None for a body this does not read."""
+    """The feature values of a request's rows (predict's JSON `{"rows": [...]}` or CSV with a
+    header, the Open Inference Protocol's JSON `inputs`, one per feature), each through
+    adapters/inputs.py `value_of`; None for a body this does not read."""
     if not body or not kinds:
         return None
     try:
         if body[:1] == b"{" or (content_type or "").startswith("application/json"):
             doc = orjson.loads(body)
-            raw = doc.get("rows") if isinstance(doc, dict) else None
+            if isinstance(doc, dict) and isinstance(doc.get("inputs"), list):
+                raw = _v2_rows(doc["inputs"])
+            else:
+                raw = doc.get("rows") if isinstance(doc, dict) else None
             if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
                 return None
         elif (content_type or "").startswith("text/csv"):
@@ -170,6 +174,20 @@ def parse_rows(content_type: str, body: bytes, kinds: dict[str, str]) -> Optiona
         return None
     value_of = feature_inputs.value_of
     return [{f: value_of(kind, r.get(f)) for f, kind in kinds.items()} for r in raw]
+
+
+def _v2_rows(inputs: list) -> Optional[list[dict]]:
+    """Rows from v2 JSON inputs (one per feature, shape [n] or [n, 1]); None if they do not line up."""
+    columns: dict[str, list] = {}
+    for inp in inputs:
+        if not isinstance(inp, dict) or not isinstance(inp.get("name"), str) or not isinstance(inp.get("data"), list):
+            return None
+        data = [d[0] if isinstance(d, list) and len(d) == 1 else d for d in inp["data"]]
+        if columns and len(data) != len(next(iter(columns.values()))):
+            return None
+        columns[inp["name"]] = data
+    n = len(next(iter(columns.values()))) if columns else 0
+    return [{name: data[i] for name, data in columns.items()} for i in range(n)]
 
 
 def _quantile_points(values: list[float], n: int) -> list[float]:

@@ -628,3 +628,19 @@ def test_a_dataset_run_through_a_realtime_version_does_not_turn_its_monitoring_i
     monitor.sync_jobs()
     assert ("rt", "1.0.0") not in monitor._versions
     assert monitor._versions[("batch", "1.0.0")].kind == "batch"
+
+
+def test_realtime_v2_requests_inputs_are_read_too(feat_plane):
+    server = feat_plane
+    r = api.post(f"{server.url}/models/{FEAT_RT}/predict", json={"rows": feature_rows(N, seed=1)}, timeout=60)
+    assert r.status_code == 200, r.text
+    batch = feature_rows(N, seed=4, south=0.9)
+    body = {"inputs": [{"name": "x", "shape": [N], "datatype": "FP64", "data": [b["x"] for b in batch]},
+                       {"name": "y", "shape": [N, 1], "datatype": "FP64", "data": [[b["y"]] for b in batch]},
+                       {"name": "region", "shape": [N], "datatype": "BYTES", "data": [b["region"] for b in batch]},
+                       {"name": "member", "shape": [N], "datatype": "BOOL", "data": [b["member"] for b in batch]}]}
+    r = api.post(f"{server.url}/models/{FEAT_RT}/v2/models/{FEAT_RT}/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    v = version(server, FEAT_RT)
+    assert v["inputs"]["drifted"] == ["region"], v["inputs"]
+    assert v["inputs"]["features"]["y"]["recent"]["count"] == N
