@@ -12,7 +12,7 @@ Per (model, version):
   both hold at least `MIN_COUNT` scores; the version is `drifted` when the PSI is above its
   manifest's `monitoring.drift_threshold`;
 - **input drift** — the same per feature (`inputs`): a realtime version's request rows (the
-  front door hands over a predict request's body with its answer, parsed here, in the monitor's
+  front door hands over a predict or v2 infer request's body with its answer, parsed in the monitor's
   thread; rows kept beside the reference's and the window's scores, at most `INPUT_ROWS_MAX`,
   the reference's summarized once complete), a batch version's jobs' `score_summary.inputs`
   (adapters/inputs.py); a number's PSI over the reference's deciles, a category's over its
