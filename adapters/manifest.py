@@ -252,8 +252,9 @@ class Monitoring(_Strict):
     """Score monitoring: each version's recent scores against a reference distribution."""
 
     reference_size: int = Field(1000, ge=100, le=100_000,
-                                description="The version's first N scores become its reference distribution "
-                                            "(unless a reference dataset is set).")
+                                description="Scores a reference distribution needs (the stated minimum): a realtime "
+                                            "version's first N scores, a batch version's jobs until they hold "
+                                            "N (unless a reference dataset is set).")
     window: int = Field(1000, ge=100, le=100_000, description="Recent scores kept for the rolling histogram "
                                                              "and the drift figures.")
     drift_threshold: float = Field(0.25, gt=0, le=100, allow_inf_nan=False,

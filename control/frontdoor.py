@@ -320,7 +320,8 @@ class FrontDoor:
                 plane.metrics.observe_model(name, e.status)
                 raise
             plane.metrics.observe_model(name, result.status)
-            plane.monitor.observe(name, result)
+            plane.monitor.observe(name, result, (request.content_type, body)
+                                  if rest == ["predict"] or rest[-1:] == ["infer"] else None)
             if policy.shadow_percent and version is None and rest == ["predict"]:
                 plane.shadow.mirror(name, policy.shadow_version, policy.shadow_percent, method=request.method,
                                     path=adapter_path, headers=headers, body=body, query=query, live=result,

@@ -2,20 +2,29 @@
 
 Per (model, version):
 
-- **the reference** — a realtime version's first `monitoring.reference_size` scores, a batch
-  version's first job, or what `set_reference` was given (the scores of a dataset the user names);
+- **the reference** — it needs `monitoring.reference_size` scores (the stated minimum): a
+  realtime version's first that many, a batch version's jobs merged until they hold that many
+  (a small first job never becomes the whole reference), or what `set_reference` was given (the
+  scores of a dataset the user names); the report says what it holds, needs and came from;
 - **the recent scores** — a realtime version's last `monitoring.window` scores (a rolling
   window), a batch version's latest job (each job's own summary is kept too);
 - **drift** — PSI and KS of the recent scores against the reference (control/stats.py), once
   both hold at least `MIN_COUNT` scores; the version is `drifted` when the PSI is above its
-  manifest's `monitoring.drift_threshold`.
+  manifest's `monitoring.drift_threshold`;
+- **input drift** — the same per feature (`inputs`): a realtime version's request rows (the
+  front door hands over a predict or v2 infer request's body with its answer, parsed in the monitor's
+  thread; rows kept beside the reference's and the window's scores, at most `INPUT_ROWS_MAX`,
+  the reference's summarized once complete), a batch version's jobs' `score_summary.inputs`
+  (adapters/inputs.py); a number's PSI over the reference's deciles, a category's over its
+  value shares.
 
 Observing never slows the models' traffic: the front door only appends a 200 answer
 `(name, status, headers, body)` to a bounded queue (when full the answer is dropped and
 counted), at most `SAMPLE_RATE` answers a second per model (past that they are left out and
 counted: at a model's full throughput the window is a sample of its answers, and parsing
-every one would take the CPU the traffic needs), and a background thread parses the scores
-out of it — predict's JSON `scores` and
+every one would take the CPU the traffic needs; each answer is taken with the chance that took
+`SAMPLE_RATE` of the previous second's, so the sample is spread over the whole second), and a
+background thread parses the scores out of it — predict's JSON `scores` and
 `version`, its CSV with `X-Model-Version`, the Open Inference Protocol's JSON `outputs` and
 `model_version` (binary tensor answers are skipped and counted) — and updates the state.
 
@@ -44,6 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import threading
 import time
 from collections import deque
@@ -52,6 +62,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import orjson
 
+from adapters import inputs as feature_inputs
 from control import stats
 from control.errors import PlaneError
 from control.state import ABSENT, FileState, StateConflict, StateStore
@@ -63,6 +74,7 @@ MIN_COUNT = 100
 #: answers (and their bytes) waiting to be parsed; more are dropped (and counted), never waited for
 QUEUE_MAX = 10_000
 SAMPLE_RATE = 100   # answers taken per model per second; the rest are counted in `sampled_out`
+SAMPLE_SEED = 21
 _clock = time.monotonic   # the sample rate's seconds
 QUEUE_MAX_BYTES = 64 * 2**20
 #: seconds between writes of a version that keeps changing (state dir)
@@ -81,6 +93,12 @@ MAX_REFERENCE = 100_000
 #: job summaries kept per batch version; job ids remembered per model (not observed twice)
 JOBS_KEPT = 20
 SEEN_KEPT = 1000
+#: a predict request's body is kept (for its rows' input drift) only up to this size; larger ones
+#: are scored and their scores observed, their rows left out (and counted in `inputs_skipped`)
+MAX_REQUEST_BYTES = 1 << 20
+#: rows kept for input drift: a realtime reference's first rows, and each replica's window of rows
+#: (the last min(monitoring.window, this)); a complete reference keeps only their summary
+INPUT_ROWS_MAX = 2000
 #: `monitoring:` defaults (adapters.manifest.Monitoring), for a version whose manifest is not known yet
 DEFAULTS = {"reference_size": 1000, "window": 1000, "drift_threshold": 0.25}
 
@@ -123,11 +141,53 @@ def parse_scores(headers: dict, body: bytes) -> tuple[Optional[str], Optional[li
                 return doc.get("model_version") or h.get("x-model-version"), _finite_numbers(data), False
             return None, None, False
         if h.get("content-type", "").startswith("text/csv"):
-            lines = body.decode("utf-8").splitlines()[1:]
-            return h.get("x-model-version"), [v for v in map(float, filter(None, lines)) if math.isfinite(v)], False
+            lines = body.decode("utf-8").splitlines()[1:]   # the score is the last column
+            values = [float(line.rsplit(",", 1)[-1].strip().strip('"')) for line in lines if line]
+            return h.get("x-model-version"), [v for v in values if math.isfinite(v)], False
     except (ValueError, UnicodeDecodeError, orjson.JSONDecodeError):
         return None, None, False
     return None, None, False
+
+
+def parse_rows(content_type: str, body: bytes, kinds: dict[str, str]) -> Optional[list[dict]]:
+    """The feature values of a request's rows (predict's JSON `{"rows": [...]}` or CSV with a
+    header, the Open Inference Protocol's JSON `inputs`, one per feature), each through
+    adapters/inputs.py `value_of`; None for a body this does not read."""
+    if not body or not kinds:
+        return None
+    try:
+        if body[:1] == b"{" or (content_type or "").startswith("application/json"):
+            doc = orjson.loads(body)
+            if isinstance(doc, dict) and isinstance(doc.get("inputs"), list):
+                raw = _v2_rows(doc["inputs"])
+            else:
+                raw = doc.get("rows") if isinstance(doc, dict) else None
+            if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+                return None
+        elif (content_type or "").startswith("text/csv"):
+            import csv
+            import io
+            raw = [r for r in csv.DictReader(io.StringIO(body.decode("utf-8-sig"))) if any(r.values())]
+        else:
+            return None
+    except (ValueError, UnicodeDecodeError, orjson.JSONDecodeError):
+        return None
+    value_of = feature_inputs.value_of
+    return [{f: value_of(kind, r.get(f)) for f, kind in kinds.items()} for r in raw]
+
+
+def _v2_rows(inputs: list) -> Optional[list[dict]]:
+    """Rows from v2 JSON inputs (one per feature, shape [n] or [n, 1]); None if they do not line up."""
+    columns: dict[str, list] = {}
+    for inp in inputs:
+        if not isinstance(inp, dict) or not isinstance(inp.get("name"), str) or not isinstance(inp.get("data"), list):
+            return None
+        data = [d[0] if isinstance(d, list) and len(d) == 1 else d for d in inp["data"]]
+        if columns and len(data) != len(next(iter(columns.values()))):
+            return None
+        columns[inp["name"]] = data
+    n = len(next(iter(columns.values()))) if columns else 0
+    return [{name: data[i] for name, data in columns.items()} for i in range(n)]
 
 
 def _quantile_points(values: list[float], n: int) -> list[float]:
@@ -170,29 +230,57 @@ class _Version:
         self.written_at = 0.0
         self.drift: dict = {}
         self.drifted = False
+        # input drift: per feature, beside the scores'
+        self.kinds: dict[str, str] = {}             # feature -> "number" | "category" (adapters/inputs.py)
+        self.reference_jobs: list[str] = []         # batch: the jobs the reference was filled from
+        self.in_reference: list[dict] = []          # realtime: the rows of the reference's answers, collecting
+        self.in_reference_summary: dict = {}        # {feature: summary}: a complete realtime reference's
+                                                    # rows summarized, or a batch one's jobs' merged
+        self.in_window: deque = deque(maxlen=min(self.settings["window"], INPUT_ROWS_MAX))   # recent rows
+        self.in_times: deque = deque(maxlen=min(self.settings["window"], INPUT_ROWS_MAX))
+        self.inputs: dict = {}                      # what compute() found, per feature
 
     # -- realtime ---------------------------------------------------------------------------
-    def add(self, scores: list[float]) -> bool:
-        """Take a realtime answer's scores; True when this completed the reference."""
+    def add(self, scores: list[float], rows: Optional[list[dict]] = None) -> bool:
+        """Take a realtime answer's scores (and its request's rows, if read); True when this
+        completed the reference."""
         self.observed += len(scores)
+        if rows is not None and len(rows) != len(scores):
+            rows = None
         completed = False
         if not self.reference_complete:
             need = self.settings["reference_size"] - len(self.reference)
             self.reference.extend(scores[:need])
             self.reference_count = len(self.reference)
             scores = scores[need:]
+            if rows is not None:
+                self.in_reference.extend(rows[:max(0, min(need, INPUT_ROWS_MAX - len(self.in_reference)))])
+                rows = rows[need:]
             if len(self.reference) >= self.settings["reference_size"]:
                 self.reference_complete = completed = True
+                self.seal_inputs()
+        now = time.time()
         self.window.extend(scores)
-        self.times.extend([time.time()] * len(scores))
+        self.times.extend([now] * len(scores))
+        if rows:
+            self.in_window.extend(rows)
+            self.in_times.extend([now] * len(rows))
         self.changed = self.dirty = True
         return completed
+
+    def seal_inputs(self) -> None:
+        """A realtime reference just completed: its rows are kept as their summary only."""
+        if self.kind == "realtime" and self.in_reference and self.kinds:
+            self.in_reference_summary = feature_inputs.summarize_rows(self.kinds, self.in_reference)
+            self.in_reference = []
 
     def apply_settings(self, settings: dict) -> None:
         self.settings, self.provisional = dict(settings), False
         if self.window.maxlen != settings["window"]:
             self.window = deque(self.window, maxlen=settings["window"])
             self.times = deque(self.times, maxlen=settings["window"])
+            self.in_window = deque(self.in_window, maxlen=min(settings["window"], INPUT_ROWS_MAX))
+            self.in_times = deque(self.in_times, maxlen=min(settings["window"], INPUT_ROWS_MAX))
         if not self.reference_complete and self.kind == "realtime" \
                 and len(self.reference) >= settings["reference_size"]:
             extra = self.reference[settings["reference_size"]:]
@@ -200,8 +288,13 @@ class _Version:
             first = self.times[0] if self.times else time.time()
             self.times.extendleft([first] * len(extra))
             del self.reference[settings["reference_size"]:]
+            extra_rows = self.in_reference[settings["reference_size"]:]
+            self.in_window.extendleft(reversed(extra_rows))
+            self.in_times.extendleft([first] * len(extra_rows))
+            del self.in_reference[settings["reference_size"]:]
             self.reference_count = len(self.reference)
             self.reference_complete = True
+            self.seal_inputs()
         self.changed = self.dirty = True
 
     # -- the figures ------------------------------------------------------------------------
@@ -229,13 +322,55 @@ class _Version:
         return (self.observed + self.batch_observed + self.retired_observed
                 + sum(int(o.get("observed") or 0) for o in self.others.values()))
 
+    def merged_rows(self) -> list[dict]:
+        """The newest `window` rows of every replica's window of rows, oldest first."""
+        pairs = list(zip(self.in_times, self.in_window))
+        if not any(o.get("in_window") for o in self.others.values()):
+            return [row for _, row in pairs]
+        for other in self.others.values():
+            pairs.extend(zip(other.get("in_times") or [], other.get("in_window") or []))
+        pairs.sort(key=lambda p: p[0])
+        return [row for _, row in pairs[-self.settings["window"]:]]
+
+    def input_summaries(self) -> tuple[dict, dict]:
+        """({feature: summary} of the reference's inputs, of the recent ones)."""
+        if self.kind == "batch":
+            latest = (self.jobs[-1].get("inputs") or {}) if self.jobs else {}
+            return self.in_reference_summary, (latest.get("features") or {})
+        return self.in_reference_summary, feature_inputs.summarize_rows(self.kinds, self.merged_rows())
+
+    def compute_inputs(self) -> None:
+        """Per feature: PSI of the recent inputs against the reference's, and whether it drifted."""
+        if not self.reference_complete:
+            self.inputs = {"features": {}, "drifted": [], "reason": "collecting the reference"}
+            return
+        reference, recent = self.input_summaries()
+        features: dict = {}
+        for name in list(self.kinds) or list(reference):
+            ref, cur = reference.get(name), recent.get(name)
+            if not ref or not cur:
+                continue
+            fd = stats.feature_drift(ref, cur)
+            low = min(fd["reference"]["count"], fd["recent"]["count"])
+            if low < MIN_COUNT:
+                fd["reason"] = f"drift needs at least {MIN_COUNT} values on each side (have {low})"
+                fd["psi"], fd["drifted"] = None, False
+            else:
+                fd["drifted"] = fd["psi"] is not None and fd["psi"] > self.settings["drift_threshold"]
+            features[name] = fd
+        self.inputs = {"features": features, "drifted": sorted(n for n, f in features.items() if f["drifted"])}
+        if not features:
+            self.inputs["reason"] = "no inputs observed yet (predict requests' rows, or batch jobs' datasets)"
+
     def compute(self) -> None:
         current, count = self.current()
         reason = None
+        size = self.settings["reference_size"]
         if not self.reference_complete:
-            reason = (f"collecting the reference: {self.reference_count} of "
-                      f"{self.settings['reference_size']} scores" if self.kind == "realtime"
-                      else "no reference yet: it is the first job's scores unless one is set")
+            reason = (f"collecting the reference: {self.reference_count} of {size} scores "
+                      + ("(this version's first scores)" if self.kind == "realtime"
+                         else "(filled from this version's jobs until it holds that many)")
+                      + "; or set one from a dataset")
         elif self.reference_count < MIN_COUNT:
             reason = f"the reference holds {self.reference_count} scores; drift needs at least {MIN_COUNT}"
         elif count < MIN_COUNT:
@@ -249,6 +384,7 @@ class _Version:
             self.drift = {"psi": None, "ks": None, "reference_count": self.reference_count,
                           "current_count": count, "reason": reason}
             self.drifted = False
+        self.compute_inputs()
         self.changed = False
 
     def report(self) -> dict:
@@ -273,6 +409,10 @@ class _Version:
             "kind": self.kind,
             "reference": {"count": self.reference_count, "source": self.reference_source,
                           "complete": self.reference_complete,
+                          "needed": self.settings["reference_size"],
+                          "missing": 0 if self.reference_complete else max(
+                              0, self.settings["reference_size"] - self.reference_count),
+                          "jobs": list(self.reference_jobs),
                           "quantiles": _rounded({**stats.quantiles(ref, presorted=True), "count": self.reference_count}),
                           "histogram": ref_hist},
             "recent": {"count": count, "quantiles": _rounded({**stats.quantiles(cur, presorted=True), "count": count}),
@@ -281,6 +421,7 @@ class _Version:
                                    "reference": _shares(stats.bin_counts(ref, deciles)),
                                    "recent": _shares(stats.bin_counts(cur, deciles))}},
             "drift": dict(self.drift),
+            "inputs": dict(self.inputs),
             "threshold": self.settings["drift_threshold"],
             "drifted": self.drifted,
             "observed": self.total_observed(),
@@ -299,10 +440,12 @@ class _Version:
         out = {"name": self.name, "version": self.version, "kind": self.kind, "settings": self.settings,
                "provisional": self.provisional, "reference_complete": self.reference_complete,
                "jobs": list(self.jobs), "seen_jobs": self.seen_jobs[-SEEN_KEPT:],
-               "observed": self.batch_observed, "retired_observed": self.retired_observed}
-        if self.reference_complete:
+               "observed": self.batch_observed, "retired_observed": self.retired_observed,
+               "kinds": self.kinds}
+        if self.reference_complete or self.kind == "batch":   # a batch reference fills from jobs: shared as it fills
             out.update(reference=self.reference, reference_count=self.reference_count,
-                       reference_source=self.reference_source, reference_histogram=self.reference_histogram)
+                       reference_source=self.reference_source, reference_histogram=self.reference_histogram,
+                       reference_jobs=self.reference_jobs, in_reference_summary=self.in_reference_summary)
         return out
 
     def shard_json(self, replica: str) -> dict:
@@ -310,18 +453,26 @@ class _Version:
         return {"name": self.name, "version": self.version, "replica": replica, "kind": self.kind,
                 "settings": self.settings, "provisional": self.provisional, "written_at": time.time(),
                 "window": list(self.window), "times": [round(t, 3) for t in self.times], "observed": self.observed,
-                "collecting": [] if self.reference_complete else self.reference}
+                "collecting": [] if self.reference_complete else self.reference,
+                "in_window": list(self.in_window), "in_times": [round(t, 3) for t in self.in_times],
+                "in_collecting": [] if self.reference_complete else self.in_reference, "kinds": self.kinds}
 
     def adopt_shared(self, data: dict) -> None:
         """Take what the replicas share from the store (a reference this replica is still
         collecting stays unless the shared one is complete)."""
         self.kind = data.get("kind") or self.kind
-        if data.get("reference_complete"):
+        if isinstance(data.get("kinds"), dict) and data["kinds"]:
+            self.kinds = {str(k): str(v) for k, v in data["kinds"].items()}
+        if data.get("reference_complete") or (self.kind == "batch" and data.get("reference")):
             self.reference = [float(x) for x in data.get("reference") or []]
             self.reference_count = int(data.get("reference_count") or len(self.reference))
             self.reference_source = data.get("reference_source") or "first scores"
             self.reference_histogram = data.get("reference_histogram")
-            self.reference_complete = True
+            self.reference_complete = bool(data.get("reference_complete"))
+            self.reference_jobs = list(data.get("reference_jobs") or [])
+            self.in_reference_summary = dict(data.get("in_reference_summary") or {})
+            if self.reference_complete:
+                self.in_reference = []
         self.jobs = deque(data.get("jobs") or [], maxlen=JOBS_KEPT)
         self.seen_jobs = list(data.get("seen_jobs") or [])
         self.batch_observed = int(data.get("observed") or 0) if self.kind == "batch" else 0
@@ -340,6 +491,13 @@ class _Version:
         if not self.reference_complete and data.get("collecting"):
             self.reference = [float(x) for x in data["collecting"]]
             self.reference_count = len(self.reference)
+        rows = [r for r in data.get("in_window") or [] if isinstance(r, dict)]
+        row_times = [float(t) for t in data.get("in_times") or []]
+        if len(row_times) == len(rows):
+            self.in_window.extend(rows)
+            self.in_times.extend(row_times)
+        if not self.reference_complete and data.get("in_collecting"):
+            self.in_reference = [r for r in data["in_collecting"] if isinstance(r, dict)][:INPUT_ROWS_MAX]
         self.changed = True
 
     def adopt_other(self, replica: str, data: dict) -> None:
@@ -347,8 +505,13 @@ class _Version:
         times = [float(t) for t in data.get("times") or []]
         if len(times) != len(window):
             times = [float(data.get("written_at") or 0)] * len(window)
+        rows = [r for r in data.get("in_window") or [] if isinstance(r, dict)]
+        row_times = [float(t) for t in data.get("in_times") or []]
+        if len(row_times) != len(rows):
+            rows, row_times = [], []
         self.others[replica] = {"window": window, "times": times, "observed": int(data.get("observed") or 0),
-                                "written_at": float(data.get("written_at") or 0)}
+                                "written_at": float(data.get("written_at") or 0),
+                                "in_window": rows, "in_times": row_times}
         self.changed = True
 
     @classmethod
@@ -358,6 +521,50 @@ class _Version:
         v = cls(str(data["name"]), str(data["version"]), settings, bool(data.get("provisional")))
         v.adopt_shared(data)
         return v
+
+
+def _merge_feature(a: Optional[dict], b: dict, wa: int, wb: int) -> dict:
+    """Two summaries of one feature's inputs (adapters/inputs.py) as one, weighted by the rows
+    they stand for (`wa`, `wb`: a summary is of a sample of its job's rows)."""
+    if not a or a.get("type") != b.get("type"):
+        return dict(b)
+    na, nb = int(a.get("count") or 0), int(b.get("count") or 0)
+    out = {"type": a["type"], "count": na + nb, "missing": int(a.get("missing") or 0) + int(b.get("missing") or 0)}
+    if a["type"] == "number":
+        out["percentiles"] = [round(x, 9) for x in stats.merge_points(
+            [(a.get("percentiles") or [], wa if na else 0), (b.get("percentiles") or [], wb if nb else 0)])]
+    else:
+        counts: dict[str, float] = {}
+        for summary, n in ((a, wa if na else 0), (b, wb if nb else 0)):
+            for k, share in (summary.get("shares") or {}).items():
+                counts[k] = counts.get(k, 0.0) + float(share) * n
+        total = math.fsum(counts.values())
+        out["shares"] = {k: round(c / total, 6) for k, c in counts.items()} if total else {}
+    return out
+
+
+def _fill_reference(v: "_Version", points: list[float], count: int, histogram: Optional[dict],
+                    features: dict, job: str) -> None:
+    """A batch version's reference takes one more job: its scores and inputs merged in (weighted
+    by their counts); complete once it holds `monitoring.reference_size` scores."""
+    if v.reference_count == 0:
+        v.reference, v.reference_histogram = list(points), histogram
+        v.in_reference_summary = {f: dict(s) for f, s in features.items() if isinstance(s, dict)}
+    else:
+        v.reference = stats.merge_points([(v.reference, v.reference_count), (points, count)])
+        v.reference_histogram = None   # the merged points are charted instead
+        for f, s in features.items():
+            if isinstance(s, dict):
+                v.in_reference_summary[f] = _merge_feature(v.in_reference_summary.get(f), s, v.reference_count, count)
+    v.reference_count += count
+    name = job or "a job"
+    v.reference_jobs = (v.reference_jobs + [name])[-JOBS_KEPT:]
+    shown = ", ".join(v.reference_jobs[:3]) + (f" and {len(v.reference_jobs) - 3} more"
+                                               if len(v.reference_jobs) > 3 else "")
+    v.reference_source = f"job {shown}" if len(v.reference_jobs) == 1 else f"jobs {shown}"
+    if v.reference_count >= v.settings["reference_size"]:
+        v.reference_complete = True
+    v.changed = True
 
 
 def _shares(counts: list[int]) -> list[Optional[float]]:
@@ -401,7 +608,13 @@ class ScoreMonitor:
         self.skipped = 0       # answers with scores this does not read (binary tensors)
         self.observed = 0      # scores taken in
         self.sampled_out = 0   # answers left out: the model answered more than SAMPLE_RATE a second
-        self._rates: dict[str, list] = {}   # model -> [second it counts, answers taken in it]
+        self.inputs_skipped = 0   # requests whose rows were not read (over MAX_REQUEST_BYTES, or unreadable)
+        self._kinds: dict[tuple[str, str], dict[str, str]] = {}   # a version's features, from its manifest
+        self._kinds_looked_up: dict[tuple[str, str], float] = {}
+        self._model_kind: dict[tuple[str, str], Optional[str]] = {}   # the manifest's kind: realtime | batch
+        # model -> [second it counts, answers taken in it, answers seen in it, the chance each is taken]
+        self._rates: dict[str, list] = {}
+        self._sample_rng = random.Random(SAMPLE_SEED)
         self._jobs_at = 0.0
         self._flags_at = 0.0
         self._load()
@@ -411,24 +624,35 @@ class ScoreMonitor:
             self._thread.start()
 
     # -- the front door's side: never blocks, never raises ----------------------------------
-    def observe(self, name: str, response) -> None:
-        """Queue a model's answer (a ProxyResponse) for its scores; a full queue drops it."""
+    def observe(self, name: str, response, request: Optional[tuple[str, bytes]] = None) -> None:
+        """Queue a model's answer (a ProxyResponse) for its scores, and a predict request's
+        `(content type, body)` for its rows' input drift (parsed in the monitor's thread, not
+        here; a body over MAX_REQUEST_BYTES is left out); a full queue drops them."""
         if response.status != 200 or not response.body:
             return
         now = int(_clock())
         rate = self._rates.get(name)
         if rate is None or rate[0] != now:
-            self._rates[name] = rate = [now, 0]
-        if rate[1] >= SAMPLE_RATE:
+            # each answer is taken with the chance that takes SAMPLE_RATE of the last second's: a
+            # uniform sample of the second, not its first answers (traffic sent in a repeating
+            # order would otherwise be seen by its first part only)
+            chance = 1.0 if rate is None or rate[0] != now - 1 else min(1.0, SAMPLE_RATE / max(rate[2], 1))
+            self._rates[name] = rate = [now, 0, 0, chance]
+        rate[2] += 1
+        if rate[1] >= SAMPLE_RATE or (rate[3] < 1.0 and self._sample_rng.random() >= rate[3]):
             self.sampled_out += 1
             return
         rate[1] += 1
-        size = len(response.body)
+        if request is not None and (not isinstance(request[1], (bytes, bytearray))
+                                    or len(request[1]) > MAX_REQUEST_BYTES):
+            self.inputs_skipped += 1
+            request = None
+        size = len(response.body) + (len(request[1]) if request is not None else 0)
         if len(self._queue) >= self.queue_max or self._bytes_in - self._bytes_out + size > self.queue_max_bytes:
             self.dropped += 1
             return
         self._bytes_in += size
-        self._queue.append((name, response.status, response.headers, response.body))
+        self._queue.append((name, response.status, response.headers, response.body, request))
         if len(self._queue) >= 256:
             self._wake.set()   # otherwise the thread takes them within its second (and any read drains first)
 
@@ -464,25 +688,34 @@ class ScoreMonitor:
         completed: list[tuple[str, str]] = []
         while True:
             try:
-                name, _status, headers, body = self._queue.popleft()
+                name, _status, headers, body, request = self._queue.popleft()
             except IndexError:
                 for name, version in completed:
                     self._publish_reference(name, version)
                 return taken
             taken += 1
-            self._bytes_out += len(body)
+            self._bytes_out += len(body) + (len(request[1]) if request is not None else 0)
             version, scores, skipped = parse_scores(headers, body)
             if skipped:
                 self.skipped += 1
             if not version or not scores:
                 continue
             settings, provisional = self._settings_for(name, str(version))
+            kinds = self._kinds_for(name, str(version)) if request is not None else {}
+            rows = None
+            if request is not None and kinds:
+                rows = parse_rows(request[0], request[1], kinds)
+                if rows is None or len(rows) != len(scores):
+                    self.inputs_skipped += 1
+                    rows = None
             with self._lock:
                 v = self._version(name, str(version), settings, provisional)
                 if v.kind != "realtime":
                     continue
+                if kinds and not v.kinds:
+                    v.kinds = dict(kinds)
                 self.observed += len(scores)
-                if v.add(scores):
+                if v.add(scores, rows):
                     completed.append((name, str(version)))
 
     def _publish_reference(self, name: str, version: str) -> None:
@@ -557,8 +790,32 @@ class ScoreMonitor:
                 manifest = {}
             if manifest:
                 known = self._settings[(name, version)] = {**DEFAULTS, **(manifest.get("monitoring") or {})}
+                self._model_kind[(name, version)] = manifest.get("kind")
+                self._kinds[(name, version)] = feature_inputs.feature_kinds(manifest.get("features"))
                 return known, False
         return dict(DEFAULTS), True
+
+    def _kinds_for(self, name: str, version: str) -> dict[str, str]:
+        """A version's features (`{name: kind}`): from its manifest, else as stored, else looked up
+        (at most every SETTINGS_TTL seconds); {} while unknown."""
+        kinds = self._kinds.get((name, version))
+        if kinds:
+            return kinds
+        with self._lock:
+            v = self._versions.get((name, version))
+            if v is not None and v.kinds:
+                return v.kinds
+        now = time.monotonic()
+        if now - self._kinds_looked_up.get((name, version), -math.inf) >= SETTINGS_TTL:
+            self._kinds_looked_up[(name, version)] = now
+            try:
+                manifest = self.manifest_of(name, version) or {}
+            except Exception:  # noqa: BLE001 — unknown for now: asked again later
+                manifest = {}
+            if manifest.get("features"):
+                kinds = self._kinds[(name, version)] = feature_inputs.feature_kinds(manifest["features"])
+                return kinds
+        return {}
 
     def _refresh_flags(self, names: Optional[Iterable[str]] = None) -> None:
         with self._lock:
@@ -584,7 +841,9 @@ class ScoreMonitor:
     # -- batch --------------------------------------------------------------------------------
     def observe_job(self, name: str, version: str, summary: dict, *, job: str = "",
                     finished_at: Optional[str] = None) -> None:
-        """Take a finished batch job's `score_summary`: the version's reference if it has none."""
+        """Take a finished batch job's `score_summary` (and its `inputs`): the version's reference
+        fills from its jobs, merged, until it holds `monitoring.reference_size` scores, so a small
+        first job never becomes the whole reference."""
         if not isinstance(summary, dict) or not summary.get("count"):
             return
         points = _finite_numbers(summary.get("percentiles")) or []
@@ -598,15 +857,20 @@ class ScoreMonitor:
             v.kind = "batch"
             if job:
                 v.seen_jobs = (v.seen_jobs + [job])[-SEEN_KEPT:]
+            job_inputs = summary.get("inputs") if isinstance(summary.get("inputs"), dict) else {}
+            features = job_inputs.get("features") if isinstance(job_inputs.get("features"), dict) else {}
+            features = {str(f): x for f, x in list(features.items())[:feature_inputs.MAX_FEATURES]   # bounded
+                        if isinstance(x, dict) and x.get("type") in ("number", "category")
+                        and len(x.get("percentiles") or []) <= 101
+                        and len(x.get("shares") or {}) <= feature_inputs.MAX_CATEGORIES + 1}
+            if not v.kinds and features:
+                v.kinds = {f: str(s.get("type")) for f, s in features.items() if isinstance(s, dict)}
             if not v.reference_complete:
-                v.reference, v.reference_count = points, count
-                v.reference_source = f"job {job}" if job else "first job"
-                v.reference_histogram = summary.get("histogram")
-                v.reference_complete = True
+                _fill_reference(v, points, count, summary.get("histogram"), features, job)
             d = stats.drift(v.reference, points)
             v.jobs.append({"job": job, "finished_at": finished_at, "count": count, "psi": d["psi"], "ks": d["ks"],
                            "quantiles": summary.get("quantiles") or {}, "histogram": summary.get("histogram") or {},
-                           "percentiles": points})
+                           "percentiles": points, "inputs": {"features": features}})
             v.batch_observed += count
             v.changed = True
             return True
@@ -628,6 +892,12 @@ class ScoreMonitor:
         for job in reversed(jobs):   # oldest first: the first job is the reference
             if job.status != "succeeded" or job.id in seen or job.trigger == "compare":
                 continue   # a comparison's or a reference's job scores the user's chosen rows, not traffic
+            self._settings_for(job.model, job.version)
+            with self._lock:
+                known = self._versions.get((job.model, job.version))
+                serving = known is not None and known.kind == "realtime" and known.total_observed() > 0
+            if serving or self._model_kind.get((job.model, job.version)) == "realtime":
+                continue   # a dataset run through a realtime version: its monitoring is its traffic
             summary = job.score_summary
             if not summary:
                 try:
@@ -651,6 +921,8 @@ class ScoreMonitor:
             v.reference_source = source
             v.reference_complete = True
             v.reference_histogram = None
+            v.reference_jobs = []
+            v.seal_inputs()   # the input reference stays the traffic's (a dataset gives scores only)
             v.changed = True
             return True
 
@@ -678,7 +950,8 @@ class ScoreMonitor:
         again under the name starts afresh)."""
         self.drain()
         with self._lock:
-            for table in (self._versions, self._settings, self._looked_up):
+            for table in (self._versions, self._settings, self._looked_up, self._kinds, self._kinds_looked_up,
+                          self._model_kind):
                 for key in [k for k in table if k[0] == name]:
                     del table[key]
             self._rates.pop(name, None)
@@ -699,7 +972,9 @@ class ScoreMonitor:
         self._refresh_flags()
         with self._lock:
             return [{"model": n, "version": version, "psi": v.drift.get("psi"), "ks": v.drift.get("ks"),
-                     "drifted": v.drifted, "observed": v.total_observed()}
+                     "drifted": v.drifted, "observed": v.total_observed(),
+                     "features": {f: {"psi": d.get("psi"), "drifted": bool(d.get("drifted"))}
+                                  for f, d in (v.inputs.get("features") or {}).items()}}
                     for (n, version), v in sorted(self._versions.items())]
 
     # -- in the store -----------------------------------------------------------------------------

@@ -178,3 +178,75 @@ def _round(x: Optional[float], digits: int = 6) -> Optional[float]:
 
 def _rounded(d: dict) -> dict:
     return {k: (_round(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+# -- input drift: per feature, and references merged from several jobs ---------------------------
+
+def share_psi(expected: dict, actual: dict, floor: float = PSI_FLOOR) -> Optional[float]:
+    """PSI over category shares (`{value: share}`; a value one side lacks has share 0 there,
+    floored like an empty bin); None when either side is empty."""
+    if not expected or not actual:
+        return None
+    te, ta = math.fsum(expected.values()), math.fsum(actual.values())
+    if te <= 0 or ta <= 0:
+        return None
+    total = 0.0
+    for k in set(expected) | set(actual):
+        pe, pa = max(expected.get(k, 0) / te, floor), max(actual.get(k, 0) / ta, floor)
+        total += (pa - pe) * math.log(pa / pe)
+    return total
+
+
+def merge_points(parts: Sequence[tuple[Sequence[float], int]], n: int = 101) -> list[float]:
+    """`n` quantile points of the union of several samples, each given as its quantile points
+    and how many values they stand for (a batch reference filled from several jobs)."""
+    pairs = sorted((x, count / len(points)) for points, count in parts if points and count > 0 for x in points)
+    if not pairs:
+        return []
+    total = math.fsum(w for _, w in pairs)
+    pos, cum = [], 0.0
+    for _, w in pairs:
+        pos.append((cum + w / 2) / total)
+        cum += w
+    xs = [x for x, _ in pairs]
+    out = []
+    for i in range(n):
+        q = i / (n - 1)
+        k = bisect.bisect_left(pos, q)
+        if k <= 0:
+            out.append(xs[0])
+        elif k >= len(xs):
+            out.append(xs[-1])
+        else:
+            t = (q - pos[k - 1]) / (pos[k] - pos[k - 1]) if pos[k] > pos[k - 1] else 0.0
+            out.append(xs[k - 1] + (xs[k] - xs[k - 1]) * t)
+    return out
+
+
+def feature_drift(reference: dict, recent: dict) -> dict:
+    """PSI of one feature's recent summary against its reference's (adapters/inputs.py
+    summaries: numbers over the reference's deciles, categories over their shares), with what a
+    chart needs: the decile bins' shares of a number, the value shares of a category."""
+    kind = reference.get("type")
+    if kind == "number":
+        ref = sorted(reference.get("percentiles") or [])
+        cur = sorted(recent.get("percentiles") or [])
+        edges = decile_edges(ref)
+        out = {"type": "number", "psi": _round(psi(ref, cur)) if ref and cur else None,
+               "bins": {"edges": [_round(e) for e in edges],
+                        "reference": _share_list(bin_counts(ref, edges)),
+                        "recent": _share_list(bin_counts(cur, edges))},
+               "reference": {k: _round(quantile(ref, q)) for k, q in (("p5", .05), ("p50", .5), ("p95", .95))},
+               "recent": {k: _round(quantile(cur, q)) for k, q in (("p5", .05), ("p50", .5), ("p95", .95))}}
+    else:
+        ref_s, cur_s = reference.get("shares") or {}, recent.get("shares") or {}
+        out = {"type": "category", "psi": _round(share_psi(ref_s, cur_s)),
+               "reference": {"shares": dict(ref_s)}, "recent": {"shares": dict(cur_s)}}
+    out["reference"]["count"] = int(reference.get("count") or 0)
+    out["recent"]["count"] = int(recent.get("count") or 0)
+    return out
+
+
+def _share_list(counts: list[int]) -> list[Optional[float]]:
+    total = sum(counts)
+    return [round(c / total, 6) if total else None for c in counts]

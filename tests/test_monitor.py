@@ -350,9 +350,31 @@ def test_past_its_sample_rate_a_model_s_answers_are_left_out_and_counted(tmp_pat
         monitor.observe("m", answer)
         monitor.observe("other", answer)      # each model has its own rate
     assert monitor.sampled_out == 6 and len(monitor._queue) == 10
-    now[0] += 1.0                             # the next second takes answers again
+    now[0] += 5.0                             # a later second takes answers again
     monitor.observe("m", answer)
     assert monitor.sampled_out == 6 and len(monitor._queue) == 11
+
+
+def test_past_its_sample_rate_answers_are_sampled_over_the_whole_second_not_its_first(tmp_path, monkeypatch):
+    """Traffic sent in a repeating order each second (100 answers of 0.1, then 900 of 0.9): the
+    sample holds both as they are sent, not only what comes first in each second."""
+    import control.monitor as cm
+
+    now = [1000.0]
+    monkeypatch.setattr(cm, "_clock", lambda: now[0])
+    monitor = ScoreMonitor(tmp_path / "monitor", start=False, queue_max=100_000,
+                           manifest_of=lambda n, v: {"monitoring": {"reference_size": 100, "window": 1000}})
+    low = ProxyResponse(status=200, headers={}, body=b'{"model":"m","version":"1.0.0","scores":[0.1]}')
+    high = ProxyResponse(status=200, headers={}, body=b'{"model":"m","version":"1.0.0","scores":[0.9]}')
+    for _ in range(20):
+        for answer in [low] * 100 + [high] * 900:
+            monitor.observe("m", answer)
+        now[0] += 1.0
+    monitor.drain()
+    window = list(monitor._versions[("m", "1.0.0")].window)
+    assert len(window) == 1000
+    share = window.count(0.9) / len(window)
+    assert 0.8 < share < 0.97, share   # 0.9 of what was sent; the first answers of each second alone: 0
 
 
 def test_each_version_is_watched_with_its_own_manifest_settings_live_or_not(tmp_path):
@@ -367,3 +389,258 @@ def test_each_version_is_watched_with_its_own_manifest_settings_live_or_not(tmp_
     monitor.drain()
     report = monitor.report("m", batch=False)["versions"]
     assert {v: report[v]["threshold"] for v in report} == thresholds
+
+
+# -- input drift, per feature; a reference's stated minimum ------------------------------------------
+
+FEAT_RT, FEAT_BATCH = "drift-feat-rt", "drift-feat-batch"
+
+
+def feature_rows(n: int, *, seed: int, y_shift: float = 0.0, south: float = 0.3) -> list[dict]:
+    """Rows of four features; only x moves the score. `y_shift` moves y, `south` the share of
+    region "south" (the rest "north"); member is true for about half."""
+    r = random.Random(seed)
+    return [{"x": r.gauss(0, 1), "y": r.gauss(y_shift, 1), "region": "south" if r.random() < south else "north",
+             "member": r.random() < 0.5} for _ in range(n)]
+
+
+@pytest.fixture
+def feat_plane(tmp_path, gcs):
+    settings = settings_for(tmp_path, start_timeout=30)
+    for name in (FEAT_RT, FEAT_BATCH, BATCH):
+        copy_model(name, settings.models_dir)
+    with running(settings) as server:
+        yield server
+
+
+def test_realtime_a_single_shifted_feature_is_named_json_and_csv_through_the_front_door(feat_plane):
+    server = feat_plane
+    url = f"{server.url}/models/{FEAT_RT}/predict"
+    r = api.post(url, json={"rows": feature_rows(N, seed=1)}, timeout=60)   # the reference's rows
+    assert r.status_code == 200, r.text
+    r = api.post(url, json={"rows": feature_rows(N, seed=2)}, timeout=60)   # the same population
+    assert r.status_code == 200, r.text
+    v = version(server, FEAT_RT)
+    assert set(v["inputs"]["features"]) == {"x", "y", "region", "member"}
+    assert v["inputs"]["drifted"] == [] and v["drifted"] is False
+    calm = {f: d["psi"] for f, d in v["inputs"]["features"].items()}
+    assert all(p is not None and p < 0.25 for p in calm.values()), calm
+
+    # y alone moves, sent as CSV: the scores (logistic(x)) do not, and y is the one feature named
+    shifted = feature_rows(N, seed=3, y_shift=2.0)
+    body = "x,y,region,member\n" + "\n".join(
+        f"{row['x']},{row['y']},{row['region']},{str(row['member']).lower()}" for row in shifted) + "\n"
+    r = api.post(url, data=body, headers={"Content-Type": "text/csv"}, timeout=60)
+    assert r.status_code == 200, r.text
+    v = version(server, FEAT_RT)
+    assert v["inputs"]["drifted"] == ["y"], v["inputs"]
+    y = v["inputs"]["features"]["y"]
+    assert y["type"] == "number" and y["psi"] > 0.25 and y["drifted"] is True
+    assert len(y["bins"]["reference"]) == len(y["bins"]["edges"]) + 1
+    assert v["drifted"] is False   # the scores' drift is the scores' alone
+    assert v["inputs"]["features"]["member"]["type"] == "category"
+    assert set(v["inputs"]["features"]["member"]["recent"]["shares"]) == {"true", "false"}
+    text = api.get(f"{server.url}/metrics").text
+    assert f'modelplane_model_feature_drifted{{model="{FEAT_RT}",version="1.0.0",feature="y"}} 1' in text
+    assert f'modelplane_model_feature_drifted{{model="{FEAT_RT}",version="1.0.0",feature="x"}} 0' in text
+    assert f'modelplane_model_feature_psi{{model="{FEAT_RT}",version="1.0.0",feature="y"}} ' in text
+
+
+def _feat_job(server, gcs_client, name: str, rows: list[dict]) -> dict:
+    gcs_client.bucket("test-bucket").blob(f"data/{name}").upload_from_string(
+        "x,y,region,member\n" + "\n".join(f"{r['x']!r},{r['y']!r},{r['region']},{str(r['member']).lower()}"
+                                          for r in rows) + "\n", content_type="text/csv")
+    got = api.post(f"{server.url}/api/models/{FEAT_BATCH}/jobs", json={"dataset": f"gs://test-bucket/data/{name}"})
+    assert got.status_code == 202, got.text
+    job_id = got.json()["id"]
+    job = wait_until(lambda: (j := api.get(f"{server.url}/api/jobs/{job_id}").json())["status"]
+                     in ("succeeded", "failed") and j, 60, what=f"job {job_id}")
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def test_batch_a_single_shifted_category_is_named_from_real_jobs(feat_plane, gcs_client):
+    server = feat_plane
+    base = _feat_job(server, gcs_client, "base.csv", feature_rows(600, seed=1))
+    inputs = base["score_summary"]["inputs"]
+    assert inputs["rows"] == 600 and inputs["sampled"] == 600
+    assert inputs["features"]["region"]["type"] == "category"
+    assert set(inputs["features"]["region"]["shares"]) == {"north", "south"}
+    assert len(inputs["features"]["y"]["percentiles"]) == 101
+
+    _feat_job(server, gcs_client, "same.csv", feature_rows(600, seed=2))
+    v = version(server, FEAT_BATCH)
+    assert v["reference"]["complete"] and v["inputs"]["drifted"] == [], v["inputs"]
+
+    _feat_job(server, gcs_client, "south.csv", feature_rows(600, seed=3, south=0.8))
+    v = version(server, FEAT_BATCH)
+    assert v["inputs"]["drifted"] == ["region"], v["inputs"]
+    region = v["inputs"]["features"]["region"]
+    assert region["psi"] > 0.25 and region["recent"]["shares"]["south"] > 0.7
+    assert region["reference"]["shares"]["south"] < 0.4
+    assert v["drifted"] is False
+    text = api.get(f"{server.url}/metrics").text
+    assert f'modelplane_model_feature_drifted{{model="{FEAT_BATCH}",version="1.0.0",feature="region"}} 1' in text
+
+
+def test_a_small_first_job_does_not_become_the_reference_and_the_api_says_what_is_needed(feat_plane, gcs_client):
+    server = feat_plane
+    r = random.Random(5)
+    small = _job(server, gcs_client, "small.csv", [r.gauss(0, 1) for _ in range(20)])
+    v = version(server, BATCH)
+    ref = v["reference"]
+    assert (ref["count"], ref["needed"], ref["missing"], ref["complete"]) == (20, 500, 480, False)
+    assert ref["source"] == f"job {small['id']}" and ref["jobs"] == [small["id"]]
+    assert "20 of 500 scores" in v["drift"]["reason"] and v["drift"]["psi"] is None
+
+    big = _job(server, gcs_client, "big.csv", [r.gauss(0, 1) for _ in range(600)])
+    v = version(server, BATCH)
+    ref = v["reference"]
+    assert (ref["count"], ref["missing"], ref["complete"]) == (620, 0, True)
+    assert ref["jobs"] == [small["id"], big["id"]] and ref["source"] == f"jobs {small['id']}, {big['id']}"
+    assert v["drift"]["psi"] is not None and v["drift"]["psi"] < 0.25 and v["drifted"] is False
+
+    later = _job(server, gcs_client, "later.csv", [r.gauss(0, 1) for _ in range(20)])   # complete: stays
+    v = version(server, BATCH)
+    assert v["reference"]["count"] == 620 and later["id"] not in v["reference"]["jobs"]
+
+
+def test_console_names_the_drifted_feature_with_a_table_and_a_chart_each(feat_plane, monkeypatch, tmp_path):
+    pytest.importorskip("streamlit")
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    server = feat_plane
+    url = f"{server.url}/models/{FEAT_RT}/predict"
+    for batch in (feature_rows(N, seed=1), feature_rows(N, seed=3, y_shift=2.0)):
+        assert api.post(url, json={"rows": batch}, timeout=60).status_code == 200
+    monkeypatch.setenv("MODELPLANE_URL", server.url)
+    monkeypatch.setenv("MODELPLANE_TOKEN", AUTH["Authorization"].split()[-1])
+    monkeypatch.setenv("MODELPLANE_STATE_DIR", str(tmp_path / "no-state"))
+    config.set_option("server.address", "127.0.0.1")
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "console" / "app.py"), default_timeout=90)
+    at.run()
+    at.switch_page("views/model.py")
+    at.query_params.update({"model": FEAT_RT})
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    warnings = [w.value for w in at.warning]
+    assert any("inputs have drifted" in w and "y (PSI" in w for w in warnings), warnings
+    assert not any("inputs have drifted" in w and ("x (PSI" in w or "region" in w) for w in warnings), warnings
+    table = next(d.value for d in at.dataframe if "feature" in d.value.columns)
+    assert list(table["feature"])[0] == "y" and list(table["drifted"]) == ["yes", "no", "no", "no"]
+    titles = [c.proto.spec for c in at.get("vega_lite_chart")]
+    assert sum(": reference vs recent" in t and "score" not in t.split("reference vs recent")[1][:10]
+               for t in titles) >= 4, "a chart per feature"
+
+
+# -- input drift: shared across replicas, and bounded against hostile bodies --------------------------
+
+FEATURES = [{"name": "x", "type": "number"}, {"name": "y", "type": "number"},
+            {"name": "region", "type": "string"}, {"name": "member", "type": "boolean"}]
+
+
+def _answer_with_rows(version: str, batch: list[dict]) -> tuple[ProxyResponse, tuple[str, bytes]]:
+    import json as _json
+    body = _json.dumps({"model": "m", "version": version, "scores": [logistic(r["x"]) for r in batch]}).encode()
+    return ProxyResponse(status=200, headers={}, body=body), ("application/json", _json.dumps({"rows": batch}).encode())
+
+
+def test_input_drift_is_shared_by_replicas_reference_once_windows_merged(gcs_client):
+    import uuid
+
+    from control.state import BucketState
+
+    prefix = f"state-{uuid.uuid4().hex[:8]}/"
+    manifest = {"features": FEATURES, "monitoring": {"reference_size": 200, "window": 400, "drift_threshold": 0.25}}
+    a, b = (ScoreMonitor(BucketState(gcs_client.bucket("test-bucket"), prefix=prefix, replica=f"replica-{n}")
+                         .scoped("monitor/"), start=False, manifest_of=lambda name, version: manifest) for n in "ab")
+    try:
+        a.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=1)))   # A's rows are the reference
+        a.drain()
+        b.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=9, south=0.9)))   # B only saw others
+        b.drain()
+        a.observe("m", *_answer_with_rows("1.0.0", feature_rows(100, seed=2)))
+        b.observe("m", *_answer_with_rows("1.0.0", feature_rows(150, seed=3, y_shift=2.0)))
+        a.flush()
+        b.flush()
+        ra, rb = a.report("m")["versions"]["1.0.0"], b.report("m")["versions"]["1.0.0"]
+        assert ra["inputs"] == rb["inputs"]   # one reference, one merged window of 250 rows
+        assert ra["inputs"]["features"]["y"]["recent"]["count"] == 250
+        assert ra["inputs"]["features"]["region"]["reference"]["shares"]["south"] < 0.5   # A's, not B's
+        assert ra["inputs"]["drifted"] == ["y"], ra["inputs"]
+        # what is stored is bounded: the reference as its summary, not its rows
+        shared, _ = a.store.get_json("m/1.0.0.json")
+        assert "in_reference" not in shared and set(shared["in_reference_summary"]) == {"x", "y", "region", "member"}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_hostile_request_bodies_are_left_out_counted_and_never_stop_the_scores(tmp_path):
+    import control.monitor as cm
+
+    monitor = ScoreMonitor(tmp_path / "monitor", start=False, manifest_of=lambda n, v: {
+        "features": FEATURES, "monitoring": {"reference_size": 100, "window": 100}})
+    answer, _ = _answer_with_rows("1.0.0", feature_rows(2, seed=1))
+    bodies = [("application/json", b"x" * (cm.MAX_REQUEST_BYTES + 1)),        # too large: not even queued
+              ("application/json", b'{"rows": [1, 2]}'),                      # rows that are not objects
+              ("application/json", b'{"rows": [{"x": 1}]}'),                  # one row for two scores
+              ("text/csv", b"\xff\xfe not utf-8"),
+              ("application/json", b'{"rows": [{"x": "NaN", "region": {"a": 1}}, {"y": "1e999"}]}')]
+    for body in bodies:
+        monitor.observe("m", answer, body)
+    monitor.drain()
+    assert monitor.inputs_skipped == 4 and monitor.observed == 10   # every answer's scores still taken
+    v = monitor._versions[("m", "1.0.0")]
+    assert len(v.in_reference) == 2 and v.in_reference[0]["x"] is None and v.in_reference[1]["y"] is None
+    assert v.in_reference[0]["region"].startswith("{")   # an object read as a (short) category value
+
+
+def test_csv_answers_with_passthrough_columns_read_the_score_column():
+    headers = {"Content-Type": "text/csv", "X-Model-Version": "1.0.0"}
+    assert parse_scores(headers, b"customer_id,p\nc1,0.25\n\"c,2\",0.75\n") == ("1.0.0", [0.25, 0.75], False)
+
+
+def test_input_drift_survives_a_restart(tmp_path):
+    manifest = {"features": FEATURES, "monitoring": {"reference_size": 200, "window": 200}}
+    first = ScoreMonitor(tmp_path / "monitor", start=False, manifest_of=lambda n, v: manifest)
+    first.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=1)))
+    first.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=3, y_shift=2.0)))
+    before = first.report("m", batch=False)["versions"]["1.0.0"]["inputs"]
+    first.close()
+    assert before["drifted"] == ["y"]
+    again = ScoreMonitor(tmp_path / "monitor", start=False, manifest_of=lambda n, v: manifest)
+    assert again.report("m", batch=False)["versions"]["1.0.0"]["inputs"] == before
+    again.observe("m", *_answer_with_rows("1.0.0", feature_rows(200, seed=4)))   # still read after it
+    assert again.report("m", batch=False)["versions"]["1.0.0"]["inputs"]["drifted"] == []
+
+
+def test_a_dataset_run_through_a_realtime_version_does_not_turn_its_monitoring_into_a_batch_one(tmp_path):
+    from types import SimpleNamespace
+
+    summary = {"count": 500, "percentiles": [i / 100 for i in range(101)]}
+    jobs = [SimpleNamespace(id=f"j{k}", model=k, version="1.0.0", status="succeeded", trigger="api",
+                            score_summary=summary, finished_at=None) for k in ("rt", "batch")]
+    runtime = SimpleNamespace(jobs=lambda model=None, limit=200: [j for j in jobs if model in (None, j.model)])
+    monitor = ScoreMonitor(tmp_path / "monitor", start=False, runtime=runtime,
+                           manifest_of=lambda n, v: {"kind": "realtime" if n == "rt" else "batch"})
+    monitor.sync_jobs()
+    assert ("rt", "1.0.0") not in monitor._versions
+    assert monitor._versions[("batch", "1.0.0")].kind == "batch"
+
+
+def test_realtime_v2_requests_inputs_are_read_too(feat_plane):
+    server = feat_plane
+    r = api.post(f"{server.url}/models/{FEAT_RT}/predict", json={"rows": feature_rows(N, seed=1)}, timeout=60)
+    assert r.status_code == 200, r.text
+    batch = feature_rows(N, seed=4, south=0.9)
+    body = {"inputs": [{"name": "x", "shape": [N], "datatype": "FP64", "data": [b["x"] for b in batch]},
+                       {"name": "y", "shape": [N, 1], "datatype": "FP64", "data": [[b["y"]] for b in batch]},
+                       {"name": "region", "shape": [N], "datatype": "BYTES", "data": [b["region"] for b in batch]},
+                       {"name": "member", "shape": [N], "datatype": "BOOL", "data": [b["member"] for b in batch]}]}
+    r = api.post(f"{server.url}/models/{FEAT_RT}/v2/models/{FEAT_RT}/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    v = version(server, FEAT_RT)
+    assert v["inputs"]["drifted"] == ["region"], v["inputs"]
+    assert v["inputs"]["features"]["y"]["recent"]["count"] == N

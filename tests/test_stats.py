@@ -75,3 +75,14 @@ def test_compare_reports_flips_differences_and_quantiles():
 def test_compare_refuses_different_row_counts():
     with pytest.raises(ValueError, match="different numbers of rows"):
         stats.compare([1.0], [1.0, 2.0])
+
+
+def test_share_psi_over_categories_and_merged_points():
+    assert stats.share_psi({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == 0
+    moved = stats.share_psi({"a": 0.7, "b": 0.3}, {"a": 0.2, "b": 0.8})
+    assert moved > 0.25
+    assert stats.share_psi({"a": 1.0}, {"a": 0.5, "new": 0.5}) > 0.25   # a value never seen counts
+    assert stats.share_psi({}, {"a": 1.0}) is None
+    # a 20-score job and a 2,000-score job merged: the large one dominates
+    merged = stats.merge_points([([0.0] * 101, 20), ([float(i) for i in range(101)], 2000)])
+    assert len(merged) == 101 and merged[0] == 0.0 and 45 < merged[50] < 55

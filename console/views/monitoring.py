@@ -1,5 +1,7 @@
 """Score monitoring on a model's page: for each version, its reference and recent score
-distributions overlaid, PSI and KS against the reference, and a warning when it has drifted
+distributions overlaid, PSI and KS against the reference, and a warning when it has drifted;
+its inputs' drift per feature (the drifted features named, a table of every feature's PSI and a
+chart of reference vs recent shares per feature); what a reference still needs
 (what `GET /api/models/{name}` answers under `monitoring`)."""
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ def version_panel(name: str, version: str, v: dict, *, live: bool) -> None:
     what = f"reference: {ref.get('source', '?')}"
     if recent.get("job"):
         what += f" · recent: job {recent['job']}"
+    if ref and not ref.get("complete") and ref.get("needed"):
+        what += f" · the reference holds {common.fmt_int(ref.get('count'))} of {common.fmt_int(ref['needed'])} scores"
     if drift.get("reason"):
         what += f" · {drift['reason']}"
     st.caption(what)
@@ -79,6 +83,81 @@ def version_panel(name: str, version: str, v: dict, *, live: bool) -> None:
         st.caption("No scores to chart yet.")
     else:
         st.altair_chart(chart(frame, f"{version}: reference vs recent scores"), use_container_width=True)
+    inputs_panel(name, version, v)
+
+
+def features_frame(inputs: dict) -> pd.DataFrame:
+    """One row per feature: its kind, PSI, whether it drifted, and its reference and recent middles
+    (a number's median, a category's most common value and its share)."""
+    out = []
+    for feature, d in sorted((inputs.get("features") or {}).items(), key=lambda kv: (not kv[1].get("drifted"), kv[0])):
+        if d.get("type") == "number":
+            ref, cur = _fmt(d["reference"].get("p50")), _fmt(d["recent"].get("p50"))
+        else:
+            ref, cur = _top(d["reference"].get("shares")), _top(d["recent"].get("shares"))
+        out.append({"feature": feature, "kind": d.get("type"), "PSI": _fmt(d.get("psi")),
+                    "drifted": "yes" if d.get("drifted") else "no", "reference": ref, "recent": cur})
+    return pd.DataFrame(out, columns=["feature", "kind", "PSI", "drifted", "reference", "recent"])
+
+
+def _top(shares: Optional[dict]) -> str:
+    if not shares:
+        return "—"
+    value, share = max(shares.items(), key=lambda kv: kv[1])
+    return f"{value} {share:.0%}"
+
+
+def feature_chart_frame(d: dict) -> pd.DataFrame:
+    """One feature's reference and recent shares: a number's over its reference deciles (the bins
+    its PSI is taken over), a category's per value."""
+    out = []
+    if d.get("type") == "number":
+        bins = d.get("bins") or {}
+        edges = bins.get("edges") or []
+        labels = ([f"≤ {edges[0]:.4g}"] + [f"{a:.4g} – {b:.4g}" for a, b in zip(edges, edges[1:])]
+                  + [f"> {edges[-1]:.4g}"]) if edges else ["all"]
+        for series in SERIES:
+            for i, (label, share) in enumerate(zip(labels, bins.get(series) or [])):
+                out.append({"series": series, "bin": label, "order": i, "share": share or 0.0})
+    else:
+        values = sorted(set((d["reference"].get("shares") or {})) | set((d["recent"].get("shares") or {})))
+        for series in SERIES:
+            shares = d[series].get("shares") or {}
+            for i, value in enumerate(values):
+                out.append({"series": series, "bin": value, "order": i, "share": shares.get(value, 0.0)})
+    return pd.DataFrame(out, columns=["series", "bin", "order", "share"])
+
+
+def feature_chart(frame: pd.DataFrame, title: str) -> alt.Chart:
+    return alt.Chart(frame, title=title).mark_bar().encode(
+        x=alt.X("bin:N", sort=alt.SortField("order"), title=None),
+        xOffset=alt.XOffset("series:N", sort=list(SERIES)),
+        y=alt.Y("share:Q", title="share", axis=alt.Axis(format="%")),
+        color=alt.Color("series:N", scale=alt.Scale(domain=list(SERIES), range=list(COLORS)), title=None),
+        tooltip=["series", "bin", alt.Tooltip("share:Q", format=".1%")],
+    ).properties(height=200)
+
+
+def inputs_panel(name: str, version: str, v: dict) -> None:
+    """The version's input drift: the drifted features named, a table of every feature, a chart each."""
+    inputs = v.get("inputs") or {}
+    features = inputs.get("features") or {}
+    if not features:
+        if inputs.get("reason") and v.get("reference", {}).get("complete"):
+            st.caption(f"Inputs: {inputs['reason']}.")
+        return
+    drifted = inputs.get("drifted") or []
+    if drifted:
+        named = ", ".join(f"{f} (PSI {_fmt(features[f].get('psi'))})" for f in drifted)
+        st.warning(f"**{name} {version}: its inputs have drifted** in {named}, above the threshold of "
+                   f"{v.get('threshold')} (monitoring.drift_threshold).", icon=":material/warning:")
+    st.markdown("Input drift per feature")
+    st.dataframe(features_frame(inputs), hide_index=True, use_container_width=True)
+    with st.expander("Reference vs recent, per feature", expanded=bool(drifted)):
+        for feature in drifted + sorted(f for f in features if f not in drifted):
+            frame = feature_chart_frame(features[feature])
+            if not frame.empty:
+                st.altair_chart(feature_chart(frame, f"{feature}: reference vs recent"), use_container_width=True)
 
 
 def section(name: Optional[str], detail: Optional[dict] = None) -> None:

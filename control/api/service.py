@@ -129,6 +129,20 @@ def _monitor_lines(monitor) -> list[str]:
     for g in gauges:
         lines.append(f'modelplane_model_drifted{{model="{_label(g["model"])}",version="{_label(g["version"])}"}} '
                      f'{int(g["drifted"])}')
+    lines += ["# HELP modelplane_model_feature_psi PSI of each version's recent inputs against its reference's, "
+              "per feature (absent until both hold enough values; features bounded by the manifest).",
+              "# TYPE modelplane_model_feature_psi gauge"]
+    for g in gauges:
+        for feature, d in sorted((g.get("features") or {}).items()):
+            if d["psi"] is not None:
+                lines.append(f'modelplane_model_feature_psi{{model="{_label(g["model"])}",version="{_label(g["version"])}",'
+                             f'feature="{_label(feature)}"}} {d["psi"]:.6f}')
+    lines += ["# HELP modelplane_model_feature_drifted 1 when a feature's PSI is above its version's "
+              "monitoring.drift_threshold.", "# TYPE modelplane_model_feature_drifted gauge"]
+    for g in gauges:
+        for feature, d in sorted((g.get("features") or {}).items()):
+            lines.append(f'modelplane_model_feature_drifted{{model="{_label(g["model"])}",version="{_label(g["version"])}",'
+                         f'feature="{_label(feature)}"}} {int(d["drifted"])}')
     lines += ["# HELP modelplane_model_scores_observed_total Scores taken in by score monitoring, by version.",
               "# TYPE modelplane_model_scores_observed_total counter"]
     for g in gauges:
