@@ -80,7 +80,7 @@ def test_the_open_inference_protocol_at_the_root_is_each_models_own_route(tmp_pa
         handed = []   # the monitor's hand-off, spied on (and passed through)
         monitor = server.plane.monitor
         observe = monitor.observe
-        monitor.observe = lambda name, result: (handed.append((name, result.status)), observe(name, result))[-1]
+        monitor.observe = lambda name, result, *rest: (handed.append((name, result.status)), observe(name, result, *rest))[-1]
 
         assert api.get(f"{base}/v2").json() == {"name": "modelplane", "version": modelplane_version(),
                                                 "extensions": ["binary_tensor_data"]}
