@@ -70,7 +70,8 @@ def local_batch_scores(name: str, dataset: bytes, tmp_path: Path) -> list[float]
 
 
 def read_scores(text: str) -> list[float]:
-    return [float(line) for line in text.splitlines()[1:]]
+    """A scores.csv's scores: its last column (any passthrough columns come first)."""
+    return [float(line.rsplit(",", 1)[-1]) for line in text.splitlines()[1:]]
 
 
 def ksvc(cluster, name: str) -> dict:
@@ -512,3 +513,48 @@ def test_batch_dataset_dropped_in_the_bucket_is_scored_by_a_job_from_the_jobsink
                     raise
         return True
     cluster.wait(gone, TIMEOUT, f"{model}'s Trigger and JobSink gone")
+
+
+def test_realtime_dataset_dropped_in_the_bucket_streams_through_the_models_service(knative, knative_plane,
+                                                                                   knative_bridge, gcs_client):
+    """A dataset dropped for a realtime model: the `{model}-stream` Trigger's JobSink makes a Job
+    whose adapter sends the rows, in chunks of limits.max_rows, to the model's own Knative Service;
+    scores.csv and result.json land as a batch job's do, and the control service reads the job."""
+    from control.runtime import knative_objects as ko
+
+    cluster, plane = knative, knative_plane
+    model = "donor-propensity"
+    manifest = load_manifest(MODELS / model)
+    plane.deploy(MODELS / model)
+    wait_ready(cluster, model)
+    sink = ko.object_name(manifest)
+    trigger = ko.stream_trigger_name(model)
+    cluster.wait(lambda: kube.has_condition(cluster.admin.get(
+        f"/apis/eventing.knative.dev/v1/namespaces/{NS}/triggers/{trigger}")), TIMEOUT, f"Trigger {trigger} Ready")
+    cluster.wait(lambda: kube.has_condition(cluster.admin.get(
+        f"/apis/sinks.knative.dev/v1alpha1/namespaces/{NS}/jobsinks/{sink}")), TIMEOUT, f"JobSink {sink} Ready")
+
+    # more rows than one request takes, so the job sends several chunks and joins them in order
+    header, *lines = (MODELS / model / "sample.csv").read_text().splitlines()
+    copies = manifest.limits.max_rows // len(lines) + 2
+    dataset = "\n".join([header] + lines * copies) + "\n"
+    n_rows = len(lines) * copies
+    assert n_rows > manifest.limits.max_rows
+    bucket = gcs_client.bucket(BUCKET)
+    known = {j["metadata"]["name"] for j in jobs_of(cluster, sink)}
+    bucket.blob(f"incoming/{model}/knative-stream.csv").upload_from_string(dataset, content_type="text/csv")
+    name = new_job(cluster, sink, known)["metadata"]["name"]
+    job = wait_finished(cluster, name)
+    assert job["status"].get("succeeded") == 1, cluster.diagnose(NS, f"job-name={name}")
+    prefix = f"results/{model}/{name}"
+    scores = read_scores(bucket.blob(f"{prefix}/scores.csv").download_as_text())
+    assert scores == pytest.approx(local_realtime_scores(model) * copies, rel=1e-9)
+    result = json.loads(bucket.blob(f"{prefix}/result.json").download_as_text())
+    assert (result["status"], result["rows"], result["job"]) == ("succeeded", n_rows, name)
+    assert result["score_summary"]["count"] == n_rows
+    status, body = plane.call("GET", f"/api/jobs/{name}")
+    seen = json.loads(body)
+    assert status == 200 and (seen["model"], seen["status"], seen["rows"]) == (model, "succeeded", n_rows), seen
+
+    status, body = plane.call("DELETE", f"/api/models/{model}")
+    assert status in (200, 204), body
