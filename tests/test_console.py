@@ -127,7 +127,7 @@ def test_models_page_lists_every_model_with_status(console):
     assert rows.loc[REALTIME, "Status"] in ("○ idle", "◐ starting", "● ready")
     for status in rows["Status"]:
         assert status.split(" ")[-1] in ("ready", "idle", "starting", "failed")
-    assert any(m.label == "Idle (scaled to zero)" for m in at.metric)
+    assert any(m.label == "Idle" for m in at.metric)
     # A card per model, with a link to its page.
     links = [p.proto.label for p in at.get("page_link")]
     assert f"Open {REALTIME}" in links and f"Open {BATCH}" in links
@@ -194,7 +194,8 @@ def test_bad_csv_shows_the_problem_table_not_a_traceback(console):
     problems = frame_with(at, "Error")
     assert {"Row", "Field", "Error", "Value"} <= set(problems.columns)
     by_field = problems.set_index("Field")
-    # The API counts rows from 0; the console from 1, as a spreadsheet does.
+    # Rows are numbered from 1 everywhere (the API as the console, as a spreadsheet does): the
+    # console shows the API's numbers as they are, and the value of that row.
     assert set(problems["Row"]) == {2}
     assert {"net_worth", "region", "board_member"} <= set(by_field.index)
     assert by_field.loc["region", "Value"] == "mars"
@@ -223,8 +224,8 @@ def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
     deploy_version(plane, tmp_path, "1.0.1")
     try:
         at = open_page(console(), "views/model.py", model=REALTIME)
-        versions = frame_with(at, "Live").set_index("Version")
-        assert versions.loc["1.0.1", "Live"] == "● live"
+        versions = frame_with(at, "State").set_index("Version")
+        assert versions.loc["1.0.1", "State"] == "● live"
         at.button(key=f"rollback-{REALTIME}").click().run()
         # Nothing happens until confirmed.
         assert API.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.1"
@@ -233,8 +234,8 @@ def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
         assert not at.exception, [e.value for e in at.exception]
         assert any("Version 1.0.0 is live." in s.value for s in at.success)
         assert API.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.0"
-        versions = frame_with(at, "Live").set_index("Version")
-        assert versions.loc["1.0.0", "Live"] == "● live"
+        versions = frame_with(at, "State").set_index("Version")
+        assert versions.loc["1.0.0", "State"] == "● live"
     finally:
         API.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"}, timeout=30,
                       headers={"Authorization": f"Bearer {TOKEN}"})
@@ -479,7 +480,7 @@ def test_a_viewer_sees_no_scoring_rollback_or_rollout(console, named, two_versio
     assert "Scoring: Needs the runner role or above; you are vera (viewer)." in notes
     assert "Rolling back: Needs the deployer role or above; you are vera (viewer)." in notes
     # what a viewer may read still shows
-    assert "1.0.7" in frame_with(at, "Live")["Version"].tolist()
+    assert "1.0.7" in frame_with(at, "State")["Version"].tolist()
     # no job submission either
     jobs = open_page(console(token=named["vera"]), "views/jobs.py", batch=BATCH)
     assert f"upload-{BATCH}" not in button_keys(jobs) and f"run-{BATCH}" not in button_keys(jobs)
@@ -595,7 +596,7 @@ def test_activity_shows_the_audit_trail_with_filters_and_its_chain_check(console
     trail = frame_with(at, "Request")
     assert len(trail) >= 1 and set(trail["Who"]) == {"vera"} and set(trail["Outcome"]) == {"denied"}
     row = trail.iloc[0]
-    assert (row["Action"], row["Status"], row["Role"]) == ("rollback", 403, "viewer")
+    assert (row["Action"], row["Status"], row["Role"]) == ("rollback", "403", "viewer")
     assert row["What"].startswith(REALTIME) and row["Request"]
     # filter: since a day (local): today keeps them, tomorrow has none yet
     import datetime as dt

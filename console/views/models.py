@@ -33,14 +33,15 @@ def _card(m: dict, metrics: dict) -> None:
         st.markdown(f"**{m['name']}**")
         common.status_badge(m.get("status"), long=False)
         st.caption(f"{m.get('kind', '?')} · {m.get('language', '?')} · v{m.get('version') or '—'}")
-        cols = st.columns(3)
-        cols[0].metric("Replicas", m.get("replicas", metrics.get("replicas", 0)))
-        cols[1].metric("Requests", common.fmt_int(metrics.get("requests")))
-        cols[2].metric("p50", common.fmt_ms(metrics.get("p50_ms")))
+        # one line of figures, not three metrics: a card is a quarter of the page, too narrow for them
+        st.markdown(f"{common.fmt_count(m.get('replicas', metrics.get('replicas', 0)))} replica(s) · "
+                    f"{common.fmt_count(metrics.get('requests'))} requests · p50 {common.fmt_ms(metrics.get('p50_ms'))}")
         if m.get("drifted"):
-            st.caption(f":orange[⚠ drifted: {', '.join(m['drifted'])}]")
+            st.caption(f":orange[drifted: {', '.join(m['drifted'])}]")
         if m.get("error"):
-            st.caption(f":red[{m['error']}]")
+            # one short line: the model page shows the whole output, once, in a code block
+            tone = "red" if m.get("status") == "failed" else "orange"
+            st.caption(f":{tone}[{common.first_line(m['error'], 90)}]")
         st.page_link(common.PAGE_MODEL, label=f"Open {m['name']}", icon=":material/open_in_new:",
                      query_params={"model": m["name"]})
 
@@ -83,7 +84,7 @@ def _previous() -> None:
 
 def _drift_text(m: dict) -> str:
     drifted = m.get("drifted") or []
-    return f"⚠ drifted ({', '.join(drifted)})" if drifted else ""
+    return f"drifted ({', '.join(drifted)})" if drifted else ""
 
 
 def _number(value) -> float:
@@ -125,7 +126,7 @@ def overview() -> None:
     cols = st.columns(6)
     cols[0].metric("Matching" if filtered else "Models", f"{total:,}")
     cols[1].metric("Ready", counts["ready"])
-    cols[2].metric("Idle (scaled to zero)", counts["idle"])
+    cols[2].metric("Idle", counts["idle"], help="scaled to zero: the next request starts a replica")
     cols[3].metric("Starting", counts["starting"])
     cols[4].metric("Failed", counts["failed"])
     cols[5].metric("Drifted", sum(1 for m in models if m.get("drifted")))
@@ -147,7 +148,7 @@ def overview() -> None:
             "Requests": _number(metrics.get("requests")),
             "p50 (ms)": _number(metrics.get("p50_ms")),
             "Endpoint": m.get("endpoint") or "",
-            "Error": m.get("error") or "",
+            "Error": common.first_line(m.get("error")) if m.get("error") else "",
         })
     table = pd.DataFrame(rows)
     st.dataframe(common.styled(table), hide_index=True)
@@ -172,7 +173,7 @@ def overview() -> None:
         for i, m in enumerate(models):
             with grid[i % len(grid)]:
                 _card(m, common.metrics_of(details.get(m["name"], {})))
-    st.caption(f"Updated {pd.Timestamp.now().strftime('%H:%M:%S')}"
+    st.caption(f"Updated {pd.Timestamp.now().strftime(common.CLOCK_FORMAT)}"
                + (f" · refreshes every {REFRESH_SECONDS} s" if st.session_state.get("auto_refresh", True) else ""))
 
 

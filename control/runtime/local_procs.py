@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,19 @@ def tail(path: Path, chars: int = TAIL_CHARS) -> str:
             return f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
+
+
+#: a loopback address, with its scheme, port and path when it has them: the ports a replica or
+#: its model listened on, which mean nothing to whoever reads a crash (and are not reachable)
+LOOPBACK = re.compile(r"(?:https?://)?(?:127(?:\.\d{1,3}){3}|localhost|\[::1\]|0\.0\.0\.0)(?::\d{1,5})?(?:/[^\s,;)'\"]*)?",
+                      re.IGNORECASE)
+INTERNAL = "(internal address)"
+
+
+def scrub_addresses(text: str) -> str:
+    """`text` with every loopback URL or host:port replaced by `(internal address)`: crash output
+    shown in the API and the console names no internal port."""
+    return LOOPBACK.sub(INTERNAL, text or "")
 
 
 def kill_pids(pids: list[int], sig: int) -> None:
