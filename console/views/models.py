@@ -47,6 +47,9 @@ def _card(m: dict, metrics: dict) -> None:
 
 
 PAGE_SIZES = (25, 50, 100, 200)
+#: column widths (px) that fit the page's main column at a laptop's width: no sideways scroll
+TABLE_WIDTHS = {"Model": 135, "Status": 80, "Owner": 135, "Labels": 165, "Kind": 115, "Version": 60,
+                "Requests": 75, "p50 (ms)": 65, "Notes": 130}
 
 
 def _selectors(text: str) -> list[str]:
@@ -135,23 +138,25 @@ def overview() -> None:
     for m in models:
         metrics = common.metrics_of(details.get(m["name"], {}))
         labels = m.get("labels") or {}
+        # what fits the page's width without a sideways scroll: the endpoint and replicas are on
+        # the model's page and its card; drift and an error share one short "Notes" cell
+        notes = [_drift_text(m)] if m.get("drifted") else []
+        if m.get("error"):
+            notes.append(common.first_line(m.get("error"), 60))
         rows.append({
             "Model": m["name"],
             "Status": common.status_label(m.get("status")),
-            "Drift": _drift_text(m),
             "Owner": m.get("owner") or "",
             "Labels": ", ".join(f"{k}={v}" for k, v in sorted(labels.items())),
-            "Kind": m.get("kind"),
-            "Language": m.get("language"),
-            "Live version": m.get("version"),
-            "Replicas": m.get("replicas", 0),
+            "Kind": f"{m.get('kind') or '?'} · {m.get('language') or '?'}",
+            "Version": m.get("version") or "—",
             "Requests": _number(metrics.get("requests")),
             "p50 (ms)": _number(metrics.get("p50_ms")),
-            "Endpoint": m.get("endpoint") or "",
-            "Error": common.first_line(m.get("error")) if m.get("error") else "",
+            "Notes": " · ".join(notes),
         })
     table = pd.DataFrame(rows)
-    st.dataframe(common.styled(table), hide_index=True)
+    st.dataframe(common.styled(table, counts=["Requests"]), hide_index=True,
+                 column_config={column: st.column_config.Column(width=width) for column, width in TABLE_WIDTHS.items()})
     first = len(pages) * limit + 1
     nav = st.columns([1, 1, 6])
     nav[0].button("← Previous", key="models_prev", disabled=not pages, on_click=_previous)
