@@ -386,10 +386,23 @@ def scrub(text: Any) -> str:
     return _LOOPBACK.sub(INTERNAL, str(text or ""))
 
 
+_REPEATED = "; its last stderr lines:\n"   # the adapter's closing repetition of its model's stderr
+
+
+def _once(text: str) -> str:
+    """The model's stderr once: the adapter's closing repetition of lines the output already has, dropped."""
+    at = text.rfind(_REPEATED)
+    if at < 0:
+        return text
+    before, repeated = text[:at], text[at + len(_REPEATED):]
+    lines = [line for line in repeated.splitlines() if line.strip()]
+    return before + "." if lines and all(line in before for line in lines) else text
+
+
 def crash_parts(text: Any) -> tuple[str, str]:
     """(summary, output) of a failure: the runtime's sentence, then the model's output, each
     once, with no internal address."""
-    text = scrub(text).strip()
+    text = _once(scrub(text).strip())
     for marker in _OUTPUT_MARKERS:
         at = text.find(marker)
         if at >= 0:
@@ -415,7 +428,8 @@ def show_failure(text: Any, *, title: str, where=st, tone: str = "error") -> Non
     box(f"**{title}** {summary}", icon=":material/error:" if tone == "error" else ":material/warning:")
     if output:
         where.caption("Its output (the end):")
-        where.code(output, language=None, height=OUTPUT_HEIGHT)
+        lines = output.count("\n") + 1
+        where.code(output, language=None, height=min(OUTPUT_HEIGHT, 24 * lines + 40))
 
 
 def version_broken(v: dict) -> bool:
@@ -476,6 +490,16 @@ def time_chart(frame, *, value: str, title: str, bar: bool = False, height: int 
         color=alt.Color("model:N", legend=alt.Legend(orient="bottom", title=None)),
         tooltip=[alt.Tooltip("time:T", format=TIME_FORMAT), "model", alt.Tooltip(f"{value}:Q", format=",.2f")],
     ).properties(title=title, height=height)
+
+
+#: what a table shows where it has no value (Streamlit's own default is the word "None")
+NO_VALUE = "—"
+
+
+def table(data, **kwargs):
+    """`st.dataframe` as every page draws it: a dash, never "None", where a value is missing."""
+    kwargs.setdefault("placeholder", NO_VALUE)
+    return st.dataframe(data, **kwargs)
 
 
 def fmt_ms(value: Any) -> str:

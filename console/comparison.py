@@ -73,10 +73,10 @@ def show_report(c: dict) -> None:
     left, right = st.columns(2)
     with left:
         st.markdown("**Quantiles**")
-        st.dataframe(quantiles_frame(report), hide_index=True, width="stretch")
+        common.table(quantiles_frame(report), hide_index=True, width="stretch")
     with right:
         st.markdown("**Largest differences**")
-        st.dataframe(pd.DataFrame([{"Row": x["row"], a: x[a], b: x[b], "Difference": x["difference"]}
+        common.table(pd.DataFrame([{"Row": x["row"], a: x[a], b: x[b], "Difference": x["difference"]}
                                    for x in report.get("largest") or []],
                                   columns=["Row", a, b, "Difference"]),
                      hide_index=True, width="stretch")
@@ -85,5 +85,5 @@ def show_report(c: dict) -> None:
                     f"{report['rows']:,} rows ({flips['to_positive']:,} up to ≥ threshold, "
                     f"{flips['to_negative']:,} down)")
         if flips["rows"]:
-            st.dataframe(pd.DataFrame([{"Row": f["row"], a: f[a], b: f[b]} for f in flips["rows"]],
+            common.table(pd.DataFrame([{"Row": f["row"], a: f[a], b: f[b]} for f in flips["rows"]],
                                       columns=["Row", a, b]), hide_index=True, width="stretch")

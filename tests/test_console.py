@@ -319,8 +319,10 @@ def test_dropped_dataset_runs_through_the_bucket_and_offers_results(console, pla
     job = _wait_for_job(at, f"incoming/{BATCH}/console-drop.csv")
     assert job["Status"] == "● succeeded", job.to_dict()
     assert job["Dataset"].endswith(f"incoming/{BATCH}/console-drop.csv")
-    assert job["Trigger"] != "api"  # it came through the bucket event, not a direct submit
     at.run()
+    # it came through the bucket event, not a direct submit (the job's detail says which)
+    assert any(f"**Job `{job['Job']}`**" in m.value and m.value.endswith("· event") for m in at.markdown), \
+        [m.value for m in at.markdown if "**Job" in m.value]
     results = frame_with(at, "churn_probability")
     assert len(results) == len(pd.read_csv(io.BytesIO(sample(BATCH))))
     assert [b for b in at.get("download_button") if "Download scores" in b.proto.label]
@@ -675,6 +677,9 @@ def test_crash_output_is_one_sentence_then_the_output_once_without_internal_addr
     assert output.count("echo: cannot start") == 1 and output.count("\n") == 2   # its lines kept
     assert "127.0.0.1" not in summary + output and "(internal address)" in output
     assert len(common.first_line(text, 60)) <= 60
+    # the adapter's closing repetition of its model's stderr (already in the output) is dropped
+    repeated = text + "; its last stderr lines:\necho: cannot start\n"
+    assert common.crash_parts(repeated)[1].count("echo: cannot start") == 1
 
 
 def test_defaults_pick_the_last_version_that_worked():
@@ -787,3 +792,12 @@ def test_a_crashed_version_is_shown_on_it_and_the_defaults_skip_it(console, plan
     finally:
         flag.unlink(missing_ok=True)
         API.delete(f"{plane.url}/api/models/{name}", timeout=60)
+
+
+@pytest.mark.parametrize("page", ["views/models.py", "views/activity.py"])
+def test_tables_show_a_dash_not_none_where_a_value_is_missing(console, page):
+    """Streamlit writes "None" in a missing cell unless told otherwise: every table says "—"."""
+    at = open_page(console(), page, model=REALTIME)
+    assert at.dataframe, f"{page} shows no table"
+    for frame in at.dataframe:
+        assert frame.proto.placeholder == "—", page

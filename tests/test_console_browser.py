@@ -524,6 +524,9 @@ def test_screens_read_well_and_a_broken_version_is_the_versions_not_the_models(s
         # the model that is down: its crash output once, in a code block, no internal address
         _open(driver, f"{servers['console']}/model?model=echo-down")
         _text_appears(driver, "echo-down is not serving")
+        _text_appears(driver, "Cold starts")   # the page drawn to its end
+        _text_appears(driver, "echo: cannot start")
+        time.sleep(1.0)
         body = _body(driver)
         codes = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCode']") if c.is_displayed()]
         assert len([c for c in codes if "cannot start" in c]) == 1, codes
@@ -535,10 +538,10 @@ def test_screens_read_well_and_a_broken_version_is_the_versions_not_the_models(s
         _shot(driver, "22-model-down.png")
 
         # Compare: Version B is the last version that worked; the failed comparison is listed
-        _open(driver, f"{servers['console']}/compare?model=echo-screens")
+        _open(driver, f"{servers['console']}/compare?model=echo-screens&comparison={started.json()['id']}")
         _text_appears(driver, "Past comparisons")
         assert _selected(driver, "Version B") == "1.0.0"
-        _text_appears(driver, "failed")
+        _text_appears(driver, "The comparison failed:")   # the comparison's failure, on the comparison
         _screen_reads_well(driver, "Compare")
         _shot(driver, "23-compare.png")
 

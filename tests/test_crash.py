@@ -446,3 +446,18 @@ def test_crash_output_names_no_loopback_address():
     out = scrub_addresses(text)
     assert not re.search(r"127\.0\.0\.1|localhost|::1|0\.0\.0\.0|:\d{4}", out), out
     assert out.count("(internal address)") == 5 and out.startswith("adapter for echo@1.0.0 on (internal address),")
+
+
+def test_crash_output_has_the_models_stderr_once():
+    """The adapter ends its log repeating its model's last stderr lines, already in the log."""
+    from control.runtime.local_procs import crash_output
+
+    log = ("adapter for echo@1.0.0 on http://127.0.0.1:41235, model at http://127.0.0.1:39001\n"
+           "echo: cannot start: /var/tmp/flag is there\n"
+           "modelplane-adapter: model echo@1.0.0 exited with status 4; its last stderr lines:\n"
+           "echo: cannot start: /var/tmp/flag is there\n")
+    out = crash_output(log)
+    assert out.count("echo: cannot start") == 1 and "exited with status 4." in out and "127.0.0.1" not in out
+    # lines the log does not already hold are kept
+    other = "starting\nmodelplane-adapter: model m exited with status 1; its last stderr lines:\nboom\n"
+    assert crash_output(other).count("boom") == 1

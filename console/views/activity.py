@@ -79,7 +79,7 @@ def activity(names: list[str]) -> None:
         table = pd.DataFrame(totals)
         for column in ("Requests", "Errors", "Replicas", "Cold starts", "p50 (ms)", "p95 (ms)"):
             table[column] = pd.to_numeric(table[column], errors="coerce")
-        st.dataframe(common.styled(table, counts=["Requests", "Errors", "Replicas", "Cold starts"]), hide_index=True)
+        common.table(common.styled(table, counts=["Requests", "Errors", "Replicas", "Cold starts"]), hide_index=True)
     if not frames:
         st.info("No activity recorded yet: the charts fill in as models serve requests "
                 "(one point per 10 s, last hour).", icon=":material/monitoring:")
@@ -200,7 +200,7 @@ def audit_trail() -> None:
         else:
             frame = audit_frame(records)
             frame["Status"] = frame["Status"].astype(str)   # an HTTP status, not a count: no separator
-            st.dataframe(frame.style.format(na_rep="—").map(_outcome_cell, subset=["Outcome"]), hide_index=True,
+            common.table(frame.style.format(na_rep="—").map(_outcome_cell, subset=["Outcome"]), hide_index=True,
                          column_config={"Request": st.column_config.TextColumn(help="The request id: "
                                                                                "X-Request-Id of the call")})
             st.caption(f"{len(records):,} record(s)" + (f", the newest {int(limit):,}" if len(records) >= limit else ""))
@@ -224,7 +224,7 @@ def tokens() -> None:
         st.success(notice, icon=":material/check_circle:")
     listed = common.client().tokens()
     if listed:
-        st.dataframe(pd.DataFrame([{
+        common.table(pd.DataFrame([{
             "Name": t.get("name"), "Role": t.get("role"), "Owner": t.get("owner") or "",
             "Created": local_time(t.get("created_at")), "By": t.get("created_by") or "",
         } for t in listed]), hide_index=True)

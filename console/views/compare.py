@@ -43,7 +43,7 @@ def show_comparison(comparison_id: str, *, was_running: bool = False) -> None:
         common.show_failure(c.get("error") or "no reason given", title="The comparison failed:")
         if c.get("problems"):
             problems = pd.DataFrame(c["problems"]).rename(columns=str.capitalize)
-            st.dataframe(common.styled(problems), hide_index=True,
+            common.table(common.styled(problems), hide_index=True,
                          column_config={"Row": st.column_config.NumberColumn(help="1 = the first data row")})
         if c.get("features"):
             st.json(c["features"], expanded=False)
@@ -71,7 +71,7 @@ def past(model: str) -> list[str]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     for column in ("PSI", "KS"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    st.dataframe(common.styled(frame, counts=["Rows", "Flips"], precision=4), hide_index=True,
+    common.table(common.styled(frame, counts=["Rows", "Flips"], precision=4), hide_index=True,
                  column_config={"Dataset": st.column_config.TextColumn(width="medium")})
     return [c["id"] for c in items]
 

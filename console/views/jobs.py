@@ -12,6 +12,10 @@ from console import common
 from console.client import ControlError
 
 REFRESH_SECONDS = 2
+#: column widths (px) that fit the page's main column at a laptop's width (the trigger is in the
+#: job's detail below the table)
+TABLE_WIDTHS = {"Job": 140, "Status": 95, "Dataset": 200, "Version": 65, "Rows": 60, "Scored": 65,
+                "Created": 145, "Took (s)": 65, "Error": 110}
 PREVIEW_ROWS = 200
 
 
@@ -127,7 +131,7 @@ def results_preview(job: dict) -> None:
         st.error(f"The results could not be read as CSV: {e}")
         return
     st.markdown(f"**Scores** — {len(frame):,} rows" + (f", first {PREVIEW_ROWS} shown" if len(frame) > PREVIEW_ROWS else ""))
-    st.dataframe(frame.head(PREVIEW_ROWS), hide_index=True)
+    common.table(frame.head(PREVIEW_ROWS), hide_index=True)
     st.download_button("Download scores (CSV)", data, file_name=f"{job['model']}-{job['id']}-scores.csv",
                        mime="text/csv", icon=":material/download:", key=f"dl-{job['id']}")
 
@@ -184,7 +188,6 @@ def jobs_view(model: str) -> None:
         "Job": j["id"],
         "Status": common.status_label(j.get("status"), common.JOB_STATUS),
         "Dataset": j.get("dataset") or "",
-        "Trigger": j.get("trigger") or "",
         "Version": j.get("version") or "",
         "Rows": j.get("rows") if j.get("rows") is not None else j.get("rows_total"),
         "Scored": j.get("rows_scored"),
@@ -194,7 +197,10 @@ def jobs_view(model: str) -> None:
     } for j in jobs])
     for column in ("Rows", "Scored", "Took (s)"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
-    st.dataframe(common.styled(table, counts=["Rows", "Scored"]), hide_index=True)
+    # widths that fit the page: a long dataset URI or error is cut in its cell (hover shows it), never
+    # pushing the table past the page's right edge
+    common.table(common.styled(table, counts=["Rows", "Scored"]), hide_index=True,
+                 column_config={column: st.column_config.Column(width=width) for column, width in TABLE_WIDTHS.items()})
     ids = [j["id"] for j in jobs]
     wanted = st.session_state.get(f"job-{model}")
     default = ids.index(wanted) if wanted in ids else 0

@@ -92,7 +92,7 @@ def show_problems(err: Invalid, rows: Optional[pd.DataFrame] = None, *, what: st
     truncated = err.body.get("truncated")
     more = f" (and {truncated} more)" if truncated else ""
     st.error(f"**The model rejected {what}:** {err.message}{more}. Fix these values and try again.", icon=":material/block:")
-    st.dataframe(common.styled(problems_table(problems, rows)), hide_index=True,
+    common.table(common.styled(problems_table(problems, rows)), hide_index=True,
                  column_config={"Row": st.column_config.NumberColumn(help="1 = the first data row")})
     if rows is not None and len(rows):
         # Row numbers as the API gives them: 1 = the first data row.
@@ -108,7 +108,7 @@ def show_problems(err: Invalid, rows: Optional[pd.DataFrame] = None, *, what: st
         st.caption("The rows as uploaded, bad values highlighted (row numbers start at 1):")
         view = rows.head(500).copy()
         view.index = view.index + 1
-        st.dataframe(view.style.apply(highlight, axis=None))
+        common.table(view.style.apply(highlight, axis=None))
 
 
 def predict_form(name: str, detail: dict) -> None:
@@ -275,7 +275,7 @@ def versions(name: str, detail: dict) -> None:
     versions = detail.get("versions") or []
     live = next((v["version"] for v in versions if v.get("live")), detail.get("version"))
     if versions:
-        st.dataframe(pd.DataFrame([{
+        common.table(pd.DataFrame([{
             "Version": v.get("version"),
             "Deployed": common.fmt_time(v.get("deployed_at")),
             "State": version_state(v),
@@ -335,7 +335,7 @@ def traffic(name: str, detail: dict) -> None:
     t = detail.get("traffic") or {}
     targets = t.get("targets") or []
     if targets:
-        st.dataframe(pd.DataFrame([{
+        common.table(pd.DataFrame([{
             "Version": x["version"],
             "Role": x.get("role", ""),
             "Share of requests": f"{x['percent']}%",
@@ -456,7 +456,7 @@ def page() -> None:
                     icon=":material/inventory_2:")
             st.page_link(common.PAGE_JOBS, label=f"Run {name} on a dataset", icon=":material/inventory_2:",
                          query_params={"batch": name})
-            st.dataframe(schema_table(features), hide_index=True)
+            common.table(schema_table(features), hide_index=True)
         with tabs[1]:
             versions(name, detail)
         return
@@ -466,7 +466,7 @@ def page() -> None:
     with tabs[1]:
         csv_scoring(name, detail)
     with tabs[2]:
-        st.dataframe(schema_table(features), hide_index=True)
+        common.table(schema_table(features), hide_index=True)
         score = (detail.get("manifest") or {}).get("score") or {}
         st.caption(f"Score: **{score.get('name', 'score')}** ({score.get('type', 'number')}), one per row.")
     with tabs[3]:

@@ -155,7 +155,7 @@ def overview() -> None:
             "Notes": " · ".join(notes),
         })
     table = pd.DataFrame(rows)
-    st.dataframe(common.styled(table, counts=["Requests"]), hide_index=True,
+    common.table(common.styled(table, counts=["Requests"]), hide_index=True,
                  column_config={column: st.column_config.Column(width=width) for column, width in TABLE_WIDTHS.items()})
     first = len(pages) * limit + 1
     nav = st.columns([1, 1, 6])

@@ -57,6 +57,24 @@ def scrub_addresses(text: str) -> str:
     return LOOPBACK.sub(INTERNAL, text or "")
 
 
+#: how the adapter ends its log when its model exits: it repeats the model's last stderr lines,
+#: which the log already holds (the model's stderr is the adapter's)
+REPEATED = "; its last stderr lines:\n"
+
+
+def crash_output(text: str) -> str:
+    """A replica's log tail as a crash shows it: the model's stderr once (the adapter's closing
+    repetition of it dropped where the tail already has those lines) and no internal address."""
+    text = text or ""
+    at = text.rfind(REPEATED)
+    if at >= 0:
+        before, repeated = text[:at], text[at + len(REPEATED):]
+        lines = [line for line in repeated.splitlines() if line.strip()]
+        if lines and all(line in before for line in lines):
+            text = before + "." + ("\n" if repeated.endswith("\n") else "")
+    return scrub_addresses(text)
+
+
 def kill_pids(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:

@@ -67,7 +67,7 @@ from adapters.manifest import Manifest
 from control.emulator import free_port
 from control.errors import NotFound, PlaneError, Unavailable, UpstreamError
 from control.runtime.base import ProxyResponse
-from control.runtime.local_procs import Spare, descendants, kill_pids, killpg, scrub_addresses, tail, with_pdeathsig
+from control.runtime.local_procs import Spare, crash_output, descendants, kill_pids, killpg, tail, with_pdeathsig
 from control.runtime.local_metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
@@ -488,7 +488,7 @@ class ReplicaManager:
     @staticmethod
     def _log_tail(rev: Revision) -> str:
         paths = [r.log_path for r in rev.replicas]
-        return scrub_addresses(tail(paths[-1], 2000).strip()) if paths else ""
+        return crash_output(tail(paths[-1], 2000).strip()) if paths else ""
 
     # -- what the API asks ----------------------------------------------------------------
     def status(self, name: str) -> tuple[str, int, Optional[str]]:
@@ -929,7 +929,7 @@ class ReplicaManager:
                         reason: Optional[str]) -> None:
         what = reason or (f"exited with status {returncode}"
                           + (" before it was ready" if was == "starting" else ""))
-        output = scrub_addresses(tail(replica.log_path, 2000).strip())   # no internal ports in what people read
+        output = crash_output(tail(replica.log_path, 2000).strip())   # its stderr once, no internal ports
         if rev.checking:
             # under its deploy check: no second chance, and no replica of it is started again
             rev.failed, rev.failed_output = what, output
