@@ -321,9 +321,9 @@ def _version_state(v: dict) -> str:
     if v.get("live"):
         return "live"
     if v.get("failed"):
-        return "failed its deploy check"
+        return "failed"     # its deploy check: why is printed below the table
     if v.get("crashed"):
-        return "crashed, not restarted"
+        return "crashed"    # not restarted until a deploy or rollback
     return "crashed lately" if v.get("crash_error") else ""
 
 

@@ -776,7 +776,7 @@ def test_a_crashed_version_is_shown_on_it_and_the_defaults_skip_it(console, plan
         at = open_page(console(), "views/model.py", model=name)
         assert not any("not serving" in e.value for e in at.error), [e.value for e in at.error]
         state = frame_with(at, "State").set_index("Version")["State"]
-        assert state["1.0.2"] == "● live" and state["1.0.1"] == "✕ crashed: not restarted" and state["1.0.0"] == ""
+        assert state["1.0.2"] == "● live" and state["1.0.1"] == "✗ crashed: not restarted" and state["1.0.0"] == ""
         assert at.selectbox(key=f"rollback-target-{name}").value == "1.0.0"
         outputs = [c.value for c in at.code if "cannot start" in c.value]
         assert len(outputs) == 1 and "127.0.0.1" not in outputs[0]

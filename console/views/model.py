@@ -263,9 +263,9 @@ def version_state(v: dict) -> str:
     if v.get("live"):
         return "● live"
     if v.get("failed"):
-        return "✕ failed its deploy check"
+        return "✗ failed its deploy check"
     if v.get("crashed"):
-        return "✕ crashed: not restarted"
+        return "✗ crashed: not restarted"
     if v.get("crash_error"):
         return "! crashed lately"
     return ""
