@@ -14,8 +14,8 @@ from console.client import ControlError
 REFRESH_SECONDS = 2
 #: column widths (px) that fit the page's main column at a laptop's width (the trigger is in the
 #: job's detail below the table)
-TABLE_WIDTHS = {"Job": 140, "Status": 95, "Dataset": 200, "Version": 65, "Rows": 60, "Scored": 65,
-                "Created": 145, "Took (s)": 65, "Error": 110}
+TABLE_WIDTHS = {"Job": 200, "Status": 95, "Dataset": 170, "Version": 65, "Rows": 60, "Scored": 65,
+                "Created": 140, "Took (s)": 65, "Error": 80}
 PREVIEW_ROWS = 200
 
 
