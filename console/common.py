@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
 import streamlit as st
@@ -312,17 +314,192 @@ def style_status(value: Any) -> str:
     return STATUS_CELL.get(text, "")
 
 
-def styled(frame, status_column: str = "Status"):
-    """A table with coloured status cells and a dash, not `None`, where there is no number yet."""
+def styled(frame, status_column: str = "Status", *, counts: Optional[list[str]] = None, precision: int = 1):
+    """A table with coloured status cells, counts written `3,000,000` as everywhere else, and a
+    dash, not `None`, where there is no value yet. `counts`: the integer columns (by default, every
+    integer column and every float one whose values are whole)."""
     formats = {}
     for column in frame.columns:
         values = frame[column].dropna()
-        if frame[column].dtype.kind == "f" and len(values) and (values % 1 == 0).all():
-            formats[column] = "{:,.0f}"  # a count that pandas made float because of a gap
-    style = frame.style.format(formats, na_rep="—", precision=1)
+        kind = frame[column].dtype.kind
+        whole = kind in "iu" or (kind == "f" and len(values) and (values % 1 == 0).all())
+        if (counts is None and whole) or (counts is not None and column in counts):
+            formats[column] = fmt_count
+    style = frame.style.format(formats, na_rep="—", precision=precision)
     if status_column in frame.columns:
         style = style.map(style_status, subset=[status_column])
     return style
+
+
+def fmt_count(value: Any) -> str:
+    """A count as every page writes it: `3,000,000`, a dash when unknown."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    try:
+        return f"{int(value):,}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+#: How every page writes a time: this machine's local time, 24-hour clock.
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+CLOCK_FORMAT = "%H:%M:%S"
+AXIS_TIME_FORMAT = "%H:%M"   # time axes of charts: 24-hour, as the footers
+
+
+def parse_time(value: Any) -> Optional[datetime]:
+    """An ISO 8601 text (or epoch seconds) as an aware datetime; None when absent or unreadable."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(float(value), timezone.utc)
+    try:
+        t = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def fmt_time(value: Any, *, clock: bool = False) -> str:
+    """`2026-12-07 21:03:04` (or `21:03:04` with `clock`), local time; a dash when there is none.
+    Never the raw ISO text: an unreadable one shows as `?`."""
+    if value is None or value == "":
+        return "—"
+    t = parse_time(value)
+    if t is None:
+        return "?"
+    return t.astimezone().strftime(CLOCK_FORMAT if clock else TIME_FORMAT)
+
+
+# -- crash output -----------------------------------------------------------------------------
+
+#: A loopback URL or host:port (a replica's or its model's port): meaningless to the reader,
+#: replaced before crash output is shown (the local runtime already scrubs what it records).
+_LOOPBACK = re.compile(r"(?:https?://)?(?:127(?:\.\d{1,3}){3}|localhost|\[::1\]|0\.0\.0\.0)(?::\d{1,5})?"
+                       r"(?:/[^\s,;)'\"]*)?", re.IGNORECASE)
+INTERNAL = "(internal address)"
+#: where a crash's summary ends and the model's own output begins, as the runtimes write them
+_OUTPUT_MARKERS = ("Adapter output (tail):", "its log ends with:")
+
+
+def scrub(text: Any) -> str:
+    return _LOOPBACK.sub(INTERNAL, str(text or ""))
+
+
+_REPEATED = "; its last stderr lines:\n"   # the adapter's closing repetition of its model's stderr
+
+
+def _once(text: str) -> str:
+    """The model's stderr once: the adapter's closing repetition of lines the output already has, dropped."""
+    at = text.rfind(_REPEATED)
+    if at < 0:
+        return text
+    before, repeated = text[:at], text[at + len(_REPEATED):]
+    lines = [line for line in repeated.splitlines() if line.strip()]
+    return before + "." if lines and all(line in before for line in lines) else text
+
+
+def crash_parts(text: Any) -> tuple[str, str]:
+    """(summary, output) of a failure: the runtime's sentence, then the model's output, each
+    once, with no internal address."""
+    text = _once(scrub(text).strip())
+    for marker in _OUTPUT_MARKERS:
+        at = text.find(marker)
+        if at >= 0:
+            return text[:at].strip().rstrip(".:;") + ".", text[at + len(marker):].strip()
+    first, _, rest = text.partition("\n")
+    return first.strip(), rest.strip()
+
+
+def first_line(text: Any, limit: int = 140) -> str:
+    """A failure in one short line (tables and cards): the summary, cut at `limit` characters."""
+    summary = crash_parts(text)[0]
+    return summary if len(summary) <= limit else summary[:limit - 1].rstrip() + "…"
+
+
+OUTPUT_HEIGHT = 240   # pixels: a crash's output scrolls inside its block, never stretches the page
+
+
+def show_failure(text: Any, *, title: str, where=st, tone: str = "error") -> None:
+    """A failure: one sentence in a banner, then the model's output once, in a monospace block of
+    bounded height (its lines kept)."""
+    summary, output = crash_parts(text)
+    box = where.error if tone == "error" else where.warning
+    box(f"**{title}** {summary}", icon=":material/error:" if tone == "error" else ":material/warning:")
+    if output:
+        where.caption("Its output (the end):")
+        lines = output.count("\n") + 1
+        where.code(output, language=None, height=min(OUTPUT_HEIGHT, 24 * lines + 40))
+
+
+def version_broken(v: dict) -> bool:
+    """A version that does not work: it failed its deploy check, or crashed until it stopped."""
+    return bool(v.get("failed") or v.get("crashed"))
+
+
+def last_working(versions: list[dict], candidates: list[str], prefer: Optional[str] = None) -> int:
+    """Which of `candidates` to pre-select: `prefer` when it works, else the newest that works
+    (`versions` newest first, as the API lists them); 0 when none does."""
+    broken = {v.get("version") for v in versions if version_broken(v)}
+    if prefer in candidates and prefer not in broken:
+        return candidates.index(prefer)
+    order = [v.get("version") for v in versions]
+    working = [c for c in candidates if c not in broken]
+    if not working:
+        return 0
+    working.sort(key=lambda c: order.index(c) if c in order else len(order))
+    return candidates.index(working[0])
+
+
+# -- charts -----------------------------------------------------------------------------------
+
+#: Two series' colours (Okabe-Ito blue and vermillion): told apart with any colour vision.
+PAIR = ("#0072B2", "#D55E00")
+
+
+def overlaid_histograms(frame, *, series: str, order: list, y: str, y_title: str, title: str, tooltip: list,
+                        height: int = 240):
+    """Two histograms on one axis (`frame`: one row per bin with `from`, `to`, `y` and the
+    `series` it belongs to): the first filled, the second an outline on top. Nothing is drawn
+    translucent over something else, so the colours stay the two of the legend; the legend sits
+    under the chart."""
+    import altair as alt
+
+    scale = alt.Scale(domain=list(order), range=list(PAIR))
+    legend = alt.Legend(orient="bottom", title=None)
+    base = alt.Chart(frame).encode(
+        x=alt.X("from:Q", title="score"), x2="to:Q",
+        y=alt.Y(f"{y}:Q", title=y_title, stack=None), y2=alt.datum(0),
+        color=alt.Color(f"{series}:N", scale=scale, legend=legend),
+        tooltip=tooltip)
+    first = base.transform_filter(alt.datum[series] == order[0]).mark_rect(opacity=0.55)
+    second = base.transform_filter(alt.datum[series] == order[1]).mark_rect(
+        filled=False, strokeWidth=2, opacity=1)
+    return alt.layer(first, second, title=title).properties(height=height)
+
+
+def time_chart(frame, *, value: str, title: str, bar: bool = False, height: int = 220):
+    """A time series per model (`frame`: time, model, `value`): a 24-hour time axis (as the
+    footers), the legend under the chart."""
+    import altair as alt
+
+    mark = alt.Chart(frame).mark_bar() if bar else alt.Chart(frame).mark_line(point=False)
+    return mark.encode(
+        x=alt.X("time:T", title=None, axis=alt.Axis(format=AXIS_TIME_FORMAT, labelOverlap=True)),
+        y=alt.Y(f"{value}:Q", title=None),
+        color=alt.Color("model:N", legend=alt.Legend(orient="bottom", title=None)),
+        tooltip=[alt.Tooltip("time:T", format=TIME_FORMAT), "model", alt.Tooltip(f"{value}:Q", format=",.2f")],
+    ).properties(title=title, height=height)
+
+
+#: what a table shows where it has no value (Streamlit's own default is the word "None")
+NO_VALUE = "—"
+
+
+def table(data, **kwargs):
+    """`st.dataframe` as every page draws it: a dash, never "None", where a value is missing."""
+    kwargs.setdefault("placeholder", NO_VALUE)
+    return st.dataframe(data, **kwargs)
 
 
 def fmt_ms(value: Any) -> str:
@@ -332,7 +509,7 @@ def fmt_ms(value: Any) -> str:
 
 
 def fmt_int(value: Any) -> str:
-    return "—" if value is None else f"{int(value):,}"
+    return fmt_count(value)
 
 
 def metrics_of(detail: dict) -> dict:

@@ -30,16 +30,14 @@ def histogram_frame(report: dict) -> pd.DataFrame:
 
 
 def distribution_chart(report: dict) -> alt.Chart:
+    """A's histogram filled, B's drawn as an outline over it: two colours that never mix (a
+    translucent fill over another makes a third, muddy one), from a colour-blind-safe pair; the
+    legend under the chart, so it is never cut off at the right."""
     a, b = report["labels"]["a"], report["labels"]["b"]
-    return alt.Chart(histogram_frame(report), title=f"Scores of {a} and {b} on the same rows").mark_rect(
-        opacity=0.5).encode(
-        x=alt.X("from:Q", title="score"),
-        x2="to:Q",
-        y=alt.Y("rows:Q", title="rows", stack=None),
-        y2=alt.datum(0),
-        color=alt.Color("version:N", scale=alt.Scale(domain=[a, b]), title="version"),
-        tooltip=["version", alt.Tooltip("from:Q", format=".4g"), alt.Tooltip("to:Q", format=".4g"), "rows"],
-    )
+    return common.overlaid_histograms(histogram_frame(report), series="version", order=[a, b], y="rows",
+                                      y_title="rows", title=f"Scores of {a} and {b} on the same rows",
+                                      tooltip=["version", alt.Tooltip("from:Q", format=".4g"),
+                                               alt.Tooltip("to:Q", format=".4g"), alt.Tooltip("rows:Q", format=",")])
 
 
 def quantiles_frame(report: dict) -> pd.DataFrame:
@@ -71,21 +69,21 @@ def show_report(c: dict) -> None:
                    common.fmt_int(flips["count"]) if flips is not None else "—")
     st.caption(f"Drift of {b} against {a}: **{psi_reading(drift['psi'])}**. Mean difference ({b} − {a}) "
                f"{diff['mean']:.4g}, mean |difference| {diff['mean_abs']:.4g}, largest {diff['max_abs']:.4g}.")
-    st.altair_chart(distribution_chart(report), use_container_width=True)
+    st.altair_chart(distribution_chart(report), width="stretch")
     left, right = st.columns(2)
     with left:
         st.markdown("**Quantiles**")
-        st.dataframe(quantiles_frame(report), hide_index=True, use_container_width=True)
+        common.table(quantiles_frame(report), hide_index=True, width="stretch")
     with right:
         st.markdown("**Largest differences**")
-        st.dataframe(pd.DataFrame([{"Row": x["row"], a: x[a], b: x[b], "Difference": x["difference"]}
+        common.table(pd.DataFrame([{"Row": x["row"], a: x[a], b: x[b], "Difference": x["difference"]}
                                    for x in report.get("largest") or []],
                                   columns=["Row", a, b, "Difference"]),
-                     hide_index=True, use_container_width=True)
+                     hide_index=True, width="stretch")
     if flips is not None:
         st.markdown(f"**Decisions that flip at {report['threshold']:g}** — {flips['count']:,} of "
                     f"{report['rows']:,} rows ({flips['to_positive']:,} up to ≥ threshold, "
                     f"{flips['to_negative']:,} down)")
         if flips["rows"]:
-            st.dataframe(pd.DataFrame([{"Row": f["row"], a: f[a], b: f[b]} for f in flips["rows"]],
-                                      columns=["Row", a, b]), hide_index=True, use_container_width=True)
+            common.table(pd.DataFrame([{"Row": f["row"], a: f[a], b: f[b]} for f in flips["rows"]],
+                                      columns=["Row", a, b]), hide_index=True, width="stretch")

@@ -162,6 +162,10 @@ class Version(_Closed):
     live: bool
     failed: bool = Field(False, description="It failed its deploy check: it takes no traffic.")
     error: Optional[str] = Field(None, description="Why it failed its deploy check, with the tail of its log.")
+    crashed: bool = Field(False, description="Not live, and crashed max_restarts times in a row: not restarted "
+                                             "until a deploy or rollback. The model's status is its live version's.")
+    crash_error: Optional[str] = Field(None, description="A version that is not live and crashed lately: how, "
+                                                         "with its output.")
 
 
 class ModelSummary(_Closed):

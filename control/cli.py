@@ -274,9 +274,12 @@ def _labels_text(labels: dict, width: int = 40) -> str:
 
 def cmd_status(args) -> int:
     m = client_for(args).json("GET", f"/api/models/{quote(args.name)}")
+    labels = m.get("labels") or {}
     fields = [("name", m.get("name")), ("kind", m.get("kind")), ("language", m.get("language")),
               ("version", m.get("version")), ("status", m.get("status")), ("replicas", m.get("replicas")),
-              ("endpoint", m.get("endpoint"))]
+              ("endpoint", m.get("endpoint")), ("owner", m.get("owner") or None),
+              ("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or None),
+              ("drift", _drift_summary(m.get("monitoring") or {}))]
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         out(f"{k.ljust(width)}  {'-' if v is None else v}")
@@ -293,19 +296,61 @@ def cmd_status(args) -> int:
     _print_traffic(m.get("traffic") or {})
     if m.get("versions"):
         out("\nversions")
-        out(table([[v["version"], v.get("deployed_at"), "live" if v.get("live") else "failed" if v.get("failed") else ""]
-                   for v in m["versions"]], ["VERSION", "DEPLOYED", "LIVE"]))
+        out(table([[v["version"], v.get("deployed_at"), _version_state(v)] for v in m["versions"]],
+                  ["VERSION", "DEPLOYED", "STATE"]))
         for v in m["versions"]:
             if v.get("failed") and v.get("error"):
                 out(f"\n{v['version']} failed its deploy check (it takes no traffic):")
                 for line in str(v["error"]).splitlines():
                     out(f"  {line}")
+            elif v.get("crash_error") and not v.get("live"):
+                # a version's crash is the version's: the model serves from its live version
+                out(f"\n{v['version']} crashed ({m.get('name')} still serves from {m.get('version')}):")
+                for line in str(v["crash_error"]).splitlines():
+                    out(f"  {line}")
+    _print_drift(m.get("monitoring") or {})
     metrics = m.get("metrics") or {}
     shown = [(k, metrics[k]) for k in ("requests", "errors", "p50_ms", "p95_ms", "cold_starts") if k in metrics]
     if shown:
         out("\nmetrics")
         out(table([[k, v] for k, v in shown], ["METRIC", "VALUE"]))
     return 0
+
+
+def _version_state(v: dict) -> str:
+    if v.get("live"):
+        return "live"
+    if v.get("failed"):
+        return "failed"     # its deploy check: why is printed below the table
+    if v.get("crashed"):
+        return "crashed"    # not restarted until a deploy or rollback
+    return "crashed lately" if v.get("crash_error") else ""
+
+
+def _drift_summary(monitoring: dict) -> str:
+    """`drifted: 1.0.1` / `none` / `not measured yet`, from GET /api/models/{name}'s monitoring."""
+    versions = monitoring.get("versions") or {}
+    if not versions:
+        return "not measured yet"
+    drifted = sorted(v for v, x in versions.items() if (x or {}).get("drifted"))
+    return f"drifted: {', '.join(drifted)}" if drifted else "none"
+
+
+def _print_drift(monitoring: dict) -> None:
+    """Each version's drift against its reference: PSI, KS, the scores (rows) each side holds."""
+    versions = monitoring.get("versions") or {}
+    if not versions:
+        return
+    rows = []
+    for version, x in sorted(versions.items()):
+        x = x or {}
+        drift = x.get("drift") or {}
+        psi, ks = drift.get("psi"), drift.get("ks")
+        rows.append([version, "yes" if x.get("drifted") else "no", _num(psi) if psi is not None else None,
+                     _num(ks) if ks is not None else None, (x.get("reference") or {}).get("count"),
+                     (x.get("recent") or {}).get("count"), drift.get("reason")])
+    out("\ndrift (scores against each version's reference; counts are scores, one per row)")
+    out(table(rows, ["VERSION", "DRIFTED", "PSI", "KS", "REFERENCE", "RECENT", "NOTE"]))
 
 
 def _tar_folder(folder: Path) -> bytes:
@@ -1393,6 +1438,11 @@ def cmd_run(args) -> int:
         return 0
     job = _wait_job(client, job["id"], args.timeout)
     _print_job(job)
+    if job["status"] == "succeeded":
+        # where the scores are, and how to fetch them
+        out(f"\nscores: {job.get('results_uri') or '(in the bucket)'}")
+        out(f"get them: modelplane job {job['id']} --results > scores.csv")
+        out(f"      or: GET {client.url}/api/jobs/{job['id']}/results (with your token)")
     return 0 if job["status"] == "succeeded" else 1
 
 

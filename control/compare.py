@@ -854,7 +854,9 @@ class Comparisons:
             return (self._score_rows(name, version, header, rows[:half], offset)
                     + self._score_rows(name, version, header, rows[half:], offset + half))
         if resp.status == 422 and problems:
-            # the adapter numbers a request's rows from 1, the report the dataset's: shifted by the chunk's offset
+            # rows are numbered from 1 everywhere: the adapter numbers a request's rows from 1, the
+            # report the dataset's, so row r of a chunk that starts after `offset` rows is offset + r
+            # (a problem of a whole column, row null, stays so)
             shifted = [{**p, "row": p["row"] + offset} if isinstance(p.get("row"), int) else p
                        for p in problems[:100]]
             first = shifted[0]

@@ -72,6 +72,22 @@ def test_status_prints_fields_features_and_versions(plane, capsys):
     assert "1.0.0" in out.split("versions")[1] and "live" in out.split("versions")[1]
 
 
+def test_status_prints_the_owner_labels_and_drift_the_readme_promises(tmp_path, monkeypatch, capsys):
+    for var in ("MODELPLANE_URL", "MODELPLANE_TOKEN", "MODELPLANE_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    settings = settings_for(tmp_path, token=TOKEN)
+    folder = copy_fixture("echo-rt", settings.models_dir)
+    manifest = folder / "model.yaml"
+    manifest.write_text(manifest.read_text() + "owner: risk-team\nlabels: {customer: acme, tier: gold}\n")
+    with running(settings) as server:   # the local runtime: the manifest's owner and labels as deployed
+        assert cli(server, "status", "echo-rt") == 0
+    out = capsys.readouterr().out
+    assert "owner     risk-team" in out
+    assert "labels    customer=acme, tier=gold" in out
+    assert "drift     not measured yet" in out
+    assert "STATE" in out.split("versions")[1]
+
+
 def test_deploy_rollback_remove(plane, capsys, tmp_path):
     server, runtime = plane
     import shutil
@@ -207,6 +223,10 @@ def test_run_local_file_goes_through_the_bucket_event(gcs, gcs_client, tmp_path,
     # one job for the upload (the bucket may hold other tests' datasets, which get their own)
     jobs = [j for j in runtime.jobs() if j.dataset == "gs://test-bucket/incoming/sum-batch/scores-in.csv"]
     assert len(jobs) == 1 and jobs[0].trigger == "event"
+    # --wait ends saying where the scores are and how to get them
+    assert f"scores: gs://test-bucket/results/sum-batch/{jobs[0].id}/" in out
+    assert f"get them: modelplane job {jobs[0].id} --results > scores.csv" in out
+    assert f"/api/jobs/{jobs[0].id}/results" in out
 
 
 def test_unreachable_service_is_one_line_and_exit_1(capsys):

@@ -398,7 +398,8 @@ def test_console_shows_a_comparison_overlaid_with_its_tables(plane, dataset, pag
     charts = at.get("vega_lite_chart")
     assert charts, "no chart"
     spec = json.loads(charts[0].proto.spec)
-    assert spec["encoding"]["color"]["scale"]["domain"] == ["1.0.0", "2.0.0"]
+    # A filled, B outlined on top (common.overlaid_histograms): one colour scale over both layers
+    assert [layer["encoding"]["color"]["scale"]["domain"] for layer in spec["layer"]] == [["1.0.0", "2.0.0"]] * 2
     quantiles = _frame(at, "Quantile").set_index("Quantile")
     assert quantiles.loc["p50", "1.0.0"] == pytest.approx(0.45) and quantiles.loc["max", "2.0.0"] == pytest.approx(1.0)
     largest = [d.value for d in at.dataframe if list(d.value.columns) == ["Row", "1.0.0", "2.0.0", "Difference"]]

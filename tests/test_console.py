@@ -121,13 +121,13 @@ def test_models_page_lists_every_model_with_status(console):
     table = frame_with(at, "Model")
     assert set(table["Model"]) >= {"donor-propensity", "major-gift", "churn-risk", "member-retention"}
     rows = table.set_index("Model")
-    assert rows.loc[REALTIME, "Kind"] == "realtime" and rows.loc[BATCH, "Kind"] == "batch"
-    assert rows.loc["major-gift", "Language"] == "r"
+    assert rows.loc[REALTIME, "Kind"] == "realtime · python" and rows.loc[BATCH, "Kind"] == "batch · python"
+    assert rows.loc["major-gift", "Kind"] == "realtime · r"
     # Realtime models with scaling.min 0 start scaled to zero: the console says idle, with its icon.
     assert rows.loc[REALTIME, "Status"] in ("○ idle", "◐ starting", "● ready")
     for status in rows["Status"]:
         assert status.split(" ")[-1] in ("ready", "idle", "starting", "failed")
-    assert any(m.label == "Idle (scaled to zero)" for m in at.metric)
+    assert any(m.label == "Idle" for m in at.metric)
     # A card per model, with a link to its page.
     links = [p.proto.label for p in at.get("page_link")]
     assert f"Open {REALTIME}" in links and f"Open {BATCH}" in links
@@ -194,7 +194,8 @@ def test_bad_csv_shows_the_problem_table_not_a_traceback(console):
     problems = frame_with(at, "Error")
     assert {"Row", "Field", "Error", "Value"} <= set(problems.columns)
     by_field = problems.set_index("Field")
-    # The API counts rows from 0; the console from 1, as a spreadsheet does.
+    # Rows are numbered from 1 everywhere (the API as the console, as a spreadsheet does): the
+    # console shows the API's numbers as they are, and the value of that row.
     assert set(problems["Row"]) == {2}
     assert {"net_worth", "region", "board_member"} <= set(by_field.index)
     assert by_field.loc["region", "Value"] == "mars"
@@ -223,8 +224,8 @@ def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
     deploy_version(plane, tmp_path, "1.0.1")
     try:
         at = open_page(console(), "views/model.py", model=REALTIME)
-        versions = frame_with(at, "Live").set_index("Version")
-        assert versions.loc["1.0.1", "Live"] == "● live"
+        versions = frame_with(at, "State").set_index("Version")
+        assert versions.loc["1.0.1", "State"] == "● live"
         at.button(key=f"rollback-{REALTIME}").click().run()
         # Nothing happens until confirmed.
         assert API.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.1"
@@ -233,8 +234,8 @@ def test_versions_and_rollback_with_confirmation(console, plane, tmp_path):
         assert not at.exception, [e.value for e in at.exception]
         assert any("Version 1.0.0 is live." in s.value for s in at.success)
         assert API.get(f"{plane.url}/api/models/{REALTIME}", timeout=10).json()["version"] == "1.0.0"
-        versions = frame_with(at, "Live").set_index("Version")
-        assert versions.loc["1.0.0", "Live"] == "● live"
+        versions = frame_with(at, "State").set_index("Version")
+        assert versions.loc["1.0.0", "State"] == "● live"
     finally:
         API.post(f"{plane.url}/api/models/{REALTIME}/rollback", json={"version": "1.0.0"}, timeout=30,
                       headers={"Authorization": f"Bearer {TOKEN}"})
@@ -318,8 +319,10 @@ def test_dropped_dataset_runs_through_the_bucket_and_offers_results(console, pla
     job = _wait_for_job(at, f"incoming/{BATCH}/console-drop.csv")
     assert job["Status"] == "● succeeded", job.to_dict()
     assert job["Dataset"].endswith(f"incoming/{BATCH}/console-drop.csv")
-    assert job["Trigger"] != "api"  # it came through the bucket event, not a direct submit
     at.run()
+    # it came through the bucket event, not a direct submit (the job's detail says which)
+    assert any(f"**Job `{job['Job']}`**" in m.value and m.value.endswith("· event") for m in at.markdown), \
+        [m.value for m in at.markdown if "**Job" in m.value]
     results = frame_with(at, "churn_probability")
     assert len(results) == len(pd.read_csv(io.BytesIO(sample(BATCH))))
     assert [b for b in at.get("download_button") if "Download scores" in b.proto.label]
@@ -496,7 +499,7 @@ def test_a_viewer_sees_no_scoring_rollback_or_rollout(console, named, two_versio
     assert "Scoring: Needs the runner role or above; you are vera (viewer)." in notes
     assert "Rolling back: Needs the deployer role or above; you are vera (viewer)." in notes
     # what a viewer may read still shows
-    assert "1.0.7" in frame_with(at, "Live")["Version"].tolist()
+    assert "1.0.7" in frame_with(at, "State")["Version"].tolist()
     # no job submission either
     jobs = open_page(console(token=named["vera"]), "views/jobs.py", batch=BATCH)
     assert f"upload-{BATCH}" not in button_keys(jobs) and f"run-{BATCH}" not in button_keys(jobs)
@@ -612,7 +615,7 @@ def test_activity_shows_the_audit_trail_with_filters_and_its_chain_check(console
     trail = frame_with(at, "Request")
     assert len(trail) >= 1 and set(trail["Who"]) == {"vera"} and set(trail["Outcome"]) == {"denied"}
     row = trail.iloc[0]
-    assert (row["Action"], row["Status"], row["Role"]) == ("rollback", 403, "viewer")
+    assert (row["Action"], row["Status"], row["Role"]) == ("rollback", "403", "viewer")
     assert row["What"].startswith(REALTIME) and row["Request"]
     # filter: since a day (local): today keeps them, tomorrow has none yet
     import datetime as dt
@@ -748,3 +751,160 @@ def test_split_csv_and_join_keep_rows_and_passthrough_columns_in_order():
     table = scored_table(pd.DataFrame({"customer_id": ["c0", "c1", "c2"], "x": ["1", "2", "3"]}), joined, "y")
     assert list(table.columns) == ["customer_id", "y", "x"]
     assert table.values.tolist() == [["c0", 0.5, "1"], ["c1", 0.25, "2"], ["c2", 0.75, "3"]]
+
+
+# -- screens that read well (issue 21) ------------------------------------------------------------
+
+def test_one_time_style_one_number_style_and_a_dash_for_nothing():
+    import re
+
+    from console import common
+
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}", common.fmt_time("2026-12-07T21:03:04Z"))
+    assert re.fullmatch(r"\d{2}:\d{2}:\d{2}", common.fmt_time("2026-12-07T21:03:04.123456+00:00", clock=True))
+    assert common.fmt_time(None) == common.fmt_time("") == "—" and common.fmt_time("yesterday") == "?"
+    assert common.fmt_count(3_000_000) == common.fmt_int(3_000_000) == "3,000,000"
+    assert common.fmt_count(None) == common.fmt_count(float("nan")) == "—"
+    frame = pd.DataFrame({"Requests": [3_000_000, 12], "Rows": [None, 2_000_000.0], "Error": [None, "x"],
+                          "p50 (ms)": [1.25, None]})
+    html = common.styled(frame).to_html()
+    assert "3,000,000" in html and "2,000,000" in html and "3000000" not in html
+    assert "None" not in html and "nan" not in html.lower().replace("span", "")
+
+
+def test_crash_output_is_one_sentence_then_the_output_once_without_internal_addresses():
+    from console import common
+
+    text = ("echo@1.0.1: replica 3 exited with status 1 before it was ready; 3 crashes in a row, so it is not "
+            "restarted again (deploy a fix or roll back). Adapter output (tail):\n"
+            "adapter for echo@1.0.1 on http://127.0.0.1:41235, model at http://127.0.0.1:39001\n"
+            "echo: cannot start\nmodelplane-adapter: model echo@1.0.1 exited with status 4")
+    summary, output = common.crash_parts(text)
+    assert "\n" not in summary and "cannot start" not in summary and summary.startswith("echo@1.0.1: replica 3")
+    assert output.count("echo: cannot start") == 1 and output.count("\n") == 2   # its lines kept
+    assert "127.0.0.1" not in summary + output and "(internal address)" in output
+    assert len(common.first_line(text, 60)) <= 60
+    # the adapter's closing repetition of its model's stderr (already in the output) is dropped
+    repeated = text + "; its last stderr lines:\necho: cannot start\n"
+    assert common.crash_parts(repeated)[1].count("echo: cannot start") == 1
+
+
+def test_defaults_pick_the_last_version_that_worked():
+    from console import common
+
+    versions = [{"version": "1.0.3", "failed": True}, {"version": "1.0.2", "live": True},
+                {"version": "1.0.1", "crashed": True, "crash_error": "x"}, {"version": "1.0.0"}]
+    others = ["1.0.1", "1.0.0"]            # what "Roll back to" offers (not the deploy-check failure)
+    assert others[common.last_working(versions, others)] == "1.0.0"
+    assert others[common.last_working(versions, others, prefer="1.0.1")] == "1.0.0"   # not a broken one
+    b = ["1.0.3", "1.0.1", "1.0.0"]        # Compare's Version B beside A = 1.0.2
+    assert b[common.last_working(versions, b)] == "1.0.0"
+    assert common.last_working([{"version": "2"}, {"version": "1"}], ["2", "1"]) == 0   # the newest that works
+
+
+def test_activity_charts_have_a_24_hour_axis_and_legends_below(console, plane):
+    import json as _json
+
+    r = API.post(f"{plane.url}/models/{REALTIME}/predict", data=sample(REALTIME),
+                 headers={"Content-Type": "text/csv"}, timeout=60)
+    assert r.status_code == 200, r.text
+    at = open_page(console(), "views/activity.py")
+    charts = at.get("vega_lite_chart")
+    assert charts
+    for chart in charts:
+        spec = _json.loads(chart.proto.spec)
+        layers = [spec] + spec.get("layer", [])
+        x = next(layer["encoding"]["x"] for layer in layers if "encoding" in layer)
+        assert x["type"] == "temporal" and x["axis"]["format"] == "%H:%M"   # 24-hour, as the footer
+        colour = next(layer["encoding"]["color"] for layer in layers if "encoding" in layer)
+        assert colour["legend"]["orient"] == "bottom"
+    assert "24-hour" in texts(at)
+
+
+def test_histograms_overlay_in_two_colours_that_do_not_blend():
+    from console import common
+    from console.comparison import distribution_chart
+
+    report = {"labels": {"a": "1.0.0", "b": "2.0.0"},
+              "histogram": {"edges": [0, 0.5, 1], "1.0.0": [3, 7], "2.0.0": [5, 5]}}
+    spec = distribution_chart(report).to_dict()
+    first, second = spec["layer"]
+    assert first["mark"]["type"] == "rect" and first["mark"].get("opacity", 1) < 1   # filled, below
+    assert second["mark"]["filled"] is False          # an outline on top: nothing translucent over a fill
+    scale = first["encoding"]["color"]["scale"]
+    assert scale["range"] == list(common.PAIR) and len(set(common.PAIR)) == 2
+    assert first["encoding"]["color"]["legend"]["orient"] == "bottom"
+
+
+
+LOCAL_ECHO = ROOT / "tests" / "fixtures" / "local" / "echo"
+
+
+def _echo(plane, tmp_path: Path, name: str, version: str, *, live: bool, **params) -> None:
+    import json as _json
+    import shutil
+    import tarfile
+
+    folder = tmp_path / f"{name}-{version}" / name
+    shutil.copytree(LOCAL_ECHO, folder)
+    manifest = folder / "model.yaml"
+    manifest.write_text(manifest.read_text().replace("name: echo", f"name: {name}")
+                        .replace("version: 1.0.0", f"version: {version}"))
+    (folder / "params.json").write_text(_json.dumps({"factor": 1, **params}))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=name)
+    r = API.post(f"{plane.url}/api/models", params={"live": str(live).lower()}, data=buf.getvalue(), timeout=120,
+                 headers={"Content-Type": "application/gzip"})
+    assert r.status_code == 201, r.text
+
+
+def test_a_crashed_version_is_shown_on_it_and_the_defaults_skip_it(console, plane, tmp_path, seen_by_models):
+    """1.0.1 crashes whenever it is called by its own URL (as a comparison does): the model, live on
+    1.0.2, shows no "not serving" banner; the version says it crashed, its output once in a code
+    block; "Roll back to" and Compare's "Version B" pre-select 1.0.0, the last one that worked."""
+    name, flag = "echo-apptest", seen_by_models / "echo-apptest-broken"
+    _echo(plane, tmp_path, name, "1.0.0", live=True)
+    _echo(plane, tmp_path, name, "1.0.1", live=False, crash_at_start_if=str(flag))
+    _echo(plane, tmp_path, name, "1.0.2", live=True)
+    flag.touch()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            versions = API.get(f"{plane.url}/api/models/{name}", timeout=10).json()["versions"]
+            if any(v.get("crashed") for v in versions if v["version"] == "1.0.1"):
+                break
+            assert time.monotonic() < deadline, versions
+            try:
+                API.post(f"{plane.url}/models/{name}/versions/1.0.1/predict", json={"rows": [{"x": 1}]}, timeout=60)
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        at = open_page(console(), "views/model.py", model=name)
+        assert not any("not serving" in e.value for e in at.error), [e.value for e in at.error]
+        state = frame_with(at, "State").set_index("Version")["State"]
+        assert state["1.0.2"] == "● live" and state["1.0.1"] == "✗ crashed: not restarted" and state["1.0.0"] == ""
+        assert at.selectbox(key=f"rollback-target-{name}").value == "1.0.0"
+        outputs = [c.value for c in at.code if "cannot start" in c.value]
+        assert len(outputs) == 1 and "127.0.0.1" not in outputs[0]
+        for shown in [e.value for e in at.error] + [w.value for w in at.warning]:
+            assert "cannot start: " not in shown   # the output is in the code block, not the banner
+        assert not any(ch in texts(at) for ch in ("✅", "❌"))
+        at = open_page(console(), "views/compare.py", model=name)
+        assert at.selectbox(key=f"cmp-a-{name}").value == "1.0.2"
+        assert at.selectbox(key=f"cmp-b-{name}").value == "1.0.0"
+        at = open_page(console(), "views/models.py")
+        rows = frame_with(at, "Model").set_index("Model")
+        assert rows.loc[name, "Status"] != "✕ failed" and rows.loc[name, "Notes"] == ""
+    finally:
+        flag.unlink(missing_ok=True)
+        API.delete(f"{plane.url}/api/models/{name}", timeout=60)
+
+
+@pytest.mark.parametrize("page", ["views/models.py", "views/activity.py"])
+def test_tables_show_a_dash_not_none_where_a_value_is_missing(console, page):
+    """Streamlit writes "None" in a missing cell unless told otherwise: every table says "—"."""
+    at = open_page(console(), page, model=REALTIME)
+    assert at.dataframe, f"{page} shows no table"
+    for frame in at.dataframe:
+        assert frame.proto.placeholder == "—", page

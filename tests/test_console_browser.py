@@ -1,9 +1,12 @@
 """End to end in a real browser: control service + `streamlit run console/app.py` as subprocesses,
-headless Chromium driven by Selenium. Screenshots land in artifacts/console/ for people to look at.
+headless Chromium driven by Selenium. Screenshots land in artifacts/console/ (or under
+$MODELPLANE_ARTIFACTS) for people to look at: CI keeps the working tree's artifacts/ folder.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +25,7 @@ MODELS = ROOT / "models"
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-ARTIFACTS = ROOT / "artifacts" / "console"
+ARTIFACTS = Path(os.environ.get("MODELPLANE_ARTIFACTS") or ROOT / "artifacts") / "console"
 TOKEN = "browser-test-token"
 MODEL = "donor-propensity"
 SLOW_BATCH = ROOT / "tests" / "fixtures" / "progress" / "slow-batch"  # scores a row every 0.1 s
@@ -329,3 +332,242 @@ def test_a_viewer_signs_in_and_sees_no_rollback(servers, browser, tmp_path):
     _click(driver, "//button[.//p[normalize-space()='Sign out']]")
     _text_appears(driver, "Sign in to modelplane")
     assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+
+
+# -- screens that read well (issue 21, point 6) ---------------------------------------------------------
+
+LOCAL_ECHO = ROOT / "tests" / "fixtures" / "local" / "echo"
+ISO = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}")
+EMOJI = ("✅", "❌", "⏳", "⚙️", "⚠️")
+
+
+def _body(driver) -> str:
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def _truncated(driver) -> list[str]:
+    """Metric labels and values drawn cut ("Reque…", "0…"): their text overflows their box."""
+    return driver.execute_script("""
+        const out = [];
+        for (const el of document.querySelectorAll("[data-testid='stMetricValue'], [data-testid='stMetricLabel']")) {
+          for (const node of [el, ...el.querySelectorAll('*')]) {
+            if (node.scrollWidth > node.clientWidth + 1 && getComputedStyle(node).overflow !== 'visible') {
+              out.push(el.innerText); break;
+            }
+          }
+        }
+        return out;""")
+
+
+def _overflowing(driver) -> list[str]:
+    """Tables and charts whose right edge is past the page's main column (cut off at the right)."""
+    return driver.execute_script("""
+        const main = document.querySelector("[data-testid='stMain']") || document.body;
+        const right = main.getBoundingClientRect().right + 1;
+        const out = [];
+        for (const el of document.querySelectorAll(
+            "[data-testid='stDataFrame'], [data-testid='stVegaLiteChart'], .vega-embed, [data-testid='stCode']")) {
+          const r = el.getBoundingClientRect();
+          if (r.width > 0 && r.right > right) out.push(el.getAttribute('data-testid') + ' ends at ' + r.right);
+        }
+        // a table wider than its box scrolls sideways: its last columns are cut off at the right
+        for (const el of document.querySelectorAll("[data-testid='stDataFrame'] .dvn-scroller")) {
+          if (el.scrollWidth > el.clientWidth + 2) out.push('a table ' + el.scrollWidth + ' px wide in ' + el.clientWidth + ' px');
+        }
+        return out;""")
+
+
+def _axis_texts(driver) -> list[str]:
+    """The text of the charts' axes where they are drawn as SVG text (a canvas has none)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('.vega-embed svg text')].map(t => t.textContent);")
+
+
+def _screen_reads_well(driver, what: str) -> None:
+    """What the page draws as text (a table's cells are drawn on a canvas: the AppTest tests in
+    tests/test_console.py check those)."""
+    text = _body(driver)
+    assert not re.search(r"\bNone\b", text), f"{what} shows a raw None:\n{text[:3000]}"
+    assert not ISO.search(text), f"{what} shows a raw ISO time: {ISO.search(text).group(0)}"
+    for e in EMOJI:
+        assert e not in text, f"{what} shows {e!r} (an emoji: drawn as an empty box without an emoji font)"
+    # crash output and errors name no internal address (the control service's own URL, in the
+    # sidebar and the endpoints, is where the reader reaches the plane: that one stays)
+    for el in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCode'], [data-testid='stAlert']"):
+        shown = el.get_attribute("textContent") or ""
+        assert not re.search(r"127\.0\.0\.1|localhost:\d", shown), f"{what} shows an internal address: {shown[:500]}"
+    assert not _truncated(driver), f"{what}: metrics cut off: {_truncated(driver)}"
+    assert not _overflowing(driver), f"{what}: cut off at the right: {_overflowing(driver)}"
+    for label in _axis_texts(driver):
+        assert not re.search(r"\b(AM|PM)\b", label), f"{what}: a 12-hour axis label {label!r}"
+    assert "Traceback" not in text
+
+
+def _deploy_folder(api, control: str, folder: Path, *, live: bool) -> dict:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    r = api.post(f"{control}/api/models", params={"live": str(live).lower()}, data=buf.getvalue(),
+                 headers={"Content-Type": "application/gzip"}, timeout=120)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _echo_version(tmp_path: Path, name: str, version: str, **params) -> Path:
+    folder = tmp_path / f"{name}-{version}" / name
+    shutil.copytree(LOCAL_ECHO, folder)
+    manifest = folder / "model.yaml"
+    manifest.write_text(manifest.read_text().replace("name: echo", f"name: {name}")
+                        .replace("version: 1.0.0", f"version: {version}"))
+    (folder / "params.json").write_text(json.dumps({"factor": 1, **params}))
+    return folder
+
+
+def _selected(driver, label: str) -> str:
+    """The value a selectbox labelled `label` shows."""
+    box = WebDriverWait(driver, 30).until(EC.presence_of_element_located(
+        (By.XPATH, f"//div[@data-testid='stSelectbox'][.//label[normalize-space()='{label}']]")))
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    return driver.execute_script("""
+        const box = arguments[0];
+        const input = box.querySelector('input');
+        if (input && input.value) return input.value;
+        const shown = box.querySelector("[data-baseweb='select'] [value], [data-baseweb='select'] div[title]");
+        if (shown) return shown.getAttribute('value') || shown.getAttribute('title');
+        return box.querySelector("[data-baseweb='select']").innerText;""", box).strip()
+
+
+def test_screens_read_well_and_a_broken_version_is_the_versions_not_the_models(servers, browser, tmp_path,
+                                                                               seen_by_models):
+    """Every page: no cut-off metric, no None, no raw ISO time, no emoji, no 12-hour axis, nothing
+    cut off at the right, no internal address. A version that crashes (not live) is shown on that
+    version, the model stays healthy, and the defaults pick the last version that worked; a live
+    version that crashes shows its output once, in a code block. A screenshot of each page."""
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {TOKEN}"
+    control = servers["control"]
+    flag = seen_by_models / "echo-broken"
+    # echo-screens: 1.0.0 works, 1.0.1 breaks after its deploy check, 1.0.2 is live and works
+    _deploy_folder(api, control, _echo_version(tmp_path, "echo-screens", "1.0.0"), live=True)
+    _deploy_folder(api, control, _echo_version(tmp_path, "echo-screens", "1.0.1", crash_at_start_if=str(flag)),
+                   live=False)
+    _deploy_folder(api, control, _echo_version(tmp_path, "echo-screens", "1.0.2"), live=True)
+    # echo-down: its only version breaks after its deploy check: the model is down
+    _deploy_folder(api, control, _echo_version(tmp_path, "echo-down", "1.0.0", crash_at_start_if=str(flag)),
+                   live=True)
+    flag.touch()
+    # a comparison of the live version against the broken one fails: the version's failure
+    data = "x\n" + "".join(f"{i}\n" for i in range(30))
+    uri = api.post(f"{control}/api/models/echo-screens/comparisons/datasets", data=data,
+                   headers={"Content-Type": "text/csv"}, timeout=30).json()["uri"]
+    started = api.post(f"{control}/api/models/echo-screens/comparisons",
+                       json={"a": "1.0.2", "b": "1.0.1", "dataset": uri}, timeout=30)
+    assert started.status_code == 202, started.text
+
+    def settled():
+        c = api.get(f"{control}/api/comparisons/{started.json()['id']}", timeout=10).json()
+        return c if c["status"] in ("succeeded", "failed") else None
+    WebDriverWait(None, 180, poll_frequency=0.5).until(lambda _: settled())
+    for _ in range(200):   # until 1.0.1 stops restarting, and echo-down is failed
+        versions = api.get(f"{control}/api/models/echo-screens", timeout=10).json()["versions"]
+        down = api.get(f"{control}/api/models/echo-down", timeout=10).json()
+        if any(v.get("crashed") for v in versions if v["version"] == "1.0.1") and down["status"] == "failed":
+            break
+        for url in (f"{control}/models/echo-screens/versions/1.0.1/predict", f"{control}/models/echo-down/predict"):
+            try:
+                api.post(url, json={"rows": [{"x": 1}]}, timeout=60)
+            except requests.RequestException:
+                pass
+        time.sleep(0.3)
+    detail = api.get(f"{control}/api/models/echo-screens", timeout=10).json()
+    assert detail["status"] != "failed" and detail["error"] is None, detail
+    # a job, so the Jobs page has rows
+    job = api.post(f"{control}/api/models/churn-risk/jobs",
+                   json={"dataset": api.post(f"{control}/api/models/churn-risk/datasets",
+                                             params={"filename": "screens.csv"},
+                                             data=(MODELS / "churn-risk" / "sample.csv").read_bytes(),
+                                             headers={"Content-Type": "text/csv"}, timeout=30).json()["uri"]},
+                   timeout=30)
+    driver = browser
+    try:
+        # Models: cards do not stretch; the down model says so in one short line
+        _open(driver, servers["console"])
+        _text_appears(driver, "Open echo-screens")
+        _text_appears(driver, "Open echo-down")
+        _screen_reads_well(driver, "Models")
+        heights = driver.execute_script("""
+            return [...document.querySelectorAll("[data-testid='stPageLink']")]
+              .filter(l => l.innerText.includes('Open echo-'))
+              .map(l => l.closest("[data-testid='stVerticalBlock']").getBoundingClientRect().height);""")
+        assert heights and max(heights) < 400, f"a model card stretched to {max(heights)} px"
+        _shot(driver, "20-models.png")
+
+        # the model with a broken version: healthy; the failure is on the version
+        _open(driver, f"{servers['console']}/model?model=echo-screens")
+        _text_appears(driver, "Fields marked * are required")
+        assert "is not serving" not in _body(driver)
+        badge = driver.find_element(By.XPATH, "//*[@data-testid='stMain']").text
+        assert "failed" not in badge.split("live version")[0]
+        _click(driver, "//*[@role='tab'][contains(normalize-space(.), 'Versions')]")
+        _text_appears(driver, "Why 1.0.1 crashed (echo-screens still serves from 1.0.2)")
+        assert _selected(driver, "Roll back to") == "1.0.0"   # the last version that worked
+        _click(driver, "//*[contains(@data-testid, 'stExpander')]//summary[contains(., 'Why 1.0.1 crashed')]")
+        _text_appears(driver, "cannot start")
+        codes = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCode']") if c.is_displayed()]
+        assert codes and all("127.0.0.1" not in c for c in codes)
+        _screen_reads_well(driver, "Model (a broken version)")
+        _shot(driver, "21-model-broken-version.png")
+
+        # the model that is down: its crash output once, in a code block, no internal address
+        _open(driver, f"{servers['console']}/model?model=echo-down")
+        _text_appears(driver, "echo-down is not serving")
+        _text_appears(driver, "Cold starts")   # the page drawn to its end
+        _text_appears(driver, "echo: cannot start")
+        time.sleep(1.0)
+        body = _body(driver)
+        codes = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stCode']") if c.is_displayed()]
+        assert len([c for c in codes if "cannot start" in c]) == 1, codes
+        assert body.count("echo: cannot start") == 1, body
+        height = driver.execute_script(
+            "return Math.max(...[...document.querySelectorAll(\"[data-testid='stCode']\")].map(c => c.getBoundingClientRect().height))")
+        assert height <= 300
+        _screen_reads_well(driver, "Model (down)")
+        _shot(driver, "22-model-down.png")
+
+        # Compare: Version B is the last version that worked; the failed comparison is listed
+        _open(driver, f"{servers['console']}/compare?model=echo-screens&comparison={started.json()['id']}")
+        _text_appears(driver, "Past comparisons")
+        assert _selected(driver, "Version B") == "1.0.0"
+        _text_appears(driver, "The comparison failed:")   # the comparison's failure, on the comparison
+        _screen_reads_well(driver, "Compare")
+        _shot(driver, "23-compare.png")
+
+        # Jobs and Activity
+        assert job.status_code == 202, job.text
+        WebDriverWait(None, 120, poll_frequency=0.5).until(lambda _: api.get(
+            f"{control}/api/jobs/{job.json()['id']}", timeout=10).json()["status"] in ("succeeded", "failed"))
+        _open(driver, f"{servers['console']}/jobs?batch=churn-risk")
+        _text_appears(driver, job.json()["id"])
+        _text_appears(driver, "Finished")
+        _screen_reads_well(driver, "Jobs")
+        _shot(driver, "24-jobs.png")
+        for _ in range(3):
+            api.post(f"{control}/models/donor-propensity/predict", data=(MODELS / MODEL / "sample.csv").read_bytes(),
+                     headers={"Content-Type": "text/csv"}, timeout=60)
+        _open(driver, servers["console"] + "/activity")
+        _text_appears(driver, "Requests per second")
+        WebDriverWait(driver, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".vega-embed")))
+        time.sleep(1.0)
+        _screen_reads_well(driver, "Activity")
+        _shot(driver, "25-activity.png")
+        _click(driver, "//*[@role='tab'][contains(normalize-space(.), 'Audit trail')]")
+        _text_appears(driver, "Audit chain")
+        _screen_reads_well(driver, "Activity: audit trail")
+        _shot(driver, "26-audit.png")
+    finally:
+        flag.unlink(missing_ok=True)
+        for name in ("echo-screens", "echo-down"):
+            api.delete(f"{control}/api/models/{name}", timeout=60)

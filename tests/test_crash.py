@@ -349,3 +349,115 @@ def test_a_killed_model_leaves_the_pool_at_once_and_requests_keep_being_served(t
         print(f"replica left the pool {left_after * 1000:.0f} ms after its model was killed; "
               f"{len(failed)} of {len(results) - before} requests failed after the kill")
         assert len(failed) <= 4, failed  # at most the requests the model had in hand when it died
+
+
+# -- a model's health is its live version's ------------------------------------------------------
+
+LOCAL = ROOT / "tests" / "fixtures" / "local"
+
+
+def _echo(tmp_path: Path, version: str, **params) -> Path:
+    """The local runtime's echo fixture as `version`, its params.json replaced."""
+    folder = tmp_path / "src" / f"echo-{version}"
+    shutil.copytree(LOCAL / "echo", folder)
+    manifest = folder / "model.yaml"
+    manifest.write_text(manifest.read_text().replace("version: 1.0.0", f"version: {version}"))
+    (folder / "params.json").write_text(json.dumps({"factor": 1, **params}))
+    return folder
+
+
+def _call_until(server, url: str, done, what: str) -> None:
+    """POST a row to `url` until `done()`: each call may start a replica that crashes."""
+    def tick():
+        try:
+            requests.post(url, json={"rows": [{"x": 1}]}, headers=AUTH, timeout=60)
+        except requests.RequestException:
+            pass
+        return done()
+    wait_until(tick, 120, interval=0.2, what=what)
+
+
+def test_a_crashing_version_that_is_not_live_is_shown_on_it_never_as_the_model_down(tmp_path, seen_by_models):
+    """A comparison (or anyone) calling a version by its own URL makes it crash: the version says
+    so, with its output once and no loopback address; the model, served by its live version, is
+    neither failed nor in error."""
+    from adapters.manifest import load_manifest
+
+    flag = seen_by_models / "break-1.0.1"
+    settings = settings_for(tmp_path, max_restarts=2, start_timeout=30)
+    with running(settings) as server:
+        server.runtime.deploy(load_manifest(_echo(tmp_path, "1.0.0")))
+        server.runtime.deploy(load_manifest(_echo(tmp_path, "1.0.1", crash_at_start_if=str(flag))), make_live=False)
+        flag.touch()   # it passed its deploy check; now it cannot start
+        model_url = f"{server.url}/api/models/echo"
+
+        def crashed():
+            v = next(v for v in api.get(model_url).json()["versions"] if v["version"] == "1.0.1")
+            return v if v.get("crashed") else None
+        _call_until(server, f"{server.url}/models/echo/versions/1.0.1/predict", crashed, "1.0.1 to stop restarting")
+        model = api.get(model_url).json()
+        assert model["version"] == "1.0.0" and model["status"] != "failed" and model["error"] is None, model
+        [listed] = [m for m in api.get(f"{server.url}/api/models").json() if m["name"] == "echo"]
+        assert listed["status"] != "failed" and listed["error"] is None
+        v = crashed()
+        assert "cannot start" in v["crash_error"] and "2 crashes in a row" in v["crash_error"]
+        assert v["crash_error"].count("cannot start: ") == 1 or "Adapter output" in v["crash_error"]
+        assert "127.0.0.1" not in v["crash_error"] and "localhost:" not in v["crash_error"]
+        assert not v["failed"] and not v["live"]
+        # the live version serves meanwhile
+        r = requests.post(f"{server.url}/models/echo/predict", json={"rows": [{"x": 3}]}, headers=AUTH, timeout=60)
+        assert r.status_code == 200 and r.json()["scores"] == [3]
+
+
+def test_a_live_version_that_kept_crashing_is_still_failed_after_a_restart(tmp_path, seen_by_models):
+    """Before: a restart of the control service forgot the crashes, and the model showed idle."""
+    from adapters.manifest import load_manifest
+
+    flag = seen_by_models / "break-live"
+    settings = settings_for(tmp_path, max_restarts=2, start_timeout=30)
+    with running(settings) as server:
+        server.runtime.deploy(load_manifest(_echo(tmp_path, "1.0.0", crash_at_start_if=str(flag))))
+        flag.touch()
+        _call_until(server, f"{server.url}/models/echo/predict",
+                    lambda: api.get(f"{server.url}/api/models/echo").json()["status"] == "failed", "echo to fail")
+        before = api.get(f"{server.url}/api/models/echo").json()["error"]
+        assert "127.0.0.1" not in before
+    with running(settings) as server:
+        model = api.get(f"{server.url}/api/models/echo").json()
+        assert model["status"] == "failed" and model["error"] == before
+        [listed] = [m for m in api.get(f"{server.url}/api/models").json() if m["name"] == "echo"]
+        assert listed["status"] == "failed"
+        # not restarted by a request either: it fails at once with the same reason
+        r = requests.post(f"{server.url}/models/echo/predict", json={"rows": [{"x": 1}]}, headers=AUTH, timeout=60)
+        assert r.status_code == 503 and "cannot start" in r.text
+        # a deploy clears it, for good
+        flag.unlink()
+        server.runtime.deploy(load_manifest(_echo(tmp_path, "1.0.1")))
+        assert api.get(f"{server.url}/api/models/echo").json()["status"] != "failed"
+    with running(settings) as server:
+        assert api.get(f"{server.url}/api/models/echo").json()["status"] != "failed"
+
+
+def test_crash_output_names_no_loopback_address():
+    from control.runtime.local_procs import scrub_addresses
+
+    text = ("adapter for echo@1.0.0 on http://127.0.0.1:41235, model at http://127.0.0.1:39001/health\n"
+            "cannot reach localhost:8080 or [::1]:9000 (0.0.0.0:5000)")
+    out = scrub_addresses(text)
+    assert not re.search(r"127\.0\.0\.1|localhost|::1|0\.0\.0\.0|:\d{4}", out), out
+    assert out.count("(internal address)") == 5 and out.startswith("adapter for echo@1.0.0 on (internal address),")
+
+
+def test_crash_output_has_the_models_stderr_once():
+    """The adapter ends its log repeating its model's last stderr lines, already in the log."""
+    from control.runtime.local_procs import crash_output
+
+    log = ("adapter for echo@1.0.0 on http://127.0.0.1:41235, model at http://127.0.0.1:39001\n"
+           "echo: cannot start: /var/tmp/flag is there\n"
+           "modelplane-adapter: model echo@1.0.0 exited with status 4; its last stderr lines:\n"
+           "echo: cannot start: /var/tmp/flag is there\n")
+    out = crash_output(log)
+    assert out.count("echo: cannot start") == 1 and "exited with status 4." in out and "127.0.0.1" not in out
+    # lines the log does not already hold are kept
+    other = "starting\nmodelplane-adapter: model m exited with status 1; its last stderr lines:\nboom\n"
+    assert crash_output(other).count("boom") == 1

@@ -454,9 +454,9 @@ def test_the_console_marks_a_failed_version_and_never_offers_it_for_rollback(tmp
         at.query_params.update(model="echo")
         at.run()
         assert not at.exception, [e.value for e in at.exception]
-        table = next(d.value for d in at.dataframe if "Live" in d.value.columns).set_index("Version")
-        assert table.loc["2.0.0", "Live"] == "✗ failed its deploy check"
-        assert table.loc["1.1.0", "Live"] == "● live"
+        table = next(d.value for d in at.dataframe if "State" in d.value.columns).set_index("Version")
+        assert table.loc["2.0.0", "State"] == "✗ failed its deploy check"
+        assert table.loc["1.1.0", "State"] == "● live"
         assert any("Why 2.0.0 failed its deploy check" in e.label for e in at.expander)
         assert at.selectbox(key="rollback-target-echo").options == ["1.0.0"]
 

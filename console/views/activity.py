@@ -35,7 +35,8 @@ def history_frame(name: str, detail: dict) -> pd.DataFrame:
     frame = pd.DataFrame(history)
     if "t" not in frame:
         return pd.DataFrame()
-    frame["time"] = _time(frame["t"]).dt.tz_convert(None)
+    # local wall-clock time, as the footers and every other time on the pages
+    frame["time"] = _time(frame["t"]).dt.tz_convert(datetime.now().astimezone().tzinfo).dt.tz_localize(None)
     frame = frame.sort_values("time")
     step = frame["time"].diff().dt.total_seconds().fillna(DEFAULT_INTERVAL).clip(lower=1.0)
     frame["requests/s"] = frame.get("requests", 0) / step
@@ -48,11 +49,8 @@ def _chart(frames: pd.DataFrame, column: str, title: str, *, bar: bool = False) 
     if column not in frames:
         st.caption("no data")
         return
-    wide = frames.pivot_table(index="time", columns="model", values=column, aggfunc="last")
-    if bar:
-        st.bar_chart(wide, height=220)
-    else:
-        st.line_chart(wide, height=220)
+    data = frames[["time", "model", column]].dropna()
+    st.altair_chart(common.time_chart(data, value=column, title="", bar=bar), width="stretch")
 
 
 def activity(names: list[str]) -> None:
@@ -78,9 +76,10 @@ def activity(names: list[str]) -> None:
         if not frame.empty:
             frames.append(frame)
     if totals:
-        st.dataframe(common.styled(pd.DataFrame(totals)), hide_index=True,
-                     column_config={"p50 (ms)": st.column_config.NumberColumn(format="%.1f"),
-                                    "p95 (ms)": st.column_config.NumberColumn(format="%.1f")})
+        table = pd.DataFrame(totals)
+        for column in ("Requests", "Errors", "Replicas", "Cold starts", "p50 (ms)", "p95 (ms)"):
+            table[column] = pd.to_numeric(table[column], errors="coerce")
+        common.table(common.styled(table, counts=["Requests", "Errors", "Replicas", "Cold starts"]), hide_index=True)
     if not frames:
         st.info("No activity recorded yet: the charts fill in as models serve requests "
                 "(one point per 10 s, last hour).", icon=":material/monitoring:")
@@ -95,7 +94,8 @@ def activity(names: list[str]) -> None:
         _chart(data, "replicas", "Replicas")
         _chart(data, "p95_ms", "p95 latency (ms)")
         _chart(data, "errors", "Errors", bar=True)
-    st.caption(f"Updated {pd.Timestamp.now().strftime('%H:%M:%S')} · refreshes every {REFRESH_SECONDS} s")
+    st.caption(f"Updated {pd.Timestamp.now().strftime(common.CLOCK_FORMAT)} · refreshes every {REFRESH_SECONDS} s"
+               " · times are this machine's, 24-hour")
 
 
 def serving() -> None:
@@ -116,13 +116,7 @@ def local_time(text: Optional[str]) -> str:
     """An ISO 8601 time as this machine's local time, `2026-12-07 21:03:04`; the text itself if unreadable."""
     if not text:
         return ""
-    try:
-        t = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        return str(text)
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
-    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return common.fmt_time(text)
 
 
 def since_utc(day: Optional[date]) -> Optional[str]:
@@ -162,7 +156,7 @@ def audit_frame(records: list[dict]) -> pd.DataFrame:
         "Action": r.get("action", ""),
         "What": _what(r),
         "Outcome": r.get("outcome", ""),
-        "Status": r.get("status"),
+        "Status": r.get("status") if r.get("status") is not None else "—",
         "Request": r.get("request_id") or "",
         "Detail": _detail(r.get("detail")),
     } for r in records], columns=columns)
@@ -205,9 +199,9 @@ def audit_trail() -> None:
                     else "No changes recorded yet.", icon=":material/history:")
         else:
             frame = audit_frame(records)
-            st.dataframe(frame.style.map(_outcome_cell, subset=["Outcome"]), hide_index=True,
-                         column_config={"Status": st.column_config.NumberColumn(format="%d"),
-                                        "Request": st.column_config.TextColumn(help="The request id: "
+            frame["Status"] = frame["Status"].astype(str)   # an HTTP status, not a count: no separator
+            common.table(frame.style.format(na_rep="—").map(_outcome_cell, subset=["Outcome"]), hide_index=True,
+                         column_config={"Request": st.column_config.TextColumn(help="The request id: "
                                                                                "X-Request-Id of the call")})
             st.caption(f"{len(records):,} record(s)" + (f", the newest {int(limit):,}" if len(records) >= limit else ""))
     common.guarded(chain_check)()
@@ -230,7 +224,7 @@ def tokens() -> None:
         st.success(notice, icon=":material/check_circle:")
     listed = common.client().tokens()
     if listed:
-        st.dataframe(pd.DataFrame([{
+        common.table(pd.DataFrame([{
             "Name": t.get("name"), "Role": t.get("role"), "Owner": t.get("owner") or "",
             "Created": local_time(t.get("created_at")), "By": t.get("created_by") or "",
         } for t in listed]), hide_index=True)

@@ -13,7 +13,11 @@ from console.comparison import show_report
 from console.client import ControlError
 
 REFRESH_SECONDS = 1.0
-STATUS_ICON = {"queued": "⏳", "running": "⚙️", "succeeded": "✅", "failed": "❌"}
+
+
+def status_text(status: Optional[str]) -> str:
+    """`● succeeded`: plain symbols the default fonts draw (no emoji font is needed)."""
+    return common.status_label(status, common.JOB_STATUS)
 
 
 def show_comparison(comparison_id: str, *, was_running: bool = False) -> None:
@@ -23,7 +27,8 @@ def show_comparison(comparison_id: str, *, was_running: bool = False) -> None:
     label = f"{c['model']}: {c.get('a')} vs {c.get('b')}" if c.get("kind") == "comparison" else \
         f"{c['model']} {c.get('version')}: reference"
     st.subheader(label)
-    st.caption(f"`{c['id']}` · dataset `{c['dataset']}` · {STATUS_ICON.get(c['status'], '')} {c['status']}")
+    st.caption(f"`{c['id']}` · dataset `{c['dataset']}` · {status_text(c['status'])} · "
+               f"created {common.fmt_time(c.get('created_at'))}")
     progress = c.get("progress") or {}
     if c["status"] in ("queued", "running"):
         total, done = progress.get("total"), progress.get("rows")
@@ -34,9 +39,12 @@ def show_comparison(comparison_id: str, *, was_running: bool = False) -> None:
             st.caption(f"{v}: job `{job.get('job')}` {job.get('status')}")
         return
     if c["status"] == "failed":
-        st.error(f"**The comparison failed:** {c.get('error')}", icon=":material/error:")
+        # a failed comparison is the comparison's (and the version's), never the model's health
+        common.show_failure(c.get("error") or "no reason given", title="The comparison failed:")
         if c.get("problems"):
-            st.dataframe(pd.DataFrame(c["problems"]), hide_index=True)
+            problems = pd.DataFrame(c["problems"]).rename(columns=str.capitalize)
+            common.table(common.styled(problems), hide_index=True,
+                         column_config={"Row": st.column_config.NumberColumn(help="1 = the first data row")})
         if c.get("features"):
             st.json(c["features"], expanded=False)
         return
@@ -53,22 +61,32 @@ def past(model: str) -> list[str]:
         st.caption("No comparisons of this model yet.")
         return []
     frame = pd.DataFrame([{
-        "Id": c["id"], "Kind": c.get("kind"), "A": c.get("a") or c.get("version"), "B": c.get("b"),
-        "Status": f"{STATUS_ICON.get(c['status'], '')} {c['status']}", "Rows": (c.get("summary") or {}).get("rows"),
+        "Id": c["id"], "Kind": c.get("kind"), "A": c.get("a") or c.get("version"), "B": c.get("b") or "—",
+        "Status": status_text(c["status"]), "Rows": (c.get("summary") or {}).get("rows"),
         "PSI": (c.get("summary") or {}).get("psi"), "KS": (c.get("summary") or {}).get("ks"),
-        "Flips": (c.get("summary") or {}).get("flips"), "Created": str(c.get("created_at", ""))[:19],
-        "Dataset": c.get("dataset")} for c in items])
-    st.dataframe(frame, hide_index=True, use_container_width=True)
+        "Flips": (c.get("summary") or {}).get("flips"), "Created": common.fmt_time(c.get("created_at")),
+        "Dataset": c.get("dataset")} for c in items],
+        columns=["Id", "Kind", "A", "B", "Status", "Rows", "PSI", "KS", "Flips", "Created", "Dataset"])
+    for column in ("Rows", "Flips"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    for column in ("PSI", "KS"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    common.table(common.styled(frame, counts=["Rows", "Flips"], precision=4), hide_index=True,
+                 column_config={"Dataset": st.column_config.TextColumn(width="medium")})
     return [c["id"] for c in items]
 
 
-def run_form(model: str, versions: list[str], live: Optional[str]) -> None:
+def run_form(model: str, versions: list[str], live: Optional[str], infos: Optional[list[dict]] = None) -> None:
+    """`versions` newest first; `infos` the API's versions (which failed or crashed): each
+    version's default is the newest that worked, never a broken one."""
+    infos = infos or []
     with st.container(border=True):
         cols = st.columns(2)
-        a_default = versions.index(live) if live in versions else 0
+        a_default = versions.index(live) if live in versions else common.last_working(infos, versions)
         a = cols[0].selectbox("Version A (baseline)", versions, index=a_default, key=f"cmp-a-{model}")
         others = [v for v in versions if v != a] or versions
-        b = cols[1].selectbox("Version B", others, key=f"cmp-b-{model}")
+        b = cols[1].selectbox("Version B", others, index=common.last_working(infos, others), key=f"cmp-b-{model}",
+                              format_func=lambda v: v + _broken_note(infos, v))
         source = st.radio("Dataset", ["Upload a CSV", "A gs:// URI"], horizontal=True, key=f"cmp-src-{model}")
         upload, uri = None, ""
         if source == "Upload a CSV":
@@ -112,7 +130,7 @@ def page() -> None:
     if len(versions) < 2:
         st.info(f"{model} has one version ({', '.join(versions) or 'none'}): deploy another to compare them.")
     elif common.allowed("deployer", detail, what="Starting a comparison"):
-        run_form(model, versions, detail.get("version"))
+        run_form(model, versions, detail.get("version"), detail.get("versions") or [])
     chosen = st.query_params.get("comparison") or st.session_state.get("comparison")
     if chosen:
         running = _running(chosen)
@@ -125,6 +143,15 @@ def page() -> None:
         if pick != "—" and pick != chosen:
             st.query_params["comparison"] = pick
             st.rerun()
+
+
+def _broken_note(infos: list[dict], version: str) -> str:
+    v = next((x for x in infos if x.get("version") == version), {})
+    if v.get("failed"):
+        return " (failed its deploy check)"
+    if v.get("crashed"):
+        return " (crashed: not restarted)"
+    return ""
 
 
 def _running(comparison_id: str) -> bool:

@@ -12,6 +12,10 @@ from console import common
 from console.client import ControlError
 
 REFRESH_SECONDS = 2
+#: column widths (px) that fit the page's main column at a laptop's width (the trigger is in the
+#: job's detail below the table)
+TABLE_WIDTHS = {"Job": 200, "Status": 95, "Dataset": 170, "Version": 65, "Rows": 60, "Scored": 65,
+                "Created": 140, "Took (s)": 65, "Error": 80}
 PREVIEW_ROWS = 200
 
 
@@ -34,8 +38,8 @@ def _duration(job: dict) -> Optional[float]:
 
 
 def _short(ts: Optional[str]) -> str:
-    t = _when(ts)
-    return t.astimezone().strftime("%H:%M:%S") if t else ""
+    """A time as every page writes it (local, 24-hour); "" when there is none."""
+    return common.fmt_time(ts) if _when(ts) else ""
 
 
 def _left(seconds: Optional[float]) -> str:
@@ -127,7 +131,7 @@ def results_preview(job: dict) -> None:
         st.error(f"The results could not be read as CSV: {e}")
         return
     st.markdown(f"**Scores** — {len(frame):,} rows" + (f", first {PREVIEW_ROWS} shown" if len(frame) > PREVIEW_ROWS else ""))
-    st.dataframe(frame.head(PREVIEW_ROWS), hide_index=True)
+    common.table(frame.head(PREVIEW_ROWS), hide_index=True)
     st.download_button("Download scores (CSV)", data, file_name=f"{job['model']}-{job['id']}-scores.csv",
                        mime="text/csv", icon=":material/download:", key=f"dl-{job['id']}")
 
@@ -135,11 +139,11 @@ def results_preview(job: dict) -> None:
 def job_detail(job: dict) -> None:
     with st.container(border=True):
         top = st.columns([4, 1], vertical_alignment="center")
-        top[0].markdown(f"**Job `{job['id']}`** · {job.get('model')} v{job.get('version', '?')} · "
-                        f"{job.get('trigger', 'api')}")
+        top[0].markdown(f"**Job `{job['id']}`** · {job.get('model')} v{job.get('version') or '?'} · "
+                        f"{job.get('trigger') or 'api'}")
         with top[1]:
             common.job_badge(job.get("status"))
-        st.caption(f"Dataset `{job.get('dataset')}`")
+        st.caption(f"Dataset `{job.get('dataset') or '—'}` · created {common.fmt_time(job.get('created_at'))}")
         status = job.get("status")
         took = _duration(job)
         if status in ("queued", "running"):
@@ -149,16 +153,18 @@ def job_detail(job: dict) -> None:
         cols = st.columns(3)
         cols[0].metric("Rows", common.fmt_int(job.get("rows")))
         cols[1].metric("Took", f"{took:.1f} s" if took is not None else "—")
-        cols[2].metric("Finished", _short(job.get("finished_at")) or "—")
+        cols[2].metric("Finished", common.fmt_time(job.get("finished_at"), clock=True),
+                       help=common.fmt_time(job.get("finished_at")))
         if status == "succeeded":
             if job.get("results_uri"):
                 st.caption(f"Results at `{job['results_uri']}`")
             results_preview(job)
         elif status == "failed":
-            st.error(f"**The job failed:** {job.get('error') or 'no reason given'}", icon=":material/error:")
+            st.error(f"**The job failed:** {common.scrub(job.get('error') or 'no reason given')}",
+                     icon=":material/error:")
             st.markdown("**Log tail**")
             if job.get("log_tail"):
-                st.code(job["log_tail"], language="text")
+                st.code(common.scrub(job["log_tail"]), language=None, height=common.OUTPUT_HEIGHT)
             else:
                 st.caption("The job wrote no log output before it failed.")
 
@@ -181,16 +187,20 @@ def jobs_view(model: str) -> None:
     table = pd.DataFrame([{
         "Job": j["id"],
         "Status": common.status_label(j.get("status"), common.JOB_STATUS),
-        "Dataset": j.get("dataset"),
-        "Trigger": j.get("trigger", ""),
-        "Version": j.get("version"),
+        "Dataset": j.get("dataset") or "",
+        "Version": j.get("version") or "",
         "Rows": j.get("rows") if j.get("rows") is not None else j.get("rows_total"),
         "Scored": j.get("rows_scored"),
         "Created": _short(j.get("created_at")),
         "Took (s)": round(d, 1) if (d := _duration(j)) is not None else None,
         "Error": j.get("error") or "",
     } for j in jobs])
-    st.dataframe(common.styled(table), hide_index=True)
+    for column in ("Rows", "Scored", "Took (s)"):
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    # widths that fit the page: a long dataset URI or error is cut in its cell (hover shows it), never
+    # pushing the table past the page's right edge
+    common.table(common.styled(table, counts=["Rows", "Scored"]), hide_index=True,
+                 column_config={column: st.column_config.Column(width=width) for column, width in TABLE_WIDTHS.items()})
     ids = [j["id"] for j in jobs]
     wanted = st.session_state.get(f"job-{model}")
     default = ids.index(wanted) if wanted in ids else 0

@@ -62,20 +62,22 @@ def feature_input(f: dict, key: str) -> Any:
 
 
 def problems_table(problems: list[dict], rows: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """A 422's problems, one line per bad value, with the value itself when the rows are at hand."""
+    """A 422's problems, one line per bad value, with the value itself when the rows are at hand.
+    Rows are numbered from 1, as the API numbers them (1 = the first data row); none for a
+    problem of a whole column."""
     out = []
     for p in problems:
         row = p.get("row")
         entry = {
-            "Row": (int(row) + 1) if isinstance(row, int) else None,
+            "Row": int(row) if isinstance(row, int) else None,
             "Field": p.get("field") or "",
             "Error": p.get("error") or "",
         }
         if rows is not None:
             value = ""
             field = p.get("field")
-            if isinstance(row, int) and 0 <= row < len(rows) and field in rows.columns:
-                value = rows.iloc[row][field]
+            if isinstance(row, int) and 1 <= row <= len(rows) and field in rows.columns:
+                value = rows.iloc[row - 1][field]
             entry["Value"] = "" if value is None else str(value)
         out.append(entry)
     return pd.DataFrame(out)
@@ -89,11 +91,11 @@ def show_problems(err: Invalid, rows: Optional[pd.DataFrame] = None, *, what: st
     truncated = err.body.get("truncated")
     more = f" (and {truncated} more)" if truncated else ""
     st.error(f"**The model rejected {what}:** {err.message}{more}. Fix these values and try again.", icon=":material/block:")
-    st.dataframe(problems_table(problems, rows), hide_index=True,
+    common.table(common.styled(problems_table(problems, rows)), hide_index=True,
                  column_config={"Row": st.column_config.NumberColumn(help="1 = the first data row")})
     if rows is not None and len(rows):
-        # Row numbers as shown: 1 = the first data row (the API counts from 0).
-        bad = {(p["row"] + 1, p["field"]) for p in problems if isinstance(p.get("row"), int) and p.get("field")}
+        # Row numbers as the API gives them: 1 = the first data row.
+        bad = {(p["row"], p["field"]) for p in problems if isinstance(p.get("row"), int) and p.get("field")}
 
         def highlight(frame: pd.DataFrame) -> pd.DataFrame:
             styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
@@ -105,7 +107,7 @@ def show_problems(err: Invalid, rows: Optional[pd.DataFrame] = None, *, what: st
         st.caption("The rows as uploaded, bad values highlighted (row numbers start at 1):")
         view = rows.head(500).copy()
         view.index = view.index + 1
-        st.dataframe(view.style.apply(highlight, axis=None))
+        common.table(view.style.apply(highlight, axis=None))
 
 
 def predict_form(name: str, detail: dict) -> None:
@@ -263,27 +265,42 @@ def csv_scoring(name: str, detail: dict) -> None:
         st.markdown(f"**Distribution of {score_name}**")
         st.bar_chart(histogram(scores), x="score range", y="rows", height=260)
         s = pd.Series(scores, dtype=float)
-        stats = st.columns(3)
-        stats[0].metric("mean", f"{s.mean():.4f}")
-        stats[1].metric("min", f"{s.min():.4f}")
-        stats[2].metric("max", f"{s.max():.4f}")
+        st.markdown(f"mean **{s.mean():.4f}** · min **{s.min():.4f}** · max **{s.max():.4f}**")
 
 
 # -- versions -----------------------------------------------------------------------------
+
+def version_state(v: dict) -> str:
+    """What a version is, in words (no emoji: plain symbols the default fonts draw)."""
+    if v.get("live"):
+        return "● live"
+    if v.get("failed"):
+        return "✗ failed its deploy check"
+    if v.get("crashed"):
+        return "✗ crashed: not restarted"
+    if v.get("crash_error"):
+        return "! crashed lately"
+    return ""
+
 
 def versions(name: str, detail: dict) -> None:
     versions = detail.get("versions") or []
     live = next((v["version"] for v in versions if v.get("live")), detail.get("version"))
     if versions:
-        st.dataframe(pd.DataFrame([{
+        common.table(pd.DataFrame([{
             "Version": v.get("version"),
-            "Deployed": v.get("deployed_at"),
-            "Live": "● live" if v.get("live") else "✗ failed its deploy check" if v.get("failed") else "",
+            "Deployed": common.fmt_time(v.get("deployed_at")),
+            "State": version_state(v),
         } for v in versions]), hide_index=True)
         for v in versions:
+            # a version's failure is shown on it: the model serves from its live version meanwhile
             if v.get("failed"):
                 with st.expander(f"Why {v['version']} failed its deploy check (it takes no traffic)"):
-                    st.code(v.get("error") or "no reason recorded", language=None)
+                    common.show_failure(v.get("error") or "no reason recorded", title=f"{v['version']}:")
+            elif v.get("crash_error") and not v.get("live"):
+                with st.expander(f"Why {v['version']} crashed ({name} still serves from {live})"):
+                    common.show_failure(v["crash_error"], title=f"{v['version']}:",
+                                        tone="error" if v.get("crashed") else "warning")
     # a version that failed its deploy check never takes traffic: not offered
     others = [v["version"] for v in versions if v.get("version") != live and not v.get("failed")]
     if not others:
@@ -293,7 +310,10 @@ def versions(name: str, detail: dict) -> None:
     if not common.allowed("deployer", detail, what="Rolling back"):
         return
     pending_key = f"rollback-pending-{name}"
-    target = st.selectbox("Roll back to", others, key=f"rollback-target-{name}")
+    # pre-selected: the version live before this one if it works, else the newest that works
+    previous = (detail.get("traffic") or {}).get("previous")
+    target = st.selectbox("Roll back to", others, index=common.last_working(versions, others, previous),
+                          key=f"rollback-target-{name}")
     if st.button(f"Roll back to {target}…", key=f"rollback-{name}", icon=":material/undo:"):
         st.session_state[pending_key] = target
     pending = st.session_state.get(pending_key)
@@ -327,7 +347,7 @@ def traffic(name: str, detail: dict) -> None:
     t = detail.get("traffic") or {}
     targets = t.get("targets") or []
     if targets:
-        st.dataframe(pd.DataFrame([{
+        common.table(pd.DataFrame([{
             "Version": x["version"],
             "Role": x.get("role", ""),
             "Share of requests": f"{x['percent']}%",
@@ -415,12 +435,16 @@ def header(detail: dict) -> None:
     description = detail.get("description") or (detail.get("manifest") or {}).get("description")
     if description:
         st.markdown(description)
-    if detail.get("error"):
-        st.error(f"**{name} is not serving:** {detail['error']}", icon=":material/error:")
+    # the model's health is its live version's: a banner only when the live version does not serve
+    if detail.get("error") and detail.get("status") == "failed":
+        common.show_failure(detail["error"], title=f"{name} is not serving:")
+    elif detail.get("error"):
+        common.show_failure(detail["error"], title=f"{name} crashed lately and was restarted:", tone="warning")
     m = common.metrics_of(detail)
     cols = st.columns(5)
-    cols[0].metric("Replicas", detail.get("replicas", m.get("replicas", 0)))
-    cols[1].metric("Requests", common.fmt_int(m.get("requests")))
+    cols[0].metric("Replicas", common.fmt_count(detail.get("replicas", m.get("replicas", 0))))
+    cols[1].metric("Requests", common.fmt_int(m.get("requests")),
+                   help="HTTP requests answered; one request may score many rows")
     cols[2].metric("p50", common.fmt_ms(m.get("p50_ms")))
     cols[3].metric("p95", common.fmt_ms(m.get("p95_ms")))
     cols[4].metric("Cold starts", common.fmt_int(m.get("cold_starts")))
@@ -444,7 +468,7 @@ def page() -> None:
                     icon=":material/inventory_2:")
             st.page_link(common.PAGE_JOBS, label=f"Run {name} on a dataset", icon=":material/inventory_2:",
                          query_params={"batch": name})
-            st.dataframe(schema_table(features), hide_index=True)
+            common.table(schema_table(features), hide_index=True)
         with tabs[1]:
             versions(name, detail)
         return
@@ -454,7 +478,7 @@ def page() -> None:
     with tabs[1]:
         csv_scoring(name, detail)
     with tabs[2]:
-        st.dataframe(schema_table(features), hide_index=True)
+        common.table(schema_table(features), hide_index=True)
         score = (detail.get("manifest") or {}).get("score") or {}
         st.caption(f"Score: **{score.get('name', 'score')}** ({score.get('type', 'number')}), one per row.")
     with tabs[3]:

@@ -33,19 +33,23 @@ def _card(m: dict, metrics: dict) -> None:
         st.markdown(f"**{m['name']}**")
         common.status_badge(m.get("status"), long=False)
         st.caption(f"{m.get('kind', '?')} · {m.get('language', '?')} · v{m.get('version') or '—'}")
-        cols = st.columns(3)
-        cols[0].metric("Replicas", m.get("replicas", metrics.get("replicas", 0)))
-        cols[1].metric("Requests", common.fmt_int(metrics.get("requests")))
-        cols[2].metric("p50", common.fmt_ms(metrics.get("p50_ms")))
+        # one line of figures, not three metrics: a card is a quarter of the page, too narrow for them
+        st.markdown(f"{common.fmt_count(m.get('replicas', metrics.get('replicas', 0)))} replica(s) · "
+                    f"{common.fmt_count(metrics.get('requests'))} requests · p50 {common.fmt_ms(metrics.get('p50_ms'))}")
         if m.get("drifted"):
-            st.caption(f":orange[⚠ drifted: {', '.join(m['drifted'])}]")
+            st.caption(f":orange[drifted: {', '.join(m['drifted'])}]")
         if m.get("error"):
-            st.caption(f":red[{m['error']}]")
+            # one short line: the model page shows the whole output, once, in a code block
+            tone = "red" if m.get("status") == "failed" else "orange"
+            st.caption(f":{tone}[{common.first_line(m['error'], 90)}]")
         st.page_link(common.PAGE_MODEL, label=f"Open {m['name']}", icon=":material/open_in_new:",
                      query_params={"model": m["name"]})
 
 
 PAGE_SIZES = (25, 50, 100, 200)
+#: column widths (px) that fit the page's main column at a laptop's width: no sideways scroll
+TABLE_WIDTHS = {"Model": 135, "Status": 80, "Owner": 135, "Labels": 165, "Kind": 115, "Version": 60,
+                "Requests": 75, "p50 (ms)": 65, "Notes": 130}
 
 
 def _selectors(text: str) -> list[str]:
@@ -83,7 +87,7 @@ def _previous() -> None:
 
 def _drift_text(m: dict) -> str:
     drifted = m.get("drifted") or []
-    return f"⚠ drifted ({', '.join(drifted)})" if drifted else ""
+    return f"drifted ({', '.join(drifted)})" if drifted else ""
 
 
 def _number(value) -> float:
@@ -125,7 +129,7 @@ def overview() -> None:
     cols = st.columns(6)
     cols[0].metric("Matching" if filtered else "Models", f"{total:,}")
     cols[1].metric("Ready", counts["ready"])
-    cols[2].metric("Idle (scaled to zero)", counts["idle"])
+    cols[2].metric("Idle", counts["idle"], help="scaled to zero: the next request starts a replica")
     cols[3].metric("Starting", counts["starting"])
     cols[4].metric("Failed", counts["failed"])
     cols[5].metric("Drifted", sum(1 for m in models if m.get("drifted")))
@@ -134,23 +138,25 @@ def overview() -> None:
     for m in models:
         metrics = common.metrics_of(details.get(m["name"], {}))
         labels = m.get("labels") or {}
+        # what fits the page's width without a sideways scroll: the endpoint and replicas are on
+        # the model's page and its card; drift and an error share one short "Notes" cell
+        notes = [_drift_text(m)] if m.get("drifted") else []
+        if m.get("error"):
+            notes.append(common.first_line(m.get("error"), 60))
         rows.append({
             "Model": m["name"],
             "Status": common.status_label(m.get("status")),
-            "Drift": _drift_text(m),
             "Owner": m.get("owner") or "",
             "Labels": ", ".join(f"{k}={v}" for k, v in sorted(labels.items())),
-            "Kind": m.get("kind"),
-            "Language": m.get("language"),
-            "Live version": m.get("version"),
-            "Replicas": m.get("replicas", 0),
+            "Kind": f"{m.get('kind') or '?'} · {m.get('language') or '?'}",
+            "Version": m.get("version") or "—",
             "Requests": _number(metrics.get("requests")),
             "p50 (ms)": _number(metrics.get("p50_ms")),
-            "Endpoint": m.get("endpoint") or "",
-            "Error": m.get("error") or "",
+            "Notes": " · ".join(notes),
         })
     table = pd.DataFrame(rows)
-    st.dataframe(common.styled(table), hide_index=True)
+    common.table(common.styled(table, counts=["Requests"]), hide_index=True,
+                 column_config={column: st.column_config.Column(width=width) for column, width in TABLE_WIDTHS.items()})
     first = len(pages) * limit + 1
     nav = st.columns([1, 1, 6])
     nav[0].button("← Previous", key="models_prev", disabled=not pages, on_click=_previous)
@@ -172,7 +178,7 @@ def overview() -> None:
         for i, m in enumerate(models):
             with grid[i % len(grid)]:
                 _card(m, common.metrics_of(details.get(m["name"], {})))
-    st.caption(f"Updated {pd.Timestamp.now().strftime('%H:%M:%S')}"
+    st.caption(f"Updated {pd.Timestamp.now().strftime(common.CLOCK_FORMAT)}"
                + (f" · refreshes every {REFRESH_SECONDS} s" if st.session_state.get("auto_refresh", True) else ""))
 
 

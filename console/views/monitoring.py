@@ -14,7 +14,7 @@ import streamlit as st
 from console import common
 
 SERIES = ("reference", "recent")
-COLORS = ("#4c78a8", "#f58518")
+COLORS = common.PAIR
 
 
 def histogram_frame(v: dict) -> pd.DataFrame:
@@ -35,15 +35,12 @@ def histogram_frame(v: dict) -> pd.DataFrame:
 
 
 def chart(frame: pd.DataFrame, title: str) -> alt.Chart:
-    return alt.Chart(frame, title=title).mark_rect(opacity=0.5).encode(
-        x=alt.X("from:Q", title="score"),
-        x2="to:Q",
-        y=alt.Y("density:Q", title="density"),
-        y2=alt.datum(0),
-        color=alt.Color("series:N", scale=alt.Scale(domain=list(SERIES), range=list(COLORS)), title=None),
-        tooltip=["series", alt.Tooltip("from:Q", format=".4g"), alt.Tooltip("to:Q", format=".4g"), "scores",
-                 alt.Tooltip("share:Q", format=".1%")],
-    ).properties(height=240)
+    # reference filled, recent outlined: colours that do not blend (common.overlaid_histograms)
+    return common.overlaid_histograms(frame, series="series", order=list(SERIES), y="density", y_title="density",
+                                      title=title, tooltip=["series", alt.Tooltip("from:Q", format=".4g"),
+                                                            alt.Tooltip("to:Q", format=".4g"),
+                                                            alt.Tooltip("scores:Q", format=","),
+                                                            alt.Tooltip("share:Q", format=".1%")])
 
 
 def _version_key(version: str) -> tuple:
@@ -68,8 +65,9 @@ def version_panel(name: str, version: str, v: dict, *, live: bool) -> None:
     cols[0].metric("PSI", _fmt(psi), help=f"population stability index; flagged above {threshold}")
     cols[1].metric("KS", _fmt(ks), help="largest distance between the two distribution functions (0–1)")
     ref, recent = v.get("reference") or {}, v.get("recent") or {}
-    cols[2].metric("Reference scores", common.fmt_int(ref.get("count")))
-    cols[3].metric("Recent scores", common.fmt_int(recent.get("count")))
+    # scores are rows (one per row scored), not requests: the page's "Requests" counts those
+    cols[2].metric("Reference scores (rows)", common.fmt_int(ref.get("count")))
+    cols[3].metric("Recent scores (rows)", common.fmt_int(recent.get("count")))
     what = f"reference: {ref.get('source', '?')}"
     if recent.get("job"):
         what += f" · recent: job {recent['job']}"
@@ -82,7 +80,7 @@ def version_panel(name: str, version: str, v: dict, *, live: bool) -> None:
     if frame.empty:
         st.caption("No scores to chart yet.")
     else:
-        st.altair_chart(chart(frame, f"{version}: reference vs recent scores"), use_container_width=True)
+        st.altair_chart(chart(frame, f"{version}: reference vs recent scores"), width="stretch")
     inputs_panel(name, version, v)
 
 
@@ -152,12 +150,12 @@ def inputs_panel(name: str, version: str, v: dict) -> None:
         st.warning(f"**{name} {version}: its inputs have drifted** in {named}, above the threshold of "
                    f"{v.get('threshold')} (monitoring.drift_threshold).", icon=":material/warning:")
     st.markdown("Input drift per feature")
-    st.dataframe(features_frame(inputs), hide_index=True, use_container_width=True)
+    common.table(features_frame(inputs), hide_index=True, width="stretch")
     with st.expander("Reference vs recent, per feature", expanded=bool(drifted)):
         for feature in drifted + sorted(f for f in features if f not in drifted):
             frame = feature_chart_frame(features[feature])
             if not frame.empty:
-                st.altair_chart(feature_chart(frame, f"{feature}: reference vs recent"), use_container_width=True)
+                st.altair_chart(feature_chart(frame, f"{feature}: reference vs recent"), width="stretch")
 
 
 def section(name: Optional[str], detail: Optional[dict] = None) -> None:

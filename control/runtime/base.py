@@ -33,6 +33,12 @@ class VersionInfo:
     #: traffic, and `error` says why, with the tail of the model's log
     failed: bool = False
     error: Optional[str] = None
+    #: a version that is not live and crashed lately (a candidate, or one called by its own URL, as a
+    #: comparison does): `crash_error` says how, with its output; `crashed` when it crashed
+    #: `max_restarts` times in a row and is not restarted. The model's own status and error are its
+    #: live version's alone.
+    crashed: bool = False
+    crash_error: Optional[str] = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -93,7 +93,7 @@ class LocalRuntime(Runtime):
             start_timeout=settings.start_timeout, max_restarts=settings.max_restarts,
             argv=self._serve_argv,
             env=self._replica_env, manifest=self.store.manifest, directory=self.store.version_dir,
-            secret=self._adapter_secret)
+            secret=self._adapter_secret, failures=self.state_dir / "crashes.json")
         self.work_root = self.state_dir / "work"
         self.runner = JobRunner(self.job_store, concurrency=settings.job_concurrency,
                                 logs=self.state_dir / "logs" / "jobs", command=self._job_command, env=self._env,
@@ -109,7 +109,8 @@ class LocalRuntime(Runtime):
                 log.warning("%s: its first version was never checked to the end; forgetting it", name)
                 self.store.remove(name)
                 continue
-            self._route(record, clear_failure=True)
+            # not clear_failure: a live version that kept crashing before the restart is still failed
+            self._route(record, clear_failure=False)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -363,6 +364,11 @@ class LocalRuntime(Runtime):
         detail.manifest = dict(live.manifest)
         detail.versions = [self._version_info(record, v) for v in reversed(record.versions)]
         if live.manifest.get("kind") == "realtime":
+            # a version other than the live one that crashed: said on that version, not the model
+            crashed = self.replicas.version_errors(name)
+            for v in detail.versions:
+                if v.version in crashed and not v.failed:
+                    v.crashed, v.crash_error = crashed[v.version][0], crashed[v.version][1]
             detail.metrics = self.replicas.metrics(name)
             detail.traffic = self.traffic(name).to_json()
             per_version = self.replicas.version_metrics(name)

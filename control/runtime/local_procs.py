@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,37 @@ def tail(path: Path, chars: int = TAIL_CHARS) -> str:
             return f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
+
+
+#: a loopback address, with its scheme, port and path when it has them: the ports a replica or
+#: its model listened on, which mean nothing to whoever reads a crash (and are not reachable)
+LOOPBACK = re.compile(r"(?:https?://)?(?:127(?:\.\d{1,3}){3}|localhost|\[::1\]|0\.0\.0\.0)(?::\d{1,5})?(?:/[^\s,;)'\"]*)?",
+                      re.IGNORECASE)
+INTERNAL = "(internal address)"
+
+
+def scrub_addresses(text: str) -> str:
+    """`text` with every loopback URL or host:port replaced by `(internal address)`: crash output
+    shown in the API and the console names no internal port."""
+    return LOOPBACK.sub(INTERNAL, text or "")
+
+
+#: how the adapter ends its log when its model exits: it repeats the model's last stderr lines,
+#: which the log already holds (the model's stderr is the adapter's)
+REPEATED = "; its last stderr lines:\n"
+
+
+def crash_output(text: str) -> str:
+    """A replica's log tail as a crash shows it: the model's stderr once (the adapter's closing
+    repetition of it dropped where the tail already has those lines) and no internal address."""
+    text = text or ""
+    at = text.rfind(REPEATED)
+    if at >= 0:
+        before, repeated = text[:at], text[at + len(REPEATED):]
+        lines = [line for line in repeated.splitlines() if line.strip()]
+        if lines and all(line in before for line in lines):
+            text = before + "." + ("\n" if repeated.endswith("\n") else "")
+    return scrub_addresses(text)
 
 
 def kill_pids(pids: list[int], sig: int) -> None:

@@ -32,6 +32,12 @@ in flight (rollback drains). A crash is replaced after an exponential backoff; `
 in a row mark the revision failed (with the adapter's output tail) until a deploy or
 rollback; a replica that stays ready `STABLE_AFTER` seconds resets the count.
 
+A model's health is its live version's: a crash of the live version is the model's `error` (and
+`max_restarts` of them its `failed` status, kept in the state dir's `crashes.json` so that a
+restart of the control service still shows it failed, not idle, until a deploy or rollback); a
+crash of any other version (a candidate, one called by its own URL, as a comparison does) is
+that version's (`version_errors`), never the model's.
+
 A new version is checked before it is routed (`check`): one replica of it is started beside
 the versions that take traffic, must become ready within the check's timeout and answer the
 probe (its sample); a crash fails the check at once. A revision that failed its check is
@@ -42,7 +48,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import itertools
+import json
 import logging
+import os
 import math
 import random
 import signal
@@ -59,7 +67,7 @@ from adapters.manifest import Manifest
 from control.emulator import free_port
 from control.errors import NotFound, PlaneError, Unavailable, UpstreamError
 from control.runtime.base import ProxyResponse
-from control.runtime.local_procs import Spare, descendants, kill_pids, killpg, tail, with_pdeathsig
+from control.runtime.local_procs import Spare, crash_output, descendants, kill_pids, killpg, tail, with_pdeathsig
 from control.runtime.local_metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
@@ -256,7 +264,7 @@ class ReplicaManager:
     def __init__(self, *, logs: Path, cwd: Path, start_timeout: float, max_restarts: int,
                  argv: Callable[[Path, int], list[str]], env: Callable[[], dict],
                  manifest: Callable[[str, str], Manifest], directory: Callable[[str, str], Path],
-                 secret: Optional[str] = None):
+                 secret: Optional[str] = None, failures: Optional[Path] = None):
         self.logs = Path(logs)
         self.cwd = Path(cwd)
         self.start_timeout = start_timeout
@@ -271,7 +279,13 @@ class ReplicaManager:
         self._revisions: dict[tuple[str, str], Revision] = {}
         self._routes: dict[str, Split] = {}           # realtime model -> where its requests go
         self._counts: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [requests, errors]
-        self._notes: dict[str, tuple[float, str]] = {}  # model -> (time, last replaced crash)
+        self._notes: dict[str, tuple[float, str]] = {}  # model -> (time, last replaced crash of its live version)
+        # (model, version) -> (time, last crash, failed) of a version that is not live: shown on the version
+        self._version_notes: dict[tuple[str, str], tuple[float, str, bool]] = {}
+        # model -> {"version", "error"}: its live version failed (max_restarts crashes in a row);
+        # kept in `failures` (a JSON file) so that a restart still says so
+        self._failures_path = Path(failures) if failures is not None else None
+        self._failures: dict[str, dict] = self._load_failures()
         self._metrics: dict[str, ModelMetrics] = {}
         self._closing = False
         self.generation = 0    # bumped whenever what `status` answers may change (the API's model list)
@@ -334,6 +348,10 @@ class ReplicaManager:
                     rev.notify()
             if clear_failure:
                 self._notes.pop(name, None)
+                for version in routed:
+                    self._version_notes.pop((name, version), None)
+                if self._failures.pop(name, None) is not None:
+                    self._save_failures_locked()
             old_live = self._revisions.get((name, old.live)) if old is not None else None
             for version in routed:
                 rev = self._revisions.get((name, version))
@@ -356,6 +374,10 @@ class ReplicaManager:
         with self._lock:
             self._routes.pop(name, None)
             self._notes.pop(name, None)
+            for key in [k for k in self._version_notes if k[0] == name]:
+                del self._version_notes[key]
+            if self._failures.pop(name, None) is not None:
+                self._save_failures_locked()
             for key in [k for k in self._counts if k[0] == name]:
                 del self._counts[key]
             self.generation += 1
@@ -389,6 +411,7 @@ class ReplicaManager:
             was_called = rev.called
             rev.checking, rev.start_timeout = True, timeout
             rev.failed, rev.crashes, rev.next_start, rev.failed_output = None, 0, 0.0, ""
+            self._version_notes.pop(key, None)
             rev.last_request = time.monotonic()
             if not rev.active():
                 self._start_locked(rev)
@@ -465,7 +488,7 @@ class ReplicaManager:
     @staticmethod
     def _log_tail(rev: Revision) -> str:
         paths = [r.log_path for r in rev.replicas]
-        return tail(paths[-1], 2000).strip() if paths else ""
+        return crash_output(tail(paths[-1], 2000).strip()) if paths else ""
 
     # -- what the API asks ----------------------------------------------------------------
     def status(self, name: str) -> tuple[str, int, Optional[str]]:
@@ -477,6 +500,9 @@ class ReplicaManager:
             note = self._notes.get(name)
             error = note[1] if note and time.time() - note[0] < NOTE_SECONDS else None
             if rev is None:
+                kept = self._failures.get(name)
+                if kept and split is not None and kept.get("version") == split.live:
+                    return "failed", replicas, kept.get("error")
                 return "idle", replicas, error
             if rev.failed:
                 return "failed", replicas, rev.failed
@@ -485,6 +511,22 @@ class ReplicaManager:
             if rev.active() or rev.pending:
                 return "starting", replicas, error
             return "idle", replicas, error
+
+    def version_errors(self, name: str) -> dict[str, tuple[bool, str]]:
+        """Per version of `name` that is not live: (failed, why) for one that crashed lately (`failed`:
+        `max_restarts` crashes in a row, so it is not restarted until a deploy or rollback)."""
+        with self._lock:
+            split = self._routes.get(name)
+            live = split.live if split is not None else None
+            now = time.time()
+            out: dict[str, tuple[bool, str]] = {}
+            for (n, version), (at, text, failed) in self._version_notes.items():
+                if n == name and version != live and now - at < NOTE_SECONDS:
+                    out[version] = (failed, text)
+            for (n, version), rev in self._revisions.items():
+                if n == name and version != live and rev.failed and not rev.checking:
+                    out[version] = (True, rev.failed)
+            return out
 
     def metrics(self, name: str) -> dict:
         with self._lock:
@@ -702,6 +744,9 @@ class ReplicaManager:
         rev = Revision(name, version, self._directory(name, version), self._manifest(name, version))
         split = self._routes.get(name)
         rev.live = split is not None and version in split.versions()
+        kept = self._failures.get(name)
+        if kept and split is not None and split.live == version and kept.get("version") == version:
+            rev.failed = kept.get("error")   # it failed before a restart: not restarted until a deploy or rollback
         self._revisions[(name, version)] = rev
         return rev
 
@@ -765,6 +810,8 @@ class ReplicaManager:
             for name in [n for n, (at, _) in self._notes.items() if time.time() - at >= NOTE_SECONDS]:
                 del self._notes[name]   # the crash note stops showing as the model's error
                 self.generation += 1
+            for key in [k for k, (at, _, _) in self._version_notes.items() if time.time() - at >= NOTE_SECONDS]:
+                del self._version_notes[key]
             for name, n in per_model.items():
                 metrics = self._metrics.get(name)
                 if metrics is not None:
@@ -882,7 +929,7 @@ class ReplicaManager:
                         reason: Optional[str]) -> None:
         what = reason or (f"exited with status {returncode}"
                           + (" before it was ready" if was == "starting" else ""))
-        output = tail(replica.log_path, 2000).strip()
+        output = crash_output(tail(replica.log_path, 2000).strip())   # its stderr once, no internal ports
         if rev.checking:
             # under its deploy check: no second chance, and no replica of it is started again
             rev.failed, rev.failed_output = what, output
@@ -896,6 +943,8 @@ class ReplicaManager:
             metrics.crash()
         limit = max(1, self.max_restarts)
         head = f"{rev.key}: replica {replica.id} {what}"
+        split = self._routes.get(rev.name)
+        live = split is not None and split.live == rev.version
         if rev.crashes >= limit:
             rev.failed = (f"{head}; {rev.crashes} crashes in a row, so it is not restarted again "
                           f"(deploy a fix or roll back). Adapter output (tail):\n{output}")
@@ -903,13 +952,48 @@ class ReplicaManager:
             for r in rev.replicas:
                 if r.inflight == 0:
                     self._stop_locked(r)
+            if live:
+                self._failures[rev.name] = {"version": rev.version, "error": rev.failed}
+                self._save_failures_locked()
+            else:
+                self._version_notes[(rev.name, rev.version)] = (time.time(), rev.failed, True)
         else:
             delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (rev.crashes - 1))
             rev.next_start = time.monotonic() + delay
             note = (f"{head}; replaced after {delay:.2f}s backoff (crash {rev.crashes} in a row; "
                     f"{limit} mark it failed). Adapter output (tail):\n{output}")
-            self._notes[rev.name] = (time.time(), note)
+            if live:
+                self._notes[rev.name] = (time.time(), note)
+            else:   # not the live version: the model still serves; the version says it crashed
+                self._version_notes[(rev.name, rev.version)] = (time.time(), note, False)
             log.warning("%s", note)
+
+    # -- crash state kept across restarts ------------------------------------------------
+    def _load_failures(self) -> dict[str, dict]:
+        if self._failures_path is None:
+            return {}
+        try:
+            data = json.loads(self._failures_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("%s is unreadable (%s): no failed model is remembered from before", self._failures_path, e)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): v for k, v in data.items()
+                if isinstance(v, dict) and isinstance(v.get("version"), str) and isinstance(v.get("error"), str)}
+
+    def _save_failures_locked(self) -> None:
+        if self._failures_path is None:
+            return
+        tmp = self._failures_path.with_name(self._failures_path.name + ".tmp")
+        try:
+            self._failures_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._failures, indent=1), encoding="utf-8")
+            os.replace(tmp, self._failures_path)
+        except OSError as e:
+            log.warning("could not record the failed models in %s: %s", self._failures_path, e)
 
     def _prune_logs(self, name: str) -> None:
         try:
