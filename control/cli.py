@@ -26,6 +26,18 @@ EXCLUDE = {".git", "__pycache__", ".venv", ".Rproj.user", ".ipynb_checkpoints", 
 CONSOLE_APP = Path(__file__).resolve().parent.parent / "console" / "app.py"
 
 
+
+def problem_line(p: dict, offset: int = 0) -> str:
+    """One row problem as the CLI prints it: `row N: field: error` (rows from 1), or
+    `column F: error` for a problem of a whole column (row null)."""
+    text = p.get("error") or p.get("message")
+    row = p.get("row")
+    if isinstance(row, int) and not isinstance(row, bool):
+        return f"  row {row + offset:,}: {p.get('field') or '-'}: {text}"
+    if p.get("field"):
+        return f"  column {p.get('field')}: {text}"
+    return f"  {text}"
+
 class CLIError(Exception):
     """A user-facing failure: printed as one line (plus details), exit status 1."""
 
@@ -64,7 +76,7 @@ class Client:
             details = []
             for p in body.get("problems") or []:
                 if "row" in p:
-                    details.append(f"  row {p.get('row')}: {p.get('field')}: {p.get('error') or p.get('message')}")
+                    details.append(problem_line(p))
                 else:
                     where = f"{p.get('file', '')}:{p['line']}" if p.get("line") else p.get("file", "")
                     details.append(f"  {where}: {p.get('field') + ': ' if p.get('field') else ''}{p.get('message')}")
@@ -544,7 +556,7 @@ def cmd_compare(args) -> int:
             print(line, file=sys.stderr, flush=True)
             shown = line
     if c["status"] == "failed":
-        details = [f"  row {p.get('row')}: {p.get('field') or '-'}: {p.get('error')}" for p in c.get("problems") or []][:20]
+        details = [problem_line(p) for p in c.get("problems") or []][:20]
         if c.get("log_tail"):
             details += ["  " + line for line in str(c["log_tail"]).splitlines()[-10:]]
         raise CLIError(f"comparison {c['id']} failed: {c.get('error')}", details=details)
@@ -937,14 +949,7 @@ def _chunk_error(failed: _ChunkFailed, split: bool) -> CLIError:
     for p in body.get("problems") or []:
         if not isinstance(p, dict):
             continue
-        text = p.get("error") or p.get("message")
-        row = p.get("row")
-        if isinstance(row, int) and not isinstance(row, bool):
-            details.append(f"  row {row + c.offset}: {p.get('field')}: {text}")
-        elif p.get("field"):
-            details.append(f"  column {p.get('field')}: {text}")
-        else:
-            details.append(f"  {text}")
+        details.append(problem_line(p, c.offset))
     if body.get("truncated"):
         details.append(f"  … and {body['truncated']} more")
     if split:
@@ -1322,7 +1327,7 @@ def _print_job(job: dict) -> None:
         total = job.get("invalid_values") or len(job["problems"])
         out(f"rows that do not match the features ({total} value(s) in all):")
         for p in job["problems"][:20]:
-            out(f"  row {p.get('row')}: {p.get('field') or '-'}: {p.get('error')}")
+            out(problem_line(p))
         if total > 20:
             out(f"  … and {total - 20} more (GET /api/jobs/{job.get('id')} lists the first 100)")
     elif job.get("status") == "failed" and job.get("log_tail"):

@@ -650,3 +650,13 @@ def test_predict_without_a_token_on_an_open_plane_splits_by_the_manifests_defaul
     assert code == 0, captured.err
     assert captured.out.splitlines() == [str(float(i)) for i in range(10_005)]
     assert captured.err.startswith("scored 10,005 rows in 2 requests (1 at once)")
+
+
+def test_a_problem_of_a_whole_column_is_printed_as_the_column_not_as_row_none():
+    from control.cli import problem_line
+
+    assert problem_line({"row": None, "field": "region", "error": "required column is missing"}) == \
+        "  column region: required column is missing"
+    assert problem_line({"row": 3, "field": "x", "error": "bad"}) == "  row 3: x: bad"
+    assert problem_line({"row": 3, "field": "x", "error": "bad"}, offset=10_000) == "  row 10,003: x: bad"
+    assert "None" not in problem_line({"row": None, "field": None, "error": "expected rows"})
