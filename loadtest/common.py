@@ -42,8 +42,9 @@ def typed(value: str, type_: str) -> Any:
 
 
 def sample_rows(manifest: Manifest) -> list[dict]:
-    """The manifest's sample.csv as JSON rows (None for empty optional cells, dropped)."""
-    types = {f.name: f.type for f in manifest.features}
+    """The manifest's sample.csv as JSON rows, passthrough columns included (None for empty
+    optional cells, dropped)."""
+    types = {f.name: f.type for f in [*manifest.features, *manifest.passthrough]}
     with open(manifest.sample_path, newline="", encoding="utf-8") as f:
         rows = []
         for rec in csv.DictReader(f):

@@ -100,7 +100,10 @@ def _discover(host: str) -> None:
         else:
             continue
         detail = s.get(f"{host}/api/models/{name}", timeout=30).json()
-        features = (detail.get("manifest") or {}).get("features") or []
+        manifest = detail.get("manifest") or {}
+        # the passthrough columns (a row's id) are part of every row the model takes
+        features = (manifest.get("features") or []) + [
+            c if isinstance(c, dict) else {"name": c, "type": "string"} for c in manifest.get("passthrough") or []]
         (REALTIME if kind == "realtime" else BATCH)[name] = features
     missing = wanted - set(REALTIME)
     if missing:

@@ -80,6 +80,8 @@ def plane_child(model_dir: str, dataset: str, state: str) -> None:
             max_replicas = max(max_replicas, rt.model(manifest.name).replicas)
             time.sleep(0.05)
         wall = time.perf_counter() - t0
+        # a short job can end between two looks; the replicas that served it idle out only later
+        max_replicas = max(max_replicas, rt.model(manifest.name).replicas)
         print(json.dumps({"status": j.status, "error": j.error, "rows": j.rows, "wall_s": wall,
                           "results": j.results_uri, "max_replicas": max_replicas,
                           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
