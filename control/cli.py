@@ -957,22 +957,39 @@ def _chunk_error(failed: _ChunkFailed, split: bool) -> CLIError:
     return CLIError(message, details=details, status=failed.status)
 
 
-class _PredictProgress:
+class _StderrBar:
+    """What the progress displays share: stderr (or the stream given), whether it is a terminal,
+    and ending a bar drawn in place with a newline."""
+
+    def __init__(self, stream=None, *, clock=time.monotonic):
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.clock = clock
+        self._drawn = False
+
+    def close(self) -> None:
+        if self._drawn:
+            try:
+                self.stream.write("\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+            self._drawn = False
+
+
+class _PredictProgress(_StderrBar):
     """Rows scored of a split file on stderr: a bar redrawn in place on a terminal (or with
     --progress), else one line at the end."""
 
     def __init__(self, total_bytes: Optional[int], *, force: bool, stream=None, clock=time.monotonic):
-        self.stream = stream if stream is not None else sys.stderr
-        try:
-            tty = self.stream.isatty()
-        except (AttributeError, ValueError):
-            tty = False
-        self.bar = tty or force
+        super().__init__(stream, clock=clock)
+        self.bar = self.tty or force
         self.total_bytes = total_bytes
-        self.clock = clock
         self.start = clock()
         self._shown = 0.0
-        self._drawn = False
 
     def text(self, done: int, done_bytes: int, total: Optional[int]) -> str:
         exact = total is not None
@@ -1011,14 +1028,6 @@ class _PredictProgress:
         except (OSError, ValueError):
             pass
 
-    def close(self) -> None:
-        if self._drawn:
-            try:
-                self.stream.write("\n")
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
-            self._drawn = False
 
 
 def _join_json(joined: Optional[dict], answer: dict) -> dict:
@@ -1347,19 +1356,13 @@ def _eta_text(seconds: Optional[float]) -> str:
     return f"ETA {s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"ETA {s // 60}:{s % 60:02d}"
 
 
-class _JobProgress:
+class _JobProgress(_StderrBar):
     """A job's progress on stderr while `run --wait` waits: a bar redrawn in place on a terminal;
     elsewhere (a log, a pipe) a line when it moved by 10 % or PROGRESS_LINE_SECONDS passed, and
     the last one when the job ended."""
 
     def __init__(self, stream=None, *, clock=time.monotonic):
-        self.stream = stream if stream is not None else sys.stderr
-        try:
-            self.tty = self.stream.isatty()
-        except (AttributeError, ValueError):
-            self.tty = False
-        self.clock = clock
-        self._drawn = False
+        super().__init__(stream, clock=clock)
         self._last: Optional[tuple[float, int, str]] = None  # (when, tenths, text) of the last line
 
     @staticmethod
@@ -1398,14 +1401,6 @@ class _JobProgress:
         except (OSError, ValueError):
             pass
 
-    def close(self) -> None:
-        if self._drawn:
-            try:
-                self.stream.write("\n")
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
-            self._drawn = False
 
 
 def _wait_job(client: Client, job_id: str, timeout: float) -> dict:
