@@ -1450,6 +1450,9 @@ def test_a_realtime_model_renders_a_stream_jobsink_and_its_own_trigger():
 
 @pytest.mark.skipif(BINARY is None, reason="no kube-apiserver binary (scripts/cluster-build.sh)")
 def test_a_realtime_models_stream_jobsink_is_deployed_run_and_removed(cluster, runtime):
+    def _trigger_sink(trig: dict) -> str:
+        return trig["spec"]["subscriber"]["ref"]["name"]
+
     admin = cluster.admin
     m = bump(example("donor-propensity"), "1.0.0", name="stream-rt")
     assert runtime.deploy(m).live
@@ -1458,6 +1461,17 @@ def test_a_realtime_models_stream_jobsink_is_deployed_run_and_removed(cluster, r
     trig = admin.get(trigger_path("stream-rt-stream"))
     assert trig["spec"]["subscriber"]["ref"]["name"] == "stream-rt-1-0-0"
     assert [(r.name, r.kind) for r in runtime.models() if r.name.startswith("stream-rt")] == [("stream-rt", "realtime")]
+    # the Trigger follows the live version: a new one, a rollback, a promoted rollout
+    assert runtime.deploy(bump(example("donor-propensity"), "1.1.0", name="stream-rt")).live
+    assert _trigger_sink(admin.get(trigger_path("stream-rt-stream"))) == "stream-rt-1-1-0"
+    runtime.rollback("stream-rt")
+    assert _trigger_sink(admin.get(trigger_path("stream-rt-stream"))) == "stream-rt-1-0-0"
+    runtime.rollout("stream-rt", version="1.1.0", percent=10)
+    assert _trigger_sink(admin.get(trigger_path("stream-rt-stream"))) == "stream-rt-1-0-0"
+    runtime.promote("stream-rt")
+    assert _trigger_sink(admin.get(trigger_path("stream-rt-stream"))) == "stream-rt-1-1-0"
+    runtime.rollback("stream-rt", version="1.0.0")
+    assert _trigger_sink(admin.get(trigger_path("stream-rt-stream"))) == "stream-rt-1-0-0"
     job, created = runtime.submit_job("stream-rt", dataset="gs://test-bucket/incoming/stream-rt/a.csv")
     assert created and job.model == "stream-rt"
     kjob = admin.get(f"/apis/batch/v1/namespaces/{NS}/jobs/{job.id}")

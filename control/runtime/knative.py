@@ -600,6 +600,7 @@ class KnativeRuntime(Runtime):
 
             history, state = self._change_traffic(name, change)
             live = state.live
+            self._stream_follows(name, live)
             log.info("rolled %s back: %s live (revision %s)", name, live, history[live]["revision"])
             return VersionInfo(version=live, deployed_at=history[live].get("deployed_at", ""), live=True)
         if self._get_or_none("triggers", name) is None:
@@ -647,7 +648,24 @@ class KnativeRuntime(Runtime):
             return _made_live(state, state.candidate)
 
         history, state = self._change_traffic(name, change)
+        self._stream_follows(name, state.live)
         return VersionInfo(version=state.live, deployed_at=history[state.live].get("deployed_at", ""), live=True)
+
+    def _stream_follows(self, name: str, live: str) -> None:
+        """A realtime model's `{model}-stream` Trigger follows its live version's stream JobSink, so
+        a dataset's rows are checked by the manifest of the version that scores them."""
+        try:
+            sink = self._version_sink(name, live)["metadata"]["name"]
+        except NotFound:   # a version deployed before realtime models took datasets: no JobSink
+            log.warning("%s %s has no stream JobSink: datasets still go to the one the Trigger names", name, live)
+            return
+
+        def change() -> None:
+            trig = self._get_or_none("triggers", ko.stream_trigger_name(name))
+            if trig is not None and _trigger_sink(trig) != sink:
+                self._point_trigger(trig, sink)
+
+        self._read_modify_write(f"Trigger {ko.stream_trigger_name(name)}", change)
 
     def pin(self, name: str, version: str) -> Traffic:
         """Give a deployed version a route of its own at 0 % (its tag's URL), MAX_PINS at most."""
