@@ -35,8 +35,15 @@ def rows(n: int, *, shift: float = 0.0, seed: int) -> list[dict]:
     return [{"x": r.gauss(shift, 1.0)} for _ in range(n)]
 
 
+#: fixtures that hold only a manifest and a sample: their program is another fixture's
+PROGRAM_OF = {"drift-feat-rt": ("drift-rt", "model.py"), "drift-feat-batch": ("drift-batch", "score.py")}
+
+
 def copy_model(name: str, models_dir: Path) -> None:
     shutil.copytree(FIXTURES / name, Path(models_dir) / name)
+    if name in PROGRAM_OF:
+        source, program = PROGRAM_OF[name]
+        shutil.copy2(FIXTURES / source / program, Path(models_dir) / name / program)
 
 
 def predict(server, batch: list[dict]) -> list[float]:
