@@ -943,6 +943,12 @@ class Job:
     def mark(self, phase: str) -> None:
         self.timings[phase] = round(time.monotonic() - self._t0, 3)
 
+    def done(self) -> tuple[dict, int]:
+        """The job's end, however it went: its result JSON and the exit status (0: it succeeded)."""
+        self.mark("done")
+        self.log_timings()
+        return self.result, (0 if self.result["status"] == "succeeded" else 1)
+
     def log_timings(self) -> None:
         """At DEBUG (MODELPLANE_LOG_LEVEL=debug): a job's log tail is the model's, for its owner."""
         log.debug("job %s %s, seconds since start: %s", self.result["job"], self.result["status"],
@@ -1087,9 +1093,7 @@ def run_batch(manifest: Manifest, spec: JobSpec, *, work: Path | None = None) ->
             upload.abort()
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
-    job.mark("done")
-    job.log_timings()
-    return job.result, (0 if job.result["status"] == "succeeded" else 1)
+    return job.done()
 
 
 def _stop_following(following: FollowThread) -> None:

@@ -536,6 +536,4 @@ def run_stream(manifest: Manifest, spec: JobSpec, send: Sender, *, concurrency: 
             upload.abort()
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
-    job.mark("done")
-    job.log_timings()
-    return job.result, (0 if job.result["status"] == "succeeded" else 1)
+    return job.done()
