@@ -158,11 +158,16 @@ def render_objects(manifest: Manifest, settings) -> list[dict]:
         sink = job_sink(manifest, settings)
         objects = [sink, trigger(manifest, settings, job_sink_name=sink["metadata"]["name"])]
         _check_job_sink_name(manifest, sink["metadata"]["name"])
+    return _admitted(manifest, objects, settings)
+
+
+def _admitted(manifest: Manifest, objects: list[dict], settings) -> list[dict]:
+    """`objects` as fresh copies (no dict shared between them: labels appear in several places),
+    once Knative's admission rules find nothing to refuse; Invalid naming the manifest field if they do."""
     config = rules.ClusterConfig(max_revision_timeout_seconds=settings.max_revision_timeout)
     problems = [(obj, p) for obj in objects for p in rules.problems(obj, config)]
     if problems:
         raise _refused(manifest, problems, settings)
-    # Fresh copies: no dict shared between objects (labels appear in several places).
     return json.loads(json.dumps(objects))
 
 
@@ -520,13 +525,8 @@ def stream_objects(manifest: Manifest, settings) -> list[dict]:
     sink = stream_job_sink(manifest, settings)
     trig = trigger(manifest, settings, job_sink_name=sink["metadata"]["name"])
     trig["metadata"]["name"] = stream_trigger_name(manifest.name)
-    objects = [sink, trig]
     _check_job_sink_name(manifest, sink["metadata"]["name"])
-    config = rules.ClusterConfig(max_revision_timeout_seconds=settings.max_revision_timeout)
-    problems = [(obj, p) for obj in objects for p in rules.problems(obj, config)]
-    if problems:
-        raise _refused(manifest, problems, settings)
-    return json.loads(json.dumps(objects))
+    return _admitted(manifest, [sink, trig], settings)
 
 
 def trigger(manifest: Manifest, settings, *, job_sink_name: str) -> dict:
