@@ -1275,12 +1275,10 @@ def _predict(client: Client, args, src: _Input, size: Optional[int], kind: str) 
                         fut.cancel()
                     raise
             progress.finish(rows_done, seen, parallel)
-        # the answer, whole: to --out, or printed
-        if csv_mode:
-            pass
-        elif raw or args.out:
+        # the answer, whole: to --out, or printed (CSV answers are in the spool already)
+        if not csv_mode and (raw or args.out):
             spool.write(json.dumps(joined or {}, indent=2 if raw and not args.out else None).encode() + b"\n")
-        else:
+        elif not csv_mode:
             answer = joined or {}
             passthrough = answer.get("passthrough") if isinstance(answer.get("passthrough"), dict) else {}
             if passthrough:
