@@ -192,10 +192,7 @@ def stream_plane(gcs, tmp_path_factory):
     from control_helpers import running, settings_for
 
     tmp = tmp_path_factory.mktemp("streamjob")
-    # max_restarts 5: the crash test's chunk is sent twice (the forwarding's own second try), and a
-    # third time when the runtime answers 503 while it replaces the crashed replica (timing); three
-    # crashes would stop the model before the next job, which the test expects to run
-    settings = settings_for(tmp, start_timeout=30, job_concurrency=2, max_restarts=5)
+    settings = settings_for(tmp, start_timeout=30, job_concurrency=2)
     dest = Path(shutil.copytree(Path(__file__).parent / "fixtures" / "local" / STREAM, settings.models_dir / STREAM))
     data = yaml.safe_load((dest / "model.yaml").read_text())
     data["limits"] = {"max_rows": 7}
